@@ -1,0 +1,89 @@
+"""What a backend gives the runtime: segments over a static KV cache.
+
+The runtime (`runtime/decoder.py`) only calls these methods, so it runs unchanged on every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Settings, torch_dtype
+from ..model_step import ModelWeights, extract_weights, make_head_fn, make_layer_fn
+from ..program import SpecEEProgram
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [L, Hkv, T, hd]
+    v: torch.Tensor  # [L, Hkv, T, hd]
+    valid: torch.Tensor  # [L, T] bool: layer l holds K/V for position t
+
+    @classmethod
+    def allocate(cls, spec, dtype, device) -> "KVCache":
+        shape = (spec.num_layers, spec.num_kv_heads, spec.max_len, spec.head_dim)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            valid=torch.zeros(spec.num_layers, spec.max_len, dtype=torch.bool, device=device),
+        )
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length in every layer (rollback)."""
+        self.valid[:, length:] = False
+
+    def reset(self) -> None:
+        self.valid.zero_()
+
+
+class Segments:
+    """Eager segments; subclasses swap in compiled versions of `_layer`, `_head`, `_exit`."""
+
+    attn_bucket = 64  # attended cache prefix is rounded up to this (bounds recompiles)
+
+    def __init__(self, model, settings: Settings, program: SpecEEProgram | None = None):
+        dtype = torch_dtype(settings.dtype)
+        model = model.to(device=settings.device, dtype=dtype)
+        max_pos = getattr(model.config, "max_position_embeddings", settings.max_context)
+        self.max_len = min(settings.max_context, max_pos)
+        self.weights: ModelWeights = extract_weights(model, self.max_len)
+        self.spec = self.weights.spec
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = dtype
+        self.cache = KVCache.allocate(self.spec, dtype, self.device)
+        self.predictors = program.predictors.to(self.device) if program is not None else None
+        self._layer = make_layer_fn(self.spec)
+        self._head = make_head_fn(self.spec)
+        from ..ops import exit_score
+
+        self._exit = exit_score
+
+    # ---- the segment calls the runtime makes ----
+    def attn_len(self, max_pos: int) -> int:
+        b = self.attn_bucket
+        return min(self.max_len, (max_pos // b + 1) * b)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids [q] -> h [1, q, D]
+        return self.weights.embed[ids][None]
+
+    def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+        w = self.weights.layers[i]
+        c = self.cache
+        return self._layer(h, pos, c.valid[i], self.weights.cos, self.weights.sin, c.k[i], c.v[i], S, *w.as_tuple())
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # h [1, q, D] -> (hn [1, q, D], logits [1, q, V])
+        return self._head(h, self.weights.norm, self.weights.head)
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        from ..model_step import rms_norm
+
+        return rms_norm(h, self.weights.norm, self.spec.eps)
+
+    def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor):
+        # h [1, 1, D]; rows [k, D]; p_prev [k] -> (score [1], z [k], p [k]) float32
+        P = self.predictors
+        return self._exit(h, self.weights.norm, rows, p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], self.spec.eps)

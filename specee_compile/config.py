@@ -1,0 +1,115 @@
+"""The one settings dataclass. Passed explicitly everywhere; no global config flips."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MODES = ("approximate", "lossless")
+KV_POLICIES = ("skip", "backfill")
+BACKENDS = ("eager", "inductor", "onnx", "tensorrt")
+DRAFT_SOURCES = ("eagle", "ngram", "shallow")
+
+
+@dataclass
+class Settings:
+    # ---- decoding ----
+    max_new_tokens: int = 128
+    """Tokens to generate after the prompt (stops earlier at EOS)."""
+    temperature: float = 0.0
+    """0 = greedy. Early exit is defined for greedy decoding (as in the paper); sampling runs dense."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, used when temperature > 0."""
+    seed: int = 0
+    """Seed for sampling."""
+    max_context: int = 2048
+    """Static KV-cache length: prompt + new tokens must fit. Capped by the model's max positions."""
+    chat_template: bool = True
+    """Wrap the prompt with the tokenizer's chat template when it has one."""
+    device: str = "cpu"
+    """torch device for the model and cache."""
+    dtype: str = "float32"
+    """Compute dtype: float32 | float16 | bfloat16."""
+    backend: str = "eager"
+    """Which backend runs the segments: eager | inductor | onnx | tensorrt."""
+    cuda_graphs: bool = True
+    """Inductor backend on CUDA: capture each segment as a CUDA graph."""
+
+    # ---- SpecEE ----
+    specee: bool = False
+    """Enable speculative early exit (needs artifacts: predictors, draft, schedule)."""
+    mode: str = "approximate"
+    """approximate = the paper (exit when predictor > threshold and the full-head argmax is in the
+    candidate set); lossless = exit token is argmax over candidates, verified later by backfill and
+    rolled back on mismatch, so output equals dense greedy."""
+    kv_policy: str = "skip"
+    """skip = the paper (deeper layers never hold K/V of exited tokens; masked out);
+    backfill = pending exited rows are pushed through skipped layers with the next deep token."""
+    threshold: float = 0.5
+    """Predictor score above which an exit is proposed."""
+    num_candidates: int = 4
+    """|S|: speculative candidate tokens per step."""
+    draft_source: str = "eagle"
+    """Where candidates come from: eagle (trained head) | ngram (prompt lookup) | shallow (layer logits)."""
+    max_pending: int = 8
+    """backfill: at most this many exited tokens wait for K/V; one more forces a full-depth step."""
+    min_exit_layer: int = 0
+    """No exit before this layer index (0-based), whatever the predictors say."""
+
+    # ---- two-level scheduling ----
+    use_schedule: bool = True
+    """False = run every predictor at every layer (no scheduling)."""
+    online_window: int = 5
+    """Online set: remember the last N exit layers."""
+    online_offsets: tuple[int, ...] = (-2, 0, 2)
+    """Online set: activate predictors at e + offset for each remembered exit layer e."""
+    offline_coverage: float = 0.6
+    """Offline set: the fewest most-frequent exit layers that cover this share of calibration exits."""
+    offline_max_layers: int = 8
+    """Offline set: at most this many layers."""
+
+    # ---- artifacts ----
+    artifacts: str | None = None
+    """Artifact directory (predictors, draft, schedule). None = shipped artifacts for the model."""
+
+    def __post_init__(self) -> None:
+        from .errors import SpecEEError
+
+        def check(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise SpecEEError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+        check("mode", MODES)
+        check("kv_policy", KV_POLICIES)
+        check("backend", BACKENDS)
+        check("draft_source", DRAFT_SOURCES)
+        if self.mode == "lossless" and self.kv_policy != "backfill":
+            raise SpecEEError(
+                "mode=lossless needs kv_policy=backfill (the backfill pass is what verifies exits); "
+                "pass --kv backfill"
+            )
+        if self.max_new_tokens < 1:
+            raise SpecEEError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise SpecEEError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.num_candidates < 1:
+            raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
+        self.online_offsets = tuple(self.online_offsets)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        from .errors import SpecEEError
+
+        raise SpecEEError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
+
+
+__all__ = ["Settings", "torch_dtype", "field"]

@@ -1,0 +1,28 @@
+"""User-facing errors. Every message says what was expected, what was found, and what to do.
+
+The CLI prints `SpecEEError`s as one line on stderr and exits non-zero, with no traceback.
+"""
+
+
+class SpecEEError(Exception):
+    """A problem with the user's input or environment, explained for the user."""
+
+
+class ModelNotFound(SpecEEError):
+    pass
+
+
+class UnsupportedArchitecture(SpecEEError):
+    pass
+
+
+class ArtifactError(SpecEEError):
+    """Missing, corrupt, partial, or mismatched (other model) artifacts."""
+
+
+class InputError(SpecEEError):
+    """Bad prompt: empty, or longer than the context allows."""
+
+
+class BackendUnavailable(SpecEEError):
+    """A backend's dependency (onnxruntime, tensorrt, CUDA) is not installed here."""

@@ -1,0 +1,206 @@
+"""The decode step of a Llama-family model, written once as plain tensor functions.
+
+This is the single definition of the model's math that every backend runs: the eager backend calls
+these functions directly, `capture` traces them into an FX graph that the passes segment, Inductor
+compiles them, and the ONNX exporter exports them. Weights come from the Hugging Face model (no
+copy of the architecture is loaded from anywhere else); `tests/test_runtime.py` checks greedy output
+against `transformers` `generate()` token for token.
+
+Shapes (batch 1 throughout; q = query rows in this call, S = attended cache length):
+    h       [1, q, D]            hidden states
+    pos     [q] int64            absolute positions of the rows
+    k_cache [Hkv, T, hd]         one layer's static K cache (T = max context)
+    valid   [T] bool             which positions this layer holds K/V for (the KV contract)
+
+A layer writes K/V of its rows into the cache at `pos`, marks those positions valid, and attends to
+positions that are valid *in this layer* and not after the row's own position. Early exit never
+writes deeper layers' K/V, so their `valid` stays False there: that is the `skip` policy, for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnsupportedArchitecture
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Static shape facts of the model; closed over by the compiled functions."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_len: int
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H + 2 Hkv) hd, D]
+    bqkv: torch.Tensor | None  # [(H + 2 Hkv) hd] (Qwen2) or None
+    wo: torch.Tensor  # [D, H hd]
+    ln2: torch.Tensor  # [D]
+    wgu: torch.Tensor  # [2 F, D]   gate rows then up rows
+    wd: torch.Tensor  # [D, F]
+
+    def as_tuple(self) -> tuple:
+        return (self.ln1, self.wqkv, self.bqkv, self.wo, self.ln2, self.wgu, self.wd)
+
+
+@dataclass
+class ModelWeights:
+    spec: StepSpec
+    embed: torch.Tensor  # [V, D]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [D]
+    head: torch.Tensor  # [V, D]
+    cos: torch.Tensor  # [T, hd]
+    sin: torch.Tensor  # [T, hd]
+
+
+def step_spec(config, max_len: int) -> StepSpec:
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitecture(
+            f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
+            f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family)"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return StepSpec(
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        max_len=max_len,
+    )
+
+
+@torch.no_grad()
+def extract_weights(model, max_len: int) -> ModelWeights:
+    """Gather weights from a Hugging Face *ForCausalLM into fused decode-friendly tensors.
+
+    q/k/v and gate/up are fused (one GEMV each instead of three/two). The HF module's own parameters
+    are then re-pointed at views of the fused tensors, so the model is not held twice in memory and
+    `model.generate()` keeps working on the same storage.
+    """
+    spec = step_spec(model.config, max_len)
+    inner = model.model
+    layers = []
+    for layer in inner.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        wqkv = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], 0).contiguous()
+        bqkv = None
+        if at.q_proj.bias is not None:
+            bqkv = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias], 0).contiguous()
+        wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).contiguous()
+        _repoint(at.q_proj, at.k_proj, at.v_proj, wqkv, bqkv)
+        _repoint(mlp.gate_proj, mlp.up_proj, None, wgu, None)
+        layers.append(
+            LayerWeights(
+                ln1=layer.input_layernorm.weight,
+                wqkv=wqkv,
+                bqkv=bqkv,
+                wo=at.o_proj.weight,
+                ln2=layer.post_attention_layernorm.weight,
+                wgu=wgu,
+                wd=mlp.down_proj.weight,
+            )
+        )
+    dev = inner.embed_tokens.weight.device
+    positions = torch.arange(max_len, device=dev)[None]
+    probe = torch.zeros(1, device=dev, dtype=inner.embed_tokens.weight.dtype)
+    cos, sin = inner.rotary_emb(probe, positions)  # [1, T, hd], attention scaling applied by HF
+    return ModelWeights(
+        spec=spec,
+        embed=inner.embed_tokens.weight,
+        layers=layers,
+        norm=inner.norm.weight,
+        head=model.lm_head.weight,
+        cos=cos[0].contiguous(),
+        sin=sin[0].contiguous(),
+    )
+
+
+def _repoint(a, b, c, fused_w, fused_b):
+    """Make linear modules a, b, (c) use row slices of the fused weight (and bias)."""
+    mods = [m for m in (a, b, c) if m is not None]
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused_w[start : start + n], requires_grad=False)
+        if fused_b is not None:
+            m.bias = torch.nn.Parameter(fused_b[start : start + n], requires_grad=False)
+        start += n
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm exactly: statistics in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def make_layer_fn(spec: StepSpec):
+    """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
+
+    One function serves every layer (weights are arguments), so a compiler compiles it once.
+    `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
+    """
+    H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+    rep = H // Hkv
+
+    def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
+        q_rows = h.shape[1]
+        x = rms_norm(h, ln1, eps)
+        qkv = F.linear(x, wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
+        k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
+        v = v.view(q_rows, Hkv, hd).transpose(0, 1)
+        c, s = cos[pos], sin[pos]  # [q, hd]
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        k_cache.index_copy_(1, pos, k)
+        v_cache.index_copy_(1, pos, v)
+        valid.index_fill_(0, pos, True)
+        keys = torch.arange(S, device=h.device)
+        mask = valid[:S][None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
+        kk, vv = k_cache[:, :S], v_cache[:, :S]  # [Hkv, S, hd]
+        if rep > 1:
+            kk = kk[:, None].expand(Hkv, rep, S, hd).reshape(H, S, hd)
+            vv = vv[:, None].expand(Hkv, rep, S, hd).reshape(H, S, hd)
+        a = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask[None, None])
+        a = a[0].transpose(0, 1).reshape(1, q_rows, H * hd)
+        h = h + F.linear(a, wo)
+        g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+        return h + F.linear(F.silu(g) * u, wd)
+
+    return layer
+
+
+def make_head_fn(spec: StepSpec):
+    """Return `head(h, norm_w, head_w) -> (hn, logits)`: final norm and full LM head."""
+    eps = spec.eps
+
+    def head(h, norm_w, head_w):
+        hn = rms_norm(h, norm_w, eps)
+        return hn, F.linear(hn, head_w)
+
+    return head

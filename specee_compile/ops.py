@@ -1,0 +1,52 @@
+"""The exit-point op `specee::exit_score`, defined once and lowered by every backend.
+
+    exit_score(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps) -> (score, z, p)
+
+h [1, 1, D] hidden state after the layer; norm_w [D] the model's final norm; rows [k, D] the LM-head
+rows of the k candidate tokens; p_prev [k] the candidate distribution at the previous evaluated layer
+(zeros at the first); w1 [Hm, 3k], b1 [Hm], w2 [Hm], b2 [1] the layer's predictor MLP.
+score [1] = sigmoid(MLP([z, p, p - p_prev])); z [k] candidate logits; p [k] = softmax(z).
+
+Eager reference: `predictors.features.exit_features` + the MLP. Fake: shapes only. Inductor traces
+through the reference (or the fused Triton kernel on GPU, `plugins/triton_exit_score.py`); the ONNX
+exporter decomposes it into plain ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model_step import rms_norm
+
+
+def exit_score_reference(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
+    from .predictors.features import exit_features
+
+    hn = rms_norm(h.reshape(-1), norm_w, eps)  # [D]
+    x, z, p = exit_features(hn, rows, p_prev)  # x [3k] float32
+    hidden = torch.relu(torch.nn.functional.linear(x, w1.float(), b1.float()))  # [Hm]
+    score = torch.sigmoid((hidden * w2.float()).sum(-1, keepdim=True) + b2.float())  # [1]
+    return score, z, p
+
+
+@torch.library.custom_op("specee::exit_score", mutates_args=())
+def exit_score(
+    h: torch.Tensor,
+    norm_w: torch.Tensor,
+    rows: torch.Tensor,
+    p_prev: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score, z, p = exit_score_reference(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps)
+    return score.clone(), z.clone(), p.clone()
+
+
+@exit_score.register_fake
+def _(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps):
+    k = rows.shape[0]
+    f32 = torch.float32
+    return h.new_empty(1, dtype=f32), h.new_empty(k, dtype=f32), h.new_empty(k, dtype=f32)

@@ -1,0 +1,301 @@
+"""The decode loop: dense, or with speculative early exits. Backend-agnostic: it drives `Segments`.
+
+One step emits one token. With early exit (greedy, batch 1) a step for the token at position p:
+  1. candidates S (k tokens) from the candidate source; their LM-head rows W_S [k, D], gathered once;
+  2. layers run in order; after an *active* layer (scheduler) the exit op scores the state;
+  3. exit when score > threshold and
+       approximate mode: the full-head argmax T is in S (the paper's verification; T is emitted);
+       lossless mode:    always; T = argmax over the k candidate logits (no full head);
+  4. KV policy:
+       skip:     deeper layers never get K/V for p; their validity mask leaves p out (the paper);
+       backfill: p stays *pending* with its hidden state; the next step that goes deeper pushes the
+                 pending rows through the layers they skipped together with its own row, so the
+                 cache ends equal to the dense cache. At most `max_pending` rows wait; then the step
+                 runs at full depth;
+  5. lossless: a backfilled row that reaches the last layer yields the dense model's token for the
+     position after it. If it differs from the token emitted there, everything after is rolled back
+     (K/V validity, tokens, draft state) and the dense token is emitted instead. Output = dense greedy.
+
+Work is counted honestly as layer-rows: every (layer, row) computed, backfill and discarded work
+included. `avg_layers` = layer-rows / decode steps; dense gives exactly num_layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import Settings
+from ..errors import InputError, SpecEEError
+from ..program import SpecEEProgram
+from .sampling import select_token
+
+
+@dataclass
+class GenerationResult:
+    prompt_len: int
+    token_ids: list[int]  # generated ids (prompt excluded)
+    num_layers: int
+    exit_layers: list[int]  # per generated token: 0-based layer its step exited after (L-1 = full)
+    layer_rows: int = 0  # decode work, see module docstring
+    decode_steps: int = 0
+    rollbacks: int = 0
+    predictor_calls: int = 0
+    head_calls: int = 0
+    pending_depths: list[int] = field(default_factory=list)  # pending rows joined at each deep step
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def avg_layers(self) -> float:
+        return self.layer_rows / self.decode_steps if self.decode_steps else float(self.num_layers)
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.token_ids)
+        total = self.prefill_s + self.decode_s
+        return n / total if total > 0 else 0.0
+
+    def exit_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.exit_layers).items()))
+
+    def stats(self) -> dict:
+        return {
+            "token_ids": self.token_ids,
+            "prompt_len": self.prompt_len,
+            "num_layers": self.num_layers,
+            "avg_layers": self.avg_layers,
+            "tokens_per_s": self.tokens_per_s,
+            "decode_tokens_per_s": (self.decode_steps / self.decode_s) if self.decode_s > 0 else 0.0,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "exit_layers": self.exit_layers,
+            "exit_histogram": {str(k): v for k, v in self.exit_histogram().items()},
+            "layer_rows": self.layer_rows,
+            "decode_steps": self.decode_steps,
+            "rollbacks": self.rollbacks,
+            "predictor_calls": self.predictor_calls,
+            "pending_depth_histogram": {str(k): v for k, v in sorted(Counter(self.pending_depths).items())},
+        }
+
+
+@dataclass
+class _Row:
+    pos: int  # sequence position of the row
+    done: int  # last layer computed for it
+    h: torch.Tensor  # [1, 1, D] hidden state after layer `done`
+
+
+class Decoder:
+    def __init__(
+        self,
+        segments,
+        settings: Settings,
+        eos_ids: set[int] | None = None,
+        program: SpecEEProgram | None = None,
+        draft=None,
+        scheduler=None,
+    ):
+        self.seg = segments
+        self.s = settings
+        self.L = segments.spec.num_layers
+        self.eos = set(eos_ids or ())
+        self.program = program
+        self.draft = draft
+        self.scheduler = scheduler
+        if settings.specee:
+            if program is None or draft is None:
+                raise SpecEEError("--specee needs artifacts (predictors and a candidate source)")
+            if settings.temperature > 0:
+                raise SpecEEError("--specee decodes greedily (as the paper); drop --temperature or --specee")
+            self.exit_layers = sorted(ep.layer for ep in program.exit_points if ep.layer < self.L - 1)
+            self.thresholds = {ep.layer: settings.threshold for ep in program.exit_points}
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        s, seg = self.s, self.seg
+        if not prompt_ids:
+            raise InputError("the prompt is empty: pass some text to generate from")
+        need = len(prompt_ids) + s.max_new_tokens
+        if need > seg.max_len:
+            raise InputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({s.max_new_tokens}) = {need} exceeds the "
+                f"context of {seg.max_len} tokens; shorten the prompt, lower --max-new-tokens, or raise --max-context"
+            )
+        seg.cache.reset()
+        gen = torch.Generator().manual_seed(s.seed)
+        res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[])
+        self.seq: list[int] = list(prompt_ids)
+        self.pending: list[_Row] = []
+        self.res = res
+        self._streamed = len(prompt_ids)
+        self._on_token = on_token
+
+        # ---- prefill: dense, all prompt rows at once
+        t0 = time.perf_counter()
+        P = len(prompt_ids)
+        pos = torch.arange(P, device=seg.device)
+        h = seg.embed(torch.tensor(prompt_ids, device=seg.device))
+        S = seg.attn_len(P - 1)
+        for i in range(self.L):
+            h = seg.layer(i, h, pos, S)
+        hn, logits = seg.head(h[:, -1:])
+        first = select_token(logits[0, -1], s.temperature, s.top_p, gen)
+        if s.specee:
+            self.draft.reset(list(prompt_ids), seg.norm(h)[0])
+            self.draft.observe(first, hn[0, -1], self.L - 1)
+            if self.scheduler is not None:
+                self.scheduler.reset()
+        self._sync()
+        res.prefill_s = time.perf_counter() - t0
+        self._append(first, self.L - 1)
+
+        # ---- decode
+        t0 = time.perf_counter()
+        while True:
+            if self._finished():
+                if not self.pending or not s.mode == "lossless":
+                    break
+                self._step(current=False)  # flush: verify pending exits before stopping
+                continue
+            if s.specee:
+                self._step(current=True)
+            else:
+                self._dense_step(gen)
+        self._sync()
+        res.decode_s = time.perf_counter() - t0
+        self._stream(len(self.seq))
+        res.token_ids = self.seq[res.prompt_len :]
+        return res
+
+    # ------------------------------------------------------------------ helpers
+    def _sync(self):
+        if self.seg.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _finished(self) -> bool:
+        n = len(self.seq) - self.res.prompt_len
+        return n >= self.s.max_new_tokens or self.seq[-1] in self.eos
+
+    def _append(self, tok: int, layer: int) -> None:
+        self.seq.append(tok)
+        self.res.exit_layers.append(layer)
+        # stream only what can no longer be rolled back
+        if self.s.mode == "lossless" and self.pending:
+            self._stream(min(r.pos for r in self.pending) + 1)
+        else:
+            self._stream(len(self.seq))
+
+    def _stream(self, upto: int) -> None:
+        if self._on_token is not None:
+            for t in self.seq[self._streamed : upto]:
+                self._on_token(t)
+        self._streamed = max(self._streamed, upto)
+
+    def _dense_step(self, gen) -> None:
+        seg, p = self.seg, len(self.seq) - 1
+        pos = torch.tensor([p], device=seg.device)
+        h = seg.embed(pos.new_tensor([self.seq[-1]]))
+        S = seg.attn_len(p)
+        for i in range(self.L):
+            h = seg.layer(i, h, pos, S)
+        _, logits = seg.head(h)
+        self.res.layer_rows += self.L
+        self.res.decode_steps += 1
+        self._append(select_token(logits[0, -1], self.s.temperature, self.s.top_p, gen), self.L - 1)
+
+    def _active_layers(self) -> set[int]:
+        if self.scheduler is None or not self.s.use_schedule:
+            return set(self.exit_layers)
+        return set(self.scheduler.active(self.L)) & set(self.exit_layers)
+
+    def _step(self, current: bool) -> None:
+        """One early-exit step for the last token (or, current=False, a flush of pending rows)."""
+        s, seg, res, L = self.s, self.seg, self.res, self.L
+        dev = seg.device
+        p = len(self.seq) - 1
+        backfill = s.kv_policy == "backfill"
+        rows: list[_Row] = []
+        if current:
+            rows.append(_Row(p, -1, seg.embed(torch.tensor([self.seq[-1]], device=dev))))
+            cands = self.draft.propose().to(dev)  # [k]
+            w_rows = seg.weights.head[cands]  # [k, D]
+            p_prev = torch.zeros(cands.numel(), device=dev, dtype=torch.float32)
+            may_exit = len(self.pending) < s.max_pending
+            active = self._active_layers() if may_exit else set()
+        else:
+            active = set()
+        waiting = sorted(self.pending, key=lambda r: r.done) if backfill else []
+        joined = 0
+        S = seg.attn_len(p)
+        exit_layer, token, hn_cur = None, None, None
+        for i in range(L):
+            while waiting and waiting[0].done == i - 1:  # pending rows that skipped layer i join here
+                rows.insert(0, waiting.pop(0))
+                joined += 1
+            if not rows:
+                continue
+            h = torch.cat([r.h for r in rows], dim=1) if len(rows) > 1 else rows[0].h
+            pos = torch.tensor([r.pos for r in rows], device=dev)
+            h = seg.layer(i, h, pos, S)
+            res.layer_rows += len(rows)
+            for j, r in enumerate(rows):
+                r.h, r.done = h[:, j : j + 1], i
+            if i in active and i >= s.min_exit_layer:
+                score, z, p_prev = seg.exit_score(i, rows[-1].h, w_rows, p_prev)
+                res.predictor_calls += 1
+                if float(score) > self.thresholds[i]:
+                    if s.mode == "lossless":
+                        exit_layer, token = i, int(cands[int(torch.argmax(z))])
+                        hn_cur = seg.norm(rows[-1].h)[0, 0]
+                        break
+                    hn, logits = seg.head(rows[-1].h)
+                    res.head_calls += 1
+                    t = int(torch.argmax(logits[0, 0]))
+                    if bool((cands == t).any()):
+                        exit_layer, token, hn_cur = i, t, hn[0, 0]
+                        break
+        if current:
+            res.decode_steps += 1
+        if joined:
+            res.pending_depths.append(joined)
+
+        if exit_layer is not None:  # early exit: rows stay pending (backfill) or are dropped (skip)
+            if backfill:
+                self.pending = rows + waiting
+            self.draft.observe(token, hn_cur, exit_layer)
+            if self.scheduler is not None:
+                self.scheduler.record_exit(exit_layer)
+            self._append(token, exit_layer)
+            return
+
+        # full depth: every row in `rows` reached the last layer
+        self.pending = []
+        hn, logits = seg.head(torch.cat([r.h for r in rows], dim=1))
+        dense = torch.argmax(logits[0], dim=-1).tolist()  # dense token after each row
+        if s.mode == "lossless":
+            checked = [(r.pos, j) for j, r in enumerate(rows[:-1] if current else rows)]
+            for rpos, j in sorted(checked):  # earliest disagreement wins
+                if self.seq[rpos + 1] != dense[j]:
+                    self._rollback(rpos, dense[j], hn[0, j])
+                    return
+        if current:
+            token = dense[-1]
+            self.draft.observe(token, hn[0, -1], L - 1)
+            self._append(token, L - 1)
+
+    def _rollback(self, pos: int, token: int, hn: torch.Tensor) -> None:
+        """The dense model disagrees with the token emitted after `pos`: drop everything after."""
+        keep = pos + 1
+        self.res.rollbacks += 1
+        self.seg.cache.truncate(keep)
+        del self.seq[keep:]
+        del self.res.exit_layers[keep - self.res.prompt_len :]
+        self.draft.truncate(keep)
+        self.draft.observe(token, hn, self.L - 1)
+        self._append(token, self.L - 1)
