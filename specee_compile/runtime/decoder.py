@@ -118,6 +118,20 @@ class Decoder:
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        """Prefill, then decode until EOS or max_new_tokens; `on_token` streams final tokens."""
+        self.start(prompt_ids, on_token)
+        t0 = time.perf_counter()
+        while not self.done():
+            self.step()
+        self._sync()
+        self.res.decode_s = time.perf_counter() - t0
+        self._stream(len(self.seq))
+        self.res.token_ids = self.seq[self.res.prompt_len :]
+        return self.res
+
+    @torch.no_grad()
+    def start(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> int:
+        """Dense prefill of the prompt; returns the first generated token."""
         s, seg = self.s, self.seg
         if not prompt_ids:
             raise InputError("the prompt is empty: pass some text to generate from")
@@ -128,7 +142,7 @@ class Decoder:
                 f"context of {seg.max_len} tokens; shorten the prompt, lower --max-new-tokens, or raise --max-context"
             )
         seg.cache.reset()
-        gen = torch.Generator().manual_seed(s.seed)
+        self.gen = torch.Generator().manual_seed(s.seed)
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[])
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
@@ -136,7 +150,6 @@ class Decoder:
         self._streamed = len(prompt_ids)
         self._on_token = on_token
 
-        # ---- prefill: dense, all prompt rows at once
         t0 = time.perf_counter()
         P = len(prompt_ids)
         pos = torch.arange(P, device=seg.device)
@@ -145,7 +158,7 @@ class Decoder:
         for i in range(self.L):
             h = seg.layer(i, h, pos, S)
         hn, logits = seg.head(h[:, -1:])
-        first = select_token(logits[0, -1], s.temperature, s.top_p, gen)
+        first = select_token(logits[0, -1], s.temperature, s.top_p, self.gen)
         if s.specee:
             self.draft.reset(list(prompt_ids), seg.norm(h)[0])
             self.draft.observe(first, hn[0, -1], self.L - 1)
@@ -154,24 +167,23 @@ class Decoder:
         self._sync()
         res.prefill_s = time.perf_counter() - t0
         self._append(first, self.L - 1)
+        return first
 
-        # ---- decode
-        t0 = time.perf_counter()
-        while True:
-            if self._finished():
-                if not self.pending or not s.mode == "lossless":
-                    break
+    def done(self) -> bool:
+        """True once EOS or max_new_tokens is reached and nothing awaits verification."""
+        return self._finished() and not (self.pending and self.s.mode == "lossless")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Advance by one decode step (appends to `self.seq`; lossless may roll back instead)."""
+        if self._finished():
+            if self.pending and self.s.mode == "lossless":
                 self._step(current=False)  # flush: verify pending exits before stopping
-                continue
-            if s.specee:
-                self._step(current=True)
-            else:
-                self._dense_step(gen)
-        self._sync()
-        res.decode_s = time.perf_counter() - t0
-        self._stream(len(self.seq))
-        res.token_ids = self.seq[res.prompt_len :]
-        return res
+            return
+        if self.s.specee:
+            self._step(current=True)
+        else:
+            self._dense_step(self.gen)
 
     # ------------------------------------------------------------------ helpers
     def _sync(self):
