@@ -45,8 +45,9 @@ class Settings:
     kv_policy: str = "skip"
     """skip = the paper (deeper layers never hold K/V of exited tokens; masked out);
     backfill = pending exited rows are pushed through skipped layers with the next deep token."""
-    threshold: float = 0.5
-    """Predictor score above which an exit is proposed."""
+    threshold: float | None = None
+    """Predictor score above which an exit is proposed. None = the artifacts' per-layer thresholds
+    (chosen at training time for a target precision); a number overrides every layer."""
     num_candidates: int = 4
     """|S|: speculative candidate tokens per step."""
     draft_source: str = "eagle"
@@ -91,7 +92,7 @@ class Settings:
             )
         if self.max_new_tokens < 1:
             raise SpecEEError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise SpecEEError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.num_candidates < 1:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")

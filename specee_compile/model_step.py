@@ -157,11 +157,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_layer_fn(spec: StepSpec):
+def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.
     `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
+    native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
+    explicitly, for exporters that do not know `enable_gqa`.
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
     rep = H // Hkv
@@ -183,10 +185,12 @@ def make_layer_fn(spec: StepSpec):
         keys = torch.arange(S, device=h.device)
         mask = valid[:S][None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
         kk, vv = k_cache[:, :S], v_cache[:, :S]  # [Hkv, S, hd]
-        if rep > 1:
+        if rep > 1 and not native_gqa:
             kk = kk[:, None].expand(Hkv, rep, S, hd).reshape(H, S, hd)
             vv = vv[:, None].expand(Hkv, rep, S, hd).reshape(H, S, hd)
-        a = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask[None, None])
+        a = F.scaled_dot_product_attention(
+            q[None], kk[None], vv[None], attn_mask=mask[None, None], enable_gqa=rep > 1 and native_gqa
+        )
         a = a[0].transpose(0, 1).reshape(1, q_rows, H * hd)
         h = h + F.linear(a, wo)
         g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)

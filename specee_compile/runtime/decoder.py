@@ -113,7 +113,10 @@ class Decoder:
             if settings.temperature > 0:
                 raise SpecEEError("--specee decodes greedily (as the paper); drop --temperature or --specee")
             self.exit_layers = sorted(ep.layer for ep in program.exit_points if ep.layer < self.L - 1)
-            self.thresholds = {ep.layer: settings.threshold for ep in program.exit_points}
+            self.thresholds = {
+                ep.layer: ep.threshold if settings.threshold is None else settings.threshold
+                for ep in program.exit_points
+            }
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()

@@ -1,0 +1,155 @@
+"""The library API the CLI (and users) call. Nothing here is CLI-specific.
+
+    loaded = load_model("smollm2-135m")
+    dec = build_decoder(loaded, Settings(specee=True, mode="lossless", kv_policy="backfill"))
+    res = dec.generate(encode_prompt(loaded.tokenizer, "What is the capital of France?"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .artifacts import MANIFEST, atomic_directory, check_fingerprint, read_manifest, shipped_dir, write_manifest
+from .backends import make_segments
+from .config import Settings
+from .errors import ArtifactError, InputError
+from .program import ExitPoint, Predictors, SpecEEProgram
+from .runtime.decoder import Decoder
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:
+    """Token ids of `prompt`, wrapped in the model's chat template when it has one."""
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt is empty: pass some text to generate from")
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer(prompt)["input_ids"]]
+
+
+def eos_ids(loaded) -> set[int]:
+    ids = set()
+    for src in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(t) for t in src)
+    return ids
+
+
+def default_artifacts_dir(loaded) -> Path | None:
+    """Shipped artifacts for a zoo model (e.g. smollm2-135m), if the package carries them."""
+    from .models.zoo import ZOO
+
+    for alias, entry in ZOO.items():
+        if loaded.name in (alias, getattr(entry, "hub_id", None)):
+            return shipped_dir(alias)
+    return None
+
+
+# ---------------------------------------------------------------- artifacts <-> program
+
+def load_program(directory, loaded, settings: Settings):
+    """Read an artifact directory into (SpecEEProgram, candidate source, scheduler, manifest)."""
+    from .draft import make_candidate_source
+    from .predictors.mlp import PredictorBank
+    from .predictors.schedule import OnlineScheduler
+
+    d = Path(directory)
+    manifest = read_manifest(d)
+    check_fingerprint(manifest, loaded.fingerprint, d)
+    try:
+        bank = PredictorBank.load(d / "predictors.safetensors", d / "predictors_config.json")
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors header errors etc.
+        raise ArtifactError(f"cannot read predictors in {d}: {e}; re-create the artifacts") from None
+    L = loaded.model.config.num_hidden_layers
+    if bank.num_layers != L:
+        raise ArtifactError(f"predictors in {d} are for {bank.num_layers} layers, the model has {L}")
+    program = program_from_bank(bank, manifest, L)
+    kind = settings.draft_source
+    draft_args = {"draft_path": d} if (d / "draft.safetensors").exists() else {}
+    if manifest.get("vocab_ids_file") and (d / manifest["vocab_ids_file"]).exists():
+        from safetensors.torch import load_file
+
+        draft_args["vocab_ids"] = load_file(str(d / manifest["vocab_ids_file"]))["vocab_ids"]
+    draft = make_candidate_source(kind, loaded.model, draft_args, k=bank.k)
+    scheduler = OnlineScheduler(program.offline_layers, settings.online_window, settings.online_offsets,
+                                valid_layers=bank.layers)
+    return program, draft, scheduler, manifest
+
+
+def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
+    th = bank.thresholds.tolist()
+    return SpecEEProgram(
+        num_layers=num_layers,
+        exit_points=[ExitPoint(layer, float(th[layer])) for layer in bank.layers],
+        predictors=Predictors(bank.W1, bank.b1, bank.W2, bank.b2[:, None], list(bank.layers)),
+        offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
+        num_candidates=bank.k,
+        draft_kind=manifest.get("draft", {}).get("kind", "eagle"),
+        fingerprint=manifest.get("fingerprint", ""),
+        meta=manifest,
+    )
+
+
+def save_program_artifacts(out_dir, loaded, bank, *, draft=None, offline_layers, extra_info=None,
+                           extra_files: dict | None = None) -> dict:
+    """Write predictors (+ draft) + manifest atomically to out_dir; returns the manifest."""
+    with atomic_directory(out_dir) as tmp:
+        bank.save(tmp / "predictors.safetensors", tmp / "predictors_config.json")
+        draft_info = {"kind": "none"}
+        if draft is not None:
+            draft_info = {"kind": "eagle", "config": draft.save(tmp)}
+        for name, src in (extra_files or {}).items():
+            Path(tmp / name).write_bytes(Path(src).read_bytes())
+        info = {
+            "dtype": str(loaded.model.dtype).replace("torch.", ""),
+            "num_layers": loaded.model.config.num_hidden_layers,
+            "exit_layers": list(bank.layers),
+            "thresholds": {str(layer): float(bank.thresholds[layer]) for layer in bank.layers},
+            "schedule": {"offline_layers": list(offline_layers)},
+            "draft": draft_info,
+            **(extra_info or {}),
+        }
+        return write_manifest(tmp, model=loaded.name, fingerprint=loaded.fingerprint, info=info)
+
+
+# ---------------------------------------------------------------- decoders
+
+def build_decoder(loaded, settings: Settings, artifacts_dir=None) -> Decoder:
+    """A Decoder for `loaded` on settings.backend; with settings.specee, loads the artifacts
+    (`artifacts_dir`, else settings.artifacts, else the shipped ones)."""
+    program = draft = scheduler = None
+    if settings.specee:
+        directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
+        if directory is None:
+            raise ArtifactError(
+                f"no SpecEE artifacts for {loaded.name}: train them with `specee-compile train {loaded.name} -o DIR` "
+                "and pass --artifacts DIR"
+            )
+        program, draft, scheduler, _ = load_program(directory, loaded, settings)
+    segments = make_segments(loaded.model, settings, program)
+    return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler)
+
+
+def stats_json(result, path, extra: dict | None = None) -> None:
+    data = result.stats()
+    data.update(extra or {})
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+__all__ = [
+    "MANIFEST",
+    "build_decoder",
+    "encode_prompt",
+    "eos_ids",
+    "load_program",
+    "save_program_artifacts",
+    "stats_json",
+]

@@ -1,0 +1,253 @@
+"""`specee-compile`: a thin face over the library API. Nothing below this module imports it.
+
+Errors the user can fix (SpecEEError) print as one line on stderr with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .config import BACKENDS, DRAFT_SOURCES, KV_POLICIES, MODES, Settings
+from .errors import SpecEEError
+
+
+def _settings_from(args, **over) -> Settings:
+    fields = {}
+    for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
+                 "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts"):
+        if hasattr(args, name) and getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if getattr(args, "no_chat_template", False):
+        fields["chat_template"] = False
+    if getattr(args, "no_schedule", False):
+        fields["use_schedule"] = False
+    fields.update(over)
+    return Settings(**fields)
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-context", type=int, default=2048, help="static KV-cache length")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--backend", default="eager", choices=BACKENDS)
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--specee", action="store_true", help="speculative early exit (needs artifacts)")
+    p.add_argument("--artifacts", help="artifact directory (default: the shipped artifacts of the model)")
+    p.add_argument("--mode", choices=MODES, default="approximate")
+    p.add_argument("--kv", dest="kv_policy", choices=KV_POLICIES, default="skip")
+    p.add_argument("--threshold", type=float, help="predictor threshold (default: per-layer, from the artifacts)")
+    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
+    p.add_argument("--max-pending", type=int, default=8)
+    p.add_argument("--no-schedule", action="store_true", help="run every predictor (no two-level scheduling)")
+
+
+def cmd_models(args) -> int:
+    from .models import ZOO
+
+    width = max(len(a) for a in ZOO)
+    for alias, entry in ZOO.items():
+        where = "local (PyPI)" if entry.local else "hub"
+        print(f"{alias:<{width}}  {entry.hub_id:<42} {where:<12} {entry.description}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    n = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{loaded.name}: {type(loaded.model).__name__}, {n / 1e6:.1f}M parameters, "
+          f"{loaded.model.config.num_hidden_layers} layers, fingerprint {loaded.fingerprint}")
+    return 0
+
+
+def _is_artifact_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")) and not os.path.exists(
+        os.path.join(path, "config.json"))
+
+
+def cmd_generate(args) -> int:
+    from .api import build_decoder, encode_prompt, stats_json
+    from .config import torch_dtype
+    from .models import load_model
+
+    if not args.prompt.strip():
+        raise SpecEEError("the prompt is empty: pass some text to generate from")
+    settings = _settings_from(args)
+    if settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
+        from .backends.onnx_runner import generate_from_artifact
+
+        res, text = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
+    else:
+        loaded = load_model(args.model, dtype=torch_dtype(settings.dtype), device=settings.device)
+        if args.dump_graphs:
+            from .capture import capture_and_segment
+
+            capture_and_segment(loaded.model, settings, dump_dir=args.dump_graphs)
+        dec = build_decoder(loaded, settings)
+        ids = encode_prompt(loaded.tokenizer, args.prompt, settings.chat_template)
+        stream = _TokenStream(loaded.tokenizer)
+        res = dec.generate(ids, on_token=stream)
+        stream.close()
+    print(f"\n[{len(res.token_ids)} tokens, {res.tokens_per_s:.1f} tok/s, avg layers {res.avg_layers:.2f}"
+          f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "") + "]", file=sys.stderr)
+    if args.stats_json:
+        stats_json(res, args.stats_json, {"model": args.model, "settings": vars_of(settings)})
+    return 0
+
+
+def vars_of(settings: Settings) -> dict:
+    import dataclasses
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
+
+
+class _TokenStream:
+    """Print tokens as they are final, decoding incrementally so multi-byte pieces come out whole."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed :])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+    def close(self) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        sys.stdout.write(text[self.printed :] + "\n")
+        sys.stdout.flush()
+
+
+def _printer():
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return emit
+
+
+def cmd_train(args) -> int:
+    from .training import train_command
+
+    train_command(args.model, args.output, num_texts=args.num_texts, draft=args.draft_source,
+                  draft_dir=args.draft_dir)
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    from .draft.train import train_draft_command
+
+    t0 = time.time()
+    cfg = train_draft_command(args.model, args.output, steps=args.steps)
+    print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.accuracy import eval_command
+
+    eval_command(args)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_command
+
+    export_command(args.model, args.output, backend=args.backend, artifacts=args.artifacts,
+                   trt_plugin=args.trt_plugin, max_context=args.max_context)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .eval.gpu_bench import run_bench
+
+    run_bench(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specee-compile", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the model zoo").set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("fetch", help="download/convert a model into the local cache")
+    p.add_argument("model")
+    p.set_defaults(fn=cmd_fetch)
+
+    p = sub.add_parser("generate", help="generate text (dense, or --specee early exit)")
+    p.add_argument("model", help="zoo alias, hub id, local dir, .gguf, or an exported artifact dir")
+    p.add_argument("prompt")
+    _add_decode_args(p)
+    p.add_argument("--stats-json", help="write token ids, exit layers and speed here")
+    p.add_argument("--dump-graphs", help="write the captured graph before/after each pass to this dir")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("train", help="collect features, fit exit predictors, compute the schedule")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--num-texts", type=int, default=160, help="calibration texts (ShareGPT)")
+    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
+    p.add_argument("--draft-dir", help="a trained draft (from train-draft) to ship with the predictors")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("train-draft", help="train an EAGLE-style draft head by self-distillation")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(fn=cmd_train_draft)
+
+    p = sub.add_parser("eval", help="dense vs SpecEE on MT-Bench and SQuAD v2: layers, agreement, EM/F1, speed")
+    p.add_argument("model")
+    p.add_argument("--artifacts")
+    p.add_argument("--mtbench", type=int, default=80, help="MT-Bench first turns to run")
+    p.add_argument("--squad", type=int, default=100, help="SQuAD v2 answerable questions to run")
+    p.add_argument("--configs", default="paper", help="comma list of: paper, backfill, lossless")
+    p.add_argument("--out", default="benchmarks/results/eval", help="directory for JSON + PNG")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export", help="export the conditional ONNX decode graph (+ TensorRT engines)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="artifact directory (default exported/NAME)")
+    p.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--artifacts", help="predictor/draft artifacts (default: shipped)")
+    p.add_argument("--trt-plugin", action="store_true", help="exit scoring as a fused TensorRT plugin")
+    p.add_argument("--max-context", type=int, default=1024)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="GPU benchmark (Llama-2-7B shapes): HF eager, dense compiled, SpecEE")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecEEError as e:
+        print(f"specee-compile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specee-compile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser"]
