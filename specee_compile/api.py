@@ -120,9 +120,10 @@ def save_program_artifacts(out_dir, loaded, bank, *, draft=None, offline_layers,
 
 # ---------------------------------------------------------------- decoders
 
-def build_decoder(loaded, settings: Settings, artifacts_dir=None) -> Decoder:
+def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None) -> Decoder:
     """A Decoder for `loaded` on settings.backend; with settings.specee, loads the artifacts
-    (`artifacts_dir`, else settings.artifacts, else the shipped ones)."""
+    (`artifacts_dir`, else settings.artifacts, else the shipped ones). Pass `segments` of an earlier
+    decoder (same model, backend and artifacts) to share its compiled segments and cache."""
     program = draft = scheduler = None
     if settings.specee:
         directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
@@ -132,7 +133,10 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None) -> Decoder:
                 "and pass --artifacts DIR"
             )
         program, draft, scheduler, _ = load_program(directory, loaded, settings)
-    segments = make_segments(loaded.model, settings, program)
+    if segments is None:
+        segments = make_segments(loaded.model, settings, program)
+    elif program is not None and segments.predictors is None:
+        segments.predictors = program.predictors.to(segments.device)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler)
 
 

@@ -157,6 +157,7 @@ def cmd_train_draft(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.accuracy import eval_command
 
+    args.argv = sys.argv[2:]
     eval_command(args)
     return 0
 
