@@ -33,7 +33,8 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list[in
 
 def eos_ids(loaded) -> set[int]:
     ids = set()
-    for src in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+    for src in (getattr(loaded.tokenizer, "eos_token_id", None),
+                getattr(loaded.model.generation_config, "eos_token_id", None)):
         if isinstance(src, int):
             ids.add(src)
         elif isinstance(src, (list, tuple)):
@@ -70,7 +71,7 @@ def load_program(directory, loaded, settings: Settings):
     if bank.num_layers != L:
         raise ArtifactError(f"predictors in {d} are for {bank.num_layers} layers, the model has {L}")
     program = program_from_bank(bank, manifest, L)
-    kind = settings.draft_source
+    kind = settings.draft_source or manifest.get("draft", {}).get("source", "eagle")
     draft_args = {"draft_path": d} if (d / "draft.safetensors").exists() else {}
     if manifest.get("vocab_ids_file") and (d / manifest["vocab_ids_file"]).exists():
         from safetensors.torch import load_file
@@ -90,20 +91,20 @@ def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
         predictors=Predictors(bank.W1, bank.b1, bank.W2, bank.b2[:, None], list(bank.layers)),
         offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
         num_candidates=bank.k,
-        draft_kind=manifest.get("draft", {}).get("kind", "eagle"),
+        draft_kind=manifest.get("draft", {}).get("source", "eagle"),
         fingerprint=manifest.get("fingerprint", ""),
         meta=manifest,
     )
 
 
-def save_program_artifacts(out_dir, loaded, bank, *, draft=None, offline_layers, extra_info=None,
+def save_program_artifacts(out_dir, loaded, bank, *, source: str, draft=None, offline_layers, extra_info=None,
                            extra_files: dict | None = None) -> dict:
     """Write predictors (+ draft) + manifest atomically to out_dir; returns the manifest."""
     with atomic_directory(out_dir) as tmp:
         bank.save(tmp / "predictors.safetensors", tmp / "predictors_config.json")
-        draft_info = {"kind": "none"}
+        draft_info = {"source": source, "kind": "none"}
         if draft is not None:
-            draft_info = {"kind": "eagle", "config": draft.save(tmp)}
+            draft_info.update(kind="eagle", config=draft.save(tmp))
         for name, src in (extra_files or {}).items():
             Path(tmp / name).write_bytes(Path(src).read_bytes())
         info = {

@@ -43,7 +43,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="approximate")
     p.add_argument("--kv", dest="kv_policy", choices=KV_POLICIES, default="skip")
     p.add_argument("--threshold", type=float, help="predictor threshold (default: per-layer, from the artifacts)")
-    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
+    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES,
+                   help="candidate source (default: the one the artifacts were trained with)")
     p.add_argument("--max-pending", type=int, default=8)
     p.add_argument("--no-schedule", action="store_true", help="run every predictor (no two-level scheduling)")
 
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="paper", help="comma list of: paper, backfill, lossless")
     p.add_argument("--out", default="benchmarks/results/eval", help="directory for JSON + PNG")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
+    p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="export the conditional ONNX decode graph (+ TensorRT engines)")

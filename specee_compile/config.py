@@ -50,8 +50,9 @@ class Settings:
     (chosen at training time for a target precision); a number overrides every layer."""
     num_candidates: int = 4
     """|S|: speculative candidate tokens per step."""
-    draft_source: str = "eagle"
-    """Where candidates come from: eagle (trained head) | ngram (prompt lookup) | shallow (layer logits)."""
+    draft_source: str | None = None
+    """Where candidates come from: eagle (trained head) | ngram (prompt lookup) | shallow (layer
+    logits). None = the source the artifacts were trained with (manifest `draft.source`)."""
     max_pending: int = 8
     """backfill: at most this many exited tokens wait for K/V; one more forces a full-depth step."""
     min_exit_layer: int = 0
@@ -84,7 +85,8 @@ class Settings:
         check("mode", MODES)
         check("kv_policy", KV_POLICIES)
         check("backend", BACKENDS)
-        check("draft_source", DRAFT_SOURCES)
+        if self.draft_source is not None:
+            check("draft_source", DRAFT_SOURCES)
         if self.mode == "lossless" and self.kv_policy != "backfill":
             raise SpecEEError(
                 "mode=lossless needs kv_policy=backfill (the backfill pass is what verifies exits); "

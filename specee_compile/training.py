@@ -1,0 +1,57 @@
+"""`specee-compile train`: candidate source -> features -> predictors -> schedule -> artifacts.
+
+The phases live in draft/ and predictors/; this module only chains them and writes one artifact
+directory (atomically, with the manifest) that `generate --specee --artifacts DIR` reads.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str | None = "eagle",
+                  draft_dir=None, progress: bool = True) -> dict:
+    from .api import save_program_artifacts
+    from .draft import EagleDraft, make_candidate_source
+    from .draft.train import train_draft_command
+    from .models import load_model
+    from .predictors.fit import train_predictors_command
+    from .predictors.mlp import PredictorBank
+
+    source = draft or "eagle"
+    times = {}
+    t0 = time.perf_counter()
+    loaded = load_model(model_name)
+    times["load_model_s"] = round(time.perf_counter() - t0, 1)
+    with tempfile.TemporaryDirectory(prefix="specee-train-") as tmp:
+        tmp = Path(tmp)
+        draft_obj = None
+        if draft_dir is not None:
+            draft_obj = EagleDraft.load(draft_dir, loaded.model)
+        elif source == "eagle":
+            t0 = time.perf_counter()
+            print("phase 1/3: training the draft head (no --draft-dir given)", file=sys.stderr)
+            train_draft_command(model_name, tmp / "draft")
+            draft_obj = EagleDraft.load(tmp / "draft", loaded.model)
+            times["train_draft_s"] = round(time.perf_counter() - t0, 1)
+        artifacts = {"draft": draft_obj} if draft_obj is not None else {}
+        cands = make_candidate_source(source, loaded.model, artifacts, k=4)
+        t0 = time.perf_counter()
+        print(f"phase 2/3: predictors with candidates from '{source}'", file=sys.stderr)
+        cfg = train_predictors_command(loaded, tmp / "pred", num_texts=num_texts, candidate_fn=cands,
+                                       progress=progress)
+        times["train_predictors_s"] = round(time.perf_counter() - t0, 1)
+        bank = PredictorBank.load(tmp / "pred" / "predictors.safetensors", tmp / "pred" / "predictors_config.json")
+        print("phase 3/3: writing artifacts", file=sys.stderr)
+        manifest = save_program_artifacts(
+            out_dir, loaded, bank, source=source, draft=draft_obj, offline_layers=cfg["offline_layers"],
+            extra_info={"training": {"times": times, "num_texts": num_texts,
+                                     "command": f"specee-compile train {model_name} -o {out_dir}"}},
+            extra_files={"predictors_config.json": tmp / "pred" / "predictors_config.json"},
+        )
+    print(f"artifacts written to {out_dir}: exit layers {manifest['exit_layers']}, offline "
+          f"{manifest['schedule']['offline_layers']}, times {times}", file=sys.stderr)
+    return manifest

@@ -1,0 +1,101 @@
+"""Artifact directories: round trip, atomic replace, and the errors for bad artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from specee_compile.api import build_decoder, load_program, save_program_artifacts
+from specee_compile.artifacts import atomic_directory, read_manifest
+from specee_compile.config import Settings
+from specee_compile.errors import ArtifactError
+from specee_compile.models import LoadedModel, model_fingerprint
+from specee_compile.predictors.mlp import PredictorBank
+
+
+def loaded_tiny(seed=0):
+    m = make_tiny_llama()
+    if seed:
+        with torch.no_grad():
+            m.model.layers[0].mlp.down_proj.weight.add_(0.01 * seed)
+    return LoadedModel(model=m, tokenizer=None, name="tiny", config=m.config, fingerprint=model_fingerprint(m))
+
+
+def write(tmp_path, loaded, name="arts"):
+    L = loaded.model.config.num_hidden_layers
+    bank = PredictorBank.init(L - 1, k=4, hidden=16, seed=1)
+    bank.thresholds = torch.full((L - 1,), 0.3)
+    out = tmp_path / name
+    manifest = save_program_artifacts(out, loaded, bank, source="ngram", offline_layers=[1])
+    return out, manifest, bank
+
+
+def test_round_trip(tmp_path):
+    loaded = loaded_tiny()
+    out, manifest, bank = write(tmp_path, loaded)
+    assert set(manifest["files"]) == {"predictors.safetensors", "predictors_config.json"}
+    assert manifest["fingerprint"] == loaded.fingerprint
+    program, draft, scheduler, m2 = load_program(out, loaded, Settings())
+    assert program.exit_layers == bank.layers
+    assert program.offline_layers == [1]
+    assert type(draft).__name__ == "NgramDraft"
+    torch.testing.assert_close(program.predictors.w1, bank.W1)
+    assert all(ep.threshold == pytest.approx(0.3) for ep in program.exit_points)
+
+
+def test_specee_decoder_runs_from_artifacts(tmp_path):
+    loaded = loaded_tiny()
+    out, _, _ = write(tmp_path, loaded)
+    s = Settings(max_new_tokens=12, max_context=64, specee=True, artifacts=str(out), threshold=0.0)
+    res = build_decoder(loaded, s).generate([3, 4, 5, 6])
+    assert len(res.token_ids) == 12 and res.predictor_calls > 0
+
+
+def test_fingerprint_mismatch(tmp_path):
+    out, _, _ = write(tmp_path, loaded_tiny(0))
+    other = loaded_tiny(1)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_program(out, other, Settings())
+
+
+def test_corrupt_and_partial_files(tmp_path):
+    loaded = loaded_tiny()
+    out, _, _ = write(tmp_path, loaded)
+    p = out / "predictors.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_program(out, loaded, Settings())
+    p.write_bytes(bytes(data[:100]))
+    with pytest.raises(ArtifactError, match="partial"):
+        read_manifest(out)
+    p.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        read_manifest(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        read_manifest(out)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_atomic_directory_keeps_old_on_failure(tmp_path):
+    loaded = loaded_tiny()
+    out, manifest, _ = write(tmp_path, loaded)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert (out / "manifest.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # a successful rewrite replaces the directory as a whole
+    write(tmp_path, loaded)
+    assert json.loads((out / "manifest.json").read_text())["files"].keys() == manifest["files"].keys()
