@@ -38,6 +38,7 @@ SQUAD_INSTRUCTION = (
 class RunRecord:
     token_ids: list[int]
     exit_layers: list[int]
+    layer_passes: int
     layer_rows: int
     decode_steps: int
     rollbacks: int
@@ -73,14 +74,16 @@ def agreement(dense: list[list[int]], other: list[list[int]]) -> dict:
 def summarize(report: ConfigReport, dense: ConfigReport, num_layers: int, squad_answers=None) -> dict:
     out = {}
     for suite, recs in report.runs.items():
+        passes = sum(r.layer_passes for r in recs)
         rows = sum(r.layer_rows for r in recs)
         steps = sum(r.decode_steps for r in recs)
         secs = sum(r.decode_s for r in recs)
         exits = Counter(e for r in recs for e in r.exit_layers[1:])  # [0] comes from the prefill
         s = {
             "prompts": len(recs),
-            "avg_layers": rows / steps if steps else float(num_layers),
-            "avg_layers_pct": 100.0 * rows / steps / num_layers if steps else 100.0,
+            "avg_layers": passes / steps if steps else float(num_layers),
+            "avg_layers_pct": 100.0 * passes / steps / num_layers if steps else 100.0,
+            "avg_layer_rows": rows / steps if steps else float(num_layers),
             "decode_tok_s": steps / secs if secs else 0.0,
             "rollbacks_per_100_tokens": 100.0 * sum(r.rollbacks for r in recs) / max(1, steps),
             "exit_histogram": {str(k): v for k, v in sorted(exits.items())},
@@ -136,15 +139,16 @@ def git_commit() -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| config | suite | avg layers | % depth | identical % | mean 1st div | rollbacks/100 tok | "
+    lines = ["| config | suite | avg layers | % depth | layer-rows | identical % | mean 1st div | rollbacks/100 tok | "
              "SQuAD EM | SQuAD F1 | decode tok/s | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, suites in summary.items():
         for suite, s in suites.items():
             em = f"{s['squad_em']:.1f}" if "squad_em" in s else ""
             f1 = f"{s['squad_f1']:.1f}" if "squad_f1" in s else ""
             lines.append(
-                f"| {name} | {suite} | {s['avg_layers']:.2f} | {s['avg_layers_pct']:.1f} | {s['identical_pct']:.1f} | "
+                f"| {name} | {suite} | {s['avg_layers']:.2f} | {s['avg_layers_pct']:.1f} | {s['avg_layer_rows']:.2f} | "
+                f"{s['identical_pct']:.1f} | "
                 f"{s['mean_first_divergence']:.1f} | {s['rollbacks_per_100_tokens']:.2f} | {em} | {f1} | "
                 f"{s['decode_tok_s']:.2f} | {s.get('speed_vs_dense', 1.0):.3f} |")
     return "\n".join(lines)
@@ -196,7 +200,7 @@ def eval_command(args) -> dict:
                 with torch.no_grad():
                     r = dec.generate(ids)
                 reports[name].runs[suite].append(RunRecord(
-                    token_ids=r.token_ids, exit_layers=r.exit_layers, layer_rows=r.layer_rows,
+                    token_ids=r.token_ids, exit_layers=r.exit_layers, layer_passes=r.layer_passes, layer_rows=r.layer_rows,
                     decode_steps=r.decode_steps, rollbacks=r.rollbacks, decode_s=r.decode_s,
                     text=tok.decode(r.token_ids, skip_special_tokens=True).strip()))
     L = loaded.model.config.num_hidden_layers

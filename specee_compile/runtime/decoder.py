@@ -16,8 +16,13 @@ One step emits one token. With early exit (greedy, batch 1) a step for the token
      position after it. If it differs from the token emitted there, everything after is rolled back
      (K/V validity, tokens, draft state) and the dense token is emitted instead. Output = dense greedy.
 
-Work is counted honestly as layer-rows: every (layer, row) computed, backfill and discarded work
-included. `avg_layers` = layer-rows / decode steps; dense gives exactly num_layers.
+Work is counted two ways, backfill and rolled-back work included:
+  layer passes: one per layer call, whatever its rows. At batch 1 decode is memory-bound: a pass
+                reads the layer's weights once, so 1 + pending rows cost about one row. This is
+                `avg_layers` (passes per decode step); dense gives exactly num_layers.
+  layer rows:   every (layer, row) computed, `avg_layer_rows`: the arithmetic. With backfill
+                every token eventually gets all layers, so this stays >= num_layers; it shows what
+                backfill costs where compute, not memory, is the limit.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class GenerationResult:
     token_ids: list[int]  # generated ids (prompt excluded)
     num_layers: int
     exit_layers: list[int]  # per generated token: 0-based layer its step exited after (L-1 = full)
-    layer_rows: int = 0  # decode work, see module docstring
+    layer_passes: int = 0  # decode work, see module docstring
+    layer_rows: int = 0
     decode_steps: int = 0
     rollbacks: int = 0
     predictor_calls: int = 0
@@ -52,6 +58,10 @@ class GenerationResult:
 
     @property
     def avg_layers(self) -> float:
+        return self.layer_passes / self.decode_steps if self.decode_steps else float(self.num_layers)
+
+    @property
+    def avg_layer_rows(self) -> float:
         return self.layer_rows / self.decode_steps if self.decode_steps else float(self.num_layers)
 
     @property
@@ -69,12 +79,14 @@ class GenerationResult:
             "prompt_len": self.prompt_len,
             "num_layers": self.num_layers,
             "avg_layers": self.avg_layers,
+            "avg_layer_rows": self.avg_layer_rows,
             "tokens_per_s": self.tokens_per_s,
             "decode_tokens_per_s": (self.decode_steps / self.decode_s) if self.decode_s > 0 else 0.0,
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "exit_layers": self.exit_layers,
             "exit_histogram": {str(k): v for k, v in self.exit_histogram().items()},
+            "layer_passes": self.layer_passes,
             "layer_rows": self.layer_rows,
             "decode_steps": self.decode_steps,
             "rollbacks": self.rollbacks,
@@ -220,6 +232,7 @@ class Decoder:
         for i in range(self.L):
             h = seg.layer(i, h, pos, S)
         _, logits = seg.head(h)
+        self.res.layer_passes += self.L
         self.res.layer_rows += self.L
         self.res.decode_steps += 1
         self._append(select_token(logits[0, -1], self.s.temperature, self.s.top_p, gen), self.L - 1)
@@ -258,6 +271,7 @@ class Decoder:
             h = torch.cat([r.h for r in rows], dim=1) if len(rows) > 1 else rows[0].h
             pos = torch.tensor([r.pos for r in rows], device=dev)
             h = seg.layer(i, h, pos, S)
+            res.layer_passes += 1
             res.layer_rows += len(rows)
             for j, r in enumerate(rows):
                 r.h, r.done = h[:, j : j + 1], i
