@@ -1,0 +1,192 @@
+"""The Inductor backend: the captured, passed segments compiled by torch.compile.
+
+Where the segments come from: `capture.segment_weights` traces the decode step (torch.export) and
+runs the passes; this backend traces a 2-layer prefix of the model (enough for one layer segment and
+one exit point; every layer runs the same `model_step` function, and segment_layers reports that the
+traced layer segments are identical) and compiles three of the resulting GraphModules with
+`torch.compile(fullgraph=True, dynamic=False)`:
+
+    layer  `layers[0]` of the SegmentedProgram, called for *every* layer with that layer's weights,
+           cache and validity row (weights are segment inputs, and all layer segments have the same
+           code, so compile time does not grow with depth)
+    head   final norm + LM head
+    exit   the exit-point module (`specee::exit_score`; Inductor calls the op as an extern kernel:
+           on CPU the eager reference, so scores equal the eager backend's bit for bit; on CUDA the
+           fused Triton kernel from `plugins/triton_exit_score.py` where triton is installed)
+Embedding (a gather) and the draft's final norm run eagerly, as in `Segments`.
+
+Shapes and recompiles: static shapes everywhere except the row count q (1 + pending rows, or the
+prompt in prefill) and the attended length S (bucketed by `Segments.attn_bucket`), which are marked
+dynamic (`maybe_mark_dynamic`), so Inductor generates one kernel set for all q >= 2 and all S. Dynamo
+still specialises q = 1 (its 0/1 rule) and S = T (the full-context slice is contiguous), so a
+segment compiles at most 4 times (`compile_stats()` counts them; the limit of 8 is never reached).
+
+KV cache: the layer segment writes K/V and validity in place (`index_copy_` / `index_fill_` on its
+cache inputs, exactly as the eager function); AOTAutograd turns that into a functional update plus a
+copy back to the input, which Inductor re-inplaces into a scatter on the cache.
+
+CUDA graphs (settings.cuda_graphs on a CUDA device): every compiled segment call of a decode-sized
+row count (q <= 1 + max_pending) is recorded once per (segment, layer, q, S) as a
+`torch.cuda.CUDAGraph` over static input buffers: h, pos (and the exit op's candidate rows and
+p_prev) are copied in, the layer's weights and cache are captured by address (the cache is
+allocated once and never moved). The first call of a key runs the compiled code directly (warm-up),
+the second records the graph, later ones replay it. Outputs are cloned out of the graph's static
+buffers, because the runtime keeps hidden states of pending rows across steps.
+`mode="reduce-overhead"` is not used: its CUDA-graph trees skip graphs that mutate inputs, which
+every layer does (the cache). Exit decisions sync with the host (`float(score)` in the runtime).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import Settings
+from ..errors import SpecEEError
+from ..program import SpecEEProgram
+from .base import Segments
+
+CAPTURE_LAYERS = 2  # layers traced for the compiled segments: one layer segment + an exit point after it
+
+
+class InductorSegments(Segments):
+    name = "inductor"
+
+    def __init__(self, model, settings: Settings, program: SpecEEProgram | None = None):
+        super().__init__(model, settings, program)
+        from ..capture import segment_weights
+
+        t0 = time.perf_counter()
+        # Only layer 0's segment is compiled (all layer segments have the same code), so capture a
+        # 2-layer prefix: same segments and exit point, without tracing every layer (~20 s for 30).
+        self.segmented = segment_weights(self.weights, settings, num_layers=CAPTURE_LAYERS)
+        self.capture_s = time.perf_counter() - t0
+        if not self.segmented.pass_counts["segment_layers"]["uniform_layers"]:
+            raise SpecEEError(
+                "the traced layer segments differ from each other; one compiled layer cannot "
+                "serve every layer (report this with the model's config)"
+            )
+        if self.device.type == "cuda":
+            from ..plugins.triton_exit_score import register_cuda_impl
+
+            register_cuda_impl()
+        self._compiles: dict[str, int] = {}
+        self._compile_s: dict[str, float] = {}
+        seg = self.segmented
+        self._layer_c = self._compile("layer", seg.layers[0])
+        self._head_c = self._compile("head", seg.head)
+        self._exit_c = self._compile("exit", seg.exit_point) if seg.exit_point is not None else None
+        self._keys: dict[int, torch.Tensor] = {}  # S -> [S] tensor whose length carries S
+        use_graphs = settings.cuda_graphs and self.device.type == "cuda"
+        self._graphs = _CudaGraphs(self.device) if use_graphs else None
+        self._graph_rows = 1 + settings.max_pending  # decode-sized calls get CUDA graphs
+
+    # ---- compilation ----
+    def _compile(self, name: str, gm: torch.fx.GraphModule):
+        from torch._inductor.compile_fx import compile_fx
+
+        def backend(graph, example_inputs):
+            t0 = time.perf_counter()
+            out = compile_fx(graph, example_inputs)
+            self._compiles[name] = self._compiles.get(name, 0) + 1
+            self._compile_s[name] = self._compile_s.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False)
+
+    def compile_stats(self) -> dict:
+        """Compiles per segment and seconds spent in Inductor (dynamo tracing not included)."""
+        return {
+            "capture_s": self.capture_s,
+            "compiles": dict(self._compiles),
+            "compile_s": {k: round(v, 3) for k, v in self._compile_s.items()},
+            "cuda_graphs": len(self._graphs.entries) if self._graphs is not None else 0,
+        }
+
+    def _keys_for(self, S: int) -> torch.Tensor:
+        t = self._keys.get(S)
+        if t is None:
+            t = self._keys[S] = torch.empty(S, dtype=torch.int8, device=self.device)
+        return t
+
+    def _call(self, key, fn, args, per_call: tuple[int, ...], dyn: tuple[tuple[int, int], ...], rows: int):
+        """Run a compiled segment. per_call: indices of inputs that change every call (copied into a
+        CUDA graph's static buffers); dyn: (input, dim) pairs marked dynamic (q, S)."""
+        # per-call inputs get canonical strides: the runtime passes row views (h[:, j:j+1]) whose
+        # strides differ from call to call, and dynamo would recompile on each new stride
+        args = list(args)
+        for j in per_call:
+            args[j] = _contiguous(args[j])
+        for j, dim in dyn:
+            torch._dynamo.maybe_mark_dynamic(args[j], dim)
+        with torch.no_grad():
+            if self._graphs is None or rows > self._graph_rows:
+                return fn(*args)
+            return self._graphs.run(key, fn, args, per_call, dyn)
+
+    # ---- the segment calls the runtime makes ----
+    def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+        # h [1, q, D], pos [q] -> h [1, q, D]; writes layer i's K/V and validity at pos
+        c = self.cache
+        args = self.segmented.layer_args(
+            self.weights, i, h, pos, self._keys_for(S), c.valid[i], c.k[i], c.v[i]
+        )
+        q = h.shape[1]
+        return self._call(("layer", i, q, S), self._layer_c, args, (0, 1), ((0, 1), (1, 0), (2, 0)), q)
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # h [1, q, D] -> (hn [1, q, D], logits [1, q, V])
+        q = h.shape[1]
+        return self._call(
+            ("head", q), self._head_c, (h, self.weights.norm, self.weights.head), (0,), ((0, 1),), q
+        )
+
+    def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor):
+        # h [1, 1, D]; rows [k, D]; p_prev [k] -> (score [1], z [k], p [k]) float32
+        P = self.predictors
+        args = (h, self.weights.norm, rows, p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i])
+        return self._call(("exit", i, rows.shape[0]), self._exit_c, args, (0, 2, 3), (), 1)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    expected, acc = [], 1
+    for size in reversed(t.shape):
+        expected.append(acc)
+        acc *= size
+    if tuple(reversed(expected)) == t.stride():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class _CudaGraphs:
+    """One CUDA graph per key over static copies of the per-call inputs (see module docstring)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.entries: dict = {}
+
+    def run(self, key, fn, args, per_call, dyn):
+        entry = self.entries.get(key)
+        if entry is None:  # first call of this key: plain run (compiles, warms up cuBLAS/allocator)
+            self.entries[key] = "warm"
+            return fn(*args)
+        if entry == "warm":
+            static = list(args)
+            for j in per_call:
+                static[j] = args[j].clone()
+            for j, dim in dyn:  # same dynamo markings as the warm call, so capture hits its compile
+                torch._dynamo.maybe_mark_dynamic(static[j], dim)
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*static)
+            entry = self.entries[key] = (graph, static, out)
+        graph, static, out = entry
+        for j in per_call:
+            static[j].copy_(args[j])
+        graph.replay()
+        if isinstance(out, tuple):
+            return tuple(o.clone() for o in out)
+        return out.clone()
