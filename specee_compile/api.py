@@ -87,7 +87,8 @@ def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
     th = bank.thresholds.tolist()
     return SpecEEProgram(
         num_layers=num_layers,
-        exit_points=[ExitPoint(layer, float(th[layer])) for layer in bank.layers],
+        # a threshold of 1.0 marks a layer whose predictor never reached the target precision
+        exit_points=[ExitPoint(layer, float(th[layer])) for layer in bank.layers if th[layer] < 1.0],
         predictors=Predictors(bank.W1, bank.b1, bank.W2, bank.b2[:, None], list(bank.layers)),
         offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
         num_candidates=bank.k,

@@ -51,6 +51,7 @@ def atomic_directory(target: str | os.PathLike):
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         yield tmp
     except BaseException:
