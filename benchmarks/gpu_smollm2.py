@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
     loaded = load_model(args.model)  # fp32 on the host: the fingerprint the artifacts were made for
     load_s = time.time() - t0
     prompts = [encode_prompt(loaded.tokenizer, p) for p in json.load(open(args.prompts))[: args.n]]
-    base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new,
+    base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new,
                 artifacts=args.artifacts)
     decs, shared = {}, None
     t0 = time.time()
@@ -65,7 +66,7 @@ def main() -> None:
     for ids in prompts:
         for name, dec in decs.items():
             recs[name].append(dec.generate(ids))
-    out = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": loaded.name,
+    out = {"card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "model": loaded.name,
            "fingerprint": loaded.fingerprint, "dtype": args.dtype, "prompts": len(prompts), "new_tokens": args.new,
            "load_s": round(load_s, 1), "compile_and_capture_s": round(compile_s, 1),
            "inductor_equals_eager_paper_tokens": parity,
