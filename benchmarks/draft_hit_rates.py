@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specee_compile.draft import EagleDraft, EagleSource, NgramDraft, ShallowDraft
+from specee_compile.draft import EagleDraft, EagleSource, NgramAssist, NgramDraft, ShallowDraft
 
 DEFAULT_DRAFT = ROOT / "specee_compile" / "shipped" / "smollm2-135m"
 
@@ -105,6 +105,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--draft", default=str(DEFAULT_DRAFT), help="dir with draft.safetensors + draft_config.json")
+    ap.add_argument("--compare-draft", default=None,
+                    help="a second draft dir, reported as 'eagle[NAME]' rows (NAME = its folder name)")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--stride", type=int, default=4, help="take every STRIDE-th MT-Bench question")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -129,9 +131,15 @@ def main(argv=None) -> dict:
     vocab = draft.vocab_ids
     sources = {
         "eagle": lambda: EagleSource(draft, k=args.k),
-        "ngram": lambda: NgramDraft(k=args.k, fallback_ids=vocab[: 4 * args.k]),
-        "shallow": lambda: ShallowDraft(hf, k=args.k, vocab_ids=vocab),
+        "eagle+ngram-assist": lambda: NgramAssist(EagleSource(draft, k=args.k)),
     }
+    if args.compare_draft:
+        other = EagleDraft.load(args.compare_draft, hf)
+        name = Path(args.compare_draft).name
+        sources[f"eagle[{name}]"] = lambda: EagleSource(other, k=args.k)
+        sources[f"eagle[{name}]+ngram-assist"] = lambda: NgramAssist(EagleSource(other, k=args.k))
+    sources["ngram"] = lambda: NgramDraft(k=args.k, fallback_ids=vocab[: 4 * args.k])
+    sources["shallow"] = lambda: ShallowDraft(hf, k=args.k, vocab_ids=vocab)
     vocab_set = set(vocab.tolist())
 
     stats = {(s, m): [0, 0, 0, 0.0] for s in sources for m in ("final", "middle")}
@@ -175,6 +183,7 @@ def main(argv=None) -> dict:
         "model": lm.name,
         "fingerprint": lm.fingerprint,
         "draft": str(args.draft),
+        "compare_draft": args.compare_draft,
         "draft_num_vocab_ids": int(vocab.numel()),
         "draft_train": {k: v for k, v in draft_cfg.get("train", {}).items() if k != "loss_curve"},
         "prompts": len(prompts),

@@ -84,12 +84,19 @@ def load_program(directory, loaded, settings: Settings):
 
 
 def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
+    import torch
+
     th = bank.thresholds.tolist()
+    pad = num_layers - bank.W1.shape[0]  # the bank has no slot for the last layer; the program has one per layer
+
+    def rows(t):
+        return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad > 0 else t
+
     return SpecEEProgram(
         num_layers=num_layers,
         # a threshold of 1.0 marks a layer whose predictor never reached the target precision
         exit_points=[ExitPoint(layer, float(th[layer])) for layer in bank.layers if th[layer] < 1.0],
-        predictors=Predictors(bank.W1, bank.b1, bank.W2, bank.b2[:, None], list(bank.layers)),
+        predictors=Predictors(rows(bank.W1), rows(bank.b1), rows(bank.W2), rows(bank.b2[:, None]), list(bank.layers)),
         offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
         num_candidates=bank.k,
         draft_kind=manifest.get("draft", {}).get("source", "eagle"),

