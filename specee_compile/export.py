@@ -47,7 +47,9 @@ def export_command(model_name: str, output: str | None = None, *, backend: str =
     with atomic_directory(out) as tmp:
         print(f"exporting {loaded.name} to {out} ...", file=sys.stderr)
         info = export_onnx(loaded.model, program, tmp, settings, draft=getattr(draft, "draft", None),
-                           trt_exit_plugin=trt_plugin)
+                           trt_exit_plugin=trt_plugin,
+                           # TensorRT parses If nesting only to depth 24 and builds deep nests slowly
+                           structure="flat" if backend == "tensorrt" else "nested")
         if source is not None:
             for name in ("predictors.safetensors", "predictors_config.json", "draft.safetensors", "draft_config.json"):
                 if (source / name).exists():

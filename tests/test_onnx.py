@@ -1,0 +1,315 @@
+"""ONNX export + ONNX Runtime runner against the eager backend, token for token.
+
+One tiny random Llama (6 layers, vocabulary 32 so that k = 4 candidates catch the exit-layer argmax
+often enough for exits to happen) is exported once per session: prefill, the conditional decode step
+with an exit after every layer but the last, and a random-weight EAGLE draft.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specee_compile.backends import make_segments
+from specee_compile.backends.onnx_export import (
+    DECODE_OUTPUTS,
+    count_if_nodes,
+    decode_inputs,
+    export_onnx,
+    make_row_layer_fn,
+)
+from specee_compile.backends.onnx_runner import OnnxDecoder, OnnxEagleSource, make_session
+from specee_compile.config import Settings
+from specee_compile.draft import EagleDraft, EagleSource, NgramDraft
+from specee_compile.errors import SpecEEError
+from specee_compile.model_step import extract_weights, make_layer_fn
+from specee_compile.predictors.schedule import OnlineScheduler
+from specee_compile.program import ExitPoint, Predictors, SpecEEProgram
+from specee_compile.runtime.decoder import Decoder
+
+L, V, K = 6, 32, 4
+CFG = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": L,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+PROMPTS = [[1, 2, 3, 4, 5], [7, 7, 8, 9, 7, 7, 8], [30, 2, 17]]
+
+
+def tiny_model(seed=0, **over):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**CFG, **over})).eval()
+
+
+def random_program(seed=0, hm=16, k=K):
+    g = torch.Generator().manual_seed(seed)
+    exits = list(range(L - 1))
+    return SpecEEProgram(
+        num_layers=L,
+        exit_points=[ExitPoint(i, 0.3 + 0.1 * i) for i in exits],  # per-layer thresholds (threshold=None)
+        predictors=Predictors(torch.randn(L, hm, 3 * k, generator=g), torch.randn(L, hm, generator=g),
+                              torch.randn(L, hm, generator=g) * 0.5, torch.randn(L, 1, generator=g), exits),
+        offline_layers=[1, 3],
+        num_candidates=k,
+        draft_kind="eagle" if k == K else "ngram",
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_model()
+    torch.manual_seed(1)
+    draft = EagleDraft(model)
+    with torch.no_grad():  # a random draft of the default init proposes near-constant tokens; spread it
+        for p in draft.parameters():
+            p.normal_(0, 0.2)
+    prog = random_program()
+    out = tmp_path_factory.mktemp("onnx")
+    t0 = time.perf_counter()
+    info = export_onnx(model, prog, out, Settings(max_context=128), draft=draft, progress=True)
+    info["export_s"] = time.perf_counter() - t0
+    return model, prog, draft, out, info
+
+
+@pytest.fixture(scope="module", params=["nested", "flat"])
+def exported_all(request, tmp_path_factory):
+    """The same model with k = V candidates (the whole vocabulary): the paper's check always passes, so
+    an exit happens exactly where a predictor proposes one (scripted exits, skipped branches). Both
+    graph structures (nested Ifs; flat sequence of If(alive) for TensorRT)."""
+    model = tiny_model()
+    prog = random_program(k=V)
+    out = tmp_path_factory.mktemp(f"onnx_all_{request.param}")
+    info = export_onnx(model, prog, out, Settings(max_context=128), progress=False, graphs=("prefill", "decode_step"),
+                       structure=request.param)
+    assert count_if_nodes(out / "decode_step.onnx") == 2 * len(prog.exit_points)
+    assert info["graphs"]["decode_step.onnx"]["structure"] == request.param
+    return model, prog, out
+
+
+class AllCandidates:
+    """Candidate source proposing the whole (tiny) vocabulary."""
+
+    k = V
+
+    def reset(self, prompt_ids, prompt_hidden):
+        pass
+
+    def propose(self):
+        return torch.arange(V)
+
+    def observe(self, token, hidden, layer):
+        pass
+
+    def truncate(self, length):
+        pass
+
+
+def eager_run(model, prog, settings, draft, ids, scheduler=None):
+    seg = make_segments(model, settings, prog)
+    return Decoder(seg, settings, program=prog, draft=draft, scheduler=scheduler).generate(ids), seg
+
+
+# ------------------------------------------------------------------------------------- structure
+def test_files_and_if_nodes(exported):
+    _, prog, _, out, info = exported
+    assert set(info["files"]) == {"weights.bin", "prefill.onnx", "decode_step.onnx", "draft.onnx"}
+    assert info["draft_runtime"] == "onnx"
+    n_exits = len(prog.exit_points)
+    # one verification If + one exit If per exit point; the exit Ifs are nested in each other's else
+    assert count_if_nodes(out / "decode_step.onnx") == 2 * n_exits == info["graphs"]["decode_step.onnx"]["if_nodes"]
+    assert count_if_nodes(out / "prefill.onnx") == 0
+    sess = make_session(out / "decode_step.onnx")
+    assert [i.name for i in sess.get_inputs()] == decode_inputs(L)
+    assert [o.name for o in sess.get_outputs()] == DECODE_OUTPUTS
+    assert sess.get_inputs()[2].shape == [2, "T", 16]  # k_cache_0: dynamic cache length
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["exit_layers"]) == list(range(L - 1))
+
+
+def test_row_layer_matches_model_step_layer():
+    """The export's cache-free layer computes what `model_step.make_layer_fn` computes."""
+    model = tiny_model(seed=3)
+    w = extract_weights(model, 64)
+    spec = w.spec
+    ref_layer, row_layer = make_layer_fn(spec), make_row_layer_fn(spec)
+    k = torch.randn(spec.num_kv_heads, 64, spec.head_dim)
+    v = torch.randn_like(k)
+    valid = torch.rand(64) > 0.3
+    pos = torch.tensor([20])
+    h = torch.randn(1, 1, spec.hidden)
+    lw = w.layers[2].as_tuple()
+    kc, vc, vm = k.clone(), v.clone(), valid.clone()
+    ref = ref_layer(h, pos, vm, w.cos, w.sin, kc, vc, 64, *lw)
+    ok = (valid & (torch.arange(64) < 20))[None]
+    got, kr, vr = row_layer(h, pos, w.cos[pos], w.sin[pos], k, v, ok, *lw)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kr[:, 0], kc[:, 20])
+    torch.testing.assert_close(vr[:, 0], vc[:, 20])
+
+
+# ------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("threshold", [0.3, 0.85, None])  # None: each exit point's own threshold
+def test_eagle_parity_real_predictors(exported, threshold):
+    model, prog, draft, out, _ = exported
+    s = Settings(max_new_tokens=24, max_context=128, specee=True, use_schedule=False, threshold=threshold)
+    exits = 0
+    for ids in PROMPTS:
+        ref, _ = eager_run(model, prog, s, EagleSource(draft, K), ids)
+        got = OnnxDecoder(out, s, prog).generate(ids)  # draft.onnx from the directory
+        assert got.token_ids == ref.token_ids, ids
+        assert got.exit_layers == ref.exit_layers
+        assert (got.predictor_calls, got.head_calls, got.layer_passes, got.layer_rows) == (
+            ref.predictor_calls, ref.head_calls, ref.layer_passes, ref.layer_rows)
+        exits += sum(e < L - 1 for e in got.exit_layers)
+    if threshold is None or threshold < 0.8:
+        assert exits > 0, "the test should exercise exits"
+
+
+def test_ngram_and_schedule_parity(exported):
+    model, prog, _, out, _ = exported
+    s = Settings(max_new_tokens=30, max_context=128, specee=True, threshold=0.4, min_exit_layer=1)
+    total_exits = 0
+    for ids in PROMPTS:
+        mk = lambda: OnlineScheduler.from_settings(s, prog.offline_layers, prog.predictors.layers)
+        ref, _ = eager_run(model, prog, s, NgramDraft(k=K), ids, scheduler=mk())
+        got = OnnxDecoder(out, s, prog, draft=NgramDraft(k=K), scheduler=mk()).generate(ids)
+        assert got.token_ids == ref.token_ids
+        assert got.exit_layers == ref.exit_layers
+        assert got.predictor_calls == ref.predictor_calls
+        assert 0 not in got.exit_layers  # min_exit_layer=1
+        total_exits += sum(e < L - 1 for e in got.exit_layers)
+    assert total_exits > 0
+
+
+def test_dense_parity(exported):
+    model, _, _, out, _ = exported
+    s = Settings(max_new_tokens=20, max_context=128)
+    for ids in PROMPTS + [[4]]:  # P = 1 exercises the dynamic prompt axis at its minimum
+        ref = Decoder(make_segments(model, s), s).generate(ids)
+        got = OnnxDecoder(out, s).generate(ids)
+        assert got.token_ids == ref.token_ids
+        assert got.avg_layers == L
+
+
+def test_onnx_draft_matches_torch_draft(exported):
+    _, _, draft, out, _ = exported
+    a, b = EagleSource(draft, K), OnnxEagleSource(make_session(out / "draft.onnx"), K)
+    rng = random.Random(0)
+    ids = [3, 4, 5, 6]
+    hid = torch.randn(4, 64)
+    a.reset(ids, hid)
+    b.reset(ids, hid)
+    for step in range(12):
+        assert a.propose().tolist() == b.propose().tolist(), step
+        tok, h = rng.randrange(V), torch.randn(64)
+        a.observe(tok, h, 3)
+        b.observe(tok, h, 3)
+        if step == 6:  # a rollback: truncate, then the runtime re-observes the last position
+            a.truncate(7)
+            b.truncate(7)
+            a.observe(5, h, 3)
+            b.observe(5, h, 3)
+
+
+class _Scripted:
+    """Exit proposals from a script: step -> the one layer whose predictor runs (threshold 0, so it
+    proposes there); the paper's argmax-in-candidates check still decides."""
+
+    def __init__(self, plan):
+        self.plan, self.step = plan, 0
+
+    def active(self):
+        want = self.plan.get(self.step)
+        self.step += 1
+        return set() if want is None else {want}
+
+
+def test_scripted_exits_kv_contract(exported_all):
+    """Exits at hand-picked layers: tokens, exit layers, validity masks and K/V equal the eager run."""
+    model, prog, out = exported_all
+    s = Settings(max_new_tokens=20, max_context=128, specee=True, use_schedule=False, threshold=0.0)
+    rng = random.Random(5)
+    plan = {st: rng.choice([None, 0, 1, 2, 3, 4]) for st in range(40)}
+    a, b = _Scripted(plan), _Scripted(plan)
+
+    class EagerScripted(Decoder):
+        def _active_layers(self):
+            return a.active()
+
+    class OnnxScripted(OnnxDecoder):
+        def _active_mask(self):
+            m = np.zeros(self.L, dtype=bool)
+            m[list(b.active())] = True
+            return m
+
+    ids = [9, 8, 7, 6]
+    seg = make_segments(model, s, prog)
+    ref = EagerScripted(seg, s, program=prog, draft=AllCandidates()).generate(ids)
+    dec = OnnxScripted(out, s, prog, draft=AllCandidates())
+    got = dec.generate(ids)
+    want = [L - 1] + [L - 1 if plan[st] is None else plan[st] for st in range(len(got.token_ids) - 1)]
+    assert got.exit_layers == ref.exit_layers == want
+    assert got.token_ids == ref.token_ids
+    n = len(ids) + len(got.token_ids) - 1  # the last token is never fed back
+    valid = torch.from_numpy(dec.valid[:, :n])
+    assert torch.equal(valid, seg.cache.valid[:, :n])
+    for layer in range(L):  # skip policy: layer l holds K/V exactly where the step reached it
+        cols = valid[layer].nonzero().flatten()
+        torch.testing.assert_close(torch.from_numpy(dec.k_cache[layer][:, cols]), seg.cache.k[layer][:, cols],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(dec.v_cache[layer][:, cols]), seg.cache.v[layer][:, cols],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_modes_say_where_to_go(exported):
+    *_, out, _ = exported
+    s = Settings(specee=True, kv_policy="backfill")
+    with pytest.raises(SpecEEError, match="eager or inductor"):
+        OnnxDecoder(out, s)
+    with pytest.raises(SpecEEError, match="eager or inductor"):
+        OnnxDecoder(out, Settings(specee=True, mode="lossless", kv_policy="backfill"))
+
+
+# ------------------------------------------------------------------------------------- skipped branch
+def _step_inputs(active, T=64, k=V, thr=0.0):
+    Hkv, hd = 2, 16
+    rng = np.random.default_rng(0)
+    kc = rng.standard_normal((L, Hkv, T, hd)).astype(np.float32)
+    valid = np.zeros((L, T), bool)
+    valid[:, :10] = True
+    kv = {f"k_cache_{i}": kc[i] for i in range(L)} | {f"v_cache_{i}": kc[i].copy() for i in range(L)}
+    return {"token": np.array([5]), "position": np.array([10]), **kv, "valid": valid,
+            "candidates": np.arange(k, dtype=np.int64), "active": active, "thresholds": np.full(L, thr, np.float32)}
+
+
+def _profiled_nodes(path, x, prefix):
+    sess = make_session(path, threads=1, profile_prefix=prefix)
+    res = sess.run(None, x)
+    prof = json.loads(Path(sess.end_profiling()).read_text())
+    return res, [ev["args"]["op_name"] for ev in prof if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time")]
+
+
+def test_skipped_branch_is_not_executed(exported_all, tmp_path):
+    """A step that exits after layer 0 runs far fewer kernels than a full-depth one: ORT executes only the
+    taken branch. (The time per step is a benchmark, not a test: see the report / benchmarks.)"""
+    *_, out = exported_all
+    path = out / "decode_step.onnx"
+    first = np.zeros(L, bool)
+    first[0] = True
+    x_exit, x_full = _step_inputs(first), _step_inputs(np.zeros(L, bool))
+    (_, e_exit, *_), ops_exit = _profiled_nodes(path, x_exit, str(tmp_path / "exit"))
+    (_, e_full, *_), ops_full = _profiled_nodes(path, x_full, str(tmp_path / "full"))
+    assert int(e_exit[0]) == 0 and int(e_full[0]) == L - 1
+    mm = lambda ops: sum(op in ("MatMul", "FusedMatMul", "Gemm") for op in ops)
+    # exit: 1 layer + 5 predictor blocks' worth of nothing + one head; full: 6 layers + 5 predictors + head
+    assert mm(ops_exit) * 3 < mm(ops_full), (mm(ops_exit), mm(ops_full))
+    assert len(ops_exit) * 2 < len(ops_full), (len(ops_exit), len(ops_full))
