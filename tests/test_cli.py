@@ -1,0 +1,56 @@
+"""The CLI: one clear line and exit code 2 on bad input, no traceback; stats JSON on success."""
+
+from __future__ import annotations
+
+import json
+
+from specee_compile.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_models_lists_the_zoo(capsys):
+    rc, out, _ = run(capsys, "models")
+    assert rc == 0 and "smollm2-135m" in out and "meta-llama/Llama-2-7b-chat-hf" in out
+
+
+def test_unknown_model(capsys):
+    rc, _, err = run(capsys, "generate", "no-such-model", "hi")
+    assert rc == 2 and "unknown model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_path(capsys, tmp_path):
+    rc, _, err = run(capsys, "generate", str(tmp_path / "missing" / "dir"), "hi")
+    assert rc == 2 and "no such file or directory" in err
+
+
+def test_wrong_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    rc, _, err = run(capsys, "generate", str(tmp_path), "hi")
+    assert rc == 2 and "GPT2LMHeadModel" in err
+
+
+def test_empty_prompt_and_too_long_context(capsys, tiny_model_dir):
+    rc, _, err = run(capsys, "generate", str(tiny_model_dir), "   ")
+    assert rc == 2 and "prompt is empty" in err
+    rc, _, err = run(capsys, "generate", str(tiny_model_dir), "x" * 200, "--max-context", "64")
+    assert rc == 2 and "exceeds the context of 64" in err
+
+
+def test_generate_writes_stats(capsys, tiny_model_dir, tmp_path):
+    stats = tmp_path / "s.json"
+    rc, out, err = run(capsys, "generate", str(tiny_model_dir), "hello", "--max-new-tokens", "5",
+                       "--stats-json", str(stats), "--max-context", "64")
+    assert rc == 0 and "tok/s" in err
+    data = json.loads(stats.read_text())
+    assert len(data["token_ids"]) <= 5 and data["num_layers"] == 4 and data["avg_layers"] == 4.0
+    assert data["tokens_per_s"] > 0
+
+
+def test_specee_without_artifacts_says_what_to_do(capsys, tiny_model_dir):
+    rc, _, err = run(capsys, "generate", str(tiny_model_dir), "hello", "--specee", "--max-context", "64")
+    assert rc == 2 and "specee-compile train" in err
