@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import MANIFEST, atomic_directory, check_fingerprint, read_manifest, shipped_dir, write_manifest
+from .artifacts import (
+    MANIFEST,
+    atomic_directory,
+    check_fingerprint,
+    read_manifest,
+    shipped_dir,
+    write_manifest,
+)
 from .backends import make_segments
 from .config import Settings
 from .errors import ArtifactError, InputError

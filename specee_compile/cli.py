@@ -85,7 +85,7 @@ def cmd_generate(args) -> int:
     if settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
         from .backends.onnx_runner import generate_from_artifact
 
-        res, text = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
+        res, _ = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
     else:
         loaded = load_model(args.model, dtype=torch_dtype(settings.dtype), device=settings.device)
         if args.dump_graphs:
@@ -256,4 +256,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODES = ("approximate", "lossless")
 KV_POLICIES = ("skip", "backfill")
@@ -100,7 +100,7 @@ class Settings:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.online_offsets = tuple(self.online_offsets)
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
@@ -115,4 +115,4 @@ def torch_dtype(name: str):
         raise SpecEEError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
 
 
-__all__ = ["Settings", "torch_dtype", "field"]
+__all__ = ["Settings", "torch_dtype"]
