@@ -157,6 +157,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def make_layer_parts(spec: StepSpec):
+    """The parts of a decoder layer around attention, shared by every attention formulation
+    (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
+
+    qkv(h [1,q,D], ln1, wqkv, bqkv) -> q [H,q,hd], k, v [Hkv,q,hd]
+    rope(q, k, c, s [q,hd]) -> q, k with rotary embedding applied
+    out_mlp(h [1,q,D], a [1,q,H hd], wo, ln2, wgu, wd) -> h [1,q,D] (o-proj residual + MLP residual)
+    """
+    H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+
+    def qkv(h, ln1, wqkv, bqkv):
+        q_rows = h.shape[1]
+        qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
+        k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
+        v = v.view(q_rows, Hkv, hd).transpose(0, 1)
+        return q, k, v
+
+    def rope(q, k, c, s):
+        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+    def out_mlp(h, a, wo, ln2, wgu, wd):
+        h = h + F.linear(a, wo)
+        g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+        return h + F.linear(F.silu(g) * u, wd)
+
+    return qkv, rope, out_mlp
+
+
 def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
@@ -165,20 +195,14 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
     """
-    H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+    H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
+    qkv, rope, out_mlp = make_layer_parts(spec)
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
         q_rows = h.shape[1]
-        x = rms_norm(h, ln1, eps)
-        qkv = F.linear(x, wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
-        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
-        k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
-        v = v.view(q_rows, Hkv, hd).transpose(0, 1)
-        c, s = cos[pos], sin[pos]  # [q, hd]
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
+        q, k, v = qkv(h, ln1, wqkv, bqkv)
+        q, k = rope(q, k, cos[pos], sin[pos])
         k_cache.index_copy_(1, pos, k)
         v_cache.index_copy_(1, pos, v)
         valid.index_fill_(0, pos, True)
@@ -191,10 +215,7 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
         a = F.scaled_dot_product_attention(
             q[None], kk[None], vv[None], attn_mask=mask[None, None], enable_gqa=rep > 1 and native_gqa
         )
-        a = a[0].transpose(0, 1).reshape(1, q_rows, H * hd)
-        h = h + F.linear(a, wo)
-        g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-        return h + F.linear(F.silu(g) * u, wd)
+        return out_mlp(h, a[0].transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
 
     return layer
 

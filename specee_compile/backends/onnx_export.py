@@ -67,7 +67,15 @@ from torch import nn
 
 from ..config import Settings, torch_dtype
 from ..errors import BackendUnavailable, SpecEEError
-from ..model_step import ModelWeights, StepSpec, _rotate_half, extract_weights, make_head_fn, rms_norm
+from ..model_step import (
+    ModelWeights,
+    StepSpec,
+    _rotate_half,
+    extract_weights,
+    make_head_fn,
+    make_layer_parts,
+    rms_norm,
+)
 from ..ops import exit_score_reference
 from ..program import SpecEEProgram
 
@@ -109,20 +117,15 @@ def make_row_layer_fn(spec: StepSpec):
     past_ok [q, T] bool (cached positions each row may attend) or None; the q new rows attend
     causally among themselves (pos_j <= pos_i). Returns h [1, q, D], k_rows, v_rows [Hkv, q, hd].
     """
-    H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+    H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
     scale = hd**-0.5
+    qkv, rope, out_mlp = make_layer_parts(spec)
 
     def layer(h, pos, c, s, past_k, past_v, past_ok, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
         q_rows = h.shape[1]
-        x = rms_norm(h, ln1, eps)
-        qkv = F.linear(x, wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
-        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
-        k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
-        v = v.view(q_rows, Hkv, hd).transpose(0, 1)
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
+        q, k, v = qkv(h, ln1, wqkv, bqkv)
+        q, k = rope(q, k, c, s)
         # GQA without expanding the cache: query head j*rep + r reads kv head j
         qg = q.reshape(Hkv, rep * q_rows, hd) * scale  # [Hkv, rep q, hd]
         new_ok = pos[None, :] <= pos[:, None]  # [q, q]
@@ -138,9 +141,7 @@ def make_row_layer_fn(spec: StepSpec):
         if past_k is not None:
             a = a + torch.matmul(p[..., :-q_rows], past_v)
         a = a.reshape(H, q_rows, hd).transpose(0, 1).reshape(1, q_rows, H * hd)
-        h = h + F.linear(a, wo)
-        g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-        return h + F.linear(F.silu(g) * u, wd), k, v
+        return out_mlp(h, a, wo, ln2, wgu, wd), k, v
 
     return layer
 
