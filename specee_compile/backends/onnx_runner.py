@@ -30,9 +30,9 @@ import torch
 
 from ..config import Settings
 from ..draft.base import CandidateSource, check_truncate, fill_unique
-from ..errors import ArtifactError, BackendUnavailable, InputError, SpecEEError
+from ..errors import ArtifactError, BackendUnavailable, SpecEEError
 from ..program import SpecEEProgram
-from ..runtime.decoder import GenerationResult
+from ..runtime.decoder import GenerationResult, check_prompt
 from ..runtime.sampling import select_token
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -313,15 +313,7 @@ class OnnxDecoder:
 
     def generate(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> GenerationResult:
         s = self.s
-        if not prompt_ids:
-            raise InputError("the prompt is empty: pass some text to generate from")
-        need = len(prompt_ids) + s.max_new_tokens
-        if need > self.max_len:
-            raise InputError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({s.max_new_tokens}) = {need} exceeds the "
-                f"context of {self.max_len} tokens the graph was exported for; shorten the prompt, lower "
-                "--max-new-tokens, or re-export with a larger --max-context"
-            )
+        check_prompt(prompt_ids, s.max_new_tokens, self.max_len, "re-export with a larger --max-context")
         L = self.L
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=L, exit_layers=[])
         gen = torch.Generator().manual_seed(s.seed)

@@ -143,12 +143,12 @@ class FeatureDataset:
 # ---------------------------------------------------------------------------------------------
 def _hf(model):
     """Accept an HF LlamaForCausalLM or the package's LoadedModel (which has .model)."""
-    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-        return model
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "get_output_embeddings"):
-        return inner
-    raise SpecEEError(f"expected a Llama-family causal LM (or LoadedModel), got {type(model).__name__}")
+    from ..draft.base import unwrap_model
+
+    hf = unwrap_model(model)
+    if getattr(hf, "get_output_embeddings", lambda: None)() is None:
+        raise SpecEEError(f"expected a Llama-family causal LM (or LoadedModel), got {type(model).__name__}")
+    return hf
 
 
 def _parts(hf):

@@ -95,6 +95,18 @@ class GenerationResult:
         }
 
 
+def check_prompt(prompt_ids: list[int], max_new_tokens: int, max_len: int, remedy: str) -> None:
+    """Refuse an empty prompt, or one that with max_new_tokens does not fit the static cache."""
+    if not prompt_ids:
+        raise InputError("the prompt is empty: pass some text to generate from")
+    need = len(prompt_ids) + max_new_tokens
+    if need > max_len:
+        raise InputError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+            f"context of {max_len} tokens; shorten the prompt, lower --max-new-tokens, or {remedy}"
+        )
+
+
 @dataclass
 class _Row:
     pos: int  # sequence position of the row
@@ -148,14 +160,7 @@ class Decoder:
     def start(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> int:
         """Dense prefill of the prompt; returns the first generated token."""
         s, seg = self.s, self.seg
-        if not prompt_ids:
-            raise InputError("the prompt is empty: pass some text to generate from")
-        need = len(prompt_ids) + s.max_new_tokens
-        if need > seg.max_len:
-            raise InputError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({s.max_new_tokens}) = {need} exceeds the "
-                f"context of {seg.max_len} tokens; shorten the prompt, lower --max-new-tokens, or raise --max-context"
-            )
+        check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[])
