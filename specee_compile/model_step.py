@@ -157,19 +157,45 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_layer_parts(spec: StepSpec):
+def make_layer_parts(spec: StepSpec, fused_linear: bool = False):
     """The parts of a decoder layer around attention, shared by every attention formulation
     (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
 
     qkv(h [1,q,D], ln1, wqkv, bqkv) -> q [H,q,hd], k, v [Hkv,q,hd]
     rope(q, k, c, s [q,hd]) -> q, k with rotary embedding applied
     out_mlp(h [1,q,D], a [1,q,H hd], wo, ln2, wgu, wd) -> h [1,q,D] (o-proj residual + MLP residual)
+
+    fused_linear: write the four matmuls as `specee::fused_linear` ops (RMSNorm, SiLU*up and the
+    residual adds folded into the GEMV), which run as one Triton kernel each on CUDA
+    (`plugins/triton_gemv.py`); the same math otherwise. The CUDA Inductor path uses it.
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+    if fused_linear:
+        from . import ops  # noqa: F401  # defines torch.ops.specee.fused_linear
+
+        lin = torch.ops.specee.fused_linear
+
+        def normed_linear(x, ln, w, b):
+            y = lin(x, w, None, ln, eps, "rmsnorm")
+            return y if b is None else y + b
+
+        def out_mlp(h, a, wo, ln2, wgu, wd):
+            h = lin(a, wo, h)
+            return lin(lin(h, wgu, None, ln2, eps, "rmsnorm"), wd, h, None, 0.0, "silu_mul")
+
+    else:
+
+        def normed_linear(x, ln, w, b):
+            return F.linear(rms_norm(x, ln, eps), w, b)
+
+        def out_mlp(h, a, wo, ln2, wgu, wd):
+            h = h + F.linear(a, wo)
+            g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+            return h + F.linear(F.silu(g) * u, wd)
 
     def qkv(h, ln1, wqkv, bqkv):
         q_rows = h.shape[1]
-        qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
+        qkv = normed_linear(h, ln1, wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
         k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
@@ -179,25 +205,21 @@ def make_layer_parts(spec: StepSpec):
     def rope(q, k, c, s):
         return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
 
-    def out_mlp(h, a, wo, ln2, wgu, wd):
-        h = h + F.linear(a, wo)
-        g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-        return h + F.linear(F.silu(g) * u, wd)
-
     return qkv, rope, out_mlp
 
 
-def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
+def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: bool = False):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.
     `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
+    fused_linear: see `make_layer_parts`.
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
-    qkv, rope, out_mlp = make_layer_parts(spec)
+    qkv, rope, out_mlp = make_layer_parts(spec, fused_linear=fused_linear)
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
         q_rows = h.shape[1]
@@ -220,9 +242,18 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True):
     return layer
 
 
-def make_head_fn(spec: StepSpec):
-    """Return `head(h, norm_w, head_w) -> (hn, logits)`: final norm and full LM head."""
+def make_head_fn(spec: StepSpec, fused_linear: bool = False):
+    """Return `head(h, norm_w, head_w) -> (hn, logits)`: final norm and full LM head.
+    fused_linear: the LM head as one `specee::fused_linear` GEMV with the norm folded in."""
     eps = spec.eps
+
+    if fused_linear:
+        from . import ops  # noqa: F401
+
+        def head(h, norm_w, head_w):
+            return rms_norm(h, norm_w, eps), torch.ops.specee.fused_linear(h, head_w, None, norm_w, eps, "rmsnorm")
+
+        return head
 
     def head(h, norm_w, head_w):
         hn = rms_norm(h, norm_w, eps)

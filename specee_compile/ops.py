@@ -50,3 +50,40 @@ def _(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps):
     k = rows.shape[0]
     f32 = torch.float32
     return h.new_empty(1, dtype=f32), h.new_empty(k, dtype=f32), h.new_empty(k, dtype=f32)
+
+
+# ------------------------------------------------------------------------------------ fused_linear
+FUSED_PROLOGUES = ("none", "rmsnorm", "silu_mul")
+
+
+def fused_linear_reference(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
+    """The eager math `model_step` writes out: prologue(x) @ w.T (+ res)."""
+    if prologue == "rmsnorm":
+        x = rms_norm(x, norm_w, eps)
+    elif prologue == "silu_mul":
+        g, u = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(g) * u
+    elif prologue != "none":
+        raise ValueError(f"fused_linear: prologue {prologue!r} is not one of {FUSED_PROLOGUES}")
+    y = torch.nn.functional.linear(x, w)
+    return y if res is None else res + y
+
+
+@torch.library.custom_op("specee::fused_linear", mutates_args=())
+def fused_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    res: torch.Tensor | None = None,
+    norm_w: torch.Tensor | None = None,
+    eps: float = 0.0,
+    prologue: str = "none",
+) -> torch.Tensor:
+    """prologue(x) @ w.T (+ res), one weight-streaming kernel on CUDA (`plugins/triton_gemv.py`).
+
+    x [1, q, K] (or [1, q, 2K] for silu_mul: the fused gate|up output); w [N, K]; res [1, q, N]."""
+    return fused_linear_reference(x, w, res, norm_w, eps, prologue).clone()
+
+
+@fused_linear.register_fake
+def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none"):
+    return x.new_empty(*x.shape[:-1], w.shape[0])

@@ -7,7 +7,10 @@ Variants (batch 1, greedy, static KV cache sized prompt + new tokens, median of 
                       (fullgraph) + the head, the whole decode step (embed, 32 layers, head, argmax, token
                       feedback) captured as ONE CUDA graph; no host sync per token. mode = cublas (Inductor
                       default: GEMVs are cuBLAS extern calls) | cdt (coordinate-descent tuning: Inductor
-                      turns the M=1 GEMVs into fused Triton reductions, norm/SiLU/residual fused in).
+                      turns the M=1 GEMVs into fused Triton reductions, norm/SiLU/residual fused in) |
+                      fused (cdt + the four layer GEMVs and the LM head as `specee::fused_linear`, our
+                      autotuned Triton GEMV with norm / SiLU*up / residual folded in: what the runtime's
+                      Inductor backend compiles on CUDA).
   dense_seg_sync1     one CUDA graph per layer replayed from the host + one token read per step (what the
                       backend-agnostic runtime does).
   specee_sync[trace]  per-layer graphs; after each active layer the fused Triton exit kernel runs (its
@@ -159,8 +162,13 @@ def _fresh(fn, tag: str):
 def compile_fns(spec, mode: str):
     from ..model_step import make_head_fn, make_layer_fn
 
-    layer = _fresh(make_layer_fn(spec), mode)
-    head = make_head_fn(spec)
+    fused = mode == "fused"
+    if fused and torch.cuda.is_available():
+        from ..plugins.triton_gemv import register_cuda_impl
+
+        register_cuda_impl()
+    layer = _fresh(make_layer_fn(spec, fused_linear=fused), mode)
+    head = make_head_fn(spec, fused_linear=fused)
 
     def head_token(h, norm_w, head_w):
         _, logits = head(h, norm_w, head_w)
@@ -170,8 +178,8 @@ def compile_fns(spec, mode: str):
     if mode == "eager":
         return layer, head_token
     kw: dict = dict(fullgraph=True, dynamic=False)
-    if mode == "cdt":  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned per shape
-        kw["options"] = {"coordinate_descent_tuning": True}
+    if mode in ("cdt", "fused"):  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned
+        kw["options"] = {"coordinate_descent_tuning": True}  # per shape; fused: our GEMV kernel instead
     elif mode == "cdt2":  # + wider tuning search and aggressive fusion
         kw["options"] = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
                          "aggressive_fusion": True}
@@ -833,6 +841,47 @@ def kernel_check(dev) -> dict:
     return out
 
 
+GEMV_SHAPES = (  # name, N, K, prologue, residual (Llama-2-7B)
+    ("wqkv", 12288, 4096, "rmsnorm", False), ("wo", 4096, 4096, "none", True),
+    ("wgu", 22016, 4096, "rmsnorm", False), ("wd", 4096, 11008, "silu_mul", True),
+    ("head", 32000, 4096, "rmsnorm", False),
+)
+
+
+def gemv_check(dev, shapes=GEMV_SHAPES, copies: int = 6) -> dict:
+    """`specee::fused_linear` Triton GEMV vs the eager math (cuBLAS + separate norm / SiLU / add
+    kernels): error, and device time per call with the weight rotated over `copies` tensors (so
+    L2 does not hold it). Also triggers the autotuning of each shape outside any capture."""
+    from ..ops import fused_linear_reference
+    from ..plugins.triton_gemv import TUNED, register_cuda_impl, triton_fused_linear
+
+    out: dict = {"registered": register_cuda_impl()}
+    g = torch.Generator().manual_seed(7)
+    for name, n, k, pro, has_res in shapes:
+        kin = 2 * k if pro == "silu_mul" else k
+        ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
+        x = torch.randn(1, 1, kin, generator=g).half().to(dev)
+        nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
+        r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+        got = triton_fused_linear(x, ws[0], r, nw, 1e-5, pro)
+        ref = fused_linear_reference(x, ws[0], r, nw, 1e-5, pro)
+        exact = fused_linear_reference(x.float(), ws[0].float(), r.float() if has_res else None, nw.float(), 1e-5, pro)
+        it = iter(range(10**9))
+        t_tri = graph_time_us(lambda: triton_fused_linear(x, ws[next(it) % copies], r, nw, 1e-5, pro), reps=24)
+        t_ref = graph_time_us(lambda: fused_linear_reference(x, ws[next(it) % copies], r, nw, 1e-5, pro), reps=24)
+        mb = n * k * 2 / 1e6
+        out[name] = {
+            "max_abs_err_vs_cublas": float((got.float() - ref.float()).abs().max()),
+            "rel_err_vs_fp32": float((got.float() - exact).norm() / exact.norm()),
+            "cublas_rel_err_vs_fp32": float((ref.float() - exact).norm() / exact.norm()),
+            "triton_us": t_tri, "triton_TBps": round(mb / t_tri, 3),
+            "eager_us": t_ref, "eager_TBps": round(mb / t_ref, 3),
+            "config": TUNED.get((n, k, pro)),
+        }
+        del ws
+    return out
+
+
 def small_model_check(dev, dt, mode) -> dict:
     """Our compiled whole-step graph vs HF greedy generate on a small random Llama (same process)."""
     from ..backends.base import Segments
@@ -943,6 +992,13 @@ def run_bench(args) -> dict:
         except Exception as ex:  # noqa: BLE001
             res["checks"]["triton_exit_kernel"] = {"error": repr(ex)[:2000]}
         log(res["checks"]["triton_exit_kernel"])
+    if dev.type == "cuda" and "fused" in args.modes.split(","):
+        log("== fused GEMV check")
+        try:
+            res["checks"]["triton_gemv"] = gemv_check(dev)
+        except Exception as ex:  # noqa: BLE001
+            res["checks"]["triton_gemv"] = {"error": repr(ex)[:2000]}
+        log(res["checks"]["triton_gemv"])
     if not args.skip_small_check:
         log("== small model check")
         try:
@@ -1317,6 +1373,12 @@ def run_bench(args) -> dict:
             m = R_[f"trace_{k}"]["mean_layers"]
             R_[f"trace_{k}"]["floor_tok_s"] = round(bw / (layer_b * m / L + head_b), 1)
         R_["dense_bw_efficiency"] = round(R_["dense_compiled_tok_s"] / R_["dense_floor_tok_s"], 3)
+    try:
+        from ..plugins.triton_gemv import TUNED
+
+        res["gemv_configs"] = {f"{n}x{k}:{p}": c for (n, k, p), c in TUNED.items()}
+    except ImportError:
+        pass
     res["elapsed_s"] = round(time.time() - t_start, 1)
     save()
     print_table(res)
@@ -1362,7 +1424,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant (after one warm-up)")
     p.add_argument("--hf-runs", type=int, default=3)
-    p.add_argument("--modes", default="cublas,cdt", help="compile modes: cublas,cdt,eager")
+    p.add_argument("--modes", default="cublas,cdt", help="compile modes: cublas,cdt,fused,eager")
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
     p.add_argument("--smollm2-trace", default="benchmarks/results/smollm2_exit_trace.json")
     p.add_argument("--attn", default="bucket", choices=["bucket", "full"],
