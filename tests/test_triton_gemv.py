@@ -80,7 +80,7 @@ _INTERP = textwrap.dedent(
     """
     import torch, triton
     from specee_compile.ops import fused_linear_reference as ref
-    from specee_compile.plugins.triton_gemv import PROLOGUES, _gemv_kernel
+    from specee_compile.plugins.triton_gemv import PROLOGUES, _gemv_kernel, _workspace
     kern = _gemv_kernel
     torch.manual_seed(0)
     for dt in (torch.float16, torch.float32):  # the interpreter's own bf16 rounding is not RTNE
@@ -90,14 +90,17 @@ _INTERP = textwrap.dedent(
             w = (torch.randn(n, k) * 0.1).to(dt)
             nw = (1 + 0.1 * torch.randn(k)).to(dt)
             r = torch.randn(1, 1, n).to(dt) if res else None
-            for bn, bk in ((16, 32), (8, 64)):  # N and K not multiples of the blocks in some cases
+            # N and K not multiples of the blocks in some cases; split-K with 3 and 2 splits
+            for bn, bk, sp in ((16, 32, 1), (8, 64, 1), (8, 16, 3), (16, 32, 2)):
                 y = torch.full((1, 1, n), float("nan"), dtype=dt)
-                kern[(triton.cdiv(n, bn),)](x, w, r if res else y, nw, y, n, 1e-5, K=k, PRO=PROLOGUES[pro],
-                                            HAS_RES=res, BLOCK_N=bn, BLOCK_K=bk)
+                ws = _workspace(torch.device("cpu"), n)
+                kern[(triton.cdiv(n, bn), sp)](x, w, r if res else y, nw, y, *ws, n, 1e-5, K=k,
+                                               PRO=PROLOGUES[pro], HAS_RES=res, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp)
+                assert all(int(t.abs().sum()) == 0 for t in ws), "split-K workspace not reset"
                 e = ref(x, w, r, nw, 1e-5, pro)
                 err = float((y.float() - e.float()).abs().max())
                 tol = 2e-3 * float(e.float().abs().max()) if dt == torch.float16 else 1e-5
-                assert err <= tol, (dt, pro, n, k, res, bn, bk, err)
+                assert err <= tol, (dt, pro, n, k, res, bn, bk, sp, err)
     print("INTERP_OK")
     """
 )
@@ -118,12 +121,13 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pro,n,k,res", CASES + [("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])
-def test_cuda_kernel_matches_eager(dtype, pro, n, k, res, monkeypatch):
+@pytest.mark.parametrize("config", ["16,256,1,4,1", "8,512,4,4,1"])  # whole K; split-K
+def test_cuda_kernel_matches_eager(dtype, pro, n, k, res, config, monkeypatch):
     from specee_compile.plugins.triton_gemv import triton_fused_linear
 
-    monkeypatch.setenv("SPECEE_GEMV_CONFIG", "16,256,4,1")  # one config: no autotuning per case
+    monkeypatch.setenv("SPECEE_GEMV_CONFIG", config)  # no autotuning per case
 
-    for seed in range(2):
+    for seed in range(3):  # split-K: the workspace resets itself between calls
         x, w, r, nw = _inputs(pro, n, k, res, dtype, "cuda", seed)
         got = triton_fused_linear(x, w, r, nw, 1e-5, pro)
         ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)

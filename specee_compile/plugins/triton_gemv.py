@@ -13,15 +13,18 @@ fuses the prologue and epilogue into the weight stream:
     body      y[n] = sum_k W[n, k] a[k]                               (fp32 accumulation)
     epilogue  y += res                                                (residual), one store
 
-Rounding follows the eager math in the input dtype (HF RMSNorm: statistics in fp32, `(x * rs)` and
-`w * .` rounded to the half dtype; `silu` and `* up` rounded; the linear's output rounded before the
-residual add), so the kernel differs from the eager op by accumulation order only.
+Rounding: SiLU and `* up` are rounded to the input dtype as the eager ops round, and the linear's
+output is rounded before the residual add. RMSNorm runs in one pass: norm_w * x enters the sum in
+fp32 and the scalar 1/rms multiplies the fp32 total, instead of HF's two roundings of the normed
+vector to the half dtype, so it is slightly more exact than the eager op, not bit-equal (the tests
+bound its error against float64 by the eager op's own).
 
-Each program owns BLOCK_N output rows and streams them over K in BLOCK_K chunks; the activation
-chunk is recomputed per program (it is BLOCK_N times smaller than the weight tile). The configs are
+Each program owns BLOCK_N output rows and streams them over K (or over 1/SPLIT of K: split-K, where
+the partial sums meet in an fp32 workspace and the last-arriving program finishes the rows) in
+BLOCK_K chunks; the activation chunk is recomputed per program. The configs are
 autotuned per (N, K, prologue) on first use, which happens outside CUDA-graph capture in every
 caller (warm-up runs); `TUNED` holds what was picked, for the benchmark record.
-`SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,num_warps,num_stages` pins one config instead.
+`SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
 """
 
 from __future__ import annotations
@@ -42,18 +45,24 @@ except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages); the autotuner keeps the fastest per shape
+# (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); the autotuner keeps the fastest per shape. Few
+# output rows over a long K (the down projection: 4096 x 11008) leave too few programs to keep enough
+# bytes in flight; wide BLOCK_K and split-K are the two answers to that, both in the search.
 CONFIGS = [
-    (4, 512, 4, 1),
-    (8, 256, 4, 1),
-    (8, 512, 4, 1),
-    (8, 512, 8, 1),
-    (16, 256, 4, 1),
-    (16, 256, 8, 1),
-    (16, 512, 8, 1),
-    (32, 256, 8, 1),
-    (8, 256, 4, 3),
-    (16, 256, 4, 3),
+    (4, 512, 1, 4, 1),
+    (4, 1024, 1, 4, 1),
+    (4, 1024, 1, 8, 1),
+    (4, 2048, 1, 8, 1),
+    (2, 1024, 1, 4, 1),
+    (2, 2048, 1, 8, 1),
+    (8, 512, 1, 4, 1),
+    (8, 1024, 1, 8, 1),
+    (4, 512, 1, 4, 3),
+    (8, 512, 2, 4, 1),
+    (8, 512, 4, 4, 1),
+    (8, 1024, 4, 8, 1),
+    (16, 512, 4, 4, 1),
+    (16, 512, 8, 8, 1),
 ]
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
@@ -62,8 +71,8 @@ if HAVE_TRITON:
 
     def _configs():
         return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-            for bn, bk, nw, ns in CONFIGS
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=nw, num_stages=ns)
+            for bn, bk, sp, nw, ns in CONFIGS
         ]
 
     @triton.jit
@@ -76,43 +85,60 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr,
+        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, ss_ptr, cnt_ptr,
         N, eps, K: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     ):
         DT: tl.constexpr = y_ptr.dtype.element_ty
+        KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         wrow = w_ptr + rows.to(tl.int64)[:, None] * K
-        if PRO == 1:  # RMSNorm statistics of x (fp32)
-            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-                sq += xv * xv
-            rs = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+        k_lo = tl.program_id(1) * KS
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, KS, BLOCK_K):
+            offs = k_lo + k0 + tl.arange(0, BLOCK_K)
             km = offs < K
             if PRO == 0:
                 a = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
-            elif PRO == 1:
+            elif PRO == 1:  # RMSNorm in one pass: norm_w * x now, the 1/rms scalar after the sum
                 xv = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
-                a = _round(xv * rs, DT) * tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
-                a = _round(a, DT)
-            else:
+                sq += xv * xv
+                a = xv * tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
+            else:  # SiLU(gate) * up, rounded as the eager ops round
                 g = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
                 u = tl.load(x_ptr + K + offs, mask=km, other=0.0).to(tl.float32)
                 a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
             wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc += wt.to(tl.float32) * a[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_RES:
-            y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(DT), mask=rmask)
+        ss = tl.sum(sq, axis=0)
+        last = True
+        if SPLIT > 1:
+            # split-K: partial sums meet in an fp32 workspace; the split that arrives last (a counter
+            # per row block) reads the total, resets the workspace for the next call, and stores
+            tl.atomic_add(ws_ptr + rows, y, mask=rmask, sem="relaxed")
+            if PRO == 1:
+                tl.atomic_add(ss_ptr + pid, ss, sem="relaxed")
+            tl.debug_barrier()
+            last = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1
+            if last:  # read the totals at L2 (atomic add of 0), then leave the scratch zeroed
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                y = tl.atomic_add(ws_ptr + rows, zero, mask=rmask, sem="relaxed")
+                tl.store(ws_ptr + rows, zero, mask=rmask)
+                if PRO == 1:
+                    ss = tl.atomic_add(ss_ptr + pid, 0.0, sem="relaxed")
+                    tl.store(ss_ptr + pid, 0.0)
+                tl.store(cnt_ptr + pid, 0)
+        if last:
+            if PRO == 1:
+                y = y / tl.sqrt(ss / K + eps)
+            if HAS_RES:
+                y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
     _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
 
@@ -135,31 +161,53 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     res_t = res.contiguous() if res is not None else y
     nw = norm_w.contiguous() if norm_w is not None else x
-    args = (x, w, res_t, nw, y, N, float(eps))
+    args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
+    kw = dict(K=K, PRO=pro, HAS_RES=res is not None)
     fixed = _fixed_config()
     if fixed is not None:
-        bn, bk, nw_, ns = fixed
-        _gemv_kernel[(triton.cdiv(N, bn),)](*args, K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk,
-                                            num_warps=nw_, num_stages=ns)
+        bn, bk, sp, nwarps, ns = fixed
+        _gemv_kernel[(triton.cdiv(N, bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
+                                               num_stages=ns)
         return y
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_tuned[grid](*args, K=K, PRO=pro, HAS_RES=res is not None)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    _gemv_tuned[grid](*args, **kw)
     key = (N, K, prologue)
     if key not in TUNED and getattr(_gemv_tuned, "best_config", None) is not None:
         TUNED[key] = str(_gemv_tuned.best_config)
     return y
 
 
+_WORKSPACES: dict = {}
+
+
+def _workspace(device, n: int):
+    """Split-K scratch for outputs of n rows: fp32 partial sums [n], squared-sum partials and arrival
+    counters per row block. Zero at rest (the last split of every call resets what it used), so one
+    allocation serves every call and every CUDA-graph replay; the first call of a shape happens before
+    any capture in every caller (warm-up), so it is never allocated inside one."""
+    key = (device, n)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = (
+            torch.zeros(n, dtype=torch.float32, device=device),
+            torch.zeros(n, dtype=torch.float32, device=device),
+            torch.zeros(n, dtype=torch.int32, device=device),
+        )
+    return ws
+
+
 def _fixed_config():
-    """SPECEE_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,num_stages" skips autotuning (tests, reproductions)."""
+    """SPECEE_GEMV_CONFIG="BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages" skips autotuning (tests,
+    reproductions)."""
     v = os.environ.get("SPECEE_GEMV_CONFIG")
     if not v:
         return None
     try:
-        bn, bk, nw, ns = (int(t) for t in v.split(","))
+        bn, bk, sp, nw, ns = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"SPECEE_GEMV_CONFIG={v!r}: expected four integers BLOCK_N,BLOCK_K,num_warps,num_stages") from None
-    return bn, bk, nw, ns
+        raise ValueError(f"SPECEE_GEMV_CONFIG={v!r}: expected five integers "
+                         "BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages") from None
+    return bn, bk, sp, nw, ns
 
 
 def register_cuda_impl() -> bool:
