@@ -157,7 +157,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_layer_parts(spec: StepSpec, fused_linear: bool = False):
+FUSABLE = ("qkv", "o", "gate_up", "down")  # the layer's matmuls `fused_linear` can take over
+# where the Triton GEMV beats Inductor's coordinate-descent-tuned reductions (benchmarks/gemv_sweep.py:
+# o-proj and the down projection; Inductor is as fast or faster on the RMSNorm-fed qkv and gate/up)
+CUDA_FUSED = ("o", "down")
+
+
+def make_layer_parts(spec: StepSpec, fused_linear: tuple[str, ...] = ()):
     """The parts of a decoder layer around attention, shared by every attention formulation
     (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
 
@@ -165,37 +171,39 @@ def make_layer_parts(spec: StepSpec, fused_linear: bool = False):
     rope(q, k, c, s [q,hd]) -> q, k with rotary embedding applied
     out_mlp(h [1,q,D], a [1,q,H hd], wo, ln2, wgu, wd) -> h [1,q,D] (o-proj residual + MLP residual)
 
-    fused_linear: write the four matmuls as `specee::fused_linear` ops (RMSNorm, SiLU*up and the
-    residual adds folded into the GEMV), which run as one Triton kernel each on CUDA
-    (`plugins/triton_gemv.py`); the same math otherwise. The CUDA Inductor path uses it.
+    fused_linear: which matmuls (of `FUSABLE`) to write as `specee::fused_linear` ops, with the
+    RMSNorm, SiLU*up and residual add around each folded into it; on CUDA each is one Triton GEMV
+    kernel (`plugins/triton_gemv.py`). The math is the same otherwise. The CUDA Inductor path uses
+    it for the matmuls where it beats Inductor's own kernels (`CUDA_FUSED`).
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
+    unknown = set(fused_linear) - set(FUSABLE)
+    if unknown:
+        raise ValueError(f"fused_linear: unknown matmul(s) {sorted(unknown)}; expected a subset of {FUSABLE}")
+    lin = None
     if fused_linear:
         from . import ops  # noqa: F401  # defines torch.ops.specee.fused_linear
 
         lin = torch.ops.specee.fused_linear
+    fuse = {name: lin is not None and name in fused_linear for name in FUSABLE}
 
-        def normed_linear(x, ln, w, b):
+    def normed_linear(x, ln, w, b, fused: bool):
+        if fused:
             y = lin(x, w, None, ln, eps, "rmsnorm")
             return y if b is None else y + b
+        return F.linear(rms_norm(x, ln, eps), w, b)
 
-        def out_mlp(h, a, wo, ln2, wgu, wd):
-            h = lin(a, wo, h)
-            return lin(lin(h, wgu, None, ln2, eps, "rmsnorm"), wd, h, None, 0.0, "silu_mul")
-
-    else:
-
-        def normed_linear(x, ln, w, b):
-            return F.linear(rms_norm(x, ln, eps), w, b)
-
-        def out_mlp(h, a, wo, ln2, wgu, wd):
-            h = h + F.linear(a, wo)
-            g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-            return h + F.linear(F.silu(g) * u, wd)
+    def out_mlp(h, a, wo, ln2, wgu, wd):
+        h = lin(a, wo, h) if fuse["o"] else h + F.linear(a, wo)
+        gu = normed_linear(h, ln2, wgu, None, fuse["gate_up"])
+        if fuse["down"]:
+            return lin(gu, wd, h, None, 0.0, "silu_mul")
+        g, u = gu.chunk(2, dim=-1)
+        return h + F.linear(F.silu(g) * u, wd)
 
     def qkv(h, ln1, wqkv, bqkv):
         q_rows = h.shape[1]
-        qkv = normed_linear(h, ln1, wqkv, bqkv)  # [1, q, (H + 2Hkv) hd]
+        qkv = normed_linear(h, ln1, wqkv, bqkv, fuse["qkv"])  # [1, q, (H + 2Hkv) hd]
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
         k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
@@ -208,7 +216,7 @@ def make_layer_parts(spec: StepSpec, fused_linear: bool = False):
     return qkv, rope, out_mlp
 
 
-def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: bool = False):
+def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: tuple[str, ...] = ()):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from specee_compile.model_step import make_head_fn, make_layer_fn, step_spec
+from specee_compile.model_step import FUSABLE, make_head_fn, make_layer_fn, step_spec
 from specee_compile.ops import fused_linear_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")
@@ -44,6 +44,11 @@ def test_reference_is_the_model_step_math():
         fused_linear_reference(x, w, None, nw, 1e-5, "gelu")
 
 
+def test_unknown_fused_matmul_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="unknown matmul"):
+        make_layer_fn(step_spec(tiny_llama.config, 64), fused_linear=("qkv", "lm_head"))
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
     """The fused-op layer/head (what the CUDA Inductor path compiles) computes what the plain one does;
@@ -53,7 +58,7 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
 
     W = extract_weights(model, 64)
     spec = step_spec(model.config, 64)
-    plain, fused = make_layer_fn(spec), make_layer_fn(spec, fused_linear=True)
+    plain, fused = make_layer_fn(spec), make_layer_fn(spec, fused_linear=FUSABLE)
     hp, hf = make_head_fn(spec), make_head_fn(spec, fused_linear=True)
     if compiled:
         fused = torch.compile(fused, fullgraph=True, dynamic=False)
@@ -151,3 +156,30 @@ def test_registered_op_dispatches_and_more_rows_fall_back():
     r3 = torch.randn(1, 3, 256, dtype=torch.float16, device="cuda")
     assert torch.equal(torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm"),
                        fused_linear_reference(x3, w, r3, nw, 1e-5, "rmsnorm"))
+
+
+def test_capture_and_passes_keep_fused_ops(tiny_llama):
+    """The Inductor backend's CUDA path traces fused_linear ops through torch.export and the passes;
+    on CPU the segmented layer they produce computes what the plain one does."""
+    from specee_compile.capture import segment_weights
+    from specee_compile.config import Settings
+    from specee_compile.model_step import CUDA_FUSED, extract_weights
+
+    W = extract_weights(tiny_llama, 32)
+    plain = segment_weights(W, Settings(), num_layers=2)
+    fused = segment_weights(W, Settings(), num_layers=2, fused_linear=CUDA_FUSED)
+    assert fused.pass_counts["segment_layers"]["uniform_layers"]
+    ops = [n.target for n in fused.layers[0].graph.nodes if n.op == "call_function"]
+    assert sum(t is torch.ops.specee.fused_linear.default for t in ops) == len(CUDA_FUSED)
+    spec = W.spec
+    outs = []
+    for seg in (plain, fused):
+        kc = torch.zeros(spec.num_kv_heads, 32, spec.head_dim)
+        vc = torch.zeros_like(kc)
+        valid = torch.zeros(32, dtype=torch.bool)
+        torch.manual_seed(0)
+        h = torch.randn(1, 3, spec.hidden)
+        args = seg.layer_args(W, 0, h, torch.arange(3), torch.empty(32, dtype=torch.int8), valid, kc, vc)
+        with torch.no_grad():
+            outs.append((seg.layers[0](*args), kc))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -34,6 +34,10 @@ the second records the graph, later ones replay it. Outputs are cloned out of th
 buffers, because the runtime keeps hidden states of pending rows across steps.
 `mode="reduce-overhead"` is not used: its CUDA-graph trees skip graphs that mutate inputs, which
 every layer does (the cache). Exit decisions sync with the host (`float(score)` in the runtime).
+
+On CUDA the layer is traced with o-proj and the down projection as `specee::fused_linear` ops (our
+Triton GEMV, `model_step.CUDA_FUSED`), the exit op runs the fused Triton exit kernel, and Inductor
+compiles with coordinate-descent tuning (its M=1 matmuls become tuned Triton reductions).
 """
 
 from __future__ import annotations
@@ -58,19 +62,28 @@ class InductorSegments(Segments):
         from ..capture import segment_weights
 
         t0 = time.perf_counter()
+        on_cuda = self.device.type == "cuda"
+        fused = ()
+        if on_cuda:
+            from ..model_step import CUDA_FUSED
+            from ..plugins.triton_exit_score import register_cuda_impl as register_exit
+            from ..plugins.triton_gemv import register_cuda_impl as register_gemv
+
+            register_exit()
+            fused = CUDA_FUSED if register_gemv() else ()
+        self.fused_linear = fused
         # Only layer 0's segment is compiled (all layer segments have the same code), so capture a
         # 2-layer prefix: same segments and exit point, without tracing every layer (~20 s for 30).
-        self.segmented = segment_weights(self.weights, settings, num_layers=CAPTURE_LAYERS)
+        self.segmented = segment_weights(self.weights, settings, num_layers=CAPTURE_LAYERS, fused_linear=fused)
         self.capture_s = time.perf_counter() - t0
         if not self.segmented.pass_counts["segment_layers"]["uniform_layers"]:
             raise SpecEEError(
                 "the traced layer segments differ from each other; one compiled layer cannot "
                 "serve every layer (report this with the model's config)"
             )
-        if self.device.type == "cuda":
-            from ..plugins.triton_exit_score import register_cuda_impl
-
-            register_cuda_impl()
+        # GPU: M=1 matmuls as Inductor's coordinate-descent-tuned Triton reductions (+12% over its
+        # default cuBLAS calls on the H100, benchmarks/GPU_NOTES.md)
+        self._config = {"coordinate_descent_tuning": True} if on_cuda else {}
         self._compiles: dict[str, int] = {}
         self._compile_s: dict[str, float] = {}
         seg = self.segmented
@@ -88,7 +101,7 @@ class InductorSegments(Segments):
 
         def backend(graph, example_inputs):
             t0 = time.perf_counter()
-            out = compile_fx(graph, example_inputs)
+            out = compile_fx(graph, example_inputs, config_patches=self._config)
             self._compiles[name] = self._compiles.get(name, 0) + 1
             self._compile_s[name] = self._compile_s.get(name, 0.0) + time.perf_counter() - t0
             return out

@@ -49,20 +49,19 @@ PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 # output rows over a long K (the down projection: 4096 x 11008) leave too few programs to keep enough
 # bytes in flight; wide BLOCK_K and split-K are the two answers to that, both in the search.
 CONFIGS = [
+    (8, 512, 1, 4, 1),
     (4, 512, 1, 4, 1),
     (4, 1024, 1, 4, 1),
     (4, 1024, 1, 8, 1),
     (4, 2048, 1, 8, 1),
     (2, 1024, 1, 4, 1),
     (2, 2048, 1, 8, 1),
-    (8, 512, 1, 4, 1),
-    (8, 1024, 1, 8, 1),
-    (4, 512, 1, 4, 3),
-    (8, 512, 2, 4, 1),
-    (8, 512, 4, 4, 1),
-    (8, 1024, 4, 8, 1),
+    (1, 4096, 1, 8, 1),
+    (2, 4096, 1, 8, 1),
+    (2, 4096, 1, 16, 1),
+    (4, 4096, 1, 16, 1),
     (16, 512, 4, 4, 1),
-    (16, 512, 8, 8, 1),
+    (8, 1024, 4, 8, 1),
 ]
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
