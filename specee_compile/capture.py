@@ -75,9 +75,9 @@ class EmbedSegment(nn.Module):
 
 
 class LayerSegment(nn.Module):
-    def __init__(self, spec: StepSpec, w, native_gqa: bool = True, fused_linear: tuple[str, ...] = ()):
+    def __init__(self, spec: StepSpec, w, native_gqa: bool = True, fused: tuple[str, ...] = ()):
         super().__init__()
-        self.fn = make_layer_fn(spec, native_gqa=native_gqa, fused_linear=fused_linear)
+        self.fn = make_layer_fn(spec, native_gqa=native_gqa, fused=fused)
         for name, t in zip(LAYER_WEIGHTS, w.as_tuple()):
             if t is not None:
                 self.register_buffer(name, t, persistent=False)  # aliased, not copied
@@ -124,14 +124,14 @@ class DecodeStepModule(nn.Module):
         weights: ModelWeights,
         native_gqa: bool = True,
         num_layers: int | None = None,
-        fused_linear: tuple[str, ...] = (),
+        fused: tuple[str, ...] = (),
     ):
         super().__init__()
         spec = weights.spec
         self.spec = spec
         self.embed = EmbedSegment(weights.embed)
         layers = weights.layers[:num_layers] if num_layers is not None else weights.layers
-        self.layers = nn.ModuleList([LayerSegment(spec, w, native_gqa, fused_linear) for w in layers])
+        self.layers = nn.ModuleList([LayerSegment(spec, w, native_gqa, fused) for w in layers])
         self.head = HeadSegment(spec, weights.norm, weights.head)
         self.register_buffer("cos", weights.cos, persistent=False)  # [T, hd], shared by every layer
         self.register_buffer("sin", weights.sin, persistent=False)
@@ -188,13 +188,13 @@ def capture_weights(
     weights: ModelWeights,
     native_gqa: bool = True,
     num_layers: int | None = None,
-    fused_linear: tuple[str, ...] = (),
+    fused: tuple[str, ...] = (),
 ) -> Captured:
     """torch.export the decode step of already-extracted weights (see module docstring).
 
     num_layers: capture only the first n layers (the graph is then that truncated model; every layer
     segment has the same code, so backends that compile one layer segment need not trace all L).
-    fused_linear: layer matmuls traced as `specee::fused_linear` ops (`model_step.make_layer_parts`)."""
+    fused: layer matmuls traced as `specee::fused_linear` ops (`model_step.make_layer_parts`)."""
     import dataclasses
 
     spec = weights.spec
@@ -204,7 +204,7 @@ def capture_weights(
         raise SpecEEError(f"capture needs a context of at least 4 positions, got max_len={spec.max_len}")
     if num_layers is not None:
         spec = dataclasses.replace(spec, num_layers=min(num_layers, spec.num_layers))
-    mod = DecodeStepModule(weights, native_gqa=native_gqa, num_layers=spec.num_layers, fused_linear=fused_linear).eval()
+    mod = DecodeStepModule(weights, native_gqa=native_gqa, num_layers=spec.num_layers, fused=fused).eval()
     dtype, device = weights.embed.dtype, weights.embed.device
     args = example_inputs(spec, dtype, device)
     L, T = spec.num_layers, spec.max_len
@@ -307,15 +307,15 @@ def segment_weights(
     dump_dir=None,
     native_gqa: bool = True,
     num_layers: int | None = None,
-    fused_linear: tuple[str, ...] = (),
+    fused: tuple[str, ...] = (),
 ) -> SegmentedProgram:
     """Capture + passes for weights already extracted (backends use this to avoid a second extract).
-    num_layers, fused_linear: see `capture_weights`."""
+    num_layers, fused: see `capture_weights`."""
     from .passes import run_passes
     from .passes.segment_layers import segments_of
 
     settings = settings or Settings()
-    cap = capture_weights(weights, native_gqa=native_gqa, num_layers=num_layers, fused_linear=fused_linear)
+    cap = capture_weights(weights, native_gqa=native_gqa, num_layers=num_layers, fused=fused)
     t0 = time.perf_counter()
     gm, counts = run_passes(cap.gm, settings, dump_dir=dump_dir)
     passes_s = time.perf_counter() - t0

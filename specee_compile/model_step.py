@@ -157,13 +157,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-FUSABLE = ("qkv", "o", "gate_up", "down")  # the layer's matmuls `fused_linear` can take over
-# where the Triton GEMV beats Inductor's coordinate-descent-tuned reductions (benchmarks/gemv_sweep.py:
-# o-proj and the down projection; Inductor is as fast or faster on the RMSNorm-fed qkv and gate/up)
-CUDA_FUSED = ("o", "down")
+FUSABLE = ("qkv", "o", "gate_up", "down", "attn")  # what the fused Triton ops can take over
+# the CUDA Inductor path's choice (benchmarks/gemv_sweep.py, benchmarks/results: on the H100 the Triton
+# GEMVs match or beat Inductor's coordinate-descent-tuned reductions on every matmul, and the decode
+# attention kernel beats cuDNN's flash kernel plus its two mask kernels)
+CUDA_FUSED = FUSABLE
 
 
-def make_layer_parts(spec: StepSpec, fused_linear: tuple[str, ...] = ()):
+def _check_fused(fused) -> None:
+    unknown = set(fused) - set(FUSABLE)
+    if unknown:
+        raise ValueError(f"fused: unknown op(s) {sorted(unknown)}; expected a subset of {FUSABLE}")
+
+
+def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = ()):
     """The parts of a decoder layer around attention, shared by every attention formulation
     (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
 
@@ -171,24 +178,21 @@ def make_layer_parts(spec: StepSpec, fused_linear: tuple[str, ...] = ()):
     rope(q, k, c, s [q,hd]) -> q, k with rotary embedding applied
     out_mlp(h [1,q,D], a [1,q,H hd], wo, ln2, wgu, wd) -> h [1,q,D] (o-proj residual + MLP residual)
 
-    fused_linear: which matmuls (of `FUSABLE`) to write as `specee::fused_linear` ops, with the
-    RMSNorm, SiLU*up and residual add around each folded into it; on CUDA each is one Triton GEMV
-    kernel (`plugins/triton_gemv.py`). The math is the same otherwise. The CUDA Inductor path uses
-    it for the matmuls where it beats Inductor's own kernels (`CUDA_FUSED`).
+    fused: which matmuls (of `FUSABLE`) to write as `specee::fused_linear` ops, with the RMSNorm,
+    SiLU*up and residual add around each folded into it; on CUDA each is one Triton GEMV kernel
+    (`plugins/triton_gemv.py`). The math is the same otherwise. ("attn" is `make_layer_fn`'s.)
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
-    unknown = set(fused_linear) - set(FUSABLE)
-    if unknown:
-        raise ValueError(f"fused_linear: unknown matmul(s) {sorted(unknown)}; expected a subset of {FUSABLE}")
+    _check_fused(fused)
     lin = None
-    if fused_linear:
+    if set(fused) - {"attn"}:
         from . import ops  # noqa: F401  # defines torch.ops.specee.fused_linear
 
         lin = torch.ops.specee.fused_linear
-    fuse = {name: lin is not None and name in fused_linear for name in FUSABLE}
+    fuse = {name: lin is not None and name in fused for name in FUSABLE}
 
-    def normed_linear(x, ln, w, b, fused: bool):
-        if fused:
+    def normed_linear(x, ln, w, b, fused_op: bool):
+        if fused_op:
             y = lin(x, w, None, ln, eps, "rmsnorm")
             return y if b is None else y + b
         return F.linear(rms_norm(x, ln, eps), w, b)
@@ -216,18 +220,23 @@ def make_layer_parts(spec: StepSpec, fused_linear: tuple[str, ...] = ()):
     return qkv, rope, out_mlp
 
 
-def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: tuple[str, ...] = ()):
+def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...] = ()):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.
     `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
-    fused_linear: see `make_layer_parts`.
+    fused: see `make_layer_parts`; with "attn", the mask and attention are one
+    `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
-    qkv, rope, out_mlp = make_layer_parts(spec, fused_linear=fused_linear)
+    qkv, rope, out_mlp = make_layer_parts(spec, fused=fused)
+    if "attn" in fused:
+        from . import ops  # noqa: F401  # defines torch.ops.specee.decode_attention
+
+        attend = torch.ops.specee.decode_attention
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
         q_rows = h.shape[1]
@@ -236,6 +245,9 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: tuple[s
         k_cache.index_copy_(1, pos, k)
         v_cache.index_copy_(1, pos, v)
         valid.index_fill_(0, pos, True)
+        if "attn" in fused:
+            a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
+            return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         keys = torch.arange(S, device=h.device)
         mask = valid[:S][None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
         kk, vv = k_cache[:, :S], v_cache[:, :S]  # [Hkv, S, hd]
@@ -250,12 +262,12 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused_linear: tuple[s
     return layer
 
 
-def make_head_fn(spec: StepSpec, fused_linear: bool = False):
+def make_head_fn(spec: StepSpec, fused: bool = False):
     """Return `head(h, norm_w, head_w) -> (hn, logits)`: final norm and full LM head.
-    fused_linear: the LM head as one `specee::fused_linear` GEMV with the norm folded in."""
+    fused: the LM head as one `specee::fused_linear` GEMV with the norm folded in."""
     eps = spec.eps
 
-    if fused_linear:
+    if fused:
         from . import ops  # noqa: F401
 
         def head(h, norm_w, head_w):

@@ -87,3 +87,39 @@ def fused_linear(
 @fused_linear.register_fake
 def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none"):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+# -------------------------------------------------------------------------------- decode_attention
+def decode_attention_reference(q, k, v, valid, pos):
+    """Attention of q rows over the cache prefix, as `model_step` writes it: row r attends to key j
+    where valid[j] and j <= pos[r]. q [H, q, hd]; k, v [Hkv, S, hd] (views of the cache); valid [S]
+    bool; pos [q] int64 -> [H, q, hd]."""
+    H, Hkv, S = q.shape[0], k.shape[0], k.shape[1]
+    keys = torch.arange(S, device=q.device)
+    mask = valid[None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
+    a = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=H != Hkv
+    )
+    return a[0]
+
+
+@torch.library.custom_op("specee::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """Masked attention over the layer's valid cache prefix; one split-S Triton kernel on CUDA for a
+    single row (`plugins/triton_decode_attention.py`)."""
+    return decode_attention_reference(q, k, v, valid, pos).clone(memory_format=torch.contiguous_format)
+
+
+@decode_attention.register_fake
+def _(q, k, v, valid, pos):
+    return q.new_empty(q.shape)
+
+
+def register_cuda_kernels() -> bool:
+    """Make the Triton kernels the CUDA implementations of all three ops (exit_score, fused_linear,
+    decode_attention). Idempotent; False where triton is missing (the ops keep their references)."""
+    from .plugins import triton_decode_attention, triton_exit_score, triton_gemv
+
+    return all([m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention)])

@@ -45,8 +45,8 @@ def test_reference_is_the_model_step_math():
 
 
 def test_unknown_fused_matmul_is_refused(tiny_llama):
-    with pytest.raises(ValueError, match="unknown matmul"):
-        make_layer_fn(step_spec(tiny_llama.config, 64), fused_linear=("qkv", "lm_head"))
+    with pytest.raises(ValueError, match="unknown op"):
+        make_layer_fn(step_spec(tiny_llama.config, 64), fused=("qkv", "lm_head"))
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -58,8 +58,8 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
 
     W = extract_weights(model, 64)
     spec = step_spec(model.config, 64)
-    plain, fused = make_layer_fn(spec), make_layer_fn(spec, fused_linear=FUSABLE)
-    hp, hf = make_head_fn(spec), make_head_fn(spec, fused_linear=True)
+    plain, fused = make_layer_fn(spec), make_layer_fn(spec, fused=FUSABLE)
+    hp, hf = make_head_fn(spec), make_head_fn(spec, fused=True)
     if compiled:
         fused = torch.compile(fused, fullgraph=True, dynamic=False)
         hf = torch.compile(hf, fullgraph=True, dynamic=False)
@@ -167,10 +167,11 @@ def test_capture_and_passes_keep_fused_ops(tiny_llama):
 
     W = extract_weights(tiny_llama, 32)
     plain = segment_weights(W, Settings(), num_layers=2)
-    fused = segment_weights(W, Settings(), num_layers=2, fused_linear=CUDA_FUSED)
+    fused = segment_weights(W, Settings(), num_layers=2, fused=CUDA_FUSED)
     assert fused.pass_counts["segment_layers"]["uniform_layers"]
     ops = [n.target for n in fused.layers[0].graph.nodes if n.op == "call_function"]
-    assert sum(t is torch.ops.specee.fused_linear.default for t in ops) == len(CUDA_FUSED)
+    assert sum(t is torch.ops.specee.fused_linear.default for t in ops) == 4  # qkv, o, gate/up, down
+    assert sum(t is torch.ops.specee.decode_attention.default for t in ops) == 1
     spec = W.spec
     outs = []
     for seg in (plain, fused):

@@ -35,9 +35,11 @@ buffers, because the runtime keeps hidden states of pending rows across steps.
 `mode="reduce-overhead"` is not used: its CUDA-graph trees skip graphs that mutate inputs, which
 every layer does (the cache). Exit decisions sync with the host (`float(score)` in the runtime).
 
-On CUDA the layer is traced with o-proj and the down projection as `specee::fused_linear` ops (our
-Triton GEMV, `model_step.CUDA_FUSED`), the exit op runs the fused Triton exit kernel, and Inductor
-compiles with coordinate-descent tuning (its M=1 matmuls become tuned Triton reductions).
+On CUDA (with triton) the layer is traced with the ops of `model_step.CUDA_FUSED`: its matmuls as
+`specee::fused_linear` (one Triton GEMV each, RMSNorm / SiLU*up / residual folded in) and attention
+as `specee::decode_attention` (split-S Triton kernel that builds the validity mask itself); the exit
+op runs the fused Triton exit kernel; Inductor compiles the rest (RoPE, cache writes) with
+coordinate-descent tuning. Rows q > 1 fall back to cuBLAS / SDPA inside the ops.
 """
 
 from __future__ import annotations
@@ -66,15 +68,13 @@ class InductorSegments(Segments):
         fused = ()
         if on_cuda:
             from ..model_step import CUDA_FUSED
-            from ..plugins.triton_exit_score import register_cuda_impl as register_exit
-            from ..plugins.triton_gemv import register_cuda_impl as register_gemv
+            from ..ops import register_cuda_kernels
 
-            register_exit()
-            fused = CUDA_FUSED if register_gemv() else ()
-        self.fused_linear = fused
+            fused = CUDA_FUSED if register_cuda_kernels() else ()
+        self.fused = fused
         # Only layer 0's segment is compiled (all layer segments have the same code), so capture a
         # 2-layer prefix: same segments and exit point, without tracing every layer (~20 s for 30).
-        self.segmented = segment_weights(self.weights, settings, num_layers=CAPTURE_LAYERS, fused_linear=fused)
+        self.segmented = segment_weights(self.weights, settings, num_layers=CAPTURE_LAYERS, fused=fused)
         self.capture_s = time.perf_counter() - t0
         if not self.segmented.pass_counts["segment_layers"]["uniform_layers"]:
             raise SpecEEError(

@@ -8,10 +8,11 @@ Variants (batch 1, greedy, static KV cache sized prompt + new tokens, median of 
                       feedback) captured as ONE CUDA graph; no host sync per token. mode = cublas (Inductor
                       default: GEMVs are cuBLAS extern calls) | cdt (coordinate-descent tuning: Inductor
                       turns the M=1 GEMVs into fused Triton reductions, norm/SiLU/residual fused in) |
-                      fused (cdt + o-proj and down-proj as `specee::fused_linear`, our autotuned
-                      Triton GEMV with SiLU*up / residual folded in: what the runtime's Inductor backend
-                      compiles on CUDA, `model_step.CUDA_FUSED`) | fused_all (all four layer GEMVs and the
-                      LM head as fused_linear, RMSNorm folded in too).
+                      fused (what the runtime's Inductor backend compiles on CUDA, `model_step.CUDA_FUSED`:
+                      cdt + the four layer GEMVs and the LM head as `specee::fused_linear`, our autotuned
+                      Triton GEMV with RMSNorm / SiLU*up / residual folded in, and attention as
+                      `specee::decode_attention`, a split-S Triton kernel) | fused_gemv (the same with
+                      SDPA attention).
   dense_seg_sync1     one CUDA graph per layer replayed from the host + one token read per step (what the
                       backend-agnostic runtime does).
   specee_sync[trace]  per-layer graphs; after each active layer the fused Triton exit kernel runs (its
@@ -165,13 +166,13 @@ def compile_fns(spec, mode: str):
 
     from ..model_step import CUDA_FUSED, FUSABLE
 
-    fused = {"fused": CUDA_FUSED, "fused_all": FUSABLE}.get(mode, ())
+    fused = {"fused": CUDA_FUSED, "fused_gemv": tuple(f for f in FUSABLE if f != "attn")}.get(mode, ())
     if fused and torch.cuda.is_available():
-        from ..plugins.triton_gemv import register_cuda_impl
+        from ..ops import register_cuda_kernels
 
-        register_cuda_impl()
-    layer = _fresh(make_layer_fn(spec, fused_linear=fused), mode)
-    head = make_head_fn(spec, fused_linear=mode == "fused_all")
+        register_cuda_kernels()
+    layer = _fresh(make_layer_fn(spec, fused=fused), mode)
+    head = make_head_fn(spec, fused=bool(fused))
 
     def head_token(h, norm_w, head_w):
         _, logits = head(h, norm_w, head_w)
@@ -181,7 +182,7 @@ def compile_fns(spec, mode: str):
     if mode == "eager":
         return layer, head_token
     kw: dict = dict(fullgraph=True, dynamic=False)
-    if mode in ("cdt", "fused", "fused_all"):  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned
+    if mode in ("cdt", "fused", "fused_gemv"):  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned
         kw["options"] = {"coordinate_descent_tuning": True}  # per shape; fused: our GEMV kernel instead
     elif mode == "cdt2":  # + wider tuning search and aggressive fusion
         kw["options"] = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
@@ -995,7 +996,7 @@ def run_bench(args) -> dict:
         except Exception as ex:  # noqa: BLE001
             res["checks"]["triton_exit_kernel"] = {"error": repr(ex)[:2000]}
         log(res["checks"]["triton_exit_kernel"])
-    if dev.type == "cuda" and {"fused", "fused_all"} & set(args.modes.split(",")):
+    if dev.type == "cuda" and {"fused", "fused_gemv"} & set(args.modes.split(",")):
         log("== fused GEMV check")
         try:
             res["checks"]["triton_gemv"] = gemv_check(dev)
@@ -1427,7 +1428,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant (after one warm-up)")
     p.add_argument("--hf-runs", type=int, default=3)
-    p.add_argument("--modes", default="cublas,cdt", help="compile modes: cublas,cdt,fused,fused_all,eager")
+    p.add_argument("--modes", default="cublas,cdt", help="compile modes: cublas,cdt,fused,fused_gemv,eager")
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
     p.add_argument("--smollm2-trace", default="benchmarks/results/smollm2_exit_trace.json")
     p.add_argument("--attn", default="bucket", choices=["bucket", "full"],
