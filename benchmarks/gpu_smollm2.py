@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", action="store_true", help="cProfile one paper-mode generate (host time by function)")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -62,6 +63,21 @@ def main() -> None:
     eager = build_decoder(loaded, Settings(**{**base, "backend": "eager"}, **CONFIGS["paper"]))
     parity = eager.generate(prompts[0]).token_ids == decs["paper"].generate(prompts[0]).token_ids
 
+    prof_top = None
+    if args.profile:  # where a SpecEE step's host time goes (launches, syncs, draft, scheduler)
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        decs["paper"].generate(prompts[1 % len(prompts)])
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+        prof_top = buf.getvalue()
+        print(prof_top)
+
     recs = {name: [] for name in CONFIGS}
     for ids in prompts:
         for name, dec in decs.items():
@@ -69,7 +85,7 @@ def main() -> None:
     out = {"card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "model": loaded.name,
            "fingerprint": loaded.fingerprint, "dtype": args.dtype, "prompts": len(prompts), "new_tokens": args.new,
            "load_s": round(load_s, 1), "compile_and_capture_s": round(compile_s, 1),
-           "inductor_equals_eager_paper_tokens": parity,
+           "inductor_equals_eager_paper_tokens": parity, "segments": shared.compile_stats() if hasattr(shared, "compile_stats") else None,
            "commit": os.environ.get("COMMIT") or _git(), "results": {}}
     dense_tok = [r.token_ids for r in recs["dense"]]
     for name, rs in recs.items():
@@ -88,6 +104,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_smollm2.json"), "w") as f:
         json.dump(out, f, indent=1)
+    if prof_top:
+        with open(os.path.join(args.out, "gpu_smollm2_profile.txt"), "w") as f:
+            f.write(prof_top)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}))
     print("| config | decode tok/s | vs dense | avg layers | identical % | mean 1st div | rollbacks |")
     for name, r in out["results"].items():

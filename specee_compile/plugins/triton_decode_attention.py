@@ -31,7 +31,7 @@ except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
     HAVE_TRITON = False
 
 BLOCK_S = 64  # keys per block: a [64, hd] K tile and V tile per step
-MAX_SPLITS = 16
+MAX_SPLITS = 16  # a power of two (the merge reads all split slots as one vector)
 NUM_WARPS = 4
 
 if HAVE_TRITON:
@@ -41,6 +41,7 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
         S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
         HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+        MAX_SPLITS: tl.constexpr,
     ):
         h = tl.program_id(0)
         sp = tl.program_id(1)
@@ -56,34 +57,33 @@ if HAVE_TRITON:
         for b in range(BLOCKS_PER_SPLIT):
             offs = base + b * BLOCK_S + tl.arange(0, BLOCK_S)
             inb = offs < S
-            ok = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0) & (offs <= pos)
             kt = tl.load(k_ptr + kvh * stride_kh + offs[:, None] * stride_ks + d[None, :], mask=inb[:, None], other=0.0)
+            vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
+            ok = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0) & (offs <= pos)
             sc = tl.where(ok, tl.sum(kt.to(tl.float32) * q[None, :], axis=1), -float("inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=0))
             m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # all masked so far: keep exp() finite
             alpha = tl.exp(m - m_ref)
             p = tl.exp(sc - m_ref)
-            vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
             l_sum = l_sum * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
             m = m_new
-        row = ws_ptr + (h * nsp + sp) * (HD + 2)
+        row = ws_ptr + (h * MAX_SPLITS + sp) * (HD + 2)
         tl.store(row + d, acc)
         tl.store(row + HD, m)
         tl.store(row + HD + 1, l_sum)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == nsp - 1:  # last split of head h: merge
-            mx = tl.full([], -float("inf"), tl.float32)
-            for i in range(nsp):
-                mx = tl.maximum(mx, tl.load(ws_ptr + (h * nsp + i) * (HD + 2) + HD, cache_modifier=".cg"))
-            tot = tl.zeros([], dtype=tl.float32)
-            out = tl.zeros([HD], dtype=tl.float32)
-            for i in range(nsp):
-                r = ws_ptr + (h * nsp + i) * (HD + 2)
-                w = tl.exp(tl.load(r + HD, cache_modifier=".cg") - mx)
-                tot += w * tl.load(r + HD + 1, cache_modifier=".cg")
-                out += w * tl.load(r + d, cache_modifier=".cg")
-            tl.store(o_ptr + h * HD + d, (out / tot).to(o_ptr.dtype.element_ty))
+            # every split's (m, l, acc) in one round of L2 reads (.cg: not through this SM's L1)
+            i = tl.arange(0, MAX_SPLITS)
+            live = i < nsp
+            rows = ws_ptr + (h * MAX_SPLITS + i) * (HD + 2)
+            ms = tl.load(rows + HD, mask=live, other=-float("inf"), cache_modifier=".cg")
+            ls = tl.load(rows + HD + 1, mask=live, other=0.0, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+            w = tl.where(live, tl.exp(ms - tl.max(ms, axis=0)), 0.0)  # the current position is valid: max finite
+            out = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
+            tl.store(o_ptr + h * HD + d, out.to(o_ptr.dtype.element_ty))
             tl.store(cnt_ptr + h, 0)
 
 
@@ -126,7 +126,7 @@ def triton_decode_attention(q, k, v, valid, pos):
     _decode_attn_kernel[(H, nsp)](
         q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, pos, o, ws, cnt,
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=per, num_warps=NUM_WARPS,
+        HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=per, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )
     return o
 
