@@ -1428,7 +1428,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant (after one warm-up)")
     p.add_argument("--hf-runs", type=int, default=3)
-    p.add_argument("--modes", default="cublas,cdt", help="compile modes: cublas,cdt,fused,fused_gemv,eager")
+    p.add_argument("--modes", default="fused,cdt", help="compile modes: cublas,cdt,fused,fused_gemv,eager")
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
     p.add_argument("--smollm2-trace", default="benchmarks/results/smollm2_exit_trace.json")
     p.add_argument("--attn", default="bucket", choices=["bucket", "full"],
