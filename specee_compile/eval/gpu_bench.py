@@ -12,7 +12,7 @@ Variants (batch 1, greedy, static KV cache sized prompt + new tokens, median of 
                       cdt + the four layer GEMVs and the LM head as `specee::fused_linear`, our autotuned
                       Triton GEMV with RMSNorm / SiLU*up / residual folded in, and attention as
                       `specee::decode_attention`, a split-S Triton kernel) | fused_gemv (the same with
-                      SDPA attention).
+                      SDPA attention) | fused_xdown (the same with Inductor's own down projection).
   dense_seg_sync1     one CUDA graph per layer replayed from the host + one token read per step (what the
                       backend-agnostic runtime does).
   specee_sync[trace]  per-layer graphs; after each active layer the fused Triton exit kernel runs (its
@@ -166,7 +166,8 @@ def compile_fns(spec, mode: str):
 
     from ..model_step import CUDA_FUSED, FUSABLE
 
-    fused = {"fused": CUDA_FUSED, "fused_gemv": tuple(f for f in FUSABLE if f != "attn")}.get(mode, ())
+    fused = {"fused": CUDA_FUSED, "fused_gemv": tuple(f for f in FUSABLE if f != "attn"),
+             "fused_xdown": tuple(f for f in FUSABLE if f != "down")}.get(mode, ())
     if fused and torch.cuda.is_available():
         from ..ops import register_cuda_kernels
 
@@ -182,7 +183,7 @@ def compile_fns(spec, mode: str):
     if mode == "eager":
         return layer, head_token
     kw: dict = dict(fullgraph=True, dynamic=False)
-    if mode in ("cdt", "fused", "fused_gemv"):  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned
+    if mode in ("cdt", "fused", "fused_gemv", "fused_xdown"):  # M=1 GEMVs become Triton reductions (norm / SiLU / residual fused), tuned
         kw["options"] = {"coordinate_descent_tuning": True}  # per shape; fused: our GEMV kernel instead
     elif mode == "cdt2":  # + wider tuning search and aggressive fusion
         kw["options"] = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
@@ -1428,7 +1429,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3, help="timed runs per variant (after one warm-up)")
     p.add_argument("--hf-runs", type=int, default=3)
-    p.add_argument("--modes", default="fused,cdt", help="compile modes: cublas,cdt,fused,fused_gemv,eager")
+    p.add_argument("--modes", default="fused,cdt", help="compile modes: cublas,cdt,fused,fused_gemv,fused_xdown,eager")
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
     p.add_argument("--smollm2-trace", default="benchmarks/results/smollm2_exit_trace.json")
     p.add_argument("--attn", default="bucket", choices=["bucket", "full"],
