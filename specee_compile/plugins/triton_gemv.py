@@ -161,14 +161,16 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     res_t = res.contiguous() if res is not None else y
     nw = norm_w.contiguous() if norm_w is not None else x
     args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
-    kw = dict(K=K, PRO=pro, HAS_RES=res is not None)
+    kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
     fixed = _fixed_config()
     if fixed is not None:
         bn, bk, sp, nwarps, ns = fixed
         _gemv_kernel[(triton.cdiv(N, bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
                                                num_stages=ns)
         return y
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])
+
     _gemv_tuned[grid](*args, **kw)
     key = (N, K, prologue)
     if key not in TUNED and getattr(_gemv_tuned, "best_config", None) is not None:
