@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from specee_compile.eval.gpu_bench import GEMV_SHAPES, graph_time_us
+from specee_compile.eval.gpu_bench import GEMV_SHAPES, gemv_inputs, gemv_time_us
 from specee_compile.ops import fused_linear_reference
 from specee_compile.plugins import triton_gemv as T
 
@@ -35,14 +35,9 @@ def main() -> int:
     out = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "commit": os.environ.get("SPECEE_COMMIT"), "shapes": {}}
     for name, n, k, pro, has_res in GEMV_SHAPES:
-        kin = 2 * k if pro == "silu_mul" else k
-        ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
-        x = torch.randn(1, 1, kin, generator=g).half().to(dev)
-        nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
-        r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+        ws, x, nw, r = gemv_inputs(n, k, pro, has_res, copies, dev, g)
         def timed(fn, x=x, ws=ws, r=r, nw=nw, pro=pro):
-            it = iter(range(10**9))  # a different weight copy each call
-            return graph_time_us(lambda: fn(x, ws[next(it) % copies], r, nw, 1e-5, pro), reps=24)
+            return gemv_time_us(fn, x, ws, r, nw, pro)
 
         mb = n * k * 2 / 1e6
         row: dict = {}

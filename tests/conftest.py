@@ -108,3 +108,23 @@ def smollm2() -> Any:
         return load_model("smollm2-135m")
     except SpecEEError as e:
         pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+def run_in_triton_interpreter(code: str) -> None:
+    """Run `code` in a subprocess with TRITON_INTERPRET=1 (the variable must be set before triton is
+    imported); it must print INTERP_OK. Skips where triton is missing or its interpreter does not run
+    under this numpy."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
+    if r.returncode != 0 and "InterpreterError" in r.stderr and "Python scalars" in r.stderr:
+        pytest.skip("this triton's interpreter does not run under this numpy")  # pragma: no cover
+    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stderr[-3000:]

@@ -7,13 +7,11 @@ the variable must be set before triton is imported).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from specee_compile.ops import exit_score_reference
 
@@ -171,11 +169,4 @@ _INTERP = textwrap.dedent(
 
 
 def test_kernel_logic_in_triton_interpreter_on_cpu():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _INTERP], env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
-    if r.returncode != 0 and "InterpreterError" in r.stderr and "Python scalars" in r.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy")  # pragma: no cover
-    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stderr[-3000:]
+    run_in_triton_interpreter(_INTERP)

@@ -4,13 +4,11 @@ math, on CPU (reference path, compiled layer, the Triton kernel in the interpret
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from specee_compile.model_step import FUSABLE, make_head_fn, make_layer_fn, step_spec
 from specee_compile.ops import fused_linear_reference
@@ -112,15 +110,7 @@ _INTERP = textwrap.dedent(
 
 
 def test_kernel_logic_in_triton_interpreter_on_cpu():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = f"CASES = {CASES!r}\n" + _INTERP
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
-    if r.returncode != 0 and "InterpreterError" in r.stderr and "Python scalars" in r.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy")  # pragma: no cover
-    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stderr[-3000:]
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP)
 
 
 @cuda

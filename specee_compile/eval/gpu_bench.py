@@ -162,9 +162,7 @@ def _fresh(fn, tag: str):
 
 
 def compile_fns(spec, mode: str):
-    from ..model_step import make_head_fn, make_layer_fn
-
-    from ..model_step import CUDA_FUSED, FUSABLE
+    from ..model_step import CUDA_FUSED, FUSABLE, make_head_fn, make_layer_fn
 
     fused = {"fused": CUDA_FUSED, "fused_gemv": tuple(f for f in FUSABLE if f != "attn"),
              "fused_xdown": tuple(f for f in FUSABLE if f != "down")}.get(mode, ())
@@ -853,6 +851,22 @@ GEMV_SHAPES = (  # name, N, K, prologue, residual (Llama-2-7B)
 )
 
 
+def gemv_inputs(n: int, k: int, pro: str, has_res: bool, copies: int, dev, g):
+    """fp16 inputs of one fused_linear shape: `copies` weights [n, k], x, norm weight, residual."""
+    kin = 2 * k if pro == "silu_mul" else k
+    ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
+    x = torch.randn(1, 1, kin, generator=g).half().to(dev)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
+    r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+    return ws, x, nw, r
+
+
+def gemv_time_us(fn, x, ws, r, nw, pro: str) -> float:
+    """Device time per call of a fused_linear implementation, each call on the next weight copy."""
+    it = iter(range(10**9))
+    return graph_time_us(lambda: fn(x, ws[next(it) % len(ws)], r, nw, 1e-5, pro), reps=24)
+
+
 def gemv_check(dev, shapes=GEMV_SHAPES, copies: int = 6) -> dict:
     """`specee::fused_linear` Triton GEMV vs the eager math (cuBLAS + separate norm / SiLU / add
     kernels): error, and device time per call with the weight rotated over `copies` tensors (so
@@ -863,17 +877,12 @@ def gemv_check(dev, shapes=GEMV_SHAPES, copies: int = 6) -> dict:
     out: dict = {"registered": register_cuda_impl()}
     g = torch.Generator().manual_seed(7)
     for name, n, k, pro, has_res in shapes:
-        kin = 2 * k if pro == "silu_mul" else k
-        ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
-        x = torch.randn(1, 1, kin, generator=g).half().to(dev)
-        nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
-        r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+        ws, x, nw, r = gemv_inputs(n, k, pro, has_res, copies, dev, g)
         got = triton_fused_linear(x, ws[0], r, nw, 1e-5, pro)
         ref = fused_linear_reference(x, ws[0], r, nw, 1e-5, pro)
         exact = fused_linear_reference(x.float(), ws[0].float(), r.float() if has_res else None, nw.float(), 1e-5, pro)
-        it = iter(range(10**9))
-        t_tri = graph_time_us(lambda: triton_fused_linear(x, ws[next(it) % copies], r, nw, 1e-5, pro), reps=24)
-        t_ref = graph_time_us(lambda: fused_linear_reference(x, ws[next(it) % copies], r, nw, 1e-5, pro), reps=24)
+        t_tri = gemv_time_us(triton_fused_linear, x, ws, r, nw, pro)
+        t_ref = gemv_time_us(fused_linear_reference, x, ws, r, nw, pro)
         mb = n * k * 2 / 1e6
         out[name] = {
             "max_abs_err_vs_cublas": float((got.float() - ref.float()).abs().max()),
@@ -989,28 +998,21 @@ def run_bench(args) -> dict:
             res["yardstick"] = {"error": repr(ex)}
         save()
 
-    # 2. kernel check + small-model token check
+    # 2. kernel checks + small-model token check
+    def check(name, fn):
+        log(f"== {name}")
+        try:
+            res["checks"][name] = fn()
+        except Exception as ex:  # noqa: BLE001  # recorded, and the run goes on
+            res["checks"][name] = {"error": repr(ex)[:2000]}
+        log(res["checks"][name])
+
     if dev.type == "cuda":
-        log("== kernel check")
-        try:
-            res["checks"]["triton_exit_kernel"] = kernel_check(dev)
-        except Exception as ex:  # noqa: BLE001
-            res["checks"]["triton_exit_kernel"] = {"error": repr(ex)[:2000]}
-        log(res["checks"]["triton_exit_kernel"])
-    if dev.type == "cuda" and {"fused", "fused_gemv"} & set(args.modes.split(",")):
-        log("== fused GEMV check")
-        try:
-            res["checks"]["triton_gemv"] = gemv_check(dev)
-        except Exception as ex:  # noqa: BLE001
-            res["checks"]["triton_gemv"] = {"error": repr(ex)[:2000]}
-        log(res["checks"]["triton_gemv"])
+        check("triton_exit_kernel", lambda: kernel_check(dev))
+    if dev.type == "cuda" and {"fused", "fused_gemv", "fused_xdown"} & set(args.modes.split(",")):
+        check("triton_gemv", lambda: gemv_check(dev))
     if not args.skip_small_check:
-        log("== small model check")
-        try:
-            res["checks"]["small_model_dense_vs_hf"] = small_model_check(dev, dt, args.modes.split(",")[0])
-        except Exception as ex:  # noqa: BLE001
-            res["checks"]["small_model_dense_vs_hf"] = {"error": repr(ex)[:2000]}
-        log(res["checks"]["small_model_dense_vs_hf"])
+        check("small_model_dense_vs_hf", lambda: small_model_check(dev, dt, args.modes.split(",")[0]))
     save()
 
     # 3. the model, HF eager

@@ -1,8 +1,35 @@
-"""Python side of the custom kernels of `specee::exit_score`.
+"""Kernels behind the custom ops of `specee_compile.ops` (Triton, CUDA) and the TensorRT exit plugin.
 
-    triton_exit_score   the fused Triton kernel (CUDA impl of the torch op, AOT PTX compile)
-    trt_exit_plugin     the op as a TensorRT quickly-deployable plugin (QDP) whose AOT implementation
-                        is that kernel's PTX, compiled ahead of time with no GPU
-
-Nothing here is imported eagerly: triton and tensorrt are optional.
+`triton`, `tl` and `HAVE_TRITON` are imported once here: triton is optional on CPU-only installs, and
+every kernel module guards on HAVE_TRITON. `register_kernel` makes a kernel the CUDA implementation
+of an op, once.
 """
+
+from __future__ import annotations
+
+try:  # triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+_REGISTERED: set[str] = set()
+
+
+def register_kernel(op: str, fn) -> bool:
+    """Register `fn` as the CUDA kernel of custom op `op` ("specee::name"). Idempotent; False (and
+    nothing registered) where triton is missing."""
+    if not HAVE_TRITON:
+        return False
+    if op not in _REGISTERED:
+        import torch
+
+        from .. import ops  # noqa: F401  # defines the ops
+
+        torch.library.register_kernel(op, "cuda", fn)
+        _REGISTERED.add(op)
+    return True

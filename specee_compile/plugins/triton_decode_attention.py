@@ -20,15 +20,7 @@ import math
 
 import torch
 
-try:  # triton is optional on CPU-only installs
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from . import HAVE_TRITON, register_kernel, tl, triton
 
 BLOCK_S = 64  # keys per block: a [64, hd] K tile and V tile per step
 MAX_SPLITS = 16  # a power of two (the merge reads all split slots as one vector)
@@ -132,17 +124,5 @@ def triton_decode_attention(q, k, v, valid, pos):
 
 
 def register_cuda_impl() -> bool:
-    """Make the kernel the CUDA implementation of `specee::decode_attention`. Idempotent; False where
-    triton is missing."""
-    global _REGISTERED
-    if not HAVE_TRITON:
-        return False
-    if not _REGISTERED:
-        from .. import ops  # noqa: F401  # defines the op
-
-        torch.library.register_kernel("specee::decode_attention", "cuda", triton_decode_attention)
-        _REGISTERED = True
-    return True
-
-
-_REGISTERED = False
+    """Make the kernel the CUDA implementation of `specee::decode_attention` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::decode_attention", triton_decode_attention)

@@ -26,15 +26,7 @@ import functools
 
 import torch
 
-try:  # triton is optional on CPU-only installs
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from . import HAVE_TRITON, register_kernel, tl, triton
 
 BLOCK_D = 512  # D-chunk per loop iteration (4 warps x 32 lanes x 4 elements)
 BLOCK_H = 128  # predictor hidden units per loop iteration
@@ -216,24 +208,10 @@ def triton_exit_decide(
             (alive_off, forced_off, exit_off))
 
 
-_REGISTERED = False
-
-
 def register_cuda_impl() -> bool:
-    """Register the fused kernel as the CUDA implementation of `specee::exit_score`. Idempotent.
-
-    Returns False (and registers nothing) where triton is missing."""
-    global _REGISTERED
-    if _REGISTERED:
-        return True
-    if not HAVE_TRITON:
-        return False
-    from .. import ops  # defines the op
-
-    torch.library.register_kernel("specee::exit_score", "cuda", triton_exit_score)
-    del ops
-    _REGISTERED = True
-    return True
+    """Make the fused kernel the CUDA implementation of `specee::exit_score` (idempotent; False where
+    triton is missing)."""
+    return register_kernel("specee::exit_score", triton_exit_score)
 
 
 # ---------------------------------------------------------------------------------- AOT (no GPU)

@@ -33,15 +33,7 @@ import os
 
 import torch
 
-try:  # triton is optional on CPU-only installs
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001  # pragma: no cover - triton absent or broken
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from . import HAVE_TRITON, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
@@ -212,17 +204,5 @@ def _fixed_config():
 
 
 def register_cuda_impl() -> bool:
-    """Make the kernel the CUDA implementation of `specee::fused_linear`. Idempotent; False (nothing
-    registered) where triton is missing."""
-    global _REGISTERED
-    if not HAVE_TRITON:
-        return False
-    if not _REGISTERED:
-        from .. import ops  # noqa: F401  # defines the op
-
-        torch.library.register_kernel("specee::fused_linear", "cuda", triton_fused_linear)
-        _REGISTERED = True
-    return True
-
-
-_REGISTERED = False
+    """Make the kernel the CUDA implementation of `specee::fused_linear` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::fused_linear", triton_fused_linear)
