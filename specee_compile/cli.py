@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/eval", help="directory for JSON + PNG")
     p.add_argument("--threshold", type=float)
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="eager", choices=["eager", "inductor"],
+                   help="inductor: compiled segments (+ CUDA graphs and the fused Triton kernels on CUDA)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="export the conditional ONNX decode graph (+ TensorRT engines)")

@@ -154,6 +154,14 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _machine(device: str) -> str:
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+
+
 def eval_command(args) -> dict:
     import torch
     from tqdm import tqdm
@@ -185,7 +193,8 @@ def eval_command(args) -> dict:
     shared = None
     for name in configs:
         s = Settings(max_context=2048, threshold=args.threshold, draft_source=args.draft_source,
-                     artifacts=args.artifacts, **CONFIGS[name])
+                     artifacts=args.artifacts, device=getattr(args, "device", "cpu"),
+                     backend=getattr(args, "backend", "eager"), **CONFIGS[name])
         dec = build_decoder(loaded, s, segments=shared)
         shared = shared or dec.seg
         decoders[name] = dec
@@ -209,7 +218,8 @@ def eval_command(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plot_histograms(summary, L, out / "exit_histogram.png")
     meta = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
+        "date": time.strftime("%Y-%m-%d"), "machine": _machine(getattr(args, "device", "cpu")),
+        "backend": getattr(args, "backend", "eager"),
         "model": loaded.name, "fingerprint": loaded.fingerprint, "dtype": "float32", "commit": git_commit(),
         "command": "specee-compile eval " + " ".join(getattr(args, "argv", []) or [args.model]),
         "threshold": args.threshold, "draft": args.draft_source, "wall_s": round(time.time() - t_start, 1),
