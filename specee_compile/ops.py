@@ -1,4 +1,14 @@
-"""The exit-point op `specee::exit_score`, defined once and lowered by every backend.
+"""The custom ops of the decode step, each defined once with an eager reference and a fake (shapes
+only) implementation, so torch.export, the passes and Inductor carry them; on CUDA their Triton
+kernels (`plugins/`) are registered by `register_cuda_kernels()`.
+
+- `specee::exit_score`: the exit point (below), lowered by every backend.
+- `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
+- `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
+The last two appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
+the ONNX exporter and the eager backend use the plain ops.
+
+The exit point:
 
     exit_score(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps) -> (score, z, p)
 

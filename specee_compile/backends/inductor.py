@@ -115,6 +115,7 @@ class InductorSegments(Segments):
             "compiles": dict(self._compiles),
             "compile_s": {k: round(v, 3) for k, v in self._compile_s.items()},
             "cuda_graphs": len(self._graphs.entries) if self._graphs is not None else 0,
+            "fused_ops": list(self.fused),
         }
 
     def _keys_for(self, S: int) -> torch.Tensor:
