@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from test_runtime import AllCandidates, ScriptedExits, forced_program, tiny
+from test_runtime import run_forced, tiny
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specee_compile.backends import make_segments
@@ -90,21 +90,6 @@ def random_program(k=4, hidden=16, seed=0):
     )
 
 
-def run_scripted(cls, model, settings, plan, ids):
-    prog = forced_program(L, 256)
-    seg = cls(model, settings, prog, plan=plan)
-    dec = Decoder(seg, settings, program=prog, draft=AllCandidates(256))
-    seg.step = 0
-    step = dec._step
-
-    def counted(current):
-        step(current)
-        seg.step += 1
-
-    dec._step = counted
-    return dec.generate(ids), seg
-
-
 # ---------------------------------------------------------------- InductorSegments
 
 
@@ -147,8 +132,8 @@ def test_scripted_exits_equal_eager_tokens_and_cache(kv_policy):
     rng = random.Random(0)
     table = {st: rng.choice([None, 0, 1, 2]) for st in range(200)}
     ids = PROMPTS[0]
-    got, gseg = run_scripted(ScriptedInductor, model, s.replace(backend="inductor"), table.get, ids)
-    want, eseg = run_scripted(ScriptedExits, model, s, table.get, ids)
+    got, gseg = run_forced(model, s.replace(backend="inductor"), table.get, ids, cls=ScriptedInductor)
+    want, eseg = run_forced(model, s, table.get, ids)
     assert got.token_ids == want.token_ids
     assert got.exit_layers == want.exit_layers and any(e < L - 1 for e in got.exit_layers)
     if kv_policy == "backfill":
@@ -248,8 +233,8 @@ def test_cuda_graphs_equal_eager_on_gpu():
     s = Settings(**BASE, device="cuda", specee=True, kv_policy="backfill", use_schedule=False, max_pending=3)
     rng = random.Random(1)
     table = {st: rng.choice([None, 0, 1, 2]) for st in range(200)}
-    got, gseg = run_scripted(ScriptedInductor, model, s.replace(backend="inductor"), table.get, PROMPTS[0])
-    want, _ = run_scripted(ScriptedExits, model, s, table.get, PROMPTS[0])
+    got, gseg = run_forced(model, s.replace(backend="inductor"), table.get, PROMPTS[0], cls=ScriptedInductor)
+    want, _ = run_forced(model, s, table.get, PROMPTS[0])
     assert got.token_ids == want.token_ids and got.exit_layers == want.exit_layers
     assert gseg.compile_stats()["cuda_graphs"] > 0
     dense = s.replace(specee=False)

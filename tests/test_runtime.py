@@ -138,10 +138,12 @@ def forced_program(L, k):
     )
 
 
-def run_forced(model, settings, plan, ids):
+def run_forced(model, settings, plan, ids, cls=None):
+    """Decode `ids` with exits forced by plan(step) -> exit layer (or None); cls: the scripted
+    segments class (ScriptedExits, or a compiled backend's scripted subclass)."""
     L = model.config.num_hidden_layers
     prog = forced_program(L, 256)
-    seg = ScriptedExits(model, settings, prog, plan=plan)
+    seg = (cls or ScriptedExits)(model, settings, prog, plan=plan)
     dec = Decoder(seg, settings, program=prog, draft=AllCandidates(256))
     seg.step = 0
     orig = dec._step

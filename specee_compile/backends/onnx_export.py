@@ -986,20 +986,25 @@ def _export_draft(eagle, spec: StepSpec, max_len: int, k: int, out: Path, dtype,
     return ["draft.onnx"] + (["draft.onnx.data"] if external else [])
 
 
-def count_if_nodes(path) -> int:
-    """If nodes in an ONNX file, counting those nested in subgraphs."""
+def count_nodes(path, op_type: str) -> int:
+    """Nodes of `op_type` in an ONNX file, counting those nested in subgraphs."""
     import onnx
 
     def walk(g):
         n = 0
         for node in g.node:
-            n += node.op_type == "If"
+            n += node.op_type == op_type
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     n += walk(attr.g)
         return n
 
     return walk(onnx.load(str(path), load_external_data=False).graph)
+
+
+def count_if_nodes(path) -> int:
+    """If nodes in an ONNX file, counting those nested in subgraphs."""
+    return count_nodes(path, "If")
 
 
 __all__ = [
@@ -1012,6 +1017,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "DraftStep",
     "count_if_nodes",
+    "count_nodes",
     "decode_inputs",
     "export_onnx",
     "io_spec",

@@ -95,18 +95,9 @@ def _if_depth(onnx_path: Path) -> int:
 
 def _plugin_nodes(onnx_path: Path) -> int:
     """How many `specee::exit_score` plugin nodes the graph holds (decode_step.plugin.onnx)."""
-    import onnx
+    from .onnx_export import count_nodes
 
-    def walk(g):
-        n = 0
-        for node in g.node:
-            n += node.op_type == "exit_score"
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    n += walk(a.g)
-        return n
-
-    return walk(onnx.load(str(onnx_path), load_external_data=False).graph)
+    return count_nodes(onnx_path, "exit_score")
 
 
 def _parse(trt, builder, logger, onnx_path: Path, flavour: str):
