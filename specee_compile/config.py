@@ -115,4 +115,26 @@ def torch_dtype(name: str):
         raise SpecEEError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
 
 
-__all__ = ["Settings", "torch_dtype"]
+def check_device(device: str) -> None:
+    """Fail with a clear message for a device this machine cannot use (before any weight moves)."""
+    import torch
+
+    from .errors import BackendUnavailable
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackendUnavailable(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"device {device!r} asked for, but this torch has no usable CUDA device "
+                f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendUnavailable(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+
+
+__all__ = ["Settings", "check_device", "torch_dtype"]

@@ -54,3 +54,18 @@ def test_generate_writes_stats(capsys, tiny_model_dir, tmp_path):
 def test_specee_without_artifacts_says_what_to_do(capsys, tiny_model_dir):
     rc, _, err = run(capsys, "generate", str(tiny_model_dir), "hello", "--specee", "--max-context", "64")
     assert rc == 2 and "specee-compile train" in err
+
+
+def test_unusable_device(capsys, tiny_model_dir, tmp_path):
+    import pytest
+    import torch
+
+    rc, _, err = run(capsys, "generate", str(tiny_model_dir), "hi", "--device", "tpu9")
+    assert rc == 2 and "unknown device 'tpu9'" in err and "Traceback" not in err
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = run(capsys, "generate", str(tiny_model_dir), "hi", "--device", "cuda")
+    assert rc == 2 and "no usable CUDA device" in err and "--device cpu" in err
+    rc, _, err = run(capsys, "eval", str(tiny_model_dir), "--mtbench", "1", "--squad", "0", "--device", "cuda",
+                     "--out", str(tmp_path / "ev"))
+    assert rc == 2 and "no usable CUDA device" in err and not (tmp_path / "ev").exists()

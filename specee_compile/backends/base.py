@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Settings, torch_dtype
+from ..config import Settings, check_device, torch_dtype
 from ..model_step import ModelWeights, extract_weights, make_head_fn, make_layer_fn
 from ..program import SpecEEProgram
 
@@ -44,6 +44,7 @@ class Segments:
 
     def __init__(self, model, settings: Settings, program: SpecEEProgram | None = None):
         dtype = torch_dtype(settings.dtype)
+        check_device(settings.device)
         model = model.to(device=settings.device, dtype=dtype)
         max_pos = getattr(model.config, "max_position_embeddings", settings.max_context)
         self.max_len = min(settings.max_context, max_pos)

@@ -334,6 +334,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """
     from transformers import AutoTokenizer
 
+    from ..config import check_device
+
+    check_device(str(device))  # before any weights load
     source = _locate(str(name_or_path))
     config, local_only = _config_for(source)
     try:
