@@ -26,3 +26,12 @@ class InputError(SpecEEError):
 
 class BackendUnavailable(SpecEEError):
     """A backend's dependency (onnxruntime, tensorrt, CUDA) is not installed here."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived during a write; raised so that every `finally` cleanup runs.
+    The CLI prints one line and exits with 128 + signum (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -2,7 +2,11 @@
 
 model + SpecEE artifacts (predictors, draft, schedule) -> prefill.onnx, decode_step.onnx (nested
 `If` exits), draft.onnx, weights, predictors, tokenizer, TensorRT engines where TensorRT is present,
-and manifest.json with the fingerprint and every file's sha256. Written atomically.
+and manifest.json with the fingerprint and every file's sha256. Written atomically; the output
+directory is checked before any work (see `artifacts.plan_output`: never a file, never a directory
+holding files we did not write unless --force, which still deletes and overwrites nothing of the
+user's). Each graph carries the model fingerprint and the tokenizer digest in its metadata, which
+loading cross-checks against the manifest (`artifacts.check_export`).
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ def _alias(loaded, model_name: str) -> str:
 
 
 def export_command(model_name: str, output: str | None = None, *, backend: str = "onnx", artifacts=None,
-                   trt_plugin: bool = False, max_context: int = 1024, dtype: str = "float32") -> dict:
+                   trt_plugin: bool = False, max_context: int = 1024, dtype: str = "float32",
+                   force: bool = False) -> dict:
     from .api import default_artifacts_dir, eos_ids, load_program
-    from .artifacts import atomic_directory, read_manifest, write_manifest
+    from .artifacts import atomic_directory, plan_output, read_manifest, stamp_graphs, write_manifest
     from .backends.onnx_export import count_if_nodes, export_onnx
     from .models import load_model
 
     t0 = time.perf_counter()
+    # bad numbers and an unusable output directory fail before the model loads
+    settings = Settings(specee=True, max_context=max_context, dtype=dtype, artifacts=artifacts)
+    if output is not None:
+        plan_output(output, force=force)
     loaded = load_model(model_name)
     out = Path(output or Path("exported") / _alias(loaded, model_name))
-    settings = Settings(specee=True, max_context=max_context, dtype=dtype, artifacts=artifacts)
+    if output is None:
+        plan_output(out, force=force)
     source = Path(artifacts) if artifacts else default_artifacts_dir(loaded)
     program = draft = None
     src_manifest: dict = {}
@@ -44,7 +54,7 @@ def export_command(model_name: str, output: str | None = None, *, backend: str =
     else:
         print(f"no SpecEE artifacts for {loaded.name}: exporting a dense decode step "
               f"(train them with `specee-compile train {model_name} -o DIR`, then --artifacts DIR)", file=sys.stderr)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, force=force) as tmp:
         print(f"exporting {loaded.name} to {out} ...", file=sys.stderr)
         info = export_onnx(loaded.model, program, tmp, settings, draft=getattr(draft, "draft", None),
                            trt_exit_plugin=trt_plugin,
@@ -55,6 +65,7 @@ def export_command(model_name: str, output: str | None = None, *, backend: str =
                 if (source / name).exists():
                     shutil.copy2(source / name, tmp / name)
         loaded.tokenizer.save_pretrained(str(tmp))
+        stamp_graphs(tmp, fingerprint=loaded.fingerprint)  # graphs <-> model + tokenizer, checked on load
         engines = []
         if backend == "tensorrt":
             from .backends.tensorrt import build_engines
