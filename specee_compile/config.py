@@ -77,6 +77,8 @@ class Settings:
     def __post_init__(self) -> None:
         from .errors import SpecEEError
 
+        _check_fields(self)  # types and ranges first: the checks below compare values
+
         def check(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
@@ -102,6 +104,97 @@ class Settings:
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+# Settings fields: (kind, lower bound, lower inclusive, upper bound). Fields not listed are not
+# checked here (their own checks live in __post_init__).
+_FIELD_RULES: dict[str, tuple] = {
+    "max_new_tokens": ("int", 1, True, None),
+    "seed": ("int", None, True, None),
+    "max_context": ("int", 1, True, None),
+    "num_candidates": ("int", 1, True, None),
+    "max_pending": ("int", 0, True, None),
+    "min_exit_layer": ("int", 0, True, None),
+    "online_window": ("int", 0, True, None),
+    "offline_max_layers": ("int", 0, True, None),
+    "temperature": ("float", 0.0, True, None),
+    "top_p": ("float", 0.0, False, 1.0),
+    "threshold": ("float?", 0.0, True, 1.0),
+    "offline_coverage": ("float", 0.0, False, 1.0),
+    "chat_template": ("bool",),
+    "cuda_graphs": ("bool",),
+    "specee": ("bool",),
+    "use_schedule": ("bool",),
+    "device": ("device",),
+    "dtype": ("str",),
+    "draft_source": ("str?",),
+    "artifacts": ("path?",),
+}
+
+
+def _check_fields(s: Settings) -> None:
+    """Raise SpecEEError for a Settings field of the wrong type or out of range (e.g. max_new_tokens="8",
+    top_p=5, temperature=-1); integral/real numbers of other types (numpy) are converted."""
+    import math
+    import numbers
+    import os
+
+    from .errors import SpecEEError
+
+    for name, rule in _FIELD_RULES.items():
+        if not hasattr(s, name):
+            continue
+        v, kind = getattr(s, name), rule[0]
+        if kind.endswith("?"):
+            if v is None:
+                continue
+            kind = kind[:-1]
+        got = f"got {v!r} ({type(v).__name__})"
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise SpecEEError(f"Settings.{name} must be True or False, {got}")
+            continue
+        if kind == "str":
+            if not isinstance(v, str):
+                raise SpecEEError(f"Settings.{name} must be a string, {got}")
+            continue
+        if kind == "device":  # a string, or a torch.device (kept as its string form)
+            if type(v).__name__ == "device" and not isinstance(v, str):
+                v = str(v)
+                setattr(s, name, v)
+            if not isinstance(v, str):
+                raise SpecEEError(f"Settings.{name} must be a device string such as 'cpu' or 'cuda:0', {got}")
+            continue
+        if kind == "path":
+            if not isinstance(v, (str, os.PathLike)):
+                raise SpecEEError(f"Settings.{name} must be a directory path, {got}")
+            setattr(s, name, os.fspath(v))
+            continue
+        lo, lo_incl, hi = rule[1], rule[2], rule[3]
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise SpecEEError(f"Settings.{name} must be an integer, {got}")
+            v = int(v)
+        else:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+                raise SpecEEError(f"Settings.{name} must be a finite number, {got}")
+            v = float(v)
+        bad_lo = lo is not None and (v < lo if lo_incl else v <= lo)
+        bad_hi = hi is not None and v > hi
+        if bad_lo or bad_hi:
+            if lo is not None and hi is not None:
+                want = f"in {'[' if lo_incl else '('}{lo}, {hi}]"
+            else:
+                want = f"{'>=' if lo_incl else '>'} {lo}"
+            raise SpecEEError(f"{name} must be {want}, got {getattr(s, name)!r}")
+        setattr(s, name, v)
+    offsets = getattr(s, "online_offsets", ())
+    try:
+        ok = all(isinstance(o, numbers.Integral) and not isinstance(o, bool) for o in offsets)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise SpecEEError(f"Settings.online_offsets must be a sequence of integers, got {offsets!r}")
 
 
 def torch_dtype(name: str):
