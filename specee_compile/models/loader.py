@@ -350,6 +350,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     except OSError as e:
         raise ModelNotFound(f"cannot load weights or tokenizer of {source.given!r} from "
                             f"{source.location} ({_first_line(e)})") from e
+    except Exception as e:  # a corrupt or truncated model.safetensors (SafetensorError has no OSError base)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelNotFound(f"the weights of {source.given!r} in {source.location} are corrupt or truncated "
+                            f"({_first_line(e)}); download or convert the model again") from None
     model = model.to(device).eval()
     model.requires_grad_(False)
     _set_padding(model, tokenizer)
