@@ -1,25 +1,21 @@
-"""Backends turn the decode step into runnable segments: eager (reference), inductor, onnx, tensorrt."""
+"""Backends turn the decode step into something runnable. Every backend is declared once, in
+`registry.py`; model backends (eager, inductor) give the runtime `Segments` (`runtime/contract.py`),
+artifact backends (onnx, tensorrt) run an exported directory through the same loop."""
 
-from .base import KVCache, Segments
+from .registry import REGISTRY, BackendEntry, backend_names, get_backend
 
 
-def make_segments(model, settings, program=None) -> Segments:
-    """Build the segments of `model` for `settings.backend` (eager or inductor; onnx/tensorrt
-    artifacts run through their own runners, see `backends.onnx_runner`)."""
+def make_segments(model, settings, program=None):
+    """The segments of `model` for `settings.backend` (a backend of kind "model")."""
     from ..errors import SpecEEError
 
-    if settings.backend == "eager":
-        from .eager import EagerSegments
-
-        return EagerSegments(model, settings, program)
-    if settings.backend == "inductor":
-        from .inductor import InductorSegments
-
-        return InductorSegments(model, settings, program)
-    raise SpecEEError(
-        f"backend {settings.backend!r} runs from an exported artifact directory: "
-        f"`specee-compile export MODEL -o DIR`, then `specee-compile generate DIR PROMPT --backend {settings.backend}`"
-    )
+    entry = get_backend(settings.backend)
+    if entry.kind != "model":
+        raise SpecEEError(
+            f"backend {settings.backend!r} runs from an exported artifact directory: "
+            f"`specee-compile export MODEL -o DIR`, then `specee-compile generate DIR PROMPT --backend {settings.backend}`"
+        )
+    return entry.load()(model, settings, program)
 
 
-__all__ = ["KVCache", "Segments", "make_segments"]
+__all__ = ["REGISTRY", "BackendEntry", "backend_names", "get_backend", "make_segments"]

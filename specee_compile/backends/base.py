@@ -1,6 +1,6 @@
-"""What a backend gives the runtime: segments over a static KV cache.
+"""The eager `Segments` (runtime/contract.py) over a static KV cache; model backends subclass it.
 
-The runtime (`runtime/decoder.py`) only calls these methods, so it runs unchanged on every backend.
+The runtime (`runtime/decoder.py`) only calls the contract's methods, so it runs unchanged on every backend.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class KVCache:
 class Segments:
     """Eager segments; subclasses swap in compiled versions of `_layer`, `_head`, `_exit`."""
 
+    name = "eager"
     attn_bucket = 64  # attended cache prefix is rounded up to this (bounds recompiles)
 
     def __init__(self, model, settings: Settings, program: SpecEEProgram | None = None):
@@ -65,6 +66,21 @@ class Segments:
     def attn_len(self, max_pos: int) -> int:
         b = self.attn_bucket
         return min(self.max_len, (max_pos // b + 1) * b)
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # ids [P] -> (logits [V] after the last row, final-normed hidden states hn [P, D])
+        P = len(ids)
+        pos = torch.arange(P, device=self.device)
+        h = self.embed(torch.tensor(ids, device=self.device))
+        S = self.attn_len(P - 1)
+        for i in range(self.spec.num_layers):
+            h = self.layer(i, h, pos, S)
+        _, logits = self.head(h[:, -1:])
+        return logits[0, -1], self.norm(h)[0]
+
+    def head_rows(self, candidates: torch.Tensor) -> torch.Tensor:
+        # candidates [k] -> their LM-head rows [k, D]
+        return self.weights.head[candidates]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # ids [q] -> h [1, q, D]

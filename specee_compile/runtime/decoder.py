@@ -1,4 +1,11 @@
-"""The decode loop: dense, or with speculative early exits. Backend-agnostic: it drives `Segments`.
+"""The decode loop: dense, or with speculative early exits. The one loop for every backend: it calls
+only the contract of `runtime/contract.py` (a backend's `Segments`, and its `WholeStep` where it has
+one) and reads the exit / KV policy objects of `runtime/policies.py`.
+
+Per step the loop builds a `StepPlan` (token, candidates, active exit layers, thresholds, policy). A
+backend with a whole-step program that can run the plan (the CUDA-graph step of the inductor backend:
+dense, and exits without pending rows) runs it in one call; otherwise the loop composes the step from
+the backend's segments, as below. Both give the same tokens (tests/test_runtime.py, test_inductor.py).
 
 One step emits one token. With early exit (greedy, batch 1) a step for the token at position p:
   1. candidates S (k tokens) from the candidate source; their LM-head rows W_S [k, D], gathered once;
@@ -37,6 +44,8 @@ import torch
 from ..config import Settings
 from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
+from .contract import Backend, Segments, StepOut, StepPlan, WholeStep
+from .policies import ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
 
 
@@ -117,12 +126,13 @@ class _Row:
 class Decoder:
     def __init__(
         self,
-        segments,
+        segments: Backend,
         settings: Settings,
         eos_ids: set[int] | None = None,
         program: SpecEEProgram | None = None,
         draft=None,
         scheduler=None,
+        policy: ExitPolicy | None = None,
     ):
         self.seg = segments
         self.s = settings
@@ -131,11 +141,17 @@ class Decoder:
         self.program = program
         self.draft = draft
         self.scheduler = scheduler
+        self.policy = policy or exit_policy(settings.mode)
+        self.kv = kv_policy(settings.kv_policy)
+        self.whole = segments if isinstance(segments, WholeStep) else None
+        self.composable = isinstance(segments, Segments)
         if settings.specee:
             if program is None or draft is None:
                 raise SpecEEError("--specee needs artifacts (predictors and a candidate source)")
             if settings.temperature > 0:
                 raise SpecEEError("--specee decodes greedily (as the paper); drop --temperature or --specee")
+            if self.policy.needs_kv is not None and self.policy.needs_kv != self.kv.name:
+                raise SpecEEError(f"exit policy {self.policy.name} needs kv_policy={self.policy.needs_kv}")
             self.exit_layers = sorted(ep.layer for ep in program.exit_points if ep.layer < self.L - 1)
             self.thresholds = {
                 ep.layer: ep.threshold if settings.threshold is None else settings.threshold
@@ -171,17 +187,11 @@ class Decoder:
         self._on_token = on_token
 
         t0 = time.perf_counter()
-        P = len(prompt_ids)
-        pos = torch.arange(P, device=seg.device)
-        h = seg.embed(torch.tensor(prompt_ids, device=seg.device))
-        S = seg.attn_len(P - 1)
-        for i in range(self.L):
-            h = seg.layer(i, h, pos, S)
-        hn, logits = seg.head(h[:, -1:])
-        first = select_token(logits[0, -1], s.temperature, s.top_p, self.gen)
+        logits, hn = seg.prefill(list(prompt_ids))  # logits [V] of the last row, hn [P, D]
+        first = select_token(logits, s.temperature, s.top_p, self.gen)
         if s.specee:
-            self.draft.reset(list(prompt_ids), seg.norm(h)[0])
-            self.draft.observe(first, hn[0, -1], self.L - 1)
+            self.draft.reset(list(prompt_ids), hn)
+            self.draft.observe(first, hn[-1], self.L - 1)
             if self.scheduler is not None:
                 self.scheduler.reset()
         self._sync()
@@ -191,13 +201,13 @@ class Decoder:
 
     def done(self) -> bool:
         """True once EOS or max_new_tokens is reached and nothing awaits verification."""
-        return self._finished() and not (self.pending and self.s.mode == "lossless")
+        return self._finished() and not (self.pending and self.policy.needs_rollback)
 
     @torch.no_grad()
     def step(self) -> None:
         """Advance by one decode step (appends to `self.seq`; lossless may roll back instead)."""
         if self._finished():
-            if self.pending and self.s.mode == "lossless":
+            if self.pending and self.policy.needs_rollback:
                 self._step(current=False)  # flush: verify pending exits before stopping
             return
         if self.s.specee:
@@ -218,7 +228,7 @@ class Decoder:
         self.seq.append(tok)
         self.res.exit_layers.append(layer)
         # stream only what can no longer be rolled back
-        if self.s.mode == "lossless" and self.pending:
+        if self.policy.needs_rollback and self.pending:
             self._stream(min(r.pos for r in self.pending) + 1)
         else:
             self._stream(len(self.seq))
@@ -229,17 +239,34 @@ class Decoder:
                 self._on_token(t)
         self._streamed = max(self._streamed, upto)
 
+    def _whole_step(self, plan: StepPlan) -> StepOut | None:
+        """Run the plan as the backend's whole-step program, if it has one that can."""
+        if self.whole is not None and self.whole.can_run(plan):
+            return self.whole.run_step(plan)
+        if not self.composable:
+            raise SpecEEError(
+                f"backend {self.seg.name!r} cannot run this step (mode {self.policy.name}, kv {self.kv.name}); "
+                "use --backend eager or inductor"
+            )
+        return None
+
     def _dense_step(self, gen) -> None:
         seg, p = self.seg, len(self.seq) - 1
+        res = self.res
+        res.layer_passes += self.L
+        res.layer_rows += self.L
+        res.decode_steps += 1
+        if self.s.temperature <= 0:
+            out = self._whole_step(StepPlan(token=self.seq[-1], pos=p))
+            if out is not None:
+                self._append(out.token, self.L - 1)
+                return
         pos = torch.tensor([p], device=seg.device)
         h = seg.embed(pos.new_tensor([self.seq[-1]]))
         S = seg.attn_len(p)
         for i in range(self.L):
             h = seg.layer(i, h, pos, S)
         _, logits = seg.head(h)
-        self.res.layer_passes += self.L
-        self.res.layer_rows += self.L
-        self.res.decode_steps += 1
         self._append(select_token(logits[0, -1], self.s.temperature, self.s.top_p, gen), self.L - 1)
 
     def _active_layers(self) -> set[int]:
@@ -247,26 +274,49 @@ class Decoder:
             return set(self.exit_layers)
         return set(self.scheduler.active(self.L)) & set(self.exit_layers)
 
+    def _plan(self, cands: torch.Tensor, active: set[int]) -> StepPlan:
+        forced = self.policy.forced_layer(self.res.decode_steps)
+        return StepPlan(token=self.seq[-1], pos=len(self.seq) - 1, candidates=cands,
+                        active=frozenset(i for i in active if i >= self.s.min_exit_layer),
+                        thresholds=self.thresholds, policy=self.policy, forced_exit=forced)
+
+    def _emit(self, token: int, hn: torch.Tensor, layer: int) -> None:
+        self.draft.observe(token, hn, layer)
+        if self.scheduler is not None and layer < self.L - 1:
+            self.scheduler.record_exit(layer)
+        self._append(token, layer)
+
     def _step(self, current: bool) -> None:
         """One early-exit step for the last token (or, current=False, a flush of pending rows)."""
         s, seg, res, L = self.s, self.seg, self.res, self.L
         dev = seg.device
         p = len(self.seq) - 1
-        backfill = s.kv_policy == "backfill"
+        backfill = self.kv.keeps_pending
+        policy = self.policy
         rows: list[_Row] = []
+        plan = None
         if current:
-            rows.append(_Row(p, -1, seg.embed(torch.tensor([self.seq[-1]], device=dev))))
             cands = self.draft.propose().to(dev)  # [k]
-            w_rows = seg.weights.head[cands]  # [k, D]
-            p_prev = torch.zeros(cands.numel(), device=dev, dtype=torch.float32)
             may_exit = len(self.pending) < s.max_pending
-            active = self._active_layers() if may_exit else set()
-        else:
-            active = set()
+            plan = self._plan(cands, self._active_layers() if may_exit else set())
+            if not self.pending:
+                out = self._whole_step(plan)
+                if out is not None:
+                    res.decode_steps += 1
+                    res.layer_passes += out.exit_layer + 1
+                    res.layer_rows += out.exit_layer + 1
+                    res.predictor_calls += out.predictor_calls
+                    res.head_calls += out.head_calls
+                    self._emit(out.token, out.hn, out.exit_layer)
+                    return
+            rows.append(_Row(p, -1, seg.embed(torch.tensor([self.seq[-1]], device=dev))))
+            w_rows = seg.head_rows(cands)  # [k, D]
+            p_prev = torch.zeros(cands.numel(), device=dev, dtype=torch.float32)
         waiting = sorted(self.pending, key=lambda r: r.done) if backfill else []
         joined = 0
         S = seg.attn_len(p)
         exit_layer, token, hn_cur = None, None, None
+        active = plan.active if plan is not None else frozenset()
         for i in range(L):
             while waiting and waiting[0].done == i - 1:  # pending rows that skipped layer i join here
                 rows.insert(0, waiting.pop(0))
@@ -280,18 +330,22 @@ class Decoder:
             res.layer_rows += len(rows)
             for j, r in enumerate(rows):
                 r.h, r.done = h[:, j : j + 1], i
-            if i in active and i >= s.min_exit_layer:
+            if i in active:
                 score, z, p_prev = seg.exit_score(i, rows[-1].h, w_rows, p_prev)
                 res.predictor_calls += 1
-                if float(score) > self.thresholds[i]:
-                    if s.mode == "lossless":
+                if policy.forced:
+                    proposed = i == plan.forced_exit
+                else:
+                    proposed = float(score) > self.thresholds[i]
+                if proposed:
+                    if policy.exit_token == "candidates":
                         exit_layer, token = i, int(cands[int(torch.argmax(z))])
                         hn_cur = seg.norm(rows[-1].h)[0, 0]
                         break
                     hn, logits = seg.head(rows[-1].h)
                     res.head_calls += 1
                     t = int(torch.argmax(logits[0, 0]))
-                    if bool((cands == t).any()):
+                    if not policy.verify_in_candidates or bool((cands == t).any()):
                         exit_layer, token, hn_cur = i, t, hn[0, 0]
                         break
         if current:
@@ -302,26 +356,21 @@ class Decoder:
         if exit_layer is not None:  # early exit: rows stay pending (backfill) or are dropped (skip)
             if backfill:
                 self.pending = rows + waiting
-            self.draft.observe(token, hn_cur, exit_layer)
-            if self.scheduler is not None:
-                self.scheduler.record_exit(exit_layer)
-            self._append(token, exit_layer)
+            self._emit(token, hn_cur, exit_layer)
             return
 
         # full depth: every row in `rows` reached the last layer
         self.pending = []
         hn, logits = seg.head(torch.cat([r.h for r in rows], dim=1))
         dense = torch.argmax(logits[0], dim=-1).tolist()  # dense token after each row
-        if s.mode == "lossless":
+        if policy.needs_rollback:
             checked = [(r.pos, j) for j, r in enumerate(rows[:-1] if current else rows)]
             for rpos, j in sorted(checked):  # earliest disagreement wins
                 if self.seq[rpos + 1] != dense[j]:
                     self._rollback(rpos, dense[j], hn[0, j])
                     return
         if current:
-            token = dense[-1]
-            self.draft.observe(token, hn[0, -1], L - 1)
-            self._append(token, L - 1)
+            self._emit(dense[-1], hn[0, -1], L - 1)
 
     def _rollback(self, pos: int, token: int, hn: torch.Tensor) -> None:
         """The dense model disagrees with the token emitted after `pos`: drop everything after."""

@@ -1,0 +1,100 @@
+"""What a backend gives the runtime loop: the one declared contract (`typing.Protocol`s).
+
+The loop in `runtime/decoder.py` imports no backend; it calls only what is declared here.
+
+`Backend` (every backend) -- static facts, the KV cache (reset / truncate for rollback) and a dense
+prefill of the prompt that returns the last row's logits and the final-normed hidden states (what the
+draft is reset with).
+
+`Segments` (every model backend: eager, inductor) -- the decode step cut into per-layer segments over
+a static KV cache (the KV contract of `model_step`). The loop composes a step from them, so every exit
+policy and KV policy runs on every segment backend, backfill rows (q = 1 + pending) included.
+
+`WholeStep` (optional, a backend that can run one whole decode step as one program: the CUDA-graph step
+of the inductor backend, the conditional ONNX graph) -- the loop hands it a `StepPlan` (candidates,
+active exit layers, thresholds, the exit policy) and gets a `StepOut` back. A backend says which
+plans it can run (`can_run`); for the rest the loop composes the step from segments, so adding a whole
+step never takes a mode away.
+
+Shapes (batch 1): h [1, q, D]; pos [q] int64; candidates [k] int64; rows [k, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class KVCacheLike(Protocol):
+    def reset(self) -> None: ...
+
+    def truncate(self, length: int) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides (see module docstring)."""
+
+    name: str
+    spec: object  # model_step.StepSpec (num_layers, vocab, hidden, ...)
+    max_len: int
+    device: torch.device
+    cache: KVCacheLike
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...  # -> (logits [V], hn [P, D])
+
+
+@runtime_checkable
+class Segments(Backend, Protocol):
+    """Per-layer segments of the decode step (see module docstring)."""
+
+    def attn_len(self, max_pos: int) -> int: ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...  # ids [q] -> h [1, q, D]
+
+    def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor: ...
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # -> (hn, logits [1, q, V])
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def head_rows(self, candidates: torch.Tensor) -> torch.Tensor: ...  # [k] -> [k, D]
+
+    def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor): ...
+
+
+@dataclass
+class StepPlan:
+    """One decode step for the token at position `pos` (its id is `token`)."""
+
+    token: int
+    pos: int
+    candidates: torch.Tensor | None = None  # [k]; None = dense step (no exit can happen)
+    active: frozenset[int] = frozenset()  # layers whose exit point is evaluated this step
+    thresholds: dict[int, float] = field(default_factory=dict)
+    policy: object = None  # runtime.policies.ExitPolicy
+    forced_exit: int | None = None  # TraceExits: exit after this layer (benchmark only)
+
+
+@dataclass
+class StepOut:
+    token: int
+    exit_layer: int  # 0-based layer the step ended after (L - 1 = full depth)
+    hn: torch.Tensor  # [D] final-normed hidden state at the exit (what the draft reads next)
+    predictor_calls: int = 0
+    head_calls: int = 0
+
+
+@runtime_checkable
+class WholeStep(Protocol):
+    """A backend that runs a whole decode step as one program (see module docstring)."""
+
+    def can_run(self, plan: StepPlan) -> bool: ...
+
+    def run_step(self, plan: StepPlan) -> StepOut: ...
+
+
+__all__ = ["Backend", "KVCacheLike", "Segments", "StepOut", "StepPlan", "WholeStep"]
