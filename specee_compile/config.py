@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODES = ("approximate", "lossless")
-KV_POLICIES = ("skip", "backfill")
-BACKENDS = ("eager", "inductor", "onnx", "tensorrt")
+from .backends.registry import backend_names
+from .runtime.policies import EXIT_POLICIES, KV_POLICIES as _KV_POLICIES
+
+MODES = tuple(EXIT_POLICIES)  # exit policies (runtime/policies.py)
+KV_POLICIES = tuple(_KV_POLICIES)
+BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 
 
@@ -89,10 +92,11 @@ class Settings:
         check("backend", BACKENDS)
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
-        if self.mode == "lossless" and self.kv_policy != "backfill":
+        needs_kv = EXIT_POLICIES[self.mode].needs_kv
+        if needs_kv is not None and self.kv_policy != needs_kv:
             raise SpecEEError(
-                "mode=lossless needs kv_policy=backfill (the backfill pass is what verifies exits); "
-                "pass --kv backfill"
+                f"mode={self.mode} needs kv_policy={needs_kv} (the backfill pass is what verifies exits); "
+                f"pass --kv {needs_kv}"
             )
         if self.max_new_tokens < 1:
             raise SpecEEError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
