@@ -20,7 +20,7 @@ from .artifacts import (
 )
 from .backends import make_segments
 from .config import Settings
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, SpecEEError
 from .program import ExitPoint, Predictors, SpecEEProgram
 from .runtime.decoder import Decoder
 
@@ -113,9 +113,10 @@ def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
 
 
 def save_program_artifacts(out_dir, loaded, bank, *, source: str, draft=None, offline_layers, extra_info=None,
-                           extra_files: dict | None = None) -> dict:
-    """Write predictors (+ draft) + manifest atomically to out_dir; returns the manifest."""
-    with atomic_directory(out_dir) as tmp:
+                           extra_files: dict | None = None, force: bool = False) -> dict:
+    """Write predictors (+ draft) + manifest atomically to out_dir; returns the manifest. out_dir is
+    refused if it holds files we did not write, unless force (see `artifacts.plan_output`)."""
+    with atomic_directory(out_dir, force=force) as tmp:
         bank.save(tmp / "predictors.safetensors", tmp / "predictors_config.json")
         draft_info = {"source": source, "kind": "none"}
         if draft is not None:
@@ -156,17 +157,77 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler)
 
 
+def check_output_file(path, flag: str = "--stats-json") -> Path:
+    """Fail now, before any work, if a result file cannot be written at `path`: it must not be a
+    directory or a special file, its directory must exist, and both must be writable."""
+    import os
+    import stat
+
+    p = Path(path)
+    if p.is_dir():
+        raise SpecEEError(f"{flag} {path} is a directory; pass a file path such as {p / 'stats.json'}")
+    if os.path.lexists(p):
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise SpecEEError(f"{flag} {path} cannot be used: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecEEError(f"{flag} {path} exists and is not a regular file; pass a file path")
+        if not os.access(p, os.W_OK):
+            raise SpecEEError(f"{flag} {path} is not writable (permission denied)")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise SpecEEError(f"{flag} {path}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecEEError(f"{flag} {path}: the directory {parent} is not writable (permission denied)")
+    return p
+
+
+def check_output_directory(path, flag: str) -> Path:
+    """Fail now, before any work, if files cannot be written into directory `path` (created later
+    if missing): it must not be a file, and it (or its nearest existing parent) must be writable."""
+    import os
+
+    p = Path(path)
+    if os.path.lexists(p) and not p.is_dir():
+        raise SpecEEError(f"{flag} {path} is a file, not a directory; pass a directory path")
+    probe = p.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SpecEEError(f"{flag} {path} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecEEError(f"{flag} {path} cannot be written: {probe} is not writable (permission denied)")
+    return p
+
+
 def stats_json(result, path, extra: dict | None = None) -> None:
+    """Write result.stats() (+ extra) to `path` atomically: a temporary file beside it, renamed over it;
+    the temporary file is removed if anything fails."""
+    import os
+    import tempfile
+
     data = result.stats()
     data.update(extra or {})
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    p = check_output_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.absolute().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise SpecEEError(f"cannot write --stats-json {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 __all__ = [
     "MANIFEST",
     "build_decoder",
+    "check_output_directory",
+    "check_output_file",
     "encode_prompt",
     "eos_ids",
     "load_program",
