@@ -13,15 +13,21 @@ from pathlib import Path
 
 
 def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str | None = "eagle",
-                  draft_dir=None, progress: bool = True) -> dict:
+                  draft_dir=None, progress: bool = True, force: bool = False) -> dict:
     from .api import save_program_artifacts
+    from .artifacts import plan_output
     from .draft import EagleDraft, make_candidate_source
     from .draft.train import train_draft_command
+    from .errors import SpecEEError
     from .models import load_model
     from .predictors.fit import train_predictors_command
     from .predictors.mlp import PredictorBank
 
     source = draft or "eagle"
+    # bad numbers and an unusable output directory fail before the model loads, not after training
+    if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
+        raise SpecEEError(f"--num-texts must be an integer >= 1, got {num_texts!r}")
+    plan_output(out_dir, force=force)
     times = {}
     t0 = time.perf_counter()
     loaded = load_model(model_name)
@@ -50,7 +56,7 @@ def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str 
             out_dir, loaded, bank, source=source, draft=draft_obj, offline_layers=cfg["offline_layers"],
             extra_info={"training": {"times": times, "num_texts": num_texts,
                                      "command": f"specee-compile train {model_name} -o {out_dir}"}},
-            extra_files={"predictors_config.json": tmp / "pred" / "predictors_config.json"},
+            extra_files={"predictors_config.json": tmp / "pred" / "predictors_config.json"}, force=force,
         )
     print(f"artifacts written to {out_dir}: exit layers {manifest['exit_layers']}, offline "
           f"{manifest['schedule']['offline_layers']}, times {times}", file=sys.stderr)

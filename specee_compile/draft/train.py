@@ -530,8 +530,11 @@ def train_draft_command(
     output (``gen_tokens`` tokens), closer to what the draft sees at inference; costly on CPU
     (several seconds per conversation), so off by default. It is not counted in ``time_budget_s``."""
     from ..data import sharegpt_conversations
+    from ..errors import SpecEEError
     from ..models import load_model
 
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise SpecEEError(f"--steps must be an integer >= 1, got {steps!r}")
     loaded = load_model(model_name) if settings is None else _load_with_settings(load_model, model_name, settings)
     convs = list(sharegpt_conversations(conversations + self_generated + 2000))
     train_convs = convs[:conversations]
