@@ -79,9 +79,27 @@ def cmd_generate(args) -> int:
     from .config import torch_dtype
     from .models import load_model
 
+    _check_prompt_text(args.prompt)
     if not args.prompt.strip():
         raise SpecEEError("the prompt is empty: pass some text to generate from")
+    if args.artifacts and not args.specee:
+        raise SpecEEError(f"--artifacts {args.artifacts} is read only with --specee (early exit); add --specee, "
+                          "or drop --artifacts for dense decoding")
     settings = _settings_from(args)
+    # every output is checked before the model loads, so a bad path never costs a generation
+    if args.stats_json:
+        from .api import check_output_file
+
+        check_output_file(args.stats_json, "--stats-json")
+    if args.dump_graphs:
+        from .api import check_output_directory
+
+        check_output_directory(args.dump_graphs, "--dump-graphs")
+    if settings.backend in ("onnx", "tensorrt") and not os.path.isfile(os.path.join(args.model, "manifest.json")):
+        raise SpecEEError(
+            f"--backend {settings.backend} runs an exported artifact directory, and {args.model!r} is not one "
+            f"(no manifest.json); export it first: `specee-compile export {args.model} -o DIR`, then "
+            f"`specee-compile generate DIR PROMPT --backend {settings.backend}`")
     if settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
         from .backends.onnx_runner import generate_from_artifact
 
@@ -102,6 +120,15 @@ def cmd_generate(args) -> int:
     if args.stats_json:
         stats_json(res, args.stats_json, {"model": args.model, "settings": vars_of(settings)})
     return 0
+
+
+def _check_prompt_text(prompt: str) -> None:
+    """Undecodable bytes in argv arrive as lone surrogates (surrogateescape); no tokenizer takes them."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SpecEEError(f"the prompt is not valid UTF-8 (undecodable byte or lone surrogate "
+                          f"{prompt[e.start:e.end]!a} at character {e.start}); pass UTF-8 text") from None
 
 
 def vars_of(settings: Settings) -> dict:
@@ -142,13 +169,20 @@ def cmd_train(args) -> int:
     from .training import train_command
 
     train_command(args.model, args.output, num_texts=args.num_texts, draft=args.draft_source,
-                  draft_dir=args.draft_dir)
+                  draft_dir=args.draft_dir, force=args.force)
     return 0
 
 
 def cmd_train_draft(args) -> int:
+    from .api import check_output_directory
     from .draft.train import train_draft_command
 
+    check_output_directory(args.output, "-o")  # before the model loads and the training runs
+    out = args.output
+    if (os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "draft_config.json"))
+            and not args.force):
+        raise SpecEEError(f"-o {out} is a non-empty directory that holds no draft; pick a new or empty directory, "
+                          "or pass --force to add draft.safetensors and draft_config.json beside its files")
     t0 = time.time()
     cfg = train_draft_command(args.model, args.output, steps=args.steps)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
@@ -167,14 +201,67 @@ def cmd_export(args) -> int:
     from .export import export_command
 
     export_command(args.model, args.output, backend=args.backend, artifacts=args.artifacts,
-                   trt_plugin=args.trt_plugin, max_context=args.max_context)
+                   trt_plugin=args.trt_plugin, max_context=args.max_context, force=args.force)
     return 0
 
 
 def cmd_bench(args) -> int:
     from .eval.gpu_bench import main as bench_main
 
+    _check_bench(args.rest)
     return bench_main(args.rest)
+
+
+def _check_bench(rest: list[str]) -> None:
+    """The benchmark builds Llama-2-7B shapes (about 27 GB in fp32): without CUDA only --tiny runs."""
+    if {"-h", "--help", "--tiny"} & set(rest):
+        return
+    device = next((a.split("=", 1)[1] for a in rest if a.startswith("--device=")), None)
+    if "--device" in rest and rest.index("--device") + 1 < len(rest):
+        device = rest[rest.index("--device") + 1]
+    import torch
+
+    if device is not None and not device.startswith("cuda"):
+        raise SpecEEError(f"bench --device {device} would build Llama-2-7B shapes off the GPU (about 27 GB); "
+                          "pass --tiny for a small CPU dry run, or run it on a CUDA machine")
+    if not torch.cuda.is_available():
+        raise SpecEEError("bench measures Llama-2-7B shapes on a CUDA GPU, and this machine has none usable "
+                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); pass --tiny for a "
+                          "small CPU dry run")
+
+
+# flag -> (lower bound, lower inclusive, upper bound): checked after parsing, one line on error
+_NUMERIC_FLAGS = {
+    "max_new_tokens": ("--max-new-tokens", 1, True, None),
+    "max_context": ("--max-context", 1, True, None),
+    "temperature": ("--temperature", 0.0, True, None),
+    "top_p": ("--top-p", 0.0, False, 1.0),
+    "threshold": ("--threshold", 0.0, True, 1.0),
+    "max_pending": ("--max-pending", 0, True, None),
+    "num_texts": ("--num-texts", 1, True, None),
+    "steps": ("--steps", 1, True, None),
+    "mtbench": ("--mtbench", 0, True, None),
+    "squad": ("--squad", 0, True, None),
+}
+
+
+def _check_numbers(args) -> None:
+    import math
+
+    for dest, (flag, lo, lo_incl, hi) in _NUMERIC_FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SpecEEError(f"{flag} must be a finite number, got {v}")
+        if (v < lo if lo_incl else v <= lo) or (hi is not None and v > hi):
+            want = (f"in {'[' if lo_incl else '('}{lo}, {hi}]" if hi is not None
+                    else f"{'>=' if lo_incl else '>'} {lo}")
+            raise SpecEEError(f"{flag} must be {want}, got {v}")
+
+
+_FORCE_HELP = ("write into an -o directory that holds other files (they are kept: nothing is deleted or "
+               "overwritten that specee-compile did not write)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,12 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-texts", type=int, default=160, help="calibration texts (ShareGPT)")
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
     p.add_argument("--draft-dir", help="a trained draft (from train-draft) to ship with the predictors")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("train-draft", help="train an EAGLE-style draft head by self-distillation")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
+                   "draft.safetensors and draft_config.json are written)")
     p.set_defaults(fn=cmd_train_draft)
 
     p = sub.add_parser("eval", help="dense vs SpecEE on MT-Bench and SQuAD v2: layers, agreement, EM/F1, speed")
@@ -230,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="predictor/draft artifacts (default: shipped)")
     p.add_argument("--trt-plugin", action="store_true", help="exit scoring as a fused TensorRT plugin")
     p.add_argument("--max-context", type=int, default=1024)
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("bench", help="GPU benchmark (Llama-2-7B shapes): HF eager, dense compiled, SpecEE")
@@ -240,19 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark owns its flags (see `specee-compile bench --help`)
-        from .eval.gpu_bench import main as bench_main
-
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["bench"]:  # the benchmark owns its flags (see `specee-compile bench --help`)
+            from .eval.gpu_bench import main as bench_main
+
+            _check_bench(argv[1:])
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        _check_numbers(args)
         return args.fn(args)
     except SpecEEError as e:
         print(f"specee-compile: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("specee-compile: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP during a write (errors.Interrupted)
+        signum = getattr(e, "signum", 2)
+        name = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+        print(f"specee-compile: interrupted ({name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
