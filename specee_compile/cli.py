@@ -190,8 +190,10 @@ def cmd_train_draft(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .api import check_output_directory
     from .eval.accuracy import eval_command
 
+    check_output_directory(args.out, "--out")
     args.argv = sys.argv[2:]
     eval_command(args)
     return 0
