@@ -14,6 +14,7 @@ from .artifacts import (
     MANIFEST,
     atomic_directory,
     check_fingerprint,
+    probe_writable,
     read_manifest,
     shipped_dir,
     write_manifest,
@@ -178,8 +179,9 @@ def check_output_file(path, flag: str = "--stats-json") -> Path:
     parent = p.absolute().parent
     if not parent.is_dir():
         raise SpecEEError(f"{flag} {path}: the directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecEEError(f"{flag} {path}: the directory {parent} is not writable (permission denied)")
+    why = probe_writable(parent)
+    if why:
+        raise SpecEEError(f"{flag} {path}: the directory {parent} is not writable ({why})")
     return p
 
 
@@ -196,8 +198,9 @@ def check_output_directory(path, flag: str) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise SpecEEError(f"{flag} {path} cannot be created: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SpecEEError(f"{flag} {path} cannot be written: {probe} is not writable (permission denied)")
+    why = probe_writable(probe)
+    if why:
+        raise SpecEEError(f"{flag} {path} cannot be written: {probe} is not writable ({why})")
     return p
 
 

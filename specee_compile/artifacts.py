@@ -162,6 +162,18 @@ def _entries(d: Path, limit: int | None = None):
                 return
 
 
+def probe_writable(directory: Path) -> str | None:
+    """Why files cannot be created in `directory` (None if they can), found by creating and removing
+    one: permission bits say nothing for root, nor for a read-only or pseudo file system."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".specee-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 def _is_cwd_or_above(t: Path) -> bool:
     try:
         cwd = Path.cwd().resolve()
@@ -183,13 +195,15 @@ def plan_output(target, *, force: bool = False, flag: str = "-o") -> OutputPlan:
         parent = parent.parent
     if not parent.is_dir():
         raise ArtifactError(f"cannot create {flag} {raw}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"cannot write {flag} {raw}: {parent} is not writable (permission denied); "
+    why = probe_writable(parent)
+    if why:
+        raise ArtifactError(f"cannot write {flag} {raw}: {parent} is not writable ({why}); "
                             "pick a directory you can write to")
     if not t.exists():
         return OutputPlan(t, "new")
-    if not os.access(t, os.W_OK | os.X_OK):
-        raise ArtifactError(f"cannot write {flag} {raw}: the directory is not writable (permission denied)")
+    why = probe_writable(t)
+    if why:
+        raise ArtifactError(f"cannot write {flag} {raw}: the directory is not writable ({why})")
     inplace = _is_cwd_or_above(t)  # never rename away the directory we (or the user's shell) stand in
     own = _own_manifest(t)
     if own is not None:
@@ -311,7 +325,10 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False, flag: st
     tmp = None
     with _signals_raise(state):
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-{os.getpid()}-", dir=t.parent))
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-{os.getpid()}-", dir=t.parent))
+            except OSError as e:
+                raise ArtifactError(f"cannot write {flag} {target}: {e.strerror} in {t.parent}") from None
             tmp.chmod(0o755)
             yield tmp
             plan = plan_output(target, force=force, flag=flag)  # the directory may have changed meanwhile
