@@ -545,7 +545,7 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
         problems = _verify_files(d, manifest["files"]) + _unlisted_loader_files(d, manifest["files"])
         if problems:
             raise ArtifactError(f"artifacts in {d} are damaged: " + "; ".join(problems) + "; re-create them")
-        if manifest.get("kind") == "export":
+        if manifest.get("kind") == "export" or any(r.endswith(".onnx") for r in manifest["files"]):
             check_export(d, manifest)
     return manifest
 
