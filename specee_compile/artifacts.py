@@ -282,10 +282,13 @@ _CATCH = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SI
 
 
 @contextmanager
-def _signals_raise(state: dict):
-    """While writing: SIGTERM/SIGHUP/SIGINT raise `Interrupted` so `finally` cleanup runs (only where
-    the signal still has its default action); while state["defer"], they are held until the commit ends.
-    The previous handlers are restored on exit."""
+def raise_on_signals(state: dict | None = None):
+    """While active: SIGTERM/SIGHUP/SIGINT raise `Interrupted`, so every `finally` and context manager
+    cleanup runs (only where the signal has its default action, or an outer raise_on_signals' handler);
+    while state["defer"] is true they are held in state["pending"] instead. The previous handlers are
+    restored on exit. The CLI wraps each command in one; atomic_directory adds its own to defer
+    signals while the finished artifact is moved into place."""
+    state = {} if state is None else state
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -296,10 +299,12 @@ def _signals_raise(state: dict):
             return
         raise Interrupted(signum)
 
+    handler.specee_raises = True
     previous = {}
     for sig in _CATCH:
         cur = signal.getsignal(sig)
-        if cur is signal.SIG_DFL or (sig == signal.SIGINT and cur is signal.default_int_handler):
+        if (cur is signal.SIG_DFL or getattr(cur, "specee_raises", False)
+                or (sig == signal.SIGINT and cur is signal.default_int_handler)):
             previous[sig] = cur
             signal.signal(sig, handler)
     try:
@@ -323,7 +328,7 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False, flag: st
     remove_stale_temps(t)
     state: dict = {}
     tmp = None
-    with _signals_raise(state):
+    with raise_on_signals(state):
         try:
             try:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-{os.getpid()}-", dir=t.parent))

@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(argv[1:])
         args = build_parser().parse_args(argv)
         _check_numbers(args)
-        return args.fn(args)
+        from .artifacts import raise_on_signals
+
+        with raise_on_signals():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files and dirs are removed
+            return args.fn(args)
     except SpecEEError as e:
         print(f"specee-compile: error: {e}", file=sys.stderr)
         return 2
