@@ -226,14 +226,120 @@ def stats_json(result, path, extra: dict | None = None) -> None:
             os.unlink(tmp)
 
 
+
+# ---------------------------------------------------------------- exported directories
+
+def open_exported(directory, settings: Settings, **kw):
+    """An exported directory opened by its artifact backend (settings.backend when it is one, else
+    onnx): an `ArtifactRun` (backend + tokenizer, program, draft, scheduler, EOS ids); `.decoder()`
+    is the runtime's Decoder over it."""
+    from .backends.registry import get_backend
+
+    entry = get_backend(settings.backend)
+    if entry.kind != "artifact":
+        entry = get_backend("onnx")
+    return entry.load()(directory, settings, **kw)
+
+
+def generate_from_artifact(directory, prompt: str, settings: Settings, on_text=None):
+    """`specee-compile generate DIR PROMPT --backend onnx`: the runtime loop over an exported directory
+    (manifest, ONNX graphs, predictors, tokenizer). `on_text` streams text as tokens become final.
+    Returns (GenerationResult, generated text)."""
+    run = open_exported(directory, settings)
+    dec = run.decoder()
+    tokenizer = run.tokenizer
+    ids = encode_prompt(tokenizer, prompt, settings.chat_template)
+    out: list[int] = []
+    printed = [0]
+
+    def stream(token: int) -> None:
+        out.append(token)
+        if on_text is None:
+            return
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for multi-byte pieces to complete
+            on_text(text[printed[0] :])
+            printed[0] = len(text)
+
+    res = dec.generate(ids, on_token=stream)
+    text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    if on_text is not None and len(text) > printed[0]:
+        on_text(text[printed[0] :] + "\n")
+    return res, text
+
+
+# ---------------------------------------------------------------- the commands behind the CLI
+# (cli.py imports only this module; each is imported on first use so `specee-compile --help` stays fast)
+
+def model_zoo() -> dict:
+    from .models.zoo import ZOO
+
+    return ZOO
+
+
+def load_model(name_or_path: str, dtype="float32", device="cpu"):
+    """models.load_model; dtype a torch dtype or its name (float32 | float16 | bfloat16)."""
+    from .config import torch_dtype
+    from .models import load_model as _load
+
+    return _load(name_or_path, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype, device=device)
+
+
+def dump_graphs(model, settings: Settings, dump_dir):
+    """Capture + passes with the graph written before/after each pass into dump_dir."""
+    from .capture import capture_and_segment
+
+    return capture_and_segment(model, settings, dump_dir=dump_dir)
+
+
+def export_command(*args, **kwargs):
+    from .export import export_command as run
+
+    return run(*args, **kwargs)
+
+
+def train_command(*args, **kwargs):
+    from .training import train_command as run
+
+    return run(*args, **kwargs)
+
+
+def train_draft_command(*args, **kwargs):
+    from .draft.train import train_draft_command as run
+
+    return run(*args, **kwargs)
+
+
+def eval_command(args):
+    from .eval.accuracy import eval_command as run
+
+    return run(args)
+
+
+def bench_main(argv):
+    from .eval.gpu_bench import main as run
+
+    return run(argv)
+
+
 __all__ = [
     "MANIFEST",
+    "bench_main",
     "build_decoder",
     "check_output_directory",
     "check_output_file",
+    "dump_graphs",
     "encode_prompt",
     "eos_ids",
+    "eval_command",
+    "export_command",
+    "generate_from_artifact",
+    "load_model",
     "load_program",
+    "model_zoo",
+    "open_exported",
     "save_program_artifacts",
     "stats_json",
+    "train_command",
+    "train_draft_command",
 ]

@@ -50,7 +50,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args) -> int:
-    from .models import ZOO
+    from .api import model_zoo
+
+    ZOO = model_zoo()
 
     width = max(len(a) for a in ZOO)
     for alias, entry in ZOO.items():
@@ -60,7 +62,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .models import load_model
+    from .api import load_model
 
     loaded = load_model(args.model)
     n = sum(p.numel() for p in loaded.model.parameters())
@@ -75,9 +77,7 @@ def _is_artifact_dir(path: str) -> bool:
 
 
 def cmd_generate(args) -> int:
-    from .api import build_decoder, encode_prompt, stats_json
-    from .config import torch_dtype
-    from .models import load_model
+    from .api import build_decoder, encode_prompt, load_model, stats_json
 
     _check_prompt_text(args.prompt)
     if not args.prompt.strip():
@@ -101,15 +101,15 @@ def cmd_generate(args) -> int:
             f"(no manifest.json); export it first: `specee-compile export {args.model} -o DIR`, then "
             f"`specee-compile generate DIR PROMPT --backend {settings.backend}`")
     if settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
-        from .backends.onnx_runner import generate_from_artifact
+        from .api import generate_from_artifact
 
         res, _ = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
     else:
-        loaded = load_model(args.model, dtype=torch_dtype(settings.dtype), device=settings.device)
+        loaded = load_model(args.model, dtype=settings.dtype, device=settings.device)
         if args.dump_graphs:
-            from .capture import capture_and_segment
+            from .api import dump_graphs
 
-            capture_and_segment(loaded.model, settings, dump_dir=args.dump_graphs)
+            dump_graphs(loaded.model, settings, args.dump_graphs)
         dec = build_decoder(loaded, settings)
         ids = encode_prompt(loaded.tokenizer, args.prompt, settings.chat_template)
         stream = _TokenStream(loaded.tokenizer)
@@ -166,7 +166,7 @@ def _printer():
 
 
 def cmd_train(args) -> int:
-    from .training import train_command
+    from .api import train_command
 
     train_command(args.model, args.output, num_texts=args.num_texts, draft=args.draft_source,
                   draft_dir=args.draft_dir, force=args.force)
@@ -174,8 +174,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_draft(args) -> int:
-    from .api import check_output_directory
-    from .draft.train import train_draft_command
+    from .api import check_output_directory, train_draft_command
 
     check_output_directory(args.output, "-o")  # before the model loads and the training runs
     out = args.output
@@ -190,8 +189,7 @@ def cmd_train_draft(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .api import check_output_directory
-    from .eval.accuracy import eval_command
+    from .api import check_output_directory, eval_command
 
     check_output_directory(args.out, "--out")
     args.argv = sys.argv[2:]
@@ -200,7 +198,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_command
+    from .api import export_command
 
     export_command(args.model, args.output, backend=args.backend, artifacts=args.artifacts,
                    trt_plugin=args.trt_plugin, max_context=args.max_context, force=args.force)
@@ -208,7 +206,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .eval.gpu_bench import main as bench_main
+    from .api import bench_main
 
     _check_bench(args.rest)
     return bench_main(args.rest)
@@ -335,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["bench"]:  # the benchmark owns its flags (see `specee-compile bench --help`)
-            from .eval.gpu_bench import main as bench_main
+            from .api import bench_main
 
             _check_bench(argv[1:])
             return bench_main(argv[1:])

@@ -30,7 +30,7 @@ from specee_compile.backends.onnx_export import (
     export_onnx,
     make_row_layer_fn,
 )
-from specee_compile.backends.onnx_runner import OnnxDecoder, OnnxEagleSource, make_session
+from specee_compile.backends.onnx_runner import OnnxEagleSource, OnnxStep, make_session, open_artifact
 from specee_compile.config import Settings
 from specee_compile.draft import EagleDraft, EagleSource, NgramDraft
 from specee_compile.errors import SpecEEError
@@ -118,6 +118,12 @@ def eager_run(model, prog, settings, draft, ids, scheduler=None):
     return Decoder(seg, settings, program=prog, draft=draft, scheduler=scheduler).generate(ids), seg
 
 
+def onnx_run(out, settings, ids, prog=None, **kw):
+    """The runtime's Decoder over the ONNX backend of an exported directory (no tokenizer needed)."""
+    run = open_artifact(out, settings, program=prog, tokenizer=None, **kw)
+    return run.decoder().generate(ids)
+
+
 # ------------------------------------------------------------------------------------- structure
 def test_files_and_if_nodes(exported):
     _, prog, _, out, info = exported
@@ -164,7 +170,7 @@ def test_eagle_parity_real_predictors(exported, threshold):
     exits = 0
     for ids in PROMPTS:
         ref, _ = eager_run(model, prog, s, EagleSource(draft, K), ids)
-        got = OnnxDecoder(out, s, prog).generate(ids)  # draft.onnx from the directory
+        got = onnx_run(out, s, ids, prog)  # draft.onnx from the directory
         assert got.token_ids == ref.token_ids, ids
         assert got.exit_layers == ref.exit_layers
         assert (got.predictor_calls, got.head_calls, got.layer_passes, got.layer_rows) == (
@@ -181,7 +187,7 @@ def test_ngram_and_schedule_parity(exported):
     for ids in PROMPTS:
         mk = lambda: OnlineScheduler.from_settings(s, prog.offline_layers, prog.predictors.layers)
         ref, _ = eager_run(model, prog, s, NgramDraft(k=K), ids, scheduler=mk())
-        got = OnnxDecoder(out, s, prog, draft=NgramDraft(k=K), scheduler=mk()).generate(ids)
+        got = onnx_run(out, s, ids, prog, draft=NgramDraft(k=K), scheduler=mk())
         assert got.token_ids == ref.token_ids
         assert got.exit_layers == ref.exit_layers
         assert got.predictor_calls == ref.predictor_calls
@@ -195,7 +201,7 @@ def test_dense_parity(exported):
     s = Settings(max_new_tokens=20, max_context=128)
     for ids in PROMPTS + [[4]]:  # P = 1 exercises the dynamic prompt axis at its minimum
         ref = Decoder(make_segments(model, s), s).generate(ids)
-        got = OnnxDecoder(out, s).generate(ids)
+        got = onnx_run(out, s, ids)
         assert got.token_ids == ref.token_ids
         assert got.avg_layers == L
 
@@ -245,17 +251,16 @@ def test_scripted_exits_kv_contract(exported_all):
         def _active_layers(self):
             return a.active()
 
-    class OnnxScripted(OnnxDecoder):
-        def _active_mask(self):
-            m = np.zeros(self.L, dtype=bool)
-            m[list(b.active())] = True
-            return m
+    class OnnxScripted(Decoder):  # the same loop; only the backend differs
+        def _active_layers(self):
+            return b.active()
 
     ids = [9, 8, 7, 6]
     seg = make_segments(model, s, prog)
     ref = EagerScripted(seg, s, program=prog, draft=AllCandidates()).generate(ids)
-    dec = OnnxScripted(out, s, prog, draft=AllCandidates())
-    got = dec.generate(ids)
+    onnx = OnnxStep(out, s)
+    got = OnnxScripted(onnx, s, program=prog, draft=AllCandidates()).generate(ids)
+    dec = onnx.cache
     want = [L - 1] + [L - 1 if plan[st] is None else plan[st] for st in range(len(got.token_ids) - 1)]
     assert got.exit_layers == ref.exit_layers == want
     assert got.token_ids == ref.token_ids
@@ -264,9 +269,9 @@ def test_scripted_exits_kv_contract(exported_all):
     assert torch.equal(valid, seg.cache.valid[:, :n])
     for layer in range(L):  # skip policy: layer l holds K/V exactly where the step reached it
         cols = valid[layer].nonzero().flatten()
-        torch.testing.assert_close(torch.from_numpy(dec.k_cache[layer][:, cols]), seg.cache.k[layer][:, cols],
+        torch.testing.assert_close(torch.from_numpy(dec.k[layer][:, cols]), seg.cache.k[layer][:, cols],
                                    rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(dec.v_cache[layer][:, cols]), seg.cache.v[layer][:, cols],
+        torch.testing.assert_close(torch.from_numpy(dec.v[layer][:, cols]), seg.cache.v[layer][:, cols],
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -274,9 +279,50 @@ def test_unsupported_modes_say_where_to_go(exported):
     *_, out, _ = exported
     s = Settings(specee=True, kv_policy="backfill")
     with pytest.raises(SpecEEError, match="eager or inductor"):
-        OnnxDecoder(out, s)
+        OnnxStep(out, s)
     with pytest.raises(SpecEEError, match="eager or inductor"):
-        OnnxDecoder(out, Settings(specee=True, mode="lossless", kv_policy="backfill"))
+        open_artifact(out, Settings(specee=True, mode="lossless", kv_policy="backfill"), tokenizer=None)
+    with pytest.raises(SpecEEError, match="eager or inductor"):
+        OnnxStep(out, Settings(temperature=0.7))
+
+
+def test_backend_contract_and_one_loop(exported):
+    """The ONNX backend is a Backend + WholeStep of the runtime loop (not Segments), and the runner
+    module has no decode loop of its own."""
+    import inspect
+
+    from specee_compile.backends import onnx_runner
+    from specee_compile.runtime.contract import Backend, Segments, StepPlan, WholeStep
+    from specee_compile.runtime.policies import LOSSLESS, trace_exits
+
+    *_, out, _ = exported
+    b = OnnxStep(out, Settings(max_context=128))
+    assert isinstance(b, Backend) and isinstance(b, WholeStep) and not isinstance(b, Segments)
+    assert not hasattr(onnx_runner, "OnnxDecoder")
+    assert "def generate(" not in inspect.getsource(onnx_runner)
+    cands = torch.arange(K)
+    assert b.can_run(StepPlan(token=1, pos=3))
+    assert not b.can_run(StepPlan(token=1, pos=3, candidates=cands, policy=LOSSLESS))
+    assert not b.can_run(StepPlan(token=1, pos=3, candidates=cands, policy=trace_exits([2]), forced_exit=2))
+    # a lossless plan reaching the loop says which backends can run it
+    run = open_artifact(out, Settings(max_context=128, max_new_tokens=4), tokenizer=None)
+    with pytest.raises(SpecEEError, match="eager or inductor"):
+        run.decoder(policy=LOSSLESS)._whole_step(StepPlan(token=1, pos=3, candidates=cands, policy=LOSSLESS))
+
+
+def test_sessions_share_one_copy_of_the_weights(exported):
+    """prefill and decode sessions read the same mapped weights.bin buffers (one copy per process)."""
+    from specee_compile.backends.onnx_runner import SharedWeights
+
+    *_, out, _ = exported
+    w = SharedWeights(out)
+    a, b = w.initializers(out / "prefill.onnx"), w.initializers(out / "decode_step.onnx")
+    common = set(a) & set(b)
+    assert "layers.0.wqkv" in common and "embed" in common
+    assert all(a[n].data_ptr() == b[n].data_ptr() for n in common)
+    mm = next(iter(w._maps.values()))
+    lo = mm.ctypes.data
+    assert all(lo <= a[n].data_ptr() < lo + mm.size for n in a)  # views into the map, not copies
 
 
 # ------------------------------------------------------------------------------------- skipped branch

@@ -1,28 +1,39 @@
-"""Run an exported SpecEE artifact with ONNX Runtime: a thin loop around one session call per token.
+"""Run an exported SpecEE artifact with ONNX Runtime, as a backend of the one decode loop.
 
-The control flow of a step (which layers run, whether it exits) lives inside `decode_step.onnx`;
-this loop only does what `runtime/decoder.py` does around a step, for the paper's configuration
-(approximate mode, KV policy skip, greedy):
+`open_artifact(directory, settings)` (the registry's factory for "onnx" and "tensorrt") returns an
+`ArtifactRun`: the `OnnxStep` backend plus what `runtime.decoder.Decoder` needs beside it (tokenizer,
+program, candidate source, scheduler, EOS ids); `ArtifactRun.decoder()` builds the Decoder. There is
+no decode loop here: the runtime's loop drives the step.
 
-    first, hn[P]  = prefill(prompt)                 K/V rows of the prompt -> cache[:, :, :P]
-    draft.reset(prompt, hn); draft.observe(first, hn[-1], L-1)
-    loop until EOS / max_new_tokens:
-        p = len(seq) - 1;  S = draft.propose()      (k candidate ids)
-        active = scheduler set & exit layers & (>= min_exit_layer), as an [L] bool mask
-        out = decode_step(seq[-1], p, K[0..L-1], V[0..L-1], valid, S, active, thresholds)
-        K[:e+1, :, p] = k_new[:e+1]; V likewise; valid = valid_out      (e = exit_layer)
-        draft.observe(next_token, hidden_normed, e); scheduler.record_exit(e) if e < L-1
+`OnnxStep` implements `runtime.contract.Backend` + `WholeStep` (not `Segments`: the exported graph is
+one program per step, its control flow inside `decode_step.onnx`):
+
+    prefill(ids)   -> prefill.onnx: logits [V] of the last row, hn [P, D]; K/V rows -> cache[:, :, :P]
+    run_step(plan) -> decode_step.onnx(token, position, K[0..L-1], V[0..L-1], valid, candidates,
+                                       active [L] bool, thresholds [L])
+                      K[:e+1, :, p] = k_new[:e+1]; V likewise; valid = valid_out   (e = exit layer)
+    can_run(plan)  -> dense plans, and the paper's exit policy (approximate: full head, verified in the
+                      candidates, no rollback); KV policy skip (checked when the backend opens)
+
 The cache length T grows in buckets of 64 positions (the graph's T axis is dynamic).
 
 Backfill and lossless mode need a step with several query rows and a rollback; they run on the
-eager / inductor backends (`SpecEEError` here says so).
+eager / inductor backends (`SpecEEError` here says so, before anything runs). Sampling
+(--temperature) likewise: the loop composes sampled dense steps from segments, which an exported
+graph does not have.
+
+One copy of the weights: prefill.onnx and decode_step.onnx keep their weights in one external-data
+file (weights.bin). `SharedWeights` maps it once (read-only `np.memmap`) and hands every session the
+same buffers as ORT initializers (`SessionOptions.add_initializer`, no copy), so the process holds
+the weights once, in the page cache, whatever the number of sessions. ORT's weight pre-packing (a
+per-session repacked copy of MatMul weights) is off for these sessions for the same reason.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +42,13 @@ import torch
 from ..config import Settings
 from ..draft.base import CandidateSource, check_truncate, fill_unique
 from ..errors import ArtifactError, BackendUnavailable, SpecEEError
+from ..model_step import StepSpec
 from ..program import SpecEEProgram
-from ..runtime.decoder import GenerationResult, check_prompt
-from ..runtime.sampling import select_token
+from ..runtime.contract import StepOut, StepPlan
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# ONNX TensorProto element type -> numpy (the external-data tensors weights.bin holds)
+_ONNX_NP = {1: np.float32, 10: np.float16, 7: np.int64, 9: np.bool_, 6: np.int32}
 
 
 def _ort():
@@ -48,8 +61,53 @@ def _ort():
     return onnxruntime
 
 
-def make_session(path, providers=None, threads: int | None = None, profile_prefix: str | None = None):
-    """An ORT InferenceSession with full graph optimizations (CPU provider unless told otherwise)."""
+class SharedWeights:
+    """weights.bin mapped once; `initializers(graph_path)` -> {name: OrtValue} views into the map.
+
+    ORT uses an initializer given with `SessionOptions.add_initializer` in place of the model's own
+    (it neither reads nor copies the external data for it), and an OrtValue made from a numpy array
+    on the CPU wraps that array's memory. So every session of a process reads the same mapped pages."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self._maps: dict[str, np.memmap] = {}
+        self._values: dict[tuple, object] = {}
+
+    def _map(self, location: str) -> np.memmap:
+        if location not in self._maps:
+            p = self.dir / location
+            if not p.is_file():
+                raise ArtifactError(f"{p} not found; export the model again (`specee-compile export MODEL -o DIR`)")
+            self._maps[location] = np.memmap(p, dtype=np.uint8, mode="r")
+        return self._maps[location]
+
+    def initializers(self, graph_path) -> dict:
+        import onnx
+
+        ort = _ort()
+        out = {}
+        for t in onnx.load(str(graph_path), load_external_data=False).graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _ONNX_NP:
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            key = (ext["location"], int(ext.get("offset", 0)), int(ext["length"]), t.data_type, tuple(t.dims))
+            if key not in self._values:
+                dt = np.dtype(_ONNX_NP[t.data_type])
+                n = int(np.prod(t.dims)) if len(t.dims) else 1
+                if n * dt.itemsize != key[2]:
+                    raise ArtifactError(f"{graph_path}: initializer {t.name} has {key[2]} bytes for shape "
+                                        f"{list(t.dims)}; re-export the model")
+                arr = np.frombuffer(self._map(key[0]), dtype=dt, count=n, offset=key[1]).reshape(tuple(t.dims))
+                self._values[key] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))  # keep arr alive
+            out[t.name] = self._values[key][1]
+        return out
+
+
+def make_session(path, providers=None, threads: int | None = None, profile_prefix: str | None = None,
+                 weights: SharedWeights | None = None):
+    """An ORT InferenceSession with full graph optimizations (CPU provider unless told otherwise).
+    weights: the directory's `SharedWeights`; the session then reads the shared mapped weights instead
+    of loading its own copy (and does not pre-pack them)."""
     ort = _ort()
     if not Path(path).is_file():
         raise ArtifactError(f"{path} not found; export the model first (`specee-compile export MODEL -o DIR`)")
@@ -58,6 +116,11 @@ def make_session(path, providers=None, threads: int | None = None, profile_prefi
     so.log_severity_level = 3
     # no busy-waiting between runs: the loop does Python/torch work (draft, scheduler) in between
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if weights is not None:
+        for name, value in weights.initializers(path).items():
+            so.add_initializer(name, value)
+        # a pre-packed MatMul weight is a second, per-session copy of that weight
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     if profile_prefix:
@@ -180,21 +243,57 @@ class OnnxEagleSource(CandidateSource):
         self._proposal = None
 
 
-class OnnxDecoder:
-    """Greedy decoding from an exported artifact directory (prefill.onnx + decode_step.onnx [+ draft.onnx]).
+class OnnxCache:
+    """The static KV cache of the exported step, as numpy arrays the sessions read in place.
 
-    settings: the same Settings as the eager `Decoder` (specee, threshold, min_exit_layer, use_schedule,
-        max_new_tokens, ...). Approximate mode + kv skip only.
-    program: the SpecEE program the artifact was exported from: the scheduler's offline layers come
-        from it. Exit layers are read from the graph.
-    draft: a candidate source (ngram, shallow, an EagleSource in torch); None = by settings.draft_source:
-        eagle -> `draft.onnx` from the directory, ngram -> `NgramDraft`.
-    scheduler: "auto" = `OnlineScheduler` from program + settings (when settings.use_schedule); None =
-        every exit layer active; or a scheduler object (`active(n)`, `record_exit(l)`, `reset()`).
-    """
+    k, v [L, Hkv, T, hd]; valid [L, T] bool (layer l holds K/V for position t: the KV contract of
+    `model_step`). T grows in buckets of `bucket` positions up to max_len."""
 
-    def __init__(self, onnx_dir, settings: Settings, program: SpecEEProgram | None = None, draft=None,
-                 eos_ids: set[int] | None = None, scheduler="auto", providers=None, threads: int | None = None):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, bucket: int, dtype):
+        self.L, self.Hkv, self.hd, self.max_len, self.bucket, self.dtype = (
+            num_layers, num_kv_heads, head_dim, max_len, bucket, dtype)
+        self.k = self.v = self.valid = None
+
+    def reset(self) -> None:
+        self.k = self.v = self.valid = None
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length in every layer (rollback)."""
+        if self.valid is not None:
+            self.valid[:, length:] = False
+
+    def ensure(self, pos: int) -> None:
+        """Grow the cache so that position `pos` fits (bucketed, like the eager attended prefix)."""
+        cap = min(self.max_len, (pos // self.bucket + 1) * self.bucket)
+        if self.k is not None and self.k.shape[2] >= cap:
+            return
+        shape = (self.L, self.Hkv, cap, self.hd)
+        k, v, valid = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype), np.zeros((self.L, cap), bool)
+        if self.k is not None:
+            n = self.k.shape[2]
+            k[:, :, :n], v[:, :, :n], valid[:, :n] = self.k, self.v, self.valid
+        self.k, self.v, self.valid = k, v, valid
+
+    def feed(self) -> dict:
+        """Layer l's cache k[l] [Hkv, T, hd] is a contiguous slice: ORT reads it in place (no copy)."""
+        feed = {}
+        for i in range(self.L):
+            feed[f"k_cache_{i}"] = self.k[i]
+            feed[f"v_cache_{i}"] = self.v[i]
+        return feed
+
+
+class OnnxStep:
+    """`Backend` + `WholeStep` (runtime/contract.py) over an exported directory's ONNX Runtime sessions
+    (prefill.onnx + decode_step.onnx, sharing one mapped copy of weights.bin). See the module docstring.
+
+    settings: Settings; specee runs need mode=approximate, kv_policy=skip and greedy decoding (refused
+        here otherwise, before anything runs). providers / threads: ORT execution providers and intra-op
+    threads. Exit layers and the number of candidates are read from the graph."""
+
+    name = "onnx"
+
+    def __init__(self, directory, settings: Settings, providers=None, threads: int | None = None):
         s = settings
         if s.specee and (s.mode != "approximate" or s.kv_policy != "skip"):
             raise SpecEEError(
@@ -202,11 +301,13 @@ class OnnxDecoder:
                 f"got mode={s.mode}, kv_policy={s.kv_policy}. Backfill and lossless mode run on the eager or "
                 "inductor backends: pass --backend eager (or inductor)"
             )
-        if s.specee and s.temperature > 0:
-            raise SpecEEError("--specee decodes greedily (as the paper); drop --temperature or --specee")
-        d = Path(onnx_dir)
+        if s.temperature > 0:
+            raise SpecEEError(
+                "the onnx backend decodes greedily (its graph emits the argmax token); sampling with "
+                "--temperature runs on the eager or inductor backends: pass --backend eager (or inductor)"
+            )
+        d = Path(directory)
         self.dir = d
-        self.s = s
         m = graph_meta(d / "decode_step.onnx")
         self.meta = m
         if m.get("dtype") not in _NP_DTYPES:
@@ -214,165 +315,77 @@ class OnnxDecoder:
                 f"the onnx runner handles float32 and float16 artifacts (ONNX Runtime's CPU kernels lack "
                 f"bfloat16); {d} was exported as {m.get('dtype')}: re-export with --dtype float16 or float32"
             )
-        self.decode = make_session(d / "decode_step.onnx", providers, threads)
-        self.prefill = make_session(d / "prefill.onnx", providers, threads)
+        self.weights = SharedWeights(d)
+        self.decode = make_session(d / "decode_step.onnx", providers, threads, weights=self.weights)
+        self.prefill_sess = make_session(d / "prefill.onnx", providers, threads, weights=self.weights)
         self.np_dtype = _NP_DTYPES[m["dtype"]]
-        self.L = int(m["num_layers"])
-        self.Hkv, self.hd = int(m["num_kv_heads"]), int(m["head_dim"])
+        self.L = L = int(m["num_layers"])
         self.max_len = int(m["max_len"])
-        self.bucket = int(m.get("cache_bucket", 64))
+        self.spec = StepSpec(num_layers=L, hidden=int(m["hidden"]), num_heads=int(m["num_heads"]),
+                             num_kv_heads=int(m["num_kv_heads"]), head_dim=int(m["head_dim"]),
+                             vocab=int(m["vocab"]), eps=float(m.get("eps", 1e-6)), max_len=self.max_len)
+        self.device = torch.device("cpu")
         self.exit_layers = [int(e) for e in m["exit_layers"]]
         self.k = int(m["num_candidates"])
-        self.eos = set(eos_ids or ())
-        self.program = program
-        if s.specee:
-            if draft is None:
-                draft = self._default_draft(providers, threads)
-            if int(getattr(draft, "k", self.k)) != self.k:
-                raise SpecEEError(f"the draft proposes {draft.k} candidates, the graph was exported for {self.k}")
-            if scheduler == "auto":
-                scheduler = None
-                if s.use_schedule and program is not None:
-                    from ..predictors.schedule import OnlineScheduler
+        self.cache = OnnxCache(L, self.spec.num_kv_heads, self.spec.head_dim, self.max_len,
+                               int(m.get("cache_bucket", 64)), self.np_dtype)
+        self._no_exit = np.zeros(L, dtype=bool)
+        self._no_cands = np.zeros(self.k, dtype=np.int64)
 
-                    scheduler = OnlineScheduler.from_settings(s, program.offline_layers, program.predictors.layers)
-        elif scheduler == "auto":
-            scheduler = None
-        self.draft = draft
-        self.scheduler = scheduler
-        self.thresholds = self._thresholds()
-        self.k_cache = self.v_cache = self.valid = None
+    # ---- Backend
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # ids [P] -> (logits [V] float32 of the last row, hn [P, D]); K/V rows of the prompt -> cache
+        c, P = self.cache, len(ids)
+        c.reset()
+        c.ensure(P)
+        logits, hn, k_rows, v_rows = self.prefill_sess.run(None, {"input_ids": np.asarray(ids, dtype=np.int64)})
+        c.k[:, :, :P], c.v[:, :, :P] = k_rows, v_rows
+        c.valid[:, :P] = True
+        return torch.from_numpy(logits), torch.from_numpy(hn)
 
-    def _thresholds(self) -> np.ndarray:
-        """Per-layer thresholds input: settings.threshold everywhere if set, else each exit point's own
-        (the program's, or the graph metadata's), as the eager Decoder does."""
+    # ---- WholeStep
+    def can_run(self, plan: StepPlan) -> bool:
+        """Dense steps, and exits of the paper's policy at the graph's exit layers with its k."""
+        if plan.forced_exit is not None:
+            return False
+        if plan.candidates is None:
+            return True
+        p = plan.policy
+        if p is None or getattr(p, "forced", False) or p.exit_token != "full_head" or not p.verify_in_candidates \
+                or p.needs_rollback:
+            return False
+        return int(plan.candidates.numel()) == self.k and set(plan.active) <= set(self.exit_layers)
+
+    def prepare(self, plan: StepPlan, max_pos: int) -> None:
+        """Nothing to compile or capture: the sessions were built when the backend opened."""
+
+    def _thresholds(self, thresholds: dict) -> np.ndarray:
         thr = np.ones(self.L, dtype=np.float32)  # layers without an exit point never reach a predictor
-        if self.program is not None:
-            per_layer = {ep.layer: ep.threshold for ep in self.program.exit_points}
-        else:
-            per_layer = {int(k): float(v) for k, v in (self.meta.get("thresholds") or {}).items()}
-        for layer in self.exit_layers:
-            thr[layer] = self.s.threshold if self.s.threshold is not None else per_layer.get(layer, 0.5)
+        for layer, t in thresholds.items():
+            if 0 <= int(layer) < self.L:
+                thr[int(layer)] = t
         return thr
 
-    def _default_draft(self, providers, threads):
-        """settings.draft_source (None = the program's draft kind): eagle -> draft.onnx; ngram -> prompt
-        lookup in Python."""
-        src = self.s.draft_source or (self.program.draft_kind if self.program is not None else None)
-        if src is None:
-            src = "eagle" if (self.dir / "draft.onnx").is_file() else "ngram"
-        if src == "eagle":
-            if not (self.dir / "draft.onnx").is_file():
-                raise ArtifactError(
-                    f"{self.dir} holds no draft.onnx (the program's draft is not an EAGLE head); use "
-                    "--draft ngram, or pass a candidate source as draft="
-                )
-            return OnnxEagleSource(make_session(self.dir / "draft.onnx", providers, threads), self.k)
-        if src == "ngram":
-            from ..draft.ngram import NgramDraft
-
-            return NgramDraft(k=self.k)
-        raise SpecEEError(f"draft source {src!r} needs the torch model; pass it as draft= (e.g. draft.ShallowDraft)")
-
-    # ------------------------------------------------------------------ cache
-    def _cap(self, pos: int) -> int:
-        return min(self.max_len, (pos // self.bucket + 1) * self.bucket)
-
-    def _ensure(self, pos: int) -> None:
-        """Grow the cache so that position `pos` fits (bucketed, like the eager attended prefix)."""
-        cap = self._cap(pos)
-        if self.k_cache is not None and self.k_cache.shape[2] >= cap:
-            return
-        shape = (self.L, self.Hkv, cap, self.hd)
-        k, v, valid = np.zeros(shape, self.np_dtype), np.zeros(shape, self.np_dtype), np.zeros((self.L, cap), bool)
-        if self.k_cache is not None:
-            n = self.k_cache.shape[2]
-            k[:, :, :n], v[:, :, :n], valid[:, :n] = self.k_cache, self.v_cache, self.valid
-        self.k_cache, self.v_cache, self.valid = k, v, valid
-
-    def _kv_feed(self) -> dict:
-        """Layer l's cache k[l] [Hkv, T, hd] is a contiguous slice: ORT reads it in place (no copy)."""
-        feed = {}
-        for i in range(self.L):
-            feed[f"k_cache_{i}"] = self.k_cache[i]
-            feed[f"v_cache_{i}"] = self.v_cache[i]
-        return feed
-
-    # ------------------------------------------------------------------ loop
-    def _active_mask(self) -> np.ndarray:
-        if self.scheduler is None or not self.s.use_schedule:
-            layers = set(self.exit_layers)
+    def run_step(self, plan: StepPlan) -> StepOut:
+        c, p = self.cache, plan.pos
+        c.ensure(p)
+        if plan.candidates is None:
+            cands, active, thr = self._no_cands, self._no_exit, self._thresholds({})
         else:
-            layers = set(self.scheduler.active(self.L)) & set(self.exit_layers)
-        mask = np.zeros(self.L, dtype=bool)
-        if self.s.max_pending > 0:  # the eager loop's `may_exit` (never pending under kv skip)
-            for i in layers:
-                if i >= self.s.min_exit_layer:
-                    mask[i] = True
-        return mask
-
-    def generate(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        s = self.s
-        check_prompt(prompt_ids, s.max_new_tokens, self.max_len, "re-export with a larger --max-context")
-        L = self.L
-        res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=L, exit_layers=[])
-        gen = torch.Generator().manual_seed(s.seed)
-        seq = list(prompt_ids)
-        emit = on_token or (lambda t: None)
-
-        t0 = time.perf_counter()
-        P = len(prompt_ids)
-        self.k_cache = self.v_cache = self.valid = None
-        self._ensure(P)
-        logits, hn, k_rows, v_rows = self.prefill.run(None, {"input_ids": np.asarray(prompt_ids, dtype=np.int64)})
-        self.k_cache[:, :, :P], self.v_cache[:, :, :P] = k_rows, v_rows
-        self.valid[:, :P] = True
-        first = select_token(torch.from_numpy(logits), s.temperature, s.top_p, gen)
-        if s.specee:
-            self.draft.reset(list(prompt_ids), torch.from_numpy(hn))
-            self.draft.observe(first, torch.from_numpy(hn[-1]), L - 1)
-            if self.scheduler is not None:
-                self.scheduler.reset()
-        res.prefill_s = time.perf_counter() - t0
-        seq.append(first)
-        res.exit_layers.append(L - 1)
-        emit(first)
-
-        t0 = time.perf_counter()
-        no_exit = np.zeros(L, dtype=bool)
-        while len(seq) - P < s.max_new_tokens and seq[-1] not in self.eos:
-            p = len(seq) - 1
-            self._ensure(p)
-            if s.specee:
-                cands = self.draft.propose().cpu().numpy().astype(np.int64)
-                active = self._active_mask()
-            else:
-                cands, active = np.zeros(self.k, dtype=np.int64), no_exit
-            tok, e, hn, logits, k_new, v_new, valid, heads = self.decode.run(None, {
-                "token": np.asarray([seq[-1]], dtype=np.int64), "position": np.asarray([p], dtype=np.int64),
-                **self._kv_feed(), "valid": self.valid,
-                "candidates": cands, "active": active, "thresholds": self.thresholds,
-            })
-            e = int(e[0])
-            self.k_cache[: e + 1, :, p] = k_new[: e + 1]  # only the layers that ran hold K/V for p
-            self.v_cache[: e + 1, :, p] = v_new[: e + 1]
-            self.valid = valid
-            token = int(tok[0]) if s.specee else select_token(torch.from_numpy(logits), s.temperature, s.top_p, gen)
-            res.decode_steps += 1
-            res.layer_passes += e + 1  # one row per step (kv skip): passes == rows
-            res.layer_rows += e + 1
-            res.predictor_calls += int(active[: e + 1].sum())
-            res.head_calls += int(heads[0])
-            if s.specee:
-                self.draft.observe(token, torch.from_numpy(hn), e)
-                if e < L - 1 and self.scheduler is not None:
-                    self.scheduler.record_exit(e)
-            seq.append(token)
-            res.exit_layers.append(e)
-            emit(token)
-        res.decode_s = time.perf_counter() - t0
-        res.token_ids = seq[P:]
-        return res
+            cands = plan.candidates.cpu().numpy().astype(np.int64)
+            active = np.zeros(self.L, dtype=bool)
+            active[sorted(plan.active)] = True
+            thr = self._thresholds(plan.thresholds)
+        tok, e, hn, _logits, k_new, v_new, valid, heads = self.decode.run(None, {
+            "token": np.asarray([plan.token], dtype=np.int64), "position": np.asarray([p], dtype=np.int64),
+            **c.feed(), "valid": c.valid, "candidates": cands, "active": active, "thresholds": thr,
+        })
+        e = int(e[0])
+        c.k[: e + 1, :, p] = k_new[: e + 1]  # only the layers that ran hold K/V for p
+        c.v[: e + 1, :, p] = v_new[: e + 1]
+        c.valid = valid
+        return StepOut(token=int(tok[0]), exit_layer=e, hn=torch.from_numpy(hn),
+                       predictor_calls=int(active[: e + 1].sum()), head_calls=int(heads[0]))
 
 
 def _artifact_tokenizer(directory: Path, manifest: dict):
@@ -397,42 +410,102 @@ def _artifact_program(directory: Path, manifest: dict, num_layers: int) -> SpecE
     return program_from_bank(bank, manifest, num_layers)
 
 
-def generate_from_artifact(directory, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None):
-    """`specee-compile generate DIR PROMPT --backend onnx`: everything from the artifact directory
-    (manifest, ONNX graphs, predictors, tokenizer). Returns (GenerationResult, generated text).
+def _default_draft(directory: Path, settings: Settings, program, k: int, providers, threads):
+    """settings.draft_source (None = the program's draft kind): eagle -> draft.onnx; ngram -> prompt
+    lookup in Python."""
+    src = settings.draft_source or (program.draft_kind if program is not None else None)
+    if src is None:
+        src = "eagle" if (directory / "draft.onnx").is_file() else "ngram"
+    if src == "eagle":
+        if not (directory / "draft.onnx").is_file():
+            raise ArtifactError(
+                f"{directory} holds no draft.onnx (the program's draft is not an EAGLE head); use "
+                "--draft ngram, or pass a candidate source as draft="
+            )
+        return OnnxEagleSource(make_session(directory / "draft.onnx", providers, threads), k)
+    if src == "ngram":
+        from ..draft.ngram import NgramDraft
+
+        return NgramDraft(k=k)
+    raise SpecEEError(f"draft source {src!r} needs the torch model; pass it as draft= (e.g. draft.ShallowDraft)")
+
+
+@dataclass
+class ArtifactRun:
+    """What the runtime loop needs to run an exported directory (`open_artifact`)."""
+
+    backend: OnnxStep
+    settings: Settings
+    tokenizer: object = None
+    program: SpecEEProgram | None = None
+    draft: object = None  # candidate source (specee runs)
+    scheduler: object = None
+    eos_ids: set[int] = field(default_factory=set)
+    manifest: dict = field(default_factory=dict)
+
+    def decoder(self, policy=None):
+        """The runtime's `Decoder` over this backend (the one decode loop)."""
+        from ..runtime.decoder import Decoder
+
+        return Decoder(self.backend, self.settings, eos_ids=self.eos_ids, program=self.program, draft=self.draft,
+                       scheduler=self.scheduler, policy=policy)
+
+
+def open_artifact(directory, settings: Settings, *, program="auto", draft=None, scheduler="auto",
+                  tokenizer="auto", eos_ids=None, providers=None, threads: int | None = None) -> ArtifactRun:
+    """Open an exported directory (the registry's factory for the onnx and tensorrt backends).
+
+    program: "auto" = from the directory's predictors (the scheduler's offline layers and the
+        per-exit-point thresholds come from it), or a SpecEEProgram, or None.
+    draft: a candidate source; None = by settings.draft_source (eagle -> draft.onnx of the directory,
+        ngram -> `NgramDraft`). Built only for specee runs.
+    scheduler: "auto" = `OnlineScheduler` from the program + settings (when settings.use_schedule),
+        None = every exit layer active, or a scheduler object.
+    tokenizer / eos_ids: "auto" / None = the directory's tokenizer and the manifest's EOS ids.
 
     TensorRT engines are run by a C++ deployment (exported/README.md); in Python the ONNX graphs run
-    with ONNX Runtime, so --backend tensorrt runs them too when no TensorRT runtime is wired in."""
-    from ..api import encode_prompt
+    with ONNX Runtime, so --backend tensorrt runs them too."""
     from ..artifacts import read_manifest
 
     d = Path(directory)
-    manifest = read_manifest(d)
-    decode_meta = graph_meta(d / "decode_step.onnx")
-    tokenizer = _artifact_tokenizer(d, manifest)
-    program = _artifact_program(d, manifest, int(decode_meta["num_layers"]))
-    eos = set(manifest.get("eos_ids") or ())
-    if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
-        eos = {int(tokenizer.eos_token_id)}
-    dec = OnnxDecoder(d, settings, program, eos_ids=eos)
-    ids = encode_prompt(tokenizer, prompt, settings.chat_template)
-    out: list[int] = []
-    printed = [0]
+    backend = OnnxStep(d, settings, providers, threads)  # refuses unsupported settings before the rest loads
+    # a bare `export_onnx` directory (library use) has no manifest; `specee-compile export` writes one
+    manifest = read_manifest(d) if (d / "manifest.json").exists() else {}
+    if isinstance(program, str) and program == "auto":
+        program = _artifact_program(d, manifest, backend.L)
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        tokenizer = _artifact_tokenizer(d, manifest)
+    if eos_ids is None:
+        eos_ids = set(manifest.get("eos_ids") or ())
+        if not eos_ids and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos_ids = {int(tokenizer.eos_token_id)}
+    if settings.specee:
+        if program is None:
+            raise SpecEEError(f"--specee needs exit predictors, and {d} holds none (it was exported dense); "
+                              "export with --artifacts DIR, or drop --specee")
+        if draft is None:
+            draft = _default_draft(d, settings, program, backend.k, providers, threads)
+        if int(getattr(draft, "k", backend.k)) != backend.k:
+            raise SpecEEError(f"the draft proposes {draft.k} candidates, the graph was exported for {backend.k}")
+        if isinstance(scheduler, str) and scheduler == "auto":
+            scheduler = None
+            if settings.use_schedule:
+                from ..predictors.schedule import OnlineScheduler
 
-    def stream(token: int) -> None:
-        out.append(token)
-        if on_text is None:
-            return
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for multi-byte pieces to complete
-            on_text(text[printed[0] :])
-            printed[0] = len(text)
-
-    res = dec.generate(ids, on_token=stream)
-    text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
-    if on_text is not None and len(text) > printed[0]:
-        on_text(text[printed[0] :] + "\n")
-    return res, text
+                scheduler = OnlineScheduler.from_settings(settings, program.offline_layers, program.predictors.layers)
+    elif isinstance(scheduler, str):
+        scheduler = None
+    return ArtifactRun(backend=backend, settings=settings, tokenizer=tokenizer, program=program, draft=draft,
+                       scheduler=scheduler, eos_ids=set(eos_ids), manifest=manifest)
 
 
-__all__ = ["OnnxDecoder", "OnnxEagleSource", "generate_from_artifact", "graph_meta", "make_session", "session_meta"]
+def generate_from_artifact(directory, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None):
+    """`specee-compile generate DIR PROMPT --backend onnx`: `api.generate_from_artifact` (the runtime
+    loop over `open_artifact`). Returns (GenerationResult, generated text)."""
+    from ..api import generate_from_artifact as run
+
+    return run(directory, prompt, settings, on_text=on_text)
+
+
+__all__ = ["ArtifactRun", "OnnxCache", "OnnxEagleSource", "OnnxStep", "SharedWeights", "generate_from_artifact",
+           "graph_meta", "make_session", "open_artifact", "session_meta"]
