@@ -538,6 +538,9 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
     inside the directory with the listed size and sha256, every file a loader would read is listed,
     and (exported directories) the graphs agree with the manifest and the tokenizer."""
     d = Path(directory)
+    if os.path.lexists(d) and not d.is_dir():
+        raise ArtifactError(f"{d} is a file, not an artifact directory; pass the directory that `specee-compile "
+                            "train MODEL -o DIR` or `specee-compile export MODEL -o DIR` wrote")
     if not d.is_dir():
         raise ArtifactError(f"artifact directory {d} does not exist; create it with `specee-compile train MODEL -o {d}`"
                             " or `specee-compile export MODEL -o DIR`")
