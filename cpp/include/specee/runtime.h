@@ -1,0 +1,74 @@
+// specee_runtime: the SpecEE decode loop over an exported AOTInductor artifact directory
+// (`specee-compile export MODEL --format aoti -o DIR`). This header does not include torch, so a
+// host application compiles against it quickly; the library links libtorch from the torch wheel.
+//
+//   specee::Options opt;  opt.mode = "approximate";            // dense | approximate | lossless
+//   specee::Runtime rt("exported/smollm2-135m", opt);          // verifies the manifest (sizes, sha256)
+//   specee::Result r = rt.generate({1, 2, 3});                  // token ids in (tokenize on the host)
+//   std::cout << r.to_json() << "\n";                           // ids, exit layers, timing out
+//
+// Semantics follow specee_compile/runtime/decoder.py exactly (the parity tests compare token ids and
+// exit layers with the Python runtime): dense prefill; per step the EAGLE draft proposes k candidates,
+// layers run in order, the exit op scores the state after each active layer (offline set U online
+// window +- offsets), approximate mode verifies the full-head argmax is a candidate, lossless mode
+// emits the candidate argmax and verifies it by backfill (rollback on mismatch); KV policy skip or
+// backfill (pending rows pushed through the layers they skipped, at most max_pending).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace specee {
+
+// Every error the runtime raises (bad artifact, bad input): what() is one line that says what to do.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string mode = "dense";     // dense | approximate | lossless
+  std::string kv = "skip";        // skip | backfill (lossless needs backfill)
+  int max_new_tokens = 128;
+  double threshold = -1.0;        // < 0: each exit point's own threshold from the manifest
+  int max_pending = 8;            // backfill: at most this many exited rows wait
+  int min_exit_layer = 0;
+  bool use_schedule = true;       // false: every exit point is evaluated
+  int online_window = 5;
+  std::vector<int> online_offsets{-2, 0, 2};
+  std::string device = "cpu";     // cpu | cuda | cuda:N (the packages must be exported for it)
+  bool verify_sha256 = true;      // sizes are always checked
+  bool use_manifest_eos = true;   // stop at the manifest's eos_ids
+  std::vector<int64_t> eos_ids;   // extra stop tokens
+};
+
+struct Result {
+  int prompt_len = 0;
+  int num_layers = 0;
+  std::vector<int64_t> token_ids;  // generated (prompt excluded)
+  std::vector<int> exit_layers;    // per token: 0-based layer its step exited after (L-1 = full depth)
+  int64_t layer_passes = 0, layer_rows = 0, decode_steps = 0, rollbacks = 0, predictor_calls = 0, head_calls = 0;
+  double load_s = 0, prefill_s = 0, decode_s = 0;
+  std::string to_json() const;     // the keys of the Python GenerationResult.stats() that apply
+};
+
+class Runtime {
+ public:
+  Runtime(const std::string& artifact_dir, const Options& options);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+  Result generate(const std::vector<int64_t>& prompt_ids);
+  int num_layers() const;
+  int max_len() const;
+  int vocab() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  double load_s_ = 0;
+};
+
+}  // namespace specee

@@ -1,0 +1,741 @@
+// The SpecEE decode loop in C++ over AOTInductor packages (see include/specee/runtime.h).
+//
+// A line-for-line port of specee_compile/runtime/decoder.py (Decoder._step, _dense_step, _rollback),
+// draft/eagle.py (EagleSource) and predictors/schedule.py (OnlineScheduler): the model math lives in
+// the packages (layer, head, exit_score, draft: the Python functions, compiled by AOTInductor); this
+// file holds only the loop, the caches and the bookkeeping. Shapes (batch 1): h [1, q, D]; pos [q];
+// the KV cache K, V [L, Hkv, T, hd] with T = max_len + 1, valid [L, T].
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <sys/stat.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/cuda.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "json.h"
+#include "sha256.h"
+#include "specee/runtime.h"
+
+namespace specee {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string read_file(const std::string& path, size_t limit) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) throw Error(path + " does not exist");
+  if (!S_ISREG(st.st_mode)) throw Error(path + " is not a regular file");
+  if (static_cast<size_t>(st.st_size) > limit) throw Error(path + " is too large to be what it claims");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error("cannot read " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// ---------------------------------------------------------------------------------- safetensors
+// 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, data.
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) throw Error("cannot read " + path);
+  const uint64_t size = static_cast<uint64_t>(f.tellg());
+  f.seekg(0);
+  uint64_t n = 0;
+  unsigned char hb[8];
+  if (size < 8 || !f.read(reinterpret_cast<char*>(hb), 8)) throw Error(path + " is truncated (no safetensors header)");
+  for (int i = 7; i >= 0; --i) n = (n << 8) | hb[i];
+  if (n > size - 8 || n > (100u << 20)) throw Error(path + ": safetensors header size " + std::to_string(n) +
+                                                    " exceeds the file (" + std::to_string(size) + " bytes): corrupt");
+  std::string header(n, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(n));
+  json::Value h;
+  try {
+    h = json::parse(header);
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
+  if (h.kind != json::Value::Object) throw Error(path + ": safetensors header is not a JSON object");
+  const uint64_t data0 = 8 + n, data_size = size - data0;
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, meta] : h.obj) {
+    if (name == "__metadata__") continue;
+    try {
+      const std::string& dt = meta.at("dtype").string();
+      at::ScalarType st;
+      size_t esize;
+      if (dt == "F32") { st = at::kFloat; esize = 4; }
+      else if (dt == "F16") { st = at::kHalf; esize = 2; }
+      else if (dt == "BF16") { st = at::kBFloat16; esize = 2; }
+      else if (dt == "I64") { st = at::kLong; esize = 8; }
+      else if (dt == "I32") { st = at::kInt; esize = 4; }
+      else if (dt == "BOOL") { st = at::kBool; esize = 1; }
+      else throw Error("dtype " + dt + " is not supported");
+      std::vector<int64_t> shape;
+      uint64_t numel = 1;
+      for (const auto& d : meta.at("shape").arr) {
+        shape.push_back(d.integer());
+        numel *= static_cast<uint64_t>(d.integer());
+      }
+      const auto& off = meta.at("data_offsets").arr;
+      if (off.size() != 2) throw Error("data_offsets is not [begin, end]");
+      uint64_t b = off[0].integer(), e = off[1].integer();
+      if (b > e || e > data_size || e - b != numel * esize)
+        throw Error("data_offsets [" + std::to_string(b) + ", " + std::to_string(e) + "] do not fit its shape or the file");
+      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st));
+      f.seekg(static_cast<std::streamoff>(data0 + b));
+      if (numel && !f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(e - b)))
+        throw Error("cannot read its data");
+      out.emplace(name, t);
+    } catch (const Error& e) {
+      throw Error(path + ": tensor '" + name + "': " + e.what() + " (corrupt weights: re-export)");
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------- packages
+struct Package {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& in) { return loader->run(in); }
+};
+
+}  // namespace
+
+// ================================================================================== Impl
+struct Runtime::Impl {
+  Options opt;
+  std::string dir;
+  at::Device dev{at::kCPU};
+  at::ScalarType dtype = at::kFloat;
+  // model facts
+  int L = 0, D = 0, Hkv = 0, hd = 0, V = 0, max_len = 0, T = 0, bucket = 64, k = 0;
+  bool specee = false, lossless = false, backfill = false;
+  std::set<int64_t> eos;
+  // weights (on dev)
+  at::Tensor embed, norm, head, cos, sin, keys;
+  std::vector<std::vector<at::Tensor>> layer_w;
+  at::Tensor pw1, pb1, pw2, pb2;
+  std::vector<at::Tensor> draft_w;
+  at::Tensor vocab_ids, head_rows_static;
+  std::vector<int64_t> vocab_ids_host;
+  // packages
+  Package layer_pkg, head_pkg, exit_pkg, draft_pkg;
+  // program
+  std::vector<int> exit_layers;         // exit points < L-1
+  std::map<int, double> thresholds;
+  std::set<int> offline, pred_layers;
+  // KV cache
+  at::Tensor K, Vc, valid;
+  // decode state
+  struct Row {
+    int64_t pos;
+    int done;
+    at::Tensor h;  // [1, 1, D]
+  };
+  std::vector<int64_t> seq;
+  std::vector<Row> pending;
+  std::deque<int> history;  // OnlineScheduler: the last `online_window` exit layers
+  Result res;
+  // EagleSource state
+  int dn = 0, dkv = 0, dhd = 0;
+  std::vector<int64_t> d_ids;
+  at::Tensor d_feats, d_k, d_v, d_extra_rows, d_proposal;
+  int64_t d_cache_len = 0;
+  std::vector<int64_t> d_extra_ids, d_extra_first;
+  std::set<int64_t> d_extra_set, d_static;
+  bool context_vocab = true;
+
+  // ---------------------------------------------------------------------------- load
+  void load(const std::string& directory, const Options& o) {
+    opt = o;
+    dir = directory;
+    if (opt.mode != "dense" && opt.mode != "approximate" && opt.mode != "lossless")
+      throw Error("mode '" + opt.mode + "' is not one of dense, approximate, lossless");
+    if (opt.kv != "skip" && opt.kv != "backfill") throw Error("kv '" + opt.kv + "' is not one of skip, backfill");
+    if (opt.mode == "lossless" && opt.kv != "backfill")
+      throw Error("mode=lossless needs kv=backfill (the backfill pass is what verifies exits); pass --kv backfill");
+    if (opt.max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
+    if (opt.max_pending < 0) throw Error("max_pending must be >= 0");
+    if (opt.threshold > 1.0) throw Error("threshold must be in [0, 1]");
+    specee = opt.mode != "dense";
+    lossless = opt.mode == "lossless";
+    backfill = opt.kv == "backfill";
+    try {
+      dev = at::Device(opt.device);
+    } catch (const c10::Error&) {
+      throw Error("unknown device '" + opt.device + "': expected cpu, cuda or cuda:N");
+    }
+    if (dev.is_cuda() && !torch::cuda::is_available())
+      throw Error("device " + opt.device + " asked for, but this libtorch has no usable CUDA device");
+
+    struct stat st;
+    if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+      throw Error("artifact directory " + dir + " does not exist; export it with "
+                  "`specee-compile export MODEL --format aoti -o " + dir + "`");
+    const std::string mpath = dir + "/manifest.json";
+    if (::stat(mpath.c_str(), &st) != 0)
+      throw Error(dir + " has no manifest.json: not an exported artifact directory, or a partial write; re-export it");
+    json::Value m;
+    try {
+      m = json::parse(read_file(mpath, 64u << 20));
+    } catch (const Error& e) {
+      throw Error(mpath + ": " + e.what() + "; re-export the directory");
+    }
+    const json::Value* cpp = nullptr;
+    try {
+      if (m.at("format_version").integer() != 1) throw Error("format_version is not 1");
+      if (!m.has("cpp") || m.at("cpp").at("format").string() != "specee-aoti")
+        throw Error("holds no AOTInductor export (manifest 'cpp' section); export it with --format aoti");
+      cpp = &m.at("cpp");
+      verify_files(m.at("files"), *cpp);
+      read_facts(*cpp);
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      if (msg.rfind(dir, 0) == 0) throw;
+      throw Error(mpath + ": " + msg);
+    }
+    load_weights(*cpp);
+    load_packages(*cpp);
+    const auto f = at::TensorOptions().dtype(dtype).device(dev);
+    K = at::zeros({L, Hkv, T, hd}, f);
+    Vc = at::zeros({L, Hkv, T, hd}, f);
+    valid = at::zeros({L, T}, at::TensorOptions().dtype(at::kBool).device(dev));
+    keys = at::arange(max_len, at::TensorOptions().dtype(at::kLong).device(dev));
+  }
+
+  void verify_files(const json::Value& files, const json::Value& cpp) {
+    if (files.kind != json::Value::Object) throw Error("'files' is not an object");
+    std::vector<std::string> need = {cpp.at("weights").string()};
+    for (const auto& [name, rel] : cpp.at("packages").obj)
+      if (specee || (name != "exit_score" && name != "draft")) need.push_back(rel.string());
+    for (const auto& rel : need)
+      if (!files.has(rel)) throw Error("does not list " + rel + " (needed by the runner); re-export the directory");
+    for (const auto& [rel, meta] : files.obj) {
+      if (rel.empty() || rel[0] == '/' || rel.find("..") != std::string::npos)
+        throw Error("lists a path outside the directory: " + rel);
+      const std::string p = dir + "/" + rel;
+      struct stat st;
+      if (::stat(p.c_str(), &st) != 0) throw Error(dir + ": " + rel + " is missing (listed in manifest.json); re-export");
+      if (!S_ISREG(st.st_mode)) throw Error(dir + ": " + rel + " is not a regular file");
+      const long long want = meta.at("bytes").integer();
+      if (st.st_size != want)
+        throw Error(dir + ": " + rel + " has " + std::to_string(st.st_size) + " bytes, the manifest says " +
+                    std::to_string(want) + " (partial or corrupt); re-export");
+      if (opt.verify_sha256 && sha256_file(p) != meta.at("sha256").string())
+        throw Error(dir + ": " + rel + " checksum differs from the manifest (corrupt or modified); re-export");
+    }
+  }
+
+  void read_facts(const json::Value& c) {
+    L = int(c.at("num_layers").integer());
+    D = int(c.at("hidden").integer());
+    Hkv = int(c.at("num_kv_heads").integer());
+    hd = int(c.at("head_dim").integer());
+    V = int(c.at("vocab").integer());
+    max_len = int(c.at("max_len").integer());
+    T = int(c.at("cache_len").integer());
+    bucket = int(c.at("attn_bucket").integer());
+    const std::string& dt = c.at("dtype").string();
+    dtype = dt == "float16" ? at::kHalf : dt == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    const std::string& pdev = c.at("device").string();
+    if (pdev != (dev.is_cuda() ? "cuda" : "cpu"))
+      throw Error("the packages were compiled for " + pdev + ", not " + opt.device +
+                  "; re-export with --device " + (dev.is_cuda() ? "cuda" : "cpu") + " or pass --device " + pdev);
+    if (opt.use_manifest_eos)
+      for (const auto& e : c.at("eos_ids").arr) eos.insert(e.integer());
+    for (auto e : opt.eos_ids) eos.insert(e);
+    if (!specee) return;
+    if (!c.has("exit_points") || !c.at("packages").has("draft"))
+      throw Error("mode " + opt.mode + " needs exit predictors and an EAGLE draft, and this export has " +
+                  (c.has("exit_points") ? "no EAGLE draft" : "none") + "; use --mode dense or export with SpecEE artifacts");
+    k = int(c.at("num_candidates").integer());
+    for (const auto& ep : c.at("exit_points").arr) {
+      int layer = int(ep.arr.at(0).integer());
+      double thr = ep.arr.at(1).number();
+      thresholds[layer] = opt.threshold >= 0 ? opt.threshold : thr;
+      if (layer < L - 1) exit_layers.push_back(layer);
+    }
+    std::sort(exit_layers.begin(), exit_layers.end());
+    for (const auto& x : c.at("offline_layers").arr) offline.insert(int(x.integer()));
+    for (const auto& x : c.at("predictor_layers").arr) pred_layers.insert(int(x.integer()));
+    const auto& d = c.at("draft");
+    dn = int(d.at("num_layers").integer());
+    dkv = int(d.at("num_kv_heads").integer());
+    dhd = int(d.at("head_dim").integer());
+    context_vocab = d.at("context_vocab").b;
+  }
+
+  at::Tensor take(std::map<std::string, at::Tensor>& w, const std::string& name, std::vector<int64_t> shape,
+                  bool to_dtype = true) {
+    auto it = w.find(name);
+    if (it == w.end()) throw Error(dir + "/weights.safetensors has no tensor '" + name + "'; re-export");
+    at::Tensor t = it->second;
+    if (!shape.empty() && t.sizes().vec() != shape) {
+      std::ostringstream s;
+      s << dir << "/weights.safetensors: '" << name << "' has shape " << t.sizes() << ", the manifest implies "
+        << at::IntArrayRef(shape) << "; re-export";
+      throw Error(s.str());
+    }
+    return to_dtype ? t.to(dev, dtype).contiguous() : t.to(dev).contiguous();
+  }
+
+  void load_weights(const json::Value& c) {
+    auto w = load_safetensors(dir + "/" + c.at("weights").string());
+    embed = take(w, "embed", {V, D});
+    norm = take(w, "norm", {D});
+    head = take(w, "head", {V, D});
+    cos = take(w, "cos", {max_len, hd});
+    sin = take(w, "sin", {max_len, hd});
+    static const char* keys_[] = {"ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd"};
+    const bool bias = c.at("qkv_bias").b;
+    for (int i = 0; i < L; ++i) {
+      std::vector<at::Tensor> lw;
+      for (const char* kname : keys_) {
+        if (std::string(kname) == "bqkv" && !bias) continue;
+        lw.push_back(take(w, "layers." + std::to_string(i) + "." + kname, {}));
+      }
+      layer_w.push_back(std::move(lw));
+    }
+    if (!specee) return;
+    pw1 = take(w, "predictors.w1", {}, false).to(at::kFloat);
+    pb1 = take(w, "predictors.b1", {}, false).to(at::kFloat);
+    pw2 = take(w, "predictors.w2", {}, false).to(at::kFloat);
+    pb2 = take(w, "predictors.b2", {}, false).to(at::kFloat);
+    if (pw1.dim() != 3 || pw1.size(0) != L || pw1.size(2) != 3 * k)
+      throw Error(dir + "/weights.safetensors: predictors.w1 does not fit " + std::to_string(L) + " layers and k=" +
+                  std::to_string(k) + "; re-export");
+    for (const auto& nm : c.at("draft").at("weights").arr) draft_w.push_back(take(w, "draft." + nm.string(), {}));
+    vocab_ids = take(w, "draft.vocab_ids", {}, false);
+    if (vocab_ids.scalar_type() != at::kLong || vocab_ids.dim() != 1 || vocab_ids.numel() == 0)
+      throw Error(dir + "/weights.safetensors: draft.vocab_ids is not a non-empty int64 vector; re-export");
+    at::Tensor vh = vocab_ids.cpu();
+    vocab_ids_host.assign(vh.data_ptr<int64_t>(), vh.data_ptr<int64_t>() + vh.numel());
+    for (auto t : vocab_ids_host) {
+      if (t < 0 || t >= V) throw Error(dir + ": draft.vocab_ids holds " + std::to_string(t) + ", outside the vocabulary");
+      d_static.insert(t);
+    }
+    head_rows_static = head.index_select(0, vocab_ids).contiguous();
+  }
+
+  void load_package(Package& p, const json::Value& c, const std::string& name) {
+    const std::string path = dir + "/" + c.at("packages").at(name).string();
+    try {
+      p.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
+                                                                           dev.is_cuda() ? dev.index() : -1);
+    } catch (const c10::Error& e) {
+      throw Error("cannot load " + path + ": " + e.what_without_backtrace() + " (corrupt, or exported by another torch?)");
+    }
+  }
+
+  void load_packages(const json::Value& c) {
+    load_package(layer_pkg, c, "layer");
+    load_package(head_pkg, c, "head");
+    if (!specee) return;
+    load_package(exit_pkg, c, "exit_score");
+    load_package(draft_pkg, c, "draft");
+  }
+
+  // ---------------------------------------------------------------------------- segments
+  int attn_len(int64_t p) const { return int(std::min<int64_t>(max_len, (p / bucket + 1) * bucket)); }
+
+  at::Tensor ids_tensor(const std::vector<int64_t>& v) const {
+    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(dev);
+  }
+  at::Tensor embed_ids(const std::vector<int64_t>& ids) { return embed.index_select(0, ids_tensor(ids)).unsqueeze(0); }
+
+  at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
+    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
+    in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
+    return layer_pkg.run(in)[0];
+  }
+  // -> (hn [1, q, D], logits [1, n, V] of the rows `sel`)
+  std::pair<at::Tensor, at::Tensor> head_fn(const at::Tensor& h, const std::vector<int64_t>& sel) {
+    auto out = head_pkg.run({h.contiguous(), ids_tensor(sel), norm, head});
+    return {out[0], out[1]};
+  }
+
+  // ---------------------------------------------------------------------------- EagleSource
+  void draft_reset(const std::vector<int64_t>& prompt, const at::Tensor& hid) {
+    d_ids = prompt;
+    const auto f = at::TensorOptions().dtype(dtype).device(dev);
+    if (!d_feats.defined()) {  // room for every position the cache can hold
+      d_feats = at::zeros({T + 1, D}, f);
+      d_k = at::zeros({dn, dkv, T + 1, dhd}, f);
+      d_v = at::zeros({dn, dkv, T + 1, dhd}, f);
+      d_extra_rows = at::zeros({T + 1, D}, f);
+    }
+    d_cache_len = 0;
+    d_proposal = at::Tensor();
+    d_feats.slice(0, 0, int64_t(prompt.size())).copy_(hid.reshape({-1, D}));
+    d_extra_ids.clear();
+    d_extra_first.clear();
+    d_extra_set.clear();
+    for (size_t j = 0; j < prompt.size(); ++j) draft_add_context(prompt[j], int64_t(j));
+  }
+
+  void draft_add_context(int64_t tok, int64_t pos) {
+    if (!context_vocab || d_static.count(tok) || d_extra_set.count(tok)) return;
+    if (tok < 0 || tok >= V) return;
+    d_extra_rows[int64_t(d_extra_ids.size())].copy_(head[tok]);
+    d_extra_ids.push_back(tok);
+    d_extra_first.push_back(pos);
+    d_extra_set.insert(tok);
+  }
+
+  static void fill_unique(std::vector<int64_t>& out, int64_t vocab, int kk) {
+    std::set<int64_t> seen(out.begin(), out.end());
+    for (int64_t t = 0; t < vocab && int(out.size()) < kk; ++t)
+      if (seen.insert(t).second) out.push_back(t);
+  }
+
+  at::Tensor draft_propose() {
+    if (d_proposal.defined()) return d_proposal;
+    const int64_t n = int64_t(d_ids.size());
+    std::vector<int64_t> out;
+    if (n < 2) {  // no (feature, next token) pair yet: most frequent tokens
+      for (int i = 0; i < k && i < int(vocab_ids_host.size()); ++i) out.push_back(vocab_ids_host[i]);
+      fill_unique(out, V, k);
+      d_proposal = ids_tensor(out);
+      return d_proposal;
+    }
+    const int64_t end = n - 1;
+    const int64_t c = std::min(d_cache_len, end - 1);
+    std::vector<int64_t> nxt(d_ids.begin() + c + 1, d_ids.begin() + n), pos;
+    for (int64_t t = c; t < end; ++t) pos.push_back(t);
+    std::vector<at::Tensor> in = {d_feats.slice(0, c, end), ids_tensor(nxt), ids_tensor(pos),
+                                  d_k.slice(2, 0, c).contiguous(), d_v.slice(2, 0, c).contiguous(),
+                                  cos, sin, embed, head_rows_static};
+    in.insert(in.end(), draft_w.begin(), draft_w.end());
+    auto r = draft_pkg.run(in);  // g [D], k_rows, v_rows [n, Hkv, T, hd], logits [nv]
+    d_k.slice(2, c, end).copy_(r[1]);
+    d_v.slice(2, c, end).copy_(r[2]);
+    d_cache_len = end;
+    at::Tensor logits = r[3];
+    const int64_t ne = int64_t(d_extra_ids.size());
+    if (ne) logits = at::cat({logits, at::matmul(d_extra_rows.slice(0, 0, ne), r[0])});
+    const int kk = int(std::min<int64_t>(k, logits.size(0)));
+    at::Tensor top = std::get<1>(at::topk(logits, kk)).cpu();
+    const int64_t nstatic = int64_t(vocab_ids_host.size());
+    for (int i = 0; i < kk; ++i) {
+      int64_t j = top[i].item<int64_t>();
+      out.push_back(j < nstatic ? vocab_ids_host[j] : d_extra_ids[j - nstatic]);
+    }
+    if (kk < k) fill_unique(out, V, k);
+    d_proposal = ids_tensor(out);
+    return d_proposal;
+  }
+
+  void draft_observe(int64_t token, const at::Tensor& hidden) {
+    const int64_t p = int64_t(d_ids.size()) - 1;
+    d_feats[p].copy_(hidden.reshape({-1}));
+    d_ids.push_back(token);
+    draft_add_context(token, p + 1);
+    d_cache_len = std::min(d_cache_len, p);
+    d_proposal = at::Tensor();
+  }
+
+  void draft_truncate(int64_t length) {
+    d_ids.resize(length);
+    while (!d_extra_first.empty() && d_extra_first.back() >= length) {
+      d_extra_first.pop_back();
+      d_extra_set.erase(d_extra_ids.back());
+      d_extra_ids.pop_back();
+    }
+    d_cache_len = std::min(d_cache_len, length - 1);
+    d_proposal = at::Tensor();
+  }
+
+  // ---------------------------------------------------------------------------- the loop
+  bool finished() const {
+    return int64_t(seq.size()) - res.prompt_len >= opt.max_new_tokens || eos.count(seq.back());
+  }
+  bool done() const { return finished() && !(!pending.empty() && lossless); }
+
+  void append(int64_t tok, int layer) {
+    seq.push_back(tok);
+    res.exit_layers.push_back(layer);
+  }
+
+  void emit(int64_t token, const at::Tensor& hn, int layer) {
+    draft_observe(token, hn);
+    if (layer < L - 1 && opt.online_window > 0) {
+      history.push_back(layer);
+      while (int(history.size()) > opt.online_window) history.pop_front();
+    }
+    append(token, layer);
+  }
+
+  std::set<int> active_layers() const {
+    std::set<int> act;
+    if (!opt.use_schedule) {
+      act.insert(exit_layers.begin(), exit_layers.end());
+    } else {
+      std::set<int> sched(offline.begin(), offline.end());
+      for (int e : history)
+        for (int o : opt.online_offsets) sched.insert(e + o);
+      for (int l : exit_layers)
+        if (sched.count(l) && pred_layers.count(l)) act.insert(l);
+    }
+    std::set<int> out;
+    for (int l : act)
+      if (l >= opt.min_exit_layer) out.insert(l);
+    return out;
+  }
+
+  void start(const std::vector<int64_t>& prompt) {
+    if (prompt.empty()) throw Error("the prompt is empty: pass some token ids to generate from");
+    for (auto t : prompt)
+      if (t < 0 || t >= V)
+        throw Error("prompt token id " + std::to_string(t) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    const int64_t need = int64_t(prompt.size()) + opt.max_new_tokens;
+    if (need > max_len)
+      throw Error("prompt (" + std::to_string(prompt.size()) + " tokens) + max_new_tokens (" +
+                  std::to_string(opt.max_new_tokens) + ") = " + std::to_string(need) + " exceeds the context of " +
+                  std::to_string(max_len) + " tokens; shorten the prompt, lower --max-new-tokens, or re-export with "
+                  "a larger --max-context");
+    valid.zero_();
+    res = Result();
+    res.prompt_len = int(prompt.size());
+    res.num_layers = L;
+    seq = prompt;
+    pending.clear();
+    history.clear();
+    const auto t0 = Clock::now();
+    const int64_t P = int64_t(prompt.size());
+    at::Tensor pos = at::arange(P, at::TensorOptions().dtype(at::kLong).device(dev));
+    at::Tensor h = embed_ids(prompt);
+    const int S = attn_len(P - 1);
+    for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
+    auto [hn, logits] = head_fn(h, {P - 1});  // hn [1, P, D], logits [1, 1, V]
+    const int64_t first = logits[0][-1].argmax().item<int64_t>();
+    if (specee) {
+      draft_reset(prompt, hn[0]);
+      draft_observe(first, hn[0][P - 1]);
+    }
+    sync();
+    res.prefill_s = seconds_since(t0);
+    append(first, L - 1);
+  }
+
+  void sync() {
+    if (dev.is_cuda()) torch::cuda::synchronize();
+  }
+
+  void dense_step() {
+    const int64_t p = int64_t(seq.size()) - 1;
+    res.layer_passes += L;
+    res.layer_rows += L;
+    res.decode_steps += 1;
+    at::Tensor pos = ids_tensor({p});
+    at::Tensor h = embed_ids({seq.back()});
+    const int S = attn_len(p);
+    for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
+    auto [hn, logits] = head_fn(h, {0});
+    append(logits[0][-1].argmax().item<int64_t>(), L - 1);
+  }
+
+  void step() {
+    if (finished()) {
+      if (!pending.empty() && lossless) specee_step(false);  // flush: verify pending exits before stopping
+      return;
+    }
+    if (specee) specee_step(true);
+    else dense_step();
+  }
+
+  void specee_step(bool current) {
+    const int64_t p = int64_t(seq.size()) - 1;
+    std::vector<Row> rows;
+    at::Tensor cands, w_rows, p_prev;
+    std::vector<int64_t> cands_host;
+    std::set<int> active;
+    if (current) {
+      cands = draft_propose();
+      at::Tensor ch = cands.cpu();
+      cands_host.assign(ch.data_ptr<int64_t>(), ch.data_ptr<int64_t>() + ch.numel());
+      if (int(pending.size()) < opt.max_pending) active = active_layers();
+      rows.push_back(Row{p, -1, embed_ids({seq.back()})});
+      w_rows = head.index_select(0, cands).contiguous();
+      p_prev = at::zeros({int64_t(cands_host.size())}, at::TensorOptions().dtype(at::kFloat).device(dev));
+    }
+    std::vector<Row> waiting;
+    if (backfill) {
+      waiting = pending;
+      std::stable_sort(waiting.begin(), waiting.end(), [](const Row& a, const Row& b) { return a.done < b.done; });
+    }
+    int joined = 0;
+    const int S = attn_len(p);
+    int exit_layer = -1;
+    int64_t token = -1;
+    at::Tensor hn_cur;
+    for (int i = 0; i < L; ++i) {
+      while (!waiting.empty() && waiting.front().done == i - 1) {  // pending rows that skipped layer i join
+        rows.insert(rows.begin(), waiting.front());
+        waiting.erase(waiting.begin());
+        ++joined;
+      }
+      if (rows.empty()) continue;
+      at::Tensor h;
+      std::vector<int64_t> posv;
+      if (rows.size() > 1) {
+        std::vector<at::Tensor> hs;
+        for (auto& r : rows) hs.push_back(r.h);
+        h = at::cat(hs, 1);
+      } else {
+        h = rows[0].h;
+      }
+      for (auto& r : rows) posv.push_back(r.pos);
+      h = layer(i, h, ids_tensor(posv), S);
+      res.layer_passes += 1;
+      res.layer_rows += int64_t(rows.size());
+      for (size_t j = 0; j < rows.size(); ++j) {
+        rows[j].h = rows.size() > 1 ? h.slice(1, int64_t(j), int64_t(j) + 1).contiguous() : h;
+        rows[j].done = i;
+      }
+      if (!active.count(i)) continue;
+      auto out = exit_pkg.run({rows.back().h, norm, w_rows, p_prev, pw1[i], pb1[i], pw2[i], pb2[i]});
+      p_prev = out[2];
+      res.predictor_calls += 1;
+      const double score = static_cast<double>(out[0].item<float>());
+      if (!(score > thresholds.at(i))) continue;
+      if (lossless) {  // exit token = argmax over the candidate logits (no full head)
+        exit_layer = i;
+        token = cands_host[out[1].argmax().item<int64_t>()];
+        hn_cur = out[3];
+        break;
+      }
+      auto [hn, logits] = head_fn(rows.back().h, {0});
+      res.head_calls += 1;
+      const int64_t t = logits[0][0].argmax().item<int64_t>();
+      if (std::find(cands_host.begin(), cands_host.end(), t) != cands_host.end()) {
+        exit_layer = i;
+        token = t;
+        hn_cur = hn[0][0];
+        break;
+      }
+    }
+    if (current) res.decode_steps += 1;
+
+    if (exit_layer >= 0) {  // early exit: rows stay pending (backfill) or are dropped (skip)
+      if (backfill) {
+        pending = rows;
+        pending.insert(pending.end(), waiting.begin(), waiting.end());
+      }
+      emit(token, hn_cur, exit_layer);
+      return;
+    }
+    // full depth: every row reached the last layer
+    pending.clear();
+    std::vector<at::Tensor> hs;
+    std::vector<int64_t> sel;
+    for (size_t j = 0; j < rows.size(); ++j) {
+      hs.push_back(rows[j].h);
+      sel.push_back(int64_t(j));
+    }
+    auto [hn, logits] = head_fn(hs.size() > 1 ? at::cat(hs, 1) : hs[0], sel);
+    at::Tensor dense_t = logits[0].argmax(-1).cpu();
+    std::vector<int64_t> dense(dense_t.data_ptr<int64_t>(), dense_t.data_ptr<int64_t>() + dense_t.numel());
+    if (lossless) {
+      std::vector<std::pair<int64_t, size_t>> checked;
+      const size_t nchk = current ? rows.size() - 1 : rows.size();
+      for (size_t j = 0; j < nchk; ++j) checked.emplace_back(rows[j].pos, j);
+      std::sort(checked.begin(), checked.end());  // earliest disagreement wins
+      for (auto [rpos, j] : checked) {
+        if (seq[rpos + 1] != dense[j]) {
+          rollback(rpos, dense[j], hn[0][int64_t(j)]);
+          return;
+        }
+      }
+    }
+    if (current) emit(dense.back(), hn[0][-1], L - 1);
+  }
+
+  void rollback(int64_t pos, int64_t token, const at::Tensor& hn) {
+    const int64_t keep = pos + 1;
+    res.rollbacks += 1;
+    valid.slice(1, keep).fill_(false);
+    seq.resize(keep);
+    res.exit_layers.resize(keep - res.prompt_len);
+    draft_truncate(keep);
+    draft_observe(token, hn);
+    append(token, L - 1);
+  }
+
+  Result generate(const std::vector<int64_t>& prompt) {
+    start(prompt);
+    const auto t0 = Clock::now();
+    while (!done()) step();
+    sync();
+    res.decode_s = seconds_since(t0);
+    res.token_ids.assign(seq.begin() + res.prompt_len, seq.end());
+    return res;
+  }
+};
+
+// ================================================================================== public
+Runtime::Runtime(const std::string& artifact_dir, const Options& options) : impl_(std::make_unique<Impl>()) {
+  const auto t0 = Clock::now();
+  try {
+    impl_->load(artifact_dir, options);
+  } catch (const c10::Error& e) {
+    throw Error(std::string("loading ") + artifact_dir + " failed: " + e.what_without_backtrace());
+  }
+  impl_->res.load_s = seconds_since(t0);
+  load_s_ = impl_->res.load_s;
+}
+
+Runtime::~Runtime() = default;
+
+Result Runtime::generate(const std::vector<int64_t>& prompt_ids) {
+  at::InferenceMode guard;
+  try {
+    Result r = impl_->generate(prompt_ids);
+    r.load_s = load_s_;
+    return r;
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    throw Error("decode failed in libtorch: " + msg.substr(0, msg.find('\n')));
+  }
+}
+
+int Runtime::num_layers() const { return impl_->L; }
+int Runtime::max_len() const { return impl_->max_len; }
+int Runtime::vocab() const { return impl_->V; }
+
+std::string Result::to_json() const {
+  std::ostringstream o;
+  o.precision(17);
+  auto list = [&](const auto& v) {
+    o << "[";
+    for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+    o << "]";
+  };
+  const double avg_layers = decode_steps ? double(layer_passes) / double(decode_steps) : double(num_layers);
+  const double avg_rows = decode_steps ? double(layer_rows) / double(decode_steps) : double(num_layers);
+  const double total = prefill_s + decode_s;
+  o << "{\"token_ids\": ";
+  list(token_ids);
+  o << ", \"exit_layers\": ";
+  list(exit_layers);
+  o << ", \"prompt_len\": " << prompt_len << ", \"num_layers\": " << num_layers << ", \"avg_layers\": " << avg_layers
+    << ", \"avg_layer_rows\": " << avg_rows
+    << ", \"tokens_per_s\": " << (total > 0 ? double(token_ids.size()) / total : 0.0)
+    << ", \"decode_tokens_per_s\": " << (decode_s > 0 ? double(decode_steps) / decode_s : 0.0)
+    << ", \"load_s\": " << load_s << ", \"prefill_s\": " << prefill_s << ", \"decode_s\": " << decode_s
+    << ", \"layer_passes\": " << layer_passes << ", \"layer_rows\": " << layer_rows
+    << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
+    << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
+    << ", \"runtime\": \"cpp\"}";
+  return o.str();
+}
+
+}  // namespace specee
