@@ -60,7 +60,7 @@ GRAPH_TOKENIZER_KEY = "specee_tokenizer_sha256"
 # Every one of them that is present must be listed in (and verified against) the manifest.
 _LOADER_NAMES = frozenset({"predictors.safetensors", "predictors_config.json", "draft.safetensors",
                            "draft_config.json", "weights.bin", "config.json", "generation_config.json"})
-_LOADER_SUFFIXES = (".onnx", ".onnx.data", ".engine", ".safetensors")
+_LOADER_SUFFIXES = (".onnx", ".onnx.data", ".engine", ".plan", ".safetensors", ".bin", ".pt2", ".so")
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges",
                        "spiece", "sentencepiece")
 _TOKENIZER_DIRS = ("additional_chat_templates",)
