@@ -38,7 +38,7 @@ def test_round_trip(tmp_path):
     out, manifest, bank = write(tmp_path, loaded)
     assert set(manifest["files"]) == {"predictors.safetensors", "predictors_config.json"}
     assert manifest["fingerprint"] == loaded.fingerprint
-    program, draft, scheduler, m2 = load_program(out, loaded, Settings())
+    program, draft, _scheduler, _m2 = load_program(out, loaded, Settings())
     assert program.exit_layers == bank.layers
     assert program.offline_layers == [1]
     assert type(draft).__name__ == "NgramDraft"
@@ -92,12 +92,48 @@ def test_atomic_directory_keeps_old_on_failure(tmp_path):
     loaded = loaded_tiny()
     out, manifest, _ = write(tmp_path, loaded)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(RuntimeError):
-        with atomic_directory(out) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
     assert (out / "manifest.json").read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # a successful rewrite replaces the directory as a whole
     write(tmp_path, loaded)
     assert json.loads((out / "manifest.json").read_text())["files"].keys() == manifest["files"].keys()
+
+
+def test_plan_output_modes(tmp_path, monkeypatch):
+    from specee_compile.artifacts import plan_output
+
+    loaded = loaded_tiny()
+    assert plan_output(tmp_path / "new" / "deeper").mode == "new"
+    (tmp_path / "empty").mkdir()
+    assert plan_output(tmp_path / "empty").mode == "replace"
+    out, manifest, _ = write(tmp_path, loaded)
+    plan = plan_output(out)
+    assert plan.mode == "replace" and plan.ours == {*manifest["files"], "manifest.json"}
+    monkeypatch.chdir(out)  # the directory we stand in is written in place, never renamed away
+    assert plan_output(".").mode == "merge"
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "data.csv").write_text("1")
+    with pytest.raises(ArtifactError, match="--force"):
+        plan_output(tmp_path / "user")
+    assert plan_output(tmp_path / "user", force=True).mode == "merge"
+    with pytest.raises(ArtifactError, match="not even with --force"):
+        plan_output(tmp_path / "user" / "data.csv", force=True)
+
+
+def test_raise_on_signals_restores_handlers():
+    import os
+    import signal
+
+    from specee_compile.artifacts import raise_on_signals
+    from specee_compile.errors import Interrupted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e, raise_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the Python-level handler runs between bytecodes
+            pass
+    assert e.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
