@@ -201,7 +201,7 @@ def cmd_export(args) -> int:
     from .api import export_command
 
     export_command(args.model, args.output, backend=args.backend, artifacts=args.artifacts,
-                   trt_plugin=args.trt_plugin, max_context=args.max_context, force=args.force)
+                   trt_plugin=args.trt_plugin, max_context=args.max_context, dtype=args.dtype, force=args.force)
     return 0
 
 
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="predictor/draft artifacts (default: shipped)")
     p.add_argument("--trt-plugin", action="store_true", help="exit scoring as a fused TensorRT plugin")
     p.add_argument("--max-context", type=int, default=1024)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weights and compute dtype of the graphs (default: the model's own; exit scoring stays float32)")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_export)
 

@@ -11,6 +11,7 @@ loading cross-checks against the manifest (`artifacts.check_export`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -30,19 +31,24 @@ def _alias(loaded, model_name: str) -> str:
 
 
 def export_command(model_name: str, output: str | None = None, *, backend: str = "onnx", artifacts=None,
-                   trt_plugin: bool = False, max_context: int = 1024, dtype: str = "float32",
+                   trt_plugin: bool = False, max_context: int = 1024, dtype: str | None = None,
                    force: bool = False) -> dict:
+    """dtype: the exported weights' and compute dtype; None = the model's own (`onnx_export.own_dtype`).
+    Local safetensors models stream (`onnx_export.stream_model`): the weights are never all in memory."""
     from .api import default_artifacts_dir, eos_ids, load_program
     from .artifacts import atomic_directory, plan_output, read_manifest, stamp_graphs, write_manifest
-    from .backends.onnx_export import count_if_nodes, export_onnx
+    from .backends.onnx_export import count_if_nodes, export_onnx, own_dtype, stream_model
     from .models import load_model
 
     t0 = time.perf_counter()
     # bad numbers and an unusable output directory fail before the model loads
-    settings = Settings(specee=True, max_context=max_context, dtype=dtype, artifacts=artifacts)
+    settings = Settings(specee=True, max_context=max_context, dtype=dtype or "float32", artifacts=artifacts)
     if output is not None:
         plan_output(output, force=force)
-    loaded = load_model(model_name)
+    loaded = stream_model(model_name) or load_model(model_name)
+    if dtype is None:
+        dtype = own_dtype(loaded)
+        settings = dataclasses.replace(settings, dtype=dtype)
     out = Path(output or Path("exported") / _alias(loaded, model_name))
     if output is None:
         plan_output(out, force=force)
@@ -57,7 +63,7 @@ def export_command(model_name: str, output: str | None = None, *, backend: str =
     with atomic_directory(out, force=force) as tmp:
         print(f"exporting {loaded.name} to {out} ...", file=sys.stderr)
         info = export_onnx(loaded.model, program, tmp, settings, draft=getattr(draft, "draft", None),
-                           trt_exit_plugin=trt_plugin,
+                           trt_exit_plugin=trt_plugin, weights_from=getattr(loaded, "weights", None),
                            # TensorRT parses If nesting only to depth 24 and builds deep nests slowly
                            structure="flat" if backend == "tensorrt" else "nested")
         if source is not None:

@@ -292,6 +292,178 @@ class DraftStep(nn.Module):
         return d.vocab_ids[top], torch.stack(ks), torch.stack(vs)
 
 
+# ------------------------------------------------------------------------------------------ streaming
+class SafetensorsWeights:
+    """A model directory's *.safetensors read lazily, one tensor at a time (`safe_open`: the files
+    are memory-mapped; `get` copies out only the tensor asked for). What keeps export memory bounded:
+    no tensor is read before it is written, and none is kept after."""
+
+    def __init__(self, directory):
+        from safetensors import safe_open
+
+        self.dir = Path(directory)
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise SpecEEError(f"{self.dir} holds no *.safetensors")
+        self._files = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {name: h for h in self._files for name in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.where[name].get_tensor(name)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating-point tensors (its first one)."""
+        for name, h in self.where.items():
+            t = h.get_slice(name)
+            dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
+            if dt is not None:
+                return dt
+        return torch.float32
+
+
+class _LazyState(dict):
+    """state_dict stand-in for `model_fingerprint`: each tensor read (and cast like `load_model`)
+    only when asked for, so the fingerprint never holds more than one tensor."""
+
+    def __init__(self, names: list[str], read):
+        super().__init__({n: None for n in names})
+        self._read = read
+
+    def __getitem__(self, name):
+        return self._read(name)
+
+
+class _FingerprintView:
+    def __init__(self, config, state):
+        self.config, self._state = config, state
+
+    def state_dict(self):
+        return self._state
+
+
+def _source_name(meta_model, name: str, weights: SafetensorsWeights) -> str:
+    """The checkpoint tensor holding state_dict entry `name` (a tied LM head reads the embedding)."""
+    if name in weights:
+        return name
+    if name == "lm_head.weight" and "model.embed_tokens.weight" in weights:
+        return "model.embed_tokens.weight"
+    raise SpecEEError(f"the checkpoint has no tensor {name!r}; is it a complete Hugging Face model directory?")
+
+
+def stream_model(model_name: str, load_dtype: torch.dtype = torch.float32):
+    """A `LoadedModel` whose weights stay on disk: for a local (or cached zoo) directory of
+    *.safetensors, the HF module is built on the meta device and only the embedding, final norm and LM
+    head are read (what an EAGLE draft shares with the model); the layers are read tensor by tensor
+    while the export writes them (`export_onnx(weights_from=...)`). The fingerprint is computed the
+    same way, one tensor at a time, and equals `load_model(model_name, load_dtype)`'s.
+    Returns None for other sources (GGUF, hub ids): those load whole (`models.load_model`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ..models import LoadedModel, model_fingerprint
+    from ..models.loader import _locate
+    from ..model_step import step_spec
+
+    src = _locate(str(model_name))
+    d = Path(src.location)
+    if src.kind != "dir" or not any(d.glob("*.safetensors")):
+        return None
+    config = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    step_spec(config, 1)  # Llama family, or UnsupportedArchitecture
+    weights = SafetensorsWeights(d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inner = model.model
+    with torch.device("cpu"):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)  # inv_freq is computed, not stored
+    state_names = list(model.state_dict().keys())
+
+    def param(name):
+        return torch.nn.Parameter(weights.get(_source_name(model, name, weights), load_dtype), requires_grad=False)
+
+    inner.embed_tokens.weight = param("model.embed_tokens.weight")
+    inner.norm.weight = param("model.norm.weight")
+    tied = "lm_head.weight" not in weights
+    model.lm_head.weight = inner.embed_tokens.weight if tied else param("lm_head.weight")
+    if (d / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(d), local_files_only=True)
+    model.eval()
+    state = _LazyState(state_names, lambda n: weights.get(_source_name(model, n, weights), load_dtype))
+    fingerprint = model_fingerprint(_FingerprintView(model.config, state))
+    tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        eos = model.generation_config.eos_token_id
+        model.generation_config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=src.name, config=model.config, fingerprint=fingerprint)
+    loaded.weights = weights  # read by export_onnx(weights_from=...)
+    loaded.checkpoint_dtype = weights.dtype()
+    return loaded
+
+
+def own_dtype(loaded) -> str:
+    """The model's own dtype, the export's default: the checkpoint's (streamed), else its config's."""
+    dt = getattr(loaded, "checkpoint_dtype", None) or getattr(loaded.config, "dtype", None) \
+        or getattr(loaded.config, "torch_dtype", None)
+    name = str(dt).replace("torch.", "") if dt is not None else "float32"
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
+
+
+class _LazyLayers:
+    """model_step.LayerWeights of layer i, read from the checkpoint on demand (q/k/v and gate/up fused
+    as `extract_weights` fuses them), cast to the export dtype. Only layer 0 is kept (block examples)."""
+
+    def __init__(self, weights: SafetensorsWeights, num_layers: int, dtype: torch.dtype):
+        self.w, self.n, self.dtype = weights, num_layers, dtype
+        self._first = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def __getitem__(self, i: int):
+        from ..model_step import LayerWeights
+
+        if i == 0 and self._first is not None:
+            return self._first
+        p, g, dt = f"model.layers.{i}.", self.w.get, self.dtype
+        a, m = p + "self_attn.", p + "mlp."
+        bias = a + "q_proj.bias" in self.w
+        lw = LayerWeights(
+            ln1=g(p + "input_layernorm.weight", dt),
+            wqkv=torch.cat([g(a + f"{x}_proj.weight", dt) for x in "qkv"], 0),
+            bqkv=torch.cat([g(a + f"{x}_proj.bias", dt) for x in "qkv"], 0) if bias else None,
+            wo=g(a + "o_proj.weight", dt),
+            ln2=g(p + "post_attention_layernorm.weight", dt),
+            wgu=torch.cat([g(m + "gate_proj.weight", dt), g(m + "up_proj.weight", dt)], 0),
+            wd=g(m + "down_proj.weight", dt),
+        )
+        if i == 0:
+            self._first = lw
+        return lw
+
+
+def _streamed_weights(model, weights: SafetensorsWeights, max_len: int, dtype: torch.dtype) -> ModelWeights:
+    """ModelWeights with the layers read lazily (`_LazyLayers`); embedding, norm and head are the
+    model's (already read by `stream_model`), cast to the export dtype."""
+    from ..model_step import step_spec
+
+    inner = model.model
+    spec = step_spec(model.config, max_len)
+    positions = torch.arange(max_len)[None]
+    cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+    embed = inner.embed_tokens.weight.detach().to(dtype)
+    head = model.lm_head.weight.detach()
+    head = embed if head is inner.embed_tokens.weight else head.to(dtype)  # tied: stored once
+    return ModelWeights(spec=spec, embed=embed, layers=_LazyLayers(weights, spec.num_layers, dtype),
+                        norm=inner.norm.weight.detach().to(dtype), head=head,
+                        cos=cos[0].to(dtype).contiguous(), sin=sin[0].to(dtype).contiguous())
+
+
 # ------------------------------------------------------------------------------------------ assembly
 def _check_deps():
     try:
@@ -356,11 +528,11 @@ class _WeightFile:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if key in self._seen:
             return self._seen[key]
-        raw = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        raw = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # written as is: no bytes copy
         pad = -self.offset % ALIGN
         self.f.write(b"\0" * pad)
         self.offset += pad
-        self.f.write(raw)
+        self.f.write(memoryview(raw))
         tp = TensorProto()
         tp.name = name
         tp.data_type = _onnx_dtype(t.dtype)
@@ -533,7 +705,8 @@ class _Exporter:
         wf = self.wf = _WeightFile(out / WEIGHTS_FILE)
         self.names = {n: wf.add(n, getattr(weights, n)) for n in ("embed", "norm", "head", "cos", "sin")}
         self.layer_names = []
-        for i, lw in enumerate(weights.layers):
+        for i in range(len(weights.layers)):  # one layer in memory at a time when the layers stream
+            lw = weights.layers[i]
             names = {}
             for n, t in zip(("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd"), lw.as_tuple()):
                 if t is not None:
@@ -897,11 +1070,13 @@ def io_spec(spec: StepSpec, k: int, exit_layers: list[int], draft=None, structur
 
 def export_onnx(model, program: SpecEEProgram | None, out_dir, settings: Settings, *, progress: bool = True,
                 draft=None, graphs=("prefill", "decode_step", "draft"), trt_exit_plugin: bool = False,
-                structure: str = "nested") -> dict:
+                structure: str = "nested", weights_from: SafetensorsWeights | None = None) -> dict:
     """Write prefill.onnx, decode_step.onnx, weights.bin and (EAGLE drafts) draft.onnx into `out_dir`.
 
     model: a Hugging Face *ForCausalLM (Llama family); it is cast to settings.dtype on the CPU and its
-        q/k/v and gate/up weights are fused in place (`model_step.extract_weights`).
+        q/k/v and gate/up weights are fused in place (`model_step.extract_weights`). With weights_from
+        (`stream_model`'s checkpoint reader) the model is the meta-device module of `stream_model` and
+        the layers are read, cast and written one at a time: memory does not grow with depth.
     program: the SpecEE program (exit points, predictors, draft); None exports a dense decode step.
     draft: an EagleDraft / EagleSource to export instead of the program's draft state.
     trt_exit_plugin: also write decode_step.plugin.onnx, whose exit scores are `specee::exit_score`
@@ -922,10 +1097,13 @@ def export_onnx(model, program: SpecEEProgram | None, out_dir, settings: Setting
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch_dtype(settings.dtype)
-    model = model.to(device="cpu", dtype=dtype).eval()
     max_pos = getattr(model.config, "max_position_embeddings", settings.max_context)
     max_len = min(settings.max_context, max_pos)
-    weights = extract_weights(model, max_len)
+    if weights_from is not None:
+        weights = _streamed_weights(model, weights_from, max_len, dtype)
+    else:
+        model = model.to(device="cpu", dtype=dtype).eval()
+        weights = extract_weights(model, max_len)
     spec = weights.spec
     L = spec.num_layers
     k = program.num_candidates if program is not None else settings.num_candidates
@@ -936,7 +1114,7 @@ def export_onnx(model, program: SpecEEProgram | None, out_dir, settings: Setting
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "num_layers": L, "hidden": spec.hidden,
         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-        "vocab": spec.vocab, "max_len": max_len, "dtype": settings.dtype, "num_candidates": k,
+        "vocab": spec.vocab, "eps": spec.eps, "max_len": max_len, "dtype": settings.dtype, "num_candidates": k,
         "exit_layers": ex.exit_layers, "cache_bucket": CACHE_BUCKET,
         "thresholds": {str(ep.layer): ep.threshold for ep in program.exit_points} if program else {},
         "draft": "onnx" if eagle is not None else (program.draft_kind if program else "none"),
@@ -1016,10 +1194,13 @@ __all__ = [
     "PREFILL_OUTPUTS",
     "WEIGHTS_FILE",
     "DraftStep",
+    "SafetensorsWeights",
     "count_if_nodes",
     "count_nodes",
     "decode_inputs",
     "export_onnx",
     "io_spec",
     "make_row_layer_fn",
+    "own_dtype",
+    "stream_model",
 ]

@@ -25,8 +25,11 @@ graph does not have.
 One copy of the weights: prefill.onnx and decode_step.onnx keep their weights in one external-data
 file (weights.bin). `SharedWeights` maps it once (read-only `np.memmap`) and hands every session the
 same buffers as ORT initializers (`SessionOptions.add_initializer`, no copy), so the process holds
-the weights once, in the page cache, whatever the number of sessions. ORT's weight pre-packing (a
-per-session repacked copy of MatMul weights) is off for these sessions for the same reason.
+the weights once, in the page cache, whatever the number of sessions. ORT's weight pre-packing and
+constant folding (each makes a per-session rewritten copy of MatMul weights: a packed one, a
+transposed one) are off for these sessions for the same reason. float16 graphs on the CPU provider
+are the exception: ORT has no float16 MatMul kernel there and its InsertCastTransformer stores
+float32 copies of the weights per session (exported/README.md, "dtype").
 """
 
 from __future__ import annotations
@@ -119,8 +122,10 @@ def make_session(path, providers=None, threads: int | None = None, profile_prefi
     if weights is not None:
         for name, value in weights.initializers(path).items():
             so.add_initializer(name, value)
-        # a pre-packed MatMul weight is a second, per-session copy of that weight
+        # a pre-packed MatMul weight is a second, per-session copy of that weight; so is every weight
+        # constant folding rewrites (ORT folds Transpose(W) of each F.linear into a new initializer)
         so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
     if threads:
         so.intra_op_num_threads = threads
     if profile_prefix:
