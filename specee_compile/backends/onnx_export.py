@@ -306,7 +306,7 @@ class SafetensorsWeights:
         if not files:
             raise SpecEEError(f"{self.dir} holds no *.safetensors")
         self._files = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {name: h for h in self._files for name in h.keys()}
+        self.where = {name: h for h in self._files for name in h.keys()}  # noqa: SIM118  # safe_open is not iterable
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -363,9 +363,9 @@ def stream_model(model_name: str, load_dtype: torch.dtype = torch.float32):
     Returns None for other sources (GGUF, hub ids): those load whole (`models.load_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from ..model_step import step_spec
     from ..models import LoadedModel, model_fingerprint
     from ..models.loader import _locate
-    from ..model_step import step_spec
 
     src = _locate(str(model_name))
     d = Path(src.location)
