@@ -150,11 +150,15 @@ def _own_manifest(d: Path) -> dict | None:
     return None
 
 
-def _entries(d: Path, limit: int | None = None):
-    """Relative posix paths of everything under `d` that is not a directory (links not followed)."""
+def _entries(d: Path, limit: int | None = None, skip_prefix: str | None = None):
+    """Relative posix paths of everything under `d` that is not a directory (links not followed);
+    top-level entries starting with `skip_prefix` (our own temporary directory) are left out."""
     n = 0
     for root, dirs, files in os.walk(d, followlinks=False):
         rel_root = Path(root).relative_to(d)
+        if skip_prefix and root == str(d):
+            dirs[:] = [x for x in dirs if not x.startswith(skip_prefix)]
+            files = [x for x in files if not x.startswith(skip_prefix)]
         for name in files + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
             yield (rel_root / name).as_posix()
             n += 1
@@ -190,25 +194,34 @@ def plan_output(target, *, force: bool = False, flag: str = "-o") -> OutputPlan:
     if os.path.lexists(t) and not t.is_dir():
         raise ArtifactError(f"{flag} {raw} is an existing file, not a directory; specee-compile never replaces "
                             "a file (not even with --force): pass a directory path")
-    parent = t.parent
-    while not os.path.lexists(parent):
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ArtifactError(f"cannot create {flag} {raw}: {parent} is a file, not a directory")
-    why = probe_writable(parent)
-    if why:
-        raise ArtifactError(f"cannot write {flag} {raw}: {parent} is not writable ({why}); "
-                            "pick a directory you can write to")
     if not t.exists():
+        parent = t.parent
+        while not os.path.lexists(parent):
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ArtifactError(f"cannot create {flag} {raw}: {parent} is a file, not a directory")
+        why = probe_writable(parent)
+        if why:
+            raise ArtifactError(f"cannot write {flag} {raw}: {parent} is not writable ({why}); "
+                                "pick a directory you can write to")
         return OutputPlan(t, "new")
     why = probe_writable(t)
     if why:
         raise ArtifactError(f"cannot write {flag} {raw}: the directory is not writable ({why})")
+    plan = _existing_plan(t, raw, flag, force)
+    if plan.mode == "replace":  # the new directory is built beside it and renamed over it
+        why = probe_writable(t.parent)
+        if why:
+            raise ArtifactError(f"cannot replace {flag} {raw}: its parent {t.parent} is not writable ({why})")
+    return plan
+
+
+def _existing_plan(t: Path, raw: str, flag: str, force: bool) -> OutputPlan:
     inplace = _is_cwd_or_above(t)  # never rename away the directory we (or the user's shell) stand in
     own = _own_manifest(t)
     if own is not None:
         ours = frozenset(own["files"]) | {MANIFEST}
-        extras = [e for e in _entries(t, limit=10_000) if e not in ours]
+        extras = [e for e in _entries(t, limit=10_000, skip_prefix=f".{t.name}.tmp-") if e not in ours]
         if not extras:
             return OutputPlan(t, "merge" if inplace else "replace", ours)
         if not force:
@@ -219,7 +232,7 @@ def plan_output(target, *, force: bool = False, flag: str = "-o") -> OutputPlan:
                 "(they are kept)")
         return _merge_plan(t, raw, flag, ours)
     with os.scandir(t) as it:
-        empty = next(it, None) is None
+        empty = all(e.name.startswith(f".{t.name}.tmp-") for e in it)
     if empty:
         return OutputPlan(t, "merge" if inplace else "replace")
     if not force:
@@ -231,7 +244,7 @@ def plan_output(target, *, force: bool = False, flag: str = "-o") -> OutputPlan:
 
 
 def _merge_plan(t: Path, raw: str, flag: str, ours: frozenset) -> OutputPlan:
-    top = [e.name for e in os.scandir(t)]
+    top = [e.name for e in os.scandir(t) if not e.name.startswith(f".{t.name}.tmp-")]
     top += [f"{d}/{x}" for d in _TOKENIZER_DIRS if (t / d).is_dir() for x in _entries(t / d, limit=1000)]
     clash = [e for e in top if e not in ours and (loader_reads(e) or e == MANIFEST)]
     if clash:
@@ -248,10 +261,12 @@ def remove_stale_temps(target: Path) -> list[Path]:
     removed = []
     prefix = f".{target.name}.tmp-"
     pid_re = re.compile(r"(\d+)-")
-    try:
-        entries = list(os.scandir(target.parent))
-    except OSError:
-        return removed
+    entries = []
+    for where in (target.parent, target):
+        try:
+            entries += list(os.scandir(where))
+        except OSError:
+            pass
     for e in entries:
         if not e.name.startswith(prefix) or not e.is_dir(follow_symlinks=False):
             continue
@@ -330,13 +345,16 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False, flag: st
     tmp = None
     with raise_on_signals(state):
         try:
+            # beside the target, so one rename lands it; inside it when merging (the parent may be read-only)
+            where = t if plan.mode == "merge" else t.parent
             try:
-                tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-{os.getpid()}-", dir=t.parent))
+                tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-{os.getpid()}-", dir=where))
             except OSError as e:
-                raise ArtifactError(f"cannot write {flag} {target}: {e.strerror} in {t.parent}") from None
+                raise ArtifactError(f"cannot write {flag} {target}: {e.strerror} in {where}") from None
             tmp.chmod(0o755)
             yield tmp
-            plan = plan_output(target, force=force, flag=flag)  # the directory may have changed meanwhile
+            again = plan_output(target, force=force, flag=flag)  # the directory may have changed meanwhile
+            plan = again if where == t.parent or again.mode == "merge" else OutputPlan(t, "merge", again.ours)
             state["defer"] = True  # a signal now waits until the artifact has landed (or not)
             _commit(tmp, plan)
         finally:
