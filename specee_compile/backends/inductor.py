@@ -94,6 +94,8 @@ class InductorSegments(Segments):
         use_graphs = settings.cuda_graphs and self.device.type == "cuda"
         self._graphs = _CudaGraphs(self.device) if use_graphs else None
         self._graph_rows = 1 + settings.max_pending  # decode-sized calls get CUDA graphs
+        self._whole_step = None  # cuda_step.CudaWholeStep, built on first use (CUDA graphs only)
+        self._warm = False
 
     # ---- compilation ----
     def _compile(self, name: str, gm: torch.fx.GraphModule):
@@ -138,6 +140,47 @@ class InductorSegments(Segments):
             if self._graphs is None or rows > self._graph_rows:
                 return fn(*args)
             return self._graphs.run(key, fn, args, per_call, dyn)
+
+    # ---- the whole step (runtime.contract.WholeStep): CUDA graphs of the whole decode step ----
+    def _whole(self):
+        if self._whole_step is None and self._graphs is not None:
+            from .cuda_step import CudaWholeStep
+
+            self._whole_step = CudaWholeStep(self)
+        return self._whole_step
+
+    def can_run(self, plan) -> bool:
+        w = self._whole()
+        return w is not None and w.can_run(plan)
+
+    def prepare(self, plan, max_pos: int) -> None:
+        """On CUDA: compile and capture everything a generate call will run, before its prefill (the
+        prefill shape, the whole decode step per attention bucket). On CPU segments compile on first
+        use, as before. Leaves the cache empty."""
+        w = self._whole()
+        if w is not None and w.can_run(plan):
+            w.prepare(plan, max_pos)
+        if not self._warm and w is not None:  # CUDA: the prefill shape too (q >= 2: one dynamic kernel set)
+            pos = torch.tensor([0, 1], device=self.device)  # slots the reset below frees again
+            h = self.embed(torch.zeros(2, dtype=torch.long, device=self.device))
+            self.head(self.layer(0, h, pos, self.attn_len(1))[:, -1:])
+            self._warm = True
+        self.cache.reset()
+
+    def run_step(self, plan):
+        return self._whole().run_step(plan)
+
+    def layer_direct(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+        """The compiled layer without a per-layer graph (what the whole-step capture records)."""
+        c = self.cache
+        args = list(self.segmented.layer_args(self.weights, i, h, pos, self._keys_for(S), c.valid[i], c.k[i], c.v[i]))
+        for j, dim in ((0, 1), (1, 0), (2, 0)):
+            torch._dynamo.maybe_mark_dynamic(args[j], dim)
+        return self._layer_c(*args)
+
+    def head_direct(self, h: torch.Tensor):
+        torch._dynamo.maybe_mark_dynamic(h, 1)
+        return self._head_c(h, self.weights.norm, self.weights.head)
 
     # ---- the segment calls the runtime makes ----
     def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:

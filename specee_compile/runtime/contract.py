@@ -94,6 +94,8 @@ class WholeStep(Protocol):
 
     def can_run(self, plan: StepPlan) -> bool: ...
 
+    def prepare(self, plan: StepPlan, max_pos: int) -> None: ...  # compile/capture before the prefill
+
     def run_step(self, plan: StepPlan) -> StepOut: ...
 
 

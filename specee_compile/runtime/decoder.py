@@ -62,6 +62,10 @@ class GenerationResult:
     predictor_calls: int = 0
     head_calls: int = 0
     pending_depths: list[int] = field(default_factory=list)  # pending rows joined at each deep step
+    verify_steps: int = 0  # tree steps (--speculate tree; runtime/tree.py): one verify forward each
+    accepted_tokens: int = 0  # tokens the tree steps emitted (accepted path + bonus)
+    tree_nodes: int = 0  # draft-tree nodes verified, over all tree steps
+    compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -72,6 +76,11 @@ class GenerationResult:
     @property
     def avg_layer_rows(self) -> float:
         return self.layer_rows / self.decode_steps if self.decode_steps else float(self.num_layers)
+
+    @property
+    def accepted_per_step(self) -> float | None:
+        """Mean tokens per tree verify step, bonus included (None without tree steps)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,7 +99,9 @@ class GenerationResult:
             "avg_layers": self.avg_layers,
             "avg_layer_rows": self.avg_layer_rows,
             "tokens_per_s": self.tokens_per_s,
-            "decode_tokens_per_s": (self.decode_steps / self.decode_s) if self.decode_s > 0 else 0.0,
+            "decode_tokens_per_s": ((self.accepted_tokens if self.verify_steps else self.decode_steps) / self.decode_s)
+            if self.decode_s > 0 else 0.0,
+            "compile_s": self.compile_s,
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "exit_layers": self.exit_layers,
@@ -101,6 +112,9 @@ class GenerationResult:
             "rollbacks": self.rollbacks,
             "predictor_calls": self.predictor_calls,
             "pending_depth_histogram": {str(k): v for k, v in sorted(Counter(self.pending_depths).items())},
+            "verify_steps": self.verify_steps,
+            "accepted_per_step": self.accepted_per_step,
+            "avg_tree_nodes": self.tree_nodes / self.verify_steps if self.verify_steps else None,
         }
 
 
@@ -145,6 +159,7 @@ class Decoder:
         self.kv = kv_policy(settings.kv_policy)
         self.whole = segments if isinstance(segments, WholeStep) else None
         self.composable = isinstance(segments, Segments)
+        self.tree = None  # the tree step (runtime/tree.py), set below for --speculate tree
         if settings.specee:
             if program is None or draft is None:
                 raise SpecEEError("--specee needs artifacts (predictors and a candidate source)")
@@ -157,6 +172,10 @@ class Decoder:
                 ep.layer: ep.threshold if settings.threshold is None else settings.threshold
                 for ep in program.exit_points
             }
+        if settings.speculate == "tree":
+            from .tree import TreeStep
+
+            self.tree = TreeStep(self)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -177,9 +196,14 @@ class Decoder:
         """Dense prefill of the prompt; returns the first generated token."""
         s, seg = self.s, self.seg
         check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
+        t0 = time.perf_counter()
+        if self.whole is not None and s.temperature <= 0:  # compile + capture before the first token
+            self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
+        compile_s = time.perf_counter() - t0
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
-        res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[])
+        res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
+                               compile_s=compile_s)
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res
@@ -189,7 +213,7 @@ class Decoder:
         t0 = time.perf_counter()
         logits, hn = seg.prefill(list(prompt_ids))  # logits [V] of the last row, hn [P, D]
         first = select_token(logits, s.temperature, s.top_p, self.gen)
-        if s.specee:
+        if s.specee or self.tree is not None:
             self.draft.reset(list(prompt_ids), hn)
             self.draft.observe(first, hn[-1], self.L - 1)
             if self.scheduler is not None:
@@ -210,7 +234,9 @@ class Decoder:
             if self.pending and self.policy.needs_rollback:
                 self._step(current=False)  # flush: verify pending exits before stopping
             return
-        if self.s.specee:
+        if self.tree is not None:
+            self.tree.step()  # one tree verify step: appends the accepted tokens + bonus
+        elif self.s.specee:
             self._step(current=True)
         else:
             self._dense_step(self.gen)
@@ -279,6 +305,14 @@ class Decoder:
         return StepPlan(token=self.seq[-1], pos=len(self.seq) - 1, candidates=cands,
                         active=frozenset(i for i in active if i >= self.s.min_exit_layer),
                         thresholds=self.thresholds, policy=self.policy, forced_exit=forced)
+
+    def _template_plan(self) -> StepPlan:
+        """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""
+        if not self.s.specee:
+            return StepPlan(token=0, pos=0)
+        k = self.program.num_candidates
+        return StepPlan(token=0, pos=0, candidates=torch.zeros(k, dtype=torch.long, device=self.seg.device),
+                        active=frozenset(self.exit_layers), thresholds=self.thresholds, policy=self.policy)
 
     def _emit(self, token: int, hn: torch.Tensor, layer: int) -> None:
         self.draft.observe(token, hn, layer)

@@ -1,0 +1,242 @@
+"""The whole decode step as CUDA graphs: the inductor backend's `WholeStep` on CUDA.
+
+Why: replaying one CUDA graph per layer, copying inputs in and outputs out, and reading every exit
+decision on the host costs more than the layers themselves on small models, and ~2x on 7B shapes
+(benchmarks/GPU_NOTES.md). Here one graph holds the whole step, and the exit is decided on the device.
+
+One graph per (step kind, attention bucket S); all share one memory pool and static buffers:
+
+    dense   tok -> embed -> layer 0..L-1 -> head -> argmax -> out[0]
+    exits   tok, cands -> embed, W_S = head[cands] -> layers, where layer l > first exit layer runs
+            inside IF(alive); after an exit layer l, inside IF(alive and active[l]), the fused exit
+            kernel scores the state (`triton_exit_decide`) and, on exit, clears `alive` (or, with the
+            paper's check, raises `proposed`: the full head runs inside IF(proposed) and the exit
+            stands only if its argmax is a candidate); the exit state goes to `hexit`
+            -> if no exit emitted a token: head(hexit) -> argmax -> out[0]; out[1] = exit layer,
+            out[2] = head calls; hn = final_norm(hexit) for the draft
+IF nodes come from `plugins/cuda_graph_if.py`. The host writes a control block per step (active set,
+forced exit of a trace) with one async copy from pinned memory and reads `out` once: one host sync
+per token, none per decision.
+
+Runs: greedy plans without pending rows whose policy emits the full-head token (dense, approximate /
+paper, the benchmark's trace). Lossless + backfill steps carry pending rows (variable row counts)
+and run through the loop's composed path with per-layer graphs (backends/inductor.py).
+
+Graphs are captured before the first token (`prepare`, with a progress bar): every bucket up to the
+longest sequence the generate call can reach. Warm-up runs write K/V at the last cache slot, which
+`prepare`'s cache reset then invalidates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch
+
+from ..runtime.contract import StepOut, StepPlan
+
+# control block (uint8): flags the IF nodes and the exit kernel read and write
+ALIVE, FORCED, EXIT, PROPOSED, NEEDHEAD, HEADS, ACT0 = 0, 1, 2, 3, 4, 5, 8
+NO_EXIT = 255
+
+
+class CudaWholeStep:
+    def __init__(self, seg):
+        from ..plugins.cuda_graph_if import cond_backend
+
+        self.seg = seg
+        spec = seg.spec
+        self.L, self.D = spec.num_layers, spec.hidden
+        dev, dt = seg.device, seg.dtype
+        self.dev = dev
+        self.cond = cond_backend()  # "torch" | "ext" | None (then only dense steps run here)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        self.capture_s = 0.0
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(3, dtype=torch.long, device=dev)  # token, exit layer, head calls
+        self.out_host = torch.zeros(3, dtype=torch.long).pin_memory()
+        self.k = 0
+        self.ctrl = torch.zeros(ACT0 + self.L, dtype=torch.uint8, device=dev)
+        self.ctrl_host = torch.zeros(ACT0 + self.L, dtype=torch.uint8).pin_memory()
+        self.hexit = torch.zeros(1, 1, self.D, dtype=dt, device=dev)
+        self.hn = torch.zeros(self.D, dtype=dt, device=dev)
+        self.score = torch.zeros(1, dtype=torch.float32, device=dev)
+
+    # ------------------------------------------------------------------ which plans run here
+    def kind(self, plan: StepPlan):
+        """Graph kind for a plan, or None if the plan must run through the composed path."""
+        if plan.candidates is None:
+            return ("dense",)
+        pol = plan.policy
+        if self.cond is None or pol is None or pol.exit_token != "full_head" or self.seg.predictors is None:
+            return None
+        gates = tuple(sorted(i for i in plan.thresholds if i < self.L - 1))
+        if not gates:
+            return None
+        ths = tuple(float(plan.thresholds[i]) for i in gates)
+        return ("exits", int(plan.candidates.numel()), gates, ths, bool(pol.forced), bool(pol.verify_in_candidates))
+
+    def can_run(self, plan: StepPlan) -> bool:
+        return self.kind(plan) is not None
+
+    # ------------------------------------------------------------------ capture
+    def prepare(self, plan: StepPlan, max_pos: int) -> None:
+        """Capture every bucket this plan kind can need up to position max_pos (before prefill)."""
+        kind = self.kind(plan)
+        if kind is None:
+            return
+        buckets = sorted({self.seg.attn_len(p) for p in range(0, max_pos + 1, self.seg.attn_bucket)}
+                         | {self.seg.attn_len(max_pos)})
+        todo = [S for S in buckets if (kind, S) not in self.graphs]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        bar = _progress(len(todo), f"capturing {kind[0]} decode step graphs ({self.seg.name}, CUDA)")
+        for S in todo:
+            self.graphs[(kind, S)] = self._capture(kind, S)
+            bar.update(1)
+        bar.close()
+        self.seg.cache.reset()  # warm-up runs wrote the last slot; the prefill starts from nothing
+        self.capture_s += time.perf_counter() - t0
+
+    def _capture(self, kind, S: int):
+        seg = self.seg
+        if kind[0] == "exits":
+            k = kind[1]
+            if self.k != k:
+                self.k = k
+                self.cands = torch.zeros(k, dtype=torch.long, device=self.dev)
+                self.rows = torch.zeros(k, self.D, dtype=seg.dtype, device=self.dev)
+                self.p_prev = torch.zeros(k, dtype=torch.float32, device=self.dev)
+                self.z = torch.zeros(k, dtype=torch.float32, device=self.dev)
+        # warm-up (compiles, autotunes, allocator) at the last cache slot, outside any graph
+        self.pos.fill_(seg.max_len - 1)
+        self._reset_ctrl(kind, frozenset(kind[2]) if kind[0] == "exits" else frozenset(), None)
+        self.ctrl.copy_(self.ctrl_host)
+        torch.cuda.synchronize(self.dev)
+        for _ in range(2):
+            self._body(kind, S, None)
+        torch.cuda.synchronize(self.dev)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self._body(kind, S, g)
+        return g
+
+    def _if(self, g, a, b=None):
+        if g is None:  # warm-up: run every body
+            return contextlib.nullcontext()
+        from ..plugins.cuda_graph_if import if_node
+
+        return if_node(g, a, b, backend=self.cond, pool=self.pool)
+
+    def _body(self, kind, S: int, g) -> None:
+        seg, L = self.seg, self.L
+        W = seg.weights
+        h = W.embed.index_select(0, self.tok).view(1, 1, self.D)
+        if kind[0] == "dense":
+            for i in range(L):
+                h = seg.layer_direct(i, h, self.pos, S)
+            _, logits = seg.head_direct(h)
+            self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
+            return
+        _, k, gates, ths, forced, verify = kind
+        from ..plugins.triton_exit_score import triton_exit_decide
+
+        c = self.ctrl
+        torch.index_select(W.head, 0, self.cands, out=self.rows)
+        self.p_prev.zero_()
+        P = seg.predictors
+        first = gates[0]
+        th = dict(zip(gates, ths))
+        for i in range(L):
+            with self._if(g, c[ALIVE:ALIVE + 1]) if i > first else contextlib.nullcontext():
+                h = seg.layer_direct(i, h, self.pos, S)
+                if i == L - 1:
+                    self.hexit.copy_(h)
+            if i in th:
+                with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
+                    off = PROPOSED if verify else ALIVE
+                    triton_exit_decide(h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i],
+                                       seg.spec.eps, layer=i, ctrl=c, hexit=self.hexit.view(-1), score=self.score,
+                                       z=self.z, threshold=th[i], forced=forced, alive_off=off,
+                                       forced_off=FORCED, exit_off=EXIT)
+                    if verify:
+                        self._verify(g, i, h)
+        with self._if(g, c[NEEDHEAD:NEEDHEAD + 1]):
+            _, logits = seg.head_direct(self.hexit)
+            self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
+            c[HEADS:HEADS + 1].add_(1)
+        self.hn.copy_(seg.norm(self.hexit).view(-1))
+        self.out[1:2].copy_(c[EXIT:EXIT + 1])
+        self.out[2:3].copy_(c[HEADS:HEADS + 1])
+
+    def _verify(self, g, i: int, h) -> None:
+        """The paper's check, on the device: the kernel raised `proposed` (wrote PROPOSED = 0); run the
+        full head; the exit stands (alive = 0, token emitted) only if its argmax is a candidate."""
+        c = self.ctrl
+        if not hasattr(self, "_chk"):
+            self._chk = torch.zeros(1, dtype=torch.uint8, device=self.dev)
+        self._chk.copy_(1 - c[PROPOSED:PROPOSED + 1])  # 1 where an exit was proposed
+        with self._if(g, self._chk):
+            _, logits = self.seg.head_direct(h)
+            t = torch.argmax(logits[0, -1], dim=-1, keepdim=True)  # [1]
+            ok = (self.cands == t).any().view(1)
+            c[HEADS:HEADS + 1].add_(1)
+            c[ALIVE:ALIVE + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
+            c[NEEDHEAD:NEEDHEAD + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
+            c[EXIT:EXIT + 1].copy_(torch.where(ok, i, self.L - 1).to(torch.uint8))
+            self.out[0:1].copy_(torch.where(ok, t, self.out[0:1]))
+            c[PROPOSED:PROPOSED + 1].fill_(1)
+
+    def _reset_ctrl(self, kind, active: frozenset, forced: int | None) -> None:
+        hc = self.ctrl_host
+        hc.zero_()
+        hc[ALIVE] = 1
+        hc[PROPOSED] = 1
+        hc[NEEDHEAD] = 1
+        hc[EXIT] = self.L - 1
+        hc[FORCED] = NO_EXIT if forced is None or forced >= self.L - 1 else forced
+        for i in active:
+            hc[ACT0 + i] = 1
+
+    # ------------------------------------------------------------------ run
+    def run_step(self, plan: StepPlan) -> StepOut:
+        kind = self.kind(plan)
+        S = self.seg.attn_len(plan.pos)
+        g = self.graphs.get((kind, S))
+        if g is None:  # a bucket prepare() did not foresee (generate() always prepares)
+            self.graphs[(kind, S)] = g = self._capture(kind, S)
+        self.tok.fill_(plan.token)
+        self.pos.fill_(plan.pos)
+        if kind[0] == "exits":
+            self.cands.copy_(plan.candidates, non_blocking=True)
+            self._reset_ctrl(kind, plan.active, plan.forced_exit)
+            self.ctrl.copy_(self.ctrl_host, non_blocking=True)
+        g.replay()
+        self.out_host.copy_(self.out, non_blocking=True)
+        torch.cuda.current_stream(self.dev).synchronize()
+        tok, layer, heads = self.out_host.tolist()
+        if kind[0] == "dense":
+            return StepOut(token=tok, exit_layer=self.L - 1, hn=self.hn)
+        calls = sum(1 for i in plan.active if i <= layer and i in kind[2])
+        return StepOut(token=tok, exit_layer=layer, hn=self.hn.clone(), predictor_calls=calls, head_calls=heads)
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=total < 2)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
