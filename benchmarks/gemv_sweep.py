@@ -16,15 +16,63 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from specee_compile.eval.gpu_bench import GEMV_SHAPES, gemv_inputs, gemv_time_us
 from specee_compile.ops import fused_linear_reference
 from specee_compile.plugins import triton_gemv as T
+
+
+def capture(fn, pool=None):
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
+
+
+def graph_time_us(fn, reps: int = 50) -> float:
+    """Device time per call of fn, from a CUDA graph of `reps` back-to-back calls."""
+    fn()  # compile / load outside the capture
+    torch.cuda.synchronize()
+    g, _ = capture(lambda: [fn() for _ in range(reps)])
+    g.replay()
+    torch.cuda.synchronize()
+    s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    vals = []
+    for _ in range(5):
+        s.record()
+        g.replay()
+        t.record()
+        t.synchronize()
+        vals.append(s.elapsed_time(t) * 1000 / reps)
+    return round(statistics.median(vals), 2)
+
+
+GEMV_SHAPES = (  # name, N, K, prologue, residual (Llama-2-7B)
+    ("wqkv", 12288, 4096, "rmsnorm", False), ("wo", 4096, 4096, "none", True),
+    ("wgu", 22016, 4096, "rmsnorm", False), ("wd", 4096, 11008, "silu_mul", True),
+    ("head", 32000, 4096, "rmsnorm", False),
+)
+
+
+def gemv_inputs(n: int, k: int, pro: str, has_res: bool, copies: int, dev, g):
+    """fp16 inputs of one fused_linear shape: `copies` weights [n, k], x, norm weight, residual."""
+    kin = 2 * k if pro == "silu_mul" else k
+    ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
+    x = torch.randn(1, 1, kin, generator=g).half().to(dev)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
+    r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+    return ws, x, nw, r
+
+
+def gemv_time_us(fn, x, ws, r, nw, pro: str) -> float:
+    """Device time per call of a fused_linear implementation, each call on the next weight copy."""
+    it = iter(range(10**9))
+    return graph_time_us(lambda: fn(x, ws[next(it) % len(ws)], r, nw, 1e-5, pro), reps=24)
 
 
 def main() -> int:

@@ -84,7 +84,7 @@ def test_cuda_decide_epilogue(forced, host_ctrl):
 
     a = inputs(4096, 4, torch.float16, "cuda", seed=11)
     ref_score, _, ref_p = exit_score_reference(**a)
-    for layer, should in [(5, False), (9, True)]:
+    for layer, should in [(5, False), (9, True), (12, True)]:
         # alive starts at 2 ("pending"): the kernel always writes 0 (exit) or 1; a host-mapped (pinned)
         # control block is read and written by the kernel directly
         ctrl = torch.tensor([2, 0, 9, 31], dtype=torch.uint8)
@@ -97,7 +97,7 @@ def test_cuda_decide_epilogue(forced, host_ctrl):
         args = {**a, "p_prev": p_prev}
         triton_exit_decide(**args, layer=layer, ctrl=ctrl, hexit=hexit, score=score, z=z, threshold=thr,
                            forced=forced, alive_off=0, forced_off=2, exit_off=3)
-        exits = should  # forced: layer == 9; threshold: set just below / above the score
+        exits = should  # forced: layer >= 9; threshold: set just below / above the score
         torch.cuda.synchronize()
         assert ctrl.tolist() == ([0, 0, 9, layer] if exits else [1, 0, 9, 31])
         assert rel(score, ref_score) < 1e-3 and rel(p_prev, ref_p) < 1e-3
@@ -112,7 +112,7 @@ def test_torch_decide_reference_semantics():
 
     a = inputs(64, 4, torch.float32, "cpu", seed=3)
     ref_score, ref_z, ref_p = exit_score_reference(**a)
-    for layer, exits in [(5, False), (9, True)]:
+    for layer, exits in [(5, False), (9, True), (12, True)]:  # forced: the first evaluated layer >= 9
         ctrl = torch.tensor([2, 0, 9, 31], dtype=torch.uint8)
         hexit = torch.zeros(64)
         score, z, p_prev = torch.empty(1), torch.empty(4), a["p_prev"].clone()

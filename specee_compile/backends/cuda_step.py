@@ -13,7 +13,7 @@ One graph per (step kind, attention bucket S); all share one memory pool and sta
             paper's check, raises `proposed`: the full head runs inside IF(proposed) and the exit
             stands only if its argmax is a candidate); the exit state goes to `hexit`
             -> if no exit emitted a token: head(hexit) -> argmax -> out[0]; out[1] = exit layer,
-            out[2] = head calls; hn = final_norm(hexit) for the draft
+            out[2] = head calls of the check; hn = final_norm(hexit) for the draft
 IF nodes come from `plugins/cuda_graph_if.py`. The host writes a control block per step (active set,
 forced exit of a trace) with one async copy from pinned memory and reads `out` once: one host sync
 per token, none per decision.
@@ -143,7 +143,7 @@ class CudaWholeStep:
             _, logits = seg.head_direct(h)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
             return
-        _, k, gates, ths, forced, verify = kind
+        _, _k, gates, ths, forced, verify = kind
         from ..plugins.triton_exit_score import triton_exit_decide
 
         c = self.ctrl
@@ -169,7 +169,6 @@ class CudaWholeStep:
         with self._if(g, c[NEEDHEAD:NEEDHEAD + 1]):
             _, logits = seg.head_direct(self.hexit)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
-            c[HEADS:HEADS + 1].add_(1)
         self.hn.copy_(seg.norm(self.hexit).view(-1))
         self.out[1:2].copy_(c[EXIT:EXIT + 1])
         self.out[2:3].copy_(c[HEADS:HEADS + 1])
@@ -223,6 +222,8 @@ class CudaWholeStep:
         if kind[0] == "dense":
             return StepOut(token=tok, exit_layer=self.L - 1, hn=self.hn)
         calls = sum(1 for i in plan.active if i <= layer and i in kind[2])
+        if not kind[5] and layer < self.L - 1:  # no check: the exit's head is the step's one head
+            heads += 1
         return StepOut(token=tok, exit_layer=layer, hn=self.hn.clone(), predictor_calls=calls, head_calls=heads)
 
 

@@ -120,7 +120,7 @@ if HAVE_TRITON:
             if MODE == 1:
                 ex = score > threshold
             else:
-                ex = tl.load(ctrl_ptr + FORCED_OFF, volatile=True).to(tl.int32) == layer
+                ex = layer >= tl.load(ctrl_ptr + FORCED_OFF, volatile=True).to(tl.int32)
             # the decision runs only while alive, so alive := !exit (also a "done" mark for a host that
             # polls a host-mapped ctrl block: it writes 2 before the launch and waits for 0/1)
             tl.store(ctrl_ptr + ALIVE_OFF, tl.where(ex, 0, 1).to(tl.uint8))
@@ -198,7 +198,7 @@ def triton_exit_decide(
     reads and writes through the unified address space): ctrl[alive_off] (the alive flag the graph's
     IF nodes read: written 0 on exit, 1 otherwise), ctrl[forced_off] (trace-driven exit layer, used
     when `forced`), ctrl[exit_off] (set to `layer` on exit). On exit, h is copied into `hexit` [D].
-    forced=False decides by score > threshold (the predictor); forced=True by layer == ctrl[forced_off]
+    forced=False decides by score > threshold (the predictor); forced=True by layer >= ctrl[forced_off]
     (an exit trace; the score is still computed, so the work is the same).
     """
     if ctrl.dtype != torch.uint8:
@@ -298,7 +298,7 @@ def torch_exit_decide(
     z.copy_(zz)
     p_prev.copy_(p)
     if forced:
-        ex = ctrl[forced_off].to(torch.int64) == layer
+        ex = ctrl[forced_off].to(torch.int64) <= layer
     else:
         ex = s[0] > threshold
     ctrl[alive_off] = torch.where(ex, torch.zeros_like(ctrl[alive_off]), torch.ones_like(ctrl[alive_off]))

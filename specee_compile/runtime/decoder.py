@@ -368,7 +368,7 @@ class Decoder:
                 score, z, p_prev = seg.exit_score(i, rows[-1].h, w_rows, p_prev)
                 res.predictor_calls += 1
                 if policy.forced:
-                    proposed = i == plan.forced_exit
+                    proposed = plan.forced_exit is not None and i >= plan.forced_exit
                 else:
                     proposed = float(score) > self.thresholds[i]
                 if proposed:

@@ -32,7 +32,8 @@ class ExitPolicy:
     trace: tuple[int, ...] = ()  # forced policies: exit layer per decode step (L - 1 or more = none)
 
     def forced_layer(self, step: int) -> int | None:
-        """The layer a forced policy exits after at decode step `step` (None: no exit this step)."""
+        """Forced policies: at decode step `step` the token exits at the first evaluated (active) exit
+        layer >= this one (None: no exit this step)."""
         if not self.forced or not self.trace:
             return None
         return self.trace[step % len(self.trace)]
