@@ -59,6 +59,7 @@ import logging
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -524,10 +525,13 @@ class _WeightFile:
         """Store `t` as `name`; a tensor already stored (same storage view: tied weights) keeps its name."""
         from onnx import TensorProto
 
-        t = t.detach()
+        owner, t = t, t.detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in self._seen:
-            return self._seen[key]
+        seen = self._seen.get(key)
+        # the same memory is the same tensor only while the first one lives: streamed layers are freed
+        # after writing, and the next layer's tensors may be allocated at the same address
+        if seen is not None and seen[1]() is not None:
+            return seen[0]
         raw = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # written as is: no bytes copy
         pad = -self.offset % ALIGN
         self.f.write(b"\0" * pad)
@@ -543,7 +547,7 @@ class _WeightFile:
             e.key, e.value = k, v
         self.offset += len(raw)
         self.protos[name] = tp
-        self._seen[key] = name
+        self._seen[key] = (name, weakref.ref(owner))
         return name
 
     def close(self) -> None:
