@@ -95,12 +95,16 @@ def cmd_generate(args) -> int:
         from .api import check_output_directory
 
         check_output_directory(args.dump_graphs, "--dump-graphs")
-    if settings.backend in ("onnx", "tensorrt") and not os.path.isfile(os.path.join(args.model, "manifest.json")):
+    if settings.backend in ("onnx", "tensorrt", "cpp") and not os.path.isfile(os.path.join(args.model, "manifest.json")):
         raise SpecEEError(
             f"--backend {settings.backend} runs an exported artifact directory, and {args.model!r} is not one "
             f"(no manifest.json); export it first: `specee-compile export {args.model} -o DIR`, then "
             f"`specee-compile generate DIR PROMPT --backend {settings.backend}`")
-    if settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
+    if settings.backend == "cpp":  # the C++ runner over an AOTInductor export (backends/cpp_runner.py)
+        from .backends.cpp_runner import generate_from_artifact as cpp_generate
+
+        res, _ = cpp_generate(args.model, args.prompt, settings, on_text=_printer())
+    elif settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
         from .api import generate_from_artifact
 
         res, _ = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
@@ -198,6 +202,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "aoti":  # AOTInductor packages for the C++ runner (cpp/)
+        from .backends.aoti_export import export_aoti_command
+
+        export_aoti_command(args.model, args.output, artifacts=args.artifacts, max_context=args.max_context,
+                            dtype=args.dtype or "float32", device=args.device, force=args.force)
+        return 0
     from .api import export_command
 
     export_command(args.model, args.output, backend=args.backend, artifacts=args.artifacts,
@@ -319,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     p.add_argument("--artifacts", help="predictor/draft artifacts (default: shipped)")
     p.add_argument("--trt-plugin", action="store_true", help="exit scoring as a fused TensorRT plugin")
+    p.add_argument("--format", choices=["onnx", "aoti"], default="onnx",
+                   help="aoti: AOTInductor packages + safetensors for the C++ runner (generate DIR --backend cpp)")
+    p.add_argument("--device", default="cpu", help="--format aoti: compile the packages for cpu or cuda")
     p.add_argument("--max-context", type=int, default=1024)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="weights and compute dtype of the graphs (default: the model's own; exit scoring stays float32)")
