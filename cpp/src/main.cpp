@@ -3,7 +3,7 @@
 //   specee_runner DIR --ids 1,2,3 [--mode dense|approximate|lossless] [--kv skip|backfill]
 //                 [--max-new-tokens N] [--threshold X] [--max-pending N] [--min-exit-layer N]
 //                 [--no-schedule] [--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda]
-//                 [--no-verify] [--eos ID,...] [--no-manifest-eos] [--repeat N]
+//                 [--no-verify] [--threads N] [--eos ID,...] [--no-manifest-eos] [--repeat N]
 //   specee_runner DIR --ids-json FILE        (FILE: {"prompt_ids": [...]} or a bare [...] list)
 //
 // Prints one JSON object on stdout: token ids, per-token exit layers, timing. Errors are one line on
@@ -88,13 +88,14 @@ int main(int argc, char** argv) {
       }
       else if (a == "--device") opt.device = val();
       else if (a == "--no-verify") opt.verify_sha256 = false;
+      else if (a == "--threads") opt.threads = int(to_int(a, val()));
       else if (a == "--eos") { for (auto e : int_list(a, val())) opt.eos_ids.push_back(e); }
       else if (a == "--no-manifest-eos") opt.use_manifest_eos = false;
       else if (a == "--repeat") repeat = int(to_int(a, val()));
       else if (a == "-h" || a == "--help") {
         std::cout << "usage: specee_runner DIR --ids 1,2,3 [--mode dense|approximate|lossless] [--kv skip|backfill] "
                      "[--max-new-tokens N] [--threshold X] [--max-pending N] [--min-exit-layer N] [--no-schedule] "
-                     "[--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda] [--no-verify] [--eos IDS] "
+                     "[--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda] [--no-verify] [--threads N] [--eos IDS] "
                      "[--no-manifest-eos] [--repeat N]\n";
         return 0;
       }

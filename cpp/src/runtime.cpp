@@ -6,6 +6,7 @@
 // file holds only the loop, the caches and the bookkeeping. Shapes (batch 1): h [1, q, D]; pos [q];
 // the KV cache K, V [L, Hkv, T, hd] with T = max_len + 1, valid [L, T].
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <sys/stat.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -166,6 +167,7 @@ struct Runtime::Impl {
     if (opt.max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
     if (opt.max_pending < 0) throw Error("max_pending must be >= 0");
     if (opt.threshold > 1.0) throw Error("threshold must be in [0, 1]");
+    if (opt.threads > 0) at::set_num_threads(opt.threads);
     specee = opt.mode != "dense";
     lossless = opt.mode == "lossless";
     backfill = opt.kv == "backfill";

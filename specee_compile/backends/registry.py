@@ -44,6 +44,8 @@ REGISTRY: dict[str, BackendEntry] = {
         BackendEntry("tensorrt", "artifact", "specee_compile.backends.onnx_runner:open_artifact",
                      "TensorRT engines of an exported directory (falls back to its ONNX graphs where "
                      "TensorRT cannot run)"),
+        BackendEntry("cpp", "artifact", "specee_compile.backends.cpp_runner:open_artifact",
+                     "the C++ runner (cpp/) over an AOTInductor export (`export --format aoti`)"),
     )
 }
 

@@ -40,6 +40,7 @@ struct Options {
   std::vector<int> online_offsets{-2, 0, 2};
   std::string device = "cpu";     // cpu | cuda | cuda:N (the packages must be exported for it)
   bool verify_sha256 = true;      // sizes are always checked
+  int threads = 0;                // CPU threads for libtorch + the packages (0: libtorch default)
   bool use_manifest_eos = true;   // stop at the manifest's eos_ids
   std::vector<int64_t> eos_ids;   // extra stop tokens
 };

@@ -1,0 +1,247 @@
+"""The C++ runner (cpp/, over an AOTInductor export) against the Python runtime (eager backend), token
+for token and exit layer for exit layer, in dense, paper (approximate + skip), approximate + backfill
+and lossless (backfill + rollback) modes; bad inputs; the README's C++ example; the CLI backend.
+
+One tiny random Llama (6 layers, vocabulary 32, so that k = 4 candidates catch the exit-layer argmax
+often enough for exits to happen) with random predictors and a random EAGLE draft is exported once per
+session (about 1.5 min of AOTInductor compiles on 2 cores); the runner is built once per source digest
+(about 1 min) into the SPECEE cache. Skips only where cmake or g++ is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specee_compile.backends.cpp_runner import RUNNER, build_runner, run_runner, toolchain_missing
+
+pytestmark = pytest.mark.skipif(toolchain_missing() is not None,
+                                reason=f"the C++ runner needs {toolchain_missing()} (not on PATH)")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from specee_compile.backends import make_segments  # noqa: E402
+from specee_compile.backends.aoti_export import export_aoti_dir  # noqa: E402
+from specee_compile.config import Settings  # noqa: E402
+from specee_compile.draft import EagleDraft, EagleSource  # noqa: E402
+from specee_compile.errors import SpecEEError  # noqa: E402
+from specee_compile.predictors.schedule import OnlineScheduler  # noqa: E402
+from specee_compile.program import ExitPoint, Predictors, SpecEEProgram  # noqa: E402
+from specee_compile.runtime.decoder import Decoder  # noqa: E402
+
+L, V, K = 6, 32, 4
+CFG = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": L,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+PROMPTS = [[1, 2, 3, 4, 5], [7, 7, 8, 9, 7, 7, 8], [30, 2, 17], [4]]
+MAX_CONTEXT = 128
+README = Path(__file__).resolve().parents[1] / "exported" / "README.md"
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+
+
+def random_program(seed=0, hm=16, k=K):
+    g = torch.Generator().manual_seed(seed)
+    exits = list(range(L - 1))
+    return SpecEEProgram(
+        num_layers=L,
+        exit_points=[ExitPoint(i, 0.3 + 0.1 * i) for i in exits],
+        predictors=Predictors(torch.randn(L, hm, 3 * k, generator=g), torch.randn(L, hm, generator=g),
+                              torch.randn(L, hm, generator=g) * 0.5, torch.randn(L, 1, generator=g), exits),
+        offline_layers=[1, 3],
+        num_candidates=k,
+    )
+
+
+def random_draft(model):
+    torch.manual_seed(1)
+    draft = EagleDraft(model)
+    with torch.no_grad():  # the default init proposes near-constant tokens; spread it
+        for p in draft.parameters():
+            p.normal_(0, 0.2)
+    return draft
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return build_runner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, runner):
+    model, prog = tiny_model(), random_program()
+    draft = random_draft(model)
+    out = tmp_path_factory.mktemp("aoti") / "tiny"
+    export_aoti_dir(model, prog, out, Settings(max_context=MAX_CONTEXT), draft, model_name="tiny", eos_ids=())
+    return model, prog, draft, out
+
+
+def python_run(model, prog, draft, s: Settings, ids):
+    seg = make_segments(model, s, prog)
+    if not s.specee:
+        return Decoder(seg, s).generate(ids)
+    sched = OnlineScheduler.from_settings(s, prog.offline_layers, prog.predictors.layers)
+    return Decoder(seg, s, program=prog, draft=EagleSource(draft, K), scheduler=sched).generate(ids)
+
+
+MODES = {
+    "dense": dict(),
+    "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
+    "paper_thr": dict(specee=True, mode="approximate", kv_policy="skip", threshold=0.3, use_schedule=False),
+    "backfill": dict(specee=True, mode="approximate", kv_policy="backfill", threshold=0.3),
+    "lossless": dict(specee=True, mode="lossless", kv_policy="backfill", threshold=0.3, max_pending=3),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_parity_with_python_runtime(exported, mode):
+    model, prog, draft, out = exported
+    s = Settings(max_new_tokens=24, max_context=MAX_CONTEXT, **MODES[mode])
+    exits = rollbacks = 0
+    for ids in PROMPTS:
+        ref = python_run(model, prog, draft, s, ids)
+        got = run_runner(out, ids, s)
+        assert got["token_ids"] == ref.token_ids, (mode, ids)
+        assert got["exit_layers"] == ref.exit_layers, (mode, ids)
+        assert (got["layer_passes"], got["layer_rows"], got["decode_steps"], got["predictor_calls"],
+                got["head_calls"], got["rollbacks"]) == (ref.layer_passes, ref.layer_rows, ref.decode_steps,
+                                                         ref.predictor_calls, ref.head_calls, ref.rollbacks)
+        exits += sum(e < L - 1 for e in got["exit_layers"])
+        rollbacks += got["rollbacks"]
+    if mode != "dense":
+        assert exits > 0, "the test should exercise exits"
+    if mode == "lossless":
+        assert rollbacks > 0, "the test should exercise rollbacks"
+        dense = Settings(max_new_tokens=24, max_context=MAX_CONTEXT)
+        for ids in PROMPTS:  # lossless = dense greedy
+            assert run_runner(out, ids, s)["token_ids"] == run_runner(out, ids, dense)["token_ids"]
+
+
+def _runner_exe(runner) -> str:
+    return str(runner / RUNNER)
+
+
+def _fail(runner, *args) -> str:
+    r = subprocess.run([_runner_exe(runner), *map(str, args)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specee_runner: error: "), r.stderr
+    return lines[0]
+
+
+def test_bad_inputs_one_line_nonzero_exit(exported, runner, tmp_path):
+    _, _, _, out = exported
+    assert "does not exist" in _fail(runner, tmp_path / "nope", "--ids", "1,2")
+    assert "exceeds the context of 128" in _fail(runner, out, "--ids", ",".join(["1"] * 120),
+                                                 "--max-new-tokens", "20")
+    assert "outside the vocabulary" in _fail(runner, out, "--ids", "1,99")
+    assert "prompt is empty" in _fail(runner, out, "--ids", "")
+    assert "needs kv=backfill" in _fail(runner, out, "--ids", "1", "--mode", "lossless")
+    # corrupt copies: a flipped byte (same size), a truncated package, a missing manifest
+    for damage, expect in (("flip", "checksum differs"), ("truncate", "bytes, the manifest says"),
+                           ("manifest", "no manifest.json"), ("garbage", "malformed JSON")):
+        bad = tmp_path / damage
+        shutil.copytree(out, bad)
+        if damage == "flip":
+            p = bad / "weights.safetensors"
+            b = bytearray(p.read_bytes())
+            b[-3] ^= 0xFF
+            p.write_bytes(bytes(b))
+        elif damage == "truncate":
+            p = bad / "layer.pt2"
+            p.write_bytes(p.read_bytes()[:1000])
+        elif damage == "manifest":
+            (bad / "manifest.json").unlink()
+        else:
+            (bad / "manifest.json").write_text('{"format_version": 1, "files": {')
+        assert expect in _fail(runner, bad, "--ids", "1,2,3")
+    with pytest.raises(SpecEEError, match="exceeds the context"):
+        run_runner(out, [1] * 127, Settings(max_new_tokens=4, max_context=MAX_CONTEXT))
+
+
+def test_readme_example_compiles_and_runs(exported, runner, tmp_path):
+    """exported/README.md's C++ example, compiled against the built library, runs on the export."""
+    _, _, _, out = exported
+    text = README.read_text()
+    m = re.search(r"<!-- cpp-example -->\s*```cpp\n(.*?)```", text, re.S)
+    assert m, "exported/README.md has no C++ example block"
+    src = tmp_path / "example.cpp"
+    src.write_text(m.group(1))
+    inc = Path(__file__).resolve().parents[1] / "cpp" / "include"
+    exe = tmp_path / "example"
+    subprocess.run(["g++", "-std=c++17", "-O1", str(src), f"-I{inc}", f"-L{runner}", "-lspecee_runtime",
+                    f"-Wl,-rpath,{runner}", "-o", str(exe)], check=True, capture_output=True, text=True)
+    r = subprocess.run([str(exe), str(out), "1", "2", "3", "4", "5"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    s = Settings(max_new_tokens=16, max_context=MAX_CONTEXT, specee=True)
+    model, prog, draft, _ = exported
+    ref = python_run(model, prog, draft, s, [1, 2, 3, 4, 5])
+    assert data["token_ids"] == ref.token_ids
+
+
+def test_cli_generate_backend_cpp(exported, tmp_path):
+    """`specee-compile generate DIR PROMPT --backend cpp --specee --stats-json F` on an export with a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    model, prog, draft, _ = exported
+    chars = list("abcdefghijklmnopqrstuvwxyz .")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    out = tmp_path / "tiny-tok"
+    export_aoti_dir(model, prog, out, Settings(max_context=MAX_CONTEXT), draft, model_name="tiny", eos_ids=(),
+                    tokenizer=tok, progress=False)
+    stats = tmp_path / "stats.json"
+    r = subprocess.run([sys.executable, "-m", "specee_compile.cli", "generate", str(out), "hello world",
+                        "--backend", "cpp", "--specee", "--threshold", "0.3", "--no-chat-template",
+                        "--max-new-tokens", "16", "--max-context", str(MAX_CONTEXT), "--stats-json", str(stats)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(stats.read_text())
+    ids = [int(t) for t in tok("hello world")["input_ids"]]
+    s = Settings(max_new_tokens=16, max_context=MAX_CONTEXT, specee=True, threshold=0.3)
+    ref = python_run(model, prog, draft, s, ids)
+    assert got["token_ids"] == ref.token_ids and got["exit_layers"] == ref.exit_layers
+    assert r.stdout.strip() == tok.decode(ref.token_ids, skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dense", "paper", "lossless"])
+def test_smollm2_parity(smollm2, smollm2_export, mode):
+    from specee_compile.api import build_decoder, encode_prompt
+
+    conf = {"dense": {}, "paper": {"specee": True},
+            "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}[mode]
+    s = Settings(max_new_tokens=24, max_context=256, **conf)
+    ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
+    ref = build_decoder(smollm2, s).generate(ids)
+    got = run_runner(smollm2_export, ids, s)
+    assert got["token_ids"] == ref.token_ids
+    assert got["exit_layers"] == ref.exit_layers
+    if mode != "dense":
+        assert any(e < ref.num_layers - 1 for e in got["exit_layers"])
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2, tmp_path_factory, runner):
+    from specee_compile.api import default_artifacts_dir, eos_ids, load_program
+
+    s = Settings(specee=True, max_context=256)
+    program, src, _, _ = load_program(default_artifacts_dir(smollm2), smollm2, s)
+    out = tmp_path_factory.mktemp("aoti_smollm2") / "smollm2"
+    export_aoti_dir(smollm2.model, program, out, s, src.draft, model_name=smollm2.name,
+                    fingerprint=smollm2.fingerprint, eos_ids=eos_ids(smollm2), tokenizer=smollm2.tokenizer)
+    return out
