@@ -300,7 +300,7 @@ _CATCH = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SI
 def raise_on_signals(state: dict | None = None):
     """While active: SIGTERM/SIGHUP/SIGINT raise `Interrupted`, so every `finally` and context manager
     cleanup runs (only where the signal has its default action, or an outer raise_on_signals' handler);
-    while state["defer"] is true they are held in state["pending"] instead. The previous handlers are
+    while state["defer"] is true they are held in state["pending"] instead; state["seen"] records any. The previous handlers are
     restored on exit. The CLI wraps each command in one; atomic_directory adds its own to defer
     signals while the finished artifact is moved into place."""
     state = {} if state is None else state
@@ -309,6 +309,7 @@ def raise_on_signals(state: dict | None = None):
         return
 
     def handler(signum, frame):
+        state["seen"] = signum  # kept even if the exception is swallowed (raised inside a __del__)
         if state.get("defer"):
             state["pending"] = signum
             return
@@ -353,6 +354,8 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False, flag: st
                 raise ArtifactError(f"cannot write {flag} {target}: {e.strerror} in {where}") from None
             tmp.chmod(0o755)
             yield tmp
+            if state.get("seen"):  # interrupted, but the exception was swallowed on its way out
+                raise Interrupted(state["seen"])
             again = plan_output(target, force=force, flag=flag)  # the directory may have changed meanwhile
             plan = again if where == t.parent or again.mode == "merge" else OutputPlan(t, "merge", again.ours)
             state["defer"] = True  # a signal now waits until the artifact has landed (or not)

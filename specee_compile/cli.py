@@ -356,8 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         _check_numbers(args)
         from .artifacts import raise_on_signals
 
-        with raise_on_signals():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files and dirs are removed
-            return args.fn(args)
+        state: dict = {}
+        with raise_on_signals(state):  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files and dirs are removed
+            rc = args.fn(args)
+        if state.get("seen"):  # an interrupt swallowed on its way out (raised inside a finalizer)
+            from .errors import Interrupted
+
+            raise Interrupted(state["seen"])
+        return rc
     except SpecEEError as e:
         print(f"specee-compile: error: {e}", file=sys.stderr)
         return 2
