@@ -626,7 +626,7 @@ def stamp_graphs(directory: Path, *, fingerprint: str) -> int:
         for k, v in keep + [(GRAPH_FINGERPRINT_KEY, fingerprint), (GRAPH_TOKENIZER_KEY, tok)]:
             p = model.metadata_props.add()
             p.key, p.value = k, v
-        onnx.save_model(model, str(d / rel))
+        (d / rel).write_bytes(model.SerializeToString())  # external data stays where it is, untouched
         n += 1
     return n
 
