@@ -256,10 +256,13 @@ def _merge_plan(t: Path, raw: str, flag: str, ours: frozenset) -> OutputPlan:
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Remove `.NAME.tmp-*` directories beside `target` left by runs that were killed (their process
-    is gone); a temp directory of a live process is left alone."""
+    """Remove `.NAME.tmp-*` directories beside (or, for in-place writes, inside) `target` left by runs
+    that were killed (their process is gone); a temp directory of a live process is left alone. A
+    `.NAME.old-*` backup of a killed replace is removed only when it holds nothing but our earlier
+    artifact and `target` holds our artifact again (so nothing of the user's can go)."""
     removed = []
     prefix = f".{target.name}.tmp-"
+    old_prefix = f".{target.name}.old-"
     pid_re = re.compile(r"(\d+)-")
     entries = []
     for where in (target.parent, target):
@@ -267,10 +270,19 @@ def remove_stale_temps(target: Path) -> list[Path]:
             entries += list(os.scandir(where))
         except OSError:
             pass
+    target_ours = target.is_dir() and _own_manifest(target) is not None
     for e in entries:
-        if not e.name.startswith(prefix) or not e.is_dir(follow_symlinks=False):
+        if not e.is_dir(follow_symlinks=False):
             continue
-        m = pid_re.match(e.name[len(prefix):])
+        if e.name.startswith(prefix):
+            m = pid_re.match(e.name[len(prefix):])
+        elif e.name.startswith(old_prefix) and target_ours and Path(e.path).parent == target.parent:
+            m = pid_re.match(e.name[len(old_prefix):])
+            own = _own_manifest(Path(e.path))
+            if own is None or not m or any(x not in own["files"] and x != MANIFEST for x in _entries(Path(e.path))):
+                continue
+        else:
+            continue
         if m and _alive(int(m.group(1))):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
