@@ -61,6 +61,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -295,33 +296,57 @@ class DraftStep(nn.Module):
 
 # ------------------------------------------------------------------------------------------ streaming
 class SafetensorsWeights:
-    """A model directory's *.safetensors read lazily, one tensor at a time (`safe_open`: the files
-    are memory-mapped; `get` copies out only the tensor asked for). What keeps export memory bounded:
-    no tensor is read before it is written, and none is kept after."""
+    """A model directory's *.safetensors read lazily, one tensor at a time, with plain reads (the
+    header is parsed here; `os.pread` copies one tensor's bytes into a fresh buffer). No file is
+    memory-mapped, so pages already written out do not stay in the process's resident set: what keeps
+    export memory bounded is that no tensor is read before it is written and none is kept after."""
+
+    _DT: ClassVar[dict] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                           "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8}
 
     def __init__(self, directory):
-        from safetensors import safe_open
+        import os
 
         self.dir = Path(directory)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise SpecEEError(f"{self.dir} holds no *.safetensors")
-        self._files = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {name: h for h in self._files for name in h.keys()}  # noqa: SIM118  # safe_open is not iterable
+        self.where: dict[str, tuple] = {}  # name -> (fd, dtype, shape, begin, end)
+        self._fds = []
+        for f in files:
+            fd = os.open(str(f), os.O_RDONLY)
+            self._fds.append(fd)
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            header = json.loads(os.pread(fd, n, 8))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in self._DT:
+                    raise SpecEEError(f"{f}: tensor {name} has dtype {info['dtype']}, which the export does not read")
+                b, e = info["data_offsets"]
+                self.where[name] = (fd, self._DT[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = self.where[name].get_tensor(name)
+        import os
+
+        fd, dt, shape, b, e = self.where[name]
+        buf = bytearray(e - b)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(fd, [view[done:]], b + done)
+            if got <= 0:
+                raise SpecEEError(f"{self.dir}: truncated safetensors file (tensor {name})")
+            done += got
+        t = torch.frombuffer(buf, dtype=dt).reshape(shape) if buf else torch.empty(shape, dtype=dt)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (its first one)."""
-        for name, h in self.where.items():
-            t = h.get_slice(name)
-            dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
-            if dt is not None:
+        for _fd, dt, *_ in self.where.values():
+            if dt.is_floating_point:
                 return dt
         return torch.float32
 
