@@ -1,4 +1,4 @@
-"""The Inductor backend and the `specee` torch.compile backend, token for token against eager.
+"""The Inductor backend, token for token against eager (the `specee` torch.compile backend: test_dynamo_backend.py).
 
 Compile time is the cost here (CPU Inductor compiles C++): every test uses the same tiny shapes so
 Inductor's graph cache serves the later compiles, and prompts stay short enough that the attended
@@ -15,7 +15,6 @@ from test_runtime import run_forced, tiny
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specee_compile.backends import make_segments
-from specee_compile.backends.dynamo_backend import last_result
 from specee_compile.backends.inductor import InductorSegments
 from specee_compile.config import Settings
 from specee_compile.program import ExitPoint, Predictors, SpecEEProgram
@@ -93,10 +92,6 @@ def random_program(k=4, hidden=16, seed=0):
 # ---------------------------------------------------------------- InductorSegments
 
 
-def test_specee_is_a_registered_dynamo_backend():
-    assert "specee" in torch._dynamo.list_backends()
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dense_tokens_equal_eager(arch):
     if arch == "llama":
@@ -168,59 +163,6 @@ def hf_generate(model, ids, n):
         torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
     )
     return out[0, len(ids) :].tolist()
-
-
-def test_generate_through_backend_dense_equals_eager_decoder():
-    model = llama()
-    s = Settings(**BASE)
-    ids = PROMPTS[0]
-    want = dense_tokens(make_segments(model, s), s, ids)
-    assert hf_generate(model, ids, 16) == want  # plain HF
-    model.forward = torch.compile(
-        model.forward, backend="specee", options={"specee": False, "max_context": 128}
-    )
-    assert hf_generate(model, ids, 16) == want
-    assert hf_generate(model, PROMPTS[1], 16) == dense_tokens(make_segments(model, s), s, PROMPTS[1])
-    assert last_result(model).exit_layers == [L - 1] * 16
-
-
-def test_generate_through_backend_with_exits_equals_eager_decoder():
-    model = llama(seed=3)
-    prog = random_program(seed=1)
-    draft = RecentTokens()
-    opts = {"kv_policy": "backfill", "use_schedule": False, "max_context": 128}
-    s = Settings(**BASE, specee=True, **{k: v for k, v in opts.items() if k != "max_context"})
-    want = Decoder(make_segments(model, s, prog), s, program=prog, draft=draft).generate(PROMPTS[0])
-    model.forward = torch.compile(
-        model.forward, backend="specee", options={"program": prog, "draft": draft, **opts}
-    )
-    assert hf_generate(model, PROMPTS[0], 16) == want.token_ids
-    got = last_result(model)
-    assert got.exit_layers == want.exit_layers and any(e < L - 1 for e in got.exit_layers)
-
-
-def test_backend_refuses_lossless_and_unknown_options():
-    model = llama()
-    prog, draft = random_program(), RecentTokens()
-    model.forward = torch.compile(
-        model.forward,
-        backend="specee",
-        options={"program": prog, "draft": draft, "mode": "lossless", "kv_policy": "backfill"},
-    )
-    with pytest.raises(Exception, match="lossless cannot run under generate|mode='lossless' cannot run"):
-        hf_generate(model, PROMPTS[0], 2)
-    torch._dynamo.reset()
-    model = llama()
-    model.forward = torch.compile(model.forward, backend="specee", options={"specee": False, "treshold": 0.3})
-    with pytest.raises(Exception, match=r"unknown specee backend option\(s\) \['treshold'\]"):
-        hf_generate(model, PROMPTS[0], 2)
-
-
-def test_backend_needs_artifacts_or_dense():
-    model = llama()
-    model.forward = torch.compile(model.forward, backend="specee", options={"max_context": 128})
-    with pytest.raises(Exception, match=r"options=\{'specee': False\}"):
-        hf_generate(model, PROMPTS[0], 2)
 
 
 # ---------------------------------------------------------------- GPU and the real model
