@@ -14,6 +14,8 @@ One graph per (step kind, attention bucket S); all share one memory pool and sta
             stands only if its argmax is a candidate); the exit state goes to `hexit`
             -> if no exit emitted a token: head(hexit) -> argmax -> out[0]; out[1] = exit layer,
             out[2] = head calls of the check; hn = final_norm(hexit) for the draft
+            -> the draft's step on (out[0], hn) (`DeviceEagleSource.device_step`): the next step's
+            candidates are on the device before the host has read this step's token
 IF nodes come from `plugins/cuda_graph_if.py`. The host writes a control block per step (active set,
 forced exit of a trace) with one async copy from pinned memory and reads `out` once: one host sync
 per token, none per decision.
@@ -55,6 +57,7 @@ class CudaWholeStep:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
         self.capture_s = 0.0
+        self.steps_run = 0  # whole steps replayed (tests check the loop really used them)
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros(3, dtype=torch.long, device=dev)  # token, exit layer, head calls
@@ -78,7 +81,9 @@ class CudaWholeStep:
         if not gates:
             return None
         ths = tuple(float(plan.thresholds[i]) for i in gates)
-        return ("exits", int(plan.candidates.numel()), gates, ths, bool(pol.forced), bool(pol.verify_in_candidates))
+        draft = plan.draft if getattr(plan.draft, "capturable", False) else None
+        return ("exits", int(plan.candidates.numel()), gates, ths, bool(pol.forced), bool(pol.verify_in_candidates),
+                draft)
 
     def can_run(self, plan: StepPlan) -> bool:
         return self.kind(plan) is not None
@@ -143,7 +148,7 @@ class CudaWholeStep:
             _, logits = seg.head_direct(h)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
             return
-        _, _k, gates, ths, forced, verify = kind
+        _, _k, gates, ths, forced, verify, draft = kind
         from ..plugins.triton_exit_score import triton_exit_decide
 
         c = self.ctrl
@@ -172,6 +177,8 @@ class CudaWholeStep:
         self.hn.copy_(seg.norm(self.hexit).view(-1))
         self.out[1:2].copy_(c[EXIT:EXIT + 1])
         self.out[2:3].copy_(c[HEADS:HEADS + 1])
+        if draft is not None:  # the next step's candidates, from this step's token and exit state
+            draft.device_step(self.out[0:1], self.hn, self.pos, S)
 
     def _verify(self, g, i: int, h) -> None:
         """The paper's check, on the device: the kernel raised `proposed` (wrote PROPOSED = 0); run the
@@ -216,6 +223,7 @@ class CudaWholeStep:
             self._reset_ctrl(kind, plan.active, plan.forced_exit)
             self.ctrl.copy_(self.ctrl_host, non_blocking=True)
         g.replay()
+        self.steps_run += 1
         self.out_host.copy_(self.out, non_blocking=True)
         torch.cuda.current_stream(self.dev).synchronize()
         tok, layer, heads = self.out_host.tolist()
@@ -224,7 +232,8 @@ class CudaWholeStep:
         calls = sum(1 for i in plan.active if i <= layer and i in kind[2])
         if not kind[5] and layer < self.L - 1:  # no check: the exit's head is the step's one head
             heads += 1
-        return StepOut(token=tok, exit_layer=layer, hn=self.hn.clone(), predictor_calls=calls, head_calls=heads)
+        return StepOut(token=tok, exit_layer=layer, hn=self.hn.clone(), predictor_calls=calls, head_calls=heads,
+                       draft_stepped=kind[6] is not None)
 
 
 def _progress(total: int, desc: str):

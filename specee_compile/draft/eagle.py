@@ -532,6 +532,133 @@ class EagleSource(CandidateSource):
         self._proposal = None
 
 
+
+class DeviceEagleSource(EagleSource):
+    """EagleSource whose steady-state step can run inside a captured CUDA graph.
+
+    Why: on the GPU the eager draft step (a dozen small launches, a top-k read back to the host, a
+    new candidate tensor) costs more than several decoder layers (benchmarks/GPU_NOTES.md). Here the
+    buffers are static (draft K/V for the whole context, context-vocabulary rows up to `max_extra`,
+    the candidate map on the device), so `device_step` -- the one-pair step right after a token was
+    chosen -- is plain tensor code a whole-step backend records into its graph. The loop then calls
+    `observe` (host bookkeeping, the same rows written again) and `adopt_device_proposal`, and the next
+    `propose()` returns the candidates the graph already wrote, with no launch and no sync. After
+    reset / truncate (prompt, rollback) the eager path of EagleSource runs on the same buffers.
+    Same candidates as EagleSource up to float rounding (the attention runs over a static prefix).
+    """
+
+    capturable = True
+
+    def __init__(self, draft: EagleDraft, k: int = 4, context_vocab: bool = True, max_len: int = 2048,
+                 max_extra: int = 512):
+        self.max_len = int(max_len)
+        self.max_extra = int(max_extra)
+        super().__init__(draft, k=k, context_vocab=context_vocab)
+        d, dev = draft, self._dev
+        self._extra_rows = torch.zeros(self.max_extra, d.hidden_size, dtype=self._dt, device=dev)
+        nv = self._nstatic
+        self.vocab_map = torch.zeros(nv + self.max_extra, dtype=torch.long, device=dev)
+        self.vocab_map[:nv] = d.vocab_ids
+        self.known = torch.zeros(d.vocab_size, dtype=torch.bool, device=dev)  # static vocab + extras
+        self.known[d.vocab_ids] = True
+        self.n_extra = torch.zeros(1, dtype=torch.long, device=dev)
+        self.next_cands = torch.zeros(self.k, dtype=torch.long, device=dev)
+        self._slot = torch.arange(self.max_extra, device=dev)
+
+    @classmethod
+    def from_source(cls, src: EagleSource, max_len: int) -> DeviceEagleSource:
+        return cls(src.draft, k=src.k, context_vocab=src.context_vocab, max_len=max_len)
+
+    # ---- static buffers: allocated once at full context, never moved (a graph holds their addresses)
+    def _reset_buffers(self, cap: int) -> None:
+        if getattr(self, "_cap", 0) >= self.max_len:
+            self._cache_len = 0
+            self._proposal = None
+            return
+        super()._reset_buffers(max(cap, self.max_len))
+
+    def _clear_extra(self) -> None:
+        super()._clear_extra()
+        if hasattr(self, "known"):
+            self.known.zero_()
+            self.known[self.draft.vocab_ids] = True
+            self.n_extra.zero_()
+
+    def _add_context_token(self, tok: int, pos: int) -> None:
+        n = len(self._extra_ids)
+        if not self.context_vocab or tok in self._static or tok in self._extra_set or not 0 <= tok < self.draft.vocab_size:
+            return
+        if n >= self.max_extra:
+            return
+        self._extra_rows[n] = self.draft.head_weight[tok].to(self._dt)
+        self._extra_ids.append(tok)
+        self._extra_first.append(pos)
+        self._extra_set.add(tok)
+        self.vocab_map[self._nstatic + n] = tok
+        self.known[tok] = True
+        self.n_extra.fill_(n + 1)
+
+    def truncate(self, length: int) -> None:
+        super().truncate(length)
+        n = len(self._extra_ids)
+        self.known.zero_()
+        self.known[self.draft.vocab_ids] = True
+        if n:
+            self.known[self.vocab_map[self._nstatic : self._nstatic + n]] = True
+        self.n_extra.fill_(n)
+
+    # ---- the captured step
+    def device_step(self, tok: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor, S: int) -> None:
+        """tok [1] the token just chosen, feat [D] final_norm(h) that chose it, pos [1] its position - 1
+        (the draft position of the new pair). Writes the next step's candidates into `next_cands`.
+        Only fixed-shape tensor code: recordable in a CUDA graph (S = attended draft prefix)."""
+        d = self.draft
+        dt, D = self._dt, d.hidden_size
+        if self.context_vocab:  # the chosen token joins the context vocabulary, as observe() will do
+            n = self.n_extra  # [1]
+            new = (~self.known[tok]) & (n < self.max_extra)  # [1]
+            row = d.head_weight[tok].to(dt)  # [1, D]
+            at = self._slot == n  # [max_extra]
+            put = at & new
+            self._extra_rows.copy_(torch.where(put[:, None], row, self._extra_rows))
+            self.vocab_map[self._nstatic :].copy_(torch.where(put, tok, self.vocab_map[self._nstatic :]))
+            self.known.index_put_((tok,), self.known[tok] | new)
+            n.add_(new.long())
+        emb = d.embed_weight[tok].to(dt)  # [1, D]
+        x = d.fc(torch.cat([emb, feat.view(1, D).to(dt)], dim=-1))[None]  # [1, 1, D]
+        cos, sin = d.rotary(x, pos.view(1, 1))  # [1, 1, hd]
+        for i, layer in enumerate(d.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x) if hasattr(layer, "input_layernorm") else x
+            H, Hkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+            q = a.q_proj(h).view(1, 1, H, hd).transpose(1, 2)  # [1, H, 1, hd]
+            k = a.k_proj(h).view(1, 1, Hkv, hd).transpose(1, 2)
+            v = a.v_proj(h).view(1, 1, Hkv, hd).transpose(1, 2)
+            c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * c + _rotate_half(q) * s_
+            k = k * c + _rotate_half(k) * s_
+            self._k[i].index_copy_(2, pos, k)
+            self._v[i].index_copy_(2, pos, v)
+            kk, vv = self._k[i][:, :, :S], self._v[i][:, :, :S]  # [1, Hkv, S, hd]
+            mask = (torch.arange(S, device=x.device) <= pos)[None, None, None, :]
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(1, 1, H * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        g = x[0, 0]  # [D]
+        logits = d.head_rows @ g  # [Vd]
+        if self.context_vocab:
+            ex = self._extra_rows @ g  # [max_extra]
+            ex = torch.where(self._slot < self.n_extra, ex, torch.full_like(ex, float("-inf")))
+            logits = torch.cat([logits, ex])
+        top = torch.topk(logits, self.k).indices
+        self.next_cands.copy_(self.vocab_map[top])
+
+    def adopt_device_proposal(self) -> None:
+        """After observe(): the graph already ran the new pair; its candidates are the proposal."""
+        self._cache_len = len(self.ids) - 1
+        self._proposal = self.next_cands
+
+
 def draft_param_count(draft: EagleDraft) -> int:
     return sum(v.numel() for k, v in draft.state_dict().items() if k != "vocab_ids")
 

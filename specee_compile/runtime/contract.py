@@ -77,6 +77,8 @@ class StepPlan:
     thresholds: dict[int, float] = field(default_factory=dict)
     policy: object = None  # runtime.policies.ExitPolicy
     forced_exit: int | None = None  # TraceExits: exit after this layer (benchmark only)
+    draft: object = None  # a candidate source with a capturable `device_step`: the whole step runs the
+    #                       draft on its new token, so the next step's candidates are ready on the device
 
 
 @dataclass
@@ -86,6 +88,7 @@ class StepOut:
     hn: torch.Tensor  # [D] final-normed hidden state at the exit (what the draft reads next)
     predictor_calls: int = 0
     head_calls: int = 0
+    draft_stepped: bool = False  # plan.draft.device_step ran: the next proposal is already on the device
 
 
 @runtime_checkable

@@ -304,7 +304,8 @@ class Decoder:
         forced = self.policy.forced_layer(self.res.decode_steps)
         return StepPlan(token=self.seq[-1], pos=len(self.seq) - 1, candidates=cands,
                         active=frozenset(i for i in active if i >= self.s.min_exit_layer),
-                        thresholds=self.thresholds, policy=self.policy, forced_exit=forced)
+                        thresholds=self.thresholds, policy=self.policy, forced_exit=forced,
+                        draft=self.draft if getattr(self.draft, "capturable", False) else None)
 
     def _template_plan(self) -> StepPlan:
         """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""
@@ -312,7 +313,8 @@ class Decoder:
             return StepPlan(token=0, pos=0)
         k = self.program.num_candidates
         return StepPlan(token=0, pos=0, candidates=torch.zeros(k, dtype=torch.long, device=self.seg.device),
-                        active=frozenset(self.exit_layers), thresholds=self.thresholds, policy=self.policy)
+                        active=frozenset(self.exit_layers), thresholds=self.thresholds, policy=self.policy,
+                        draft=self.draft if getattr(self.draft, "capturable", False) else None)
 
     def _emit(self, token: int, hn: torch.Tensor, layer: int) -> None:
         self.draft.observe(token, hn, layer)
@@ -342,6 +344,8 @@ class Decoder:
                     res.predictor_calls += out.predictor_calls
                     res.head_calls += out.head_calls
                     self._emit(out.token, out.hn, out.exit_layer)
+                    if out.draft_stepped:
+                        self.draft.adopt_device_proposal()
                     return
             rows.append(_Row(p, -1, seg.embed(torch.tensor([self.seq[-1]], device=dev))))
             w_rows = seg.head_rows(cands)  # [k, D]
