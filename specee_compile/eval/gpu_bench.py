@@ -362,8 +362,10 @@ def bench_smollm2(args, res: dict, dev) -> None:
     R_["smollm2_load_s"] = round(time.time() - t, 1)
     with open(args.prompts) as f:
         prompts = [encode_prompt(loaded.tokenizer, p) for p in json.load(f)[: args.smollm2_n]]
+    from ..artifacts import shipped_dir
+
     base = dict(device=str(dev), dtype="float32", backend="inductor", max_context=1024,
-                max_new_tokens=args.smollm2_new)
+                max_new_tokens=args.smollm2_new, artifacts=str(shipped_dir("smollm2-135m")))
     configs = {"dense": dict(), "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
     decs, shared = {}, None
@@ -374,6 +376,13 @@ def bench_smollm2(args, res: dict, dev) -> None:
     for dec in decs.values():
         dec.generate(prompts[0])
     R_["smollm2_compile_s"] = round(time.time() - t, 1)
+    eager = build_decoder(loaded, Settings(**{**base, "backend": "eager"}, **configs["paper"]))
+    want = eager.generate(prompts[0])
+    got = decs["paper"].generate(prompts[0])
+    res["checks"]["smollm2_paper_inductor_vs_eager"] = {"identical": got.token_ids == want.token_ids,
+                                                        "agreement": round(agreement(got.token_ids, want.token_ids), 4),
+                                                        "exit_layers_identical": got.exit_layers == want.exit_layers}
+    del eager
     speeds = {n: [] for n in configs}
     stats = {n: {"layers": [], "agree": [], "identical": 0} for n in configs}
     for ids in prompts:
