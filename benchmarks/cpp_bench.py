@@ -1,0 +1,99 @@
+"""C++ runner vs the Python runtime: decode tok/s on the same model, SpecEE artifacts and mode.
+
+    python benchmarks/cpp_bench.py                      # SmolLM2, CPU, dense + paper + lossless
+    python benchmarks/cpp_bench.py --device cuda --py-backend inductor   # the GPU box
+
+Exports `smollm2-135m` with `--format aoti` (or reuses --export DIR), then per mode and prompt runs the
+Python runtime (`api.build_decoder`, --py-backend, default eager) and the C++ runner (`--backend cpp`),
+each once to warm up and then timed; checks that token ids and exit layers agree; prints a Markdown
+table (decode tok/s = decode steps / decode seconds, as GenerationResult.stats()). A client of the
+product: it imports the API and the cpp backend, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specee_compile.api import build_decoder, default_artifacts_dir, encode_prompt, eos_ids, load_program  # noqa: E402
+from specee_compile.backends.aoti_export import export_aoti_dir  # noqa: E402
+from specee_compile.backends.cpp_runner import build_runner, run_runner  # noqa: E402
+from specee_compile.config import Settings  # noqa: E402
+from specee_compile.models import load_model  # noqa: E402
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain why the sky is blue in two sentences."]
+MODES = {"dense": {}, "paper": {"specee": True},
+         "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--export", help="an existing --format aoti export of the model (default: export to --out)")
+    ap.add_argument("--out", default="exported/smollm2-135m-aoti")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--py-backend", default="eager", help="the Python runtime's backend (eager | inductor)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, both sides")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--json", help="write the raw figures here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    loaded = load_model(a.model)
+    s0 = Settings(specee=True, max_context=a.max_context, device=a.device)
+    directory = Path(a.export) if a.export else Path(a.out)
+    if not a.export:
+        program, src, _, _ = load_program(default_artifacts_dir(loaded), loaded, s0)
+        t0 = time.perf_counter()
+        export_aoti_dir(loaded.model, program, directory, s0, src.draft, model_name=loaded.name,
+                        fingerprint=loaded.fingerprint, device=a.device, eos_ids=eos_ids(loaded),
+                        tokenizer=loaded.tokenizer, force=True)
+        print(f"exported {directory} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        loaded = load_model(a.model)  # export moved the weights; start the Python side from a fresh copy
+    build_runner()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    rows, raw = [], []
+    for mode in a.modes.split(","):
+        s = Settings(max_new_tokens=a.max_new_tokens, max_context=a.max_context, device=a.device,
+                     backend=a.py_backend, **MODES[mode])
+        dec = build_decoder(loaded, s)
+        py_tps, cc_tps, same, layers = [], [], 0, []
+        for prompt in PROMPTS:
+            ids = encode_prompt(loaded.tokenizer, prompt)
+            dec.generate(ids)  # warm-up (compiles, caches)
+            ref = dec.generate(ids)
+            got = run_runner(directory, ids, s, extra=("--repeat", "2", "--no-verify"))
+            py_tps.append(ref.decode_steps / ref.decode_s)
+            cc_tps.append(got["decode_tokens_per_s"])
+            same += got["token_ids"] == ref.token_ids and got["exit_layers"] == ref.exit_layers
+            layers.append(ref.avg_layers)
+            raw.append({"mode": mode, "prompt": prompt, "python": ref.stats(), "cpp": got})
+        py, cc = statistics.mean(py_tps), statistics.mean(cc_tps)
+        rows.append(f"| {mode} | {statistics.mean(layers):.2f} | {py:.1f} | {cc:.1f} | {cc / py:.2f}x | "
+                    f"{same}/{len(PROMPTS)} |")
+    print(f"\n{a.model}, device {a.device}, {a.threads} thread(s), Python backend {a.py_backend}, "
+          f"max_new_tokens {a.max_new_tokens}, {len(PROMPTS)} prompts, commit {commit}\n")
+    print("| mode | avg layers | Python decode tok/s | C++ decode tok/s | C++/Python | identical ids + exits |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
