@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specee_compile.api import build_decoder, default_artifacts_dir, encode_prompt, eos_ids, load_program  # noqa: E402
-from specee_compile.backends.aoti_export import export_aoti_dir  # noqa: E402
-from specee_compile.backends.cpp_runner import build_runner, run_runner  # noqa: E402
-from specee_compile.config import Settings  # noqa: E402
-from specee_compile.models import load_model  # noqa: E402
+from specee_compile.api import build_decoder, default_artifacts_dir, encode_prompt, eos_ids, load_program
+from specee_compile.backends.aoti_export import export_aoti_dir
+from specee_compile.backends.cpp_runner import build_runner, run_runner
+from specee_compile.config import Settings
+from specee_compile.models import load_model
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain why the sky is blue in two sentences."]

@@ -25,16 +25,16 @@ from specee_compile.backends.cpp_runner import RUNNER, build_runner, run_runner,
 pytestmark = pytest.mark.skipif(toolchain_missing() is not None,
                                 reason=f"the C++ runner needs {toolchain_missing()} (not on PATH)")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from specee_compile.backends import make_segments  # noqa: E402
-from specee_compile.backends.aoti_export import export_aoti_dir  # noqa: E402
-from specee_compile.config import Settings  # noqa: E402
-from specee_compile.draft import EagleDraft, EagleSource  # noqa: E402
-from specee_compile.errors import SpecEEError  # noqa: E402
-from specee_compile.predictors.schedule import OnlineScheduler  # noqa: E402
-from specee_compile.program import ExitPoint, Predictors, SpecEEProgram  # noqa: E402
-from specee_compile.runtime.decoder import Decoder  # noqa: E402
+from specee_compile.backends import make_segments
+from specee_compile.backends.aoti_export import export_aoti_dir
+from specee_compile.config import Settings
+from specee_compile.draft import EagleDraft, EagleSource
+from specee_compile.errors import SpecEEError
+from specee_compile.predictors.schedule import OnlineScheduler
+from specee_compile.program import ExitPoint, Predictors, SpecEEProgram
+from specee_compile.runtime.decoder import Decoder
 
 L, V, K = 6, 32, 4
 CFG = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": L,
@@ -94,11 +94,11 @@ def python_run(model, prog, draft, s: Settings, ids):
 
 
 MODES = {
-    "dense": dict(),
-    "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
-    "paper_thr": dict(specee=True, mode="approximate", kv_policy="skip", threshold=0.3, use_schedule=False),
-    "backfill": dict(specee=True, mode="approximate", kv_policy="backfill", threshold=0.3),
-    "lossless": dict(specee=True, mode="lossless", kv_policy="backfill", threshold=0.3, max_pending=3),
+    "dense": {},
+    "paper": {"specee": True, "mode": "approximate", "kv_policy": "skip"},
+    "paper_thr": {"specee": True, "mode": "approximate", "kv_policy": "skip", "threshold": 0.3, "use_schedule": False},
+    "backfill": {"specee": True, "mode": "approximate", "kv_policy": "backfill", "threshold": 0.3},
+    "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill", "threshold": 0.3, "max_pending": 3},
 }
 
 
@@ -172,7 +172,7 @@ def test_readme_example_compiles_and_runs(exported, runner, tmp_path):
     """exported/README.md's C++ example, compiled against the built library, runs on the export."""
     _, _, _, out = exported
     text = README.read_text()
-    m = re.search(r"<!-- cpp-example -->\s*```cpp\n(.*?)```", text, re.S)
+    m = re.search(r"<!-- cpp-example -->\s*```cpp\n(.*?)```", text, re.DOTALL)
     assert m, "exported/README.md has no C++ example block"
     src = tmp_path / "example.cpp"
     src.write_text(m.group(1))
