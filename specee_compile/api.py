@@ -151,11 +151,34 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None)
                 "and pass --artifacts DIR"
             )
         program, draft, scheduler, _ = load_program(directory, loaded, settings)
+    if settings.speculate == "tree":
+        draft = tree_draft(loaded, settings, artifacts_dir, draft)
     if segments is None:
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler)
+
+
+def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
+    """The draft-tree source for --speculate tree (`draft/tree.py`): the EAGLE head of the SpecEE
+    candidate source `source` when it has one, else the draft of the artifacts (`artifacts_dir`,
+    settings.artifacts, or the shipped ones)."""
+    from .draft.eagle import EagleDraft, EagleSource
+    from .draft.tree import EagleTreeSource
+
+    inner = getattr(source, "inner", source)  # NgramAssist wraps the source it assists
+    if isinstance(inner, EagleSource):
+        return EagleTreeSource(inner.draft, k=inner.k, context_vocab=inner.context_vocab)
+    directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
+    if directory is None or not (Path(directory) / "draft.safetensors").is_file():
+        where = f"in {directory}" if directory is not None else f"for {loaded.name}"
+        raise ArtifactError(
+            f"--speculate tree needs an EAGLE draft head, and there is none {where}: train one with "
+            f"`specee-compile train-draft {loaded.name} -o DIR` and pass --artifacts DIR"
+        )
+    draft = EagleDraft.load(directory, loaded.model)
+    return EagleTreeSource(draft, k=settings.num_candidates)
 
 
 def check_output_file(path, flag: str = "--stats-json") -> Path:
@@ -340,6 +363,7 @@ __all__ = [
     "open_exported",
     "save_program_artifacts",
     "stats_json",
+    "tree_draft",
     "train_command",
     "train_draft_command",
 ]

@@ -12,6 +12,7 @@ MODES = tuple(EXIT_POLICIES)  # exit policies (runtime/policies.py)
 KV_POLICIES = tuple(_KV_POLICIES)
 BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
+SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 
 
 @dataclass
@@ -61,6 +62,19 @@ class Settings:
     min_exit_layer: int = 0
     """No exit before this layer index (0-based), whatever the predictors say."""
 
+    # ---- tree speculative decoding (runtime/tree.py) ----
+    speculate: str = "none"
+    """none = one token per step; tree = an EAGLE-2 dynamic draft tree from the EAGLE draft head,
+    verified in one forward with a tree attention mask; the longest matching path + a bonus token is
+    accepted (greedy: output = dense greedy; temperature > 0: speculative sampling, the target's
+    distribution). With --specee the exit predictors score every node (merged mapping)."""
+    tree_budget: int = 24
+    """Tree: at most this many draft nodes verified per step (the root, the last token, not counted)."""
+    tree_depth: int = 6
+    """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside)."""
+    tree_topk: int = 8
+    """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k)."""
+
     # ---- two-level scheduling ----
     use_schedule: bool = True
     """False = run every predictor at every layer (no scheduling)."""
@@ -90,6 +104,7 @@ class Settings:
         check("mode", MODES)
         check("kv_policy", KV_POLICIES)
         check("backend", BACKENDS)
+        check("speculate", SPECULATE)
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         needs_kv = EXIT_POLICIES[self.mode].needs_kv
@@ -119,6 +134,10 @@ _FIELD_RULES: dict[str, tuple] = {
     "num_candidates": ("int", 1, True, None),
     "max_pending": ("int", 0, True, None),
     "min_exit_layer": ("int", 0, True, None),
+    "tree_budget": ("int", 1, True, None),
+    "tree_depth": ("int", 1, True, None),
+    "tree_topk": ("int", 1, True, None),
+    "speculate": ("str",),
     "online_window": ("int", 0, True, None),
     "offline_max_layers": ("int", 0, True, None),
     "temperature": ("float", 0.0, True, None),

@@ -238,18 +238,28 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
 
         attend = torch.ops.specee.decode_attention
 
-    def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd):
+    def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
+              slots=None, mask=None):
+        # slots [q] (optional): cache positions to write K/V at, when they differ from the RoPE
+        # positions `pos` (tree verification: nodes of one depth share a position, not a slot).
+        # mask [q, S] bool (optional): which cache positions each row may attend to, instead of
+        # `j <= pos` (a tree attention mask); still ANDed with `valid`. Neither given = the decode
+        # step every backend traces (the graph is unchanged).
         q_rows = h.shape[1]
         q, k, v = qkv(h, ln1, wqkv, bqkv)
         q, k = rope(q, k, cos[pos], sin[pos])
-        k_cache.index_copy_(1, pos, k)
-        v_cache.index_copy_(1, pos, v)
-        valid.index_fill_(0, pos, True)
-        if "attn" in fused:
+        at = pos if slots is None else slots
+        k_cache.index_copy_(1, at, k)
+        v_cache.index_copy_(1, at, v)
+        valid.index_fill_(0, at, True)
+        if "attn" in fused and mask is None:
             a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
             return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
-        keys = torch.arange(S, device=h.device)
-        mask = valid[:S][None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
+        if mask is None:
+            keys = torch.arange(S, device=h.device)
+            mask = valid[:S][None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
+        else:
+            mask = valid[:S][None, :] & mask
         kk, vv = k_cache[:, :S], v_cache[:, :S]  # [Hkv, S, hd]
         if rep > 1 and not native_gqa:
             kk = kk[:, None].expand(Hkv, rep, S, hd).reshape(H, S, hd)

@@ -1,0 +1,283 @@
+"""Tree speculative decoding: the decode loop's second step shape (`Settings.speculate = "tree"`).
+
+`Decoder.step` calls `TreeStep.step` instead of its one-token step; everything else (prefill, the
+KV cache, streaming, stop rules, the result record) is the Decoder's own. One tree step:
+
+  1. draft: `EagleTreeSource.propose_tree` (draft/tree.py) builds an EAGLE-2 dynamic tree of at most
+     `tree_budget` nodes and `tree_depth` levels below the root (the last committed token x_p);
+  2. verify in ONE forward through the layer segments: the root and every node are rows of one layer
+     call per layer. Row r has RoPE position p + depth(r) and writes its K/V at its own cache slot
+     p + r (slots p .. p + N, right after the committed prefix), and attends through an explicit
+     [q, S] mask to the committed prefix (as `valid` allows) and to its ancestors' slots and its own
+     (the `slots` / `mask` arguments of `model_step`'s layer; without them the layer is the
+     traced decode step, unchanged);
+  3. accept: walk from the root; greedy: descend while the target's argmax at the current row is one
+     of its children; the argmax where the walk stops is the bonus token. Sampling (temperature > 0):
+     the speculative-sampling rule for a tree whose children are deterministic (top-k, not sampled),
+     i.e. a point-mass draft q per child: child c is accepted with probability min(1, r(c)/q(c)) =
+     r(c), where r is the target distribution with the children already rejected removed and
+     renormalised (the residual norm(max(r - q, 0))); when every child is rejected the bonus is drawn
+     from r. Each emitted token is thus an exact sample of the target's (temperature, top-p)
+     distribution given the tokens before it;
+  4. compact: the accepted rows' K/V (and validity) move from their slots to positions p+1 .. p+a in
+     every layer; everything after is truncated. The draft observes the accepted tokens with the
+     target's final-normed hidden states; its next catch-up runs those pairs in one forward.
+
+SpecEE on the tree (`--specee`; the paper's "context-aware merged mapping", SPECEE.md): each
+root-to-leaf path is one hyper-token that exits at the deepest exit among its tokens. Here:
+
+  * at every scheduled exit layer (the Decoder's scheduler and thresholds), all rows with candidates
+    are scored in ONE batched exit-score call (same features and predictor MLP as `specee::exit_score`,
+    `predictors/features.py`): row r's candidates are the draft's top-k after r (`DraftTree.cands`),
+    p_prev is per row;
+  * the predicted path: from the root, follow the candidate argmax while it names a child; the path
+    has *exited* once every row on it scores above its layer's threshold (the merged mapping: the path
+    leaves at the first layer where its last-to-exit token has exited);
+  * approximate mode (the paper's trade): verification stops at that layer. The LM head runs on the
+    path's rows at that layer; the paper's check (each row's argmax is one of its candidates) must hold,
+    else the forward continues. The tokens are accepted as in step 3, with those layer-l logits, and the
+    deeper layers never get K/V for them (the `skip` KV policy). Output may differ from dense; the
+    tree benchmark reports agreement;
+  * lossless mode: an exited path *prunes* the tree. Deeper layers run only the predicted path's rows
+    (q drops from N + 1 to the path length), which still reach the last layer, and step 3 runs on them
+    with full-depth logits. Every emitted token is the dense model's: a wrong prediction costs accepted
+    length (the walk stops where the pruned branch would have continued, and the bonus is still the
+    target's argmax there), never correctness. It saves layer-rows (the arithmetic: what a CPU, or a GPU
+    with a large tree, pays for), not layer passes.
+
+Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify_steps`,
+`accepted_tokens` (bonus included; `accepted_per_step` in the stats), `tree_nodes`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SpecEEError
+from ..model_step import make_layer_fn
+
+
+class TreeStep:
+    """The tree step of a `Decoder` (see module docstring). `dec` is the Decoder that owns it."""
+
+    def __init__(self, dec):
+        from ..draft.tree import EagleTreeSource
+
+        self.dec = dec
+        s = dec.s
+        if not isinstance(dec.draft, EagleTreeSource):
+            raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
+        seg = dec.seg
+        if not all(hasattr(seg, a) for a in ("weights", "cache", "spec")):
+            raise SpecEEError(f"backend {seg.name!r} cannot verify a tree; use --backend eager or inductor")
+        self.budget, self.depth, self.topk = s.tree_budget, s.tree_depth, s.tree_topk
+        self._layer = self._make_layer(seg)
+
+    # ---------------------------------------------------------------- the tree-verify layer
+    @staticmethod
+    def _make_layer(seg):
+        """`model_step`'s layer, called with tree slots and mask. A backend may bring its own
+        (`tree_layer(i, h, pos, S, slots, mask)`); otherwise the eager function, compiled by
+        torch.compile for the inductor backend (its traced segment has no mask input)."""
+        own = getattr(seg, "tree_layer", None)
+        if own is not None:
+            return own
+        fused = tuple(f for f in getattr(seg, "fused", ()) if f != "attn")
+        fn = make_layer_fn(seg.spec, fused=fused)
+        if seg.name == "inductor":
+            fn = torch.compile(fn, fullgraph=True, dynamic=None)
+        w, c = seg.weights, seg.cache
+
+        def tree_layer(i, h, pos, S, slots, mask):
+            lw = w.layers[i]
+            return fn(h, pos, c.valid[i], w.cos, w.sin, c.k[i], c.v[i], S, *lw.as_tuple(), slots=slots, mask=mask)
+
+        return tree_layer
+
+    # ---------------------------------------------------------------- one step
+    @torch.no_grad()
+    def step(self) -> None:
+        dec = self.dec
+        s, seg, res, L = dec.s, dec.seg, dec.res, dec.L
+        dev = seg.device
+        p = len(dec.seq) - 1
+        budget = min(self.budget, seg.max_len - 1 - p)  # slots p .. p + N must fit the cache
+        tree = dec.draft.propose_tree(budget, self.depth, self.topk)
+        N = len(tree)
+        q = N + 1
+        depth = [0] + tree.depths
+        parent = [-1] + [par + 1 for par in tree.parents]  # row indices (0 = root)
+        kids = tree.children()
+        tokens = [dec.seq[-1]] + tree.tokens
+
+        # tree positions, cache slots and the [q, S] mask
+        pos = torch.tensor([p + d for d in depth], device=dev)
+        slots = torch.arange(p, p + q, device=dev)
+        S = seg.attn_len(p + N)
+        anc = torch.eye(q, dtype=torch.bool)
+        for r in range(1, q):
+            anc[r] |= anc[parent[r]]
+        mask = torch.zeros(q, S, dtype=torch.bool)
+        mask[:, :p] = True
+        mask[:, p : p + q] = anc
+        mask = mask.to(dev)
+
+        specee = s.specee and dec.program is not None
+        active = frozenset()
+        if specee:
+            active = frozenset(i for i in dec._active_layers() if i >= s.min_exit_layer)
+            cands = tree.cands.to(dev)  # [q, k]
+            has = (cands >= 0).all(-1)  # rows that can be scored
+            safe = torch.where(cands >= 0, cands, torch.zeros_like(cands))
+            w_rows = seg.head_rows(safe.reshape(-1)).reshape(q, -1, seg.spec.hidden)  # [q, k, D]
+            p_prev = torch.zeros(cands.shape, device=dev, dtype=torch.float32)
+
+        rows = torch.arange(q)  # rows still computed (lossless pruning narrows this)
+        h = seg.embed(torch.tensor(tokens, device=dev))  # [1, q, D]
+        exit_layer = None
+        logits = None
+        for i in range(L):
+            h = self._layer(i, h, pos, S, slots, mask)
+            res.layer_passes += 1
+            res.layer_rows += h.shape[1]
+            if i not in active or len(rows) < q:
+                continue
+            path, exited, z, p_prev = self._predict_path(i, h, w_rows, cands, p_prev, has, kids)
+            res.predictor_calls += 1
+            if not exited:
+                continue
+            if dec.policy.needs_rollback:  # lossless: prune to the predicted path
+                rows = torch.tensor(path)
+                keep = rows.to(dev)
+                h, pos, slots, mask = h[:, keep], pos[keep], slots[keep], mask[keep]
+                if dec.scheduler is not None:
+                    dec.scheduler.record_exit(i)
+                continue
+            # approximate: the path's rows at layer i through the full head; the paper's check
+            hn_i, lg = seg.head(h[:, path])
+            res.head_calls += 1
+            top = torch.argmax(lg[0], dim=-1)  # [len(path)]
+            ok = all(bool((cands[r] == top[j]).any()) for j, r in enumerate(path))
+            if ok:
+                exit_layer = i
+                rows = torch.tensor(path)
+                h, logits, hn = h[:, path], lg, hn_i
+                break
+        if logits is None:
+            hn, logits = seg.head(h)
+        # acceptance over the computed rows (`rows` maps local index -> tree row)
+        local = {int(r): j for j, r in enumerate(rows.tolist())}
+        acc_rows, emitted = self._accept(logits[0], local, kids)
+        layer = L - 1 if exit_layer is None else exit_layer
+        if exit_layer is not None and dec.scheduler is not None:
+            dec.scheduler.record_exit(exit_layer)
+
+        # compact: accepted rows' K/V from slots p + r to positions p + 1 .. p + a (root stays at p)
+        a = len(acc_rows) - 1
+        cache = seg.cache
+        if a:
+            src = torch.tensor([p + r for r in acc_rows[1:]], device=dev)
+            dst = torch.arange(p + 1, p + 1 + a, device=dev)
+            cache.k[:, :, dst] = cache.k[:, :, src]
+            cache.v[:, :, dst] = cache.v[:, :, src]
+            cache.valid[:, dst] = cache.valid[:, src]
+        cache.truncate(p + 1 + a)
+        if exit_layer is not None:  # skip policy: deeper layers hold nothing for these positions
+            cache.valid[exit_layer + 1 :, p : p + 1 + a] = False
+
+        res.decode_steps += 1
+        res.verify_steps += 1
+        res.tree_nodes += N
+        n_before = len(dec.seq)
+        for j, (r, tok) in enumerate(zip(acc_rows, emitted)):
+            if dec._finished():
+                break
+            dec.draft.observe(tok, hn[0, local[r]], layer)
+            dec._append(tok, layer)
+        res.accepted_tokens += len(dec.seq) - n_before
+
+    # ---------------------------------------------------------------- helpers
+    def _predict_path(self, i, h, w_rows, cands, p_prev, has, kids):
+        """Score every row at exit layer i in one batched call; return (predicted path rows, whether
+        every row on it exited, candidate logits z [q, k], new p_prev [q, k])."""
+        dec = self.dec
+        seg = dec.seg
+        P = seg.predictors
+        score, z, p_new = tree_exit_scores(h[0], seg.weights.norm, w_rows, p_prev, P.w1[i], P.b1[i],
+                                           P.w2[i], P.b2[i], seg.spec.eps)
+        th = dec.thresholds[i]
+        exits = ((score > th) & has).tolist()
+        best = torch.gather(cands, 1, torch.argmax(z, dim=-1, keepdim=True))[:, 0].tolist()
+        path, r, ok = [0], 0, True
+        while True:
+            ok = ok and exits[r]
+            nxt = kids[r].get(best[r])
+            if nxt is None or not ok:
+                break
+            path.append(nxt)
+            r = nxt
+        return path, ok, z, p_new
+
+    def _accept(self, logits, local, kids):
+        """Walk the tree from the root with the target's logits [rows, V]; return (accepted rows
+        (root first), emitted tokens: the accepted children then the bonus)."""
+        s = self.dec.s
+        rows, out, r = [0], [], 0
+        greedy = s.temperature <= 0
+        if greedy:
+            top = torch.argmax(logits, dim=-1).tolist()
+        while True:
+            children = {t: c for t, c in kids[r].items() if c in local}
+            if greedy:
+                t = top[local[r]]
+                nxt = children.get(t)
+            else:
+                t, nxt = self._sample_accept(logits[local[r]], children)
+            out.append(t)
+            if nxt is None:
+                return rows, out
+            rows.append(nxt)
+            r = nxt
+
+    def _sample_accept(self, logits, children: dict[int, int]):
+        """Speculative sampling at one row with point-mass drafts (see module docstring):
+        returns (token, child row or None)."""
+        s, gen = self.dec.s, self.dec.gen
+        r = target_probs(logits, s.temperature, s.top_p).cpu()
+        for t, c in children.items():
+            pt = float(r[t])
+            if pt > 0 and float(torch.rand((), generator=gen)) < pt:
+                return t, c
+            r[t] = 0.0
+            tot = float(r.sum())
+            if tot <= 0:  # numerically all mass was on rejected children: cannot happen exactly
+                break
+            r = r / tot
+        return int(torch.multinomial(r, 1, generator=gen)), None
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `runtime/sampling.select_token` samples from: softmax(logits / T), top-p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx, torch.where(keep, sorted_p, torch.zeros_like(sorted_p)))
+        probs = probs / probs.sum()
+    return probs
+
+
+def tree_exit_scores(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
+    """Exit scores of q rows in one call: h [q, D], rows [q, k, D], p_prev [q, k] ->
+    (score [q], z [q, k], p [q, k]), float32; per row the math of `specee::exit_score`."""
+    from ..predictors.features import exit_features
+    from ..model_step import rms_norm
+
+    hn = rms_norm(h, norm_w, eps)  # [q, D]
+    x, z, p = exit_features(hn, rows, p_prev)  # x [q, 3k]
+    hidden = torch.relu(torch.nn.functional.linear(x, w1.float(), b1.float()))  # [q, Hm]
+    score = torch.sigmoid((hidden * w2.float()).sum(-1) + b2.float())  # [q]
+    return score, z, p
+
+
+__all__ = ["TreeStep", "target_probs", "tree_exit_scores"]

@@ -1,0 +1,317 @@
+"""Tree speculative decoding (runtime/tree.py, draft/tree.py): greedy = dense, cache compaction,
+speculative sampling follows the target distribution, SpecEE on the tree, settings and stats."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from specee_compile.backends import make_segments
+from specee_compile.config import Settings
+from specee_compile.draft.eagle import EagleDraft
+from specee_compile.draft.train import _init_draft
+from specee_compile.draft.tree import DraftTree, EagleTreeSource
+from specee_compile.errors import SpecEEError
+from specee_compile.program import ExitPoint, Predictors, SpecEEProgram
+from specee_compile.runtime.decoder import Decoder
+from specee_compile.runtime.tree import target_probs, tree_exit_scores
+
+PROMPT = [1, 5, 9, 33, 70, 12]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread is ~20x faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def eagle_tree(model, k=4) -> EagleTreeSource:
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)  # untrained: proposes the base model's own top-k at f_t
+    return EagleTreeSource(draft.eval(), k=k)
+
+
+class OracleTree(EagleTreeSource):
+    """Deterministic tree from the target itself: at each expanded node its `width` most likely next
+    tokens (full forward of the HF model), `depth` levels. Any deterministic draft keeps the tree step
+    exact, and this one makes long accepted paths (and sibling decoys) certain."""
+
+    def __init__(self, model, width=2, k=4):
+        super().__init__(EagleDraft(model).eval(), k=k)
+        self.model, self.width = model, width
+
+    @torch.no_grad()
+    def propose_tree(self, budget, depth, topk):
+        tokens, parents, depths, cands = [], [], [], {}
+        frontier = [(-1, list(self.ids))]
+        for d in range(1, depth + 1):
+            nxt = []
+            for par, seq in frontier:
+                logits = self.model(torch.tensor([seq])).logits[0, -1]
+                top = torch.topk(logits, max(self.width, self.k)).indices.tolist()
+                cands[par + 1] = top[: self.k]
+                for t in top[: self.width]:
+                    if len(tokens) >= budget:
+                        break
+                    tokens.append(t)
+                    parents.append(par)
+                    depths.append(d)
+                    nxt.append((len(tokens) - 1, seq + [t]))
+            frontier = nxt
+        rows = torch.full((len(tokens) + 1, self.k), -1, dtype=torch.long)
+        for r, c in cands.items():
+            rows[r] = torch.tensor(c)
+        self._catch_up()
+        return DraftTree(tokens, parents, depths, [0.0] * len(tokens), rows)
+
+
+def dense(model, ids, n, **over):
+    s = Settings(max_new_tokens=n, **over)
+    return Decoder(make_segments(model, s), s).generate(ids)
+
+
+def tree_dec(model, source, n, program=None, **over):
+    s = Settings(max_new_tokens=n, speculate="tree", **over)
+    return Decoder(make_segments(model, s, program), s, program=program, draft=source)
+
+
+# ---------------------------------------------------------------- greedy
+@pytest.mark.parametrize("budget,depth,topk", [(12, 4, 4), (1, 1, 1), (30, 6, 8)])
+def test_greedy_tree_equals_dense(budget, depth, topk):
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40)
+    res = tree_dec(model, eagle_tree(model), 40, tree_budget=budget, tree_depth=depth, tree_topk=topk).generate(PROMPT)
+    assert res.token_ids == ref.token_ids
+    st = res.stats()
+    assert st["verify_steps"] == res.verify_steps > 0
+    assert st["accepted_per_step"] == pytest.approx((len(res.token_ids) - 1) / res.verify_steps)
+    assert st["avg_layers"] == pytest.approx(model.config.num_hidden_layers)
+    assert st["avg_tree_nodes"] <= budget
+
+
+def test_oracle_tree_accepts_long_paths_and_compacts_cache():
+    model = make_tiny_llama()
+    n = 30
+    s = Settings(max_new_tokens=n)
+    dseg = make_segments(model, s)
+    ref = Decoder(dseg, s).generate(PROMPT)
+    dec = tree_dec(model, OracleTree(model, width=2), n, tree_budget=30, tree_depth=4)
+    res = dec.generate(PROMPT)
+    assert res.token_ids == ref.token_ids
+    assert res.accepted_per_step > 4.0  # depth 4 + bonus, except where the run stops
+    # the compacted cache holds the dense cache's K/V at every committed position
+    end = len(PROMPT) + n - 1  # the last token's K/V is never computed
+    c, d = dec.seg.cache, dseg.cache
+    assert torch.equal(c.valid[:, :end], d.valid[:, :end])
+    assert not c.valid[:, end + 4 :].any()
+    torch.testing.assert_close(c.k[:, :, :end], d.k[:, :, :end], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c.v[:, :, :end], d.v[:, :, :end], atol=1e-5, rtol=1e-4)
+
+
+def test_tree_stops_at_eos_and_max_new_tokens():
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 20)
+    eos = ref.token_ids[9]
+    first = ref.token_ids.index(eos)
+    s = Settings(max_new_tokens=20, speculate="tree", tree_budget=14, tree_depth=4)
+    res = Decoder(make_segments(model, s), s, eos_ids={eos}, draft=OracleTree(model)).generate(PROMPT)
+    assert res.token_ids == ref.token_ids[: first + 1]
+    res = tree_dec(model, OracleTree(model), 7, tree_budget=14, tree_depth=5).generate(PROMPT)
+    assert res.token_ids == ref.token_ids[:7]
+
+
+def test_draft_tree_shape():
+    model = make_tiny_llama()
+    src = eagle_tree(model)
+    hid, obs = torch.randn(len(PROMPT), 64), torch.randn(64)
+    src.reset(PROMPT, hid)
+    src.observe(7, obs, 3)
+    tree = src.propose_tree(budget=20, depth=5, topk=3)
+    assert 0 < len(tree) <= 20
+    assert max(tree.depths) <= 5
+    for i, par in enumerate(tree.parents):
+        assert par < i
+        if par >= 0:
+            assert tree.depths[i] == tree.depths[par] + 1
+            assert tree.scores[i] <= tree.scores[par] + 1e-6
+        else:
+            assert tree.depths[i] == 1
+    for row in tree.children():  # siblings are distinct tokens
+        assert len(row) == len(set(row))
+    assert tree.cands.shape == (len(tree) + 1, 4) and (tree.cands[0] >= 0).all()
+    # the tree's first level is the draft's own top-k proposal
+    flat = EagleTreeSource(src.draft, k=3)
+    flat.reset(PROMPT, hid)
+    flat.observe(7, obs, 3)
+    assert set(flat.propose().tolist()) == {t for t, d in zip(tree.tokens, tree.depths) if d == 1}
+
+
+# ---------------------------------------------------------------- sampling
+def exact_joint(model, ids, n, temperature, top_p):
+    """Exact target distribution of the first n generated tokens (support under top-p)."""
+    out = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = {}
+            for pre, pr in out.items():
+                logits = model(torch.tensor([ids + list(pre)])).logits[0, -1]
+                probs = target_probs(logits, temperature, top_p)
+                for t in torch.nonzero(probs > 0).flatten().tolist():
+                    nxt[pre + (t,)] = pr * float(probs[t])
+            out = nxt
+    return out
+
+
+def test_tree_sampling_follows_target_distribution():
+    """Chi-square goodness of fit of the first 3 tokens (2 of them from one tree step) over seeds."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)  # peaked distributions: few cells, accepted paths common
+    temperature, top_p, n = 1.0, 0.9, 3
+    joint = exact_joint(model, PROMPT, n, temperature, top_p)
+    s = Settings(max_new_tokens=n, speculate="tree", temperature=temperature, top_p=top_p,
+                 tree_budget=8, tree_depth=2)
+    dec = Decoder(make_segments(model, s), s, draft=OracleTree(model, width=3))
+    runs = 1200
+    seen = Counter()
+    one_step = 0
+    for seed in range(runs):
+        dec.s = s.replace(seed=seed)
+        res = dec.generate(PROMPT)
+        seen[tuple(res.token_ids)] += 1
+        one_step += res.verify_steps == 1
+    assert one_step / runs > 0.15  # tokens 2 and 3 often came from one step: an accepted child + bonus
+    assert set(seen) <= set(joint)
+    # cells with expected count >= 5, the rest pooled
+    big = [c for c, pr in joint.items() if pr * runs >= 5]
+    obs = [seen[c] for c in big] + [runs - sum(seen[c] for c in big)]
+    exp = [joint[c] * runs for c in big] + [runs * (1 - sum(joint[c] for c in big))]
+    cells = [(o, e) for o, e in zip(obs, exp) if e > 0]
+    chi2 = sum((o - e) ** 2 / e for o, e in cells)
+    dof = len(cells) - 1
+    # p < 1e-4 critical value (Wilson-Hilferty): fails only for a biased sampler
+    z = 3.72
+    crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert dof >= 3
+    print(f"chi2 {chi2:.1f} < {crit:.1f} (dof {dof}), one-step share {one_step / runs:.2f}")
+    assert chi2 < crit, (chi2, crit, dof)
+    tv = 0.5 * sum(abs(seen[c] / runs - pr) for c, pr in joint.items())
+    assert tv < 0.08
+
+
+def test_tree_sampling_is_seeded():
+    model = make_tiny_llama()
+    a = tree_dec(model, eagle_tree(model), 20, temperature=0.8, seed=3).generate(PROMPT).token_ids
+    b = tree_dec(model, eagle_tree(model), 20, temperature=0.8, seed=3).generate(PROMPT).token_ids
+    assert a == b
+
+
+# ---------------------------------------------------------------- SpecEE on the tree
+def always_exit_program(L, k, score_bias=10.0):
+    """Predictors whose score is sigmoid(score_bias) at every layer (zero weights)."""
+    return SpecEEProgram(
+        num_layers=L,
+        exit_points=[ExitPoint(i, 0.5) for i in range(L - 1)],
+        predictors=Predictors(torch.zeros(L, 8, 3 * k), torch.zeros(L, 8), torch.zeros(L, 8),
+                              torch.full((L, 1), score_bias), list(range(L - 1))),
+        offline_layers=list(range(L - 1)),
+        num_candidates=k,
+    )
+
+
+def test_specee_tree_lossless_prunes_and_equals_dense():
+    model = make_tiny_llama(num_hidden_layers=6)
+    L = 6
+    ref = dense(model, PROMPT, 30)
+    prog = always_exit_program(L, 4)
+    kw = dict(tree_budget=14, tree_depth=4, specee=True, mode="lossless", kv_policy="backfill", min_exit_layer=2)
+    res = tree_dec(model, OracleTree(model), 30, program=prog, **kw).generate(PROMPT)
+    assert res.token_ids == ref.token_ids
+    assert res.predictor_calls >= res.verify_steps  # one batched call per step until it prunes
+    full_rows = sum(1 for _ in range(res.verify_steps)) * L
+    assert res.layer_rows < (res.tree_nodes + res.verify_steps) * L  # pruned rows skip deep layers
+    assert res.avg_layers == pytest.approx(L)
+    assert res.layer_rows >= full_rows
+    # never exits: no pruning, same tokens, every row through every layer
+    never = tree_dec(model, OracleTree(model), 30, program=always_exit_program(L, 4, -10.0), **kw).generate(PROMPT)
+    assert never.token_ids == ref.token_ids
+    assert never.layer_rows == (never.tree_nodes + never.verify_steps) * L
+
+
+def test_specee_tree_approximate_stops_early():
+    model = make_tiny_llama(num_hidden_layers=6)
+    prog = always_exit_program(6, 4)
+    res = tree_dec(model, OracleTree(model), 24, program=prog, tree_budget=14, tree_depth=4, specee=True,
+                   min_exit_layer=3).generate(PROMPT)
+    assert len(res.token_ids) == 24
+    assert res.avg_layers <= 6
+    assert set(res.exit_layers) <= set(range(3, 6))
+    st = res.stats()
+    assert st["accepted_per_step"] >= 1.0
+
+
+def test_tree_exit_scores_match_the_op():
+    from specee_compile.ops import exit_score_reference
+
+    torch.manual_seed(0)
+    q, k, D, Hm = 5, 4, 16, 8
+    h, rows, p_prev = torch.randn(q, D), torch.randn(q, k, D), torch.rand(q, k)
+    w1, b1, w2, b2, norm = torch.randn(Hm, 3 * k), torch.randn(Hm), torch.randn(Hm), torch.randn(1), torch.rand(D)
+    score, z, p = tree_exit_scores(h, norm, rows, p_prev, w1, b1, w2, b2, 1e-5)
+    for r in range(q):
+        s1, z1, p1 = exit_score_reference(h[r][None, None], norm, rows[r], p_prev[r], w1, b1, w2, b2, 1e-5)
+        torch.testing.assert_close(score[r : r + 1], s1)
+        torch.testing.assert_close(z[r], z1)
+        torch.testing.assert_close(p[r], p1)
+
+
+# ---------------------------------------------------------------- settings, API
+def test_settings_check_tree_fields():
+    with pytest.raises(SpecEEError, match="speculate"):
+        Settings(speculate="chain")
+    with pytest.raises(SpecEEError, match="tree_budget"):
+        Settings(tree_budget=0)
+    with pytest.raises(SpecEEError):
+        Settings(tree_depth="3")
+
+
+def test_tree_needs_an_eagle_draft():
+    model = make_tiny_llama()
+    s = Settings(speculate="tree")
+    with pytest.raises(SpecEEError, match="EAGLE draft"):
+        Decoder(make_segments(model, s), s)
+
+
+def test_build_decoder_tree_from_a_draft_directory(tmp_path, tiny_model_dir):
+    from specee_compile.api import build_decoder
+    from specee_compile.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    draft = EagleDraft(loaded.model)
+    _init_draft(draft, 0)
+    draft.save(tmp_path / "d")
+    s = Settings(max_new_tokens=12, speculate="tree", artifacts=str(tmp_path / "d"), chat_template=False)
+    res = build_decoder(loaded, s).generate(PROMPT)
+    ref = build_decoder(loaded, s.replace(speculate="none", artifacts=None)).generate(PROMPT)
+    assert res.token_ids == ref.token_ids
+    with pytest.raises(SpecEEError, match="draft head"):
+        build_decoder(loaded, s.replace(artifacts=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tree_equals_dense(smollm2):
+    from specee_compile.api import build_decoder, encode_prompt
+
+    ids = encode_prompt(smollm2.tokenizer, "Write a short poem about the sea.")
+    s = Settings(max_new_tokens=48)
+    ref = build_decoder(smollm2, s).generate(ids)
+    res = build_decoder(smollm2, s.replace(speculate="tree")).generate(ids)
+    assert res.token_ids == ref.token_ids
+    assert res.accepted_per_step > 1.5
