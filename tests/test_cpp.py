@@ -225,7 +225,7 @@ def test_smollm2_parity(smollm2, smollm2_export, mode):
 
     conf = {"dense": {}, "paper": {"specee": True},
             "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}[mode]
-    s = Settings(max_new_tokens=24, max_context=256, **conf)
+    s = Settings(max_new_tokens=48, max_context=256, **conf)
     ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
     ref = build_decoder(smollm2, s).generate(ids)
     got = run_runner(smollm2_export, ids, s)
