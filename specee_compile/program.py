@@ -44,6 +44,9 @@ class SpecEEProgram:
     draft_config: dict = field(default_factory=dict)
     fingerprint: str = ""
     meta: dict = field(default_factory=dict)
+    exit_rates: dict[int, float] = field(default_factory=dict)  # share of tokens exiting at each layer
+    #   (held-out simulation of the artifacts; what runtime/exit_costs.py weighs against measured costs)
+    eval_share: dict[int, float] = field(default_factory=dict)  # share of tokens evaluating each point
 
     def threshold(self, layer: int) -> float | None:
         for ep in self.exit_points:

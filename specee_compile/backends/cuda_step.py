@@ -65,6 +65,7 @@ class CudaWholeStep:
         self.k = 0
         self.ctrl = torch.zeros(ACT0 + self.L, dtype=torch.uint8, device=dev)
         self.ctrl_host = torch.zeros(ACT0 + self.L, dtype=torch.uint8).pin_memory()
+        self.ctrl_np = self.ctrl_host.numpy()  # host writes through numpy: no torch op per flag
         self.hexit = torch.zeros(1, 1, self.D, dtype=dt, device=dev)
         self.hn = torch.zeros(self.D, dtype=dt, device=dev)
         self.score = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -199,8 +200,8 @@ class CudaWholeStep:
             c[PROPOSED:PROPOSED + 1].fill_(1)
 
     def _reset_ctrl(self, kind, active: frozenset, forced: int | None) -> None:
-        hc = self.ctrl_host
-        hc.zero_()
+        hc = self.ctrl_np
+        hc[:] = 0
         hc[ALIVE] = 1
         hc[PROPOSED] = 1
         hc[NEEDHEAD] = 1
@@ -208,6 +209,89 @@ class CudaWholeStep:
         hc[FORCED] = NO_EXIT if forced is None or forced >= self.L - 1 else forced
         for i in active:
             hc[ACT0 + i] = 1
+
+    # ------------------------------------------------------------------ costs (runtime/exit_costs.py)
+    def step_costs(self, plan: StepPlan):
+        """Measure, on this device, what the exit program of `plan` costs per token beside the dense
+        step: graph replays timed with CUDA events at one attention bucket (runtime/exit_costs.py)."""
+        from ..runtime.exit_costs import StepCosts
+        from ..runtime.policies import trace_exits
+
+        seg = self.seg
+        W = seg.weights
+        S = seg.attn_len(min(seg.max_len - 1, 255))
+        layer_b = sum(t.numel() * t.element_size() for t in W.layers[0].as_tuple() if t is not None)
+        head_b = W.head.numel() * W.head.element_size()
+        t_dense = self._time(("dense",), S, frozenset(), None)
+        share = layer_b / (self.L * layer_b + head_b)
+        layer_s = t_dense * share
+        check_s = t_dense * head_b / (self.L * layer_b + head_b)
+        kind = self.kind(plan)
+        if kind is None:  # the composed path: per-layer graphs, a host read per decision
+            return self._composed_costs(plan, t_dense, layer_s, S)
+        gates = kind[2]
+        t_gate = self._time(kind, S, frozenset(), None)
+        never = self.kind(StepPlan(token=0, pos=0, candidates=plan.candidates, thresholds=plan.thresholds,
+                                   policy=trace_exits([self.L]), draft=plan.draft))
+        t_all = self._time(never, S, frozenset(gates), None)
+        self.seg.cache.reset()
+        return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_gate - t_dense),
+                         decision_s=max(0.0, (t_all - t_gate) / len(gates)),
+                         check_s=check_s if kind[5] else 0.0,
+                         source=f"CUDA graph replays at S={S}: dense {t_dense * 1e6:.0f} us, exit program with no "
+                                f"decision {t_gate * 1e6:.0f} us, with all {len(gates)} decisions {t_all * 1e6:.0f} us")
+
+    def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
+        g = self.graphs.get((kind, S))
+        if g is None:
+            g = self.graphs[(kind, S)] = self._capture(kind, S)
+        self.pos.fill_(self.seg.max_len - 1)
+        if kind[0] == "exits":
+            self._reset_ctrl(kind, active, forced)
+            self.ctrl.copy_(self.ctrl_host)
+        for _ in range(3):
+            g.replay()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / reps
+
+    def _composed_costs(self, plan: StepPlan, t_dense: float, layer_s: float, S: int):
+        """The plan runs layer by layer from the host (the loop's composed path): time that floor."""
+        import time as _time
+
+        from ..runtime.exit_costs import StepCosts
+
+        seg = self.seg
+        pos = torch.tensor([seg.max_len - 1], device=self.dev)
+        h = seg.embed(torch.zeros(1, dtype=torch.long, device=self.dev))
+        k = plan.candidates.numel()
+        rows = seg.head_rows(plan.candidates)
+        p_prev = torch.zeros(k, device=self.dev)
+        first = min(plan.thresholds)
+        vals = []
+        for rep in range(4):
+            torch.cuda.synchronize(self.dev)
+            t0 = _time.perf_counter()
+            x = h
+            for i in range(self.L):
+                x = seg.layer(i, x, pos, S)
+            seg.head(x)
+            torch.cuda.synchronize(self.dev)
+            t1 = _time.perf_counter()
+            float(seg.exit_score(first, x, rows, p_prev)[0])  # one decision: kernel + host read
+            t2 = _time.perf_counter()
+            if rep:
+                vals.append((t1 - t0, t2 - t1))
+        self.seg.cache.reset()
+        t_comp = min(v[0] for v in vals)  # rep 1 records the per-layer graphs; later reps replay them
+        t_dec = min(v[1] for v in vals)
+        return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_comp - t_dense), decision_s=t_dec, check_s=0.0,
+                         source=f"this policy runs layer by layer from the host: {t_comp * 1e6:.0f} us per "
+                                f"step before any decision vs {t_dense * 1e6:.0f} us for the dense CUDA-graph step")
 
     # ------------------------------------------------------------------ run
     def run_step(self, plan: StepPlan) -> StepOut:

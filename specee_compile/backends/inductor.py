@@ -170,6 +170,11 @@ class InductorSegments(Segments):
     def run_step(self, plan):
         return self._whole().run_step(plan)
 
+    def step_costs(self, plan):
+        """Measured per-token costs of the plan's exit program (runtime/exit_costs.py); None off CUDA."""
+        w = self._whole()
+        return w.step_costs(plan) if w is not None else None
+
     def layer_direct(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
         """The compiled layer without a per-layer graph (what the whole-step capture records)."""
         c = self.cache

@@ -45,6 +45,7 @@ from ..config import Settings
 from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
 from .contract import Backend, Segments, StepOut, StepPlan, WholeStep
+from .exit_costs import select_exit_points
 from .policies import ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
 
@@ -66,6 +67,7 @@ class GenerationResult:
     accepted_tokens: int = 0  # tokens the tree steps emitted (accepted path + bonus)
     tree_nodes: int = 0  # draft-tree nodes verified, over all tree steps
     compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
+    exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -102,6 +104,9 @@ class GenerationResult:
             "decode_tokens_per_s": ((self.accepted_tokens if self.verify_steps else self.decode_steps) / self.decode_s)
             if self.decode_s > 0 else 0.0,
             "compile_s": self.compile_s,
+            "exit_points_kept": (self.exit_program or {}).get("exit_points_kept"),
+            "exit_points_dropped": (self.exit_program or {}).get("exit_points_dropped"),
+            "exit_program": self.exit_program,
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "exit_layers": self.exit_layers,
@@ -159,6 +164,8 @@ class Decoder:
         self.kv = kv_policy(settings.kv_policy)
         self.whole = segments if isinstance(segments, WholeStep) else None
         self.composable = isinstance(segments, Segments)
+        self.as_dense = not settings.specee  # True also once no exit point pays for itself (exit_costs.py)
+        self.selection: dict | None = None
         self.tree = None  # the tree step (runtime/tree.py), set below for --speculate tree
         if settings.specee:
             if program is None or draft is None:
@@ -197,13 +204,15 @@ class Decoder:
         s, seg = self.s, self.seg
         check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
         t0 = time.perf_counter()
+        if s.specee and self.selection is None and self.tree is None:
+            self._select_exit_points()
         if self.whole is not None and s.temperature <= 0:  # compile + capture before the first token
             self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
         compile_s = time.perf_counter() - t0
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
-                               compile_s=compile_s)
+                               compile_s=compile_s, exit_program=self.selection)
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res
@@ -236,10 +245,10 @@ class Decoder:
             return
         if self.tree is not None:
             self.tree.step()  # one tree verify step: appends the accepted tokens + bonus
-        elif self.s.specee:
-            self._step(current=True)
-        else:
+        elif self.as_dense:
             self._dense_step(self.gen)
+        else:
+            self._step(current=True)
 
     # ------------------------------------------------------------------ helpers
     def _sync(self):
@@ -307,9 +316,31 @@ class Decoder:
                         thresholds=self.thresholds, policy=self.policy, forced_exit=forced,
                         draft=self.draft if getattr(self.draft, "capturable", False) else None)
 
+    def _select_exit_points(self) -> None:
+        """Keep the exit points that pay for themselves on this backend and device (exit_costs.py)."""
+        costs = None
+        if self.whole is not None and self.s.temperature <= 0 and hasattr(self.whole, "step_costs"):
+            costs = self.whole.step_costs(self._template_plan())
+        if self.policy.forced:  # the trace says where tokens exit
+            tr = self.policy.trace
+            rates = {layer: sum(1 for t in tr if t == layer) / len(tr) for layer in self.exit_layers}
+        else:
+            rates = self.program.exit_rates
+        kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share)
+        self.exit_layers = kept
+        self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
+        self.as_dense = not kept
+        note = None
+        if costs is None:
+            note = "no cost measurement on this backend/device: every exit point kept"
+        elif not rates:
+            note = "the artifacts carry no exit rates: every exit point kept"
+        self.selection = {"exit_points_kept": kept, "exit_points_dropped": {str(k): v for k, v in dropped.items()},
+                          "step_costs": costs.as_dict() if costs is not None else None, "note": note}
+
     def _template_plan(self) -> StepPlan:
         """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""
-        if not self.s.specee:
+        if self.as_dense:
             return StepPlan(token=0, pos=0)
         k = self.program.num_candidates
         return StepPlan(token=0, pos=0, candidates=torch.zeros(k, dtype=torch.long, device=self.seg.device),

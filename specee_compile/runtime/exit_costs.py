@@ -1,0 +1,74 @@
+"""Which exit points pay for themselves on this device and model: the rule that SpecEE is never slower
+than dense decoding.
+
+Why: an exit point saves the layers after it, but only on the tokens that exit there, while the
+machinery costs something on every token: the draft step, the gating of the layers after the first
+exit point, and one predictor evaluation per active exit point. On a 7B model a layer is ~115 us and
+exits pay; on SmolLM2-135M a layer is ~27 us and the same machinery can cost more than it saves
+(benchmarks/RESULTS.md). So the backend measures its own step costs (`StepCosts`, at build time,
+on the device) and this module keeps an exit point only where its expected saving exceeds its cost;
+where the kept points together do not beat the fixed cost, none is kept and SpecEE decodes as dense.
+
+Exit rates come from the artifacts' held-out simulation (`predictors_config.json`:
+`validation_simulation`) or, for the benchmark's trace policy, from the trace itself. Without rates
+nothing can be predicted: every point is kept (and the stats say why).
+
+Inputs, per token:  layer_s   one decoder layer
+                    fixed_s   running the exit program at all (draft, gating), no decision, no exit
+                    decision_s one predictor evaluation at an active point
+                    check_s   the paper's full-head check when an exit is proposed (0 if none)
+    point l saves   rate[l] * (L - 1 - l) * layer_s
+    point l costs   evals[l] * decision_s + rate[l] * check_s
+keep l iff it saves more than it costs; keep none if the kept savings minus costs <= fixed_s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepCosts:
+    layer_s: float
+    fixed_s: float
+    decision_s: float
+    check_s: float = 0.0
+    source: str = ""  # how they were measured
+
+    def as_dict(self) -> dict:
+        return {"layer_us": round(self.layer_s * 1e6, 2), "fixed_us": round(self.fixed_s * 1e6, 2),
+                "decision_us": round(self.decision_s * 1e6, 2), "check_us": round(self.check_s * 1e6, 2),
+                "source": self.source}
+
+
+def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
+                       rates: dict[int, float] | None, evals: dict[int, float] | None = None
+                       ) -> tuple[list[int], dict[int, str]]:
+    """(kept layers, {dropped layer: reason}). `evals[l]`: share of tokens on which point l is evaluated
+    (scheduling), 1.0 where unknown."""
+    if costs is None:
+        return list(layers), {}
+    if not rates:
+        return list(layers), {}
+    L = num_layers
+    kept, dropped, net = [], {}, 0.0
+    for layer in layers:
+        r = float(rates.get(layer, 0.0))
+        e = 1.0 if evals is None else float(evals.get(layer, 1.0))
+        save = r * (L - 1 - layer) * costs.layer_s
+        cost = e * costs.decision_s + r * costs.check_s
+        if save > cost:
+            kept.append(layer)
+            net += save - cost
+        else:
+            dropped[layer] = (f"saves {save * 1e6:.1f} us/token (exit rate {r:.3f} x {L - 1 - layer} layers), "
+                              f"costs {cost * 1e6:.1f} us/token")
+    if kept and net <= costs.fixed_s:
+        reason = (f"all kept points together save {net * 1e6:.1f} us/token net, less than the exit program's "
+                  f"fixed cost {costs.fixed_s * 1e6:.1f} us/token (draft, gating): decoding as dense")
+        dropped.update({layer: reason for layer in kept})
+        kept = []
+    return kept, dropped
+
+
+__all__ = ["StepCosts", "select_exit_points"]

@@ -1,0 +1,70 @@
+"""runtime/exit_costs.py: exit points are kept only where they pay for themselves; the loop decodes as
+dense when none does, and says why."""
+
+from __future__ import annotations
+
+import torch
+from test_inductor import BASE, PROMPTS, L, RecentTokens, llama, random_program
+
+from specee_compile.backends.eager import EagerSegments
+from specee_compile.config import Settings
+from specee_compile.runtime.decoder import Decoder
+from specee_compile.runtime.exit_costs import StepCosts, select_exit_points
+
+US = 1e-6
+
+
+def test_no_measurement_or_no_rates_keeps_every_point():
+    assert select_exit_points([1, 2, 3], 8, None, {1: 0.5}) == ([1, 2, 3], {})
+    costs = StepCosts(layer_s=100 * US, fixed_s=0, decision_s=5 * US)
+    assert select_exit_points([1, 2, 3], 8, costs, {}) == ([1, 2, 3], {})
+
+
+def test_points_that_save_less_than_they_cost_are_dropped():
+    costs = StepCosts(layer_s=100 * US, fixed_s=50 * US, decision_s=10 * US)
+    # layer 2 exits 30%: saves 0.3 * 5 * 100 = 150 us; layer 6 exits 5%: saves 0.05 * 1 * 100 = 5 us < 10 us
+    kept, dropped = select_exit_points([2, 6], 8, costs, {2: 0.3, 6: 0.05})
+    assert kept == [2] and list(dropped) == [6] and "costs 10.0 us" in dropped[6]
+    # evaluated on 10% of tokens only, layer 6 costs 1 us and pays
+    kept, _ = select_exit_points([2, 6], 8, costs, {2: 0.3, 6: 0.05}, evals={2: 1.0, 6: 0.1})
+    assert kept == [2, 6]
+
+
+def test_fixed_cost_above_all_savings_means_dense():
+    costs = StepCosts(layer_s=30 * US, fixed_s=400 * US, decision_s=4 * US)
+    kept, dropped = select_exit_points([5, 6], 8, costs, {5: 0.2, 6: 0.3})
+    assert kept == [] and set(dropped) == {5, 6}
+    assert "decoding as dense" in dropped[5]
+
+
+class CostlyExits(EagerSegments):
+    """Eager segments that report a measured exit program far dearer than any saving."""
+
+    def can_run(self, plan):
+        return False
+
+    def prepare(self, plan, max_pos):
+        pass
+
+    def run_step(self, plan):  # pragma: no cover - can_run is False
+        raise AssertionError
+
+    def step_costs(self, plan):
+        return StepCosts(layer_s=10 * US, fixed_s=1.0, decision_s=1 * US, source="test")
+
+
+def test_loop_decodes_as_dense_when_no_point_pays():
+    model = llama(seed=3)
+    prog = random_program(seed=1)
+    prog.exit_rates = {i: 0.2 for i in range(L - 1)}
+    s = Settings(**BASE, specee=True, use_schedule=False, threshold=0.3)
+    dense = Decoder(EagerSegments(model, Settings(**BASE)), Settings(**BASE)).generate(PROMPTS[0])
+    res = Decoder(CostlyExits(model, s, prog), s, program=prog, draft=RecentTokens()).generate(PROMPTS[0])
+    assert res.token_ids == dense.token_ids
+    assert set(res.exit_layers) == {L - 1} and res.predictor_calls == 0
+    st = res.stats()
+    assert st["exit_points_kept"] == [] and len(st["exit_points_dropped"]) == L - 1
+    assert st["exit_program"]["step_costs"]["source"] == "test"
+    # the same program where exits are cheap keeps its points and exits
+    cheap = Decoder(EagerSegments(model, s, prog), s, program=prog, draft=RecentTokens()).generate(PROMPTS[0])
+    assert any(e < L - 1 for e in cheap.exit_layers) and torch.is_tensor(prog.predictors.w1)
