@@ -100,10 +100,21 @@ def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
     def rows(t):
         return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad > 0 else t
 
+    points = [ExitPoint(layer, float(th[layer])) for layer in bank.layers if th[layer] < 1.0]
+    sim = (getattr(bank, "meta", None) or {}).get("validation_simulation", {})
+    run = sim.get("scheduled_per_layer_thresholds") or sim.get("per_layer_thresholds") or {}
+    rates, share = {}, {}
+    if run.get("positions") and run.get("exit_counts"):
+        n = float(run["positions"])
+        rates = {layer: c / n for layer, c in enumerate(run["exit_counts"]) if c}
+        if run.get("predictor_calls") is not None and points:
+            share = {ep.layer: min(1.0, float(run["predictor_calls"]) / len(points)) for ep in points}
     return SpecEEProgram(
         num_layers=num_layers,
         # a threshold of 1.0 marks a layer whose predictor never reached the target precision
-        exit_points=[ExitPoint(layer, float(th[layer])) for layer in bank.layers if th[layer] < 1.0],
+        exit_points=points,
+        exit_rates=rates,
+        eval_share=share,
         predictors=Predictors(rows(bank.W1), rows(bank.b1), rows(bank.W2), rows(bank.b2[:, None]), list(bank.layers)),
         offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
         num_candidates=bank.k,
@@ -138,12 +149,15 @@ def save_program_artifacts(out_dir, loaded, bank, *, source: str, draft=None, of
 
 # ---------------------------------------------------------------- decoders
 
-def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None) -> Decoder:
+def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None, *, program=None, draft=None,
+                  scheduler=None, policy=None) -> Decoder:
     """A Decoder for `loaded` on settings.backend; with settings.specee, loads the artifacts
     (`artifacts_dir`, else settings.artifacts, else the shipped ones). Pass `segments` of an earlier
-    decoder (same model, backend and artifacts) to share its compiled segments and cache."""
-    program = draft = scheduler = None
-    if settings.specee:
+    decoder (same model, backend and artifacts) to share its compiled segments and cache.
+    `program` + `draft` (+ `scheduler`) given in memory replace the artifacts (the benchmark's random
+    7B-shaped predictors); `policy` replaces the exit policy of settings.mode (the benchmark's
+    `runtime.policies.trace_exits`)."""
+    if settings.specee and program is None:
         directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
         if directory is None:
             raise ArtifactError(
@@ -157,7 +171,18 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None)
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
-    return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler)
+    draft = _device_draft(draft, segments)
+    return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler,
+                   policy=policy)
+
+
+def _device_draft(draft, segments):
+    """On a backend with a captured whole step (CUDA), the EAGLE draft runs inside that step."""
+    from .draft.eagle import DeviceEagleSource, EagleSource
+
+    if type(draft) is EagleSource and hasattr(segments, "can_run") and segments.device.type == "cuda":
+        return DeviceEagleSource.from_source(draft, segments.max_len)
+    return draft
 
 
 def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
@@ -247,7 +272,6 @@ def stats_json(result, path, extra: dict | None = None) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-
 
 
 # ---------------------------------------------------------------- exported directories
@@ -363,7 +387,7 @@ __all__ = [
     "open_exported",
     "save_program_artifacts",
     "stats_json",
-    "tree_draft",
     "train_command",
     "train_draft_command",
+    "tree_draft",
 ]
