@@ -10,14 +10,15 @@ import os
 import sys
 import time
 
-from .config import BACKENDS, DRAFT_SOURCES, KV_POLICIES, MODES, Settings
+from .config import BACKENDS, DRAFT_SOURCES, KV_POLICIES, MODES, SPECULATE, Settings
 from .errors import SpecEEError
 
 
 def _settings_from(args, **over) -> Settings:
     fields = {}
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
-                 "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts"):
+                 "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
+                 "speculate", "tree_budget", "tree_depth", "tree_topk"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -46,6 +47,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES,
                    help="candidate source (default: the one the artifacts were trained with)")
     p.add_argument("--max-pending", type=int, default=8)
+    p.add_argument("--speculate", choices=SPECULATE, default="none",
+                   help="tree: EAGLE-2 draft tree verified in one forward (needs a draft head; output = dense greedy)")
+    p.add_argument("--tree-budget", type=int, default=24, help="tree: draft nodes verified per step")
+    p.add_argument("--tree-depth", type=int, default=6, help="tree: levels below the last token")
+    p.add_argument("--tree-topk", type=int, default=8, help="tree: children per expanded node, nodes expanded per level")
     p.add_argument("--no-schedule", action="store_true", help="run every predictor (no two-level scheduling)")
 
 
@@ -82,7 +88,7 @@ def cmd_generate(args) -> int:
     _check_prompt_text(args.prompt)
     if not args.prompt.strip():
         raise SpecEEError("the prompt is empty: pass some text to generate from")
-    if args.artifacts and not args.specee:
+    if args.artifacts and not args.specee and getattr(args, "speculate", "none") == "none":
         raise SpecEEError(f"--artifacts {args.artifacts} is read only with --specee (early exit); add --specee, "
                           "or drop --artifacts for dense decoding")
     settings = _settings_from(args)
@@ -120,7 +126,8 @@ def cmd_generate(args) -> int:
         res = dec.generate(ids, on_token=stream)
         stream.close()
     print(f"\n[{len(res.token_ids)} tokens, {res.tokens_per_s:.1f} tok/s, avg layers {res.avg_layers:.2f}"
-          f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "") + "]", file=sys.stderr)
+          f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "")
+          + (f", {res.accepted_per_step:.2f} tokens/verify step" if res.verify_steps else "") + "]", file=sys.stderr)
     if args.stats_json:
         stats_json(res, args.stats_json, {"model": args.model, "settings": vars_of(settings)})
     return 0
@@ -248,6 +255,9 @@ _NUMERIC_FLAGS = {
     "top_p": ("--top-p", 0.0, False, 1.0),
     "threshold": ("--threshold", 0.0, True, 1.0),
     "max_pending": ("--max-pending", 0, True, None),
+    "tree_budget": ("--tree-budget", 1, True, None),
+    "tree_depth": ("--tree-depth", 1, True, None),
+    "tree_topk": ("--tree-topk", 1, True, None),
     "num_texts": ("--num-texts", 1, True, None),
     "steps": ("--steps", 1, True, None),
     "mtbench": ("--mtbench", 0, True, None),

@@ -1,0 +1,200 @@
+"""Tree speculative decoding vs dense decode on real prompts, through the product API.
+
+Per prompt (MT-Bench first turns, chat template, greedy) the configurations run back to back on the
+same segments and cache (`api.build_decoder(..., segments=)`), so their speeds compare in one run:
+
+    dense        one token per step
+    tree         --speculate tree (EAGLE-2 draft tree from the shipped EAGLE head, one verify forward)
+    tree+specee  (with --specee) tree + SpecEE lossless: exit predictors prune the tree at scheduled layers
+    tree+approx  (with --approx)  tree + SpecEE approximate: verification stops at the path's exit layer
+
+Reported per configuration: decode tok/s (tokens after the first / decode time; the prefill is the
+same dense pass for all), ratio to dense, `accepted_per_step` (tokens per verify step, bonus included),
+`avg_layers` (layer passes per verify step), `avg_layer_rows`, mean tree nodes, and the share of
+prompts whose output is identical to dense.
+
+    python benchmarks/tree_bench.py                                  # CPU, 10 prompts, 128 tokens
+    python benchmarks/tree_bench.py --device cuda --backend inductor --prompts 80 --specee
+    python benchmarks/tree_bench.py --grid 8:4:4,16:5:6,24:6:8      # budget:depth:topk sweep
+
+Writes benchmarks/results/<date>-tree-<cpu|gpu name>.json (or --out) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specee_compile.api import build_decoder, encode_prompt, load_model  # noqa: E402
+from specee_compile.config import Settings  # noqa: E402
+from specee_compile.data import mtbench_first_turns  # noqa: E402
+
+
+def parse_grid(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for item in text.split(","):
+        b, d, k = (int(x) for x in item.split(":"))
+        out.append((b, d, k))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", type=int, default=10, help="first N MT-Bench first turns")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tree-budget", type=int, default=Settings.tree_budget)
+    ap.add_argument("--tree-depth", type=int, default=Settings.tree_depth)
+    ap.add_argument("--tree-topk", type=int, default=Settings.tree_topk)
+    ap.add_argument("--grid", help="budget:depth:topk,... extra tree shapes to run (each its own config)")
+    ap.add_argument("--specee", action="store_true", help="also tree + SpecEE lossless")
+    ap.add_argument("--approx", action="store_true", help="also tree + SpecEE approximate")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--artifacts", help="artifact dir with the draft (+ predictors); default: shipped")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-tree-<device>.json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    base = Settings(max_new_tokens=args.max_new_tokens, device=args.device, backend=args.backend, dtype=args.dtype,
+                    artifacts=args.artifacts)
+    shapes = [(args.tree_budget, args.tree_depth, args.tree_topk)] + (parse_grid(args.grid) if args.grid else [])
+    configs: dict[str, Settings] = {"dense": base}
+    for b, d, k in shapes:
+        name = "tree" if (b, d, k) == shapes[0] else f"tree[{b}:{d}:{k}]"
+        configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k)
+    b, d, k = shapes[0]
+    tree0 = configs["tree"]
+    if args.specee:
+        configs["tree+specee"] = tree0.replace(specee=True, mode="lossless", kv_policy="backfill")
+    if args.approx:
+        configs["tree+approx"] = tree0.replace(specee=True, mode="approximate", kv_policy="skip")
+
+    seg = None
+    decoders = {}
+    for name, s in configs.items():
+        dec = build_decoder(loaded, s, segments=seg)
+        seg = dec.seg
+        decoders[name] = dec
+    prompts = mtbench_first_turns()[: args.prompts]
+
+    rows = {name: [] for name in configs}
+    warm = encode_prompt(loaded.tokenizer, "Hello!")
+    for dec in decoders.values():  # compile / warm up every shape once
+        dec.s = dec.s.replace(max_new_tokens=8)
+        dec.generate(warm)
+        dec.s = dec.s.replace(max_new_tokens=args.max_new_tokens)
+    t_all = time.time()
+    for i, text in enumerate(prompts):
+        ids = encode_prompt(loaded.tokenizer, text)
+        ref = None
+        for name, dec in decoders.items():
+            res = dec.generate(ids)
+            st = res.stats()
+            if name == "dense":
+                ref = res.token_ids
+            rows[name].append({
+                "prompt": i,
+                "tokens": len(res.token_ids),
+                "decode_s": res.decode_s,
+                "prefill_s": res.prefill_s,
+                "identical": res.token_ids == ref,
+                "first_divergence": next((j for j, (a, b_) in enumerate(zip(res.token_ids, ref)) if a != b_),
+                                         None if len(res.token_ids) == len(ref) else min(len(ref), len(res.token_ids))),
+                "verify_steps": st["verify_steps"],
+                "accepted_per_step": st["accepted_per_step"],
+                "avg_layers": st["avg_layers"],
+                "avg_layer_rows": st["avg_layer_rows"],
+                "avg_tree_nodes": st["avg_tree_nodes"],
+                "decode_steps": res.decode_steps,
+            })
+        line = " ".join(f"{n}={rows[n][-1]['tokens'] - 1}/{rows[n][-1]['decode_s']:.1f}s" for n in rows)
+        print(f"prompt {i}: {line}", file=sys.stderr, flush=True)
+
+    summary = {}
+    for name, rs in rows.items():
+        toks = sum(r["tokens"] - 1 for r in rs)  # the first token comes from the prefill
+        secs = sum(r["decode_s"] for r in rs)
+        steps = sum(r["decode_steps"] for r in rs)
+        summary[name] = {
+            "decode_tok_s": toks / secs if secs else 0.0,
+            "decode_tokens": toks,
+            "decode_s": secs,
+            "identical": sum(r["identical"] for r in rs),
+            "prompts": len(rs),
+            "accepted_per_step": toks / steps if steps else None,
+            "avg_layers": sum(r["avg_layers"] * r["decode_steps"] for r in rs) / steps if steps else None,
+            "avg_layer_rows": sum(r["avg_layer_rows"] * r["decode_steps"] for r in rs) / steps if steps else None,
+            "avg_tree_nodes": (sum((r["avg_tree_nodes"] or 0) * r["decode_steps"] for r in rs) / steps
+                               if steps and name != "dense" else None),
+        }
+    dense_rate = summary["dense"]["decode_tok_s"]
+    for name, s in summary.items():
+        s["vs_dense"] = s["decode_tok_s"] / dense_rate if dense_rate else None
+
+    on_cuda = args.device.startswith("cuda")
+    card = torch.cuda.get_device_name().lower().replace(" ", "-") if on_cuda else "cpu"
+    date = datetime.date.today().isoformat()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    record = {
+        "date": date,
+        "machine": card if on_cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "command": "python benchmarks/tree_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit,
+        "torch": torch.__version__,
+        "model": args.model,
+        "device": args.device,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "tree": {name: {"budget": s.tree_budget, "depth": s.tree_depth, "topk": s.tree_topk}
+                 for name, s in configs.items() if s.speculate == "tree"},
+        "wall_s": time.time() - t_all,
+        "summary": summary,
+        "results": {
+            "smollm2_tree_ratio": summary["tree"]["vs_dense"],
+            "smollm2_tree_accepted": summary["tree"]["accepted_per_step"],
+            **({"smollm2_tree_specee_vs_tree": summary["tree+specee"]["decode_tok_s"] / summary["tree"]["decode_tok_s"]}
+               if "tree+specee" in summary else {}),
+        },
+        "per_prompt": rows,
+    }
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{date}-tree-{card}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+
+    print(f"\n{args.model}, {record['machine']}, {args.backend}, {args.dtype}, {len(prompts)} MT-Bench prompts x "
+          f"{args.max_new_tokens} tokens, greedy; commit {commit}\n")
+    print("| config | decode tok/s | vs dense | accepted / step | avg layers | layer-rows / step | tree nodes "
+          "| identical to dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        acc = f"{s['accepted_per_step']:.2f}" if name != "dense" else "1"
+        nodes = f"{s['avg_tree_nodes']:.1f}" if s["avg_tree_nodes"] is not None else "-"
+        print(f"| {name} | {s['decode_tok_s']:.2f} | {s['vs_dense']:.2f}x | {acc} | {s['avg_layers']:.2f} | "
+              f"{s['avg_layer_rows']:.1f} | {nodes} | {s['identical']}/{s['prompts']} |")
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
