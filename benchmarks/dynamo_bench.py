@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,18 +177,18 @@ def main(argv=None) -> int:
         modes["specee"] = {"specee": True}
         modes["lossless"] = {"specee": True, "mode": "lossless", "kv_policy": "backfill"}
 
-    rows: dict[str, callable] = {"hf eager": lambda: hf_run(model, eager_forward, ids, args)}
+    rows: dict[str, Callable[[], dict]] = {"hf eager": partial(hf_run, model, eager_forward, ids, args)}
     first_call: dict[str, float] = {}
     api_decoders = {}
     for mode, opts in modes.items():
         fwd = torch.compile(eager_forward, backend="specee", options={**common, "max_new_tokens": args.new, **opts})
-        rows[f"hf compile {mode}"] = (lambda f: lambda: hf_run(model, f, ids, args))(fwd)
+        rows[f"hf compile {mode}"] = partial(hf_run, model, fwd, ids, args)
     for mode, opts in modes.items():
         seg = api_decoders["dense"].seg if api_decoders else None
         t0 = time.perf_counter()
         api_decoders[mode] = build_decoder(loaded, base.replace(**opts), segments=seg)
         first_call[f"api {mode}"] = time.perf_counter() - t0  # build; the first generate adds compile below
-        rows[f"api {mode}"] = (lambda d: lambda: api_run(d, ids, args))(api_decoders[mode])
+        rows[f"api {mode}"] = partial(api_run, api_decoders[mode], ids, args)
     keep = [r for r in args.rows.split(",") if r]
     if keep:
         rows = {k: v for k, v in rows.items() if k in keep or k == "hf eager"}
