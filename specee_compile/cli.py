@@ -194,7 +194,10 @@ def cmd_train_draft(args) -> int:
         raise SpecEEError(f"-o {out} is a non-empty directory that holds no draft; pick a new or empty directory, "
                           "or pass --force to add draft.safetensors and draft_config.json beside its files")
     t0 = time.time()
-    cfg = train_draft_command(args.model, args.output, steps=args.steps)
+    aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    cfg = train_draft_command(args.model, args.output, steps=args.steps, device=args.device,
+                              conversations=args.conversations, batch_size=args.batch_size,
+                              time_budget_s=args.time_budget or None, aux_layers=aux)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
     return 0
 
@@ -260,6 +263,9 @@ _NUMERIC_FLAGS = {
     "tree_topk": ("--tree-topk", 1, True, None),
     "num_texts": ("--num-texts", 1, True, None),
     "steps": ("--steps", 1, True, None),
+    "conversations": ("--conversations", 1, True, None),
+    "batch_size": ("--batch-size", 1, True, None),
+    "time_budget": ("--time-budget", 0.0, True, None),
     "mtbench": ("--mtbench", 0, True, None),
     "squad": ("--squad", 0, True, None),
 }
@@ -315,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the target collects its hidden states and the draft "
+                   "trains (cuda: the GPU)")
+    p.add_argument("--conversations", type=int, default=400, help="ShareGPT conversations to train on")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--time-budget", type=float, default=540.0, help="wall-clock seconds for collection + "
+                   "training (0 = no limit: run every step)")
+    p.add_argument("--aux-layers", help="exit layers recorded for exit-layer mixing, e.g. 12,16,20,24 "
+                   "(default every 2nd from L/3; fewer = less host memory on large runs)")
     p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
                    "draft.safetensors and draft_config.json are written)")
     p.set_defaults(fn=cmd_train_draft)

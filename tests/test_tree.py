@@ -231,11 +231,11 @@ def test_specee_tree_lossless_prunes_and_equals_dense():
     L = 6
     ref = dense(model, PROMPT, 30)
     prog = always_exit_program(L, 4)
-    kw = dict(tree_budget=14, tree_depth=4, specee=True, mode="lossless", kv_policy="backfill", min_exit_layer=2)
+    kw = {"tree_budget": 14, "tree_depth": 4, "specee": True, "mode": "lossless", "kv_policy": "backfill", "min_exit_layer": 2}
     res = tree_dec(model, OracleTree(model), 30, program=prog, **kw).generate(PROMPT)
     assert res.token_ids == ref.token_ids
     assert res.predictor_calls >= res.verify_steps  # one batched call per step until it prunes
-    full_rows = sum(1 for _ in range(res.verify_steps)) * L
+    full_rows = res.verify_steps * L
     assert res.layer_rows < (res.tree_nodes + res.verify_steps) * L  # pruned rows skip deep layers
     assert res.avg_layers == pytest.approx(L)
     assert res.layer_rows >= full_rows
@@ -315,3 +315,31 @@ def test_smollm2_greedy_tree_equals_dense(smollm2):
     res = build_decoder(smollm2, s.replace(speculate="tree")).generate(ids)
     assert res.token_ids == ref.token_ids
     assert res.accepted_per_step > 1.5
+
+
+# ---------------------------------------------------------------- train-draft --device
+def test_train_draft_device_path_on_cpu():
+    """The --device code path (draft, buffers and batches on `device`), run on the CPU with a tiny budget."""
+    from conftest import make_tiny_tokenizer
+
+    from specee_compile.draft.train import train_draft
+
+    model, tok = make_tiny_llama(), make_tiny_tokenizer()
+    texts = [f"user {i}: tell me about item {i}. assistant: item {i} is a thing, and that is all." for i in range(12)]
+    draft, report = train_draft(model, tok, texts, steps=4, batch_size=4, time_budget_s=None, device="cpu",
+                                aux_layers=[1], vocab_size_limit=64, progress=False)
+    assert report["steps"] == 4 and report["aux_layers"] == [1]
+    assert draft.fc.weight.device.type == "cpu"
+    assert 0.0 <= report["val_final_layer"]["top4"] <= 1.0
+    src = EagleTreeSource(draft, k=4)  # the trained head drives the tree
+    res = tree_dec(model, src, 10).generate(PROMPT)
+    assert res.token_ids == dense(model, PROMPT, 10).token_ids
+
+
+def test_train_draft_command_refuses_cuda_without_cuda(tmp_path):
+    from specee_compile.draft.train import train_draft_command
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SpecEEError, match="CUDA"):
+        train_draft_command("smollm2-135m", tmp_path / "d", device="cuda", progress=False)

@@ -332,8 +332,9 @@ def evaluate_hits(draft: EagleDraft, data, idx, vocab_map, k: int = 4, aux_index
         if aux_index is not None:
             T = feats.shape[1]
             feats = data["aux"][aux_index, b, :T].float()
-        g, _ = draft(feats, nxt, pos)
-        top = draft.vocab_ids[torch.topk(draft.logits(g), k, dim=-1).indices]  # [B, T, k]
+        dev = draft.fc.weight.device
+        g, _ = draft(feats.to(dev), nxt.to(dev), pos.to(dev))
+        top = draft.vocab_ids[torch.topk(draft.logits(g), k, dim=-1).indices].cpu()  # [B, T, k]
         truth = data["argmax"][b, 1 : feats.shape[1] + 1]
         hit1 += ((top[..., 0] == truth) & valid).sum().item()
         hitk += (((top == truth[..., None]).any(-1)) & valid).sum().item()
@@ -364,13 +365,18 @@ def train_draft(
     k_eval: int = 4,
     time_budget_s: float | None = 540.0,
     collect_frac: float = 0.4,
+    device: str | torch.device | None = None,
 ) -> tuple[EagleDraft, dict[str, Any]]:
     """Self-distil an EAGLE-1 draft from ``model`` (frozen) on ``texts`` (strings or conversations).
     Returns (draft bound to ``model``, report). ``data`` reuses a ``collect_teacher_data`` result.
 
     ``time_budget_s`` bounds the wall time: collection stops after ``collect_frac`` of it, and
     training runs ``steps`` steps or until the budget is spent, whichever is first (the learning-rate
-    schedule follows whichever is closer to done). None = no limit."""
+    schedule follows whichever is closer to done). None = no limit.
+
+    ``device``: where the draft trains (default: the CPU). ``"cuda"`` trains on the GPU: the teacher
+    data stays in host memory (fp16) and each batch moves over; the base model collects on its own
+    device (load it on the GPU too, ``train_draft_command(device="cuda")``)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -397,10 +403,15 @@ def train_draft(
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
 
     draft = EagleDraft(hf, vocab_ids)
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        from ..config import check_device
+
+        check_device(str(dev))
     draft.float()  # train in fp32 whatever the base dtype (embed/head buffers are copies then)
-    draft.embed_weight = draft.embed_weight.float().cpu()
-    draft.head_rows = draft.head_rows.float().cpu()
-    draft.cpu()
+    draft.embed_weight = draft.embed_weight.float().to(dev)
+    draft.head_rows = draft.head_rows.float().to(dev)
+    draft.to(dev)
     _init_draft(draft, seed)
     draft.train()
 
@@ -436,7 +447,8 @@ def train_draft(
             ptr = 0
         idx = order[ptr : ptr + batch_size]
         ptr += batch_size
-        feats, nxt, pos, tgt_feat, tgt_tok, valid = _batch(data, idx, vocab_map, exit_mix, gen)
+        feats, nxt, pos, tgt_feat, tgt_tok, valid = (
+            t.to(dev, non_blocking=True) for t in _batch(data, idx, vocab_map, exit_mix, gen))
         g, _ = draft(feats, nxt, pos)
         reg = (F.smooth_l1_loss(g, tgt_feat, reduction="none").mean(-1) * valid).sum() / valid.sum()
         ce = F.cross_entropy(draft.logits(g).flatten(0, 1), tgt_tok.flatten(), ignore_index=-100)
@@ -521,6 +533,8 @@ def train_draft_command(
     time_budget_s: float | None = 540.0,
     self_generated: int = 0,
     gen_tokens: int = 128,
+    device: str | None = None,
+    aux_layers: list[int] | None = None,
 ) -> dict[str, Any]:
     """``specee-compile train-draft MODEL``: load MODEL, self-distil a draft on ShareGPT first turns
     (+ replies), write ``out_dir``/draft.safetensors + draft_config.json; return the config dict
@@ -528,14 +542,28 @@ def train_draft_command(
 
     ``self_generated`` > 0: for that many extra conversations the reply is the base model's own greedy
     output (``gen_tokens`` tokens), closer to what the draft sees at inference; costly on CPU
-    (several seconds per conversation), so off by default. It is not counted in ``time_budget_s``."""
+    (several seconds per conversation), so off by default. It is not counted in ``time_budget_s``.
+
+    ``device`` (``--device cuda``): the base model loads there (fp32) and collects the teacher data
+    (the target's own hidden states) there, and the draft trains there; None = the settings' device,
+    else the CPU. ``aux_layers``: exit layers whose features are recorded for exit-layer mixing
+    (default: every 2nd from L/3; fewer layers = less host memory for large runs)."""
     from ..data import sharegpt_conversations
     from ..errors import SpecEEError
     from ..models import load_model
 
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise SpecEEError(f"--steps must be an integer >= 1, got {steps!r}")
-    loaded = load_model(model_name) if settings is None else _load_with_settings(load_model, model_name, settings)
+    if device is None and settings is not None:
+        device = getattr(settings, "device", None)
+    if device is not None and torch.device(device).type == "cuda":
+        from ..config import check_device
+
+        check_device(device)  # one clear line before anything loads
+    if settings is None and device is None:
+        loaded = load_model(model_name)
+    else:  # fp32 on the training device; the trained draft is cast to the runtime dtype on load
+        loaded = load_model(model_name, dtype=torch.float32, device=device or "cpu")
     convs = list(sharegpt_conversations(conversations + self_generated + 2000))
     train_convs = convs[:conversations]
     gen_convs = convs[conversations : conversations + self_generated]
@@ -549,8 +577,9 @@ def train_draft_command(
     draft, report = train_draft(
         loaded.model, loaded.tokenizer, train_convs, steps=steps, lr=lr, seq_len=seq_len,
         vocab_size_limit=vocab_size_limit, progress=progress, batch_size=batch_size, seed=seed,
-        vocab_texts=vocab_convs, time_budget_s=time_budget_s,
+        vocab_texts=vocab_convs, time_budget_s=time_budget_s, device=device, aux_layers=aux_layers,
     )
+    report["device"] = str(device or "cpu")
     report["data"] = f"ShareGPT first turn + reply, {conversations} conversations" + (
         f", + {len(gen_convs)} with the model's own greedy reply" if gen_convs else "")
     extra = {"train": report, "model": model_name}
@@ -559,13 +588,6 @@ def train_draft_command(
         extra["base_fingerprint"] = fp if isinstance(fp, (str, int, float, dict, list)) else str(fp)
     config = draft.save(out_dir, **extra)
     return config
-
-
-def _load_with_settings(load_model, name, settings):
-    from ..config import torch_dtype
-
-    # train in fp32 on the settings' device; the trained draft is cast to the runtime dtype on load
-    return load_model(name, dtype=torch_dtype("float32"), device=getattr(settings, "device", "cpu"))
 
 
 __all__ = [

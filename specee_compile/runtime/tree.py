@@ -142,7 +142,7 @@ class TreeStep:
             res.layer_rows += h.shape[1]
             if i not in active or len(rows) < q:
                 continue
-            path, exited, z, p_prev = self._predict_path(i, h, w_rows, cands, p_prev, has, kids)
+            path, exited, _z, p_prev = self._predict_path(i, h, w_rows, cands, p_prev, has, kids)
             res.predictor_calls += 1
             if not exited:
                 continue
@@ -270,8 +270,8 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 def tree_exit_scores(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
     """Exit scores of q rows in one call: h [q, D], rows [q, k, D], p_prev [q, k] ->
     (score [q], z [q, k], p [q, k]), float32; per row the math of `specee::exit_score`."""
-    from ..predictors.features import exit_features
     from ..model_step import rms_norm
+    from ..predictors.features import exit_features
 
     hn = rms_norm(h, norm_w, eps)  # [q, D]
     x, z, p = exit_features(hn, rows, p_prev)  # x [q, 3k]
