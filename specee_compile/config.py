@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .backends.registry import backend_names
-from .runtime.policies import EXIT_POLICIES, KV_POLICIES as _KV_POLICIES
+from .runtime.policies import EXIT_POLICIES
+from .runtime.policies import KV_POLICIES as _KV_POLICIES
 
 MODES = tuple(EXIT_POLICIES)  # exit policies (runtime/policies.py)
 KV_POLICIES = tuple(_KV_POLICIES)
@@ -61,6 +62,10 @@ class Settings:
     """backfill: at most this many exited tokens wait for K/V; one more forces a full-depth step."""
     min_exit_layer: int = 0
     """No exit before this layer index (0-based), whatever the predictors say."""
+    exit_cost_check: bool = True
+    """Measure at build time what each exit point costs on this device against what it saves, keep only
+    the points that pay, and decode as dense when none does (runtime/exit_costs.py). False keeps every
+    exit point (studies of the exits themselves)."""
 
     # ---- tree speculative decoding (runtime/tree.py) ----
     speculate: str = "none"
@@ -148,6 +153,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "cuda_graphs": ("bool",),
     "specee": ("bool",),
     "use_schedule": ("bool",),
+    "exit_cost_check": ("bool",),
     "device": ("device",),
     "dtype": ("str",),
     "draft_source": ("str?",),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inductor import BASE, L, PROMPTS, RecentTokens, llama, random_program
+from test_inductor import BASE, PROMPTS, L, RecentTokens, llama, random_program
 
 from specee_compile.backends import make_segments
 from specee_compile.config import Settings
@@ -55,7 +55,7 @@ def test_trace_exits_on_device_equal_composed():
     model = llama(seed=4)
     prog = random_program(seed=2)
     trace = [1, 3, 0, 2, 3, 1, 1, 0]
-    s = Settings(**BASE, device="cuda", specee=True, use_schedule=False)
+    s = Settings(**BASE, device="cuda", specee=True, use_schedule=False, exit_cost_check=False)
     pol = trace_exits(trace)
     want = Decoder(make_segments(model, s, prog), s, program=prog, draft=RecentTokens(), policy=pol)
     want = want.generate(PROMPTS[1])
@@ -65,3 +65,17 @@ def test_trace_exits_on_device_equal_composed():
     assert [e for e in got.exit_layers[1:]] == [min(t, L - 1) for t in (trace * 4)[: len(got.exit_layers) - 1]]
     assert got.token_ids == want.token_ids
     assert whole_graphs(seg) > 0
+
+
+def test_cost_check_keeps_paying_points_and_says_why():
+    """With the cost check on, the kept points and the reasons for the dropped ones are reported,
+    and the tokens still equal the composed path's with the same points."""
+    model = llama(seed=4)
+    prog = random_program(seed=2)
+    s = Settings(**BASE, device="cuda", specee=True, use_schedule=False)
+    seg = make_segments(model, s.replace(backend="inductor"), prog)
+    res = Decoder(seg, s, program=prog, draft=RecentTokens(), policy=trace_exits([0, 1, 2, 3])).generate(PROMPTS[1])
+    ep = res.exit_program
+    assert ep["step_costs"]["layer_us"] > 0 and "CUDA graph replays" in ep["step_costs"]["source"]
+    assert sorted(ep["exit_points_kept"] + [int(k) for k in ep["exit_points_dropped"]]) == list(range(L - 1))
+    assert all(isinstance(v, str) and "us/token" in v for v in ep["exit_points_dropped"].values())

@@ -7,8 +7,9 @@ decision on the host costs more than the layers themselves on small models, and 
 One graph per (step kind, attention bucket S); all share one memory pool and static buffers:
 
     dense   tok -> embed -> layer 0..L-1 -> head -> argmax -> out[0]
-    exits   tok, cands -> embed, W_S = head[cands] -> layers, where layer l > first exit layer runs
-            inside IF(alive); after an exit layer l, inside IF(alive and active[l]), the fused exit
+    exits   tok, cands -> embed, W_S = head[cands] -> layers, where the layers after each exit point
+            up to the next run inside one IF(alive); after an exit layer l, inside IF(alive and
+            active[l]), the fused exit
             kernel scores the state (`triton_exit_decide`) and, on exit, clears `alive` (or, with the
             paper's check, raises `proposed`: the full head runs inside IF(proposed) and the exit
             stands only if its argmax is a candidate); the exit state goes to `hexit`
@@ -156,13 +157,19 @@ class CudaWholeStep:
         torch.index_select(W.head, 0, self.cands, out=self.rows)
         self.p_prev.zero_()
         P = seg.predictors
-        first = gates[0]
         th = dict(zip(gates, ths))
-        for i in range(L):
-            with self._if(g, c[ALIVE:ALIVE + 1]) if i > first else contextlib.nullcontext():
-                h = seg.layer_direct(i, h, self.pos, S)
-                if i == L - 1:
+        # `alive` can only drop at an exit point, so one IF(alive) per stretch of layers between two
+        # exit points gates them all: one IF node per exit point, not one per layer
+        ends = [*gates, L - 1]
+        start = 0
+        for j, end in enumerate(ends):
+            with self._if(g, c[ALIVE:ALIVE + 1]) if j > 0 else contextlib.nullcontext():
+                for i in range(start, end + 1):
+                    h = seg.layer_direct(i, h, self.pos, S)
+                if end == L - 1:
                     self.hexit.copy_(h)
+            start = end + 1
+            i = end
             if i in th:
                 with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
                     off = PROPOSED if verify else ALIVE

@@ -319,14 +319,25 @@ class Decoder:
     def _select_exit_points(self) -> None:
         """Keep the exit points that pay for themselves on this backend and device (exit_costs.py)."""
         costs = None
-        if self.whole is not None and self.s.temperature <= 0 and hasattr(self.whole, "step_costs"):
+        if (self.s.exit_cost_check and self.whole is not None and self.s.temperature <= 0
+                and hasattr(self.whole, "step_costs")):
             costs = self.whole.step_costs(self._template_plan())
         if self.policy.forced:  # the trace says where tokens exit
             tr = self.policy.trace
             rates = {layer: sum(1 for t in tr if t == layer) / len(tr) for layer in self.exit_layers}
         else:
             rates = self.program.exit_rates
-        kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share)
+        measured = [costs]
+
+        def remeasure(kept):
+            self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
+            self.exit_layers = list(kept)
+            measured.append(self.whole.step_costs(self._template_plan()))
+            return measured[-1]
+
+        kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share,
+                                           remeasure=remeasure if costs is not None else None)
+        costs = measured[-1]
         self.exit_layers = kept
         self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
         self.as_dense = not kept

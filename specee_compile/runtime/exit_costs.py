@@ -19,7 +19,8 @@ Inputs, per token:  layer_s   one decoder layer
                     check_s   the paper's full-head check when an exit is proposed (0 if none)
     point l saves   rate[l] * (L - 1 - l) * layer_s
     point l costs   evals[l] * decision_s + rate[l] * check_s
-keep l iff it saves more than it costs; keep none if the kept savings minus costs <= fixed_s.
+keep l iff it saves more than it costs; keep none if the kept savings minus costs <= fixed_s (measured
+again for the kept points: gating fewer points costs less).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class StepCosts:
 
 
 def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
-                       rates: dict[int, float] | None, evals: dict[int, float] | None = None
-                       ) -> tuple[list[int], dict[int, str]]:
+                       rates: dict[int, float] | None, evals: dict[int, float] | None = None,
+                       remeasure=None) -> tuple[list[int], dict[int, str]]:
     """(kept layers, {dropped layer: reason}). `evals[l]`: share of tokens on which point l is evaluated
-    (scheduling), 1.0 where unknown."""
+    (scheduling), 1.0 where unknown. `remeasure(kept) -> StepCosts`: the fixed cost depends on how
+    many points the program gates (one IF node each), so it is measured again for the points kept."""
     if costs is None:
         return list(layers), {}
     if not rates:
@@ -63,6 +65,8 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
         else:
             dropped[layer] = (f"saves {save * 1e6:.1f} us/token (exit rate {r:.3f} x {L - 1 - layer} layers), "
                               f"costs {cost * 1e6:.1f} us/token")
+    if kept and remeasure is not None and len(kept) < len(layers):
+        costs = remeasure(kept)
     if kept and net <= costs.fixed_s:
         reason = (f"all kept points together save {net * 1e6:.1f} us/token net, less than the exit program's "
                   f"fixed cost {costs.fixed_s * 1e6:.1f} us/token (draft, gating): decoding as dense")
