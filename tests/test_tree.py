@@ -130,6 +130,7 @@ def test_tree_stops_at_eos_and_max_new_tokens():
 def test_draft_tree_shape():
     model = make_tiny_llama()
     src = eagle_tree(model)
+    src.lookup = False  # the draft's own tree (the lookup path is tested below)
     hid, obs = torch.randn(len(PROMPT), 64), torch.randn(64)
     src.reset(PROMPT, hid)
     src.observe(7, obs, 3)
@@ -143,14 +144,31 @@ def test_draft_tree_shape():
             assert tree.scores[i] <= tree.scores[par] + 1e-6
         else:
             assert tree.depths[i] == 1
-    for row in tree.children():  # siblings are distinct tokens
-        assert len(row) == len(set(row))
+    pairs = list(zip(tree.parents, tree.tokens))  # siblings are distinct tokens
+    assert len(pairs) == len(set(pairs))
     assert tree.cands.shape == (len(tree) + 1, 4) and (tree.cands[0] >= 0).all()
     # the tree's first level is the draft's own top-k proposal
     flat = EagleTreeSource(src.draft, k=3)
     flat.reset(PROMPT, hid)
     flat.observe(7, obs, 3)
     assert set(flat.propose().tolist()) == {t for t, d in zip(tree.tokens, tree.depths) if d == 1}
+
+
+def test_draft_tree_merges_the_lookup_path():
+    model = make_tiny_llama()
+    src = eagle_tree(model)
+    ids = [1, 40, 41, 42, 43, 44, 45, 9, 40, 41]  # ... 40 41 -> lookup continues 42 43 44
+    src.reset(ids[:-1], torch.randn(len(ids) - 1, 64))
+    src.observe(ids[-1], torch.randn(64), 3)
+    tree = src.propose_tree(budget=10, depth=3, topk=3)
+    assert len(tree) <= 10
+    r, path = -1, []
+    for t in (42, 43, 44):  # the lookup path is in the tree, parents first
+        r = next(i for i, (tt, p) in enumerate(zip(tree.tokens, tree.parents)) if tt == t and p == r)
+        path.append(r)
+    assert path == sorted(path) and [tree.depths[i] for i in path] == [1, 2, 3]
+    pairs = list(zip(tree.parents, tree.tokens))
+    assert len(pairs) == len(set(pairs))
 
 
 # ---------------------------------------------------------------- sampling
@@ -343,3 +361,12 @@ def test_train_draft_command_refuses_cuda_without_cuda(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(SpecEEError, match="CUDA"):
         train_draft_command("smollm2-135m", tmp_path / "d", device="cuda", progress=False)
+
+
+def test_inductor_backend_tree_equals_dense():
+    """--backend inductor: the tree layer is model_step's layer compiled by torch.compile."""
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 16)
+    res = tree_dec(model, OracleTree(model), 16, backend="inductor", tree_budget=6, tree_depth=3).generate(PROMPT)
+    assert res.token_ids == ref.token_ids
+    assert res.accepted_per_step > 2.0

@@ -14,6 +14,12 @@ so it still serves SpecEE's `propose()`), plus `propose_tree(budget, depth, topk
   3. rerank: of every node generated, keep the `budget` best by cumulative score. A child never
      scores above its parent (log p <= 0), and ties break by depth, so the kept set is a tree.
 
+Prompt lookup (`lookup`, on by default): the continuation after the most recent earlier occurrence of
+the sequence's last 3 (else 2, else 1) tokens is merged into the tree as one more path (sharing nodes
+where it agrees with the draft's), costing no draft compute: the model often repeats what it wrote or
+read (lists, names, code). Its new nodes take the places of the lowest-scored draft nodes, so the
+tree stays within `budget`; they have no draft candidates (they cannot exit under SpecEE).
+
 Nothing of the tree enters the committed draft cache: after verification the runtime observes the
 accepted tokens with the target's features, and the next catch-up runs those pairs in one forward.
 
@@ -96,6 +102,21 @@ def _masked_draft_forward(d: EagleDraft, feats, next_ids, positions, past, tree_
 
 class EagleTreeSource(EagleSource):
     """An EagleSource that can also propose a dynamic draft tree (see module docstring)."""
+
+    lookup = True  # merge the prompt-lookup continuation into the tree
+    lookup_ngram = (3, 2, 1)
+
+    def _lookup(self, length: int) -> list[int]:
+        """Up to `length` tokens that followed the most recent earlier occurrence of the last n tokens."""
+        ids = self.ids
+        for n in self.lookup_ngram:
+            if len(ids) <= n:
+                continue
+            suffix = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start : start + n] == suffix:
+                    return ids[start + n : start + n + length]
+        return []
 
     def _catch_up(self) -> torch.Tensor | None:
         """Run the draft over the committed pairs not cached yet; return g [D] of the last pair
@@ -199,8 +220,9 @@ class EagleTreeSource(EagleSource):
                     depths.append(dep + 1)
                     feat_of[len(tokens) - 1] = g[r]
                     newest.append(len(tokens) - 1)
+        look = self._lookup(min(depth, budget)) if self.lookup else []
         # rerank: the `budget` best by cumulative score; parents first (higher score, lower depth)
-        order = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[:budget]
+        order = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[: budget - len(look)]
         keep = sorted(order, key=lambda j: (depths[j], j))
         new_idx = {j: i for i, j in enumerate(keep)}
         out_parents = []
@@ -209,18 +231,28 @@ class EagleTreeSource(EagleSource):
             if par >= 0 and par not in new_idx:  # unreachable: a parent always outranks its child
                 raise AssertionError("draft tree rerank dropped a parent")
             out_parents.append(new_idx[par] if par >= 0 else -1)
+        out_tokens = [tokens[j] for j in keep]
+        out_depths = [depths[j] for j in keep]
+        out_scores = [scores[j] for j in keep]
+        # the lookup path: follow kept nodes while they agree, then new nodes
+        par = -1
+        for t in look:
+            nxt = next((i for i, (tt, pp) in enumerate(zip(out_tokens, out_parents)) if tt == t and pp == par), None)
+            if nxt is None:
+                out_tokens.append(t)
+                out_parents.append(par)
+                out_depths.append(out_depths[par] + 1 if par >= 0 else 1)
+                out_scores.append(out_scores[par] if par >= 0 else 0.0)
+                keep.append(-1)  # no draft output for it
+                nxt = len(out_tokens) - 1
+            par = nxt
         cand_rows = torch.full((len(keep) + 1, k), -1, dtype=torch.long)
         cand_rows[0, :kc] = torch.tensor(cands[0])
         for i, j in enumerate(keep):
-            if j + 1 in cands:
+            if j >= 0 and j + 1 in cands:
                 cand_rows[i + 1, :kc] = torch.tensor(cands[j + 1])
-        return DraftTree(
-            tokens=[tokens[j] for j in keep],
-            parents=out_parents,
-            depths=[depths[j] for j in keep],
-            scores=[scores[j] for j in keep],
-            cands=cand_rows,
-        )
+        return DraftTree(tokens=out_tokens, parents=out_parents, depths=out_depths, scores=out_scores,
+                         cands=cand_rows)
 
 
 def tree_source(draft: EagleDraft, k: int = 4, context_vocab: bool = True) -> EagleTreeSource:
