@@ -449,20 +449,25 @@ class _Runner:
                 "token-forcing processors"
             )
         t0 = time.perf_counter()
-        while len(final) <= pos + 1:
-            if dec.done():  # context (or max_new_tokens cap) reached; nothing awaits verification now
-                final.extend(dec.seq[len(final) :])
-                if len(final) <= pos + 1:
-                    raise SpecEEError(
-                        f"the specee backend's decoder is full ({len(final) - dec.res.prompt_len} new tokens "
-                        f"after a {dec.res.prompt_len}-token prompt, context {self.seg.max_len}); raise "
-                        "options['max_context']" + (" or options['max_new_tokens']" if self.cap else "")
-                    )
-                break
-            dec.step()
+        if not self._advance(pos + 1):
+            raise SpecEEError(
+                f"the specee backend's decoder is full ({len(final) - dec.res.prompt_len} new tokens "
+                f"after a {dec.res.prompt_len}-token prompt, context {self.seg.max_len}); raise "
+                "options['max_context']" + (" or options['max_new_tokens']" if self.cap else "")
+            )
         self.decode_s += time.perf_counter() - t0
         self.handed = pos + 2
         return final[pos + 1]
+
+    def _advance(self, upto: int) -> bool:
+        """Step the Decoder until `final` holds index `upto`; False if it is full first."""
+        dec, final = self.dec, self.final
+        while len(final) <= upto:
+            if dec.done():  # context (or max_new_tokens cap) reached; nothing awaits verification now
+                final.extend(dec.seq[len(final) :])
+                return len(final) > upto
+            dec.step()
+        return True
 
     def result(self):
         """The Decoder's result cut to the tokens generate() was given (lossless runs ahead)."""
