@@ -115,7 +115,9 @@ def cmd_generate(args) -> int:
 
         res, _ = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
     else:
+        t_load = time.perf_counter()
         loaded = load_model(args.model, dtype=settings.dtype, device=settings.device)
+        load_s = time.perf_counter() - t_load
         if args.dump_graphs:
             from .api import dump_graphs
 
@@ -124,8 +126,11 @@ def cmd_generate(args) -> int:
         ids = encode_prompt(loaded.tokenizer, args.prompt, settings.chat_template)
         stream = _TokenStream(loaded.tokenizer)
         res = dec.generate(ids, on_token=stream)
+        res.load_s = load_s
         stream.close()
-    print(f"\n[{len(res.token_ids)} tokens, {res.tokens_per_s:.1f} tok/s, avg layers {res.avg_layers:.2f}"
+    decode = res.decode_steps / res.decode_s if res.decode_s > 0 else 0.0
+    print(f"\n[{len(res.token_ids)} tokens | load {res.load_s:.1f} s, compile {res.compile_s:.1f} s, prefill "
+          f"{res.prefill_s:.2f} s, decode {decode:.1f} tok/s | avg layers {res.avg_layers:.2f}"
           f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "")
           + (f", {res.accepted_per_step:.2f} tokens/verify step" if res.verify_steps else "") + "]", file=sys.stderr)
     if args.stats_json:

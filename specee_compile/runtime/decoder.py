@@ -66,6 +66,7 @@ class GenerationResult:
     verify_steps: int = 0  # tree steps (--speculate tree; runtime/tree.py): one verify forward each
     accepted_tokens: int = 0  # tokens the tree steps emitted (accepted path + bonus)
     tree_nodes: int = 0  # draft-tree nodes verified, over all tree steps
+    load_s: float = 0.0  # loading the model (set by whoever loaded it: the CLI)
     compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     prefill_s: float = 0.0
@@ -103,6 +104,7 @@ class GenerationResult:
             "tokens_per_s": self.tokens_per_s,
             "decode_tokens_per_s": ((self.accepted_tokens if self.verify_steps else self.decode_steps) / self.decode_s)
             if self.decode_s > 0 else 0.0,
+            "load_s": self.load_s,
             "compile_s": self.compile_s,
             "exit_points_kept": (self.exit_program or {}).get("exit_points_kept"),
             "exit_points_dropped": (self.exit_program or {}).get("exit_points_dropped"),
