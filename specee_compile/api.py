@@ -369,6 +369,27 @@ def bench_main(argv):
     return run(argv)
 
 
+def export_aoti_command(*args, **kwargs):
+    """`export --format aoti`: AOTInductor packages + weights for the C++ runner (cpp/)."""
+    from .backends.aoti_export import export_aoti_command as run
+
+    return run(*args, **kwargs)
+
+
+def cpp_generate_from_artifact(directory, prompt: str, settings: Settings, on_text=None):
+    """`generate DIR --backend cpp`: the C++ runner (built once, cached) over an AOTInductor export."""
+    from .backends.cpp_runner import generate_from_artifact as run
+
+    return run(directory, prompt, settings, on_text=on_text)
+
+
+def raise_on_signals(state: dict):
+    """SIGTERM / SIGHUP unwind like Ctrl-C while a command runs, so temp files are removed."""
+    from .artifacts import raise_on_signals as run
+
+    return run(state)
+
+
 __all__ = [
     "MANIFEST",
     "bench_main",

@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
             f"(no manifest.json); export it first: `specee-compile export {args.model} -o DIR`, then "
             f"`specee-compile generate DIR PROMPT --backend {settings.backend}`")
     if settings.backend == "cpp":  # the C++ runner over an AOTInductor export (backends/cpp_runner.py)
-        from .backends.cpp_runner import generate_from_artifact as cpp_generate
+        from .api import cpp_generate_from_artifact as cpp_generate
 
         res, _ = cpp_generate(args.model, args.prompt, settings, on_text=_printer())
     elif settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
@@ -218,7 +218,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     if args.format == "aoti":  # AOTInductor packages for the C++ runner (cpp/)
-        from .backends.aoti_export import export_aoti_command
+        from .api import export_aoti_command
 
         export_aoti_command(args.model, args.output, artifacts=args.artifacts, max_context=args.max_context,
                             dtype=args.dtype or "float32", device=args.device, force=args.force)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(argv[1:])
         args = build_parser().parse_args(argv)
         _check_numbers(args)
-        from .artifacts import raise_on_signals
+        from .api import raise_on_signals
 
         state: dict = {}
         with raise_on_signals(state):  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files and dirs are removed
