@@ -81,17 +81,21 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
 
-    def forward(self, x, cos, sin, past=None):
-        """x [B, T, D]; cos/sin [B, T, hd]; past (K, V) each [B, kvh, C, hd] post-RoPE, or None.
-        Returns (out [B, T, D], (k_new, v_new)) where k_new/v_new [B, kvh, T, hd] are this chunk only."""
+    def _qkv(self, x, cos, sin):
+        # x [B, T, D]; cos/sin [B, T, hd] -> q [B, H, T, hd], k, v [B, kvh, T, hd] (RoPE applied)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos = cos.unsqueeze(1)
         sin = sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, past=None):
+        """x [B, T, D]; cos/sin [B, T, hd]; past (K, V) each [B, kvh, C, hd] post-RoPE, or None.
+        Returns (out [B, T, D], (k_new, v_new)) where k_new/v_new [B, kvh, T, hd] are this chunk only."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         new = (k, v)
         if past is not None and past[0].shape[2] > 0:
             k = torch.cat([past[0], k], dim=2)
@@ -111,6 +115,17 @@ class DraftAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=j <= C + i)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), new
+
+    def forward_cached(self, x, cos, sin, k_cache, v_cache, pos, S: int):
+        """One row over a static cache (what a CUDA graph records): x [1, 1, D]; k_cache/v_cache
+        [1, kvh, T, hd]; pos [1]. Writes this row's K/V at pos, attends to slots <= pos of the first S."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        mask = (torch.arange(S, device=x.device) <= pos)[None, None, None, :]
+        o = F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(1, 1, self.num_heads * self.head_dim))
 
 
 class DraftMLP(nn.Module):
@@ -140,12 +155,18 @@ class DraftDecoderLayer(nn.Module):
             self.input_layernorm = _RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, eps)
 
+    def _in(self, x):
+        return self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
+
     def forward(self, x, cos, sin, past=None):
-        h = self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
-        a, new = self.self_attn(h, cos, sin, past)
+        a, new = self.self_attn(self._in(x), cos, sin, past)
         x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+    def forward_cached(self, x, cos, sin, k_cache, v_cache, pos, S: int):
+        """`forward` for one row over a static cache (DraftAttention.forward_cached)."""
+        x = x + self.self_attn.forward_cached(self._in(x), cos, sin, k_cache, v_cache, pos, S)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class EagleDraft(nn.Module):
@@ -628,22 +649,7 @@ class DeviceEagleSource(EagleSource):
         x = d.fc(torch.cat([emb, feat.view(1, D).to(dt)], dim=-1))[None]  # [1, 1, D]
         cos, sin = d.rotary(x, pos.view(1, 1))  # [1, 1, hd]
         for i, layer in enumerate(d.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x) if hasattr(layer, "input_layernorm") else x
-            H, Hkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-            q = a.q_proj(h).view(1, 1, H, hd).transpose(1, 2)  # [1, H, 1, hd]
-            k = a.k_proj(h).view(1, 1, Hkv, hd).transpose(1, 2)
-            v = a.v_proj(h).view(1, 1, Hkv, hd).transpose(1, 2)
-            c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * c + _rotate_half(q) * s_
-            k = k * c + _rotate_half(k) * s_
-            self._k[i].index_copy_(2, pos, k)
-            self._v[i].index_copy_(2, pos, v)
-            kk, vv = self._k[i][:, :, :S], self._v[i][:, :, :S]  # [1, Hkv, S, hd]
-            mask = (torch.arange(S, device=x.device) <= pos)[None, None, None, :]
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(1, 1, H * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer.forward_cached(x, cos, sin, self._k[i], self._v[i], pos, S)
         g = x[0, 0]  # [D]
         logits = d.head_rows @ g  # [Vd]
         if self.context_vocab:
