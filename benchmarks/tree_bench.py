@@ -36,9 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specee_compile.api import build_decoder, encode_prompt, load_model  # noqa: E402
-from specee_compile.config import Settings  # noqa: E402
-from specee_compile.data import mtbench_first_turns  # noqa: E402
+from specee_compile.api import build_decoder, encode_prompt, load_model
+from specee_compile.config import Settings
+from specee_compile.data import mtbench_first_turns
 
 
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
@@ -94,10 +94,14 @@ def main(argv=None) -> int:
     prompts = mtbench_first_turns()[: args.prompts]
 
     rows = {name: [] for name in configs}
-    warm = encode_prompt(loaded.tokenizer, "Hello!")
-    for dec in decoders.values():  # compile / warm up every shape once
-        dec.s = dec.s.replace(max_new_tokens=8)
-        dec.generate(warm)
+    # warm-up: two prompts of different lengths (attention buckets), so a compiled backend has compiled
+    # its static and its dynamic-shape code before anything is timed
+    warm = [encode_prompt(loaded.tokenizer, "Hello!"),
+            encode_prompt(loaded.tokenizer, " ".join(mtbench_first_turns()[-3:]))]
+    for dec in decoders.values():
+        dec.s = dec.s.replace(max_new_tokens=12)
+        for ids in warm:
+            dec.generate(ids)
         dec.s = dec.s.replace(max_new_tokens=args.max_new_tokens)
     t_all = time.time()
     for i, text in enumerate(prompts):

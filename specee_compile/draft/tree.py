@@ -192,12 +192,13 @@ class EagleTreeSource(EagleSource):
             feats = torch.stack([feat_of[j] for j in sel])  # [T, D]
             ids = torch.tensor([tokens[j] for j in sel], dtype=torch.long, device=self._dev)
             pos = torch.full((T,), n - 2 + dep, dtype=torch.long, device=self._dev)
-            tmask = torch.zeros(T, nbuf, dtype=torch.bool, device=self._dev)
+            tmask = torch.zeros(T, nbuf, dtype=torch.bool)  # built on the host: one copy, not T x depth
             for r, j in enumerate(sel):
                 a = parents[j]
                 while a >= 0:
                     tmask[r, buf_of[a]] = True
                     a = parents[a]
+            tmask = tmask.to(self._dev)
             tkv = [(torch.cat(tree_k[i], dim=2), torch.cat(tree_v[i], dim=2)) for i in range(L)] if nbuf else []
             g, presents = _masked_draft_forward(d, feats, ids, pos, past, tkv, tmask)
             for i, (kn, vn) in enumerate(presents):
