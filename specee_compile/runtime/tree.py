@@ -65,11 +65,11 @@ class TreeStep:
 
         self.dec = dec
         s = dec.s
-        if not isinstance(dec.draft, EagleTreeSource):
-            raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
         seg = dec.seg
         if not all(hasattr(seg, a) for a in ("weights", "cache", "spec")):
             raise SpecEEError(f"backend {seg.name!r} cannot verify a tree; use --backend eager or inductor")
+        if not isinstance(dec.draft, EagleTreeSource):
+            raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
         self.budget, self.depth, self.topk = s.tree_budget, s.tree_depth, s.tree_topk
         self._layer = self._make_layer(seg)
 
