@@ -114,7 +114,9 @@ def api_run(dec, ids, args) -> dict:
     t0 = time.perf_counter()
     res = dec.generate(ids)
     t1 = time.perf_counter()
-    return {"tokens": res.token_ids, "total_s": t1 - t0, "decode_s": res.decode_s, "decode_tokens": res.decode_steps,
+    # tokens after the first, as for the HF rows (lossless decode_steps also counts rolled-back steps)
+    return {"tokens": res.token_ids, "total_s": t1 - t0, "decode_s": res.decode_s,
+            "decode_tokens": len(res.token_ids) - 1, "decode_steps": res.decode_steps,
             "avg_layers": res.avg_layers, "rollbacks": res.rollbacks}
 
 
