@@ -498,17 +498,13 @@ class EagleSource(CandidateSource):
         for j, t in enumerate(ids):
             self._add_context_token(t, j)
 
-    @torch.inference_mode()
-    def propose(self) -> torch.Tensor:
-        if self._proposal is not None:
-            return self._proposal
+    def _catch_up(self) -> torch.Tensor | None:
+        """Run the draft over the committed pairs not cached yet; return g [D] of the last pair
+        (predicts the feature after the last token), or None when there is no pair yet."""
         n = len(self.ids)
+        if n < 2:
+            return None
         d = self.draft
-        if n < 2:  # no (feature, next token) pair yet: most frequent tokens
-            out = d.vocab_ids[: self.k].tolist()
-            fill_unique(out, set(out), range(d.vocab_size), self.k)
-            self._proposal = torch.tensor(out, dtype=torch.long, device=self._dev)
-            return self._proposal
         end = n - 1  # pairs t = c .. n-2; at least the last one (its output was not kept)
         c = min(self._cache_len, end - 1)
         feats = self._feats[c:end].unsqueeze(0)
@@ -520,7 +516,20 @@ class EagleSource(CandidateSource):
             self._k[i][:, :, c:end] = kn
             self._v[i][:, :, c:end] = vn
         self._cache_len = end
-        g = g[0, -1]
+        return g[0, -1]
+
+    @torch.inference_mode()
+    def propose(self) -> torch.Tensor:
+        if self._proposal is not None:
+            return self._proposal
+        n = len(self.ids)
+        d = self.draft
+        if n < 2:  # no (feature, next token) pair yet: most frequent tokens
+            out = d.vocab_ids[: self.k].tolist()
+            fill_unique(out, set(out), range(d.vocab_size), self.k)
+            self._proposal = torch.tensor(out, dtype=torch.long, device=self._dev)
+            return self._proposal
+        g = self._catch_up()
         logits = d.logits(g)
         ne = len(self._extra_ids)
         if ne:

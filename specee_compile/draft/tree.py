@@ -118,26 +118,6 @@ class EagleTreeSource(EagleSource):
                     return ids[start + n : start + n + length]
         return []
 
-    def _catch_up(self) -> torch.Tensor | None:
-        """Run the draft over the committed pairs not cached yet; return g [D] of the last pair
-        (predicts the feature after the last token), or None when there is no pair yet."""
-        n = len(self.ids)
-        if n < 2:
-            return None
-        d = self.draft
-        end = n - 1  # pairs t = c .. n-2; at least the last one (its output was not kept)
-        c = min(self._cache_len, end - 1)
-        feats = self._feats[c:end].unsqueeze(0)
-        nxt = torch.tensor(self.ids[c + 1 : n], dtype=torch.long, device=self._dev).unsqueeze(0)
-        pos = torch.arange(c, end, device=self._dev).unsqueeze(0)
-        past = [(self._k[i][:, :, :c], self._v[i][:, :, :c]) for i in range(len(d.layers))]
-        g, presents = d(feats, nxt, pos, past)
-        for i, (kn, vn) in enumerate(presents):
-            self._k[i][:, :, c:end] = kn
-            self._v[i][:, :, c:end] = vn
-        self._cache_len = end
-        return g[0, -1]
-
     def _vocab(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ids of the logit columns [M], extra head rows of context tokens [E, D] or None)."""
         ne = len(self._extra_ids)
