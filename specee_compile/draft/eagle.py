@@ -116,6 +116,16 @@ class DraftAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), new
 
+    def forward_masked(self, x, cos, sin, k_prefix, v_prefix, mask):
+        """T rows (batch 1) attending to a K/V prefix [1, kvh, C, hd] and to each other under an explicit
+        mask [T, C + T] (the draft tree). Returns (out [1, T, D], (k, v) of these rows)."""
+        T = x.shape[1]
+        q, k, v = self._qkv(x, cos, sin)
+        kk, vv = torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2)
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[None, None],
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(1, T, self.num_heads * self.head_dim)), (k, v)
+
     def forward_cached(self, x, cos, sin, k_cache, v_cache, pos, S: int):
         """One row over a static cache (what a CUDA graph records): x [1, 1, D]; k_cache/v_cache
         [1, kvh, T, hd]; pos [1]. Writes this row's K/V at pos, attends to slots <= pos of the first S."""
@@ -160,6 +170,12 @@ class DraftDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, past=None):
         a, new = self.self_attn(self._in(x), cos, sin, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+    def forward_masked(self, x, cos, sin, k_prefix, v_prefix, mask):
+        """`forward` for rows under an explicit mask (DraftAttention.forward_masked)."""
+        a, new = self.self_attn.forward_masked(self._in(x), cos, sin, k_prefix, v_prefix, mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .eagle import EagleDraft, EagleSource, _rotate_half
+from .eagle import EagleDraft, EagleSource
 
 
 @dataclass
@@ -70,7 +70,6 @@ def _masked_draft_forward(d: EagleDraft, feats, next_ids, positions, past, tree_
     emb = F.embedding(next_ids, d.embed_weight).to(d.dtype)
     x = d.fc(torch.cat([emb, feats.to(d.dtype)], dim=-1))[None]  # [1, T, D]
     cos, sin = d.rotary(x, positions[None])
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     C = past[0][0].shape[2]
     B = tree_kv[0][0].shape[2] if tree_kv else 0
     dev = x.device
@@ -79,24 +78,10 @@ def _masked_draft_forward(d: EagleDraft, feats, next_ids, positions, past, tree_
                       torch.eye(T, dtype=torch.bool, device=dev)], dim=1)  # [T, C + B + T]
     presents = []
     for i, layer in enumerate(d.layers):
-        h = layer.input_layernorm(x) if hasattr(layer, "input_layernorm") else x
-        a = layer.self_attn
-        q = a.q_proj(h).view(1, T, a.num_heads, a.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(1, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(1, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        presents.append((k, v))
-        parts_k = [past[i][0]] + ([tree_kv[i][0]] if B else []) + [k]
-        parts_v = [past[i][1]] + ([tree_kv[i][1]] if B else []) + [v]
-        kk, vv = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
-        rep = a.num_heads // a.num_kv_heads
-        if rep > 1:
-            kk = kk.repeat_interleave(rep, dim=1)
-            vv = vv.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[None, None])
-        x = x + a.o_proj(o.transpose(1, 2).reshape(1, T, a.num_heads * a.head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        kp = torch.cat([past[i][0]] + ([tree_kv[i][0]] if B else []), dim=2)
+        vp = torch.cat([past[i][1]] + ([tree_kv[i][1]] if B else []), dim=2)
+        x, new = layer.forward_masked(x, cos, sin, kp, vp, mask)
+        presents.append(new)
     return x[0], presents
 
 
