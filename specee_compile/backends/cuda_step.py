@@ -1,18 +1,19 @@
 """The whole decode step as CUDA graphs: the inductor backend's `WholeStep` on CUDA.
 
 Why: replaying one CUDA graph per layer, copying inputs in and outputs out, and reading every exit
-decision on the host costs more than the layers themselves on small models, and ~2x on 7B shapes
-(benchmarks/GPU_NOTES.md). Here one graph holds the whole step, and the exit is decided on the device.
+decision on the host costs more than the layers themselves on small models; the product decoded 7B
+shapes at 13.8 tok/s that way, and at 255-260 with this step (benchmarks/RESULTS.md). Here one graph
+holds the whole step, and the exit is decided on the device.
 
 One graph per (step kind, attention bucket S); all share one memory pool and static buffers:
 
     dense   tok -> embed -> layer 0..L-1 -> head -> argmax -> out[0]
     exits   tok, cands -> embed, W_S = head[cands] -> layers, where the layers after each exit point
             up to the next run inside one IF(alive); after an exit layer l, inside IF(alive and
-            active[l]), the fused exit
-            kernel scores the state (`triton_exit_decide`) and, on exit, clears `alive` (or, with the
-            paper's check, raises `proposed`: the full head runs inside IF(proposed) and the exit
-            stands only if its argmax is a candidate); the exit state goes to `hexit`
+            active[l]), the fused exit kernel scores the state (`triton_exit_decide`) and, on exit,
+            clears `alive` (or, with the paper's check, raises `proposed`: the full head runs inside
+            IF(proposed) and the exit stands only if its argmax is a candidate); the exit state goes
+            to `hexit`
             -> if no exit emitted a token: head(hexit) -> argmax -> out[0]; out[1] = exit layer,
             out[2] = head calls of the check; hn = final_norm(hexit) for the draft
             -> the draft's step on (out[0], hn) (`DeviceEagleSource.device_step`): the next step's
