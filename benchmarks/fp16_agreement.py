@@ -5,7 +5,7 @@ dense and paper mode, on the first MT-Bench turns (issue export-scale).
     specee-compile export smollm2-135m --dtype float16 -o /tmp/e16
     python benchmarks/fp16_agreement.py OUT.json   # expects the two directories above
 """
-import json, sys, time
+import json, sys
 from specee_compile.api import generate_from_artifact
 from specee_compile.config import Settings
 from specee_compile.data import mtbench_first_turns
