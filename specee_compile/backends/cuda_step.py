@@ -75,6 +75,8 @@ class CudaWholeStep:
     # ------------------------------------------------------------------ which plans run here
     def kind(self, plan: StepPlan):
         """Graph kind for a plan, or None if the plan must run through the composed path."""
+        if plan.want_logits:  # sampling: the graphs emit argmax tokens only
+            return None
         if plan.candidates is None:
             return ("dense",)
         pol = plan.policy

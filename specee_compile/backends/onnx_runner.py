@@ -19,8 +19,8 @@ The cache length T grows in buckets of 64 positions (the graph's T axis is dynam
 
 Backfill and lossless mode need a step with several query rows and a rollback; they run on the
 eager / inductor backends (`SpecEEError` here says so, before anything runs). Sampling
-(--temperature) likewise: the loop composes sampled dense steps from segments, which an exported
-graph does not have.
+(--temperature, dense): the step returns the head's logits (`StepPlan.want_logits`) and the loop
+samples from them, as it does for every backend.
 
 One copy of the weights: prefill.onnx and decode_step.onnx keep their weights in one external-data
 file (weights.bin). `SharedWeights` maps it once (read-only `np.memmap`) and hands every session the
@@ -306,11 +306,6 @@ class OnnxStep:
                 f"got mode={s.mode}, kv_policy={s.kv_policy}. Backfill and lossless mode run on the eager or "
                 "inductor backends: pass --backend eager (or inductor)"
             )
-        if s.temperature > 0:
-            raise SpecEEError(
-                "the onnx backend decodes greedily (its graph emits the argmax token); sampling with "
-                "--temperature runs on the eager or inductor backends: pass --backend eager (or inductor)"
-            )
         d = Path(directory)
         self.dir = d
         m = graph_meta(d / "decode_step.onnx")
@@ -354,7 +349,7 @@ class OnnxStep:
         if plan.forced_exit is not None:
             return False
         if plan.candidates is None:
-            return True
+            return True  # dense; with want_logits the graph's head logits come back for sampling
         p = plan.policy
         if p is None or getattr(p, "forced", False) or p.exit_token != "full_head" or not p.verify_in_candidates \
                 or p.needs_rollback:
@@ -381,7 +376,7 @@ class OnnxStep:
             active = np.zeros(self.L, dtype=bool)
             active[sorted(plan.active)] = True
             thr = self._thresholds(plan.thresholds)
-        tok, e, hn, _logits, k_new, v_new, valid, heads = self.decode.run(None, {
+        tok, e, hn, logits, k_new, v_new, valid, heads = self.decode.run(None, {
             "token": np.asarray([plan.token], dtype=np.int64), "position": np.asarray([p], dtype=np.int64),
             **c.feed(), "valid": c.valid, "candidates": cands, "active": active, "thresholds": thr,
         })
@@ -390,7 +385,8 @@ class OnnxStep:
         c.v[: e + 1, :, p] = v_new[: e + 1]
         c.valid = valid
         return StepOut(token=int(tok[0]), exit_layer=e, hn=torch.from_numpy(hn),
-                       predictor_calls=int(active[: e + 1].sum()), head_calls=int(heads[0]))
+                       predictor_calls=int(active[: e + 1].sum()), head_calls=int(heads[0]),
+                       logits=torch.from_numpy(logits).reshape(-1) if plan.want_logits else None)
 
 
 def _artifact_tokenizer(directory: Path, manifest: dict):

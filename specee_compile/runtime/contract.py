@@ -77,6 +77,7 @@ class StepPlan:
     thresholds: dict[int, float] = field(default_factory=dict)
     policy: object = None  # runtime.policies.ExitPolicy
     forced_exit: int | None = None  # TraceExits: exit after this layer (benchmark only)
+    want_logits: bool = False  # the loop samples (--temperature): return the emitted row's logits
     draft: object = None  # a candidate source with a capturable `device_step`: the whole step runs the
     #                       draft on its new token, so the next step's candidates are ready on the device
 
@@ -88,6 +89,7 @@ class StepOut:
     hn: torch.Tensor  # [D] final-normed hidden state at the exit (what the draft reads next)
     predictor_calls: int = 0
     head_calls: int = 0
+    logits: torch.Tensor | None = None  # [V] float32 of the emitting head, when plan.want_logits
     draft_stepped: bool = False  # plan.draft.device_step ran: the next proposal is already on the device
 
 

@@ -293,11 +293,12 @@ class Decoder:
         res.layer_passes += self.L
         res.layer_rows += self.L
         res.decode_steps += 1
-        if self.s.temperature <= 0:
-            out = self._whole_step(StepPlan(token=self.seq[-1], pos=p))
-            if out is not None:
-                self._append(out.token, self.L - 1)
-                return
+        sample = self.s.temperature > 0
+        out = self._whole_step(StepPlan(token=self.seq[-1], pos=p, want_logits=sample))
+        if out is not None:  # a whole-step backend: its token, or (sampling) a token from its logits
+            tok = select_token(out.logits, self.s.temperature, self.s.top_p, gen) if sample else out.token
+            self._append(tok, self.L - 1)
+            return
         pos = torch.tensor([p], device=seg.device)
         h = seg.embed(pos.new_tensor([self.seq[-1]]))
         S = seg.attn_len(p)
