@@ -254,7 +254,10 @@ def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
         res = dec.generate(prompt)
         vals.append(res.decode_steps / res.decode_s)
     out = summarize(vals)
+    first_tok_s = first.decode_steps / first.decode_s if first.decode_s > 0 else 0.0
     out.update(compile_s=round(first.compile_s, 1), first_prefill_s=round(first.prefill_s, 2),
+               first_call_decode_tok_s=round(first_tok_s, 1),
+               first_call_vs_steady=round(first_tok_s / out["median"], 3) if out["median"] else None,
                prefill_s=round(res.prefill_s, 4), avg_layers=round(res.avg_layers, 2),
                predictor_calls_per_step=round(res.predictor_calls / max(1, res.decode_steps), 2),
                head_calls_per_step=round(res.head_calls / max(1, res.decode_steps), 2),
