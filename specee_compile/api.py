@@ -276,6 +276,14 @@ def stats_json(result, path, extra: dict | None = None) -> None:
 
 # ---------------------------------------------------------------- exported directories
 
+def artifact_backend(name: str) -> str | None:
+    """The registry's summary of backend `name` when it runs exported directories, else None."""
+    from .backends.registry import get_backend
+
+    entry = get_backend(name)
+    return entry.summary if entry.kind == "artifact" else None
+
+
 def open_exported(directory, settings: Settings, **kw):
     """An exported directory opened by its artifact backend (settings.backend when it is one, else
     onnx): an `ArtifactRun` (backend + tokenizer, program, draft, scheduler, EOS ids); `.decoder()`
@@ -293,9 +301,15 @@ def generate_from_artifact(directory, prompt: str, settings: Settings, on_text=N
     (manifest, ONNX graphs, predictors, tokenizer). `on_text` streams text as tokens become final.
     Returns (GenerationResult, generated text)."""
     run = open_exported(directory, settings)
-    dec = run.decoder()
     tokenizer = run.tokenizer
     ids = encode_prompt(tokenizer, prompt, settings.chat_template)
+    if not hasattr(run, "decoder"):  # a deployment runner with its own loop (the C++ runner, cpp/)
+        res = run.generate(ids)
+        text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        if on_text is not None:
+            on_text(text + "\n")
+        return res, text
+    dec = run.decoder()
     out: list[int] = []
     printed = [0]
 
@@ -374,13 +388,6 @@ def export_aoti_command(*args, **kwargs):
     from .backends.aoti_export import export_aoti_command as run
 
     return run(*args, **kwargs)
-
-
-def cpp_generate_from_artifact(directory, prompt: str, settings: Settings, on_text=None):
-    """`generate DIR --backend cpp`: the C++ runner (built once, cached) over an AOTInductor export."""
-    from .backends.cpp_runner import generate_from_artifact as run
-
-    return run(directory, prompt, settings, on_text=on_text)
 
 
 def raise_on_signals(state: dict):

@@ -101,16 +101,16 @@ def cmd_generate(args) -> int:
         from .api import check_output_directory
 
         check_output_directory(args.dump_graphs, "--dump-graphs")
-    if settings.backend in ("onnx", "tensorrt", "cpp") and not os.path.isfile(os.path.join(args.model, "manifest.json")):
-        raise SpecEEError(
-            f"--backend {settings.backend} runs an exported artifact directory, and {args.model!r} is not one "
-            f"(no manifest.json); export it first: `specee-compile export {args.model} -o DIR`, then "
-            f"`specee-compile generate DIR PROMPT --backend {settings.backend}`")
-    if settings.backend == "cpp":  # the C++ runner over an AOTInductor export (backends/cpp_runner.py)
-        from .api import cpp_generate_from_artifact as cpp_generate
+    from .api import artifact_backend
 
-        res, _ = cpp_generate(args.model, args.prompt, settings, on_text=_printer())
-    elif settings.backend in ("onnx", "tensorrt") or _is_artifact_dir(args.model):
+    runs_exports = artifact_backend(settings.backend)
+    if runs_exports and not os.path.isfile(os.path.join(args.model, "manifest.json")):
+        how = "--format aoti " if settings.backend == "cpp" else ""
+        raise SpecEEError(
+            f"--backend {settings.backend} runs an exported artifact directory ({runs_exports}), and "
+            f"{args.model!r} is not one (no manifest.json); export it first: `specee-compile export {args.model} "
+            f"{how}-o DIR`, then `specee-compile generate DIR PROMPT --backend {settings.backend}`")
+    if runs_exports or _is_artifact_dir(args.model):
         from .api import generate_from_artifact
 
         res, _ = generate_from_artifact(args.model, args.prompt, settings, on_text=_printer())
