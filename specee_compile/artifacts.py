@@ -475,15 +475,10 @@ def _rel_problem(rel) -> str | None:
 
 
 def _load_manifest(mpath: Path) -> dict:
-    try:
-        st = os.stat(mpath)
-    except OSError as e:
-        raise ArtifactError(f"cannot read {mpath}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ArtifactError(f"{mpath} is not a regular file; re-create the artifacts")
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{mpath} is {st.st_size} bytes, too large for a manifest; re-create the artifacts")
     with _open_regular(mpath) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath} is {size} bytes, too large for a manifest; re-create the artifacts")
         raw = f.read()
     try:
         return json.loads(raw.decode("utf-8"))
