@@ -60,6 +60,7 @@ class CudaWholeStep:
         self.graphs: dict = {}
         self.capture_s = 0.0
         self.steps_run = 0  # whole steps replayed (tests check the loop really used them)
+        self._kinds: dict = {}  # kind() memo (see there)
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros(3, dtype=torch.long, device=dev)  # token, exit layer, head calls
@@ -80,6 +81,16 @@ class CudaWholeStep:
         if plan.candidates is None:
             return ("dense",)
         pol = plan.policy
+        # the loop hands the same thresholds / policy / draft objects every step: derive the kind once
+        key = (id(plan.thresholds), id(pol), int(plan.candidates.numel()), id(plan.draft))
+        hit = self._kinds.get(key)
+        if hit is not None and hit[0] is plan.thresholds and hit[1] is pol and hit[2] is plan.draft:
+            return hit[3]
+        kind = self._exits_kind(plan, pol)
+        self._kinds[key] = (plan.thresholds, pol, plan.draft, kind)
+        return kind
+
+    def _exits_kind(self, plan: StepPlan, pol):
         if self.cond is None or pol is None or pol.exit_token != "full_head" or self.seg.predictors is None:
             return None
         gates = tuple(sorted(i for i in plan.thresholds if i < self.L - 1))
