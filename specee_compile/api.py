@@ -66,7 +66,6 @@ def load_program(directory, loaded, settings: Settings):
     """Read an artifact directory into (SpecEEProgram, candidate source, scheduler, manifest)."""
     from .draft import make_candidate_source
     from .predictors.mlp import PredictorBank
-    from .predictors.schedule import OnlineScheduler
 
     d = Path(directory)
     manifest = read_manifest(d)
@@ -86,9 +85,15 @@ def load_program(directory, loaded, settings: Settings):
 
         draft_args["vocab_ids"] = load_file(str(d / manifest["vocab_ids_file"]))["vocab_ids"]
     draft = make_candidate_source(kind, loaded.model, draft_args, k=bank.k)
-    scheduler = OnlineScheduler(program.offline_layers, settings.online_window, settings.online_offsets,
-                                valid_layers=bank.layers)
-    return program, draft, scheduler, manifest
+    return program, draft, program_scheduler(program, settings), manifest
+
+
+def program_scheduler(program: SpecEEProgram, settings: Settings):
+    """The two-level schedule of a program: its offline layer set + the online window of settings."""
+    from .predictors.schedule import OnlineScheduler
+
+    return OnlineScheduler(program.offline_layers, settings.online_window, settings.online_offsets,
+                           valid_layers=program.predictors.layers)
 
 
 def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
@@ -154,8 +159,8 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
     """A Decoder for `loaded` on settings.backend; with settings.specee, loads the artifacts
     (`artifacts_dir`, else settings.artifacts, else the shipped ones). Pass `segments` of an earlier
     decoder (same model, backend and artifacts) to share its compiled segments and cache.
-    `program` + `draft` (+ `scheduler`) given in memory replace the artifacts (the benchmark's random
-    7B-shaped predictors); `policy` replaces the exit policy of settings.mode (the benchmark's
+    `program` + `draft` given in memory replace the artifacts (the benchmark's random 7B-shaped
+    predictors; the scheduler defaults to the program's two-level schedule); `policy` replaces the exit policy of settings.mode (the benchmark's
     `runtime.policies.trace_exits`)."""
     if settings.specee and program is None:
         directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
@@ -165,6 +170,8 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
                 "and pass --artifacts DIR"
             )
         program, draft, scheduler, _ = load_program(directory, loaded, settings)
+    if program is not None and scheduler is None:  # an in-memory program: its two-level schedule
+        scheduler = program_scheduler(program, settings)
     if settings.speculate == "tree":
         draft = tree_draft(loaded, settings, artifacts_dir, draft)
     if segments is None:

@@ -10,7 +10,16 @@ import os
 import sys
 import time
 
-from .config import BACKENDS, DRAFT_SOURCES, KV_POLICIES, MODES, SPECULATE, Settings
+from .config import (
+    BACKENDS,
+    DRAFT_SOURCES,
+    FIELD_BOUNDS,
+    KV_POLICIES,
+    MODES,
+    SPECULATE,
+    Settings,
+    range_problem,
+)
 from .errors import SpecEEError
 
 
@@ -255,17 +264,14 @@ def _check_bench(rest: list[str]) -> None:
                           "small CPU dry run")
 
 
+# flags that set a Settings field take its bounds from config.FIELD_BOUNDS (one rule for both)
+_SETTINGS_FLAGS = {"max_new_tokens": "--max-new-tokens", "max_context": "--max-context",
+                   "temperature": "--temperature", "top_p": "--top-p", "threshold": "--threshold",
+                   "max_pending": "--max-pending", "tree_budget": "--tree-budget", "tree_depth": "--tree-depth",
+                   "tree_topk": "--tree-topk"}
 # flag -> (lower bound, lower inclusive, upper bound): checked after parsing, one line on error
 _NUMERIC_FLAGS = {
-    "max_new_tokens": ("--max-new-tokens", 1, True, None),
-    "max_context": ("--max-context", 1, True, None),
-    "temperature": ("--temperature", 0.0, True, None),
-    "top_p": ("--top-p", 0.0, False, 1.0),
-    "threshold": ("--threshold", 0.0, True, 1.0),
-    "max_pending": ("--max-pending", 0, True, None),
-    "tree_budget": ("--tree-budget", 1, True, None),
-    "tree_depth": ("--tree-depth", 1, True, None),
-    "tree_topk": ("--tree-topk", 1, True, None),
+    **{dest: (flag, *FIELD_BOUNDS[dest]) for dest, flag in _SETTINGS_FLAGS.items()},
     "num_texts": ("--num-texts", 1, True, None),
     "steps": ("--steps", 1, True, None),
     "conversations": ("--conversations", 1, True, None),
@@ -285,9 +291,8 @@ def _check_numbers(args) -> None:
             continue
         if isinstance(v, float) and not math.isfinite(v):
             raise SpecEEError(f"{flag} must be a finite number, got {v}")
-        if (v < lo if lo_incl else v <= lo) or (hi is not None and v > hi):
-            want = (f"in {'[' if lo_incl else '('}{lo}, {hi}]" if hi is not None
-                    else f"{'>=' if lo_incl else '>'} {lo}")
+        want = range_problem(v, lo, lo_incl, hi)
+        if want:
             raise SpecEEError(f"{flag} must be {want}, got {v}")
 
 

@@ -161,6 +161,19 @@ _FIELD_RULES: dict[str, tuple] = {
 }
 
 
+# the numeric bounds of Settings fields, (lower, lower inclusive, upper): the CLI checks its flags with them
+FIELD_BOUNDS: dict[str, tuple] = {name: rule[1:] for name, rule in _FIELD_RULES.items() if len(rule) == 4}
+
+
+def range_problem(v, lo, lo_incl: bool, hi) -> str | None:
+    """What `v` must be ("in (0.0, 1.0]", ">= 1") when it lies outside the bounds, else None."""
+    if (lo is not None and (v < lo if lo_incl else v <= lo)) or (hi is not None and v > hi):
+        if lo is not None and hi is not None:
+            return f"in {'[' if lo_incl else '('}{lo}, {hi}]"
+        return f"{'>=' if lo_incl else '>'} {lo}"
+    return None
+
+
 def _check_fields(s: Settings) -> None:
     """Raise SpecEEError for a Settings field of the wrong type or out of range (e.g. max_new_tokens="8",
     top_p=5, temperature=-1); integral/real numbers of other types (numpy) are converted."""
@@ -208,13 +221,8 @@ def _check_fields(s: Settings) -> None:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                 raise SpecEEError(f"Settings.{name} must be a finite number, {got}")
             v = float(v)
-        bad_lo = lo is not None and (v < lo if lo_incl else v <= lo)
-        bad_hi = hi is not None and v > hi
-        if bad_lo or bad_hi:
-            if lo is not None and hi is not None:
-                want = f"in {'[' if lo_incl else '('}{lo}, {hi}]"
-            else:
-                want = f"{'>=' if lo_incl else '>'} {lo}"
+        want = range_problem(v, lo, lo_incl, hi)
+        if want:
             raise SpecEEError(f"{name} must be {want}, got {getattr(s, name)!r}")
         setattr(s, name, v)
     offsets = getattr(s, "online_offsets", ())

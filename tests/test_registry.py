@@ -46,3 +46,5 @@ def test_policies_declare_what_they_need():
     t = trace_exits([3, 31, 5])
     assert t.forced and [t.forced_layer(n) for n in range(4)] == [3, 31, 5, 3]
     assert EXIT_POLICIES["approximate"].forced_layer(0) is None
+    assert t.exit_rates([3, 5, 7]) == {3: 1 / 3, 5: 1 / 3, 7: 0.0}
+    assert EXIT_POLICIES["approximate"].exit_rates([3]) is None

@@ -53,12 +53,6 @@ def log(*a):
 
 
 # ----------------------------------------------------------------------------------------- traces
-def yardstick_trace(n: int = 4096) -> list[int]:
-    gen = torch.Generator().manual_seed(1)
-    c, p = torch.tensor(YARD_CHOICES), torch.tensor(YARD_PROBS)
-    return c[torch.multinomial(p, n, replacement=True, generator=gen)].tolist()
-
-
 def stratified_trace(hist: dict[int, float], n: int, seed: int = 3) -> list[int]:
     """n exit counts whose empirical distribution follows `hist` as closely as n allows (inverse-CDF
     at stratified quantiles), in a seeded random order."""
@@ -79,40 +73,6 @@ def paper_trace(n: int, mean: float = 23.2) -> list[int]:
     hist = {c: p * (1 - w16) for c, p in zip(YARD_CHOICES, YARD_PROBS)}
     hist[16] = w16
     return stratified_trace(hist, n)
-
-
-def load_measured_trace(path: str, n: int) -> tuple[list[int], dict] | None:
-    """A measured exit trace (e.g. SmolLM2's), depth-rescaled to 32 layers. Accepts
-    {"num_layers": L, "exit_layers": [0-based per token]} or {"num_layers": L, "exit_histogram": {layer: count}}
-    (the runtime's GenerationResult.stats() form), optionally nested under "stats"/"trace"."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        d = json.load(f)
-    for key in ("trace", "stats"):
-        if isinstance(d, dict) and key in d and isinstance(d[key], dict):
-            d = {**d, **d[key]}
-    L = int(d.get("num_layers") or d.get("layers") or 30)
-    resc = lambda l: max(1, min(32, round((int(l) + 1) * 32 / L)))
-    if d.get("exit_layers"):
-        seq = [resc(l) for l in d["exit_layers"]]
-        trace = [seq[i % len(seq)] for i in range(n)]
-    elif d.get("exit_histogram"):
-        hist: dict[int, float] = {}
-        for l, c in d["exit_histogram"].items():
-            hist[resc(l)] = hist.get(resc(l), 0.0) + float(c)
-        trace = stratified_trace(hist, n)
-    else:
-        return None
-    return trace, {"source": path, "source_layers": L}
-
-
-def rescale_counts(trace: list[int], L: int) -> list[int]:
-    return [max(1, min(L, round(e * L / 32))) for e in trace]
-
-
-
-_NVML = None
 
 
 def gpu_state() -> dict | None:
@@ -238,13 +198,6 @@ def random_artifacts(loaded, trace: list[int], seed: int = 0, k: int = 4, hm: in
     return program, EagleSource(draft, k=k), offline
 
 
-def scheduler_for(program, settings):
-    from ..predictors.schedule import OnlineScheduler
-
-    return OnlineScheduler(program.offline_layers, settings.online_window, settings.online_offsets,
-                           valid_layers=program.predictors.layers)
-
-
 # ----------------------------------------------------------------------------------------- timing
 def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
     """Decode tok/s of `runs` generate calls after one warm-up call (whose compile time is reported)."""
@@ -266,12 +219,9 @@ def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
 
 
 def agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two outputs hold the same token (after a divergence they mostly differ)."""
     n = min(len(a), len(b))
     return sum(x == y for x, y in zip(a[:n], b[:n])) / n if n else 1.0
-
-
-def first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -280,6 +230,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     from ..config import Settings
     from ..models import load_model
     from ..runtime.policies import trace_exits
+    from .accuracy import first_divergence
 
     R_ = res["results"]
     dt = torch.float16 if dev.type == "cuda" else torch.float32
@@ -330,7 +281,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     res["offline_layers"] = offline
     log("== specee, paper trace, through Decoder.generate (draft + predictors running)")
     dec = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                        scheduler=scheduler_for(program, spec), policy=trace_exits([e - 1 for e in trace]))
+                        policy=trace_exits([e - 1 for e in trace]))
     R_["specee232"], _ = time_generate(dec, prompt, args.runs)
     R_["specee232"]["trace_mean_layers"] = round(sum(trace[: N]) / len(trace[: N]), 2)
     R_["product_specee232_ratio"] = round(R_["specee232"]["median"] / R_["product_dense_tok_s"], 3)
@@ -339,7 +290,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     # the same decoder with the draft alone (no exit layer ever active): what the draft + plan cost
     log("== draft overhead: specee with an exit trace that never exits")
     nodec = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                          scheduler=scheduler_for(program, spec), policy=trace_exits([L]))
+                          policy=trace_exits([L]))
     R_["specee_noexit"], _ = time_generate(nodec, prompt, max(1, args.runs - 1))
     R_["specee_noexit_ratio"] = round(R_["specee_noexit"]["median"] / R_["product_dense_tok_s"], 3)
 

@@ -325,10 +325,8 @@ class Decoder:
         if (self.s.exit_cost_check and self.whole is not None and self.s.temperature <= 0
                 and hasattr(self.whole, "step_costs")):
             costs = self.whole.step_costs(self._template_plan())
-        if self.policy.forced:  # the trace says where tokens exit
-            tr = self.policy.trace
-            rates = {layer: sum(1 for t in tr if t == layer) / len(tr) for layer in self.exit_layers}
-        else:
+        rates = self.policy.exit_rates(self.exit_layers)  # a trace knows; else the artifacts' held-out rates
+        if rates is None:
             rates = self.program.exit_rates
         measured = [costs]
 

@@ -38,6 +38,13 @@ class ExitPolicy:
             return None
         return self.trace[step % len(self.trace)]
 
+    def exit_rates(self, layers) -> dict[int, float] | None:
+        """Forced policies know where tokens exit: the share of trace steps at each layer (for
+        runtime/exit_costs.py); None for policies whose rates come from the artifacts."""
+        if not self.forced or not self.trace:
+            return None
+        return {layer: self.trace.count(layer) / len(self.trace) for layer in layers}
+
 
 APPROXIMATE = ExitPolicy("approximate", exit_token="full_head", verify_in_candidates=True,
                          needs_rollback=False, needs_kv=None)
