@@ -188,7 +188,7 @@ def _device_draft(draft, segments):
     from .draft.eagle import DeviceEagleSource, EagleSource
 
     if type(draft) is EagleSource and hasattr(segments, "can_run") and segments.device.type == "cuda":
-        return DeviceEagleSource.from_source(draft, segments.max_len)
+        return DeviceEagleSource.from_source(draft, segments.max_len, compile=True)
     return draft
 
 

@@ -79,3 +79,65 @@ def test_cost_check_keeps_paying_points_and_says_why():
     assert ep["step_costs"]["layer_us"] > 0 and "CUDA graph replays" in ep["step_costs"]["source"]
     assert sorted(ep["exit_points_kept"] + [int(k) for k in ep["exit_points_dropped"]]) == list(range(L - 1))
     assert all(isinstance(v, str) and "us/token" in v for v in ep["exit_points_dropped"].values())
+
+
+def _eagle(model):
+    from specee_compile.draft.eagle import EagleDraft
+
+    torch.manual_seed(2)
+    d = EagleDraft(model, torch.arange(model.config.vocab_size)).to("cuda").eval()
+    with torch.no_grad():  # non-trivial weights: proposals depend on the context
+        for p in d.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return d
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_run_ahead_with_device_draft_and_schedule_equals_eager(paper):
+    """The pipelined loop (step t+1 launched before step t's token is read): the EAGLE draft and the
+    online schedule run on the device; tokens, exits and call counts equal the eager backend's, also
+    for a generate that starts after a run-ahead step was dropped at EOS."""
+    from specee_compile.draft.eagle import DeviceEagleSource, EagleSource
+    from specee_compile.predictors.schedule import OnlineScheduler
+
+    model = llama(seed=3).to("cuda")
+    prog = random_program(seed=1)
+    d = _eagle(model)
+    s = Settings(**BASE, device="cuda", specee=True, use_schedule=True, exit_cost_check=False)
+    pol = None if paper else trace_exits([1, 3, 0, 2, 3, 1, 1, 0])
+
+    def pair(eos=None):
+        sched = lambda: OnlineScheduler(offline=[1], window=2, offsets=(-1, 0, 1))
+        want = Decoder(make_segments(model, s, prog), s, eos_ids=eos, program=prog, draft=EagleSource(d, k=4),
+                       scheduler=sched(), policy=pol)
+        dev = DeviceEagleSource.from_source(EagleSource(d, k=4), seg.max_len, compile=True)
+        return want, Decoder(seg, s, eos_ids=eos, program=prog, draft=dev, scheduler=sched(), policy=pol), dev
+
+    seg = make_segments(model, s.replace(backend="inductor"), prog)
+    want, got, dev = pair()
+    first = None
+    for ids in (*PROMPTS, PROMPTS[0]):
+        w, g = want.generate(ids), got.generate(ids)
+        first = first or w
+        assert g.token_ids == w.token_ids and g.exit_layers == w.exit_layers
+        assert g.predictor_calls == w.predictor_calls and g.head_calls == w.head_calls
+    assert dev.compile_error is None, dev.compile_error
+    assert any(e < L - 1 for e in first.exit_layers), "no exit happened: the test would not test exits"
+    runs = seg._whole_step.steps_run
+    want, got, dev = pair(eos={first.token_ids[6]})  # stops early: the step launched ahead is dropped
+    for ids in (PROMPTS[0], PROMPTS[1]):
+        w, g = want.generate(ids), got.generate(ids)
+        assert g.token_ids == w.token_ids and g.exit_layers == w.exit_layers
+    assert seg._whole_step.steps_run > runs
+
+
+def test_dense_run_ahead_stops_at_eos_and_restarts_clean():
+    model = llama()
+    s = Settings(**BASE, device="cuda")
+    ref = Decoder(make_segments(model, s), s).generate(PROMPTS[1]).token_ids
+    eos = {ref[5]}
+    want = Decoder(make_segments(model, s), s, eos_ids=eos)
+    seg = make_segments(model, s.replace(backend="inductor"))
+    got = Decoder(seg, s, eos_ids=eos)
+    for ids in (PROMPTS[1], PROMPTS[0], PROMPTS[1]):
+        assert got.generate(ids).token_ids == want.generate(ids).token_ids

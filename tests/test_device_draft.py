@@ -14,25 +14,38 @@ from test_draft import draft, tiny_model  # noqa: F401  # fixtures
 from specee_compile.draft.eagle import DeviceEagleSource, EagleSource
 
 
-def _steps(src, ids, hid, P, n, device_path: bool):
-    """reset on ids[:P]; then per step: propose, choose ids[t], observe with hid[t-1]."""
+def _steps(src, ids, hid, P, n, device_path):
+    """reset on ids[:P]; then per step: propose, choose ids[t], observe with hid[t-1].
+    device_path "sync": the graph's draft step right after choosing ids[t], then the host's bookkeeping;
+    "ahead": the loop runs one step ahead, so the host's bookkeeping for ids[t] comes after the device
+    already stepped on ids[t+1] (what runtime/decoder.py does on CUDA)."""
     out = []
     src.reset(ids[:P], hid[:P])
+    late = None
     for t in range(P, P + n):
-        out.append(src.propose().tolist())
+        if device_path != "ahead" or t == P:
+            out.append(src.propose().tolist())
+        else:
+            out.append(src.next_cands.tolist())
         if device_path:  # steady state: the graph runs this right after choosing ids[t]
-            pos = torch.tensor([t - 1])
-            src.device_step(torch.tensor([ids[t]]), hid[t - 1], pos, S=64)
-            src.observe(ids[t], hid[t - 1], 3)
-            src.adopt_device_proposal()
+            src.device_step(torch.tensor([ids[t]]), hid[t - 1], torch.tensor([t - 1]), S=32 if t <= 32 else 64)
+            if late is not None:
+                src.observe_device(*late)
+            late = (ids[t], hid[t - 1], 3)
+            if device_path == "sync":
+                src.observe_device(*late)
+                late = None
         else:
             src.observe(ids[t], hid[t - 1], 3)
+    if late is not None:
+        src.observe_device(*late)
     out.append(src.propose().tolist())
     return out
 
 
+@pytest.mark.parametrize("path", ["sync", "ahead"])
 @pytest.mark.parametrize("static", ["full", "partial"])
-def test_device_step_equals_eager_propose(tiny_model, draft, static):  # noqa: F811
+def test_device_step_equals_eager_propose(tiny_model, draft, static, path):  # noqa: F811
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 256, (40,), generator=g).tolist()
     hid = torch.randn(40, 64, generator=g)
@@ -44,11 +57,24 @@ def test_device_step_equals_eager_propose(tiny_model, draft, static):  # noqa: F
         d.set_vocab_ids(torch.arange(128), tiny_model.lm_head.weight)
     else:
         d = draft
-    want = _steps(EagleSource(d, k=4), ids, hid, 8, 24, device_path=False)
+    want = _steps(EagleSource(d, k=4), ids, hid, 8, 24, device_path=None)
     dev = DeviceEagleSource(d, k=4, max_len=64)
-    got = _steps(dev, ids, hid, 8, 24, device_path=True)
+    got = _steps(dev, ids, hid, 8, 24, device_path=path)
     assert got == want
     assert dev.n_extra.item() == len(dev._extra_ids)
+
+
+def test_compiled_device_step_equals_eager(tiny_model, draft):  # noqa: F811
+    """The Inductor-compiled draft step (the CUDA default) gives the eager step's candidates, across
+    attention lengths (one compile: S is a dynamic dimension)."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 256, (40,), generator=g).tolist()
+    hid = torch.randn(40, 64, generator=g)
+    want = _steps(EagleSource(draft, k=4), ids, hid, 8, 30, device_path=None)
+    dev = DeviceEagleSource(draft, k=4, max_len=64, compile=True)
+    got = _steps(dev, ids, hid, 8, 30, device_path="ahead")
+    assert dev.compile_error is None, dev.compile_error
+    assert got == want
 
 
 def test_device_source_after_rollback(tiny_model, draft):  # noqa: F811
@@ -56,14 +82,13 @@ def test_device_source_after_rollback(tiny_model, draft):  # noqa: F811
     ids = torch.randint(0, 256, (30,), generator=g).tolist()
     hid = torch.randn(30, 64, generator=g)
     ref, dev = EagleSource(draft, k=4), DeviceEagleSource(draft, k=4, max_len=64)
-    for src, device_path in ((ref, False), (dev, True)):
+    for src, device_path in ((ref, None), (dev, "sync")):
         _steps(src, ids, hid, 6, 12, device_path)
         src.truncate(12)  # roll back 6 positions, then continue on the eager path, then the device path
     assert dev.propose().tolist() == ref.propose().tolist()
     for t in range(12, 20):
         pos = torch.tensor([t - 1])
         dev.device_step(torch.tensor([ids[t]]), hid[t - 1], pos, S=64)
-        for src in (ref, dev):
-            src.observe(ids[t], hid[t - 1], 3)
-        dev.adopt_device_proposal()
+        ref.observe(ids[t], hid[t - 1], 3)
+        dev.observe_device(ids[t], hid[t - 1], 3)
         assert dev.propose().tolist() == ref.propose().tolist()

@@ -18,9 +18,18 @@ One graph per (step kind, attention bucket S); all share one memory pool and sta
             out[2] = head calls of the check; hn = final_norm(hexit) for the draft
             -> the draft's step on (out[0], hn) (`DeviceEagleSource.device_step`): the next step's
             candidates are on the device before the host has read this step's token
-IF nodes come from `plugins/cuda_graph_if.py`. The host writes a control block per step (active set,
-forced exit of a trace) with one async copy from pinned memory and reads `out` once: one host sync
-per token, none per decision.
+IF nodes come from `plugins/cuda_graph_if.py`. Where no full-head check follows a decision, the exit
+kernel itself is predicated on (alive, active) instead of sitting in an IF node (an IF node costs more
+than the early-returning launch).
+
+Run ahead (`launch` / `collect`, runtime/contract.py PipelinedStep): each graph starts with a prologue
+kernel (plugins/triton_step_ctrl.py) that takes the input token from the host's record or, for a plan
+with `token_on_device`, from the token the previous step wrote, and resets the control block's header;
+it ends with an epilogue that feeds its token forward and, with the online schedule on the device,
+pushes the exit into the device history and writes the next step's active flags. The host's per-step
+record (position, a trace's forced exit) goes up with one async copy from a pinned ring; the outputs
+come back the same way. So the loop launches step t+1 before it reads step t: one host sync per token,
+none per decision, and the GPU does not idle while the host runs the loop.
 
 Runs: greedy plans without pending rows whose policy emits the full-head token (dense, approximate /
 paper, the benchmark's trace). Lossless + backfill steps carry pending rows (variable row counts)
@@ -39,11 +48,14 @@ import time
 
 import torch
 
-from ..runtime.contract import StepOut, StepPlan
+from ..runtime.contract import Launched, StepOut, StepPlan
 
 # control block (uint8): flags the IF nodes and the exit kernel read and write
 ALIVE, FORCED, EXIT, PROPOSED, NEEDHEAD, HEADS, ACT0 = 0, 1, 2, 3, 4, 5, 8
+CTRL_OFFS = {"ALIVE": ALIVE, "FORCED": FORCED, "EXIT": EXIT, "PROPOSED": PROPOSED, "NEEDHEAD": NEEDHEAD, "HEADS": HEADS}
 NO_EXIT = 255
+RING = 3  # per-step host records / outputs in flight (the loop keeps at most 2 steps launched)
+NO_HIST = -1000  # an empty slot of the device schedule's exit history
 
 
 class CudaWholeStep:
@@ -61,10 +73,22 @@ class CudaWholeStep:
         self.capture_s = 0.0
         self.steps_run = 0  # whole steps replayed (tests check the loop really used them)
         self._kinds: dict = {}  # kind() memo (see there)
+        from ..plugins.triton_step_ctrl import REC_LEN
+
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.rec = torch.zeros(REC_LEN, dtype=torch.long, device=dev)  # pos, forced, token, host-token flag
+        self.pos = self.rec[0:1]
         self.out = torch.zeros(3, dtype=torch.long, device=dev)  # token, exit layer, head calls
-        self.out_host = torch.zeros(3, dtype=torch.long).pin_memory()
+        self.rec_host = torch.zeros(RING, REC_LEN, dtype=torch.long).pin_memory()
+        self.rec_rows = [self.rec_host[j] for j in range(RING)]
+        self.rec_np = self.rec_host.numpy()
+        self.out_host = torch.zeros(RING, 3, dtype=torch.long).pin_memory()
+        self.out_rows = [self.out_host[j] for j in range(RING)]
+        self.out_np = self.out_host.numpy()
+        self.hn_ring = torch.zeros(RING, self.D, dtype=dt, device=dev)
+        self.events = [torch.cuda.Event() for _ in range(RING)]
+        self.slot = 0
+        self.scheds: dict = {}  # DeviceSchedule -> its device buffers (history, masks, offsets)
         self.k = 0
         self.ctrl = torch.zeros(ACT0 + self.L, dtype=torch.uint8, device=dev)
         self.ctrl_host = torch.zeros(ACT0 + self.L, dtype=torch.uint8).pin_memory()
@@ -82,12 +106,13 @@ class CudaWholeStep:
             return ("dense",)
         pol = plan.policy
         # the loop hands the same thresholds / policy / draft objects every step: derive the kind once
-        key = (id(plan.thresholds), id(pol), int(plan.candidates.numel()), id(plan.draft))
+        key = (id(plan.thresholds), id(pol), int(plan.candidates.numel()), id(plan.draft), id(plan.schedule))
         hit = self._kinds.get(key)
-        if hit is not None and hit[0] is plan.thresholds and hit[1] is pol and hit[2] is plan.draft:
-            return hit[3]
+        if (hit is not None and hit[0] is plan.thresholds and hit[1] is pol and hit[2] is plan.draft
+                and hit[3] is plan.schedule):
+            return hit[4]
         kind = self._exits_kind(plan, pol)
-        self._kinds[key] = (plan.thresholds, pol, plan.draft, kind)
+        self._kinds[key] = (plan.thresholds, pol, plan.draft, plan.schedule, kind)
         return kind
 
     def _exits_kind(self, plan: StepPlan, pol):
@@ -98,8 +123,20 @@ class CudaWholeStep:
             return None
         ths = tuple(float(plan.thresholds[i]) for i in gates)
         draft = plan.draft if getattr(plan.draft, "capturable", False) else None
+        sched = plan.schedule if draft is not None and plan.schedule is not None and plan.schedule.window > 0 else None
         return ("exits", int(plan.candidates.numel()), gates, ths, bool(pol.forced), bool(pol.verify_in_candidates),
-                draft)
+                draft, sched)
+
+    def can_run_ahead(self, plan: StepPlan) -> bool:
+        """Can the step after `plan` be launched before plan's token reaches the host? Dense steps can;
+        exit steps when the draft runs on the device and the active set needs no host (static, or the
+        device schedule)."""
+        kind = self.kind(plan)
+        if kind is None:
+            return False
+        if kind[0] == "dense":
+            return True
+        return kind[6] is not None and (plan.schedule is None or kind[7] is not None)
 
     def can_run(self, plan: StepPlan) -> bool:
         return self.kind(plan) is not None
@@ -135,7 +172,7 @@ class CudaWholeStep:
                 self.p_prev = torch.zeros(k, dtype=torch.float32, device=self.dev)
                 self.z = torch.zeros(k, dtype=torch.float32, device=self.dev)
         # warm-up (compiles, autotunes, allocator) at the last cache slot, outside any graph
-        self.pos.fill_(seg.max_len - 1)
+        self._set_rec(seg.max_len - 1, None, 0)
         self._reset_ctrl(kind, frozenset(kind[2]) if kind[0] == "exits" else frozenset(), None)
         self.ctrl.copy_(self.ctrl_host)
         torch.cuda.synchronize(self.dev)
@@ -155,19 +192,26 @@ class CudaWholeStep:
         return if_node(g, a, b, backend=self.cond, pool=self.pool)
 
     def _body(self, kind, S: int, g) -> None:
+        from ..plugins.triton_step_ctrl import step_epilogue, step_prologue
+
         seg, L = self.seg, self.L
         W = seg.weights
+        exits = kind[0] == "exits"
+        c = self.ctrl
+        step_prologue(self.rec, self.tok, c if exits else None, L, CTRL_OFFS)
         h = W.embed.index_select(0, self.tok).view(1, 1, self.D)
-        if kind[0] == "dense":
+        if not exits:
             for i in range(L):
                 h = seg.layer_direct(i, h, self.pos, S)
             _, logits = seg.head_direct(h)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
+            step_epilogue(self.out, self.tok, L)
             return
-        _, _k, gates, ths, forced, verify, draft = kind
+        _, _k, gates, ths, forced, verify, draft, sched = kind
         from ..plugins.triton_exit_score import triton_exit_decide
 
-        c = self.ctrl
+        if draft is not None:  # the previous step's draft wrote this step's candidates
+            self.cands.copy_(draft.next_cands)
         torch.index_select(W.head, 0, self.cands, out=self.rows)
         self.p_prev.zero_()
         P = seg.predictors
@@ -184,15 +228,17 @@ class CudaWholeStep:
                     self.hexit.copy_(h)
             start = end + 1
             i = end
-            if i in th:
+            if i not in th:
+                continue
+            args = (h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], seg.spec.eps)
+            kw = {"layer": i, "ctrl": c, "hexit": self.hexit.view(-1), "score": self.score, "z": self.z, "threshold": th[i],
+                      "forced": forced, "forced_off": FORCED, "exit_off": EXIT}
+            if verify:  # the full-head check follows: decision and check inside IF(alive, active)
                 with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
-                    off = PROPOSED if verify else ALIVE
-                    triton_exit_decide(h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i],
-                                       seg.spec.eps, layer=i, ctrl=c, hexit=self.hexit.view(-1), score=self.score,
-                                       z=self.z, threshold=th[i], forced=forced, alive_off=off,
-                                       forced_off=FORCED, exit_off=EXIT)
-                    if verify:
-                        self._verify(g, i, h)
+                    triton_exit_decide(*args, **kw, alive_off=PROPOSED)
+                    self._verify(g, i, h)
+            else:  # the kernel is predicated on (alive, active): no IF node
+                triton_exit_decide(*args, **kw, alive_off=ALIVE, gate_off=ACT0 + i)
         with self._if(g, c[NEEDHEAD:NEEDHEAD + 1]):
             _, logits = seg.head_direct(self.hexit)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
@@ -201,6 +247,21 @@ class CudaWholeStep:
         self.out[2:3].copy_(c[HEADS:HEADS + 1])
         if draft is not None:  # the next step's candidates, from this step's token and exit state
             draft.device_step(self.out[0:1], self.hn, self.pos, S)
+        step_epilogue(self.out, self.tok, L, self._sched_bufs(sched) if sched is not None else None)
+
+    def _sched_bufs(self, sched):
+        """Device buffers of an online schedule: history [window], base / eligible masks [L], offsets."""
+        b = self.scheds.get(sched)
+        if b is None:
+            dev = self.dev
+            base = torch.zeros(self.L, dtype=torch.uint8, device=dev)
+            elig = torch.zeros(self.L, dtype=torch.uint8, device=dev)
+            base[sorted(sched.base)] = 1
+            elig[sorted(sched.eligible)] = 1
+            b = self.scheds[sched] = (torch.full((sched.window,), NO_HIST, dtype=torch.long, device=dev), base, elig,
+                                      torch.tensor(sched.offsets or (0,), dtype=torch.long, device=dev), self.ctrl,
+                                      ACT0)
+        return b
 
     def _verify(self, g, i: int, h) -> None:
         """The paper's check, on the device: the kernel raised `proposed` (wrote PROPOSED = 0); run the
@@ -231,6 +292,17 @@ class CudaWholeStep:
         for i in active:
             hc[ACT0 + i] = 1
 
+    def _set_rec(self, pos: int, forced: int | None, token: int | None, slot: int | None = None) -> None:
+        """The per-step record the prologue reads; slot None writes the device copy directly (warm-up,
+        timing), else a pinned ring row that the caller copies up."""
+        f = NO_EXIT if forced is None or forced >= self.L - 1 else forced
+        if slot is None:
+            self.rec.copy_(torch.tensor([pos, f, token or 0, token is not None], dtype=torch.long))
+            return
+        r = self.rec_np[slot]
+        r[0], r[1] = pos, f
+        r[2], r[3] = (0, 0) if token is None else (token, 1)
+
     # ------------------------------------------------------------------ costs (runtime/exit_costs.py)
     def step_costs(self, plan: StepPlan):
         """Measure, on this device, what the exit program of `plan` costs per token beside the dense
@@ -251,6 +323,7 @@ class CudaWholeStep:
         if kind is None:  # the composed path: per-layer graphs, a host read per decision
             return self._composed_costs(plan, t_dense, layer_s, S)
         gates = kind[2]
+        kind = kind[:7] + (None,)  # timed with a static active set (the schedule's kernel is one launch)
         t_gate = self._time(kind, S, frozenset(), None)
         never = self.kind(StepPlan(token=0, pos=0, candidates=plan.candidates, thresholds=plan.thresholds,
                                    policy=trace_exits([self.L]), draft=plan.draft))
@@ -266,7 +339,7 @@ class CudaWholeStep:
         g = self.graphs.get((kind, S))
         if g is None:
             g = self.graphs[(kind, S)] = self._capture(kind, S)
-        self.pos.fill_(self.seg.max_len - 1)
+        self._set_rec(self.seg.max_len - 1, forced, 0)
         if kind[0] == "exits":
             self._reset_ctrl(kind, active, forced)
             self.ctrl.copy_(self.ctrl_host)
@@ -316,28 +389,51 @@ class CudaWholeStep:
 
     # ------------------------------------------------------------------ run
     def run_step(self, plan: StepPlan) -> StepOut:
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> Launched:
+        """Enqueue the step (no sync). A plan with `token_on_device` follows the previous launched step."""
         kind = self.kind(plan)
         S = self.seg.attn_len(plan.pos)
         g = self.graphs.get((kind, S))
         if g is None:  # a bucket prepare() did not foresee (generate() always prepares)
             self.graphs[(kind, S)] = g = self._capture(kind, S)
-        self.tok.fill_(plan.token)
-        self.pos.fill_(plan.pos)
-        if kind[0] == "exits":
-            self.cands.copy_(plan.candidates, non_blocking=True)
+        slot = self.slot = (self.slot + 1) % RING
+        self._set_rec(plan.pos, plan.forced_exit, None if plan.token_on_device else plan.token, slot)
+        self.rec.copy_(self.rec_rows[slot], non_blocking=True)
+        exits = kind[0] == "exits"
+        if exits and not plan.token_on_device:  # (re)start a chain: active flags, history, candidates
             self._reset_ctrl(kind, plan.active, plan.forced_exit)
             self.ctrl.copy_(self.ctrl_host, non_blocking=True)
+            draft, sched = kind[6], kind[7]
+            if sched is not None:
+                hist = [NO_HIST] * sched.window + list(plan.history)
+                self._sched_bufs(sched)[0].copy_(torch.tensor(hist[len(hist) - sched.window:], dtype=torch.long))
+            dst = draft.next_cands if draft is not None else self.cands
+            if plan.candidates is not dst:
+                dst.copy_(plan.candidates, non_blocking=True)
         g.replay()
         self.steps_run += 1
-        self.out_host.copy_(self.out, non_blocking=True)
-        torch.cuda.current_stream(self.dev).synchronize()
-        tok, layer, heads = self.out_host.tolist()
+        self.out_rows[slot].copy_(self.out, non_blocking=True)
+        if exits:
+            self.hn_ring[slot].copy_(self.hn)
+        self.events[slot].record()
+        return Launched(plan, (kind, slot))
+
+    def collect(self, launched: Launched) -> StepOut:
+        kind, slot = launched.handle
+        self.events[slot].synchronize()
+        o = self.out_np[slot]
+        tok, layer, heads = int(o[0]), int(o[1]), int(o[2])
         if kind[0] == "dense":
             return StepOut(token=tok, exit_layer=self.L - 1, hn=self.hn)
-        calls = sum(1 for i in plan.active if i <= layer and i in kind[2])
+        if kind[7] is not None:  # the device chose the active set: the loop counts the predictor calls
+            calls = None
+        else:
+            calls = sum(1 for i in launched.plan.active if i <= layer and i in kind[2])
         if not kind[5] and layer < self.L - 1:  # no check: the exit's head is the step's one head
             heads += 1
-        return StepOut(token=tok, exit_layer=layer, hn=self.hn.clone(), predictor_calls=calls, head_calls=heads,
+        return StepOut(token=tok, exit_layer=layer, hn=self.hn_ring[slot], predictor_calls=calls, head_calls=heads,
                        draft_stepped=kind[6] is not None)
 
 

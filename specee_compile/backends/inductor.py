@@ -170,6 +170,16 @@ class InductorSegments(Segments):
     def run_step(self, plan):
         return self._whole().run_step(plan)
 
+    def can_run_ahead(self, plan) -> bool:
+        w = self._whole()
+        return w is not None and w.can_run_ahead(plan)
+
+    def launch(self, plan):
+        return self._whole().launch(plan)
+
+    def collect(self, launched):
+        return self._whole().collect(launched)
+
     def step_costs(self, plan):
         """Measured per-token costs of the plan's exit program (runtime/exit_costs.py); None off CUDA."""
         w = self._whole()

@@ -587,8 +587,8 @@ class DeviceEagleSource(EagleSource):
     buffers are static (draft K/V for the whole context, context-vocabulary rows up to `max_extra`,
     the candidate map on the device), so `device_step` -- the one-pair step right after a token was
     chosen -- is plain tensor code a whole-step backend records into its graph. The loop then calls
-    `observe` (host bookkeeping, the same rows written again) and `adopt_device_proposal`, and the next
-    `propose()` returns the candidates the graph already wrote, with no launch and no sync. After
+    `observe_device` (host bookkeeping only), and the next `propose()` returns the candidates the graph
+    already wrote, with no launch and no sync. After
     reset / truncate (prompt, rollback) the eager path of EagleSource runs on the same buffers.
     Same candidates as EagleSource up to float rounding (the attention runs over a static prefix).
     """
@@ -596,9 +596,13 @@ class DeviceEagleSource(EagleSource):
     capturable = True
 
     def __init__(self, draft: EagleDraft, k: int = 4, context_vocab: bool = True, max_len: int = 2048,
-                 max_extra: int = 512):
+                 max_extra: int = 512, compile: bool = False):
         self.max_len = int(max_len)
         self.max_extra = int(max_extra)
+        self.compile = bool(compile)
+        self._compiled = None
+        self.compile_error: str | None = None
+        self._keys: dict[int, torch.Tensor] = {}
         super().__init__(draft, k=k, context_vocab=context_vocab)
         d, dev = draft, self._dev
         self._extra_rows = torch.zeros(self.max_extra, d.hidden_size, dtype=self._dt, device=dev)
@@ -612,8 +616,8 @@ class DeviceEagleSource(EagleSource):
         self._slot = torch.arange(self.max_extra, device=dev)
 
     @classmethod
-    def from_source(cls, src: EagleSource, max_len: int) -> DeviceEagleSource:
-        return cls(src.draft, k=src.k, context_vocab=src.context_vocab, max_len=max_len)
+    def from_source(cls, src: EagleSource, max_len: int, compile: bool = False) -> DeviceEagleSource:
+        return cls(src.draft, k=src.k, context_vocab=src.context_vocab, max_len=max_len, compile=compile)
 
     # ---- static buffers: allocated once at full context, never moved (a graph holds their addresses)
     def _reset_buffers(self, cap: int) -> None:
@@ -657,9 +661,43 @@ class DeviceEagleSource(EagleSource):
     def device_step(self, tok: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor, S: int) -> None:
         """tok [1] the token just chosen, feat [D] final_norm(h) that chose it, pos [1] its position - 1
         (the draft position of the new pair). Writes the next step's candidates into `next_cands`.
-        Only fixed-shape tensor code: recordable in a CUDA graph (S = attended draft prefix)."""
+        Only fixed-shape tensor code: recordable in a CUDA graph (S = attended draft prefix).
+
+        With `compile` (the CUDA default, api._device_draft) the step runs as one Inductor-compiled
+        program: the eager step is ~60 launches (norms, RoPE, the context-vocabulary update) around
+        cuBLAS GEMVs, which cost 410 us per token on the H200 at 7B shapes (benchmarks/GPU_NOTES.md).
+        S enters as the length of a dynamic-dimension tensor, so one compile serves every bucket. If the
+        compile fails, the eager step runs and `compile_error` says why."""
+        keys = self._keys.get(S)
+        if keys is None:
+            keys = self._keys[S] = torch.empty(S, dtype=torch.int8, device=self._dev)
+        if self.compile and self._compiled is None and self.compile_error is None:
+            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False,
+                                           options={"coordinate_descent_tuning": self._dev.type == "cuda"})
+        if self._compiled is not None:
+            torch._dynamo.maybe_mark_dynamic(keys, 0)
+            try:
+                self._compiled(tok, feat, pos, keys)
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same math
+                import sys
+
+                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self._compiled = None
+                print(f"specee: the draft step runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
+        self._step(tok, feat, pos, keys)
+
+    @property
+    def step_mode(self) -> str:
+        """How device_step runs: "compiled", "eager", or "eager (compile failed: ...)"."""
+        if self._compiled is not None:
+            return "compiled"
+        return f"eager (compile failed: {self.compile_error})" if self.compile_error else "eager"
+
+    def _step(self, tok: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> None:
         d = self.draft
         dt, D = self._dt, d.hidden_size
+        S = keys.shape[0]
         if self.context_vocab:  # the chosen token joins the context vocabulary, as observe() will do
             n = self.n_extra  # [1]
             new = (~self.known[tok]) & (n < self.max_extra)  # [1]
@@ -684,8 +722,19 @@ class DeviceEagleSource(EagleSource):
         top = torch.topk(logits, self.k).indices
         self.next_cands.copy_(self.vocab_map[top])
 
-    def adopt_device_proposal(self) -> None:
-        """After observe(): the graph already ran the new pair; its candidates are the proposal."""
+    def observe_device(self, token: int, hidden: torch.Tensor, layer: int) -> None:
+        """`observe` for a token whose draft step already ran on the device:
+        host bookkeeping only. The device buffers (context vocabulary, candidates) are the graph's: a
+        step launched ahead may already have moved them past this token, so the host must not write them."""
+        p = len(self.ids) - 1
+        self._feats[p].copy_(hidden.reshape(-1))
+        self.ids.append(int(token))
+        tok = int(token)
+        if (self.context_vocab and tok not in self._static and tok not in self._extra_set
+                and 0 <= tok < self.draft.vocab_size and len(self._extra_ids) < self.max_extra):
+            self._extra_ids.append(tok)
+            self._extra_first.append(p + 1)
+            self._extra_set.add(tok)
         self._cache_len = len(self.ids) - 1
         self._proposal = self.next_cands
 

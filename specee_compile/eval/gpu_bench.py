@@ -214,7 +214,8 @@ def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
                prefill_s=round(res.prefill_s, 4), avg_layers=round(res.avg_layers, 2),
                predictor_calls_per_step=round(res.predictor_calls / max(1, res.decode_steps), 2),
                head_calls_per_step=round(res.head_calls / max(1, res.decode_steps), 2),
-               tokens=len(res.token_ids), exit_program=res.exit_program)
+               tokens=len(res.token_ids), exit_program=res.exit_program,
+               draft_step=getattr(dec.draft, "step_mode", None))
     return out, res
 
 

@@ -16,6 +16,13 @@ active exit layers, thresholds, the exit policy) and gets a `StepOut` back. A ba
 plans it can run (`can_run`); for the rest the loop composes the step from segments, so adding a whole
 step never takes a mode away.
 
+`PipelinedStep` (optional, a `WholeStep` that can launch a step before the previous one's token has
+reached the host: the CUDA-graph step) -- `launch(plan)` enqueues the step and returns a `Launched`,
+`collect(launched)` waits for it and returns its `StepOut`. A plan with `token_on_device` takes its input
+token from the previous launched step, on the device; its candidates come from the device draft and its
+active exit layers from the device copy of the online schedule (`DeviceSchedule`). So the loop keeps
+one step in flight: it launches step t+1, then reads step t, and the GPU never waits for the host.
+
 Shapes (batch 1): h [1, q, D]; pos [q] int64; candidates [k] int64; rows [k, D].
 """
 
@@ -66,6 +73,17 @@ class Segments(Backend, Protocol):
     def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor): ...
 
 
+@dataclass(frozen=True)
+class DeviceSchedule:
+    """The online exit schedule (paper T2, predictors/schedule.py) in a form a whole step runs on the
+    device: active = base | (eligible & {e + o : e in the last `window` exits, o in offsets})."""
+
+    base: frozenset[int]  # always active (the offline layers that are exit points)
+    eligible: frozenset[int]  # exit points a recent exit may activate
+    window: int
+    offsets: tuple[int, ...]
+
+
 @dataclass
 class StepPlan:
     """One decode step for the token at position `pos` (its id is `token`)."""
@@ -80,6 +98,9 @@ class StepPlan:
     want_logits: bool = False  # the loop samples (--temperature): return the emitted row's logits
     draft: object = None  # a candidate source with a capturable `device_step`: the whole step runs the
     #                       draft on its new token, so the next step's candidates are ready on the device
+    token_on_device: bool = False  # `token` is the previous launched step's output, not yet on the host
+    schedule: DeviceSchedule | None = None  # the active set evolves on the device (PipelinedStep)
+    history: tuple[int, ...] = ()  # the schedule's exit history, oldest first (host-token plans)
 
 
 @dataclass
@@ -87,7 +108,7 @@ class StepOut:
     token: int
     exit_layer: int  # 0-based layer the step ended after (L - 1 = full depth)
     hn: torch.Tensor  # [D] final-normed hidden state at the exit (what the draft reads next)
-    predictor_calls: int = 0
+    predictor_calls: int | None = 0  # None: the device chose the active set; the loop counts them
     head_calls: int = 0
     logits: torch.Tensor | None = None  # [V] float32 of the emitting head, when plan.want_logits
     draft_stepped: bool = False  # plan.draft.device_step ran: the next proposal is already on the device
@@ -104,4 +125,24 @@ class WholeStep(Protocol):
     def run_step(self, plan: StepPlan) -> StepOut: ...
 
 
-__all__ = ["Backend", "KVCacheLike", "Segments", "StepOut", "StepPlan", "WholeStep"]
+@dataclass
+class Launched:
+    """A step a `PipelinedStep` has enqueued; `collect` turns it into a `StepOut`."""
+
+    plan: StepPlan
+    handle: object
+
+
+@runtime_checkable
+class PipelinedStep(WholeStep, Protocol):
+    """A whole step that can run ahead of the host (see module docstring)."""
+
+    def can_run_ahead(self, plan: StepPlan) -> bool: ...  # may the next plan take its token on the device
+
+    def launch(self, plan: StepPlan) -> Launched: ...
+
+    def collect(self, launched: Launched) -> StepOut: ...
+
+
+__all__ = ["Backend", "DeviceSchedule", "KVCacheLike", "Launched", "PipelinedStep", "Segments", "StepOut", "StepPlan",
+           "WholeStep"]

@@ -44,7 +44,7 @@ import torch
 from ..config import Settings
 from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
-from .contract import Backend, Segments, StepOut, StepPlan, WholeStep
+from .contract import Backend, DeviceSchedule, Launched, PipelinedStep, Segments, StepOut, StepPlan, WholeStep
 from .exit_costs import select_exit_points
 from .policies import ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
@@ -165,6 +165,9 @@ class Decoder:
         self.policy = policy or exit_policy(settings.mode)
         self.kv = kv_policy(settings.kv_policy)
         self.whole = segments if isinstance(segments, WholeStep) else None
+        self.pipelined = segments if isinstance(segments, PipelinedStep) else None
+        self._ahead: Launched | None = None  # a step launched before the previous one's token was read
+        self.dev_schedule: DeviceSchedule | None = None
         self.composable = isinstance(segments, Segments)
         self.as_dense = not settings.specee  # True also once no exit point pays for itself (exit_costs.py)
         self.selection: dict | None = None
@@ -194,6 +197,7 @@ class Decoder:
         t0 = time.perf_counter()
         while not self.done():
             self.step()
+        self._drain()
         self._sync()
         self.res.decode_s = time.perf_counter() - t0
         self._stream(len(self.seq))
@@ -205,9 +209,11 @@ class Decoder:
         """Dense prefill of the prompt; returns the first generated token."""
         s, seg = self.s, self.seg
         check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
+        self._drain()
         t0 = time.perf_counter()
         if s.specee and self.selection is None and self.tree is None:
             self._select_exit_points()
+        self.dev_schedule = self._device_schedule()
         if self.whole is not None and s.temperature <= 0:  # compile + capture before the first token
             self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
         compile_s = time.perf_counter() - t0
@@ -276,16 +282,52 @@ class Decoder:
                 self._on_token(t)
         self._streamed = max(self._streamed, upto)
 
-    def _whole_step(self, plan: StepPlan) -> StepOut | None:
-        """Run the plan as the backend's whole-step program, if it has one that can."""
-        if self.whole is not None and self.whole.can_run(plan):
-            return self.whole.run_step(plan)
-        if not self.composable:
-            raise SpecEEError(
-                f"backend {self.seg.name!r} cannot run this step (mode {self.policy.name}, kv {self.kv.name}); "
-                "use --backend eager or inductor"
-            )
-        return None
+    def _whole_step(self, plan: StepPlan | None) -> StepOut | None:
+        """Run this step as the backend's whole-step program, if it has one that can run `plan`
+        (None: the step was already launched, see below). None = compose it from segments.
+
+        Run ahead: on a `PipelinedStep` (the CUDA-graph step) the next step is launched, with its token
+        taken on the device, before this step's token is read; the host's loop work for this token
+        (streaming, the draft's and the scheduler's bookkeeping) then overlaps the GPU's next step. If
+        this token ends the sequence (EOS), that step is dropped (`_drain`): it wrote only a cache slot
+        past the end and device state that the next `start` resets."""
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            if self.whole is None or not self.whole.can_run(plan):
+                if not self.composable:
+                    raise SpecEEError(
+                        f"backend {self.seg.name!r} cannot run this step (mode {self.policy.name}, kv "
+                        f"{self.kv.name}); use --backend eager or inductor"
+                    )
+                return None
+            if self.pipelined is None:
+                return self.whole.run_step(plan)
+            launched = self.pipelined.launch(plan)
+        nxt = self._next_plan(launched.plan)
+        if nxt is not None:
+            self._ahead = self.pipelined.launch(nxt)
+        return self.pipelined.collect(launched)
+
+    def _next_plan(self, plan: StepPlan) -> StepPlan | None:
+        """The plan of the step after `plan`, if it can be launched before plan's token is known."""
+        if len(self.seq) - self.res.prompt_len + 1 >= self.s.max_new_tokens:
+            return None  # plan's token is the last one
+        if not self.pipelined.can_run_ahead(plan):
+            return None
+        if plan.candidates is None:
+            return StepPlan(token=-1, pos=plan.pos + 1, token_on_device=True)
+        if self.kv.keeps_pending or (self.scheduler is not None and self.s.use_schedule and plan.schedule is None):
+            return None  # an exit leaves a pending row / the active set needs the host: decided after the token
+        return StepPlan(token=-1, pos=plan.pos + 1, candidates=plan.candidates, active=plan.active,
+                        thresholds=plan.thresholds, policy=plan.policy,
+                        forced_exit=self.policy.forced_layer(self.res.decode_steps + 1), draft=plan.draft,
+                        token_on_device=True, schedule=plan.schedule)
+
+    def _drain(self) -> None:
+        """Drop a step launched ahead that the sequence no longer needs (it ended at EOS)."""
+        if self._ahead is not None:
+            self.pipelined.collect(self._ahead)
+            self._ahead = None
 
     def _dense_step(self, gen) -> None:
         seg, p = self.seg, len(self.seq) - 1
@@ -294,7 +336,8 @@ class Decoder:
         res.layer_rows += self.L
         res.decode_steps += 1
         sample = self.s.temperature > 0
-        out = self._whole_step(StepPlan(token=self.seq[-1], pos=p, want_logits=sample))
+        out = self._whole_step(None if self._ahead is not None else
+                               StepPlan(token=self.seq[-1], pos=p, want_logits=sample))
         if out is not None:  # a whole-step backend: its token, or (sampling) a token from its logits
             tok = select_token(out.logits, self.s.temperature, self.s.top_p, gen) if sample else out.token
             self._append(tok, self.L - 1)
@@ -314,10 +357,28 @@ class Decoder:
 
     def _plan(self, cands: torch.Tensor, active: set[int]) -> StepPlan:
         forced = self.policy.forced_layer(self.res.decode_steps)
+        sched = self.dev_schedule
         return StepPlan(token=self.seq[-1], pos=len(self.seq) - 1, candidates=cands,
                         active=frozenset(i for i in active if i >= self.s.min_exit_layer),
                         thresholds=self.thresholds, policy=self.policy, forced_exit=forced,
-                        draft=self.draft if getattr(self.draft, "capturable", False) else None)
+                        draft=self.draft if getattr(self.draft, "capturable", False) else None,
+                        schedule=sched, history=tuple(self.scheduler.history) if sched is not None else ())
+
+    def _device_schedule(self) -> DeviceSchedule | None:
+        """The online schedule as the device runs it (a whole step launched ahead picks its own active
+        layers): the same set as `_active_layers` + the min_exit_layer filter of `_plan`."""
+        sch = self.scheduler
+        if not self.s.specee or sch is None or not self.s.use_schedule or sch.window <= 0:
+            return None
+        valid = sch.valid_layers
+        elig = frozenset(i for i in self.exit_layers
+                         if i >= self.s.min_exit_layer and 0 <= i < self.L and (valid is None or i in valid))
+        return DeviceSchedule(base=frozenset(sch.offline) & elig, eligible=elig, window=sch.window,
+                              offsets=tuple(sch.offsets))
+
+    def _count_calls(self, exit_layer: int) -> int:
+        """Predictor calls of a step whose active set the device chose (the host's mirror of it)."""
+        return sum(1 for i in self._active_layers() if self.s.min_exit_layer <= i <= exit_layer)
 
     def _select_exit_points(self) -> None:
         """Keep the exit points that pay for themselves on this backend and device (exit_costs.py)."""
@@ -357,10 +418,14 @@ class Decoder:
         k = self.program.num_candidates
         return StepPlan(token=0, pos=0, candidates=torch.zeros(k, dtype=torch.long, device=self.seg.device),
                         active=frozenset(self.exit_layers), thresholds=self.thresholds, policy=self.policy,
-                        draft=self.draft if getattr(self.draft, "capturable", False) else None)
+                        draft=self.draft if getattr(self.draft, "capturable", False) else None,
+                        schedule=self.dev_schedule)
 
-    def _emit(self, token: int, hn: torch.Tensor, layer: int) -> None:
-        self.draft.observe(token, hn, layer)
+    def _emit(self, token: int, hn: torch.Tensor, layer: int, draft_stepped: bool = False) -> None:
+        if draft_stepped:  # the whole step ran the draft on this token already
+            self.draft.observe_device(token, hn, layer)
+        else:
+            self.draft.observe(token, hn, layer)
         if self.scheduler is not None and layer < self.L - 1:
             self.scheduler.record_exit(layer)
         self._append(token, layer)
@@ -375,20 +440,16 @@ class Decoder:
         rows: list[_Row] = []
         plan = None
         if current:
+            if self._ahead is not None:  # launched ahead by the previous step (no pending rows then)
+                self._account(self._whole_step(None))
+                return
             cands = self.draft.propose().to(dev)  # [k]
             may_exit = len(self.pending) < s.max_pending
             plan = self._plan(cands, self._active_layers() if may_exit else set())
             if not self.pending:
                 out = self._whole_step(plan)
                 if out is not None:
-                    res.decode_steps += 1
-                    res.layer_passes += out.exit_layer + 1
-                    res.layer_rows += out.exit_layer + 1
-                    res.predictor_calls += out.predictor_calls
-                    res.head_calls += out.head_calls
-                    self._emit(out.token, out.hn, out.exit_layer)
-                    if out.draft_stepped:
-                        self.draft.adopt_device_proposal()
+                    self._account(out)
                     return
             rows.append(_Row(p, -1, seg.embed(torch.tensor([self.seq[-1]], device=dev))))
             w_rows = seg.head_rows(cands)  # [k, D]
@@ -452,6 +513,16 @@ class Decoder:
                     return
         if current:
             self._emit(dense[-1], hn[0, -1], L - 1)
+
+    def _account(self, out: StepOut) -> None:
+        """Count and emit a whole step's token."""
+        res = self.res
+        res.decode_steps += 1
+        res.layer_passes += out.exit_layer + 1
+        res.layer_rows += out.exit_layer + 1
+        res.predictor_calls += out.predictor_calls if out.predictor_calls is not None else self._count_calls(out.exit_layer)
+        res.head_calls += out.head_calls
+        self._emit(out.token, out.hn, out.exit_layer, out.draft_stepped)
 
     def _rollback(self, pos: int, token: int, hn: torch.Tensor) -> None:
         """The dense model disagrees with the token emitted after `pos`: drop everything after."""
