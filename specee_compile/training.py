@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str | None = "eagle",
-                  draft_dir=None, progress: bool = True, force: bool = False) -> dict:
+                  draft_dir=None, progress: bool = True, force: bool = False, device: str = "cpu") -> dict:
+    """`device` (`train --device cuda`): where the model loads (float32) and collects the features (and
+    the EAGLE draft trains, when one is trained here); the fit and the schedule run on the CPU."""
     from .api import save_program_artifacts
     from .artifacts import plan_output
     from .draft import EagleDraft, make_candidate_source
@@ -27,10 +29,13 @@ def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str 
     # bad numbers and an unusable output directory fail before the model loads, not after training
     if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
         raise SpecEEError(f"--num-texts must be an integer >= 1, got {num_texts!r}")
+    from .config import check_device
+
+    check_device(str(device))  # one clear line before anything loads
     plan_output(out_dir, force=force)
     times = {}
     t0 = time.perf_counter()
-    loaded = load_model(model_name)
+    loaded = load_model(model_name, device=device)
     times["load_model_s"] = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory(prefix="specee-train-") as tmp:
         tmp = Path(tmp)
@@ -40,7 +45,7 @@ def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str 
         elif source == "eagle":
             t0 = time.perf_counter()
             print("phase 1/3: training the draft head (no --draft-dir given)", file=sys.stderr)
-            train_draft_command(model_name, tmp / "draft")
+            train_draft_command(model_name, tmp / "draft", device=device)
             draft_obj = EagleDraft.load(tmp / "draft", loaded.model)
             times["train_draft_s"] = round(time.perf_counter() - t0, 1)
         artifacts = {"draft": draft_obj} if draft_obj is not None else {}

@@ -28,13 +28,16 @@ same buffers as ORT initializers (`SessionOptions.add_initializer`, no copy), so
 the weights once, in the page cache, whatever the number of sessions. ORT's weight pre-packing and
 constant folding (each makes a per-session rewritten copy of MatMul weights: a packed one, a
 transposed one) are off for these sessions for the same reason. float16 graphs on the CPU provider
-are the exception: ORT has no float16 MatMul kernel there and its InsertCastTransformer stores
-float32 copies of the weights per session (exported/README.md, "dtype").
+(no float16 MatMul there) are rewritten when the session opens (`cast_weights_at_use`): each weight
+is cast to float32 right before its use into a reused buffer, so they too hold the float16 weights
+once (exported/README.md, "dtype").
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,7 @@ from ..model_step import StepSpec
 from ..program import SpecEEProgram
 from ..runtime.contract import StepOut, StepPlan
 
+_chdir_lock = threading.Lock()
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 # ONNX TensorProto element type -> numpy (the external-data tensors weights.bin holds)
 _ONNX_NP = {1: np.float32, 10: np.float16, 7: np.int64, 9: np.bool_, 6: np.int32}
@@ -75,6 +79,7 @@ class SharedWeights:
         self.dir = Path(directory)
         self._maps: dict[str, np.memmap] = {}
         self._values: dict[tuple, object] = {}
+        self._names: dict[str, dict] = {}  # graph path -> {initializer name: key} of its mapped initializers
 
     def _map(self, location: str) -> np.memmap:
         if location not in self._maps:
@@ -83,6 +88,13 @@ class SharedWeights:
                 raise ArtifactError(f"{p} not found; export the model again (`specee-compile export MODEL -o DIR`)")
             self._maps[location] = np.memmap(p, dtype=np.uint8, mode="r")
         return self._maps[location]
+
+    def has_float16(self, graph_path) -> bool:
+        """Whether the graph keeps any weight of weights.bin in float16."""
+        return bool(self.float16_names(graph_path))
+
+    def float16_names(self, graph_path) -> set[str]:
+        return {name for name, k in self._names.get(str(graph_path), {}).items() if k[3] == 10}
 
     def initializers(self, graph_path) -> dict:
         import onnx
@@ -103,7 +115,113 @@ class SharedWeights:
                 arr = np.frombuffer(self._map(key[0]), dtype=dt, count=n, offset=key[1]).reshape(tuple(t.dims))
                 self._values[key] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))  # keep arr alive
             out[t.name] = self._values[key][1]
+            self._names.setdefault(str(graph_path), {})[t.name] = key
         return out
+
+
+def cast_weights_at_use(graph_path, names: set[str]) -> bytes:
+    """The graph at `graph_path` (read without its external data), rewritten for ONNX Runtime's CPU
+    provider when its weights are float16; returns the serialized model.
+
+    That provider has no float16 MatMul: it inserts a Cast (float16 -> float32) in front of each
+    `MatMul(x, Transpose(W))` that `F.linear` exports to. Those Casts and Transposes read only
+    initializers, so ORT schedules all of them at the start of the step: every weight then lives
+    three times at once (the float16 map, a transposed float16 copy, its float32 cast): 6x the
+    float16 size at the step's peak. And at ORT_ENABLE_ALL its FuseInitializersTransformer folds each
+    such Cast into a float32 initializer: a per-session float32 copy of every weight.
+
+    Here each `MatMul(x, Transpose(W))` with W one of `names` (2-D float16) becomes
+        FusedMatMul(Cast(x, float32), Cast(Reshape(W, [-1, D(x)]), float32), transB=1) -> Cast(float16)
+    where D(x) is x's last dimension, read from x at run time (Shape -> Slice): a no-op Reshape that
+    gives the weight's Cast a data dependency on x, so ORT casts each weight right before its use,
+    into an arena buffer the next weight reuses. Peak memory: the float16 weights once (the shared
+    map) + about the largest float32 weight. Compute runs in float32, as it did before."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    counter = [0]
+
+    def fresh(hint):
+        counter[0] += 1
+        return f"castuse_{counter[0]}_{hint}"
+
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    axis_m1 = helper.make_tensor(fresh("m1"), TensorProto.INT64, [1], [-1])
+    big = helper.make_tensor(fresh("big"), TensorProto.INT64, [1], [2**62])
+    zero_c = helper.make_tensor(fresh("zero"), TensorProto.INT64, [1], [0])
+    model.graph.initializer.extend([axis_m1, big, zero_c])
+    d_consts: dict[int, str] = {}
+
+    def helper_d(value: int) -> str:
+        if value not in d_consts:
+            t = helper.make_tensor(fresh(f"d{value}"), TensorProto.INT64, [1], [value])
+            model.graph.initializer.append(t)
+            d_consts[value] = t.name
+        return d_consts[value]
+
+    def rewrite(graph) -> None:
+        producer = {o: n for n in graph.node for o in n.output}
+        uses: dict[str, int] = {}
+        for n in graph.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        new_nodes, dropped = [], set()
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    rewrite(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        rewrite(g)
+            if n.op_type in ("Gather", "GatherND") and n.input[0] in names and len(dims.get(n.input[0], ())) == 2:
+                # ORT moves the float32 Cast of gathered rows in front of the gather: a float32 copy of
+                # the whole table, scheduled at the step's start. Tie the table to the indices instead.
+                w, idx = n.input[0], n.input[1]
+                shape, zero, d, shp, wr = (fresh(h) for h in ("shape", "zero", "d", "shp", "wr"))
+                new_nodes += [
+                    helper.make_node("Shape", [idx], [shape], name=fresh("Shape"), start=0, end=1),
+                    helper.make_node("Mul", [shape, zero_c.name], [zero], name=fresh("Mul")),
+                    helper.make_node("Add", [zero, helper_d(dims[w][1])], [d], name=fresh("Add")),
+                    helper.make_node("Concat", [axis_m1.name, d], [shp], axis=0, name=fresh("Concat")),
+                    helper.make_node("Reshape", [w, shp], [wr], name=fresh("Reshape")),
+                ]
+                n.input[0] = wr
+                new_nodes.append(n)
+                continue
+            t = producer.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+            perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None) if t is not None else None
+            if t is None or t.op_type != "Transpose" or t.input[0] not in names or perm != [1, 0] \
+                    or len(dims.get(t.input[0], ())) != 2:
+                new_nodes.append(n)
+                continue
+            w, x = t.input[0], n.input[0]
+            shape, d, shp, wr, wf, xf, yf = (fresh(h) for h in ("shape", "d", "shp", "wr", "wf", "xf", "yf"))
+            new_nodes += [
+                helper.make_node("Shape", [x], [shape], name=fresh("Shape")),
+                helper.make_node("Slice", [shape, axis_m1.name, big.name], [d], name=fresh("Slice")),
+                helper.make_node("Concat", [axis_m1.name, d], [shp], axis=0, name=fresh("Concat")),
+                helper.make_node("Reshape", [w, shp], [wr], name=fresh("Reshape")),
+                helper.make_node("Cast", [wr], [wf], to=TensorProto.FLOAT, name=fresh("Cast")),
+                helper.make_node("Cast", [x], [xf], to=TensorProto.FLOAT, name=fresh("Cast")),
+                helper.make_node("FusedMatMul", [xf, wf], [yf], domain="com.microsoft", transB=1,
+                                 name=fresh("FusedMatMul")),
+                helper.make_node("Cast", [yf], [n.output[0]], to=TensorProto.FLOAT16, name=fresh("Cast")),
+            ]
+            uses[t.output[0]] -= 1
+            if uses[t.output[0]] == 0:
+                dropped.add(id(t))
+        del graph.node[:]
+        graph.node.extend(x for x in new_nodes if id(x) not in dropped)
+
+    rewrite(model.graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model.SerializeToString()
+
+
+def _cpu_only(providers) -> bool:
+    return all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in (providers or ["CPUExecutionProvider"]))
 
 
 def make_session(path, providers=None, threads: int | None = None, profile_prefix: str | None = None,
@@ -119,6 +237,7 @@ def make_session(path, providers=None, threads: int | None = None, profile_prefi
     so.log_severity_level = 3
     # no busy-waiting between runs: the loop does Python/torch work (draft, scheduler) in between
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = None
     if weights is not None:
         for name, value in weights.initializers(path).items():
             so.add_initializer(name, value)
@@ -126,12 +245,28 @@ def make_session(path, providers=None, threads: int | None = None, profile_prefi
         # constant folding rewrites (ORT folds Transpose(W) of each F.linear into a new initializer)
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        if _cpu_only(providers) and weights.has_float16(path):
+            # float16 weights on the CPU provider (no float16 MatMul there): see `cast_weights_at_use`
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            model = cast_weights_at_use(path, weights.float16_names(path))
     if threads:
         so.intra_op_num_threads = threads
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    if model is None:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    # the rewritten graph loads from bytes, and ORT resolves (checks, not reads: every external
+    # initializer is overridden above) its external data against the working directory. ORT's
+    # in-memory external files (`add_external_initializers_from_files_in_memory`) would copy weights.bin.
+    with _chdir_lock:
+        cwd = os.getcwd()
+        os.chdir(Path(path).parent)
+        try:
+            return ort.InferenceSession(model, so, providers=providers)
+        finally:
+            os.chdir(cwd)
 
 
 def session_meta(sess) -> dict:
