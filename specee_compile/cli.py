@@ -208,10 +208,15 @@ def cmd_train_draft(args) -> int:
         raise SpecEEError(f"-o {out} is a non-empty directory that holds no draft; pick a new or empty directory, "
                           "or pass --force to add draft.safetensors and draft_config.json beside its files")
     t0 = time.time()
-    aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    try:
+        aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    except ValueError:
+        raise SpecEEError(f"--aux-layers must be comma-separated layer numbers, got {args.aux_layers!r}") from None
     cfg = train_draft_command(args.model, args.output, steps=args.steps, device=args.device,
                               conversations=args.conversations, batch_size=args.batch_size,
-                              time_budget_s=args.time_budget or None, aux_layers=aux)
+                              time_budget_s=args.time_budget or None, aux_layers=aux, data_file=args.data,
+                              self_generated=args.self_generated, gen_tokens=args.gen_tokens,
+                              unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
     return 0
 
@@ -335,8 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "trains (cuda: the GPU)")
     p.add_argument("--conversations", type=int, default=400, help="ShareGPT conversations to train on")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--time-budget", type=float, default=540.0, help="wall-clock seconds for collection + "
-                   "training (0 = no limit: run every step)")
+    p.add_argument("--time-budget", type=float, default=540.0, help="wall-clock seconds after the model loads, "
+                   "for generation + collection + training (0 = no limit: run every step)")
+    p.add_argument("--data", help="pre-tokenised conversations (benchmarks/gpu_train_draft.py pack) instead of "
+                   "the ShareGPT package: for a machine that reaches no package registry")
+    p.add_argument("--self-generated", type=int, default=0, help="prompts whose reply is the model's own greedy "
+                   "output (generated first, within 35%% of --time-budget)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="new tokens per self-generated reply")
+    p.add_argument("--unroll", type=int, default=1, help="draft steps trained on the draft's own features "
+                   "(training-time test; 2-3 help tree speculation)")
+    p.add_argument("--exit-mix", type=float, default=0.5, help="share of inputs taken from exit-layer features")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--aux-layers", help="exit layers recorded for exit-layer mixing, e.g. 12,16,20,24 "
                    "(default every 2nd from L/3; fewer = less host memory on large runs)")
     p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "

@@ -1,0 +1,211 @@
+"""Draft training for the GPU path, run on the CPU with tiny models: unrolled training matches the
+runtime's draft chain exactly, batched collection equals one-by-one, packed data round-trips (and is
+refused for another tokenizer), the time budget covers generation + collection + training, and the
+CLI's new flags fail with one line. Fast; no downloads."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+from specee_compile.cli import main
+from specee_compile.draft import EagleDraft
+from specee_compile.draft.train import (
+    choose_vocab,
+    collect_teacher_data,
+    load_training_data,
+    pack_training_data,
+    train_draft,
+    train_draft_command,
+    unrolled_forward,
+    unrolled_mask,
+)
+from specee_compile.errors import SpecEEError
+
+TEXTS = [f"user {i}: tell me about item {i}. assistant: item {i} is a thing, and that is all {i % 3}."
+         for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+def _random_draft(model, seed=1):
+    torch.manual_seed(seed)
+    d = EagleDraft(model, torch.arange(200))
+    with torch.no_grad():  # non-trivial weights: every input and every attended key matters
+        for p in d.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return d.eval()
+
+
+def test_unrolled_mask_by_hand():
+    m = unrolled_mask(4, 2).int()
+    # query t sees true keys j <= t - 2, step-1 key at t - 1, its own step-2 key at t
+    assert m.tolist() == [
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+        [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+        [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+    ]
+
+
+@torch.no_grad()
+def test_unrolled_forward_equals_runtime_draft_chain(model):
+    """Step s at position t = m + s must be what the runtime computes at tree depth s + 1: the draft
+    cache holds the true pairs 0..m, then the draft runs on its own output s times."""
+    draft = _random_draft(model)
+    g = torch.Generator().manual_seed(3)
+    B, T, D = 2, 9, draft.hidden_size
+    feats = torch.randn(B, T, D, generator=g)
+    nxt = torch.randint(0, 256, (B, T), generator=g)
+    pos = torch.arange(T)[None].expand(B, T)
+    outs = unrolled_forward(draft, feats, nxt, pos, unroll=3)
+    assert len(outs) == 3 and all(o.shape == (B, T, D) for o in outs)
+    for m in (0, 2, 5):
+        for b in range(B):
+            g0, past = draft(feats[b : b + 1, : m + 1], nxt[b : b + 1, : m + 1], pos[b : b + 1, : m + 1])
+            cur = g0[:, -1:]
+            torch.testing.assert_close(cur[0, 0], outs[0][b, m], atol=3e-4, rtol=1e-3)
+            for s in (1, 2):
+                t = m + s
+                if t >= T:
+                    break
+                cur, new = draft(cur, nxt[b : b + 1, t : t + 1], pos[b : b + 1, t : t + 1], past=past)
+                past = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(past, new)]
+                torch.testing.assert_close(cur[0, 0], outs[s][b, t], atol=3e-4, rtol=1e-3)
+    # step 1 really reads the fed-back features (not the true ones)
+    assert not torch.allclose(outs[1][:, 3:], outs[0][:, 3:], atol=1e-3)
+
+
+def test_batched_collection_equals_one_by_one(model, tok):
+    one = collect_teacher_data(model, tok, TEXTS[:7], seq_len=40, aux_layers=[1, 2], progress=False, batch_size=1)
+    many = collect_teacher_data(model, tok, TEXTS[:7], seq_len=40, aux_layers=[1, 2], progress=False, batch_size=3)
+    assert torch.equal(one["lengths"], many["lengths"]) and torch.equal(one["ids"], many["ids"])
+    valid = torch.arange(one["ids"].shape[1])[None] < one["lengths"][:, None]
+    assert torch.equal(one["argmax"][valid], many["argmax"][valid])
+    torch.testing.assert_close(one["final"][valid].float(), many["final"][valid].float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(one["aux"][:, valid].float(), many["aux"][:, valid].float(), atol=2e-3, rtol=2e-3)
+
+
+def test_collection_deadline_keeps_min_sequences(model, tok):
+    data = collect_teacher_data(model, tok, TEXTS, seq_len=40, aux_layers=[1], progress=False, batch_size=2,
+                                deadline=time.time() - 1, min_sequences=4)
+    assert data["ids"].shape[0] == 4 and data["offered_sequences"] == len(TEXTS)
+
+
+def test_choose_vocab_counts_predictions_twice():
+    ids = torch.tensor([[5, 5, 6, 7, 0], [6, 6, 6, 9, 9]])
+    argmax = torch.tensor([[7, 7, 7, 8, 3], [7, 8, 1, 1, 1]])
+    data = {"ids": ids, "argmax": argmax, "lengths": torch.tensor([4, 3])}
+    # valid: row 0 pos 0..3, row 1 pos 0..2; counts: 5:2, 6:1+3=4, 7:1 + 2*(3+1)=9, 8:2*(1+1)=4, 1:2
+    v = choose_vocab(data, 4, 12, always=[11])
+    assert v.tolist() == [7, 6, 8, 11]  # 6 and 8 tie at 4: lower id first; EOS-like 11 kept
+    v = choose_vocab(data, 3, 12, extra_counts=Counter({1: 10}))
+    assert v.tolist() == [1, 7, 6]
+
+
+@pytest.mark.parametrize("name", ["d.safetensors", "d.safetensors.xz"])
+def test_pack_round_trip_and_refusals(tmp_path, tok, name):
+    path = tmp_path / name
+    convs = [{"conversations": [{"from": "human", "value": f"question {i}?"},
+                                {"from": "gpt", "value": f"answer {i}, quite long enough to keep."}]} for i in range(5)]
+    convs.append({"conversations": [{"from": "gpt", "value": "no user turn"}]})  # unusable: dropped
+    meta = pack_training_data(tok, convs, path, seq_len=32, prompt_tokens=20, max_texts=3, progress=False,
+                              source="unit test")
+    assert meta["count"] == "5" and meta["texts"] == "3" and meta["ids"] == "uint16-as-int16"
+    if name.endswith(".xz"):
+        assert path.read_bytes()[:6] == b"\xfd7zXZ\x00"
+    texts, prompts, meta2 = load_training_data(path, tok)
+    assert meta2["source"] == "unit test" and len(texts) == 3 and len(prompts) == 5
+    from specee_compile.draft.train import format_text, prompt_ids
+
+    want = tok(format_text(tok, convs[2]), add_special_tokens=False)["input_ids"][:32]
+    assert texts[2] == want and prompts[4] == prompt_ids(tok, convs[4])[-20:] and len(prompts[4]) == 20
+
+    class BigIds:  # ids above 32767 survive the 16-bit encoding; another tokenizer is refused
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [40000 + ord(c) for c in text]}
+
+    big = BigIds()
+    pack_training_data(big, ["a" * 20 + "\u00e9" * 5], tmp_path / "big.safetensors", progress=False)
+    (t,), _prompts, _ = load_training_data(tmp_path / "big.safetensors", big)
+    assert t == [40000 + ord(c) for c in "a" * 20 + "\u00e9" * 5] and t[-1] == 40233
+    with pytest.raises(SpecEEError, match="another tokenizer"):
+        load_training_data(tmp_path / "big.safetensors", tok)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpecEEError, match="cannot read|not packed"):
+        load_training_data(tmp_path / "junk.safetensors", tok)
+
+
+def test_unrolled_training_learns_and_reports_depth(model, tok):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    texts = [("abcabd " * 6)[i % 5 :] + "xyz " * 3 for i in range(24)]
+    d, rep = train_draft(model, tok, texts, steps=60, lr=3e-3, seq_len=48, vocab_size_limit=64, progress=False,
+                         batch_size=6, seed=0, unroll=2, aux_layers=[1], time_budget_s=None)
+    assert rep["unroll"] == 2 and rep["final_loss"] < 0.85 * rep["first_loss"]
+    depth = rep["val_final_layer"]["top1_by_depth"]
+    assert len(depth) == 3 and all(0.0 <= x <= 1.0 for x in depth)
+    assert isinstance(d, EagleDraft)
+    with pytest.raises(SpecEEError, match="unroll"):
+        train_draft(model, tok, texts, steps=2, unroll=0, progress=False, time_budget_s=None)
+
+
+def test_command_budget_covers_generation_collection_training(tmp_path, model, tok):
+    data = tmp_path / "d.safetensors"
+    convs = [[f"question {i} about a thing?", f"answer {i}: it is a thing of some length, {i}."] for i in range(40)]
+    pack_training_data(tok, convs, data, seq_len=48, progress=False)
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint="tiny")
+    budget = 6.0
+    t0 = time.time()
+    cfg = train_draft_command("tiny", tmp_path / "out", loaded=loaded, data_file=data, conversations=30,
+                              self_generated=6, gen_tokens=8, seq_len=48, steps=10**6, batch_size=4,
+                              time_budget_s=budget, unroll=2, exit_mix=0.25, aux_layers=[1], progress=False,
+                              vocab_size_limit=64)
+    took = time.time() - t0
+    rep = cfg["train"]
+    assert rep["stopped_by_time_budget"] and rep["steps"] > 5
+    assert rep["self_generated"] == 6 and rep["gen_tokens"] == 8
+    assert rep["total_seconds"] <= budget + 3.0 and took <= budget + 5.0, (rep["total_seconds"], took)
+    assert rep["unroll"] == 2 and rep["exit_mix"] == 0.25 and "packed" in rep["data"] or "d.safetensors" in rep["data"]
+    saved = json.loads((tmp_path / "out" / "draft_config.json").read_text())
+    assert saved["train"]["steps"] == rep["steps"]
+    loaded_draft = EagleDraft.load(tmp_path / "out", model)  # the runtime loader reads what was written
+    assert loaded_draft.vocab_ids.numel() == 64
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--unroll", "0"], "--unroll"),
+    (["--unroll", "9"], "--unroll"),
+    (["--exit-mix", "1.5"], "--exit-mix"),
+    (["--lr", "nan"], "--lr"),
+    (["--self-generated", "-1"], "--self-generated"),
+    (["--conversations", "0"], "--conversations"),
+    (["--data", "no/such/file.safetensors"], "--data"),
+    (["--aux-layers", "3,x"], "--aux-layers"),
+])
+def test_cli_bad_training_flags(tmp_path, capsys, monkeypatch, argv, needle):
+    from specee_compile import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    rc = main(["train-draft", "smollm2-135m", "-o", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("specee-compile: error: "), err
+    assert needle in err[0], err
