@@ -88,6 +88,7 @@ class CudaWholeStep:
         self.hn_ring = torch.zeros(RING, self.D, dtype=dt, device=dev)
         self.events = [torch.cuda.Event() for _ in range(RING)]
         self.slot = 0
+        self.flip = 0
         self.scheds: dict = {}  # DeviceSchedule -> its device buffers (history, masks, offsets)
         self.k = 0
         self.ctrl = torch.zeros(ACT0 + self.L, dtype=torch.uint8, device=dev)
@@ -179,10 +180,13 @@ class CudaWholeStep:
         for _ in range(2):
             self._body(kind, S, None)
         torch.cuda.synchronize(self.dev)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            self._body(kind, S, g)
-        return g
+        pair = []
+        for _ in range(2):  # two instances, replayed alternately (see launch)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._body(kind, S, g)
+            pair.append(g)
+        return pair
 
     def _if(self, g, a, b=None):
         if g is None:  # warm-up: run every body
@@ -328,17 +332,38 @@ class CudaWholeStep:
         never = self.kind(StepPlan(token=0, pos=0, candidates=plan.candidates, thresholds=plan.thresholds,
                                    policy=trace_exits([self.L]), draft=plan.draft))
         t_all = self._time(never, S, frozenset(gates), None)
+        t_draft = self._time_draft(kind[6], S) if kind[6] is not None else None
         self.seg.cache.reset()
         return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_gate - t_dense),
                          decision_s=max(0.0, (t_all - t_gate) / len(gates)),
-                         check_s=check_s if kind[5] else 0.0,
+                         check_s=check_s if kind[5] else 0.0, draft_s=t_draft,
                          source=f"CUDA graph replays at S={S}: dense {t_dense * 1e6:.0f} us, exit program with no "
-                                f"decision {t_gate * 1e6:.0f} us, with all {len(gates)} decisions {t_all * 1e6:.0f} us")
+                                f"decision {t_gate * 1e6:.0f} us, with all {len(gates)} decisions {t_all * 1e6:.0f} us"
+                                + (f", the draft step alone {t_draft * 1e6:.0f} us" if t_draft is not None else ""))
+
+    def _time_draft(self, draft, S: int, reps: int = 20) -> float:
+        """The draft's device step alone, as its own graph (the part of the fixed cost that is the draft;
+        its writes land at the last cache slot, which the decoder's draft reset forgets)."""
+        self._set_rec(self.seg.max_len - 1, None, 0)
+        for _ in range(2):
+            draft.device_step(self.out[0:1], self.hn, self.pos, S)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            draft.device_step(self.out[0:1], self.hn, self.pos, S)
+        g.replay()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / reps
 
     def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
         g = self.graphs.get((kind, S))
         if g is None:
             g = self.graphs[(kind, S)] = self._capture(kind, S)
+        g = g[0]
         self._set_rec(self.seg.max_len - 1, forced, 0)
         if kind[0] == "exits":
             self._reset_ctrl(kind, active, forced)
@@ -395,9 +420,14 @@ class CudaWholeStep:
         """Enqueue the step (no sync). A plan with `token_on_device` follows the previous launched step."""
         kind = self.kind(plan)
         S = self.seg.attn_len(plan.pos)
-        g = self.graphs.get((kind, S))
-        if g is None:  # a bucket prepare() did not foresee (generate() always prepares)
-            self.graphs[(kind, S)] = g = self._capture(kind, S)
+        pair = self.graphs.get((kind, S))
+        if pair is None:  # a bucket prepare() did not foresee (generate() always prepares)
+            self.graphs[(kind, S)] = pair = self._capture(kind, S)
+        # consecutive steps alternate between two instances of the graph: a launch of an executable
+        # graph is ordered behind its own previous launch, so with one instance the host's launch of
+        # step t+1 can wait for step t (benchmarks/GPU_NOTES.md)
+        self.flip ^= 1
+        g = pair[self.flip]
         slot = self.slot = (self.slot + 1) % RING
         self._set_rec(plan.pos, plan.forced_exit, None if plan.token_on_device else plan.token, slot)
         self.rec.copy_(self.rec_rows[slot], non_blocking=True)

@@ -34,12 +34,13 @@ class StepCosts:
     fixed_s: float
     decision_s: float
     check_s: float = 0.0
+    draft_s: float | None = None  # the draft step alone (part of fixed_s; reported, not used to decide)
     source: str = ""  # how they were measured
 
     def as_dict(self) -> dict:
         return {"layer_us": round(self.layer_s * 1e6, 2), "fixed_us": round(self.fixed_s * 1e6, 2),
                 "decision_us": round(self.decision_s * 1e6, 2), "check_us": round(self.check_s * 1e6, 2),
-                "source": self.source}
+                "draft_us": None if self.draft_s is None else round(self.draft_s * 1e6, 2), "source": self.source}
 
 
 def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
