@@ -161,6 +161,12 @@ def cmd_run(args) -> int:
         f"draft {size / 1e6:.2f} MB")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # the training result is on disk before the evaluation starts (if that fails, this stays)
+    (out / "gpu_train_draft.json").write_text(json.dumps({
+        "stage": "trained, not evaluated", "model": loaded.name, "draft_bytes": size,
+        "seconds": {"load": round(load_s, 1), "train": round(train_wall, 1)},
+        "train": {k: v for k, v in rep.items() if k != "loss_curve"}, "loss_curve": rep.get("loss_curve"),
+    }, indent=1) + "\n")
 
     # ---------------------------------------------------------------- evaluate both heads
     heads = {"shipped": shipped_dir, "new": draft_dir}
@@ -244,6 +250,7 @@ def cmd_run(args) -> int:
         commit = None
     on_cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     record = {
+        "stage": "trained and evaluated",
         "date": datetime.date.today().isoformat(),
         "machine": torch.cuda.get_device_name() if on_cuda else f"{platform.machine()} CPU",
         "command": "python benchmarks/gpu_train_draft.py " + " ".join(sys.argv[1:]),

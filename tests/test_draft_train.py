@@ -106,6 +106,28 @@ def test_collection_deadline_keeps_min_sequences(model, tok):
     assert data["ids"].shape[0] == 4 and data["offered_sequences"] == len(TEXTS)
 
 
+def test_pairs_before_the_reply_are_not_trained(model, tok):
+    """Items (ids, reply start): pairs t < start - 1 (the prompt) are masked out of loss and scores,
+    as the runtime only drafts from the last prompt position on."""
+    from specee_compile.draft.train import _batch
+
+    seq = tok("<|user|>what is 2+2?\n<|assistant|>it is 4, of course.", add_special_tokens=False)["input_ids"]
+    data = collect_teacher_data(model, tok, [(seq, 20), seq], seq_len=64, aux_layers=[1], progress=False)
+    assert data["starts"].tolist() == [20, 0]
+    vmap = torch.arange(256)
+    _f, _n, _p, _tf, tgt_tok, valid = _batch(data, torch.tensor([0, 1]), vmap, 0.0, None)
+    n = len(seq) - 1
+    assert valid[0].tolist() == [False] * 19 + [True] * (n - 19)
+    assert valid[1].tolist() == [True] * n
+    assert (tgt_tok[0, :19] == -100).all() and (tgt_tok[0, 19:] >= 0).all()
+    # a conversation's reply start is found from its generation prompt
+    conv = [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": "it is 4, of course."}]
+    d2 = collect_teacher_data(model, tok, [conv], seq_len=64, aux_layers=[1], progress=False, min_tokens=4)
+    from specee_compile.draft.train import prompt_ids
+
+    assert d2["starts"].tolist() == [len(prompt_ids(tok, conv))]
+
+
 def test_choose_vocab_counts_predictions_twice():
     ids = torch.tensor([[5, 5, 6, 7, 0], [6, 6, 6, 9, 9]])
     argmax = torch.tensor([[7, 7, 7, 8, 3], [7, 8, 1, 1, 1]])
@@ -123,17 +145,23 @@ def test_pack_round_trip_and_refusals(tmp_path, tok, name):
     convs = [{"conversations": [{"from": "human", "value": f"question {i}?"},
                                 {"from": "gpt", "value": f"answer {i}, quite long enough to keep."}]} for i in range(5)]
     convs.append({"conversations": [{"from": "gpt", "value": "no user turn"}]})  # unusable: dropped
-    meta = pack_training_data(tok, convs, path, seq_len=32, prompt_tokens=20, max_texts=3, progress=False,
+    long = {"conversations": [{"from": "human", "value": "a long question " * 4},
+                              {"from": "gpt", "value": "cut away"}]}  # prompt fills the window: no text
+    convs = [long, *convs]
+    meta = pack_training_data(tok, convs, path, seq_len=48, prompt_tokens=20, max_texts=4, progress=False,
                               source="unit test")
-    assert meta["count"] == "5" and meta["texts"] == "3" and meta["ids"] == "uint16-as-int16"
+    assert meta["count"] == "6" and meta["texts"] == "3" and meta["ids"] == "uint16-as-int16"
     if name.endswith(".xz"):
         assert path.read_bytes()[:6] == b"\xfd7zXZ\x00"
     texts, prompts, meta2 = load_training_data(path, tok)
-    assert meta2["source"] == "unit test" and len(texts) == 3 and len(prompts) == 5
+    assert meta2["source"] == "unit test" and len(texts) == 3 and len(prompts) == 6
     from specee_compile.draft.train import format_text, prompt_ids
 
-    want = tok(format_text(tok, convs[2]), add_special_tokens=False)["input_ids"][:32]
-    assert texts[2] == want and prompts[4] == prompt_ids(tok, convs[4])[-20:] and len(prompts[4]) == 20
+    want = tok(format_text(tok, convs[3]), add_special_tokens=False)["input_ids"][:48]
+    assert texts[2][0] == want and prompts[4] == prompt_ids(tok, convs[4])[-20:] and len(prompts[4]) == 20
+    # the reply starts right after the generation prompt (a prefix of the text)
+    start = len(prompt_ids(tok, convs[3]))
+    assert texts[2][1] == start and want[:start] == prompt_ids(tok, convs[3]) and start < len(want)
 
     class BigIds:  # ids above 32767 survive the 16-bit encoding; another tokenizer is refused
         chat_template = None
@@ -143,8 +171,8 @@ def test_pack_round_trip_and_refusals(tmp_path, tok, name):
 
     big = BigIds()
     pack_training_data(big, ["a" * 20 + "\u00e9" * 5], tmp_path / "big.safetensors", progress=False)
-    (t,), _prompts, _ = load_training_data(tmp_path / "big.safetensors", big)
-    assert t == [40000 + ord(c) for c in "a" * 20 + "\u00e9" * 5] and t[-1] == 40233
+    ((t, st),), _prompts, _ = load_training_data(tmp_path / "big.safetensors", big)
+    assert st == 0 and t == [40000 + ord(c) for c in "a" * 20 + "\u00e9" * 5] and t[-1] == 40233
     with pytest.raises(SpecEEError, match="another tokenizer"):
         load_training_data(tmp_path / "big.safetensors", tok)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")

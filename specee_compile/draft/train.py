@@ -154,6 +154,21 @@ def _is_ids(item) -> bool:
     return isinstance(item, (list, tuple)) and bool(item) and isinstance(item[0], int)
 
 
+def _is_ids_with_start(item) -> bool:
+    """(token ids, reply start): a training sequence whose reply (what the draft will be asked for at
+    inference) begins at index ``start``; pairs before it are not trained on."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int) and _is_ids(item[0])
+
+
+def _reply_start(tokenizer, item, ids: list[int]) -> int:
+    """Index of the first reply token of a conversation tokenised to ``ids``: the length of its
+    generation prompt when that is a prefix of ``ids``, else 0 (unknown: every position trains)."""
+    if isinstance(item, str):
+        return 0
+    p = prompt_ids(tokenizer, item)
+    return len(p) if p and ids[: len(p)] == p else 0
+
+
 def _deadline(time_budget_s: float | None, deadline: float | None, start: float) -> float | None:
     if deadline is not None:
         return deadline
@@ -200,11 +215,13 @@ def generate_replies(
     progress: bool = True,
     time_budget_s: float | None = None,
     deadline: float | None = None,
-) -> list[list[int]]:
+    return_starts: bool = False,
+):
     """Self-distillation data: prompt ids + the base model's own greedy reply, batched (left padding),
     in the order of ``items`` (conversations, strings, or generation-prompt token ids). Prompts are cut
     so prompt + reply fits ``seq_len``. No new batch starts once ``time_budget_s`` is spent (or after
-    the absolute ``deadline``, a ``time.time()`` value); at least one batch runs."""
+    the absolute ``deadline``, a ``time.time()`` value); at least one batch runs. ``return_starts``:
+    return (sequences, the index where each reply starts)."""
     hf = unwrap_model(model)
     dev = next(hf.parameters()).device
     deadline = _deadline(time_budget_s, deadline, time.time())
@@ -217,6 +234,7 @@ def generate_replies(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_set(hf, tokenizer)
     out: list[list[int]] = []
+    starts: list[int] = []
     bar = _Progress(len(prompts), "generate (base model)", progress, "seq")
     b = 0
     while b < len(prompts):
@@ -246,9 +264,10 @@ def generate_replies(
             if cut is not None:
                 reply = reply[: cut + 1]
             out.append(p + reply)
+            starts.append(len(p))
         bar.update(len(chunk))
     bar.close()
-    return out
+    return (out, starts) if return_starts else out
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -274,7 +293,8 @@ def collect_teacher_data(
     deadline: float | None = None,
 ) -> dict[str, Any]:
     """Run the frozen base model over ``texts``; see the module doc. Returns padded tensors
-    (``ids`` [S, T], ``lengths`` [S], ``final`` [S, T, D] fp16, ``aux`` [A, S, T, D] fp16,
+    (``ids`` [S, T], ``lengths`` [S], ``starts`` [S] (reply start: earlier pairs are not trained or
+    scored), ``final`` [S, T, D] fp16, ``aux`` [A, S, T, D] fp16,
     ``argmax`` [S, T]) on ``store_device`` (default the CPU) plus ``aux_layers``. ``batch_size``
     sequences run per forward (right padding). Stops early (keeping what it has, at least
     ``min_sequences``) once ``time_budget_s`` is spent or the absolute ``deadline`` has passed."""
@@ -293,23 +313,31 @@ def collect_teacher_data(
     deadline = _deadline(time_budget_s, deadline, t0)
 
     seqs: list[list[int]] = []
+    seq_starts: list[int] = []
     for item in texts:
-        if _is_ids(item):
+        start = 0
+        if _is_ids_with_start(item):
+            ids, start = [int(t) for t in item[0]][:seq_len], int(item[1])
+        elif _is_ids(item):
             ids = [int(t) for t in item][:seq_len]  # already token ids (e.g. from generate_replies)
         else:
             text = format_text(tokenizer, item)
             if not text:
                 continue
             ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-            ids = list(ids)[:seq_len]
-        if len(ids) >= min_tokens:
+            ids = [int(t) for t in ids][:seq_len]
+            start = _reply_start(tokenizer, item, ids)
+        # a reply starting at s is drafted from pair s - 1 on; keep sequences with at least 2 such pairs
+        if len(ids) >= min_tokens and len(ids) - max(0, start - 1) >= 3:
             seqs.append(ids)
+            seq_starts.append(max(0, start))
     if not seqs:
         raise SpecEEError(f"no usable training text (every text was empty or shorter than {min_tokens} tokens)")
 
     S, T, D = len(seqs), max(len(s) for s in seqs), cfg.hidden_size
     ids_t = torch.zeros(S, T, dtype=torch.long, device=store)
     lengths = torch.tensor([len(s) for s in seqs], device=store)
+    starts = torch.tensor(seq_starts, device=store)
     final = torch.zeros(S, T, D, dtype=torch.float16, device=store)
     aux = torch.zeros(len(aux_layers), S, T, D, dtype=torch.float16, device=store)
     argmax = torch.zeros(S, T, dtype=torch.long, device=store)
@@ -359,7 +387,7 @@ def collect_teacher_data(
             hd.remove()
         bar.close()
     T = int(lengths[:done].max())
-    return {"ids": ids_t[:done, :T], "lengths": lengths[:done], "final": final[:done, :T],
+    return {"ids": ids_t[:done, :T], "lengths": lengths[:done], "starts": starts[:done], "final": final[:done, :T],
             "aux": aux[:, :done, :T], "argmax": argmax[:done, :T], "aux_layers": aux_layers,
             "seconds": time.time() - t0, "offered_sequences": S}
 
@@ -443,9 +471,12 @@ def _batch(data, idx, vocab_map, aux_mix: float, gen: torch.Generator | None):
     nxt = ids[:, 1 : T + 1]
     tgt_feat = data["final"][idx, 1 : T + 1].float()
     tgt_tok = vocab_map[data["argmax"][idx, 1 : T + 1]]
-    valid = torch.arange(T, device=dev)[None, :] < (lengths[:, None] - 1)
+    t = torch.arange(T, device=dev)[None, :]
+    valid = t < (lengths[:, None] - 1)
+    if "starts" in data:  # only pairs the runtime drafts from: t >= reply start - 1
+        valid = valid & (t >= data["starts"][idx][:, None] - 1)
     tgt_tok = torch.where(valid, tgt_tok, torch.full_like(tgt_tok, -100))
-    pos = torch.arange(T, device=dev)[None, :].expand(B, T)
+    pos = t.expand(B, T)
     return feats, nxt, pos, tgt_feat, tgt_tok, valid
 
 
@@ -620,6 +651,8 @@ def train_draft(
     extra = Counter()
     if vocab_texts is not None:
         for item in vocab_texts:
+            if _is_ids_with_start(item):
+                item = item[0]
             if _is_ids(item):
                 extra.update(int(t) for t in item)
                 continue
@@ -808,6 +841,7 @@ def pack_training_data(tokenizer, items: Iterable, out_path: str | os.PathLike, 
     from safetensors.torch import save
 
     texts: list[list[int]] = []
+    text_starts: list[int] = []
     prompts: list[list[int]] = []
     chat = bool(getattr(tokenizer, "chat_template", None))
     bar = _Progress(None, "pack (tokenise)", progress, "conv")
@@ -817,11 +851,16 @@ def pack_training_data(tokenizer, items: Iterable, out_path: str | os.PathLike, 
         if not text:
             continue
         want_text = max_texts is None or len(prompts) < max_texts
-        ids = [int(t) for t in tokenizer(text, add_special_tokens=not chat)["input_ids"]][:seq_len]
+        full = [int(t) for t in tokenizer(text, add_special_tokens=not chat)["input_ids"]]
+        ids = full[:seq_len]
         p = prompt_ids(tokenizer, item)
         if len(ids) < min_tokens or not p:
             continue
+        start = len(p) if full[: len(p)] == p else 0  # 0: unknown, every position trains
+        if start >= len(ids) - 1:  # the prompt fills the window: no reply left to learn from
+            want_text = False
         texts.append(ids if want_text else [])
+        text_starts.append(start if want_text else 0)
         prompts.append(p[-prompt_tokens:])
     bar.close()
     if not prompts:
@@ -834,7 +873,8 @@ def pack_training_data(tokenizer, items: Iterable, out_path: str | os.PathLike, 
             "ids": kind, "count": str(len(prompts)), "texts": str(sum(1 for x in texts if x)),
             "seq_len": str(seq_len), "prompt_tokens": str(prompt_tokens), "source": source}
     blob = save({"conv_ids": c_ids.contiguous(), "conv_offsets": c_off, "prompt_ids": p_ids.contiguous(),
-                 "prompt_offsets": p_off}, metadata=meta)
+                 "prompt_offsets": p_off, "conv_starts": torch.tensor(text_starts, dtype=torch.int32)},
+                metadata=meta)
     out = Path(out_path)
     if out.suffix == ".xz":
         blob = lzma.compress(blob, preset=9 | lzma.PRESET_EXTREME)
@@ -846,8 +886,8 @@ def pack_training_data(tokenizer, items: Iterable, out_path: str | os.PathLike, 
 
 
 def load_training_data(path: str | os.PathLike, tokenizer, *, allow_tokenizer_mismatch: bool = False
-                       ) -> tuple[list[list[int]], list[list[int]], dict]:
-    """(training texts as token ids, generation prompts as token ids, metadata) from a
+                       ) -> tuple[list[tuple[list[int], int]], list[list[int]], dict]:
+    """(training texts as (token ids, reply start), generation prompts as token ids, metadata) from a
     ``pack_training_data`` file (plain or xz); refuses a file made for another tokenizer unless
     ``allow_tokenizer_mismatch`` (then only a warning on stderr, and ``meta["tokenizer_mismatch"]``).
     Items packed without their text have none in the first list."""
@@ -868,6 +908,7 @@ def load_training_data(path: str | os.PathLike, tokenizer, *, allow_tokenizer_mi
         if meta.get("format") != DATA_FORMAT:
             raise SpecEEError(f"--data {p}: not packed draft training data (format {meta.get('format')!r})")
         t = load(blob)
+        starts = t["conv_starts"].tolist() if "conv_starts" in t else None
         t = {k: t[k] for k in ("conv_ids", "conv_offsets", "prompt_ids", "prompt_offsets")}
     except (SafetensorError, OSError, ValueError, KeyError, lzma.LZMAError) as e:
         raise SpecEEError(f"--data {p}: cannot read it as packed draft training data ({e})") from None
@@ -883,7 +924,8 @@ def load_training_data(path: str | os.PathLike, tokenizer, *, allow_tokenizer_mi
     prompts = _unpack(t["prompt_ids"], t["prompt_offsets"], meta.get("ids", ""))
     if len(texts) != len(prompts):
         raise SpecEEError(f"--data {p}: {len(texts)} texts but {len(prompts)} prompts; the file is damaged")
-    return [x for x in texts if x], prompts, meta
+    starts = starts if starts is not None and len(starts) == len(texts) else [0] * len(texts)
+    return [(x, int(st)) for x, st in zip(texts, starts) if x], prompts, meta
 
 
 # ------------------------------------------------------------------ CLI entry
@@ -985,7 +1027,7 @@ def train_draft_command(
         source = (f"{meta.get('source') or 'packed conversations'} ({Path(data_file).name}: {len(prompts)} "
                   f"prompts, {len(texts)} texts)")
         vocab = base_parts(unwrap_model(loaded.model))[2].shape[0]
-        if any(t >= vocab for x in texts + prompts for t in x):
+        if any(t >= vocab for x in [x for x, _s in texts] + prompts for t in x):
             raise SpecEEError(f"--data {data_file} holds token ids >= the model's vocabulary ({vocab}): "
                               "packed for another model")
     else:
@@ -1017,13 +1059,14 @@ def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, dead
                      train_convs, vocab_convs, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
                      time_budget_s, gen_tokens, aux_layers, unroll, exit_mix, gen_batch_size, collect_batch_size,
                      gen_frac, tf32) -> dict[str, Any]:
-    generated: list[list[int]] = []
+    generated: list[tuple[list[int], int]] = []
     gen_s = 0.0
     if gen_items:
-        generated = generate_replies(
+        seqs, starts = generate_replies(
             loaded.model, tok, gen_items, max_new_tokens=gen_tokens, seq_len=seq_len, progress=progress,
             batch_size=gen_batch_size or (256 if on_cuda else 16),
-            deadline=None if deadline is None else t0 + gen_frac * time_budget_s)
+            deadline=None if deadline is None else t0 + gen_frac * time_budget_s, return_starts=True)
+        generated = list(zip(seqs, starts))
         gen_s = time.time() - t0
     items = generated + list(train_convs)  # generated first: never cut by the collection time budget
     if steps is None:
