@@ -194,7 +194,7 @@ def cmd_train(args) -> int:
     from .api import train_command
 
     train_command(args.model, args.output, num_texts=args.num_texts, draft=args.draft_source,
-                  draft_dir=args.draft_dir, force=args.force)
+                  draft_dir=args.draft_dir, force=args.force, device=args.device)
     return 0
 
 
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-texts", type=int, default=160, help="calibration texts (ShareGPT)")
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
     p.add_argument("--draft-dir", help="a trained draft (from train-draft) to ship with the predictors")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the model loads and the features are collected (cuda: the GPU; the fit and the "
+                   "schedule run on the CPU)")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_train)
 

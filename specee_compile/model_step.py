@@ -45,7 +45,7 @@ class StepSpec:
 
 @dataclass
 class LayerWeights:
-    ln1: torch.Tensor  # [D]
+    ln1: torch.Tensor | None  # [D]; None: no input norm (EAGLE-1's draft layer)
     wqkv: torch.Tensor  # [(H + 2 Hkv) hd, D]
     bqkv: torch.Tensor | None  # [(H + 2 Hkv) hd] (Qwen2) or None
     wo: torch.Tensor  # [D, H hd]
@@ -97,27 +97,8 @@ def extract_weights(model, max_len: int) -> ModelWeights:
     """
     spec = step_spec(model.config, max_len)
     inner = model.model
-    layers = []
-    for layer in inner.layers:
-        at, mlp = layer.self_attn, layer.mlp
-        wqkv = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], 0).contiguous()
-        bqkv = None
-        if at.q_proj.bias is not None:
-            bqkv = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias], 0).contiguous()
-        wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).contiguous()
-        _repoint(at.q_proj, at.k_proj, at.v_proj, wqkv, bqkv)
-        _repoint(mlp.gate_proj, mlp.up_proj, None, wgu, None)
-        layers.append(
-            LayerWeights(
-                ln1=layer.input_layernorm.weight,
-                wqkv=wqkv,
-                bqkv=bqkv,
-                wo=at.o_proj.weight,
-                ln2=layer.post_attention_layernorm.weight,
-                wgu=wgu,
-                wd=mlp.down_proj.weight,
-            )
-        )
+    layers = [fuse_layer(layer.self_attn, layer.mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+              for layer in inner.layers]
     dev = inner.embed_tokens.weight.device
     positions = torch.arange(max_len, device=dev)[None]
     probe = torch.zeros(1, device=dev, dtype=inner.embed_tokens.weight.dtype)
@@ -131,6 +112,22 @@ def extract_weights(model, max_len: int) -> ModelWeights:
         cos=cos[0].contiguous(),
         sin=sin[0].contiguous(),
     )
+
+
+@torch.no_grad()
+def fuse_layer(attn, mlp, ln1: torch.Tensor | None, ln2: torch.Tensor) -> LayerWeights:
+    """A decoder layer's weights as `LayerWeights` (q/k/v and gate/up fused); the modules' own
+    parameters are re-pointed at views of the fused tensors (one copy in memory). Serves the model's
+    layers and the EAGLE draft's."""
+    wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0).contiguous()
+    bqkv = None
+    if attn.q_proj.bias is not None:
+        bqkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0).contiguous()
+    wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).contiguous()
+    _repoint(attn.q_proj, attn.k_proj, attn.v_proj, wqkv, bqkv)
+    _repoint(mlp.gate_proj, mlp.up_proj, None, wgu, None)
+    return LayerWeights(ln1=ln1, wqkv=wqkv, bqkv=bqkv, wo=attn.o_proj.weight, ln2=ln2, wgu=wgu,
+                        wd=mlp.down_proj.weight)
 
 
 def _repoint(a, b, c, fused_w, fused_b):
@@ -192,6 +189,9 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = ()):
     fuse = {name: lin is not None and name in fused for name in FUSABLE}
 
     def normed_linear(x, ln, w, b, fused_op: bool):
+        if ln is None:  # no input norm (EAGLE-1's draft layer)
+            y = lin(x, w, None, None, 0.0, "none") if fused_op else F.linear(x, w)
+            return y if b is None else y + b
         if fused_op:
             y = lin(x, w, None, ln, eps, "rmsnorm")
             return y if b is None else y + b

@@ -126,17 +126,6 @@ class DraftAttention(nn.Module):
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(o.transpose(1, 2).reshape(1, T, self.num_heads * self.head_dim)), (k, v)
 
-    def forward_cached(self, x, cos, sin, k_cache, v_cache, pos, S: int):
-        """One row over a static cache (what a CUDA graph records): x [1, 1, D]; k_cache/v_cache
-        [1, kvh, T, hd]; pos [1]. Writes this row's K/V at pos, attends to slots <= pos of the first S."""
-        q, k, v = self._qkv(x, cos, sin)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
-        mask = (torch.arange(S, device=x.device) <= pos)[None, None, None, :]
-        o = F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(1, 1, self.num_heads * self.head_dim))
-
 
 class DraftMLP(nn.Module):
     def __init__(self, cfg):
@@ -178,11 +167,6 @@ class DraftDecoderLayer(nn.Module):
         a, new = self.self_attn.forward_masked(self._in(x), cos, sin, k_prefix, v_prefix, mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new
-
-    def forward_cached(self, x, cos, sin, k_cache, v_cache, pos, S: int):
-        """`forward` for one row over a static cache (DraftAttention.forward_cached)."""
-        x = x + self.self_attn.forward_cached(self._in(x), cos, sin, k_cache, v_cache, pos, S)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class EagleDraft(nn.Module):
@@ -604,6 +588,7 @@ class DeviceEagleSource(EagleSource):
         self.compile_error: str | None = None
         self._keys: dict[int, torch.Tensor] = {}
         super().__init__(draft, k=k, context_vocab=context_vocab)
+        self._bind_layer_fn(draft)
         d, dev = draft, self._dev
         self._extra_rows = torch.zeros(self.max_extra, d.hidden_size, dtype=self._dt, device=dev)
         nv = self._nstatic
@@ -614,6 +599,32 @@ class DeviceEagleSource(EagleSource):
         self.n_extra = torch.zeros(1, dtype=torch.long, device=dev)
         self.next_cands = torch.zeros(self.k, dtype=torch.long, device=dev)
         self._slot = torch.arange(self.max_extra, device=dev)
+
+    def _bind_layer_fn(self, d: EagleDraft) -> None:
+        """The device step runs the draft layer as `model_step.make_layer_fn` (the target's layer
+        definition; on CUDA its fused Triton GEMVs and decode attention) over fused weights: q/k/v and
+        gate/up fused once per draft, its modules re-pointed at views (one copy in memory)."""
+        from ..model_step import CUDA_FUSED, fuse_layer, make_layer_fn, step_spec
+
+        if getattr(d, "_fused_layers", None) is None:
+            d._fused_layers = [
+                fuse_layer(layer.self_attn, layer.mlp,
+                           layer.input_layernorm.weight if hasattr(layer, "input_layernorm") else None,
+                           layer.post_attention_layernorm.weight)
+                for layer in d.layers]
+        self._lw = [lw.as_tuple() for lw in d._fused_layers]
+        cuda = self._dev.type == "cuda"
+        self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if cuda else ())
+        if cuda:
+            from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear
+
+            self._linear = lambda x, w: torch.ops.specee.fused_linear(x, w, None, None, 0.0, "none")
+        else:
+            self._linear = lambda x, w: torch.nn.functional.linear(x, w)
+        probe = torch.zeros(1, dtype=self._dt, device=self._dev)
+        cos, sin = d.rotary(probe, torch.arange(self.max_len, device=self._dev)[None])
+        self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()  # [T, hd]
+        self._valid = torch.ones(self.max_len, dtype=torch.bool, device=self._dev)  # causal mask only
 
     @classmethod
     def from_source(cls, src: EagleSource, max_len: int, compile: bool = False) -> DeviceEagleSource:
@@ -709,12 +720,13 @@ class DeviceEagleSource(EagleSource):
             self.known.index_put_((tok,), self.known[tok] | new)
             n.add_(new.long())
         emb = d.embed_weight[tok].to(dt)  # [1, D]
-        x = d.fc(torch.cat([emb, feat.view(1, D).to(dt)], dim=-1))[None]  # [1, 1, D]
-        cos, sin = d.rotary(x, pos.view(1, 1))  # [1, 1, hd]
-        for i, layer in enumerate(d.layers):
-            x = layer.forward_cached(x, cos, sin, self._k[i], self._v[i], pos, S)
+        x = self._linear(torch.cat([emb, feat.view(1, D).to(dt)], dim=-1)[None], d.fc.weight)  # [1, 1, D]
+        if d.fc.bias is not None:
+            x = x + d.fc.bias
+        for i, lw in enumerate(self._lw):
+            x = self._layer_fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw)
         g = x[0, 0]  # [D]
-        logits = d.head_rows @ g  # [Vd]
+        logits = self._linear(x, d.head_rows)[0, 0]  # [Vd]
         if self.context_vocab:
             ex = self._extra_rows @ g  # [max_extra]
             ex = torch.where(self._slot < self.n_extra, ex, torch.full_like(ex, float("-inf")))
