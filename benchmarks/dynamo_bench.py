@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=48, help="new tokens per generate()")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (every row once per round)")
     p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--artifacts", help="SpecEE artifact directory (default: found by the model's fingerprint)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rows", default="", help="comma list of rows to keep (default: all that apply)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<date>-dynamo-<machine>.json)")
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t_load
     eager_forward = model.forward
     common = {"backend": args.backend, "max_context": args.max_context}
+    if args.artifacts:
+        common["artifacts"] = args.artifacts
     base = Settings(device=args.device, dtype=args.dtype, max_new_tokens=args.new, **common)
     modes = {"dense": {"specee": False}}
     if args.shapes is None:  # random weights have no artifacts

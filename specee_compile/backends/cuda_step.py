@@ -87,6 +87,9 @@ class CudaWholeStep:
         self.out_np = self.out_host.numpy()
         self.hn_ring = torch.zeros(RING, self.D, dtype=dt, device=dev)
         self.events = [torch.cuda.Event() for _ in range(RING)]
+        # steps replay on a stream of their own: work the caller enqueues on its stream while a step runs
+        # ahead (HF generate() turning the token into logits under torch.compile) is not queued behind it
+        self.stream = torch.cuda.Stream(dev)
         self.slot = 0
         self.flip = 0
         self.scheds: dict = {}  # DeviceSchedule -> its device buffers (history, masks, offsets)
@@ -314,6 +317,9 @@ class CudaWholeStep:
         from ..runtime.exit_costs import StepCosts
         from ..runtime.policies import trace_exits
 
+        kind = self.kind(plan)
+        if kind is None:  # the loop composes this plan's steps: it measures that path itself
+            return None
         seg = self.seg
         W = seg.weights
         S = seg.attn_len(min(seg.max_len - 1, 255))
@@ -323,9 +329,6 @@ class CudaWholeStep:
         share = layer_b / (self.L * layer_b + head_b)
         layer_s = t_dense * share
         check_s = t_dense * head_b / (self.L * layer_b + head_b)
-        kind = self.kind(plan)
-        if kind is None:  # the composed path: per-layer graphs, a host read per decision
-            return self._composed_costs(plan, t_dense, layer_s, S)
         gates = kind[2]
         kind = kind[:7] + (None,)  # timed with a static active set (the schedule's kernel is one launch)
         t_gate = self._time(kind, S, frozenset(), None)
@@ -378,40 +381,6 @@ class CudaWholeStep:
         b.synchronize()
         return a.elapsed_time(b) / 1e3 / reps
 
-    def _composed_costs(self, plan: StepPlan, t_dense: float, layer_s: float, S: int):
-        """The plan runs layer by layer from the host (the loop's composed path): time that floor."""
-        import time as _time
-
-        from ..runtime.exit_costs import StepCosts
-
-        seg = self.seg
-        pos = torch.tensor([seg.max_len - 1], device=self.dev)
-        h = seg.embed(torch.zeros(1, dtype=torch.long, device=self.dev))
-        k = plan.candidates.numel()
-        rows = seg.head_rows(plan.candidates)
-        p_prev = torch.zeros(k, device=self.dev)
-        first = min(plan.thresholds)
-        vals = []
-        for rep in range(4):
-            torch.cuda.synchronize(self.dev)
-            t0 = _time.perf_counter()
-            x = h
-            for i in range(self.L):
-                x = seg.layer(i, x, pos, S)
-            seg.head(x)
-            torch.cuda.synchronize(self.dev)
-            t1 = _time.perf_counter()
-            float(seg.exit_score(first, x, rows, p_prev)[0])  # one decision: kernel + host read
-            t2 = _time.perf_counter()
-            if rep:
-                vals.append((t1 - t0, t2 - t1))
-        self.seg.cache.reset()
-        t_comp = min(v[0] for v in vals)  # rep 1 records the per-layer graphs; later reps replay them
-        t_dec = min(v[1] for v in vals)
-        return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_comp - t_dense), decision_s=t_dec, check_s=0.0,
-                         source=f"this policy runs layer by layer from the host: {t_comp * 1e6:.0f} us per "
-                                f"step before any decision vs {t_dense * 1e6:.0f} us for the dense CUDA-graph step")
-
     # ------------------------------------------------------------------ run
     def run_step(self, plan: StepPlan) -> StepOut:
         return self.collect(self.launch(plan))
@@ -430,24 +399,28 @@ class CudaWholeStep:
         g = pair[self.flip]
         slot = self.slot = (self.slot + 1) % RING
         self._set_rec(plan.pos, plan.forced_exit, None if plan.token_on_device else plan.token, slot)
-        self.rec.copy_(self.rec_rows[slot], non_blocking=True)
         exits = kind[0] == "exits"
-        if exits and not plan.token_on_device:  # (re)start a chain: active flags, history, candidates
-            self._reset_ctrl(kind, plan.active, plan.forced_exit)
-            self.ctrl.copy_(self.ctrl_host, non_blocking=True)
-            draft, sched = kind[6], kind[7]
-            if sched is not None:
-                hist = [NO_HIST] * sched.window + list(plan.history)
-                self._sched_bufs(sched)[0].copy_(torch.tensor(hist[len(hist) - sched.window:], dtype=torch.long))
-            dst = draft.next_cands if draft is not None else self.cands
-            if plan.candidates is not dst:
-                dst.copy_(plan.candidates, non_blocking=True)
-        g.replay()
-        self.steps_run += 1
-        self.out_rows[slot].copy_(self.out, non_blocking=True)
-        if exits:
-            self.hn_ring[slot].copy_(self.hn)
-        self.events[slot].record()
+        caller = torch.cuda.current_stream(self.dev)
+        if not plan.token_on_device:  # a chain starts: the caller's work (prefill, a composed step) comes first
+            self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            self.rec.copy_(self.rec_rows[slot], non_blocking=True)
+            if exits and not plan.token_on_device:  # (re)start a chain: active flags, history, candidates
+                self._reset_ctrl(kind, plan.active, plan.forced_exit)
+                self.ctrl.copy_(self.ctrl_host, non_blocking=True)
+                draft, sched = kind[6], kind[7]
+                if sched is not None:
+                    hist = [NO_HIST] * sched.window + list(plan.history)
+                    self._sched_bufs(sched)[0].copy_(torch.tensor(hist[len(hist) - sched.window:], dtype=torch.long))
+                dst = draft.next_cands if draft is not None else self.cands
+                if plan.candidates is not dst:
+                    dst.copy_(plan.candidates, non_blocking=True)
+            g.replay()
+            self.steps_run += 1
+            self.out_rows[slot].copy_(self.out, non_blocking=True)
+            if exits:
+                self.hn_ring[slot].copy_(self.hn)
+            self.events[slot].record()
         return Launched(plan, (kind, slot))
 
     def collect(self, launched: Launched) -> StepOut:

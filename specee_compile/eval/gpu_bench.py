@@ -383,7 +383,7 @@ def run_bench(args) -> dict:
         "torch": torch.__version__,
         "model_shape": {**shape, "weights": "random, std 0.02"},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
-        "command": " ".join(["specee-compile bench"] + sys.argv[2:]),
+        "command": " ".join(["specee-compile bench"] + sys.argv[2 if sys.argv[1:2] == ["bench"] else 1:]),
         "results": {}, "checks": {}, "notes": [],
     }
     out_dir = args.out or os.environ.get("OUT") or "benchmarks/results"

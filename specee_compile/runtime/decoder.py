@@ -45,7 +45,7 @@ from ..config import Settings
 from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
 from .contract import Backend, DeviceSchedule, Launched, PipelinedStep, Segments, StepOut, StepPlan, WholeStep
-from .exit_costs import select_exit_points
+from .exit_costs import StepCosts, select_exit_points
 from .policies import ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
 
@@ -382,23 +382,25 @@ class Decoder:
 
     def _select_exit_points(self) -> None:
         """Keep the exit points that pay for themselves on this backend and device (exit_costs.py)."""
-        costs = None
-        if (self.s.exit_cost_check and self.whole is not None and self.s.temperature <= 0
-                and hasattr(self.whole, "step_costs")):
-            costs = self.whole.step_costs(self._template_plan())
+        costs = whole_costs = None
+        if self.s.exit_cost_check and self.s.temperature <= 0:
+            if self.whole is not None and hasattr(self.whole, "step_costs"):
+                costs = whole_costs = self.whole.step_costs(self._template_plan())  # None: it cannot run it
+            if costs is None and self.composable and self.exit_layers:
+                costs = self._composed_costs()
         rates = self.policy.exit_rates(self.exit_layers)  # a trace knows; else the artifacts' held-out rates
         if rates is None:
             rates = self.program.exit_rates
         measured = [costs]
 
-        def remeasure(kept):
+        def remeasure(kept):  # the whole step gates each kept point: fewer points, a smaller fixed cost
             self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
             self.exit_layers = list(kept)
             measured.append(self.whole.step_costs(self._template_plan()))
             return measured[-1]
 
         kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share,
-                                           remeasure=remeasure if costs is not None else None)
+                                           remeasure=remeasure if whole_costs is not None else None)
         costs = measured[-1]
         self.exit_layers = kept
         self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
@@ -410,6 +412,56 @@ class Decoder:
             note = "the artifacts carry no exit rates: every exit point kept"
         self.selection = {"exit_points_kept": kept, "exit_points_dropped": {str(k): v for k, v in dropped.items()},
                           "step_costs": costs.as_dict() if costs is not None else None, "note": note}
+
+    def _composed_costs(self) -> StepCosts:
+        """What the composed step's exit machinery costs on this backend and device (no whole step runs
+        the plan: the CPU, the eager backend, host-side policies), timed through the Segments contract at
+        the last cache slot: the layers of a dense step, one predictor decision read on the host, the
+        draft's step for one new token, the full head of the paper's check. The prompt's prefill and the
+        draft's reset in `start` come after, so nothing measured here stays."""
+        seg, L, dev = self.seg, self.L, self.seg.device
+        pos = torch.tensor([seg.max_len - 1], device=dev)
+        S = seg.attn_len(seg.max_len - 1)
+
+        def best(fn, reps: int = 3) -> float:
+            vals = []
+            for _ in range(reps + 1):  # the first call warms up (allocations, lazy compiles)
+                self._sync()
+                t = time.perf_counter()
+                fn()
+                self._sync()
+                vals.append(time.perf_counter() - t)
+            return min(vals[1:])
+
+        h0 = seg.embed(torch.zeros(1, dtype=torch.long, device=dev))
+
+        def layers():
+            h = h0
+            for i in range(L):
+                h = seg.layer(i, h, pos, S)
+            return h
+
+        t_layers = best(layers)
+        h = layers()
+        t_head = best(lambda: seg.head(h))
+        k = self.program.num_candidates
+        rows = seg.head_rows(torch.arange(k, device=dev))
+        p0 = torch.zeros(k, device=dev, dtype=torch.float32)
+        t_dec = best(lambda: float(seg.exit_score(self.exit_layers[0], h, rows, p0)[0]))
+        hn = torch.zeros(8, seg.spec.hidden, dtype=h.dtype, device=dev)
+        self.draft.reset(list(range(8)), hn)
+
+        def draft_step():
+            self.draft.observe(0, hn[0], L - 1)
+            self.draft.propose()
+
+        t_draft = best(draft_step)
+        seg.cache.reset()
+        check = t_head if self.policy.verify_in_candidates else 0.0
+        return StepCosts(layer_s=t_layers / L, fixed_s=t_draft, decision_s=t_dec, check_s=check, draft_s=t_draft,
+                         source=f"the composed step on {dev.type}: {L} layers {t_layers * 1e6:.0f} us, one decision "
+                                f"{t_dec * 1e6:.0f} us, the draft's step {t_draft * 1e6:.0f} us, the full head "
+                                f"{t_head * 1e6:.0f} us")
 
     def _template_plan(self) -> StepPlan:
         """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""
