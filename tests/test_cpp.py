@@ -223,9 +223,11 @@ def test_cli_generate_backend_cpp(exported, tmp_path):
 def test_smollm2_parity(smollm2, smollm2_export, mode):
     from specee_compile.api import build_decoder, encode_prompt
 
+    # the cost check off on both sides: the exit machinery itself is compared (on this CPU no exit point
+    # pays for SmolLM2 and both runners would decode as dense: test_smollm2_cost_check_agrees)
     conf = {"dense": {}, "paper": {"specee": True},
             "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}[mode]
-    s = Settings(max_new_tokens=48, max_context=256, **conf)
+    s = Settings(max_new_tokens=48, max_context=256, exit_cost_check=False, **conf)
     ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
     ref = build_decoder(smollm2, s).generate(ids)
     got = run_runner(smollm2_export, ids, s)
@@ -234,6 +236,24 @@ def test_smollm2_parity(smollm2, smollm2_export, mode):
     if mode != "dense":  # exits happened (lossless may have rolled every one back to the dense token)
         assert any(e < ref.num_layers - 1 for e in got["exit_layers"]) or got["rollbacks"] > 0
         assert got["predictor_calls"] == ref.predictor_calls and got["rollbacks"] == ref.rollbacks
+
+
+@pytest.mark.slow
+def test_smollm2_cost_check_agrees(smollm2, smollm2_export):
+    """With the cost check on (the default), both runners measure their own costs and apply the same
+    rule (runtime/exit_costs.py): on SmolLM2 on this CPU the draft costs more than exits save, so both
+    keep no exit point, say why, and decode the dense tokens."""
+    from specee_compile.api import build_decoder, encode_prompt
+
+    s = Settings(max_new_tokens=24, max_context=256, specee=True)
+    ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
+    ref = build_decoder(smollm2, s).generate(ids)
+    got = run_runner(smollm2_export, ids, s)
+    assert got["exit_points_kept"] == ref.exit_program["exit_points_kept"] == []
+    assert sorted(int(k) for k in got["exit_points_dropped"]) == sorted(int(k) for k in ref.exit_program["exit_points_dropped"])
+    assert "the C++ runner on cpu" in got["step_costs"]
+    dense = build_decoder(smollm2, Settings(max_new_tokens=24, max_context=256)).generate(ids)
+    assert got["token_ids"] == ref.token_ids == dense.token_ids
 
 
 @pytest.fixture(scope="module")

@@ -91,12 +91,13 @@ int main(int argc, char** argv) {
       else if (a == "--threads") opt.threads = int(to_int(a, val()));
       else if (a == "--eos") { for (auto e : int_list(a, val())) opt.eos_ids.push_back(e); }
       else if (a == "--no-manifest-eos") opt.use_manifest_eos = false;
+      else if (a == "--no-exit-cost-check") opt.exit_cost_check = false;
       else if (a == "--repeat") repeat = int(to_int(a, val()));
       else if (a == "-h" || a == "--help") {
         std::cout << "usage: specee_runner DIR --ids 1,2,3 [--mode dense|approximate|lossless] [--kv skip|backfill] "
                      "[--max-new-tokens N] [--threshold X] [--max-pending N] [--min-exit-layer N] [--no-schedule] "
                      "[--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda] [--no-verify] [--threads N] [--eos IDS] "
-                     "[--no-manifest-eos] [--repeat N]\n";
+                     "[--no-manifest-eos] [--no-exit-cost-check] [--repeat N]\n";
         return 0;
       }
       else if (!a.empty() && a[0] == '-') usage_error("unknown option " + a);

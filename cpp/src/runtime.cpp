@@ -17,6 +17,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -134,6 +135,11 @@ struct Runtime::Impl {
   std::vector<int> exit_layers;         // exit points < L-1
   std::map<int, double> thresholds;
   std::set<int> offline, pred_layers;
+  std::map<int, double> exit_rates, eval_share;  // held-out exit / evaluation share per exit point
+  bool selected = false, as_dense = false;       // the cost check ran; no exit point pays: decode dense
+  std::vector<int> kept_points;
+  std::vector<std::pair<int, std::string>> dropped_points;
+  std::string costs_source;
   // KV cache
   at::Tensor K, Vc, valid;
   // decode state
@@ -268,6 +274,10 @@ struct Runtime::Impl {
     }
     std::sort(exit_layers.begin(), exit_layers.end());
     for (const auto& x : c.at("offline_layers").arr) offline.insert(int(x.integer()));
+    if (c.has("exit_rates"))
+      for (const auto& [layer, r] : c.at("exit_rates").obj) exit_rates[std::stoi(layer)] = r.number();
+    if (c.has("eval_share"))
+      for (const auto& [layer, r] : c.at("eval_share").obj) eval_share[std::stoi(layer)] = r.number();
     for (const auto& x : c.at("predictor_layers").arr) pred_layers.insert(int(x.integer()));
     const auto& d = c.at("draft");
     dn = int(d.at("num_layers").integer());
@@ -504,8 +514,12 @@ struct Runtime::Impl {
                   std::to_string(opt.max_new_tokens) + ") = " + std::to_string(need) + " exceeds the context of " +
                   std::to_string(max_len) + " tokens; shorten the prompt, lower --max-new-tokens, or re-export with "
                   "a larger --max-context");
+    if (specee && !selected) select_exit_points();
     valid.zero_();
     res = Result();
+    res.exit_points_kept = kept_points;
+    res.exit_points_dropped = dropped_points;
+    res.step_costs = costs_source;
     res.prompt_len = int(prompt.size());
     res.num_layers = L;
     seq = prompt;
@@ -519,7 +533,7 @@ struct Runtime::Impl {
     for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
     auto [hn, logits] = head_fn(h, {P - 1});  // hn [1, P, D], logits [1, 1, V]
     const int64_t first = logits[0][-1].argmax().item<int64_t>();
-    if (specee) {
+    if (specee && !as_dense) {
       draft_reset(prompt, hn[0]);
       draft_observe(first, hn[0][P - 1]);
     }
@@ -550,8 +564,89 @@ struct Runtime::Impl {
       if (!pending.empty() && lossless) specee_step(false);  // flush: verify pending exits before stopping
       return;
     }
-    if (specee) specee_step(true);
+    if (specee && !as_dense) specee_step(true);
     else dense_step();
+  }
+
+  // ---------------------------------------------------------------------------- never slower than dense
+  // runtime/exit_costs.py's rule with this runner's own costs, timed at the last cache slot before the
+  // first prefill: the layers of a dense step, one exit decision read on the host, the draft's step for one
+  // new token, the full head of approximate mode's check. Point l is kept iff rate[l] * (L-1-l) * layer
+  // > eval_share[l] * decision + rate[l] * check; the kept set iff its net saving beats the draft's cost.
+  void select_exit_points() {
+    selected = true;
+    kept_points = exit_layers;
+    if (!opt.exit_cost_check || exit_rates.empty() || exit_layers.empty()) {
+      costs_source = opt.exit_cost_check && exit_rates.empty() ? "the artifacts carry no exit rates: every exit point kept" : "";
+      return;
+    }
+    const int64_t p = max_len - 1;
+    const at::Tensor pos = ids_tensor({p});
+    const int S = attn_len(p);
+    auto best = [&](const std::function<void()>& fn) {
+      double b = 1e30;
+      for (int r = 0; r < 4; ++r) {  // the first call warms up
+        sync();
+        const auto t = Clock::now();
+        fn();
+        sync();
+        if (r > 0) b = std::min(b, seconds_since(t));
+      }
+      return b;
+    };
+    const at::Tensor h0 = embed_ids({0});
+    at::Tensor h;
+    const double t_layers = best([&] {
+      h = h0;
+      for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
+    });
+    const double t_head = best([&] { head_fn(h, {0}); });
+    const int l0 = exit_layers.front();
+    const at::Tensor rows = head_rows_static.slice(0, 0, k).contiguous();
+    const at::Tensor p0 = at::zeros({k}, at::TensorOptions().dtype(at::kFloat).device(dev));
+    const double t_dec = best([&] {
+      auto o = exit_pkg.run({h, norm, rows, p0, pw1[l0], pb1[l0], pw2[l0], pb2[l0]});
+      (void)o[0].item<float>();
+    });
+    std::vector<int64_t> ids(8);
+    for (int j = 0; j < 8; ++j) ids[j] = j;
+    const at::Tensor hn = at::zeros({8, D}, at::TensorOptions().dtype(dtype).device(dev));
+    draft_reset(ids, hn);
+    const double t_draft = best([&] {
+      draft_observe(0, hn[0]);
+      draft_propose();
+    });
+    valid.zero_();
+    const double layer_s = t_layers / L, check = lossless ? 0.0 : t_head;
+    char buf[320];
+    std::snprintf(buf, sizeof buf, "the C++ runner on %s: %d layers %.0f us, one decision %.0f us, the draft's step %.0f us, "
+                  "the full head %.0f us", dev.is_cuda() ? "cuda" : "cpu", L, t_layers * 1e6, t_dec * 1e6, t_draft * 1e6,
+                  t_head * 1e6);
+    costs_source = buf;
+    kept_points.clear();
+    double net = 0;
+    for (int l : exit_layers) {
+      const double r = exit_rates.count(l) ? exit_rates.at(l) : 0.0;
+      const double e = eval_share.count(l) ? eval_share.at(l) : 1.0;
+      const double save = r * (L - 1 - l) * layer_s, cost = e * t_dec + r * check;
+      if (save > cost) {
+        kept_points.push_back(l);
+        net += save - cost;
+      } else {
+        std::snprintf(buf, sizeof buf, "saves %.1f us/token (exit rate %.3f x %d layers), costs %.1f us/token",
+                      save * 1e6, r, L - 1 - l, cost * 1e6);
+        dropped_points.emplace_back(l, buf);
+      }
+    }
+    if (!kept_points.empty() && net <= t_draft) {
+      std::snprintf(buf, sizeof buf, "all kept points together save %.1f us/token net, less than the exit program's "
+                    "fixed cost %.1f us/token (draft, gating): decoding as dense", net * 1e6, t_draft * 1e6);
+      for (int l : kept_points) dropped_points.emplace_back(l, buf);
+      kept_points.clear();
+    }
+    std::sort(dropped_points.begin(), dropped_points.end());
+    exit_layers = kept_points;
+    as_dense = kept_points.empty();
   }
 
   void specee_step(bool current) {
@@ -735,8 +830,16 @@ std::string Result::to_json() const {
     << ", \"load_s\": " << load_s << ", \"prefill_s\": " << prefill_s << ", \"decode_s\": " << decode_s
     << ", \"layer_passes\": " << layer_passes << ", \"layer_rows\": " << layer_rows
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
-    << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
-    << ", \"runtime\": \"cpp\"}";
+    << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls;
+  if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
+    o << ", \"exit_points_kept\": ";
+    list(exit_points_kept);
+    o << ", \"exit_points_dropped\": {";
+    for (size_t i = 0; i < exit_points_dropped.size(); ++i)
+      o << (i ? ", " : "") << "\"" << exit_points_dropped[i].first << "\": \"" << exit_points_dropped[i].second << "\"";
+    o << "}, \"step_costs\": \"" << step_costs << "\"";
+  }
+  o << ", \"runtime\": \"cpp\"}";
   return o.str();
 }
 

@@ -218,7 +218,9 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
         info.update(num_candidates=k, predictor_hidden=Hm,
                     exit_points=[[ep.layer, float(ep.threshold)] for ep in program.exit_points],
                     predictor_layers=[int(x) for x in P.layers],
-                    offline_layers=[int(x) for x in program.offline_layers])
+                    offline_layers=[int(x) for x in program.offline_layers],
+                    exit_rates={str(k_): float(v) for k_, v in program.exit_rates.items()},
+                    eval_share={str(k_): float(v) for k_, v in program.eval_share.items()})
     if draft is not None:
         draft = draft.to(device=dev, dtype=dtype)
         names = draft_weight_names(draft)

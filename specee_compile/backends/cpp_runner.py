@@ -114,6 +114,8 @@ def runner_args(directory, prompt_ids: list[int], settings: Settings) -> list[st
         args += ["--threshold", repr(float(s.threshold))]
     if not s.use_schedule:
         args.append("--no-schedule")
+    if not s.exit_cost_check:
+        args.append("--no-exit-cost-check")
     import torch
 
     return args + ["--threads", str(torch.get_num_threads())]  # the same CPU threads as this process

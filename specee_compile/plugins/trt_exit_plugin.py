@@ -65,7 +65,7 @@ if HAVE_TRITON:
         _exit_score_kernel(
             h_ptr, nw_ptr, rows_ptr, pprev_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, score_ptr, z_ptr, p_ptr,
             score_ptr, h_ptr, EPS, 0.5, 0,
-            D, HM, 0, 1, 2, K, KP, BLOCK_D, BLOCK_H, ROUND_X, ROUND_HN, HN_BF16, 0,
+            D, HM, 0, 1, 2, K, KP, BLOCK_D, BLOCK_H, ROUND_X, ROUND_HN, HN_BF16, 0, -1,
         )
 
 

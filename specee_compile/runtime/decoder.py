@@ -382,15 +382,15 @@ class Decoder:
 
     def _select_exit_points(self) -> None:
         """Keep the exit points that pay for themselves on this backend and device (exit_costs.py)."""
+        rates = self.policy.exit_rates(self.exit_layers)  # a trace knows; else the artifacts' held-out rates
+        if rates is None:
+            rates = self.program.exit_rates
         costs = whole_costs = None
-        if self.s.exit_cost_check and self.s.temperature <= 0:
+        if self.s.exit_cost_check and self.s.temperature <= 0 and rates:  # without rates nothing to weigh
             if self.whole is not None and hasattr(self.whole, "step_costs"):
                 costs = whole_costs = self.whole.step_costs(self._template_plan())  # None: it cannot run it
             if costs is None and self.composable and self.exit_layers:
                 costs = self._composed_costs()
-        rates = self.policy.exit_rates(self.exit_layers)  # a trace knows; else the artifacts' held-out rates
-        if rates is None:
-            rates = self.program.exit_rates
         measured = [costs]
 
         def remeasure(kept):  # the whole step gates each kept point: fewer points, a smaller fixed cost
@@ -406,10 +406,12 @@ class Decoder:
         self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
         self.as_dense = not kept
         note = None
-        if costs is None:
-            note = "no cost measurement on this backend/device: every exit point kept"
+        if not self.s.exit_cost_check:
+            note = "the cost check is off (exit_cost_check=False): every exit point kept"
         elif not rates:
             note = "the artifacts carry no exit rates: every exit point kept"
+        elif costs is None:
+            note = "no cost measurement on this backend/device: every exit point kept"
         self.selection = {"exit_points_kept": kept, "exit_points_dropped": {str(k): v for k, v in dropped.items()},
                           "step_costs": costs.as_dict() if costs is not None else None, "note": note}
 

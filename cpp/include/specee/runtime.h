@@ -43,6 +43,7 @@ struct Options {
   int threads = 0;                // CPU threads for libtorch + the packages (0: libtorch default)
   bool use_manifest_eos = true;   // stop at the manifest's eos_ids
   std::vector<int64_t> eos_ids;   // extra stop tokens
+  bool exit_cost_check = true;    // keep only exit points that pay for themselves (see Result::exit_points_kept)
 };
 
 struct Result {
@@ -52,6 +53,11 @@ struct Result {
   std::vector<int> exit_layers;    // per token: 0-based layer its step exited after (L-1 = full depth)
   int64_t layer_passes = 0, layer_rows = 0, decode_steps = 0, rollbacks = 0, predictor_calls = 0, head_calls = 0;
   double load_s = 0, prefill_s = 0, decode_s = 0;
+  // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
+  // runner at its first generate); none kept = SpecEE decodes as dense. Empty `step_costs`: no check ran
+  std::vector<int> exit_points_kept;
+  std::vector<std::pair<int, std::string>> exit_points_dropped;  // layer, why
+  std::string step_costs;  // how the costs were measured
   std::string to_json() const;     // the keys of the Python GenerationResult.stats() that apply
 };
 
