@@ -120,6 +120,7 @@ def program_from_bank(bank, manifest: dict, num_layers: int) -> SpecEEProgram:
         exit_points=points,
         exit_rates=rates,
         eval_share=share,
+        exit_precision=float(run["exit_precision"]) if run.get("exit_precision") is not None else None,
         predictors=Predictors(rows(bank.W1), rows(bank.b1), rows(bank.W2), rows(bank.b2[:, None]), list(bank.layers)),
         offline_layers=list(manifest.get("schedule", {}).get("offline_layers", bank.layers)),
         num_candidates=bank.k,

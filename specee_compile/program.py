@@ -47,6 +47,7 @@ class SpecEEProgram:
     exit_rates: dict[int, float] = field(default_factory=dict)  # share of tokens exiting at each layer
     #   (held-out simulation of the artifacts; what runtime/exit_costs.py weighs against measured costs)
     eval_share: dict[int, float] = field(default_factory=dict)  # share of tokens evaluating each point
+    exit_precision: float | None = None  # held-out share of exits whose token is the dense token
 
     def threshold(self, layer: int) -> float | None:
         for ep in self.exit_points:

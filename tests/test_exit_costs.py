@@ -68,3 +68,18 @@ def test_loop_decodes_as_dense_when_no_point_pays():
     # the same program where exits are cheap keeps its points and exits
     cheap = Decoder(EagerSegments(model, s, prog), s, program=prog, draft=RecentTokens()).generate(PROMPTS[0])
     assert any(e < L - 1 for e in cheap.exit_layers) and torch.is_tensor(prog.predictors.w1)
+
+
+def test_backfill_rows_and_lossless_rollbacks_are_costs():
+    """A point that pays in approximate / skip mode stops paying when its skipped layers come back as
+    extra rows (backfill) or its misses cost rollbacks of whole steps (lossless)."""
+    costs = StepCosts(layer_s=100 * US, fixed_s=10 * US, decision_s=5 * US, step_s=3300 * US)
+    rates = {4: 0.2}
+    assert select_exit_points([4], 32, costs, rates)[0] == [4]  # saves 0.2 * 27 * 100 = 540 us
+    rows = StepCosts(layer_s=100 * US, fixed_s=10 * US, decision_s=5 * US, row_s=99.5 * US, step_s=3300 * US)
+    kept, dropped = select_exit_points([4], 32, rows, rates)  # the row costs almost what the layer saved
+    assert kept == [] and "saves 2.7 us/token" in dropped[4]
+    kept, dropped = select_exit_points([4], 32, costs, rates, miss=0.5)  # 0.2 * 0.5 * 3300 / 0.8 = 412 us
+    assert kept == [4]
+    kept, dropped = select_exit_points([4], 32, costs, rates, miss=0.8)  # 660 us of rollbacks > 540 saved
+    assert kept == [] and "costs 665.0 us/token" in dropped[4]

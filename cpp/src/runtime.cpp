@@ -136,6 +136,7 @@ struct Runtime::Impl {
   std::map<int, double> thresholds;
   std::set<int> offline, pred_layers;
   std::map<int, double> exit_rates, eval_share;  // held-out exit / evaluation share per exit point
+  double exit_precision = -1;                    // held-out share of exits the dense model confirms (< 0: unknown)
   bool selected = false, as_dense = false;       // the cost check ran; no exit point pays: decode dense
   std::vector<int> kept_points;
   std::vector<std::pair<int, std::string>> dropped_points;
@@ -278,6 +279,8 @@ struct Runtime::Impl {
       for (const auto& [layer, r] : c.at("exit_rates").obj) exit_rates[std::stoi(layer)] = r.number();
     if (c.has("eval_share"))
       for (const auto& [layer, r] : c.at("eval_share").obj) eval_share[std::stoi(layer)] = r.number();
+    if (c.has("exit_precision") && c.at("exit_precision").kind != json::Value::Null)
+      exit_precision = c.at("exit_precision").number();
     for (const auto& x : c.at("predictor_layers").arr) pred_layers.insert(int(x.integer()));
     const auto& d = c.at("draft");
     dn = int(d.at("num_layers").integer());
@@ -571,8 +574,10 @@ struct Runtime::Impl {
   // ---------------------------------------------------------------------------- never slower than dense
   // runtime/exit_costs.py's rule with this runner's own costs, timed at the last cache slot before the
   // first prefill: the layers of a dense step, one exit decision read on the host, the draft's step for one
-  // new token, the full head of approximate mode's check. Point l is kept iff rate[l] * (L-1-l) * layer
-  // > eval_share[l] * decision + rate[l] * check; the kept set iff its net saving beats the draft's cost.
+  // new token, the full head of approximate mode's check, with backfill one more row through the layers.
+  // Point l is kept iff rate[l] * (L-1-l) * (layer - row) > eval_share[l] * decision + rate[l] * check
+  // + rate[l] * (1 - precision) * step / (1 - total rate) (lossless rollbacks); the kept set iff its net
+  // saving beats the draft's cost.
   void select_exit_points() {
     selected = true;
     kept_points = exit_layers;
@@ -601,6 +606,15 @@ struct Runtime::Impl {
       for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
     });
     const double t_head = best([&] { head_fn(h, {0}); });
+    double row_s = 0;  // backfill: what one more row adds to a layer pass
+    if (backfill) {
+      const at::Tensor pos2 = ids_tensor({p - 1, p}), h2 = embed_ids({0, 0});
+      const double t2 = best([&] {
+        at::Tensor x = h2;
+        for (int i = 0; i < L; ++i) x = layer(i, x, pos2, S);
+      });
+      row_s = std::max(0.0, t2 - t_layers) / L;
+    }
     const int l0 = exit_layers.front();
     const at::Tensor rows = head_rows_static.slice(0, 0, k).contiguous();
     const at::Tensor p0 = at::zeros({k}, at::TensorOptions().dtype(at::kFloat).device(dev));
@@ -617,7 +631,11 @@ struct Runtime::Impl {
       draft_propose();
     });
     valid.zero_();
-    const double layer_s = t_layers / L, check = lossless ? 0.0 : t_head;
+    const double layer_s = t_layers / L, check = lossless ? 0.0 : t_head, step_s = t_layers + t_head;
+    const double miss = lossless && exit_precision >= 0 ? 1.0 - exit_precision : 0.0;  // rolled-back exits
+    double total = 0;
+    for (int l : exit_layers) total += exit_rates.count(l) ? exit_rates.at(l) : 0.0;
+    const double run = 1.0 / std::max(0.05, 1.0 - total);  // steps a rollback throws away
     char buf[320];
     std::snprintf(buf, sizeof buf, "the C++ runner on %s: %d layers %.0f us, one decision %.0f us, the draft's step %.0f us, "
                   "the full head %.0f us", dev.is_cuda() ? "cuda" : "cpu", L, t_layers * 1e6, t_dec * 1e6, t_draft * 1e6,
@@ -628,7 +646,8 @@ struct Runtime::Impl {
     for (int l : exit_layers) {
       const double r = exit_rates.count(l) ? exit_rates.at(l) : 0.0;
       const double e = eval_share.count(l) ? eval_share.at(l) : 1.0;
-      const double save = r * (L - 1 - l) * layer_s, cost = e * t_dec + r * check;
+      const double save = r * (L - 1 - l) * std::max(0.0, layer_s - row_s);
+      const double cost = e * t_dec + r * check + r * miss * step_s * run;
       if (save > cost) {
         kept_points.push_back(l);
         net += save - cost;

@@ -220,7 +220,8 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
                     predictor_layers=[int(x) for x in P.layers],
                     offline_layers=[int(x) for x in program.offline_layers],
                     exit_rates={str(k_): float(v) for k_, v in program.exit_rates.items()},
-                    eval_share={str(k_): float(v) for k_, v in program.eval_share.items()})
+                    eval_share={str(k_): float(v) for k_, v in program.eval_share.items()},
+                    exit_precision=program.exit_precision)
     if draft is not None:
         draft = draft.to(device=dev, dtype=dtype)
         names = draft_weight_names(draft)

@@ -136,8 +136,8 @@ class CudaWholeStep:
         exit steps when the draft runs on the device and the active set needs no host (static, or the
         device schedule)."""
         kind = self.kind(plan)
-        if kind is None:
-            return False
+        if kind is None or (kind, self.seg.attn_len(plan.pos + 1)) not in self.graphs:
+            return False  # (a capture now would run warm-up steps over the device state the chain carries)
         if kind[0] == "dense":
             return True
         return kind[6] is not None and (plan.schedule is None or kind[7] is not None)
@@ -189,6 +189,9 @@ class CudaWholeStep:
             with torch.cuda.graph(g, pool=self.pool):
                 self._body(kind, S, g)
             pair.append(g)
+        for g in pair:  # a graph's first launch uploads it to the device: pay that here, not on a token
+            g.replay()
+        torch.cuda.synchronize(self.dev)
         return pair
 
     def _if(self, g, a, b=None):

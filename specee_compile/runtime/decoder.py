@@ -399,8 +399,12 @@ class Decoder:
             measured.append(self.whole.step_costs(self._template_plan()))
             return measured[-1]
 
+        miss = 0.0
+        if self.policy.needs_rollback:  # lossless: a token the dense model does not confirm is rolled back
+            prec = self.program.exit_precision
+            miss = 1.0 - prec if prec is not None else 0.0
         kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share,
-                                           remeasure=remeasure if whole_costs is not None else None)
+                                           remeasure=remeasure if whole_costs is not None else None, miss=miss)
         costs = measured[-1]
         self.exit_layers = kept
         self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
@@ -446,6 +450,17 @@ class Decoder:
         t_layers = best(layers)
         h = layers()
         t_head = best(lambda: seg.head(h))
+        row_s = 0.0
+        if self.kv.keeps_pending:  # backfill: an exited row rides along a later pass
+            pos2 = torch.tensor([seg.max_len - 2, seg.max_len - 1], device=dev)
+            h2 = seg.embed(torch.zeros(2, dtype=torch.long, device=dev))
+
+            def layers2():
+                x = h2
+                for i in range(L):
+                    x = seg.layer(i, x, pos2, S)
+
+            row_s = max(0.0, best(layers2) - t_layers) / L
         k = self.program.num_candidates
         rows = seg.head_rows(torch.arange(k, device=dev))
         p0 = torch.zeros(k, device=dev, dtype=torch.float32)
@@ -460,10 +475,12 @@ class Decoder:
         t_draft = best(draft_step)
         seg.cache.reset()
         check = t_head if self.policy.verify_in_candidates else 0.0
-        return StepCosts(layer_s=t_layers / L, fixed_s=t_draft, decision_s=t_dec, check_s=check, draft_s=t_draft,
+        return StepCosts(layer_s=t_layers / L, fixed_s=t_draft, decision_s=t_dec, check_s=check, row_s=row_s,
+                         step_s=t_layers + t_head, draft_s=t_draft,
                          source=f"the composed step on {dev.type}: {L} layers {t_layers * 1e6:.0f} us, one decision "
                                 f"{t_dec * 1e6:.0f} us, the draft's step {t_draft * 1e6:.0f} us, the full head "
-                                f"{t_head * 1e6:.0f} us")
+                                f"{t_head * 1e6:.0f} us" + (f", one more row {row_s * 1e6:.0f} us per layer"
+                                                             if self.kv.keeps_pending else ""))
 
     def _template_plan(self) -> StepPlan:
         """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""

@@ -17,8 +17,14 @@ Inputs, per token:  layer_s   one decoder layer
                     fixed_s   running the exit program at all (draft, gating), no decision, no exit
                     decision_s one predictor evaluation at an active point
                     check_s   the paper's full-head check when an exit is proposed (0 if none)
-    point l saves   rate[l] * (L - 1 - l) * layer_s
-    point l costs   evals[l] * decision_s + rate[l] * check_s
+                    row_s     kv backfill: what one more row adds to a layer pass (the exited row is
+                              pushed through the layers it skipped later, with another token's row)
+                    step_s    a dense step (what a lossless rollback throws away)
+                    miss      lossless: the share of exits whose token the dense model does not confirm
+                              (1 - held-out exit precision); each costs a rollback of ~1 / (1 - exit
+                              rate) steps (the exits in a row since the last full-depth step)
+    point l saves   rate[l] * (L - 1 - l) * (layer_s - row_s)
+    point l costs   evals[l] * decision_s + rate[l] * check_s + rate[l] * miss * step_s / (1 - total rate)
 keep l iff it saves more than it costs; keep none if the kept savings minus costs <= fixed_s (measured
 again for the kept points: gating fewer points costs less).
 """
@@ -34,18 +40,21 @@ class StepCosts:
     fixed_s: float
     decision_s: float
     check_s: float = 0.0
+    row_s: float = 0.0
+    step_s: float = 0.0
     draft_s: float | None = None  # the draft step alone (part of fixed_s; reported, not used to decide)
     source: str = ""  # how they were measured
 
     def as_dict(self) -> dict:
         return {"layer_us": round(self.layer_s * 1e6, 2), "fixed_us": round(self.fixed_s * 1e6, 2),
                 "decision_us": round(self.decision_s * 1e6, 2), "check_us": round(self.check_s * 1e6, 2),
+                "row_us": round(self.row_s * 1e6, 2), "step_us": round(self.step_s * 1e6, 2),
                 "draft_us": None if self.draft_s is None else round(self.draft_s * 1e6, 2), "source": self.source}
 
 
 def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
                        rates: dict[int, float] | None, evals: dict[int, float] | None = None,
-                       remeasure=None) -> tuple[list[int], dict[int, str]]:
+                       remeasure=None, miss: float = 0.0) -> tuple[list[int], dict[int, str]]:
     """(kept layers, {dropped layer: reason}). `evals[l]`: share of tokens on which point l is evaluated
     (scheduling), 1.0 where unknown. `remeasure(kept) -> StepCosts`: the fixed cost depends on how
     many points the program gates (one IF node each), so it is measured again for the points kept."""
@@ -55,11 +64,12 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
         return list(layers), {}
     L = num_layers
     kept, dropped, net = [], {}, 0.0
+    run = 1.0 / max(0.05, 1.0 - sum(float(rates.get(layer, 0.0)) for layer in layers))  # steps a rollback loses
     for layer in layers:
         r = float(rates.get(layer, 0.0))
         e = 1.0 if evals is None else float(evals.get(layer, 1.0))
-        save = r * (L - 1 - layer) * costs.layer_s
-        cost = e * costs.decision_s + r * costs.check_s
+        save = r * (L - 1 - layer) * max(0.0, costs.layer_s - costs.row_s)
+        cost = e * costs.decision_s + r * costs.check_s + r * miss * costs.step_s * run
         if save > cost:
             kept.append(layer)
             net += save - cost
