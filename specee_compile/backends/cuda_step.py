@@ -356,14 +356,7 @@ class CudaWholeStep:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
             draft.device_step(self.out[0:1], self.hn, self.pos, S)
-        g.replay()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / reps
+        return _replay_time(g, reps)
 
     def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
         g = self.graphs.get((kind, S))
@@ -374,15 +367,7 @@ class CudaWholeStep:
         if kind[0] == "exits":
             self._reset_ctrl(kind, active, forced)
             self.ctrl.copy_(self.ctrl_host)
-        for _ in range(3):
-            g.replay()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / reps
+        return _replay_time(g, reps)
 
     # ------------------------------------------------------------------ run
     def run_step(self, plan: StepPlan) -> StepOut:
@@ -441,6 +426,19 @@ class CudaWholeStep:
             heads += 1
         return StepOut(token=tok, exit_layer=layer, hn=self.hn_ring[slot], predictor_calls=calls, head_calls=heads,
                        draft_stepped=kind[6] is not None)
+
+
+def _replay_time(g, reps: int) -> float:
+    """Seconds per replay of a captured graph: CUDA events around `reps` replays after 3 warm ones."""
+    for _ in range(3):
+        g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / reps
 
 
 def _progress(total: int, desc: str):
