@@ -383,7 +383,7 @@ def run_bench(args) -> dict:
         "torch": torch.__version__,
         "model_shape": {**shape, "weights": "random, std 0.02"},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
-        "command": " ".join(["specee-compile bench"] + sys.argv[2 if sys.argv[1:2] == ["bench"] else 1:]),
+        "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
         "results": {}, "checks": {}, "notes": [],
     }
     out_dir = args.out or os.environ.get("OUT") or "benchmarks/results"
@@ -421,8 +421,57 @@ def run_bench(args) -> dict:
     res["gpu_state_end"] = gpu_state() if dev.type == "cuda" else None
     save()
     print_table(res)
-    log(f"wrote {out_path}")
+    png = plot_record(res, out_path[: -len(".json")] + ".png")
+    log(f"wrote {out_path}" + (f", {png}" if png else ""))
     return res
+
+
+def plot_record(res: dict, path: str) -> str | None:
+    """Decode tok/s of every variant of one bench record as bars, each SpecEE bar labelled with its
+    ratio to the dense bar of the same model (matplotlib PNG); None without matplotlib or figures."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    R_ = res["results"]
+    bars = []  # (panel, label, tok/s, ratio or None)
+    if "product_dense_tok_s" in R_:
+        dense = R_["product_dense_tok_s"]
+        bars.append(("7B shapes", "dense", dense, None))
+        for k, label in (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits")):
+            if isinstance(R_.get(k), dict):
+                bars.append(("7B shapes", label, R_[k]["median"], R_[k]["median"] / dense))
+        if "yardstick_whole_tok_s" in R_:
+            bars.append(("7B shapes", "yardstick", R_["yardstick_whole_tok_s"], None))
+    if "smollm2_dense_tok_s" in R_:
+        dense = R_["smollm2_dense_tok_s"]
+        bars.append(("SmolLM2-135M", "dense", dense, None))
+        for k, label in (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless")):
+            if isinstance(R_.get(k), dict):
+                bars.append(("SmolLM2-135M", label, R_[k]["tok_s"], R_[k]["tok_s"] / dense))
+    if not bars:
+        return None
+    panels = list(dict.fromkeys(b[0] for b in bars))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = [b for b in bars if b[0] == panel]
+        xs = range(len(rows))
+        ax.bar(xs, [b[2] for b in rows], color=["#4c72b0" if b[3] is None else "#dd8452" for b in rows])
+        for x, b in zip(xs, rows):
+            ax.text(x, b[2], f"{b[2]:.0f}" + (f"\n{b[3]:.3f}x" if b[3] is not None else ""), ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), [b[1] for b in rows], rotation=15, fontsize=8)
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylabel("decode tok/s (Decoder.generate)")
+        ax.margins(y=0.2)
+    fig.suptitle(f"{res['card']}, {res['date']}, commit {res['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def print_table(res: dict) -> None:
@@ -459,7 +508,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the record's `command`
     if args.smollm2 and not args.prompts:
         from ..errors import SpecEEError
 

@@ -530,6 +530,7 @@ class Decoder:
         S = seg.attn_len(p)
         exit_layer, token, hn_cur = None, None, None
         active = plan.active if plan is not None else frozenset()
+        pos_key, pos = None, None
         for i in range(L):
             while waiting and waiting[0].done == i - 1:  # pending rows that skipped layer i join here
                 rows.insert(0, waiting.pop(0))
@@ -537,12 +538,17 @@ class Decoder:
             if not rows:
                 continue
             h = torch.cat([r.h for r in rows], dim=1) if len(rows) > 1 else rows[0].h
-            pos = torch.tensor([r.pos for r in rows], device=dev)
+            key = tuple(r.pos for r in rows)
+            if key != pos_key:  # the positions change only when rows join: one tensor per change
+                pos_key, pos = key, torch.tensor(key, device=dev)
             h = seg.layer(i, h, pos, S)
             res.layer_passes += 1
             res.layer_rows += len(rows)
-            for j, r in enumerate(rows):
-                r.h, r.done = h[:, j : j + 1], i
+            if len(rows) == 1:
+                rows[0].h, rows[0].done = h, i
+            else:
+                for j, r in enumerate(rows):
+                    r.h, r.done = h[:, j : j + 1], i
             if i in active:
                 score, z, p_prev = seg.exit_score(i, rows[-1].h, w_rows, p_prev)
                 res.predictor_calls += 1

@@ -1,0 +1,23 @@
+"""`specee-compile bench --tiny` on the CPU: the whole benchmark (Decoder.generate through the public API,
+the trace policy, the cost check of the composed path) runs end to end and writes its record and plot."""
+
+from __future__ import annotations
+
+import json
+
+from specee_compile.cli import main
+
+
+def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
+    rc = main(["bench", "--tiny", "--device", "cpu", "--runs", "1", "--skip-hf", "--new-tokens", "8",
+               "--out", str(tmp_path)])
+    assert rc in (0, None), capsys.readouterr().err[-2000:]
+    (rec,) = tmp_path.glob("*-tiny.json")
+    res = json.loads(rec.read_text())
+    R = res["results"]
+    assert R["product_dense_tok_s"] > 0 and R["specee232"]["tokens"] == 8
+    costs = R["specee232"]["exit_program"]["step_costs"]
+    assert costs["layer_us"] > 0 and costs["draft_us"] > 0 and "composed step on cpu" in costs["source"]
+    assert res["command"].startswith("specee-compile bench --tiny")
+    png = rec.with_suffix(".png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
