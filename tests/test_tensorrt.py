@@ -97,6 +97,20 @@ def test_rtx_refuses_plugin_graph_without_parsing_it(exported, tmp_path):
         build_engines(out / "decode_step.plugin.onnx", tmp_path, targets=["SM86"])
 
 
+def test_engine_written_without_a_stream_writer(tmp_path):
+    """Builders without build_serialized_network_to_stream: the one plan buffer goes to the file as is."""
+    from types import SimpleNamespace
+
+    from specee_compile.backends.tensorrt import _build_to_file
+
+    plan = bytes(range(256)) * 40
+    ok = _build_to_file(SimpleNamespace(), SimpleNamespace(build_serialized_network=lambda n, c: plan), None, None,
+                        tmp_path / "a.engine")
+    assert ok and (tmp_path / "a.engine").read_bytes() == plan
+    failed = SimpleNamespace(build_serialized_network=lambda n, c: None)
+    assert not _build_to_file(SimpleNamespace(), failed, None, None, tmp_path / "b.engine")
+
+
 def test_no_tensorrt_says_how_to_install(monkeypatch):
     from specee_compile.backends import tensorrt as mod
 
