@@ -249,7 +249,8 @@ def test_smollm2_cost_check_agrees(smollm2, smollm2_export):
     ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
     ref = build_decoder(smollm2, s).generate(ids)
     got = run_runner(smollm2_export, ids, s)
-    assert got["exit_points_kept"] == ref.exit_program["exit_points_kept"] == []
+    why = f"C++: {got.get('step_costs')} {got.get('exit_points_dropped')}; Python: {ref.exit_program}"
+    assert got["exit_points_kept"] == ref.exit_program["exit_points_kept"] == [], why
     assert sorted(int(k) for k in got["exit_points_dropped"]) == sorted(int(k) for k in ref.exit_program["exit_points_dropped"])
     assert "the C++ runner on cpu" in got["step_costs"]
     dense = build_decoder(smollm2, Settings(max_new_tokens=24, max_context=256)).generate(ids)
