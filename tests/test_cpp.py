@@ -224,9 +224,10 @@ def test_smollm2_parity(smollm2, smollm2_export, mode):
     from specee_compile.api import build_decoder, encode_prompt
 
     # the cost check off on both sides: the exit machinery itself is compared (on this CPU no exit point
-    # pays for SmolLM2 and both runners would decode as dense: test_smollm2_cost_check_agrees)
-    conf = {"dense": {}, "paper": {"specee": True},
-            "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}[mode]
+    # pays for SmolLM2 and both runners would decode as dense: test_smollm2_cost_check_agrees); one
+    # threshold of 0.5 for every point, so exits happen on this short prompt with the shipped head
+    conf = {"dense": {}, "paper": {"specee": True, "threshold": 0.5},
+            "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill", "threshold": 0.5}}[mode]
     s = Settings(max_new_tokens=48, max_context=256, exit_cost_check=False, **conf)
     ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
     ref = build_decoder(smollm2, s).generate(ids)
