@@ -438,20 +438,18 @@ def plot_record(res: dict, path: str) -> str | None:
         return None
     R_ = res["results"]
     bars = []  # (panel, label, tok/s, ratio or None)
-    if "product_dense_tok_s" in R_:
-        dense = R_["product_dense_tok_s"]
-        bars.append(("7B shapes", "dense", dense, None))
-        for k, label in (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits")):
-            if isinstance(R_.get(k), dict):
-                bars.append(("7B shapes", label, R_[k]["median"], R_[k]["median"] / dense))
-        if "yardstick_whole_tok_s" in R_:
-            bars.append(("7B shapes", "yardstick", R_["yardstick_whole_tok_s"], None))
-    if "smollm2_dense_tok_s" in R_:
-        dense = R_["smollm2_dense_tok_s"]
-        bars.append(("SmolLM2-135M", "dense", dense, None))
-        for k, label in (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless")):
-            if isinstance(R_.get(k), dict):
-                bars.append(("SmolLM2-135M", label, R_[k]["tok_s"], R_[k]["tok_s"] / dense))
+    for panel, dense_key, variants, speed in (
+            ("7B shapes", "product_dense_tok_s",
+             (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits")), "median"),
+            ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless")),
+             "tok_s")):
+        if dense_key not in R_:
+            continue
+        dense = R_[dense_key]
+        bars.append((panel, "dense", dense, None))
+        bars += [(panel, label, R_[k][speed], R_[k][speed] / dense) for k, label in variants if isinstance(R_.get(k), dict)]
+        if panel == "7B shapes" and "yardstick_whole_tok_s" in R_:
+            bars.append((panel, "yardstick", R_["yardstick_whole_tok_s"], None))
     if not bars:
         return None
     panels = list(dict.fromkeys(b[0] for b in bars))
