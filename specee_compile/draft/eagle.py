@@ -645,16 +645,22 @@ class DeviceEagleSource(EagleSource):
             self.known[self.draft.vocab_ids] = True
             self.n_extra.zero_()
 
-    def _add_context_token(self, tok: int, pos: int) -> None:
+    def _note_context_token(self, tok: int, pos: int) -> int | None:
+        """Host bookkeeping of the context vocabulary: the extra slot `tok` takes, or None."""
         n = len(self._extra_ids)
-        if not self.context_vocab or tok in self._static or tok in self._extra_set or not 0 <= tok < self.draft.vocab_size:
-            return
-        if n >= self.max_extra:
-            return
-        self._extra_rows[n] = self.draft.head_weight[tok].to(self._dt)
+        if (not self.context_vocab or tok in self._static or tok in self._extra_set
+                or not 0 <= tok < self.draft.vocab_size or n >= self.max_extra):
+            return None
         self._extra_ids.append(tok)
         self._extra_first.append(pos)
         self._extra_set.add(tok)
+        return n
+
+    def _add_context_token(self, tok: int, pos: int) -> None:
+        n = self._note_context_token(tok, pos)
+        if n is None:
+            return
+        self._extra_rows[n] = self.draft.head_weight[tok].to(self._dt)
         self.vocab_map[self._nstatic + n] = tok
         self.known[tok] = True
         self.n_extra.fill_(n + 1)
@@ -741,12 +747,7 @@ class DeviceEagleSource(EagleSource):
         p = len(self.ids) - 1
         self._feats[p].copy_(hidden.reshape(-1))
         self.ids.append(int(token))
-        tok = int(token)
-        if (self.context_vocab and tok not in self._static and tok not in self._extra_set
-                and 0 <= tok < self.draft.vocab_size and len(self._extra_ids) < self.max_extra):
-            self._extra_ids.append(tok)
-            self._extra_first.append(p + 1)
-            self._extra_set.add(tok)
+        self._note_context_token(int(token), p + 1)
         self._cache_len = len(self.ids) - 1
         self._proposal = self.next_cands
 
