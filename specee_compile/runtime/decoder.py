@@ -316,8 +316,8 @@ class Decoder:
             return None
         if plan.candidates is None:
             return StepPlan(token=-1, pos=plan.pos + 1, token_on_device=True)
-        if self.kv.keeps_pending or (self.scheduler is not None and self.s.use_schedule and plan.schedule is None):
-            return None  # an exit leaves a pending row / the active set needs the host: decided after the token
+        if self.kv.keeps_pending:
+            return None  # an exit leaves a pending row: whether the next step composes is known after the token
         return StepPlan(token=-1, pos=plan.pos + 1, candidates=plan.candidates, active=plan.active,
                         thresholds=plan.thresholds, policy=plan.policy,
                         forced_exit=self.policy.forced_layer(self.res.decode_steps + 1), draft=plan.draft,
