@@ -156,13 +156,14 @@ def save_program_artifacts(out_dir, loaded, bank, *, source: str, draft=None, of
 # ---------------------------------------------------------------- decoders
 
 def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None, *, program=None, draft=None,
-                  scheduler=None, policy=None) -> Decoder:
+                  scheduler=None, policy=None, accept=None) -> Decoder:
     """A Decoder for `loaded` on settings.backend; with settings.specee, loads the artifacts
     (`artifacts_dir`, else settings.artifacts, else the shipped ones). Pass `segments` of an earlier
     decoder (same model, backend and artifacts) to share its compiled segments and cache.
     `program` + `draft` given in memory replace the artifacts (the benchmark's random 7B-shaped
     predictors; the scheduler defaults to the program's two-level schedule); `policy` replaces the exit policy of settings.mode (the benchmark's
-    `runtime.policies.trace_exits`)."""
+    `runtime.policies.trace_exits`); `accept` the tree's acceptance policy (the benchmark's
+    `runtime.policies.trace_accepts`)."""
     if settings.specee and program is None:
         directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
         if directory is None:
@@ -179,14 +180,21 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
-    draft = _device_draft(draft, segments)
+    draft = _device_draft(draft, segments, settings)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler,
-                   policy=policy)
+                   policy=policy, accept=accept)
 
 
-def _device_draft(draft, segments):
-    """On a backend with a captured whole step (CUDA), the EAGLE draft runs inside that step."""
+def _device_draft(draft, segments, settings: Settings):
+    """On a backend with a captured whole step (CUDA), the EAGLE draft runs inside that step; a tree
+    draft that the fixed tree program may run (runtime/tree.py) keeps its buffers on the device."""
     from .draft.eagle import DeviceEagleSource, EagleSource
+    from .draft.tree import DeviceEagleTreeSource, EagleTreeSource
+
+    if type(draft) is EagleTreeSource and settings.temperature <= 0 and (
+            settings.tree_program == "fixed" or (settings.tree_program == "auto" and segments.device.type == "cuda")):
+        return DeviceEagleTreeSource(draft.draft, k=draft.k, context_vocab=draft.context_vocab,
+                                     max_len=segments.max_len, compile=segments.device.type == "cuda")
 
     if type(draft) is EagleSource and hasattr(segments, "can_run") and segments.device.type == "cuda":
         return DeviceEagleSource.from_source(draft, segments.max_len, compile=True)

@@ -17,6 +17,7 @@ from .config import (
     KV_POLICIES,
     MODES,
     SPECULATE,
+    TREE_PROGRAMS,
     Settings,
     range_problem,
 )
@@ -27,7 +28,7 @@ def _settings_from(args, **over) -> Settings:
     fields = {}
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
-                 "speculate", "tree_budget", "tree_depth", "tree_topk"):
+                 "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -61,6 +62,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-budget", type=int, default=24, help="tree: draft nodes verified per step")
     p.add_argument("--tree-depth", type=int, default=6, help="tree: levels below the last token")
     p.add_argument("--tree-topk", type=int, default=8, help="tree: children per expanded node, nodes expanded per level")
+    p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
+                   help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
+                        "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")
     p.add_argument("--no-schedule", action="store_true", help="run every predictor (no two-level scheduling)")
 
 

@@ -14,6 +14,7 @@ KV_POLICIES = tuple(_KV_POLICIES)
 BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
+TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
 
 
 @dataclass
@@ -79,6 +80,11 @@ class Settings:
     """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside)."""
     tree_topk: int = 8
     """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k)."""
+    tree_program: str = "auto"
+    """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
+    attention bucket on CUDA; greedy, no prompt-lookup path, no exits on the tree); host = the step driven
+    from the host (any mode, sampling, SpecEE on the tree, prompt lookup); auto = fixed on CUDA where
+    it applies (greedy, an EAGLE draft on the device), else host."""
 
     # ---- two-level scheduling ----
     use_schedule: bool = True
@@ -110,6 +116,7 @@ class Settings:
         check("kv_policy", KV_POLICIES)
         check("backend", BACKENDS)
         check("speculate", SPECULATE)
+        check("tree_program", TREE_PROGRAMS)
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         needs_kv = EXIT_POLICIES[self.mode].needs_kv
@@ -143,6 +150,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "tree_depth": ("int", 1, True, None),
     "tree_topk": ("int", 1, True, None),
     "speculate": ("str",),
+    "tree_program": ("str",),
     "online_window": ("int", 0, True, None),
     "offline_max_layers": ("int", 0, True, None),
     "temperature": ("float", 0.0, True, None),

@@ -19,5 +19,8 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     costs = R["specee232"]["exit_program"]["step_costs"]
     assert costs["layer_us"] > 0 and costs["draft_us"] > 0 and "composed step on cpu" in costs["source"]
     assert res["command"].startswith("specee-compile bench --tiny")
+    tree = R["tree35"]  # the fixed tree program, driven by an acceptance trace of mean 3.5
+    assert tree["tokens"] == 8 and tree["tree_program"] == "fixed" and tree["accepted_per_step"] > 1.5
+    assert R["product_tree35_ratio"] > 0
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -370,3 +370,100 @@ def test_inductor_backend_tree_equals_dense():
     res = tree_dec(model, OracleTree(model), 16, backend="inductor", tree_budget=6, tree_depth=3).generate(PROMPT)
     assert res.token_ids == ref.token_ids
     assert res.accepted_per_step > 2.0
+
+
+# ---------------------------------------------------------------- the fixed tree program (FixedTree)
+def _fixed_vs_host(model, device="cpu", backend="eager", n=40, **tree):
+    from specee_compile.draft.tree import DeviceEagleTreeSource
+
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)
+    draft.to(device).eval()
+    out = {}
+    for prog in ("host", "fixed"):
+        s = Settings(max_new_tokens=n, speculate="tree", tree_program=prog, device=device, backend=backend, **tree)
+        src = (DeviceEagleTreeSource(draft, k=4, max_len=s.max_context) if prog == "fixed"
+               else EagleTreeSource(draft, k=4))
+        src.lookup = False  # the fixed program has no prompt-lookup path: same trees on both
+        dec = Decoder(make_segments(model, s), s, draft=src)
+        out[prog] = (dec.generate(PROMPT), dec)
+    return out
+
+
+@pytest.mark.parametrize("budget,depth,topk", [(12, 4, 4), (1, 1, 1), (30, 6, 8), (5, 6, 2)])
+def test_fixed_tree_program_equals_host_step_and_dense(budget, depth, topk):
+    """Same trees, same accepted paths, same tokens as the host step (and dense greedy); it really ran."""
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40)
+    out = _fixed_vs_host(model, tree_budget=budget, tree_depth=depth, tree_topk=topk)
+    (host, _), (fixed, dec) = out["host"], out["fixed"]
+    assert dec.tree._fixed_on and dec.tree.fixed.programs
+    assert fixed.token_ids == host.token_ids == ref.token_ids
+    assert fixed.verify_steps == host.verify_steps
+    assert dec.tree.accepted_log == out["host"][1].tree.accepted_log
+
+
+def test_fixed_tree_program_follows_an_acceptance_trace():
+    from specee_compile.draft.tree import DeviceEagleTreeSource
+    from specee_compile.runtime.policies import trace_accepts
+
+    model = make_tiny_llama()
+    d = EagleDraft(model)
+    _init_draft(d, 0)
+    d.head_rows = d.head_rows * 50.0  # a confident draft: its tree is a deep chain
+    s = Settings(max_new_tokens=60, speculate="tree", tree_program="fixed", tree_budget=12, tree_depth=6)
+    dec = Decoder(make_segments(model, s), s, draft=DeviceEagleTreeSource(d.eval(), k=4), accept=trace_accepts([3, 5, 1, 4]))
+    res = dec.generate(PROMPT)
+    assert dec.tree.accepted_log[:8] == [3, 5, 1, 4, 3, 5, 1, 4]
+    assert len(res.token_ids) == 60
+    with pytest.raises(SpecEEError, match="acceptance trace needs the fixed tree program"):
+        s2 = s.replace(tree_program="host")
+        Decoder(make_segments(model, s2), s2, draft=eagle_tree(model), accept=trace_accepts([2]))
+
+
+def test_fixed_tree_program_refuses_what_it_cannot_run():
+    model = make_tiny_llama()
+    s = Settings(max_new_tokens=8, speculate="tree", tree_program="fixed", temperature=0.7)
+    with pytest.raises(SpecEEError, match="cannot run here: it decodes greedily"):
+        Decoder(make_segments(model, s), s, draft=eagle_tree(model))
+    with pytest.raises(SpecEEError, match="tree_program='bogus' is not one of auto, fixed, host"):
+        Settings(speculate="tree", tree_program="bogus")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_fixed_tree_program_captured_on_cuda_equals_dense(backend):
+    """On CUDA the fixed program is a CUDA graph per bucket (Segments.capture); greedy output = dense."""
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40, device="cuda", backend=backend)
+    out = _fixed_vs_host(model, device="cuda", backend=backend, tree_budget=12, tree_depth=4, tree_topk=4)
+    (host, _), (fixed, dec) = out["host"], out["fixed"]
+    assert dec.tree._fixed_on and dec.tree.fixed.programs
+    assert all(type(g).__name__ == "method" for g in dec.tree.fixed.programs.values())  # CUDAGraph.replay
+    assert fixed.token_ids == ref.token_ids == host.token_ids
+
+
+def test_fixed_tree_program_reads_nothing_on_the_host():
+    """A CUDA graph cannot hold a host read: no op of the program may turn a tensor into a Python value
+    (`_local_scalar_dense`: .item(), int(t), a 0-d index) or have a data-dependent shape (nonzero)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero,
+                                       torch.ops.aten.masked_select, torch.ops.aten.unique_consecutive):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = make_tiny_llama()
+    out = _fixed_vs_host(model, n=12, tree_budget=12, tree_depth=4, tree_topk=4)
+    f = out["fixed"][1].tree.fixed
+    S = f.bucket(30)
+    f.p.fill_(20)
+    with HostReads() as mode:
+        f.body(S)
+    assert mode.seen == []

@@ -100,6 +100,27 @@ class Segments:
 
         return rms_norm(h, self.weights.norm, self.spec.eps)
 
+    def capture(self, fn, reset):
+        """runtime.contract.Captures: on CUDA, fn as a CUDA graph (two warm-up runs compile and autotune
+        outside it; one replay after capture uploads it, so the first real replay is not slower); every
+        run here is preceded by reset(). Elsewhere fn itself."""
+        if self.device.type != "cuda":
+            return fn
+        if getattr(self, "_capture_pool", None) is None:
+            self._capture_pool = torch.cuda.graph_pool_handle()
+        for _ in range(2):
+            reset()
+            fn()
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        reset()
+        with torch.cuda.graph(g, pool=self._capture_pool):
+            fn()
+        reset()
+        g.replay()
+        torch.cuda.synchronize(self.device)
+        return g.replay
+
     def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor):
         # h [1, 1, D]; rows [k, D]; p_prev [k] -> (score [1], z [k], p [k]) float32
         P = self.predictors

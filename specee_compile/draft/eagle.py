@@ -713,32 +713,46 @@ class DeviceEagleSource(EagleSource):
 
     def _step(self, tok: torch.Tensor, feat: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> None:
         d = self.draft
-        dt, D = self._dt, d.hidden_size
         S = keys.shape[0]
         if self.context_vocab:  # the chosen token joins the context vocabulary, as observe() will do
-            n = self.n_extra  # [1]
-            new = (~self.known[tok]) & (n < self.max_extra)  # [1]
-            row = d.head_weight[tok].to(dt)  # [1, D]
-            at = self._slot == n  # [max_extra]
-            put = at & new
-            self._extra_rows.copy_(torch.where(put[:, None], row, self._extra_rows))
-            self.vocab_map[self._nstatic :].copy_(torch.where(put, tok, self.vocab_map[self._nstatic :]))
-            self.known.index_put_((tok,), self.known[tok] | new)
-            n.add_(new.long())
-        emb = d.embed_weight[tok].to(dt)  # [1, D]
-        x = self._linear(torch.cat([emb, feat.view(1, D).to(dt)], dim=-1)[None], d.fc.weight)  # [1, 1, D]
-        if d.fc.bias is not None:
-            x = x + d.fc.bias
-        for i, lw in enumerate(self._lw):
-            x = self._layer_fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw)
-        g = x[0, 0]  # [D]
-        logits = self._linear(x, d.head_rows)[0, 0]  # [Vd]
+            self._device_add_context(tok, None)
+        x = self._rows_forward(feat.view(1, d.hidden_size), tok, pos, S)  # [1, D]
+        g = x[0]  # [D]
+        logits = self._linear(x[None], d.head_rows)[0, 0]  # [Vd]
         if self.context_vocab:
             ex = self._extra_rows @ g  # [max_extra]
             ex = torch.where(self._slot < self.n_extra, ex, torch.full_like(ex, float("-inf")))
             logits = torch.cat([logits, ex])
         top = torch.topk(logits, self.k).indices
         self.next_cands.copy_(self.vocab_map[top])
+
+    def _rows_forward(self, feats: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, S: int,
+                      slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The draft over T pairs (feats [T, D], ids [T] the next tokens, pos [T] draft positions) on the
+        static cache, fixed-shape: returns g [T, D]. slots / mask as in `model_step`'s layer (a draft tree's
+        rows: cache slots of their own and an ancestor mask); without them causal over the cache."""
+        d = self.draft
+        emb = d.embed_weight[ids].to(self._dt)  # [T, D]
+        x = self._linear(torch.cat([emb, feats.to(self._dt)], dim=-1)[None], d.fc.weight)  # [1, T, D]
+        if d.fc.bias is not None:
+            x = x + d.fc.bias
+        for i, lw in enumerate(self._lw):
+            x = self._layer_fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw,
+                               slots=slots, mask=mask)
+        return x[0]
+
+    def _device_add_context(self, tok: torch.Tensor, on: torch.Tensor | None) -> None:
+        """The context vocabulary on the device: tok [1] joins it if new (and `on` [1] bool, if given)."""
+        n = self.n_extra  # [1]
+        new = (~self.known[tok]) & (n < self.max_extra)  # [1]
+        if on is not None:
+            new = new & on
+        row = self.draft.head_weight[tok].to(self._dt)  # [1, D]
+        put = (self._slot == n) & new  # [max_extra]
+        self._extra_rows.copy_(torch.where(put[:, None], row, self._extra_rows))
+        self.vocab_map[self._nstatic :].copy_(torch.where(put, tok, self.vocab_map[self._nstatic :]))
+        self.known.index_put_((tok,), self.known[tok] | new)
+        n.add_(new.long())
 
     def observe_device(self, token: int, hidden: torch.Tensor, layer: int) -> None:
         """`observe` for a token whose draft step already ran on the device:

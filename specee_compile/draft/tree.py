@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .eagle import EagleDraft, EagleSource
+from .eagle import DeviceEagleSource, EagleDraft, EagleSource
 
 
 @dataclass
@@ -221,8 +221,146 @@ class EagleTreeSource(EagleSource):
                          cands=cand_rows)
 
 
+class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
+    """An EagleTreeSource on DeviceEagleSource's static buffers, which can also build its tree as
+    fixed-shape tensor code (`fixed_expand`, `fixed_catch_up`): no host read anywhere, so the whole
+    tree step (runtime/tree.py `FixedTree`) is one capturable program on CUDA. The same EAGLE-2 tree as
+    `propose_tree` (expand the `topk` best nodes of each level by cumulative log-probability, keep the
+    `budget` best of all), without the prompt-lookup path (a host-side search).
+
+    Draft cache use during one step at root position p (pairs 0 .. p-1 committed): the expansion rows of
+    level l (1 .. depth-1) sit at RoPE position p - 1 + l and at slots p + (l-1) topk + r, past the
+    committed prefix; they attend to the committed pairs and to their ancestors' slots (a tree mask). The
+    catch-up after verification overwrites those slots with the accepted pairs at positions p .. p + a."""
+
+    def fixed_logprobs(self, g: torch.Tensor) -> torch.Tensor:
+        """g [T, D] -> log-probabilities [T, Ms] over the static vocabulary then the context slots
+        (`vocab_map` names each column's token; unused slots get the floor), clamped to [-30, 0]."""
+        d = self.draft
+        logits = self._linear(g[None], d.head_rows)[0]  # [T, Vd]
+        if self.context_vocab:
+            ex = g @ self._extra_rows.T  # [T, max_extra]
+            ex = torch.where((self._slot < self.n_extra)[None], ex, torch.full_like(ex, float("-inf")))
+            logits = torch.cat([logits, ex], dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1).clamp(-30.0, 0.0)
+
+    def fixed_width(self, topk: int) -> int:
+        """The top-k the fixed tree can use (a tiny vocabulary bounds it)."""
+        return max(1, min(int(topk), self._nstatic))
+
+    def _fixed_call(self, name: str, fn, keys: torch.Tensor, *args):
+        """fn(*args, keys) -- Inductor-compiled where `compile` is on (the CUDA default: the eager
+        expansion is ~200 small launches), S entering as the dynamic length of `keys`, so one compile
+        serves every attention bucket. A compile failure falls back to the eager code (same math)."""
+        if not self.compile or self.compile_error is not None:
+            return fn(*args, keys)
+        cache = self.__dict__.setdefault("_fixed_compiled", {})
+        if name not in cache:
+            cache[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        try:
+            return cache[name](*args, keys)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager code is the same math
+            import sys
+
+            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"specee: the draft tree runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
+            return fn(*args, keys)
+
+    def fixed_keys(self, S: int) -> torch.Tensor:
+        keys = self._keys.get(S)
+        if keys is None:
+            keys = self._keys[S] = torch.empty(S, dtype=torch.int8, device=self._dev)
+        return keys
+
+    def fixed_expand(self, g0: torch.Tensor, p: torch.Tensor, S: int, topk: int, depth: int):
+        """The EAGLE-2 expansion from the root's draft state g0 [D] at root position p [1] (device).
+        Returns every generated node, level by level (M = K + (depth-1) K^2, K = `fixed_width(topk)`):
+        (tokens [M] int64, cumulative log-prob [M] float32, parent [M] int64 (-1 = root), depth [M])."""
+        return self._fixed_call(f"expand{topk},{depth}", lambda g0, p, keys: self._expand(g0, p, keys, topk, depth),
+                                self.fixed_keys(S), g0, p)
+
+    def _expand(self, g0: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, topk: int, depth: int):
+        K = self.fixed_width(topk)
+        dev = self._dev
+        S = keys.shape[0]
+        R = (depth - 1) * K  # tree slots of the draft cache used by the expansion rows
+        M = K + R * K
+        tok = torch.zeros(M, dtype=torch.long, device=dev)
+        score = torch.zeros(M, dtype=torch.float32, device=dev)
+        parent = torch.full((M,), -1, dtype=torch.long, device=dev)
+        dep = torch.ones(M, dtype=torch.long, device=dev)
+        v, ix = torch.topk(self.fixed_logprobs(g0[None])[0], K)
+        tok[:K] = self.vocab_map[ix]
+        score[:K] = v
+        if R == 0:
+            return tok, score, parent, dep
+        keys = torch.arange(S, device=dev)  # (the argument only carries S)
+        rel = (keys - p).clamp(0, R - 1)
+        in_tree = (keys >= p) & (keys < p + R)
+        committed = keys < p
+        eye = torch.eye(R, dtype=torch.bool, device=dev)
+        anc = torch.zeros(R, R, dtype=torch.bool, device=dev)  # per expansion slot: its ancestors' slots + itself
+        slot_of = torch.zeros(M, dtype=torch.long, device=dev)  # expanded node -> its slot
+        ar = torch.arange(K, device=dev)
+        lo, feats_lvl = 0, g0[None].expand(K, -1)  # level 1: nodes 0 .. K-1, all proposed from g0
+        for lev in range(1, depth):
+            n_lvl = K if lev == 1 else K * K
+            sel_local = torch.topk(score[lo : lo + n_lvl], K).indices
+            sel = lo + sel_local
+            b = (lev - 1) * K + ar  # their slots
+            par = parent[sel]
+            a_rows = eye[b] | ((par >= 0)[:, None] & anc[slot_of[par.clamp(min=0)]])
+            anc[(lev - 1) * K : lev * K] = a_rows
+            slot_of.index_copy_(0, sel, b)
+            mask = committed[None] | (in_tree[None] & a_rows[:, rel])  # [K, S]
+            pos = (p - 1 + lev).expand(K)
+            g = self._rows_forward(feats_lvl[sel_local], tok[sel], pos, S, slots=p + b, mask=mask)  # [K, D]
+            v, ix = torch.topk(self.fixed_logprobs(g), K, dim=-1)  # [K, K]
+            n0 = K + (lev - 1) * K * K
+            tok[n0 : n0 + K * K] = self.vocab_map[ix].reshape(-1)
+            score[n0 : n0 + K * K] = (score[sel][:, None] + v).reshape(-1)
+            parent[n0 : n0 + K * K] = sel.repeat_interleave(K)
+            dep[n0 : n0 + K * K] = lev + 1
+            lo, feats_lvl = n0, g.repeat_interleave(K, dim=0)
+        return tok, score, parent, dep
+
+    def fixed_catch_up(self, feats: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, a: torch.Tensor,
+                       S: int) -> torch.Tensor:
+        """The accepted pairs (feats [C, D] the target's features at positions p .. p+C-1, ids [C] the
+        tokens after them), of which the first a + 1 are real: run the draft over them at draft positions
+        p .. (the rest write slots past the new prefix, which nothing reads), add the real tokens to the
+        context vocabulary, and return g [D] of pair a: the next step's root state."""
+        return self._fixed_call("catch_up", self._catch_up_rows, self.fixed_keys(S), feats, ids, p, a)
+
+    def _catch_up_rows(self, feats, ids, p, a, keys):
+        S = keys.shape[0]
+        C = ids.shape[0]
+        pos = p + torch.arange(C, device=self._dev)
+        g = self._rows_forward(feats, ids, pos, S)
+        if self.context_vocab:
+            for j in range(C):
+                self._device_add_context(ids[j : j + 1], a >= j)
+        return g.index_select(0, a.view(1))[0]
+
+    def fixed_begin(self) -> torch.Tensor:
+        """After reset + observe of the first token: the eager catch-up over the prompt's pairs; g [D]."""
+        g = self._catch_up()
+        if g is None:
+            raise ValueError("the draft tree needs a prompt of at least one token before the first generated one")
+        return g
+
+    def observe_fixed(self, tokens: list[int]) -> None:
+        """Host bookkeeping for tokens the fixed tree step accepted (its catch-up already ran on the device)."""
+        for t in tokens:
+            self.ids.append(int(t))
+            self._note_context_token(int(t), len(self.ids) - 1)
+        self._cache_len = len(self.ids) - 1
+        self._proposal = None
+
+
 def tree_source(draft: EagleDraft, k: int = 4, context_vocab: bool = True) -> EagleTreeSource:
     return EagleTreeSource(draft, k=k, context_vocab=context_vocab)
 
 
-__all__ = ["DraftTree", "EagleTreeSource", "empty_tree", "tree_source"]
+__all__ = ["DeviceEagleTreeSource", "DraftTree", "EagleTreeSource", "empty_tree", "tree_source"]

@@ -205,9 +205,9 @@ def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
     vals, res = [], first
     for _ in range(runs):
         res = dec.generate(prompt)
-        vals.append(res.decode_steps / res.decode_s)
+        vals.append(res.decode_tok_s)
     out = summarize(vals)
-    first_tok_s = first.decode_steps / first.decode_s if first.decode_s > 0 else 0.0
+    first_tok_s = first.decode_tok_s
     out.update(compile_s=round(first.compile_s, 1), first_prefill_s=round(first.prefill_s, 2),
                first_call_decode_tok_s=round(first_tok_s, 1),
                first_call_vs_steady=round(first_tok_s / out["median"], 3) if out["median"] else None,
@@ -295,6 +295,9 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     R_["specee_noexit"], _ = time_generate(nodec, prompt, max(1, args.runs - 1))
     R_["specee_noexit_ratio"] = round(R_["specee_noexit"]["median"] / R_["product_dense_tok_s"], 3)
 
+    if "tree" not in args.skip:
+        bench_7b_tree(args, res, loaded, prompt, base, dense, draft)
+
     if dev.type == "cuda":
         bw = copy_bandwidth(dev)
         wbytes = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if "embed" not in n)
@@ -304,6 +307,51 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     del dense, dec, nodec, loaded
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def accept_trace(n: int, mean: float, seed: int = 5, longest: int = 7) -> list[int]:
+    """n tokens-per-step values in 1 .. longest with the given mean (a geometric-like spread around it)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        out.append(int(torch.randint(1, longest + 1, (1,), generator=g)))
+    while abs(sum(out) / n - mean) > 0.5 / n:  # nudge to the mean, one step at a time
+        i = int(torch.randint(0, n, (1,), generator=g))
+        if sum(out) / n < mean and out[i] < longest:
+            out[i] += 1
+        elif sum(out) / n > mean and out[i] > 1:
+            out[i] -= 1
+    return out
+
+
+def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> None:
+    """Tree verification on 7B shapes, the accepted length per step from a trace (random weights accept
+    nothing). The random draft head is sharpened to a trained head's logit spread (std 4), so the
+    EAGLE-2 tree has depth, as it has with a trained head; the tree still comes from the draft."""
+    from ..api import build_decoder
+    from ..config import Settings
+    from ..runtime.policies import trace_accepts
+
+    R_ = res["results"]
+    d = eagle.draft
+    _, hn = dense.seg.prefill(prompt)
+    eagle.reset(prompt, hn)
+    std = float(d.logits(eagle._catch_up()).float().std())
+    d.head_rows = d.head_rows * (4.0 / max(std, 1e-6))  # a new tensor: the target's head is not touched
+    traces = {"tree35": accept_trace(4096, 3.5)}
+    if getattr(args, "accept_trace", None):
+        with open(args.accept_trace) as f:
+            traces["tree_smollm2trace"] = [int(x) for x in json.load(f)]
+    for name, trace in traces.items():
+        log(f"== {name}: tree verification, acceptance trace mean {sum(trace) / len(trace):.2f}")
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=dense.seg, draft=eagle,
+                            accept=trace_accepts(trace))
+        R_[name], r = time_generate(dec, prompt, args.runs)
+        R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(trace) / len(trace), 3),
+                        avg_tree_nodes=r.stats()["avg_tree_nodes"], tree_program="fixed" if dec.tree._fixed_on else "host")
+        R_[f"product_{name}_ratio"] = round(R_[name]["median"] / R_["product_dense_tok_s"], 3)
+        log(name, R_[name])
+        del dec
 
 
 def bench_smollm2(args, res: dict, dev) -> None:
@@ -323,6 +371,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
                 max_new_tokens=args.smollm2_new, artifacts=str(shipped_dir("smollm2-135m")))
     configs = {"dense": dict(), "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
+    if "tree" not in args.skip:
+        configs.update(tree=dict(speculate="tree"),
+                       tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"))
     decs, shared = {}, None
     for name, over in configs.items():
         decs[name] = build_decoder(loaded, Settings(**base, **over), segments=shared)
@@ -341,13 +392,18 @@ def bench_smollm2(args, res: dict, dev) -> None:
                                                         "exit_layers_identical": got.exit_layers == want.exit_layers}
     del eager
     speeds = {n: [] for n in configs}
-    stats = {n: {"layers": [], "agree": [], "identical": 0} for n in configs}
+    stats = {n: {"layers": [], "agree": [], "identical": 0, "accepted": [0, 0]} for n in configs}
+    accepted_trace: list[int] = []
     for ids in prompts:
         ref = None
         for name, dec in decs.items():
             r = dec.generate(ids)
-            speeds[name].append(r.decode_steps / r.decode_s)
+            speeds[name].append(r.decode_tok_s)
             stats[name]["layers"].append(r.avg_layers)
+            stats[name]["accepted"][0] += r.accepted_tokens
+            stats[name]["accepted"][1] += r.verify_steps
+            if name == "tree":
+                accepted_trace += getattr(dec.tree, "accepted_log", [])
             if name == "dense":
                 ref = r.token_ids
             else:
@@ -355,13 +411,24 @@ def bench_smollm2(args, res: dict, dev) -> None:
                 stats[name]["identical"] += int(r.token_ids == ref)
     d = statistics.median(speeds["dense"])
     R_["smollm2_dense_tok_s"] = round(d, 1)
-    for name in ("paper", "lossless"):
+    for name in [n for n in configs if n != "dense"]:
         ratios = [a / b for a, b in zip(speeds[name], speeds["dense"])]
         R_[f"smollm2_{name}_ratio"] = round(statistics.median(ratios), 3)
         R_[f"smollm2_{name}"] = {"tok_s": round(statistics.median(speeds[name]), 1),
                                  "avg_layers": round(statistics.mean(stats[name]["layers"]), 2),
                                  "agreement": round(statistics.mean(stats[name]["agree"]), 4),
                                  "identical": f"{stats[name]['identical']}/{len(prompts)}"}
+        acc, steps = stats[name]["accepted"]
+        if steps:
+            R_[f"smollm2_{name}"].update(accepted_per_step=round(acc / steps, 3),
+                                         tree_program="fixed" if decs[name].tree._fixed_on else "host")
+    if "tree" in configs:
+        R_["smollm2_tree_accepted"] = R_["smollm2_tree"]["accepted_per_step"]
+        R_["smollm2_tree_identical"] = stats["tree"]["identical"] / len(prompts)
+        tt = [a / b for a, b in zip(speeds["tree_specee"], speeds["tree"])]
+        R_["smollm2_tree_specee_vs_tree"] = round(statistics.median(tt), 3)
+        if accepted_trace:
+            R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
     R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
     R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless")}
     R_["smollm2_prompts"] = len(prompts)
@@ -440,8 +507,10 @@ def plot_record(res: dict, path: str) -> str | None:
     bars = []  # (panel, label, tok/s, ratio or None)
     for panel, dense_key, variants, speed in (
             ("7B shapes", "product_dense_tok_s",
-             (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits")), "median"),
-            ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless")),
+             (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits"),
+              ("tree35", "tree, 3.5 trace"), ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
+            ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
+                                                     ("smollm2_tree", "tree"), ("smollm2_tree_specee", "tree+SpecEE")),
              "tok_s")):
         if dense_key not in R_:
             continue
@@ -498,7 +567,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--prompts", default=None, help="JSON list of prompt strings for the SmolLM2 stage")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree")
+    p.add_argument("--accept-trace", default=None,
+                   help="JSON list of tokens per verify step (e.g. recorded from SmolLM2) for a second 7B tree run")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="output dir (default $OUT or benchmarks/results)")

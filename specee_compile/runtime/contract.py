@@ -23,6 +23,10 @@ token from the previous launched step, on the device; its candidates come from t
 active exit layers from the device copy of the online schedule (`DeviceSchedule`). So the loop keeps
 one step in flight: it launches step t+1, then reads step t, and the GPU never waits for the host.
 
+`Captures` (optional, a segment backend that can turn fixed-shape tensor code with no host read into
+one replayable program: a CUDA graph on CUDA) -- the tree step's `FixedTree` (runtime/tree.py) asks
+for one per attention bucket.
+
 Shapes (batch 1): h [1, q, D]; pos [q] int64; candidates [k] int64; rows [k, D].
 """
 
@@ -112,6 +116,15 @@ class StepOut:
     head_calls: int = 0
     logits: torch.Tensor | None = None  # [V] float32 of the emitting head, when plan.want_logits
     draft_stepped: bool = False  # plan.draft.device_step ran: the next proposal is already on the device
+
+
+@runtime_checkable
+class Captures(Protocol):
+    """See module docstring. `capture(fn, reset)` returns a callable that runs fn (on CUDA: replays the
+    graph captured now, after warm-up runs, each preceded by `reset()`, so the caller can put its state
+    where the runs may write; the caller then resets that state itself). Off CUDA it returns fn."""
+
+    def capture(self, fn, reset) -> object: ...
 
 
 @runtime_checkable

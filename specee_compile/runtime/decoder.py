@@ -46,7 +46,7 @@ from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
 from .contract import Backend, DeviceSchedule, Launched, PipelinedStep, Segments, StepOut, StepPlan, WholeStep
 from .exit_costs import StepCosts, select_exit_points
-from .policies import ExitPolicy, exit_policy, kv_policy
+from .policies import GREEDY_ACCEPT, AcceptPolicy, ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
 
 
@@ -86,6 +86,12 @@ class GenerationResult:
         return self.accepted_tokens / self.verify_steps if self.verify_steps else None
 
     @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of the decode phase (a tree step emits several)."""
+        n = self.accepted_tokens if self.verify_steps else self.decode_steps
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         n = len(self.token_ids)
         total = self.prefill_s + self.decode_s
@@ -102,8 +108,7 @@ class GenerationResult:
             "avg_layers": self.avg_layers,
             "avg_layer_rows": self.avg_layer_rows,
             "tokens_per_s": self.tokens_per_s,
-            "decode_tokens_per_s": ((self.accepted_tokens if self.verify_steps else self.decode_steps) / self.decode_s)
-            if self.decode_s > 0 else 0.0,
+            "decode_tokens_per_s": self.decode_tok_s,
             "load_s": self.load_s,
             "compile_s": self.compile_s,
             "exit_points_kept": (self.exit_program or {}).get("exit_points_kept"),
@@ -154,6 +159,7 @@ class Decoder:
         draft=None,
         scheduler=None,
         policy: ExitPolicy | None = None,
+        accept: AcceptPolicy | None = None,
     ):
         self.seg = segments
         self.s = settings
@@ -163,6 +169,7 @@ class Decoder:
         self.draft = draft
         self.scheduler = scheduler
         self.policy = policy or exit_policy(settings.mode)
+        self.accept = accept or GREEDY_ACCEPT  # tree steps: which path a verify step accepts
         self.kv = kv_policy(settings.kv_policy)
         self.whole = segments if isinstance(segments, WholeStep) else None
         self.pipelined = segments if isinstance(segments, PipelinedStep) else None
@@ -214,7 +221,9 @@ class Decoder:
         if s.specee and self.selection is None and self.tree is None:
             self._select_exit_points()
         self.dev_schedule = self._device_schedule()
-        if self.whole is not None and s.temperature <= 0:  # compile + capture before the first token
+        if self.tree is not None:  # compile + capture before the first token
+            self.tree.prepare(len(prompt_ids), s.max_new_tokens)
+        elif self.whole is not None and s.temperature <= 0:
             self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
         compile_s = time.perf_counter() - t0
         seg.cache.reset()

@@ -59,6 +59,30 @@ def trace_exits(trace) -> ExitPolicy:
 
 
 @dataclass(frozen=True)
+class AcceptPolicy:
+    """Tree steps (runtime/tree.py): which path a verify step accepts. "greedy" walks the tree with the
+    target's argmax (the output is dense greedy). A trace (benchmark only: random weights accept nothing)
+    forces the tokens per verify step, bonus included; the step accepts the best-scored path of that length
+    (or the deepest the tree has), so the verification and the cache work are the real ones."""
+
+    name: str
+    trace: tuple[int, ...] = ()
+
+    def forced_tokens(self, step: int) -> int | None:
+        return self.trace[step % len(self.trace)] if self.trace else None
+
+
+GREEDY_ACCEPT = AcceptPolicy("greedy")
+
+
+def trace_accepts(trace) -> AcceptPolicy:
+    """TraceAccepts: verify step n emits trace[n] tokens (bonus included; the trace repeats)."""
+    if not trace or min(trace) < 1:
+        raise ValueError("an acceptance trace needs lengths >= 1 (the bonus token is always emitted)")
+    return AcceptPolicy("trace", trace=tuple(int(t) for t in trace))
+
+
+@dataclass(frozen=True)
 class KVPolicy:
     name: str
     keeps_pending: bool
@@ -79,5 +103,5 @@ def kv_policy(name: str) -> KVPolicy:
     return KV_POLICIES[name]
 
 
-__all__ = ["APPROXIMATE", "BACKFILL", "EXIT_POLICIES", "KV_POLICIES", "LOSSLESS", "SKIP",
-           "ExitPolicy", "KVPolicy", "exit_policy", "kv_policy", "trace_exits"]
+__all__ = ["APPROXIMATE", "BACKFILL", "GREEDY_ACCEPT", "AcceptPolicy", "EXIT_POLICIES", "KV_POLICIES", "LOSSLESS", "SKIP",
+           "ExitPolicy", "KVPolicy", "exit_policy", "kv_policy", "trace_accepts", "trace_exits"]

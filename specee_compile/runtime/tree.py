@@ -72,6 +72,53 @@ class TreeStep:
             raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
         self.budget, self.depth, self.topk = s.tree_budget, s.tree_depth, s.tree_topk
         self._layer = self._make_layer(seg)
+        self.accepted_log: list[int] = []
+        self.fixed = self._fixed_program(dec)
+        self._fixed_on = False  # this generation runs the fixed program (set in prepare)
+        if self.fixed is not None and s.specee:
+            dec.selection = {"exit_points_kept": [], "exit_points_dropped": {
+                str(i): "the fixed tree program verifies every node through every layer (no exits on the tree; "
+                        "--tree-program host scores the tree with the predictors)" for i in dec.exit_layers},
+                "step_costs": None, "note": "tree speculation, fixed program"}
+
+    def _fixed_program(self, dec) -> FixedTree | None:
+        """The fixed tree program, where it applies (Settings.tree_program)."""
+        from ..draft.tree import DeviceEagleTreeSource
+        from .contract import Captures
+
+        s, seg = dec.s, dec.seg
+        why = None
+        if s.temperature > 0:
+            why = "it decodes greedily (sampling runs the host tree step)"
+        elif not isinstance(dec.draft, DeviceEagleTreeSource):
+            why = "it needs the draft on the device (api.tree_draft builds one)"
+        elif not isinstance(seg, Captures):
+            why = f"backend {seg.name!r} cannot capture it"
+        elif s.specee and s.tree_program == "fixed":
+            why = "it runs no exits on the tree (--tree-program host does)"
+        wanted = s.tree_program == "fixed" or (s.tree_program == "auto" and seg.device.type == "cuda")
+        if why is not None and s.tree_program == "fixed":
+            raise SpecEEError(f"--tree-program fixed cannot run here: {why}; use --tree-program host")
+        if dec.accept.trace and (why is not None or not wanted):
+            raise SpecEEError("an acceptance trace needs the fixed tree program: "
+                              + (why or "set tree_program='fixed' (auto picks it on CUDA only)"))
+        if why is not None or not wanted:
+            return None
+        return FixedTree(dec, self.budget, self.depth, self.topk)
+
+    def prepare(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Before the prefill: capture the fixed program for every bucket this generation can reach (or
+        decide that it cannot fit in the context, and run the host step)."""
+        f = self.fixed
+        first, last = prompt_len, prompt_len + max_new_tokens - 1
+        self._fixed_on = f is not None and f.fits(last)
+        if f is None:
+            return
+        if not self._fixed_on and self.dec.s.tree_program == "fixed":
+            raise SpecEEError(f"--tree-program fixed: {prompt_len} prompt + {max_new_tokens} new tokens leave "
+                              f"no room for the tree's {f.margin} slots in the context; raise --max-context")
+        if self._fixed_on:
+            f.prepare(first, last)
 
     # ---------------------------------------------------------------- the tree-verify layer
     @staticmethod
@@ -82,8 +129,10 @@ class TreeStep:
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
-        fused = tuple(f for f in getattr(seg, "fused", ()) if f != "attn")
-        fn = make_layer_fn(seg.spec, fused=fused)
+        # plain ops: the fused GEMV ops take one row; on q rows they are opaque eager fallbacks, while
+        # Inductor fuses plain norms, SiLU and residuals itself (H200, SmolLM2 shapes, 25 rows x 30 layers:
+        # 2.32 ms plain vs 3.03 ms with the fused ops, benchmarks/tree_gpu_profile.py)
+        fn = make_layer_fn(seg.spec)
         if seg.name == "inductor":
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
         w, c = seg.weights, seg.cache
@@ -97,6 +146,10 @@ class TreeStep:
     # ---------------------------------------------------------------- one step
     @torch.no_grad()
     def step(self) -> None:
+        if self.dec.res.verify_steps == 0:
+            self.accepted_log = []  # tokens per verify step of this generation (the bench records them)
+        if self._fixed_on:
+            return self._fixed_step()
         dec = self.dec
         s, seg, res, L = dec.s, dec.seg, dec.res, dec.L
         dev = seg.device
@@ -195,6 +248,27 @@ class TreeStep:
             dec.draft.observe(tok, hn[0, local[r]], layer)
             dec._append(tok, layer)
         res.accepted_tokens += len(dec.seq) - n_before
+        self.accepted_log.append(len(dec.seq) - n_before)
+
+    def _fixed_step(self) -> None:
+        dec, f, res = self.dec, self.fixed, self.dec.res
+        p = len(dec.seq) - 1
+        if res.verify_steps == 0:  # the first step of this generation: the root's draft state
+            f.begin(p, dec.seq[-1])
+        emitted = f.run(p, dec.accept.forced_tokens(res.verify_steps))
+        res.layer_passes += dec.L
+        res.layer_rows += dec.L * f.q
+        res.decode_steps += 1
+        res.verify_steps += 1
+        res.tree_nodes += f.N
+        n_before = len(dec.seq)
+        for tok in emitted:
+            if dec._finished():
+                break
+            dec._append(tok, dec.L - 1)
+        dec.draft.observe_fixed(emitted)
+        res.accepted_tokens += len(dec.seq) - n_before
+        self.accepted_log.append(len(dec.seq) - n_before)
 
     # ---------------------------------------------------------------- helpers
     def _predict_path(self, i, h, w_rows, cands, p_prev, has, kids):
@@ -256,6 +330,134 @@ class TreeStep:
         return int(torch.multinomial(r, 1, generator=gen)), None
 
 
+class FixedTree:
+    """The greedy tree step as one fixed-shape program over static buffers, with no host read inside:
+    on CUDA the backend captures it as a CUDA graph per attention bucket (`Backend.capture`), so a tree
+    step costs one replay and one read of its tokens, not hundreds of launches and a dozen host syncs.
+
+    Same algorithm as `TreeStep.step` (greedy, no prompt-lookup path, no exits): with root position p and
+    token x_p on the device, (1) the draft's `fixed_expand` builds every candidate node, (2) the `budget`
+    best by cumulative log-probability are kept (a child always ranks strictly below its parent: a depth
+    penalty of 1e-4 breaks ties, so the kept set is a tree), ordered parents first, (3) the tree is verified
+    in one forward (rows at slots p .. p + N, tree positions and ancestor mask), (4) the deepest node
+    whose path matches the target's argmax is accepted, plus the bonus token, (5) the accepted rows' K/V
+    move to p + 1 .., the rest of the tree's slots are invalidated, (6) the draft catches up over the
+    accepted pairs and leaves the next root's state; p and x_p advance on the device. Output: `out` =
+    [emitted tokens (C = min(depth, budget) + 1 slots), count]."""
+
+    def __init__(self, dec, budget: int, depth: int, topk: int):
+        seg, draft = dec.seg, dec.draft
+        self.dec, self.seg, self.draft = dec, seg, draft
+        self.K = draft.fixed_width(topk)
+        self.depth = depth
+        M = self.K + (depth - 1) * self.K * self.K
+        self.N = min(budget, M)
+        self.Dq = min(depth, self.N)
+        self.C = self.Dq + 1
+        self.q = self.N + 1
+        # slots a step needs past p: the verified rows, the draft's expansion rows, the catch-up pairs
+        self.margin = max(self.N, (depth - 1) * self.K, self.C) + 1
+        dev = seg.device
+        self.p = torch.zeros(1, dtype=torch.long, device=dev)
+        self.last = torch.zeros(1, dtype=torch.long, device=dev)
+        self.g0 = torch.zeros(draft.draft.hidden_size, dtype=draft._dt, device=dev)
+        self.out = torch.zeros(self.C + 1, dtype=torch.long, device=dev)
+        self.eye = torch.eye(self.q, dtype=torch.bool, device=dev)
+        self.layer = TreeStep._make_layer(seg)
+        self.head = getattr(seg, "head_direct", seg.head)
+        self.programs: dict[int, object] = {}  # attention bucket S -> replayable program
+        self.forcing = bool(dec.accept.trace)  # an acceptance trace decides the path (benchmark only)
+        self.force = torch.zeros(1, dtype=torch.long, device=dev)  # its accepted length this step
+
+    def fits(self, max_pos: int) -> bool:
+        return max_pos + self.margin < min(self.seg.max_len, self.draft.max_len)
+
+    def bucket(self, p: int) -> int:
+        return self.seg.attn_len(p + self.margin)
+
+    def prepare(self, first_pos: int, max_pos: int) -> None:
+        """Compile and capture the program for every bucket positions first_pos .. max_pos reach (before
+        the prefill: the warm-up runs write junk state that the caller's reset clears)."""
+        seg = self.seg
+        todo = sorted({self.bucket(x) for x in range(first_pos, max_pos + 1)} - set(self.programs))
+        for S in todo:  # warm-up / upload runs start where this bucket's last position would
+            self.programs[S] = seg.capture(lambda S=S: self.body(S), lambda S=S: self.p.fill_(S - self.margin - 1))
+        seg.cache.reset()
+
+    def begin(self, p: int, token: int) -> None:
+        self.p.fill_(p)
+        self.last.fill_(token)
+        self.g0.copy_(self.draft.fixed_begin())
+
+    def run(self, p: int, forced: int | None = None) -> list[int]:
+        """One step at root position p (the device holds the same p): the emitted tokens. `forced`: the
+        tokens an acceptance trace emits this step."""
+        if self.forcing:
+            self.force.fill_(min(max(forced - 1, 0), self.Dq))
+        self.programs[self.bucket(p)]()
+        out = self.out.tolist()
+        return out[: out[-1]]
+
+    @torch.no_grad()
+    def body(self, S: int) -> None:
+        seg, draft, dev = self.seg, self.draft, self.seg.device
+        K, N, q, C, Dq = self.K, self.N, self.q, self.C, self.Dq
+        p = self.p
+        tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
+        M = tok.shape[0]
+        kept = torch.topk(score - dep.float() * 1e-4, N).indices
+        kept = kept[torch.argsort(dep[kept] * M + kept)]  # parents first
+        rmap = torch.zeros(M, dtype=torch.long, device=dev)
+        rmap.index_copy_(0, kept, torch.arange(1, N + 1, device=dev))
+        par = parent[kept]
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        rpar = torch.cat([zero, torch.where(par >= 0, rmap[par.clamp(min=0)], 0)])  # [q] row of each parent
+        rtok = torch.cat([self.last, tok[kept]])
+        rdep = torch.cat([zero, dep[kept]])
+        anc = self.eye
+        for _ in range(self.depth):
+            anc = self.eye | anc[rpar]  # ancestors (and self) of each row
+        keys = torch.arange(S, device=dev)
+        rel = (keys - p).clamp(0, q - 1)
+        mask = (keys < p)[None] | (((keys >= p) & (keys < p + q))[None] & anc[:, rel])  # [q, S]
+        pos, slots = p + rdep, p + torch.arange(q, device=dev)
+        h = seg.embed(rtok)
+        for i in range(seg.spec.num_layers):
+            h = self.layer(i, h, pos, S, slots, mask)
+        hn, logits = self.head(h)
+        top = torch.argmax(logits[0], dim=-1)  # [q]
+        first = torch.arange(q, device=dev) == 0
+        match = (rtok == top[rpar]) | first
+        acc = match
+        for _ in range(self.depth):
+            acc = match & acc[rpar]
+        if self.forcing:  # the best-scored row at the trace's depth (or the deepest the tree has below it)
+            rscore = torch.cat([zero.float(), score[kept]])
+            best = torch.argmax(torch.where(rdep <= self.force, rdep * 1000.0 + rscore + 500.0, -1.0))
+        else:
+            best = torch.argmax(acc.long() * (rdep + 1))  # the deepest accepted row (unique: siblings differ)
+        best = best.view(1)  # (a 0-d index would read it on the host: no host read inside the program)
+        a = rdep.index_select(0, best)
+        on_path = anc.index_select(0, best) & (rdep[None] == torch.arange(C, device=dev)[:, None])  # [C, q]
+        prow = torch.argmax(on_path.long(), dim=1)  # path row at each depth (root where the path ended)
+        jj = torch.arange(C, device=dev)
+        bonus = top.index_select(0, best)
+        emit = torch.where(jj < a, torch.cat([rtok[prow[1:]], bonus]), bonus)  # [C]
+        self.out[:C].copy_(emit)
+        self.out[C:].copy_(a + 1)
+        # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
+        cache = seg.cache
+        src, dst = p + prow[1:], p + 1 + jj[:Dq]
+        cache.k.index_copy_(2, dst, cache.k.index_select(2, src))
+        cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
+        cache.valid.index_fill_(1, p + 1 + torch.arange(N, device=dev), False)
+        cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
+        # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
+        self.g0.copy_(draft.fixed_catch_up(hn[0][prow], emit, p, a, S))
+        self.last.copy_(emit.index_select(0, a))
+        p.add_(a + 1)
+
+
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution `runtime/sampling.select_token` samples from: softmax(logits / T), top-p."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -280,4 +482,4 @@ def tree_exit_scores(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
     return score, z, p
 
 
-__all__ = ["TreeStep", "target_probs", "tree_exit_scores"]
+__all__ = ["FixedTree", "TreeStep", "target_probs", "tree_exit_scores"]

@@ -1,0 +1,161 @@
+"""Where the fixed tree step's time goes on a GPU (issue t3): SmolLM2-135M shapes with random weights
+(timing does not depend on the weights; the accepted length is forced by a trace), through
+`Decoder.generate()`.
+
+Times, in one process: the dense whole-step graph, the fixed tree program per step (variants: the draft
+expansion compiled or eager),
+and the parts of one step captured alone (draft expansion, verification layers). Prints a table and writes
+JSON to --out.
+
+    python benchmarks/tree_gpu_profile.py --out $OUT/tree_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+            intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+            rope_theta=100000.0)
+
+
+def replay_us(fn, reps=50) -> float:
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also print the kernels of one tree step")
+    ap.add_argument("--variants", default="tree_compiled", help="comma list of the timed variants")
+    args = ap.parse_args()
+
+    from specee_compile.api import build_decoder
+    from specee_compile.config import Settings
+    from specee_compile.draft.eagle import EagleDraft, EagleSource
+    from specee_compile.eval.gpu_bench import write_random_model
+    from specee_compile.models import load_model
+    from specee_compile.runtime.policies import trace_accepts
+
+    dev = torch.device("cuda")
+    dt = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as d:
+        write_random_model(SMOL, dt, dev, d)
+        loaded = load_model(d, dtype=dt, device="cuda")
+    prompt = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
+    out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
+                 "command": " ".join(["python", *sys.argv]), "results": {}}
+    R = out["results"]
+
+    def tok_s(dec):
+        dec.generate(prompt)
+        vals = []
+        for _ in range(args.runs):
+            r = dec.generate(prompt)
+            vals.append(r.decode_tok_s)
+        return statistics.median(vals), r
+
+    dense = build_decoder(loaded, Settings(**base))
+    R["dense_tok_s"], _ = tok_s(dense)
+    print("dense", R["dense_tok_s"], flush=True)
+
+    draft = EagleDraft(loaded.model, vocab_ids=torch.arange(8192))
+    for p in draft.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
+    _, hn = dense.seg.prefill(prompt)
+    src = EagleSource(draft, k=4)
+    src.reset(prompt, hn)
+    draft.head_rows = draft.head_rows * (4.0 / float(draft.logits(src._catch_up()).float().std()))
+    seg = dense.seg
+    for name, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
+        if name not in args.variants.split(","):
+            continue
+        t0 = time.time()
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
+                            draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
+        dec.draft.compile = compiled_draft
+        try:
+            ts, r = tok_s(dec)
+        except Exception as e:  # noqa: BLE001 - recorded, the other variants still run
+            R[name] = {"error": repr(e)[:500]}
+            print(name, R[name], flush=True)
+            continue
+        step_us = r.decode_s / r.verify_steps * 1e6
+        f = dec.tree.fixed
+        S = f.bucket(len(prompt) + 60)
+        parts = {}
+        if True:
+            g = seg.capture(lambda: dec.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
+                            lambda: f.p.fill_(S - f.margin - 1))
+            parts["expand_us"] = round(replay_us(g), 1)
+            q = f.q
+            h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
+            pos = torch.arange(q, device=dev) + 100
+            mask = torch.ones(q, S, dtype=torch.bool, device=dev)
+
+            def verify():
+                h = h0
+                for i in range(seg.spec.num_layers):
+                    h = f.layer(i, h, pos, S, pos, mask)
+                f.head(h)
+
+            parts["verify_us"] = round(replay_us(seg.capture(verify, lambda: None)), 1)
+            seg.cache.reset()
+        R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
+                   "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
+                   "draft_mode": "compiled" if dec.draft.compile and dec.draft.compile_error is None else
+                   f"eager ({dec.draft.compile_error})" if dec.draft.compile_error else "eager",
+                   "setup_s": round(time.time() - t0, 1), **parts}
+        print(name, R[name], flush=True)
+        del dec
+    if args.profile:  # kernels of one fixed tree step, run eagerly (not replayed) under the profiler
+        from torch.profiler import ProfilerActivity, profile
+
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
+                            draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
+        dec.generate(prompt)
+        f = dec.tree.fixed
+        S = f.bucket(len(prompt) + 60)
+        for _ in range(2):
+            f.p.fill_(len(prompt) + 10)
+            f.body(S)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                f.p.fill_(len(prompt) + 10)
+                f.body(S)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        print(table)
+        out["profile"] = table
+        seg.cache.reset()
+    R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
+    print(json.dumps(R, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
