@@ -221,6 +221,22 @@ class EagleTreeSource(EagleSource):
                          cands=cand_rows)
 
 
+def topk_rows(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) along the last dim, in two rounds over blocks of `block` columns (the top k of
+    each block, then of those): the same set of values; on CUDA, two small in-register sorts instead of
+    a radix select over a wide row (H200, [8, 8704]: ~38 us per call for torch.topk)."""
+    n = x.shape[-1]
+    if n <= 4 * block or k > block:
+        return torch.topk(x, k, dim=-1)
+    nb = (n + block - 1) // block
+    pad = nb * block - n
+    xp = torch.nn.functional.pad(x, (0, pad), value=float("-inf")) if pad else x
+    v1, i1 = torch.topk(xp.reshape(*x.shape[:-1], nb, block), k, dim=-1)  # [..., nb, k]
+    i1 = i1 + torch.arange(nb, device=x.device)[:, None] * block
+    v2, i2 = torch.topk(v1.reshape(*x.shape[:-1], nb * k), k, dim=-1)
+    return v2, torch.gather(i1.reshape(*x.shape[:-1], nb * k), -1, i2)
+
+
 class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     """An EagleTreeSource on DeviceEagleSource's static buffers, which can also build its tree as
     fixed-shape tensor code (`fixed_expand`, `fixed_catch_up`): no host read anywhere, so the whole
@@ -290,7 +306,7 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
         score = torch.zeros(M, dtype=torch.float32, device=dev)
         parent = torch.full((M,), -1, dtype=torch.long, device=dev)
         dep = torch.ones(M, dtype=torch.long, device=dev)
-        v, ix = torch.topk(self.fixed_logprobs(g0[None])[0], K)
+        v, ix = topk_rows(self.fixed_logprobs(g0[None])[0], K)
         tok[:K] = self.vocab_map[ix]
         score[:K] = v
         if R == 0:
@@ -316,7 +332,7 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
             mask = committed[None] | (in_tree[None] & a_rows[:, rel])  # [K, S]
             pos = (p - 1 + lev).expand(K)
             g = self._rows_forward(feats_lvl[sel_local], tok[sel], pos, S, slots=p + b, mask=mask)  # [K, D]
-            v, ix = torch.topk(self.fixed_logprobs(g), K, dim=-1)  # [K, K]
+            v, ix = topk_rows(self.fixed_logprobs(g), K)  # [K, K]
             n0 = K + (lev - 1) * K * K
             tok[n0 : n0 + K * K] = self.vocab_map[ix].reshape(-1)
             score[n0 : n0 + K * K] = (score[sel][:, None] + v).reshape(-1)

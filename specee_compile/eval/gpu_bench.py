@@ -247,7 +247,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_["load_s"] = round(time.time() - t, 1)
     V = shape["vocab_size"]
     prompt = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(0)).tolist()
-    max_ctx = ((P + N + 63) // 64) * 64
+    max_ctx = ((P + N + 64 + 63) // 64) * 64  # + 64: the tree stage's slots past the last token
     base = dict(device=str(dev), dtype=str(dt).replace("torch.", ""), backend="inductor", max_context=max_ctx,
                 max_new_tokens=N)
 
