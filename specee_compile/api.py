@@ -193,8 +193,10 @@ def _device_draft(draft, segments, settings: Settings):
 
     if type(draft) is EagleTreeSource and settings.temperature <= 0 and (
             settings.tree_program == "fixed" or (settings.tree_program == "auto" and segments.device.type == "cuda")):
-        return DeviceEagleTreeSource(draft.draft, k=draft.k, context_vocab=draft.context_vocab,
-                                     max_len=segments.max_len, compile=segments.device.type == "cuda")
+        dev = DeviceEagleTreeSource(draft.draft, k=draft.k, context_vocab=draft.context_vocab,
+                                    max_len=segments.max_len, compile=segments.device.type == "cuda")
+        dev.lookup = draft.lookup
+        return dev
 
     if type(draft) is EagleSource and hasattr(segments, "can_run") and segments.device.type == "cuda":
         return DeviceEagleSource.from_source(draft, segments.max_len, compile=True)
@@ -210,7 +212,9 @@ def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
 
     inner = getattr(source, "inner", source)  # NgramAssist wraps the source it assists
     if isinstance(inner, EagleSource):
-        return EagleTreeSource(inner.draft, k=inner.k, context_vocab=inner.context_vocab)
+        src = EagleTreeSource(inner.draft, k=inner.k, context_vocab=inner.context_vocab)
+        src.lookup = getattr(inner, "lookup", src.lookup)
+        return src
     directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
     if directory is None or not (Path(directory) / "draft.safetensors").is_file():
         where = f"in {directory}" if directory is not None else f"for {loaded.name}"

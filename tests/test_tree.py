@@ -373,7 +373,7 @@ def test_inductor_backend_tree_equals_dense():
 
 
 # ---------------------------------------------------------------- the fixed tree program (FixedTree)
-def _fixed_vs_host(model, device="cpu", backend="eager", n=40, **tree):
+def _fixed_vs_host(model, device="cpu", backend="eager", n=40, lookup=False, prompt=PROMPT, **tree):
     from specee_compile.draft.tree import DeviceEagleTreeSource
 
     draft = EagleDraft(model)
@@ -384,18 +384,22 @@ def _fixed_vs_host(model, device="cpu", backend="eager", n=40, **tree):
         s = Settings(max_new_tokens=n, speculate="tree", tree_program=prog, device=device, backend=backend, **tree)
         src = (DeviceEagleTreeSource(draft, k=4, max_len=s.max_context) if prog == "fixed"
                else EagleTreeSource(draft, k=4))
-        src.lookup = False  # the fixed program has no prompt-lookup path: same trees on both
+        src.lookup = lookup
         dec = Decoder(make_segments(model, s), s, draft=src)
-        out[prog] = (dec.generate(PROMPT), dec)
+        out[prog] = (dec.generate(prompt), dec)
     return out
 
 
-@pytest.mark.parametrize("budget,depth,topk", [(12, 4, 4), (1, 1, 1), (30, 6, 8), (5, 6, 2)])
-def test_fixed_tree_program_equals_host_step_and_dense(budget, depth, topk):
-    """Same trees, same accepted paths, same tokens as the host step (and dense greedy); it really ran."""
+@pytest.mark.parametrize("budget,depth,topk,lookup", [(12, 4, 4, False), (1, 1, 1, False), (30, 6, 8, False),
+                                                      (5, 6, 2, False), (12, 4, 4, True), (1, 1, 1, True),
+                                                      (30, 6, 8, True)])
+def test_fixed_tree_program_equals_host_step_and_dense(budget, depth, topk, lookup):
+    """Same trees, same accepted paths, same tokens as the host step (and dense greedy), with and without
+    the prompt-lookup path (a repetitive prompt: the lookup finds continuations); it really ran."""
     model = make_tiny_llama()
-    ref = dense(model, PROMPT, 40)
-    out = _fixed_vs_host(model, tree_budget=budget, tree_depth=depth, tree_topk=topk)
+    prompt = PROMPT * 3 if lookup else PROMPT
+    ref = dense(model, prompt, 40)
+    out = _fixed_vs_host(model, lookup=lookup, prompt=prompt, tree_budget=budget, tree_depth=depth, tree_topk=topk)
     (host, _), (fixed, dec) = out["host"], out["fixed"]
     assert dec.tree._fixed_on and dec.tree.fixed.programs
     assert fixed.token_ids == host.token_ids == ref.token_ids
@@ -412,7 +416,9 @@ def test_fixed_tree_program_follows_an_acceptance_trace():
     _init_draft(d, 0)
     d.head_rows = d.head_rows * 50.0  # a confident draft: its tree is a deep chain
     s = Settings(max_new_tokens=60, speculate="tree", tree_program="fixed", tree_budget=12, tree_depth=6)
-    dec = Decoder(make_segments(model, s), s, draft=DeviceEagleTreeSource(d.eval(), k=4), accept=trace_accepts([3, 5, 1, 4]))
+    src = DeviceEagleTreeSource(d.eval(), k=4)
+    src.lookup = False  # all 12 rows for the draft's chain
+    dec = Decoder(make_segments(model, s), s, draft=src, accept=trace_accepts([3, 5, 1, 4]))
     res = dec.generate(PROMPT)
     assert dec.tree.accepted_log[:8] == [3, 5, 1, 4, 3, 5, 1, 4]
     assert len(res.token_ids) == 60

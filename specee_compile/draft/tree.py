@@ -17,8 +17,9 @@ so it still serves SpecEE's `propose()`), plus `propose_tree(budget, depth, topk
 Prompt lookup (`lookup`, on by default): the continuation after the most recent earlier occurrence of
 the sequence's last 3 (else 2, else 1) tokens is merged into the tree as one more path (sharing nodes
 where it agrees with the draft's), costing no draft compute: the model often repeats what it wrote or
-read (lists, names, code). Its new nodes take the places of the lowest-scored draft nodes, so the
-tree stays within `budget`; they have no draft candidates (they cannot exit under SpecEE).
+read (lists, names, code). It has min(depth, budget) rows reserved: the draft keeps that many nodes
+fewer, so the tree stays within `budget`; its nodes have no draft candidates (they cannot exit under
+SpecEE). `lookup_device` is the same search as fixed-shape tensor code (the fixed tree program).
 
 Nothing of the tree enters the committed draft cache: after verification the runtime observes the
 accepted tokens with the target's features, and the next catch-up runs those pairs in one forward.
@@ -188,7 +189,10 @@ class EagleTreeSource(EagleSource):
                     newest.append(len(tokens) - 1)
         look = self._lookup(min(depth, budget)) if self.lookup else []
         # rerank: the `budget` best by cumulative score; parents first (higher score, lower depth)
-        order = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[: budget - len(look)]
+        # the lookup path's rows are reserved whether or not it found a continuation (the fixed program's
+        # fixed shape does the same, so both build the same tree)
+        reserve = min(depth, budget) if self.lookup else 0
+        order = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[: budget - reserve]
         keep = sorted(order, key=lambda j: (depths[j], j))
         new_idx = {j: i for i, j in enumerate(keep)}
         out_parents = []
@@ -221,6 +225,28 @@ class EagleTreeSource(EagleSource):
                          cands=cand_rows)
 
 
+def lookup_device(ids: torch.Tensor, p: torch.Tensor, length: int, ngrams=(3, 2, 1)):
+    """`EagleTreeSource._lookup` as fixed-shape tensor code: ids [T] the sequence (valid up to p [1], the
+    last position) -> (tokens [length], valid [length] bool): the continuation after the most recent
+    earlier occurrence of the last n tokens (n in `ngrams` order), cut at the sequence's end."""
+    T = ids.shape[0]
+    ar = torch.arange(T, device=ids.device)
+    start = torch.full((1,), -1, dtype=torch.long, device=ids.device)
+    used = torch.zeros(1, dtype=torch.long, device=ids.device)
+    for n in ngrams:
+        suffix = ids.index_select(0, (p - n + 1 + torch.arange(n, device=ids.device)).clamp(min=0))
+        ok = (ar <= p - n) & (p >= n)  # an earlier start; the sequence is longer than n
+        for t in range(n):
+            shifted = torch.cat([ids[t:], ids.new_zeros(t)]) if t else ids
+            ok = ok & (shifted == suffix[t : t + 1])
+        s_n = torch.where(ok, ar, -1).amax().view(1)
+        take = (start < 0) & (s_n >= 0)
+        start = torch.where(take, s_n, start)
+        used = torch.where(take, n, used)
+    at = start + used + torch.arange(length, device=ids.device)
+    return ids.index_select(0, at.clamp(0, T - 1)), (start >= 0) & (at <= p)
+
+
 def topk_rows(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k) along the last dim, in two rounds over blocks of `block` columns (the top k of
     each block, then of those): the same set of values; on CUDA, two small in-register sorts instead of
@@ -242,7 +268,7 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     fixed-shape tensor code (`fixed_expand`, `fixed_catch_up`): no host read anywhere, so the whole
     tree step (runtime/tree.py `FixedTree`) is one capturable program on CUDA. The same EAGLE-2 tree as
     `propose_tree` (expand the `topk` best nodes of each level by cumulative log-probability, keep the
-    `budget` best of all), without the prompt-lookup path (a host-side search).
+    `budget` best of all), the prompt-lookup path included (`lookup_device`).
 
     Draft cache use during one step at root position p (pairs 0 .. p-1 committed): the expansion rows of
     level l (1 .. depth-1) sit at RoPE position p - 1 + l and at slots p + (l-1) topk + r, past the
@@ -379,4 +405,5 @@ def tree_source(draft: EagleDraft, k: int = 4, context_vocab: bool = True) -> Ea
     return EagleTreeSource(draft, k=k, context_vocab=context_vocab)
 
 
-__all__ = ["DeviceEagleTreeSource", "DraftTree", "EagleTreeSource", "empty_tree", "tree_source"]
+__all__ = ["DeviceEagleTreeSource", "DraftTree", "EagleTreeSource", "empty_tree", "lookup_device", "topk_rows",
+           "tree_source"]

@@ -338,6 +338,7 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
     eagle.reset(prompt, hn)
     std = float(d.logits(eagle._catch_up()).float().std())
     d.head_rows = d.head_rows * (4.0 / max(std, 1e-6))  # a new tensor: the target's head is not touched
+    eagle.lookup = False  # random tokens do not repeat: the prompt-lookup rows would be dead, same row count
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):
         with open(args.accept_trace) as f:

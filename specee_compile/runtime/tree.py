@@ -254,7 +254,7 @@ class TreeStep:
         dec, f, res = self.dec, self.fixed, self.dec.res
         p = len(dec.seq) - 1
         if res.verify_steps == 0:  # the first step of this generation: the root's draft state
-            f.begin(p, dec.seq[-1])
+            f.begin(dec.seq)
         emitted = f.run(p, dec.accept.forced_tokens(res.verify_steps))
         res.layer_passes += dec.L
         res.layer_rows += dec.L * f.q
@@ -335,10 +335,13 @@ class FixedTree:
     on CUDA the backend captures it as a CUDA graph per attention bucket (`Backend.capture`), so a tree
     step costs one replay and one read of its tokens, not hundreds of launches and a dozen host syncs.
 
-    Same algorithm as `TreeStep.step` (greedy, no prompt-lookup path, no exits): with root position p and
-    token x_p on the device, (1) the draft's `fixed_expand` builds every candidate node, (2) the `budget`
-    best by cumulative log-probability are kept (a child always ranks strictly below its parent: a depth
-    penalty of 1e-4 breaks ties, so the kept set is a tree), ordered parents first, (3) the tree is verified
+    Same algorithm as `TreeStep.step` (greedy, no exits): with root position p and token x_p on the
+    device, (1) the draft's `fixed_expand` builds every candidate node, (2) the `budget` best by cumulative
+    log-probability are kept (a child always ranks strictly below its parent: a depth penalty of 1e-4
+    breaks ties, so the kept set is a tree), ordered parents first, less the rows reserved for the
+    prompt-lookup path (`lookup_device` over the sequence kept on the device), which is merged in as the
+    host step merges it: it shares the kept nodes it agrees with, its other tokens become rows of their own,
+    and reserved rows it does not use are dead (verified, never accepted), (3) the tree is verified
     in one forward (rows at slots p .. p + N, tree positions and ancestor mask), (4) the deepest node
     whose path matches the target's argmax is accepted, plus the bonus token, (5) the accepted rows' K/V
     move to p + 1 .., the rest of the tree's slots are invalidated, (6) the draft catches up over the
@@ -352,6 +355,7 @@ class FixedTree:
         self.depth = depth
         M = self.K + (depth - 1) * self.K * self.K
         self.N = min(budget, M)
+        self.Dl = min(depth, self.N) if getattr(draft, "lookup", False) else 0  # rows of the lookup path
         self.Dq = min(depth, self.N)
         self.C = self.Dq + 1
         self.q = self.N + 1
@@ -362,6 +366,7 @@ class FixedTree:
         self.last = torch.zeros(1, dtype=torch.long, device=dev)
         self.g0 = torch.zeros(draft.draft.hidden_size, dtype=draft._dt, device=dev)
         self.out = torch.zeros(self.C + 1, dtype=torch.long, device=dev)
+        self.ids = torch.zeros(seg.max_len, dtype=torch.long, device=dev)  # the sequence (prompt lookup)
         self.eye = torch.eye(self.q, dtype=torch.bool, device=dev)
         self.layer = TreeStep._make_layer(seg)
         self.head = getattr(seg, "head_direct", seg.head)
@@ -384,7 +389,10 @@ class FixedTree:
             self.programs[S] = seg.capture(lambda S=S: self.body(S), lambda S=S: self.p.fill_(S - self.margin - 1))
         seg.cache.reset()
 
-    def begin(self, p: int, token: int) -> None:
+    def begin(self, seq: list[int]) -> None:
+        p = len(seq) - 1
+        token = seq[-1]
+        self.ids[: p + 1].copy_(torch.tensor(seq, dtype=torch.long))
         self.p.fill_(p)
         self.last.fill_(token)
         self.g0.copy_(self.draft.fixed_begin())
@@ -405,15 +413,21 @@ class FixedTree:
         p = self.p
         tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
         M = tok.shape[0]
-        kept = torch.topk(score - dep.float() * 1e-4, N).indices
+        Nd, Dl = N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
+        kept = torch.topk(score - dep.float() * 1e-4, Nd).indices
         kept = kept[torch.argsort(dep[kept] * M + kept)]  # parents first
         rmap = torch.zeros(M, dtype=torch.long, device=dev)
-        rmap.index_copy_(0, kept, torch.arange(1, N + 1, device=dev))
+        rmap.index_copy_(0, kept, torch.arange(1, Nd + 1, device=dev))
         par = parent[kept]
         zero = torch.zeros(1, dtype=torch.long, device=dev)
-        rpar = torch.cat([zero, torch.where(par >= 0, rmap[par.clamp(min=0)], 0)])  # [q] row of each parent
-        rtok = torch.cat([self.last, tok[kept]])
-        rdep = torch.cat([zero, dep[kept]])
+        pad = torch.zeros(Dl, dtype=torch.long, device=dev)
+        rpar = torch.cat([zero, torch.where(par >= 0, rmap[par.clamp(min=0)], 0), pad])  # [q] row of each parent
+        rtok = torch.cat([self.last, tok[kept], pad])
+        rdep = torch.cat([zero, dep[kept], pad + 1])
+        rscore = torch.cat([zero.float(), score[kept], pad.float() - 100.0])
+        live = torch.cat([torch.ones(Nd + 1, dtype=torch.bool, device=dev), pad.bool()])
+        if Dl:
+            self._merge_lookup(p, Nd, Dl, rpar, rtok, rdep, live)
         anc = self.eye
         for _ in range(self.depth):
             anc = self.eye | anc[rpar]  # ancestors (and self) of each row
@@ -427,13 +441,12 @@ class FixedTree:
         hn, logits = self.head(h)
         top = torch.argmax(logits[0], dim=-1)  # [q]
         first = torch.arange(q, device=dev) == 0
-        match = (rtok == top[rpar]) | first
+        match = ((rtok == top[rpar]) & live) | first
         acc = match
         for _ in range(self.depth):
             acc = match & acc[rpar]
         if self.forcing:  # the best-scored row at the trace's depth (or the deepest the tree has below it)
-            rscore = torch.cat([zero.float(), score[kept]])
-            best = torch.argmax(torch.where(rdep <= self.force, rdep * 1000.0 + rscore + 500.0, -1.0))
+            best = torch.argmax(torch.where((rdep <= self.force) & live, rdep * 1000.0 + rscore + 500.0, -1.0))
         else:
             best = torch.argmax(acc.long() * (rdep + 1))  # the deepest accepted row (unique: siblings differ)
         best = best.view(1)  # (a 0-d index would read it on the host: no host read inside the program)
@@ -455,7 +468,29 @@ class FixedTree:
         # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
         self.g0.copy_(draft.fixed_catch_up(hn[0][prow], emit, p, a, S))
         self.last.copy_(emit.index_select(0, a))
+        self.ids.index_copy_(0, p + 1 + jj, emit)  # (slots past the new end are rewritten before they are read)
         p.add_(a + 1)
+
+    def _merge_lookup(self, p, Nd: int, Dl: int, rpar, rtok, rdep, live) -> None:
+        """Merge the prompt-lookup continuation into rows Nd + 1 .. Nd + Dl, in place: each of its tokens
+        follows the kept child of the previous one that holds it, or takes its own (live) row."""
+        from ..draft.tree import lookup_device
+
+        look, ok = lookup_device(self.ids, p, Dl, self.draft.lookup_ngram)
+        q, dev = self.q, self.ids.device
+        rows = torch.arange(q, device=dev)
+        prev = torch.zeros(1, dtype=torch.long, device=dev)  # the path so far ends at the root
+        for j in range(Dl):
+            r = Nd + 1 + j
+            t, okj = look[j : j + 1], ok[j : j + 1]
+            same = (rpar == prev) & (rtok == t) & live & (rows > 0) & (rows < r)
+            has = same.any().view(1)
+            new = okj & ~has
+            rtok[r : r + 1] = torch.where(new, t, 0)
+            rpar[r : r + 1] = torch.where(new, prev, 0)
+            rdep[r : r + 1] = torch.where(new, rdep.index_select(0, prev) + 1, 1)
+            live[r : r + 1] = new
+            prev = torch.where(okj, torch.where(has, torch.argmax(same.long()).view(1), r), prev)
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
