@@ -382,7 +382,7 @@ def _fixed_vs_host(model, device="cpu", backend="eager", n=40, lookup=False, pro
     out = {}
     for prog in ("host", "fixed"):
         s = Settings(max_new_tokens=n, speculate="tree", tree_program=prog, device=device, backend=backend, **tree)
-        src = (DeviceEagleTreeSource(draft, k=4, max_len=s.max_context) if prog == "fixed"
+        src = (DeviceEagleTreeSource(draft, k=4, max_len=s.max_context, compile=device == "cuda") if prog == "fixed"
                else EagleTreeSource(draft, k=4))
         src.lookup = lookup
         dec = Decoder(make_segments(model, s), s, draft=src)
@@ -437,12 +437,14 @@ def test_fixed_tree_program_refuses_what_it_cannot_run():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_fixed_tree_program_captured_on_cuda_equals_dense(backend):
+@pytest.mark.parametrize("backend,lookup", [("eager", False), ("inductor", False), ("inductor", True)])
+def test_fixed_tree_program_captured_on_cuda_equals_dense(backend, lookup):
     """On CUDA the fixed program is a CUDA graph per bucket (Segments.capture); greedy output = dense."""
     model = make_tiny_llama()
-    ref = dense(model, PROMPT, 40, device="cuda", backend=backend)
-    out = _fixed_vs_host(model, device="cuda", backend=backend, tree_budget=12, tree_depth=4, tree_topk=4)
+    prompt = PROMPT * 3 if lookup else PROMPT
+    ref = dense(model, prompt, 40, device="cuda", backend=backend)
+    out = _fixed_vs_host(model, device="cuda", backend=backend, lookup=lookup, prompt=prompt, tree_budget=12,
+                         tree_depth=4, tree_topk=4)
     (host, _), (fixed, dec) = out["host"], out["fixed"]
     assert dec.tree._fixed_on and dec.tree.fixed.programs
     assert all(type(g).__name__ == "method" for g in dec.tree.fixed.programs.values())  # CUDAGraph.replay
@@ -466,8 +468,9 @@ def test_fixed_tree_program_reads_nothing_on_the_host():
             return func(*args, **(kwargs or {}))
 
     model = make_tiny_llama()
-    out = _fixed_vs_host(model, n=12, tree_budget=12, tree_depth=4, tree_topk=4)
+    out = _fixed_vs_host(model, n=12, lookup=True, tree_budget=12, tree_depth=4, tree_topk=4)
     f = out["fixed"][1].tree.fixed
+    assert f.Dl == 4
     S = f.bucket(30)
     f.p.fill_(20)
     with HostReads() as mode:
