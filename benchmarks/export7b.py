@@ -9,7 +9,8 @@ save_pretrained, export it, run it with ONNX Runtime; measure what issue 15 asks
 Each stage runs in its own process, so peak RSS is that stage's own (`ru_maxrss`):
     build    LlamaForCausalLM(config) in fp16 (default dtype set before init; on --build-device) ->
              save_pretrained
-    train    (--train DEVICE) `train MODEL -o TRAINED --draft ngram --device DEVICE --num-texts N`:
+    train    (--train DEVICE) `train MODEL -o TRAINED --draft D --device DEVICE --num-texts N
+             --target-precision P`:
              collect, fit, schedule on random weights (proves the pipeline, not the quality); the
              export then takes --artifacts TRAINED and gets its If nodes
     export   `specee-compile export MODEL -o ART [--dtype D] [--artifacts A]`
@@ -76,8 +77,8 @@ elif stage == "export":
     out["rc"] = main(argv)
 elif stage == "train":
     from specee_compile.training import train_command
-    m = train_command(a["model"], a["out"], num_texts=a["num_texts"], draft="ngram", device=a["device"],
-                      force=True, progress=False)
+    m = train_command(a["model"], a["out"], num_texts=a["num_texts"], draft=a["draft"], device=a["device"],
+                      force=True, progress=False, target_precision=a["target_precision"])
     out.update(exit_layers=m["exit_layers"], offline_layers=m["schedule"]["offline_layers"],
                times=m.get("training", {}).get("times"))
 elif stage == "eager":
@@ -207,6 +208,10 @@ def main(argv=None) -> int:
     ap.add_argument("--artifacts", help="trained predictors/draft (train --device cuda) for the If nodes")
     ap.add_argument("--train", metavar="DEVICE", help="train the predictors first (cpu | cuda) and export with them")
     ap.add_argument("--num-texts", type=int, default=24, help="--train: calibration texts")
+    ap.add_argument("--draft", default="ngram", choices=("ngram", "shallow", "eagle"),
+                    help="--train: the candidate source (eagle trains a draft head first)")
+    ap.add_argument("--target-precision", type=float, default=0.95,
+                    help="--train: exit precision an exit point must reach (random weights reach none at 0.95)")
     ap.add_argument("--compare", metavar="DEVICE", help="run the eager backend there (same dtype, same "
                     "artifacts) and compare its tokens with ONNX Runtime's")
     ap.add_argument("--build-device", default="cpu", help="where the random model is initialised (cuda: fast)")
@@ -261,8 +266,9 @@ def main(argv=None) -> int:
     if a.train:
         artifacts = str(work / f"trained-{a.shape}")
         t = stage("train", {"model": str(model_dir), "out": artifacts, "num_texts": a.num_texts,
-                            "device": a.train}, log)
-        res["train"] = {"device": a.train, "num_texts": a.num_texts, "draft": "ngram", "process_s": round(t["process_s"], 1),
+                            "device": a.train, "draft": a.draft, "target_precision": a.target_precision}, log)
+        res["train"] = {"device": a.train, "num_texts": a.num_texts, "draft": a.draft,
+                        "target_precision": a.target_precision, "process_s": round(t["process_s"], 1),
                         "peak_rss_gb": round(t["peak_rss_gb"], 2), "exit_layers": t["exit_layers"],
                         "offline_layers": t["offline_layers"], "times": t["times"]}
 

@@ -198,7 +198,8 @@ def cmd_train(args) -> int:
     from .api import train_command
 
     train_command(args.model, args.output, num_texts=args.num_texts, draft=args.draft_source,
-                  draft_dir=args.draft_dir, force=args.force, device=args.device)
+                  draft_dir=args.draft_dir, force=args.force, device=args.device,
+                  target_precision=args.target_precision)
     return 0
 
 
@@ -282,6 +283,7 @@ _SETTINGS_FLAGS = {"max_new_tokens": "--max-new-tokens", "max_context": "--max-c
 _NUMERIC_FLAGS = {
     **{dest: (flag, *FIELD_BOUNDS[dest]) for dest, flag in _SETTINGS_FLAGS.items()},
     "num_texts": ("--num-texts", 1, True, None),
+    "target_precision": ("--target-precision", 0.0, False, 1.0),
     "steps": ("--steps", 1, True, None),
     "conversations": ("--conversations", 1, True, None),
     "batch_size": ("--batch-size", 1, True, None),
@@ -333,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-texts", type=int, default=160, help="calibration texts (ShareGPT)")
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES, default="eagle")
     p.add_argument("--draft-dir", help="a trained draft (from train-draft) to ship with the predictors")
+    p.add_argument("--target-precision", type=float, default=0.95,
+                   help="an exit layer keeps its exit point only if its held-out exit precision (exit token = the "
+                   "full model's) reaches this; its threshold is the lowest that does (default 0.95, as the paper)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the model loads and the features are collected (cuda: the GPU; the fit and the "
                    "schedule run on the CPU)")

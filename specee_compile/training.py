@@ -13,9 +13,12 @@ from pathlib import Path
 
 
 def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str | None = "eagle",
-                  draft_dir=None, progress: bool = True, force: bool = False, device: str = "cpu") -> dict:
+                  draft_dir=None, progress: bool = True, force: bool = False, device: str = "cpu",
+                  target_precision: float = 0.95) -> dict:
     """`device` (`train --device cuda`): where the model loads (float32) and collects the features (and
-    the EAGLE draft trains, when one is trained here); the fit and the schedule run on the CPU."""
+    the EAGLE draft trains, when one is trained here); the fit and the schedule run on the CPU.
+    `target_precision`: each exit layer's threshold is the lowest whose held-out exit precision (the exit's
+    token = the full model's) reaches it; a layer that cannot reach it gets no exit point."""
     from .api import save_program_artifacts
     from .artifacts import plan_output
     from .draft import EagleDraft, make_candidate_source
@@ -53,7 +56,7 @@ def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str 
         t0 = time.perf_counter()
         print(f"phase 2/3: predictors with candidates from '{source}'", file=sys.stderr)
         cfg = train_predictors_command(loaded, tmp / "pred", num_texts=num_texts, candidate_fn=cands,
-                                       progress=progress)
+                                       progress=progress, target_precision=target_precision)
         times["train_predictors_s"] = round(time.perf_counter() - t0, 1)
         bank = PredictorBank.load(tmp / "pred" / "predictors.safetensors", tmp / "pred" / "predictors_config.json")
         print("phase 3/3: writing artifacts", file=sys.stderr)

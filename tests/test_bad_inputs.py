@@ -381,6 +381,8 @@ def test_bad_values_are_one_line_errors(tiny, tmp_path, capsys):
 def test_invalid_numbers_are_refused(tiny, capsys):
     model_dir, arts, _, _ = tiny
     for argv, flag in ((["train", model_dir, "-o", "never", "--num-texts", "-5"], "--num-texts"),
+                       (["train", model_dir, "-o", "never", "--target-precision", "0"], "--target-precision"),
+                       (["train", model_dir, "-o", "never", "--target-precision", "1.5"], "--target-precision"),
                        (["train-draft", model_dir, "-o", "never", "--steps", "-5"], "--steps"),
                        (["train-draft", model_dir, "-o", "never", "--steps", "0"], "--steps"),
                        (["generate", model_dir, "hi", "--temperature", "-1"], "--temperature"),

@@ -343,3 +343,24 @@ def test_fit_with_delta_mixing_still_learns():
     _, val = ds.split_by_text(0.2, 0)
     acc = ((bank.score_all(val.x()) > 0.5) == val.label_match).float().mean().item()
     assert acc > 0.9 and report["delta_mix"] == 0.5
+
+
+def test_train_passes_the_target_precision_to_the_fit(tiny_model_dir, tmp_path, monkeypatch):
+    """`train --target-precision P` reaches the threshold choice (the fit's `target_precision`)."""
+    import specee_compile.predictors.fit as fit
+    from specee_compile.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(fit, "train_predictors_command", fake)
+    with pytest.raises(Stop):
+        main(["train", str(tiny_model_dir), "-o", str(tmp_path / "a"), "--draft", "ngram", "--num-texts", "2",
+              "--target-precision", "0.7"])
+    assert seen["target_precision"] == 0.7
