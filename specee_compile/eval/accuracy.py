@@ -26,6 +26,8 @@ CONFIGS = {
     "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
     "backfill": dict(specee=True, mode="approximate", kv_policy="backfill"),
     "lossless": dict(specee=True, mode="lossless", kv_policy="backfill"),
+    "tree": dict(specee=False, speculate="tree"),
+    "tree_lossless": dict(specee=True, mode="lossless", kv_policy="backfill", speculate="tree"),
 }
 
 SQUAD_INSTRUCTION = (
@@ -77,6 +79,7 @@ def summarize(report: ConfigReport, dense: ConfigReport, num_layers: int, squad_
         passes = sum(r.layer_passes for r in recs)
         rows = sum(r.layer_rows for r in recs)
         steps = sum(r.decode_steps for r in recs)
+        tokens = sum(max(0, len(r.token_ids) - 1) for r in recs)  # decoded after the prefill's token
         secs = sum(r.decode_s for r in recs)
         exits = Counter(e for r in recs for e in r.exit_layers[1:])  # [0] comes from the prefill
         s = {
@@ -84,15 +87,16 @@ def summarize(report: ConfigReport, dense: ConfigReport, num_layers: int, squad_
             "avg_layers": passes / steps if steps else float(num_layers),
             "avg_layers_pct": 100.0 * passes / steps / num_layers if steps else 100.0,
             "avg_layer_rows": rows / steps if steps else float(num_layers),
-            "decode_tok_s": steps / secs if secs else 0.0,
+            "decode_tok_s": tokens / secs if secs else 0.0,
+            "tokens_per_step": tokens / steps if steps else 1.0,  # > 1 for tree steps (bonus included)
             "rollbacks_per_100_tokens": 100.0 * sum(r.rollbacks for r in recs) / max(1, steps),
             "exit_histogram": {str(k): v for k, v in sorted(exits.items())},
             **agreement([r.token_ids for r in dense.runs[suite]], [r.token_ids for r in recs]),
         }
         dense_s = sum(r.decode_s for r in dense.runs[suite])
-        dense_steps = sum(r.decode_steps for r in dense.runs[suite])
-        if dense_s and secs:
-            s["speed_vs_dense"] = (steps / secs) / (dense_steps / dense_s)
+        dense_tokens = sum(max(0, len(r.token_ids) - 1) for r in dense.runs[suite])
+        if dense_s and secs and dense_tokens:
+            s["speed_vs_dense"] = (tokens / secs) / (dense_tokens / dense_s)
         if suite == "squad" and squad_answers is not None:
             from ..data import squad_exact_match, squad_f1
 
