@@ -104,27 +104,25 @@ def main() -> int:
         f = dec.tree.fixed
         S = f.bucket(len(prompt) + 60)
         parts = {}
-        if True:
-            g = seg.capture(lambda: dec.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
-                            lambda: f.p.fill_(S - f.margin - 1))
-            parts["expand_us"] = round(replay_us(g), 1)
-            q = f.q
-            h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
-            pos = torch.arange(q, device=dev) + 100
-            mask = torch.ones(q, S, dtype=torch.bool, device=dev)
+        g = seg.capture(lambda: dec.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
+                        lambda: f.p.fill_(S - f.margin - 1))
+        parts["expand_us"] = round(replay_us(g), 1)
+        q = f.q
+        h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
+        pos = torch.arange(q, device=dev) + 100
+        mask = torch.ones(q, S, dtype=torch.bool, device=dev)
 
-            def verify():
-                h = h0
-                for i in range(seg.spec.num_layers):
-                    h = f.layer(i, h, pos, S, pos, mask)
-                f.head(h)
+        def verify():
+            h = h0
+            for i in range(seg.spec.num_layers):
+                h = f.layer(i, h, pos, S, pos, mask)
+            f.head(h)
 
-            parts["verify_us"] = round(replay_us(seg.capture(verify, lambda: None)), 1)
-            seg.cache.reset()
+        parts["verify_us"] = round(replay_us(seg.capture(verify, lambda: None)), 1)
+        seg.cache.reset()
         R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
-                   "draft_mode": "compiled" if dec.draft.compile and dec.draft.compile_error is None else
-                   f"eager ({dec.draft.compile_error})" if dec.draft.compile_error else "eager",
+                   "draft_mode": dec.draft.step_mode,
                    "setup_s": round(time.time() - t0, 1), **parts}
         print(name, R[name], flush=True)
         del dec

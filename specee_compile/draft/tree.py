@@ -275,6 +275,13 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     committed prefix; they attend to the committed pairs and to their ancestors' slots (a tree mask). The
     catch-up after verification overwrites those slots with the accepted pairs at positions p .. p + a."""
 
+    @property
+    def step_mode(self) -> str:
+        """How the fixed tree program's draft parts run: "compiled", "eager", or "eager (compile failed: ...)"."""
+        if self.compile_error:
+            return f"eager (compile failed: {self.compile_error})"
+        return "compiled" if self.compile else "eager"
+
     def fixed_logprobs(self, g: torch.Tensor) -> torch.Tensor:
         """g [T, D] -> log-probabilities [T, Ms] over the static vocabulary then the context slots
         (`vocab_map` names each column's token; unused slots get the floor), clamped to [-30, 0]."""
