@@ -45,6 +45,14 @@ root-to-leaf path is one hyper-token that exits at the deepest exit among its to
     target's argmax there), never correctness. It saves layer-rows (the arithmetic: what a CPU, or a GPU
     with a large tree, pays for), not layer passes.
 
+Two ways to run a step (`Settings.tree_program`): the host step above (`TreeStep.step`: every mode,
+sampling, SpecEE on the tree; the host reads the tree and the acceptance), and `FixedTree`: the greedy step
+as one fixed-shape program with no host read (the draft's EAGLE-2 expansion, rerank and prompt lookup on the
+device, verification, acceptance, compaction, the draft's catch-up), which a CUDA backend captures as one
+graph per attention bucket; `auto` runs it on CUDA. Both build the same tree and emit the same tokens
+(tests/test_tree.py); on a CPU the host step is slightly faster (no capture to gain, and the fixed
+program computes its full fixed shapes).
+
 Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify_steps`,
 `accepted_tokens` (bonus included; `accepted_per_step` in the stats), `tree_nodes`.
 """
@@ -332,8 +340,9 @@ class TreeStep:
 
 class FixedTree:
     """The greedy tree step as one fixed-shape program over static buffers, with no host read inside:
-    on CUDA the backend captures it as a CUDA graph per attention bucket (`Backend.capture`), so a tree
-    step costs one replay and one read of its tokens, not hundreds of launches and a dozen host syncs.
+    on CUDA the backend captures it as a CUDA graph per attention bucket (`Segments.capture`, the
+    contract's `Captures`), so a tree step costs one replay and one read of its tokens, not hundreds of
+    launches and a dozen host syncs.
 
     Same algorithm as `TreeStep.step` (greedy, no exits): with root position p and token x_p on the
     device, (1) the draft's `fixed_expand` builds every candidate node, (2) the `budget` best by cumulative
