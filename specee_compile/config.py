@@ -117,6 +117,10 @@ class Settings:
         check("backend", BACKENDS)
         check("speculate", SPECULATE)
         check("tree_program", TREE_PROGRAMS)
+        if self.tree_program == "fixed" and self.temperature > 0:
+            raise SpecEEError("--tree-program fixed decodes greedily; drop --temperature or use --tree-program host")
+        if self.tree_program == "fixed" and self.specee and self.speculate == "tree":
+            raise SpecEEError("--tree-program fixed runs no exits on the tree; drop --specee or use --tree-program host")
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         needs_kv = EXIT_POLICIES[self.mode].needs_kv

@@ -429,9 +429,13 @@ def test_fixed_tree_program_follows_an_acceptance_trace():
 
 def test_fixed_tree_program_refuses_what_it_cannot_run():
     model = make_tiny_llama()
-    s = Settings(max_new_tokens=8, speculate="tree", tree_program="fixed", temperature=0.7)
-    with pytest.raises(SpecEEError, match="cannot run here: it decodes greedily"):
-        Decoder(make_segments(model, s), s, draft=eagle_tree(model))
+    with pytest.raises(SpecEEError, match="--tree-program fixed decodes greedily"):
+        Settings(max_new_tokens=8, speculate="tree", tree_program="fixed", temperature=0.7)
+    with pytest.raises(SpecEEError, match="--tree-program fixed runs no exits on the tree"):
+        Settings(speculate="tree", tree_program="fixed", specee=True)
+    s = Settings(max_new_tokens=8, speculate="tree", tree_program="fixed")
+    with pytest.raises(SpecEEError, match="cannot run here: it needs the draft on the device"):
+        Decoder(make_segments(model, s), s, draft=eagle_tree(model))  # a host-only tree source
     with pytest.raises(SpecEEError, match="tree_program='bogus' is not one of auto, fixed, host"):
         Settings(speculate="tree", tree_program="bogus")
 

@@ -102,8 +102,6 @@ class TreeStep:
             why = "it needs the draft on the device (api.tree_draft builds one)"
         elif not isinstance(seg, Captures):
             why = f"backend {seg.name!r} cannot capture it"
-        elif s.specee and s.tree_program == "fixed":
-            why = "it runs no exits on the tree (--tree-program host does)"
         wanted = s.tree_program == "fixed" or (s.tree_program == "auto" and seg.device.type == "cuda")
         if why is not None and s.tree_program == "fixed":
             raise SpecEEError(f"--tree-program fixed cannot run here: {why}; use --tree-program host")
