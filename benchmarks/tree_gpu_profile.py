@@ -26,18 +26,6 @@ SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_ke
             rope_theta=100000.0)
 
 
-def replay_us(fn, reps=50) -> float:
-    for _ in range(3):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float32")
@@ -51,7 +39,8 @@ def main() -> int:
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleDraft, EagleSource
-    from specee_compile.eval.gpu_bench import write_random_model
+    from specee_compile.backends.cuda_step import replay_time
+    from specee_compile.eval.gpu_bench import sharpen_draft, write_random_model
     from specee_compile.models import load_model
     from specee_compile.runtime.policies import trace_accepts
 
@@ -82,11 +71,8 @@ def main() -> int:
     for p in draft.parameters():
         torch.nn.init.normal_(p, std=0.02)
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
-    _, hn = dense.seg.prefill(prompt)
-    src = EagleSource(draft, k=4)
-    src.reset(prompt, hn)
-    draft.head_rows = draft.head_rows * (4.0 / float(draft.logits(src._catch_up()).float().std()))
     seg = dense.seg
+    sharpen_draft(EagleSource(draft, k=4), seg, prompt)
     for name, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
         if name not in args.variants.split(","):
             continue
@@ -106,7 +92,7 @@ def main() -> int:
         parts = {}
         g = seg.capture(lambda: dec.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
                         lambda: f.p.fill_(S - f.margin - 1))
-        parts["expand_us"] = round(replay_us(g), 1)
+        parts["expand_us"] = round(replay_time(g, 50) * 1e6, 1)
         q = f.q
         h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
         pos = torch.arange(q, device=dev) + 100
@@ -118,7 +104,7 @@ def main() -> int:
                 h = f.layer(i, h, pos, S, pos, mask)
             f.head(h)
 
-        parts["verify_us"] = round(replay_us(seg.capture(verify, lambda: None)), 1)
+        parts["verify_us"] = round(replay_time(seg.capture(verify, lambda: None), 50) * 1e6, 1)
         seg.cache.reset()
         R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),

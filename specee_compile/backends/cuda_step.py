@@ -356,7 +356,7 @@ class CudaWholeStep:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
             draft.device_step(self.out[0:1], self.hn, self.pos, S)
-        return _replay_time(g, reps)
+        return replay_time(g.replay, reps)
 
     def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
         g = self.graphs.get((kind, S))
@@ -367,7 +367,7 @@ class CudaWholeStep:
         if kind[0] == "exits":
             self._reset_ctrl(kind, active, forced)
             self.ctrl.copy_(self.ctrl_host)
-        return _replay_time(g, reps)
+        return replay_time(g.replay, reps)
 
     # ------------------------------------------------------------------ run
     def run_step(self, plan: StepPlan) -> StepOut:
@@ -428,14 +428,14 @@ class CudaWholeStep:
                        draft_stepped=kind[6] is not None)
 
 
-def _replay_time(g, reps: int) -> float:
-    """Seconds per replay of a captured graph: CUDA events around `reps` replays after 3 warm ones."""
+def replay_time(run, reps: int) -> float:
+    """Seconds per call of `run` (a graph's replay): CUDA events around `reps` calls after 3 warm ones."""
     for _ in range(3):
-        g.replay()
+        run()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(reps):
-        g.replay()
+        run()
     b.record()
     b.synchronize()
     return a.elapsed_time(b) / 1e3 / reps

@@ -584,7 +584,7 @@ class DeviceEagleSource(EagleSource):
         self.max_len = int(max_len)
         self.max_extra = int(max_extra)
         self.compile = bool(compile)
-        self._compiled = None
+        self._compiled: dict = {}  # name -> Inductor-compiled function (`_run`)
         self.compile_error: str | None = None
         self._keys: dict[int, torch.Tensor] = {}
         super().__init__(draft, k=k, context_vocab=context_vocab)
@@ -685,29 +685,40 @@ class DeviceEagleSource(EagleSource):
         for the eager step's ~60 launches (benchmarks/GPU_NOTES.md).
         S enters as the length of a dynamic-dimension tensor, so one compile serves every bucket. If the
         compile fails, the eager step runs and `compile_error` says why."""
+        self._run("step", self._step, self.keys_for(S), tok, feat, pos, tune=self._dev.type == "cuda")
+
+    def keys_for(self, S: int) -> torch.Tensor:
+        """A tensor whose only meaning is its length S (the attended draft prefix): a dynamic dimension for
+        the compiled functions, so one compile serves every bucket."""
         keys = self._keys.get(S)
         if keys is None:
             keys = self._keys[S] = torch.empty(S, dtype=torch.int8, device=self._dev)
-        if self.compile and self._compiled is None and self.compile_error is None:
-            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False,
-                                           options={"coordinate_descent_tuning": self._dev.type == "cuda"})
-        if self._compiled is not None:
+        return keys
+
+    def _run(self, name: str, fn, keys: torch.Tensor, *args, tune: bool = False):
+        """fn(*args, keys), Inductor-compiled (once per name) where `compile` is on; `tune`: coordinate-descent
+        tuning. Any compile failure runs the eager function from then on (the same math) and `compile_error`
+        says why."""
+        if self.compile and self.compile_error is None:
+            f = self._compiled.get(name)
+            if f is None:
+                f = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                                         options={"coordinate_descent_tuning": tune})
             torch._dynamo.maybe_mark_dynamic(keys, 0)
             try:
-                self._compiled(tok, feat, pos, keys)
-                return
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same math
+                return f(*args, keys)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager code is the same math
                 import sys
 
                 self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self._compiled = None
-                print(f"specee: the draft step runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
-        self._step(tok, feat, pos, keys)
+                self._compiled.clear()
+                print(f"specee: the draft runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
+        return fn(*args, keys)
 
     @property
     def step_mode(self) -> str:
         """How device_step runs: "compiled", "eager", or "eager (compile failed: ...)"."""
-        if self._compiled is not None:
+        if self._compiled:
             return "compiled"
         return f"eager (compile failed: {self.compile_error})" if self.compile_error else "eager"
 

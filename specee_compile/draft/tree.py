@@ -275,13 +275,6 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     committed prefix; they attend to the committed pairs and to their ancestors' slots (a tree mask). The
     catch-up after verification overwrites those slots with the accepted pairs at positions p .. p + a."""
 
-    @property
-    def step_mode(self) -> str:
-        """How the fixed tree program's draft parts run: "compiled", "eager", or "eager (compile failed: ...)"."""
-        if self.compile_error:
-            return f"eager (compile failed: {self.compile_error})"
-        return "compiled" if self.compile else "eager"
-
     def fixed_logprobs(self, g: torch.Tensor) -> torch.Tensor:
         """g [T, D] -> log-probabilities [T, Ms] over the static vocabulary then the context slots
         (`vocab_map` names each column's token; unused slots get the floor), clamped to [-30, 0]."""
@@ -297,37 +290,12 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
         """The top-k the fixed tree can use (a tiny vocabulary bounds it)."""
         return max(1, min(int(topk), self._nstatic))
 
-    def _fixed_call(self, name: str, fn, keys: torch.Tensor, *args):
-        """fn(*args, keys) -- Inductor-compiled where `compile` is on (the CUDA default: the eager
-        expansion is ~200 small launches), S entering as the dynamic length of `keys`, so one compile
-        serves every attention bucket. A compile failure falls back to the eager code (same math)."""
-        if not self.compile or self.compile_error is not None:
-            return fn(*args, keys)
-        cache = self.__dict__.setdefault("_fixed_compiled", {})
-        if name not in cache:
-            cache[name] = torch.compile(fn, fullgraph=True, dynamic=False)
-        torch._dynamo.maybe_mark_dynamic(keys, 0)
-        try:
-            return cache[name](*args, keys)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager code is the same math
-            import sys
-
-            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"specee: the draft tree runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
-            return fn(*args, keys)
-
-    def fixed_keys(self, S: int) -> torch.Tensor:
-        keys = self._keys.get(S)
-        if keys is None:
-            keys = self._keys[S] = torch.empty(S, dtype=torch.int8, device=self._dev)
-        return keys
-
     def fixed_expand(self, g0: torch.Tensor, p: torch.Tensor, S: int, topk: int, depth: int):
         """The EAGLE-2 expansion from the root's draft state g0 [D] at root position p [1] (device).
         Returns every generated node, level by level (M = K + (depth-1) K^2, K = `fixed_width(topk)`):
         (tokens [M] int64, cumulative log-prob [M] float32, parent [M] int64 (-1 = root), depth [M])."""
-        return self._fixed_call(f"expand{topk},{depth}", lambda g0, p, keys: self._expand(g0, p, keys, topk, depth),
-                                self.fixed_keys(S), g0, p)
+        return self._run(f"expand{topk},{depth}", lambda g0, p, keys: self._expand(g0, p, keys, topk, depth),
+                         self.keys_for(S), g0, p)
 
     def _expand(self, g0: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, topk: int, depth: int):
         K = self.fixed_width(topk)
@@ -380,7 +348,7 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
         tokens after them), of which the first a + 1 are real: run the draft over them at draft positions
         p .. (the rest write slots past the new prefix, which nothing reads), add the real tokens to the
         context vocabulary, and return g [D] of pair a: the next step's root state."""
-        return self._fixed_call("catch_up", self._catch_up_rows, self.fixed_keys(S), feats, ids, p, a)
+        return self._run("catch_up", self._catch_up_rows, self.keys_for(S), feats, ids, p, a)
 
     def _catch_up_rows(self, feats, ids, p, a, keys):
         S = keys.shape[0]

@@ -324,6 +324,18 @@ def accept_trace(n: int, mean: float, seed: int = 5, longest: int = 7) -> list[i
     return out
 
 
+def sharpen_draft(eagle, seg, prompt: list[int], spread: float = 4.0) -> None:
+    """Scale a random EAGLE head's logits to a trained head's spread (std `spread` at the prompt's last
+    pair), so its EAGLE-2 tree has depth as a trained head's has. The scaled head rows are a new tensor:
+    the target's LM head is not touched."""
+    d = eagle.draft
+    _, hn = seg.prefill(prompt)
+    eagle.reset(prompt, hn)
+    std = float(d.logits(eagle._catch_up()).float().std())
+    d.head_rows = d.head_rows * (spread / max(std, 1e-6))
+    seg.cache.reset()
+
+
 def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> None:
     """Tree verification on 7B shapes, the accepted length per step from a trace (random weights accept
     nothing). The random draft head is sharpened to a trained head's logit spread (std 4), so the
@@ -333,11 +345,7 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
     from ..runtime.policies import trace_accepts
 
     R_ = res["results"]
-    d = eagle.draft
-    _, hn = dense.seg.prefill(prompt)
-    eagle.reset(prompt, hn)
-    std = float(d.logits(eagle._catch_up()).float().std())
-    d.head_rows = d.head_rows * (4.0 / max(std, 1e-6))  # a new tensor: the target's head is not touched
+    sharpen_draft(eagle, dense.seg, prompt)
     eagle.lookup = False  # random tokens do not repeat: the prompt-lookup rows would be dead, same row count
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):

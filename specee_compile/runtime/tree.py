@@ -110,7 +110,7 @@ class TreeStep:
                               + (why or "set tree_program='fixed' (auto picks it on CUDA only)"))
         if why is not None or not wanted:
             return None
-        return FixedTree(dec, self.budget, self.depth, self.topk)
+        return FixedTree(dec, self.budget, self.depth, self.topk, self._layer)
 
     def prepare(self, prompt_len: int, max_new_tokens: int) -> None:
         """Before the prefill: capture the fixed program for every bucket this generation can reach (or
@@ -355,7 +355,8 @@ class FixedTree:
     accepted pairs and leaves the next root's state; p and x_p advance on the device. Output: `out` =
     [emitted tokens (C = min(depth, budget) + 1 slots), count]."""
 
-    def __init__(self, dec, budget: int, depth: int, topk: int):
+    def __init__(self, dec, budget: int, depth: int, topk: int, layer):
+        """layer: the tree-verify layer (`TreeStep._make_layer`), shared with the host step."""
         seg, draft = dec.seg, dec.draft
         self.dec, self.seg, self.draft = dec, seg, draft
         self.K = draft.fixed_width(topk)
@@ -375,7 +376,7 @@ class FixedTree:
         self.out = torch.zeros(self.C + 1, dtype=torch.long, device=dev)
         self.ids = torch.zeros(seg.max_len, dtype=torch.long, device=dev)  # the sequence (prompt lookup)
         self.eye = torch.eye(self.q, dtype=torch.bool, device=dev)
-        self.layer = TreeStep._make_layer(seg)
+        self.layer = layer
         self.head = getattr(seg, "head_direct", seg.head)
         self.programs: dict[int, object] = {}  # attention bucket S -> replayable program
         self.forcing = bool(dec.accept.trace)  # an acceptance trace decides the path (benchmark only)
