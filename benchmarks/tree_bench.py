@@ -7,6 +7,7 @@ same segments and cache (`api.build_decoder(..., segments=)`), so their speeds c
     tree         --speculate tree (EAGLE-2 draft tree from the shipped EAGLE head, one verify forward)
     tree+specee  (with --specee) tree + SpecEE lossless: exit predictors prune the tree at scheduled layers
     tree+approx  (with --approx)  tree + SpecEE approximate: verification stops at the path's exit layer
+    tree(fixed)  (with --fixed)   the same tree as the fixed program (runtime/tree.py FixedTree)
 
 Reported per configuration: decode tok/s (tokens after the first / decode time; the prefill is the
 same dense pass for all), ratio to dense, `accepted_per_step` (tokens per verify step, bonus included),
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", help="budget:depth:topk,... extra tree shapes to run (each its own config)")
     ap.add_argument("--specee", action="store_true", help="also tree + SpecEE lossless")
     ap.add_argument("--approx", action="store_true", help="also tree + SpecEE approximate")
+    ap.add_argument("--fixed", action="store_true", help="also the default tree as the fixed program "
+                    "(--tree-program fixed; `tree` is what auto picks on this device)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--artifacts", help="artifact dir with the draft (+ predictors); default: shipped")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-tree-<device>.json)")
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
         configs["tree+specee"] = tree0.replace(specee=True, mode="lossless", kv_policy="backfill")
     if args.approx:
         configs["tree+approx"] = tree0.replace(specee=True, mode="approximate", kv_policy="skip")
+    if args.fixed:
+        configs["tree(fixed)"] = tree0.replace(tree_program="fixed")
 
     seg = None
     decoders = {}
