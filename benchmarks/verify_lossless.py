@@ -28,6 +28,11 @@ if path is None:
                            str(args.mtbench), "--squad", str(args.squad), "--out", args.out])
     path = f"{args.out}/eval.json"
 summaries = json.load(open(path))["summary"]
+missing = [n for n in args.configs.split(",") if n not in summaries]
+if missing:
+    print(f"verify_lossless: {path} has no results for {', '.join(missing)} (it has {', '.join(summaries)}); "
+          "pass --configs with those, or run without --from-json", file=sys.stderr)
+    sys.exit(2)
 bad = {}
 for name in args.configs.split(","):
     for suite, s in summaries[name].items():
