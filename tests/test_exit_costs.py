@@ -53,6 +53,14 @@ class CostlyExits(EagerSegments):
         return StepCosts(layer_s=10 * US, fixed_s=1.0, decision_s=1 * US, source="test")
 
 
+class CheapExits(CostlyExits):
+    """The same, reporting an exit program that costs nothing (the outcome must not hang on this
+    machine's timings)."""
+
+    def step_costs(self, plan):
+        return StepCosts(layer_s=10 * US, fixed_s=0.0, decision_s=0.0, source="test")
+
+
 def test_loop_decodes_as_dense_when_no_point_pays():
     model = llama(seed=3)
     prog = random_program(seed=1)
@@ -66,7 +74,7 @@ def test_loop_decodes_as_dense_when_no_point_pays():
     assert st["exit_points_kept"] == [] and len(st["exit_points_dropped"]) == L - 1
     assert st["exit_program"]["step_costs"]["source"] == "test"
     # the same program where exits are cheap keeps its points and exits
-    cheap = Decoder(EagerSegments(model, s, prog), s, program=prog, draft=RecentTokens()).generate(PROMPTS[0])
+    cheap = Decoder(CheapExits(model, s, prog), s, program=prog, draft=RecentTokens()).generate(PROMPTS[0])
     assert any(e < L - 1 for e in cheap.exit_layers) and torch.is_tensor(prog.predictors.w1)
 
 
