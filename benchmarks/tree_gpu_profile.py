@@ -1,9 +1,11 @@
-"""Where the fixed tree step's time goes on a GPU (issue t3): SmolLM2-135M shapes with random weights
-(timing does not depend on the weights; the accepted length is forced by a trace), through
-`Decoder.generate()`.
+"""Where the fixed tree step's time goes on a GPU (issue t3): SmolLM2-135M shapes (or Llama-2-7B widths
+with --shape 7b --layers N) with random weights (timing does not depend on the weights; the accepted
+length is forced by a trace), through `Decoder.generate()`.
 
-Times, in one process: the dense whole-step graph, the fixed tree program per step (variants: the draft
-expansion compiled or eager),
+Times, in one process: the dense whole-step graph, the fixed tree program per step (variants:
+tree_compiled = the default (on CUDA the tree layer's fused Triton ops: skinny GEMMs, masked attention),
+tree_plain = plain ops fused by Inductor (SPECEE_TREE_LAYER=plain), tree_eager_draft = the draft
+expansion not compiled),
 and the parts of one step captured alone (draft expansion, verification layers). Prints a table and writes
 JSON to --out.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +24,8 @@ import time
 
 import torch
 
+SEVEN = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+             intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
             intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
             rope_theta=100000.0)
@@ -28,7 +33,9 @@ SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_ke
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--shape", choices=("smollm2", "7b"), default="smollm2")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (7b: a cheaper build)")
+    ap.add_argument("--dtype", default=None, help="default: float32 (smollm2), float16 (7b)")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -45,13 +52,19 @@ def main() -> int:
     from specee_compile.runtime.policies import trace_accepts
 
     dev = torch.device("cuda")
+    args.dtype = args.dtype or ("float32" if args.shape == "smollm2" else "float16")
     dt = getattr(torch, args.dtype)
+    shape = dict(SMOL if args.shape == "smollm2" else SEVEN)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    V = shape["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
-        write_random_model(SMOL, dt, dev, d)
+        write_random_model(shape, dt, dev, d)
         loaded = load_model(d, dtype=dt, device="cuda")
-    prompt = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
+                 "shape": shape,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
 
@@ -67,16 +80,21 @@ def main() -> int:
     R["dense_tok_s"], _ = tok_s(dense)
     print("dense", R["dense_tok_s"], flush=True)
 
-    draft = EagleDraft(loaded.model, vocab_ids=torch.arange(8192))
+    draft = EagleDraft(loaded.model, vocab_ids=torch.arange(min(8192, V)))
     for p in draft.parameters():
         torch.nn.init.normal_(p, std=0.02)
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     seg = dense.seg
     sharpen_draft(EagleSource(draft, k=4), seg, prompt)
-    for name, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
+    for name, compiled_draft, layer_ops in (("tree_compiled", True, "fused"), ("tree_plain", True, "plain"),
+                                            ("tree_eager_draft", False, "fused")):
         if name not in args.variants.split(","):
             continue
         t0 = time.time()
+        if layer_ops == "plain":
+            os.environ["SPECEE_TREE_LAYER"] = "plain"
+        else:
+            os.environ.pop("SPECEE_TREE_LAYER", None)
         dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
                             draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
         dec.draft.compile = compiled_draft
@@ -106,7 +124,7 @@ def main() -> int:
 
         parts["verify_us"] = round(replay_time(seg.capture(verify, lambda: None), 50) * 1e6, 1)
         seg.cache.reset()
-        R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
+        R[name] = {"layer_ops": layer_ops, "tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
                    "draft_mode": dec.draft.step_mode,
                    "setup_s": round(time.time() - t0, 1), **parts}
@@ -134,6 +152,9 @@ def main() -> int:
         out["profile"] = table
         seg.cache.reset()
     R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
+    from specee_compile.plugins.triton_gemv import TUNED
+
+    out["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
     print(json.dumps(R, indent=1))
     if args.out:
         with open(args.out, "w") as fh:

@@ -79,6 +79,34 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) if compiled else torch.equal(a, b)
 
 
+def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama):
+    """Tree verification's call (slots + an explicit mask: `specee::masked_attention`) through the fused-op
+    layer computes what the plain layer does (CPU: the ops' references)."""
+    from specee_compile.model_step import extract_weights
+
+    W = extract_weights(tiny_llama, 64)
+    spec = step_spec(tiny_llama.config, 64)
+    L, Hkv, hd = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    torch.manual_seed(5)
+    h0 = torch.randn(1, 6, spec.hidden)
+    pos = torch.tensor([20, 21, 21, 22, 22, 22])  # a root, two children, three grandchildren
+    slots = torch.arange(20, 26)
+    mask = torch.rand(6, 32) < 0.5
+    mask[torch.arange(6), slots] = True
+    outs = []
+    for fn in (make_layer_fn(spec), make_layer_fn(spec, fused=FUSABLE)):
+        kc = torch.randn(L, Hkv, 64, hd, generator=torch.Generator().manual_seed(1))
+        vc = torch.randn(L, Hkv, 64, hd, generator=torch.Generator().manual_seed(2))
+        valid = torch.ones(L, 64, dtype=torch.bool)
+        x = h0
+        with torch.no_grad():
+            for i in range(L):
+                x = fn(x, pos, valid[i], W.cos, W.sin, kc[i], vc[i], 32, *W.layers[i].as_tuple(),
+                       slots=slots, mask=mask)
+        outs.append(x)
+    assert torch.equal(*outs)
+
+
 _INTERP = textwrap.dedent(
     """
     import torch, triton
@@ -174,3 +202,58 @@ def test_capture_and_passes_keep_fused_ops(tiny_llama):
         with torch.no_grad():
             outs.append((seg.layers[0](*args), kc))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+_INTERP_ROWS = textwrap.dedent(
+    """
+    import torch, triton
+    from specee_compile.ops import fused_linear_reference as ref
+    from specee_compile.plugins.triton_gemv import PROLOGUES, _rows_kernel, rows_block
+    torch.manual_seed(0)
+    for dt in (torch.float16, torch.float32):
+        for pro, n, k, res in CASES:
+            for rows in (2, 5, 17):  # one block of rows; rows past a block of 16
+                kin = 2 * k if pro == "silu_mul" else k
+                x = (torch.randn(1, rows, kin) * 2).to(dt)
+                w = (torch.randn(n, k) * 0.1).to(dt)
+                nw = (1 + 0.1 * torch.randn(k)).to(dt)
+                r = torch.randn(1, rows, n).to(dt) if res else None
+                for bm, bn, bk in ((16, 16, 32), (rows_block(rows), 32, 64)):
+                    y = torch.full((1, rows, n), float("nan"), dtype=dt)
+                    _rows_kernel[(triton.cdiv(n, bn), triton.cdiv(rows, bm))](
+                        x, w, r if res else y, nw, y, rows, n, 1e-5, K=k, XS=kin, PRO=PROLOGUES[pro], HAS_RES=res,
+                        IEEE=dt == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                    e = ref(x.float(), w.float(), None if r is None else r.float(), nw.float(), 1e-5, pro)
+                    err = float((y.float() - e).abs().max())
+                    tol = 3e-3 * float(e.abs().max()) if dt == torch.float16 else 1e-4
+                    assert err <= tol, (dt, pro, n, k, res, rows, bm, bn, bk, err)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
+    """The skinny-GEMM path (2..64 rows: tree verification) against the eager math."""
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [2, 25, 64])
+@pytest.mark.parametrize("pro,n,k,res", CASES + [("rmsnorm", 960, 576, False), ("silu_mul", 576, 1536, True),
+                                                 ("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])
+def test_cuda_rows_kernel_matches_eager(dtype, rows, pro, n, k, res):
+    from specee_compile.plugins.triton_gemv import triton_fused_linear
+
+    g = torch.Generator().manual_seed(rows)
+    kin = 2 * k if pro == "silu_mul" else k
+    x = (torch.randn(1, rows, kin, generator=g) * 2).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).cuda()
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).cuda()
+    r = torch.randn(1, rows, n, generator=g).to(dtype).cuda() if res else None
+    y = triton_fused_linear(x, w, r, nw, 1e-5, pro)
+    e = fused_linear_reference(x.double(), w.double(), None if r is None else r.double(), nw.double(), 1e-5, pro)
+    ours = float((y.double() - e).abs().max())
+    eager = float((fused_linear_reference(x, w, r, nw, 1e-5, pro).double() - e).abs().max())
+    # no worse than the eager op's own rounding (float32: IEEE products, not TF32)
+    assert ours <= 4 * eager + 1e-6 * float(e.abs().max()), (ours, eager)

@@ -377,7 +377,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
     from ..artifacts import shipped_dir
 
     base = dict(device=str(dev), dtype="float32", backend="inductor", max_context=1024,
-                max_new_tokens=args.smollm2_new, artifacts=str(shipped_dir("smollm2-135m")))
+                max_new_tokens=args.smollm2_new,
+                artifacts=str(getattr(args, "smollm2_artifacts", None) or shipped_dir("smollm2-135m")))
+    R_["smollm2_artifacts"] = base["artifacts"]
     configs = {"dense": dict(), "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
     if "tree" not in args.skip:
@@ -574,6 +576,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
     p.add_argument("--smollm2", default=None, help="SmolLM2 .gguf (or smollm2-135m) for the real-model stage")
     p.add_argument("--prompts", default=None, help="JSON list of prompt strings for the SmolLM2 stage")
+    p.add_argument("--smollm2-artifacts", default=None,
+                   help="artifact dir for the SmolLM2 stage (default: the shipped one), e.g. a newly trained draft")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
     p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree")

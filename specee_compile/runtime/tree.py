@@ -59,10 +59,25 @@ Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
+
+
+def tree_layer_ops(seg) -> tuple[str, ...]:
+    """The fused ops of the tree-verify layer: on CUDA with Triton, every op of `model_step.CUDA_FUSED`
+    (the skinny-GEMM path of `specee::fused_linear` and `specee::masked_attention` take the tree's rows);
+    elsewhere plain ops, which Inductor fuses itself. `SPECEE_TREE_LAYER=plain` keeps plain ops on CUDA
+    too (the measured alternative: benchmarks/tree_gpu_profile.py --variants)."""
+    from ..model_step import CUDA_FUSED
+    from ..ops import register_cuda_kernels
+
+    if seg.device.type != "cuda" or os.environ.get("SPECEE_TREE_LAYER") == "plain":
+        return ()
+    return CUDA_FUSED if register_cuda_kernels() else ()
 
 
 class TreeStep:
@@ -135,10 +150,7 @@ class TreeStep:
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
-        # plain ops: the fused GEMV ops take one row; on q rows they are opaque eager fallbacks, while
-        # Inductor fuses plain norms, SiLU and residuals itself (H200, SmolLM2 shapes, 25 rows x 30 layers:
-        # 2.32 ms plain vs 3.03 ms with the fused ops, benchmarks/tree_gpu_profile.py)
-        fn = make_layer_fn(seg.spec)
+        fn = make_layer_fn(seg.spec, fused=tree_layer_ops(seg))
         if seg.name == "inductor":
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
         w, c = seg.weights, seg.cache
