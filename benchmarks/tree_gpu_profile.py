@@ -4,7 +4,8 @@ length is forced by a trace), through `Decoder.generate()`.
 
 Times, in one process: the dense whole-step graph, the fixed tree program per step (variants:
 tree_compiled = the default (on CUDA the tree layer's fused Triton ops: skinny GEMMs, masked attention),
-tree_plain = plain ops fused by Inductor (SPECEE_TREE_LAYER=plain), tree_eager_draft = the draft
+tree_plain = plain ops fused by Inductor (SPECEE_TREE_LAYER=plain), tree_cublas = plain ops and no
+Triton rows kernels in the draft either (SPECEE_ROWS_KERNEL=0: cuBLAS / SDPA), tree_eager_draft = the draft
 expansion not compiled),
 and the parts of one step captured alone (draft expansion, verification layers). Prints a table and writes
 JSON to --out.
@@ -86,15 +87,14 @@ def main() -> int:
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     seg = dense.seg
     sharpen_draft(EagleSource(draft, k=4), seg, prompt)
-    for name, compiled_draft, layer_ops in (("tree_compiled", True, "fused"), ("tree_plain", True, "plain"),
-                                            ("tree_eager_draft", False, "fused")):
+    for name, compiled_draft, layer_ops, rows_kernel in (
+            ("tree_compiled", True, "fused", "1"), ("tree_plain", True, "plain", "1"),
+            ("tree_cublas", True, "plain", "0"), ("tree_eager_draft", False, "fused", "1")):
         if name not in args.variants.split(","):
             continue
         t0 = time.time()
-        if layer_ops == "plain":
-            os.environ["SPECEE_TREE_LAYER"] = "plain"
-        else:
-            os.environ.pop("SPECEE_TREE_LAYER", None)
+        os.environ["SPECEE_TREE_LAYER"] = layer_ops
+        os.environ["SPECEE_ROWS_KERNEL"] = rows_kernel
         dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
                             draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
         dec.draft.compile = compiled_draft
@@ -124,7 +124,7 @@ def main() -> int:
 
         parts["verify_us"] = round(replay_time(seg.capture(verify, lambda: None), 50) * 1e6, 1)
         seg.cache.reset()
-        R[name] = {"layer_ops": layer_ops, "tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
+        R[name] = {"layer_ops": layer_ops, "rows_kernel": rows_kernel == "1", "tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
                    "draft_mode": dec.draft.step_mode,
                    "setup_s": round(time.time() - t0, 1), **parts}

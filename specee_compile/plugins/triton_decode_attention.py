@@ -18,7 +18,7 @@ rows) over the whole prefix, [BLOCK_R x hd] queries against [BLOCK_S x hd] key t
 float32 for float32; the tensor cores for half types, probabilities rounded to the input dtype as flash
 kernels do) and an online softmax per row. The mask is read (masked mode) or built from valid[j] and
 j <= pos[r] (causal mode). More rows (prefill) take the reference (SDPA), where the flash kernels are the
-right tool.
+right tool; so do half types (`triton_gemv.rows_kernel_on`).
 """
 
 from __future__ import annotations
@@ -165,7 +165,11 @@ def splits_for(S: int) -> tuple[int, int]:
 
 
 def _usable(q, k, v) -> bool:
+    from .triton_gemv import rows_kernel_on
+
     H, rows, hd = q.shape
+    if rows > 1 and not rows_kernel_on(q.dtype):
+        return False
     return (
         HAVE_TRITON and 1 <= rows <= ROWS_MAX and hd == triton.next_power_of_2(hd) and hd >= 16
         and H % k.shape[0] == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == q.dtype == v.dtype

@@ -34,7 +34,7 @@ step does); half types feed the tensor cores with the prologue's output rounded 
 eager ops round it (RMSNorm: norm_w * x rounded, the 1/rms scalar after the sum, as in the GEMV).
 H200, SmolLM2 shapes in float32, 25 rows: cuBLAS runs these as SIMT GEMMs at ~5.4 us each plus the
 norm/SiLU kernels around them (benchmarks/tree_gpu_profile.py); this kernel folds those in.
-More rows than ROWS_MAX (prefill) take the eager reference (cuBLAS).
+More rows than ROWS_MAX (prefill), and half types (`rows_kernel_on`), take the eager reference (cuBLAS).
 """
 
 from __future__ import annotations
@@ -214,6 +214,8 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     if not 1 <= rows <= ROWS_MAX or not HAVE_TRITON or x.dtype != w.dtype:
         return fused_linear_reference(x, w, res, norm_w, eps, prologue)
     if rows > 1:
+        if not rows_kernel_on(x.dtype):
+            return fused_linear_reference(x, w, res, norm_w, eps, prologue)
         return _rows_linear(x, w, res, norm_w, eps, prologue, rows)
     pro = PROLOGUES[prologue]
     N, K = w.shape
@@ -241,6 +243,15 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     if key not in TUNED and getattr(_gemv_tuned, "best_config", None) is not None:
         TUNED[key] = str(_gemv_tuned.best_config)
     return y
+
+
+def rows_kernel_on(dtype) -> bool:
+    """Whether 2..ROWS_MAX rows take the Triton rows kernels (this one and the masked attention): float32
+    only. Half types keep cuBLAS / SDPA, whose tensor-core kernels are faster there (H200, Llama-2-7B
+    widths in float16, 25 rows: the tree's verification layers 3.3x slower with these kernels,
+    benchmarks/GPU_NOTES.md). `SPECEE_ROWS_KERNEL=0` turns them off for float32 too (the measured
+    alternative)."""
+    return dtype == torch.float32 and os.environ.get("SPECEE_ROWS_KERNEL", "1") != "0"
 
 
 def rows_block(rows: int) -> int:
