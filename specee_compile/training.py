@@ -14,11 +14,13 @@ from pathlib import Path
 
 def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str | None = "eagle",
                   draft_dir=None, progress: bool = True, force: bool = False, device: str = "cpu",
-                  target_precision: float = 0.95) -> dict:
+                  target_precision: float = 0.95, draft_options: dict | None = None) -> dict:
     """`device` (`train --device cuda`): where the model loads (float32) and collects the features (and
     the EAGLE draft trains, when one is trained here); the fit and the schedule run on the CPU.
     `target_precision`: each exit layer's threshold is the lowest whose held-out exit precision (the exit's
-    token = the full model's) reaches it; a layer that cannot reach it gets no exit point."""
+    token = the full model's) reaches it; a layer that cannot reach it gets no exit point.
+    `draft_options`: keyword arguments for `train_draft_command` when the EAGLE draft is trained here
+    (e.g. time_budget_s, conversations, self_generated); it reuses the model loaded here."""
     from .api import save_program_artifacts
     from .artifacts import plan_output
     from .draft import EagleDraft, make_candidate_source
@@ -48,7 +50,7 @@ def train_command(model_name: str, out_dir, *, num_texts: int = 160, draft: str 
         elif source == "eagle":
             t0 = time.perf_counter()
             print("phase 1/3: training the draft head (no --draft-dir given)", file=sys.stderr)
-            train_draft_command(model_name, tmp / "draft", device=device)
+            train_draft_command(model_name, tmp / "draft", device=device, loaded=loaded, **(draft_options or {}))
             draft_obj = EagleDraft.load(tmp / "draft", loaded.model)
             times["train_draft_s"] = round(time.perf_counter() - t0, 1)
         artifacts = {"draft": draft_obj} if draft_obj is not None else {}
