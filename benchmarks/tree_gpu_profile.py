@@ -3,9 +3,10 @@ with --shape 7b --layers N) with random weights (timing does not depend on the w
 length is forced by a trace), through `Decoder.generate()`.
 
 Times, in one process: the dense whole-step graph, the fixed tree program per step (variants:
-tree_compiled = the default (on CUDA the tree layer's fused Triton ops: skinny GEMMs, masked attention),
-tree_plain = plain ops fused by Inductor (SPECEE_TREE_LAYER=plain), tree_cublas = plain ops and no
-Triton rows kernels in the draft either (SPECEE_ROWS_KERNEL=0: cuBLAS / SDPA), tree_eager_draft = the draft
+tree_compiled = the tree layer's fused ops on the Triton rows kernels (SPECEE_TREE_LAYER=fused,
+SPECEE_ROWS_KERNEL=1: skinny GEMMs, masked attention, in the draft's expansion too), tree_plain = plain
+ops fused by Inductor but the rows kernels in the draft, tree_cublas = the default (plain ops, no rows
+kernels: cuBLAS / SDPA), tree_eager_draft = the draft
 expansion not compiled),
 and the parts of one step captured alone (draft expansion, verification layers). Prints a table and writes
 JSON to --out.

@@ -34,7 +34,8 @@ step does); half types feed the tensor cores with the prologue's output rounded 
 eager ops round it (RMSNorm: norm_w * x rounded, the 1/rms scalar after the sum, as in the GEMV).
 H200, SmolLM2 shapes in float32, 25 rows: cuBLAS runs these as SIMT GEMMs at ~5.4 us each plus the
 norm/SiLU kernels around them (benchmarks/tree_gpu_profile.py); this kernel folds those in.
-More rows than ROWS_MAX (prefill), and half types (`rows_kernel_on`), take the eager reference (cuBLAS).
+More rows than ROWS_MAX (prefill) take the eager reference (cuBLAS), and so do 2..ROWS_MAX rows unless
+`SPECEE_ROWS_KERNEL=1` (`rows_kernel_on`: measured slower than cuBLAS on the H200).
 """
 
 from __future__ import annotations
@@ -246,12 +247,12 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
 
 
 def rows_kernel_on(dtype) -> bool:
-    """Whether 2..ROWS_MAX rows take the Triton rows kernels (this one and the masked attention): float32
-    only. Half types keep cuBLAS / SDPA, whose tensor-core kernels are faster there (H200, Llama-2-7B
-    widths in float16, 25 rows: the tree's verification layers 3.3x slower with these kernels,
-    benchmarks/GPU_NOTES.md). `SPECEE_ROWS_KERNEL=0` turns them off for float32 too (the measured
-    alternative)."""
-    return dtype == torch.float32 and os.environ.get("SPECEE_ROWS_KERNEL", "1") != "0"
+    """Whether 2..ROWS_MAX rows take the Triton rows kernels (this one and the masked attention): only
+    with `SPECEE_ROWS_KERNEL=1` (float32). Measured on the H200 (benchmarks/GPU_NOTES.md, session 4),
+    these kernels lose to cuBLAS / SDPA: the tree's 25-row verification layers 3.3x slower at Llama-2-7B
+    widths in float16, 2.5x slower at SmolLM2 shapes in float32 (5.88 ms vs ~2.35 ms for 30 layers), so
+    the default keeps cuBLAS; the kernels stay as the measured alternative (and a starting point)."""
+    return dtype == torch.float32 and os.environ.get("SPECEE_ROWS_KERNEL") == "1"
 
 
 def rows_block(rows: int) -> int:

@@ -68,14 +68,15 @@ from ..model_step import make_layer_fn
 
 
 def tree_layer_ops(seg) -> tuple[str, ...]:
-    """The fused ops of the tree-verify layer: on CUDA with Triton, every op of `model_step.CUDA_FUSED`
-    (the skinny-GEMM path of `specee::fused_linear` and `specee::masked_attention` take the tree's rows);
-    elsewhere plain ops, which Inductor fuses itself. `SPECEE_TREE_LAYER=plain` keeps plain ops on CUDA
-    too (the measured alternative: benchmarks/tree_gpu_profile.py --variants)."""
+    """The fused ops of the tree-verify layer: plain ops (Inductor fuses norms, SiLU and residuals itself;
+    cuBLAS / SDPA take the matmuls and the masked attention), unless `SPECEE_TREE_LAYER=fused` on CUDA:
+    every op of `model_step.CUDA_FUSED`, whose rows kernels (`SPECEE_ROWS_KERNEL=1`) measured slower on
+    the H200 (SmolLM2 shapes, float32, 25 rows x 30 layers: 2.32 ms plain, 3.03 ms fused ops on cuBLAS,
+    5.88 ms fused ops on the Triton rows kernels; benchmarks/tree_gpu_profile.py, GPU_NOTES.md)."""
     from ..model_step import CUDA_FUSED
     from ..ops import register_cuda_kernels
 
-    if seg.device.type != "cuda" or os.environ.get("SPECEE_TREE_LAYER") == "plain":
+    if seg.device.type != "cuda" or os.environ.get("SPECEE_TREE_LAYER") != "fused":
         return ()
     return CUDA_FUSED if register_cuda_kernels() else ()
 
