@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="recorded under training.draft_note")
     args = ap.parse_args(argv)
 
-    from specee_compile.models import load_model
+    from specee_compile.api import load_model
 
     target = Path(args.target)
     old = read_manifest(target)  # verifies the current files against their checksums
