@@ -241,21 +241,39 @@ def test_smollm2_parity(smollm2, smollm2_export, mode):
 
 @pytest.mark.slow
 def test_smollm2_cost_check_agrees(smollm2, smollm2_export):
-    """With the cost check on (the default), both runners measure their own costs and apply the same
-    rule (runtime/exit_costs.py): on SmolLM2 on this CPU the draft costs more than exits save, so both
-    keep no exit point, say why, and decode the dense tokens."""
+    """With the cost check on (the default), both runners apply the same rule (runtime/exit_costs.py). Given the
+    Python runtime's measured costs (`--step-costs`), the C++ runner keeps and drops the same points for the same
+    reasons and decodes the same tokens. With its own measurements it accounts for every point; the two
+    processes' decisions are not compared there: on SmolLM2 on this CPU the rule's margin is ~7% (exits save
+    ~71 ms/token against a ~76 ms draft), less than two processes' timings of a loaded 2-core machine differ
+    (this comparison failed in CI that way)."""
     from specee_compile.api import build_decoder, encode_prompt
 
     s = Settings(max_new_tokens=24, max_context=256, specee=True)
     ids = encode_prompt(smollm2.tokenizer, "What is the capital of France?")
     ref = build_decoder(smollm2, s).generate(ids)
-    got = run_runner(smollm2_export, ids, s)
+    costs = ref.exit_program["step_costs"]
+    pinned = ",".join(f"{k}={costs[k]!r}" for k in ("layer_us", "decision_us", "draft_us", "check_us", "row_us"))
+    got = run_runner(smollm2_export, ids, s, extra=("--step-costs", pinned))
     why = f"C++: {got.get('step_costs')} {got.get('exit_points_dropped')}; Python: {ref.exit_program}"
-    assert got["exit_points_kept"] == ref.exit_program["exit_points_kept"] == [], why
-    assert sorted(int(k) for k in got["exit_points_dropped"]) == sorted(int(k) for k in ref.exit_program["exit_points_dropped"])
-    assert "the C++ runner on cpu" in got["step_costs"]
-    dense = build_decoder(smollm2, Settings(max_new_tokens=24, max_context=256)).generate(ids)
-    assert got["token_ids"] == ref.token_ids == dense.token_ids
+    assert got["exit_points_kept"] == ref.exit_program["exit_points_kept"], why
+    # the same points dropped for the same reason (the figures in the text may differ in the last printed
+    # digit: the runner computes in seconds, Python in microseconds)
+    def reason(dropped):
+        return {int(k): v.split(" us/token")[0].rsplit(" ", 1)[0] for k, v in dropped.items()}
+
+    assert reason(got["exit_points_dropped"]) == reason(ref.exit_program["exit_points_dropped"]), why
+    assert got["step_costs"].startswith("pinned by --step-costs")
+    assert got["token_ids"] == ref.token_ids
+    if not ref.exit_program["exit_points_kept"]:  # decoding as dense
+        dense = build_decoder(smollm2, Settings(max_new_tokens=24, max_context=256)).generate(ids)
+        assert got["token_ids"] == dense.token_ids
+    own = run_runner(smollm2_export, ids, s)
+    assert "the C++ runner on cpu" in own["step_costs"]
+    points = sorted(own["exit_points_kept"] + [int(k) for k in own["exit_points_dropped"]])
+    assert points == sorted(ref.exit_program["exit_points_kept"] + [int(k) for k in ref.exit_program["exit_points_dropped"]])
+    with pytest.raises(SpecEEError, match="--step-costs"):
+        run_runner(smollm2_export, ids, s, extra=("--step-costs", "layer_us=1"))
 
 
 @pytest.fixture(scope="module")

@@ -92,12 +92,30 @@ int main(int argc, char** argv) {
       else if (a == "--eos") { for (auto e : int_list(a, val())) opt.eos_ids.push_back(e); }
       else if (a == "--no-manifest-eos") opt.use_manifest_eos = false;
       else if (a == "--no-exit-cost-check") opt.exit_cost_check = false;
+      else if (a == "--step-costs") {  // layer_us=X,decision_us=X,draft_us=X,check_us=X[,row_us=X]
+        std::string v = val(), item;
+        std::stringstream ss(v);
+        while (std::getline(ss, item, ',')) {
+          const auto eq = item.find('=');
+          const std::string key = item.substr(0, eq);
+          char* end = nullptr;
+          const double x = eq == std::string::npos ? -1 : std::strtod(item.c_str() + eq + 1, &end);
+          if ((key != "layer_us" && key != "decision_us" && key != "draft_us" && key != "check_us" && key != "row_us") ||
+              eq == std::string::npos || eq + 1 == item.size() || *end || x < 0)
+            usage_error("--step-costs expects layer_us=X,decision_us=X,draft_us=X,check_us=X[,row_us=X] "
+                        "(microseconds, >= 0); got '" + item + "'");
+          opt.step_costs[key] = x;
+        }
+        for (const char* k : {"layer_us", "decision_us", "draft_us", "check_us"})
+          if (!opt.step_costs.count(k)) usage_error(std::string("--step-costs is missing ") + k);
+      }
       else if (a == "--repeat") repeat = int(to_int(a, val()));
       else if (a == "-h" || a == "--help") {
         std::cout << "usage: specee_runner DIR --ids 1,2,3 [--mode dense|approximate|lossless] [--kv skip|backfill] "
                      "[--max-new-tokens N] [--threshold X] [--max-pending N] [--min-exit-layer N] [--no-schedule] "
                      "[--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda] [--no-verify] [--threads N] [--eos IDS] "
-                     "[--no-manifest-eos] [--no-exit-cost-check] [--repeat N]\n";
+                     "[--no-manifest-eos] [--no-exit-cost-check] [--step-costs layer_us=X,decision_us=X,draft_us=X,check_us=X] "
+                     "[--repeat N]\n";
         return 0;
       }
       else if (!a.empty() && a[0] == '-') usage_error("unknown option " + a);

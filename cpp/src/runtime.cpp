@@ -585,61 +585,73 @@ struct Runtime::Impl {
       costs_source = opt.exit_cost_check && exit_rates.empty() ? "the artifacts carry no exit rates: every exit point kept" : "";
       return;
     }
-    const int64_t p = max_len - 1;
-    const at::Tensor pos = ids_tensor({p});
-    const int S = attn_len(p);
-    auto best = [&](const std::function<void()>& fn) {
-      double b = 1e30;
-      for (int r = 0; r < 4; ++r) {  // the first call warms up
-        sync();
-        const auto t = Clock::now();
-        fn();
-        sync();
-        if (r > 0) b = std::min(b, seconds_since(t));
-      }
-      return b;
-    };
-    const at::Tensor h0 = embed_ids({0});
-    at::Tensor h;
-    const double t_layers = best([&] {
-      h = h0;
-      for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
-    });
-    const double t_head = best([&] { head_fn(h, {0}); });
-    double row_s = 0;  // backfill: what one more row adds to a layer pass
-    if (backfill) {
-      const at::Tensor pos2 = ids_tensor({p - 1, p}), h2 = embed_ids({0, 0});
-      const double t2 = best([&] {
-        at::Tensor x = h2;
-        for (int i = 0; i < L; ++i) x = layer(i, x, pos2, S);
+    double t_layers, t_head, row_s = 0, t_dec, t_draft;  // seconds
+    char buf[320];
+    if (!opt.step_costs.empty()) {
+      auto us = [&](const char* key) { return opt.step_costs.count(key) ? opt.step_costs.at(key) * 1e-6 : 0.0; };
+      t_layers = us("layer_us") * L;
+      t_head = us("check_us");
+      row_s = us("row_us");
+      t_dec = us("decision_us");
+      t_draft = us("draft_us");
+      std::snprintf(buf, sizeof buf, "pinned by --step-costs: %d layers %.0f us, one decision %.0f us, the draft's step "
+                    "%.0f us, the full head %.0f us", L, t_layers * 1e6, t_dec * 1e6, t_draft * 1e6, t_head * 1e6);
+    } else {
+      const int64_t p = max_len - 1;
+      const at::Tensor pos = ids_tensor({p});
+      const int S = attn_len(p);
+      auto best = [&](const std::function<void()>& fn) {
+        double b = 1e30;
+        for (int r = 0; r < 4; ++r) {  // the first call warms up
+          sync();
+          const auto t = Clock::now();
+          fn();
+          sync();
+          if (r > 0) b = std::min(b, seconds_since(t));
+        }
+        return b;
+      };
+      const at::Tensor h0 = embed_ids({0});
+      at::Tensor h;
+      t_layers = best([&] {
+        h = h0;
+        for (int i = 0; i < L; ++i) h = layer(i, h, pos, S);
       });
-      row_s = std::max(0.0, t2 - t_layers) / L;
+      t_head = best([&] { head_fn(h, {0}); });
+      // backfill: what one more row adds to a layer pass
+      if (backfill) {
+        const at::Tensor pos2 = ids_tensor({p - 1, p}), h2 = embed_ids({0, 0});
+        const double t2 = best([&] {
+          at::Tensor x = h2;
+          for (int i = 0; i < L; ++i) x = layer(i, x, pos2, S);
+        });
+        row_s = std::max(0.0, t2 - t_layers) / L;
+      }
+      const int l0 = exit_layers.front();
+      const at::Tensor rows = head_rows_static.slice(0, 0, k).contiguous();
+      const at::Tensor p0 = at::zeros({k}, at::TensorOptions().dtype(at::kFloat).device(dev));
+      t_dec = best([&] {
+        auto o = exit_pkg.run({h, norm, rows, p0, pw1[l0], pb1[l0], pw2[l0], pb2[l0]});
+        (void)o[0].item<float>();
+      });
+      std::vector<int64_t> ids(8);
+      for (int j = 0; j < 8; ++j) ids[j] = j;
+      const at::Tensor hn = at::zeros({8, D}, at::TensorOptions().dtype(dtype).device(dev));
+      draft_reset(ids, hn);
+      t_draft = best([&] {
+        draft_observe(0, hn[0]);
+        draft_propose();
+      });
+      valid.zero_();
+      std::snprintf(buf, sizeof buf, "the C++ runner on %s: %d layers %.0f us, one decision %.0f us, the draft's step %.0f us, "
+                    "the full head %.0f us", dev.is_cuda() ? "cuda" : "cpu", L, t_layers * 1e6, t_dec * 1e6, t_draft * 1e6,
+                    t_head * 1e6);
     }
-    const int l0 = exit_layers.front();
-    const at::Tensor rows = head_rows_static.slice(0, 0, k).contiguous();
-    const at::Tensor p0 = at::zeros({k}, at::TensorOptions().dtype(at::kFloat).device(dev));
-    const double t_dec = best([&] {
-      auto o = exit_pkg.run({h, norm, rows, p0, pw1[l0], pb1[l0], pw2[l0], pb2[l0]});
-      (void)o[0].item<float>();
-    });
-    std::vector<int64_t> ids(8);
-    for (int j = 0; j < 8; ++j) ids[j] = j;
-    const at::Tensor hn = at::zeros({8, D}, at::TensorOptions().dtype(dtype).device(dev));
-    draft_reset(ids, hn);
-    const double t_draft = best([&] {
-      draft_observe(0, hn[0]);
-      draft_propose();
-    });
-    valid.zero_();
     const double layer_s = t_layers / L, check = lossless ? 0.0 : t_head, step_s = t_layers + t_head;
     const double miss = lossless && exit_precision >= 0 ? 1.0 - exit_precision : 0.0;  // rolled-back exits
     double total = 0;
     for (int l : exit_layers) total += exit_rates.count(l) ? exit_rates.at(l) : 0.0;
     const double run = 1.0 / std::max(0.05, 1.0 - total);  // steps a rollback throws away
-    char buf[320];
-    std::snprintf(buf, sizeof buf, "the C++ runner on %s: %d layers %.0f us, one decision %.0f us, the draft's step %.0f us, "
-                  "the full head %.0f us", dev.is_cuda() ? "cuda" : "cpu", L, t_layers * 1e6, t_dec * 1e6, t_draft * 1e6,
-                  t_head * 1e6);
     costs_source = buf;
     kept_points.clear();
     double net = 0;

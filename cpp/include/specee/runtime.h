@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -44,6 +45,10 @@ struct Options {
   bool use_manifest_eos = true;   // stop at the manifest's eos_ids
   std::vector<int64_t> eos_ids;   // extra stop tokens
   bool exit_cost_check = true;    // keep only exit points that pay for themselves (see Result::exit_points_kept)
+  // the cost check's inputs pinned instead of measured (keys layer_us (one layer), decision_us, draft_us,
+  // check_us (the full head), row_us (backfill's extra row per layer)): a decision reproduced exactly, e.g.
+  // the one the Python runtime took (its GenerationResult exit_program.step_costs); empty = measure
+  std::map<std::string, double> step_costs;
 };
 
 struct Result {
