@@ -58,9 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="eager")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tree-budget", type=int, default=Settings.tree_budget)
-    ap.add_argument("--tree-depth", type=int, default=Settings.tree_depth)
-    ap.add_argument("--tree-topk", type=int, default=Settings.tree_topk)
+    ap.add_argument("--tree-budget", type=int, default=None, help="default: the device's (Settings.tree_shape)")
+    ap.add_argument("--tree-depth", type=int, default=None)
+    ap.add_argument("--tree-topk", type=int, default=None)
     ap.add_argument("--grid", help="budget:depth:topk,... extra tree shapes to run (each its own config)")
     ap.add_argument("--specee", action="store_true", help="also tree + SpecEE lossless")
     ap.add_argument("--approx", action="store_true", help="also tree + SpecEE approximate")
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     base = Settings(max_new_tokens=args.max_new_tokens, device=args.device, backend=args.backend, dtype=args.dtype,
                     artifacts=args.artifacts)
-    shapes = [(args.tree_budget, args.tree_depth, args.tree_topk)] + (parse_grid(args.grid) if args.grid else [])
+    shapes = [base.replace(tree_budget=args.tree_budget, tree_depth=args.tree_depth,
+                           tree_topk=args.tree_topk).tree_shape()] + (parse_grid(args.grid) if args.grid else [])
     configs: dict[str, Settings] = {"dense": base}
     for b, d, k in shapes:
         name = "tree" if (b, d, k) == shapes[0] else f"tree[{b}:{d}:{k}]"
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "tree": {name: {"budget": s.tree_budget, "depth": s.tree_depth, "topk": s.tree_topk}
+        "tree": {name: dict(zip(("budget", "depth", "topk"), s.tree_shape()))
                  for name, s in configs.items() if s.speculate == "tree"},
         "wall_s": time.time() - t_all,
         "summary": summary,

@@ -59,9 +59,12 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending", type=int, default=8)
     p.add_argument("--speculate", choices=SPECULATE, default="none",
                    help="tree: EAGLE-2 draft tree verified in one forward (needs a draft head; output = dense greedy)")
-    p.add_argument("--tree-budget", type=int, default=24, help="tree: draft nodes verified per step")
-    p.add_argument("--tree-depth", type=int, default=6, help="tree: levels below the last token")
-    p.add_argument("--tree-topk", type=int, default=8, help="tree: children per expanded node, nodes expanded per level")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="tree: draft nodes verified per step (default: 24 on CUDA, 6 on a CPU)")
+    p.add_argument("--tree-depth", type=int, default=None,
+                   help="tree: levels below the last token (default: 6 on CUDA, 4 on a CPU)")
+    p.add_argument("--tree-topk", type=int, default=None,
+                   help="tree: children per expanded node, nodes expanded per level (default: 8 on CUDA, 2 on a CPU)")
     p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
                    help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
                         "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")

@@ -15,6 +15,10 @@ BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
+# the default tree (budget, depth, top-k) per device type, measured with SmolLM2 (benchmarks/RESULTS.md,
+# session 4): a GPU verifies 25 rows for about what it verifies 7 (launch-bound), a CPU pays per row
+# (compute-bound; 2-core CPU, H200-trained head: 24:6:8 0.97x dense, 6:4:2 1.15x, 4:3:2 1.12x)
+TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (6, 4, 2)}
 
 
 @dataclass
@@ -74,15 +78,18 @@ class Settings:
     verified in one forward with a tree attention mask; the longest matching path + a bonus token is
     accepted (greedy: output = dense greedy; temperature > 0: speculative sampling, the target's
     distribution). With --specee the exit predictors score every node (merged mapping)."""
-    tree_budget: int = 24
-    """Tree: at most this many draft nodes verified per step (the root, the last token, not counted)."""
-    tree_depth: int = 6
-    """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside)."""
-    tree_topk: int = 8
-    """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k)."""
+    tree_budget: int | None = None
+    """Tree: at most this many draft nodes verified per step (the root, the last token, not counted).
+    None = the device's default (`TREE_SHAPES`, see `tree_shape()`)."""
+    tree_depth: int | None = None
+    """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside).
+    None = the device's default."""
+    tree_topk: int | None = None
+    """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k).
+    None = the device's default."""
     tree_program: str = "auto"
     """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
-    attention bucket on CUDA; greedy, no prompt-lookup path, no exits on the tree); host = the step driven
+    attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
     from the host (any mode, sampling, SpecEE on the tree, prompt lookup); auto = fixed on CUDA where
     it applies (greedy, an EAGLE draft on the device), else host."""
 
@@ -137,6 +144,13 @@ class Settings:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.online_offsets = tuple(self.online_offsets)
 
+    def tree_shape(self) -> tuple[int, int, int]:
+        """(budget, depth, top-k) of the draft tree: the fields given, the device's default
+        (`TREE_SHAPES`) for those left None."""
+        dflt = TREE_SHAPES["cuda" if str(self.device).startswith("cuda") else "cpu"]
+        given = (self.tree_budget, self.tree_depth, self.tree_topk)
+        return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
+
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -150,9 +164,9 @@ _FIELD_RULES: dict[str, tuple] = {
     "num_candidates": ("int", 1, True, None),
     "max_pending": ("int", 0, True, None),
     "min_exit_layer": ("int", 0, True, None),
-    "tree_budget": ("int", 1, True, None),
-    "tree_depth": ("int", 1, True, None),
-    "tree_topk": ("int", 1, True, None),
+    "tree_budget": ("int?", 1, True, None),
+    "tree_depth": ("int?", 1, True, None),
+    "tree_topk": ("int?", 1, True, None),
     "speculate": ("str",),
     "tree_program": ("str",),
     "online_window": ("int", 0, True, None),

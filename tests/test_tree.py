@@ -300,6 +300,17 @@ def test_settings_check_tree_fields():
         Settings(tree_depth="3")
 
 
+def test_tree_shape_defaults_per_device_and_given_fields_win():
+    from specee_compile.config import TREE_SHAPES
+
+    assert Settings().tree_shape() == TREE_SHAPES["cpu"] == (6, 4, 2)
+    assert Settings(device="cuda:1").tree_shape() == TREE_SHAPES["cuda"] == (24, 6, 8)
+    assert Settings(device="cuda", tree_budget=10).tree_shape() == (10, 6, 8)
+    assert Settings(tree_depth=3, tree_topk=5).tree_shape() == (6, 3, 5)
+    dec = tree_dec(make_tiny_llama(), OracleTree(make_tiny_llama()), 4)
+    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == (6, 4, 2)
+
+
 def test_tree_needs_an_eagle_draft():
     model = make_tiny_llama()
     s = Settings(speculate="tree")

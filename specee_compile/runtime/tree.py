@@ -94,7 +94,7 @@ class TreeStep:
             raise SpecEEError(f"backend {seg.name!r} cannot verify a tree; use --backend eager or inductor")
         if not isinstance(dec.draft, EagleTreeSource):
             raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
-        self.budget, self.depth, self.topk = s.tree_budget, s.tree_depth, s.tree_topk
+        self.budget, self.depth, self.topk = s.tree_shape()
         self._layer = self._make_layer(seg)
         self.accepted_log: list[int] = []
         self.fixed = self._fixed_program(dec)
