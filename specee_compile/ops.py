@@ -139,8 +139,8 @@ def masked_attention_reference(q, k, v, mask):
 
 @torch.library.custom_op("specee::masked_attention", mutates_args=())
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention under a tree mask; one Triton kernel on CUDA for up to 64 rows
-    (`plugins/triton_decode_attention.py`)."""
+    """Attention under a tree mask (SDPA; with `SPECEE_ROWS_KERNEL=1` one Triton kernel on CUDA for up to 64
+    float32 rows, `plugins/triton_decode_attention.py`)."""
     return masked_attention_reference(q, k, v, mask).clone(memory_format=torch.contiguous_format)
 
 

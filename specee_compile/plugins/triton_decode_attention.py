@@ -18,7 +18,8 @@ rows) over the whole prefix, [BLOCK_R x hd] queries against [BLOCK_S x hd] key t
 float32 for float32; the tensor cores for half types, probabilities rounded to the input dtype as flash
 kernels do) and an online softmax per row. The mask is read (masked mode) or built from valid[j] and
 j <= pos[r] (causal mode). More rows (prefill) take the reference (SDPA), where the flash kernels are the
-right tool; so do half types (`triton_gemv.rows_kernel_on`).
+right tool. The rows kernel is opt-in (`SPECEE_ROWS_KERNEL=1`, float32; `triton_gemv.rows_kernel_on`):
+measured slower than SDPA + cuBLAS on the H200, so 2..ROWS_MAX rows take the reference by default.
 """
 
 from __future__ import annotations
