@@ -233,7 +233,7 @@ _INTERP_ROWS = textwrap.dedent(
 
 
 def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
-    """The skinny-GEMM path (2..64 rows: tree verification) against the eager math."""
+    """The skinny-GEMM kernel (2..64 rows, opt-in: SPECEE_ROWS_KERNEL=1) against the eager math."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS)
 
 
@@ -243,7 +243,7 @@ def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
 @pytest.mark.parametrize("pro,n,k,res", CASES + [("rmsnorm", 960, 576, False), ("silu_mul", 576, 1536, True),
                                                  ("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])
 def test_cuda_rows_kernel_matches_eager(dtype, rows, pro, n, k, res):
-    from specee_compile.plugins.triton_gemv import triton_fused_linear
+    from specee_compile.plugins.triton_gemv import _rows_linear
 
     g = torch.Generator().manual_seed(rows)
     kin = 2 * k if pro == "silu_mul" else k
@@ -251,7 +251,7 @@ def test_cuda_rows_kernel_matches_eager(dtype, rows, pro, n, k, res):
     w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).cuda()
     nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).cuda()
     r = torch.randn(1, rows, n, generator=g).to(dtype).cuda() if res else None
-    y = triton_fused_linear(x, w, r, nw, 1e-5, pro)
+    y = _rows_linear(x, w, r, nw, 1e-5, pro, rows)  # the kernel itself (opt-in in the op)
     e = fused_linear_reference(x.double(), w.double(), None if r is None else r.double(), nw.double(), 1e-5, pro)
     ours = float((y.double() - e).abs().max())
     eager = float((fused_linear_reference(x, w, r, nw, 1e-5, pro).double() - e).abs().max())

@@ -93,9 +93,10 @@ if HAVE_TRITON:
     def _rows_attn_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, valid_ptr, pos_ptr, o_ptr,
         R, S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr,
-        HD: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+        HD: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, NBLK: tl.constexpr,
         HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     ):
+        # NBLK = cdiv(S, BLOCK_S): a compile-time trip count (S is an attention bucket: a few values)
         # q, o [H, R, HD]; k, v [Hkv, S, HD] (strided views of the cache); mask [R, S] (HAS_MASK) or
         # valid [S] + pos [R] (causal over the valid prefix)
         DT: tl.constexpr = o_ptr.dtype.element_ty
@@ -113,8 +114,8 @@ if HAVE_TRITON:
         m = tl.full([BLOCK_R], -float("inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, HD], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            offs = s0 + tl.arange(0, BLOCK_S)
+        for blk in range(NBLK):
+            offs = blk * BLOCK_S + tl.arange(0, BLOCK_S)
             inb = offs < S
             kt = tl.load(k_ptr + kvh * stride_kh + offs[:, None] * stride_ks + d[None, :], mask=inb[:, None], other=0.0)
             vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
@@ -193,7 +194,7 @@ def _rows_attention(q, k, v, mask, valid, pos):
         q, k, v, mask_t, _u8(valid) if valid is not None else q, pos if pos is not None else q, o,
         R, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         mask_t.stride(0) if has_mask else 0,
-        HD=hd, REP=H // Hkv, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, HAS_MASK=has_mask,
+        HD=hd, REP=H // Hkv, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, NBLK=triton.cdiv(S, BLOCK_S), HAS_MASK=has_mask,
         IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
     )
     return o
