@@ -218,16 +218,7 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
         if not rows_kernel_on(x.dtype):
             return fused_linear_reference(x, w, res, norm_w, eps, prologue)
         return _rows_linear(x, w, res, norm_w, eps, prologue, rows)
-    pro = PROLOGUES[prologue]
-    N, K = w.shape
-    if x.shape[-1] != (2 * K if pro == 2 else K):
-        raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
-                         f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
-    x = x.contiguous()
-    w = w.contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    res_t = res.contiguous() if res is not None else y
-    nw = norm_w.contiguous() if norm_w is not None else x
+    pro, N, K, x, w, y, res_t, nw = _operands(x, w, res, norm_w, prologue)
     args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
     fixed = _fixed_config()
@@ -260,17 +251,22 @@ def rows_block(rows: int) -> int:
     return max(16, min(64, triton.next_power_of_2(rows)))
 
 
-def _rows_linear(x, w, res, norm_w, eps, prologue, rows):
+def _operands(x, w, res, norm_w, prologue):
+    """Checked, contiguous kernel operands and the output: (prologue id, N, K, x, w, y, res or y, norm_w or x)."""
     pro = PROLOGUES[prologue]
     N, K = w.shape
     if x.shape[-1] != (2 * K if pro == 2 else K):
         raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
                          f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
     x = x.contiguous()
-    w = w.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     res_t = res.contiguous() if res is not None else y
     nw = norm_w.contiguous() if norm_w is not None else x
+    return pro, N, K, x, w.contiguous(), y, res_t, nw
+
+
+def _rows_linear(x, w, res, norm_w, eps, prologue, rows):
+    pro, N, K, x, w, y, res_t, nw = _operands(x, w, res, norm_w, prologue)
     bm = rows_block(rows)
     args = (x, w, res_t, nw, y, rows, N, float(eps))
     kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "IEEE": x.dtype == torch.float32,
