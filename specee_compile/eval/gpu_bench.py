@@ -450,6 +450,13 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_specee_vs_tree"] = round(statistics.median(tt), 3)
         if accepted_trace:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
+            # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
+            res.setdefault("traces", {})["smollm2_tree_accepted"] = accepted_trace
+            trace_path = os.path.join(args.out or os.environ.get("OUT") or "benchmarks/results",
+                                      f"{res['date']}-smollm2-accept-trace.json")
+            with open(trace_path, "w") as f:
+                json.dump(accepted_trace, f)
+            R_["smollm2_tree_accept_trace_file"] = trace_path
     if "lossless" in configs:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
     R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless") if n in configs}
