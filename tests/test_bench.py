@@ -24,3 +24,11 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert R["product_tree35_ratio"] > 0
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
+    rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
+               "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--smollm2-configs: unknown ['bogus']" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written

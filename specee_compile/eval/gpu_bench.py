@@ -363,10 +363,12 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
         del dec
 
 
+SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_specee")  # besides dense (--smollm2-configs)
+
+
 def bench_smollm2(args, res: dict, dev) -> None:
     from ..api import build_decoder, encode_prompt
     from ..config import Settings
-    from ..errors import SpecEEError
     from ..models import load_model
 
     R_ = res["results"]
@@ -387,11 +389,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
         configs.update(tree=dict(speculate="tree"),
                        tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"))
     wanted = getattr(args, "smollm2_configs", None)
-    if wanted:
+    if wanted:  # (names checked in main, before any work)
         keep = {"dense", *wanted.split(",")}
-        unknown = keep - set(configs)
-        if unknown:
-            raise SpecEEError(f"--smollm2-configs: unknown {sorted(unknown)}; expected names from {sorted(configs)}")
         configs = {n: c for n, c in configs.items() if n in keep}
     decs, shared = {}, None
     for name, over in configs.items():
@@ -597,8 +596,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--smollm2-artifacts", default=None,
                    help="artifact dir for the SmolLM2 stage (default: the shipped one), e.g. a newly trained draft")
     p.add_argument("--smollm2-configs", default=None,
-                   help="comma list of the SmolLM2 configs to run besides dense (default: all: paper, lossless, "
-                        "tree, tree_specee)")
+                   help="comma list of the SmolLM2 configs to run besides dense (default: all: "
+                        + ", ".join(SMOLLM2_CONFIGS) + ")")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
     p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree")
@@ -614,10 +613,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the record's `command`
-    if args.smollm2 and not args.prompts:
-        from ..errors import SpecEEError
+    from ..errors import SpecEEError
 
+    if args.smollm2 and not args.prompts:
         raise SpecEEError("--smollm2 needs --prompts P.json (a JSON list of prompt strings)")
+    unknown = sorted(set((args.smollm2_configs or "").split(",")) - {"", *SMOLLM2_CONFIGS})
+    if unknown:
+        raise SpecEEError(f"--smollm2-configs: unknown {unknown}; expected a comma list of {', '.join(SMOLLM2_CONFIGS)}")
     run_bench(args)
     return 0
 
