@@ -241,7 +241,7 @@ def rows_kernel_on(dtype) -> bool:
     """Whether 2..ROWS_MAX rows take the Triton rows kernels (this one and the masked attention): only
     with `SPECEE_ROWS_KERNEL=1` (float32). Measured on the H200 (benchmarks/GPU_NOTES.md, session 4),
     these kernels lose to cuBLAS / SDPA: the tree's 25-row verification layers 3.3x slower at Llama-2-7B
-    widths in float16, 2.5x slower at SmolLM2 shapes in float32 (5.88 ms vs ~2.35 ms for 30 layers), so
+    widths in float16, 2.5x slower at SmolLM2 shapes in float32 (5.88 ms for 30 layers vs ~2.35 ms with cuBLAS in an earlier run), so
     the default keeps cuBLAS; the kernels stay as the measured alternative (and a starting point)."""
     return dtype == torch.float32 and os.environ.get("SPECEE_ROWS_KERNEL") == "1"
 

@@ -72,7 +72,7 @@ def tree_layer_ops(seg) -> tuple[str, ...]:
     cuBLAS / SDPA take the matmuls and the masked attention), unless `SPECEE_TREE_LAYER=fused` on CUDA:
     every op of `model_step.CUDA_FUSED`, whose rows kernels (`SPECEE_ROWS_KERNEL=1`) measured slower on
     the H200 (SmolLM2 shapes, float32, 25 rows x 30 layers: 2.32 ms plain, 3.03 ms fused ops on cuBLAS,
-    5.88 ms fused ops on the Triton rows kernels; benchmarks/tree_gpu_profile.py, GPU_NOTES.md)."""
+    5.88 ms fused ops on the Triton rows kernels (the last in a later run); benchmarks/tree_gpu_profile.py, GPU_NOTES.md)."""
     from ..model_step import CUDA_FUSED
     from ..ops import register_cuda_kernels
 
