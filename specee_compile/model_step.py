@@ -228,8 +228,7 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
     fused: see `make_layer_parts`; with "attn", the mask and attention are one
-    `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
-    or with an explicit `mask`, one `specee::masked_attention` op.
+    `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
@@ -238,7 +237,6 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         from . import ops  # noqa: F401  # defines torch.ops.specee.decode_attention
 
         attend = torch.ops.specee.decode_attention
-        attend_masked = torch.ops.specee.masked_attention
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None):
@@ -254,11 +252,8 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         k_cache.index_copy_(1, at, k)
         v_cache.index_copy_(1, at, v)
         valid.index_fill_(0, at, True)
-        if "attn" in fused:
-            if mask is None:
-                a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
-            else:
-                a = attend_masked(q, k_cache[:, :S], v_cache[:, :S], valid[:S][None, :] & mask)
+        if "attn" in fused and mask is None:
+            a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
             return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         if mask is None:
             keys = torch.arange(S, device=h.device)

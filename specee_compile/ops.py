@@ -5,8 +5,7 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::exit_score`: the exit point (below), lowered by every backend.
 - `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
-- `specee::masked_attention`: attention of q rows under an explicit [q, S] mask (tree verification).
-The last three appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
+The last two appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
 the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
@@ -128,30 +127,9 @@ def _(q, k, v, valid, pos):
     return q.new_empty(q.shape)
 
 
-def masked_attention_reference(q, k, v, mask):
-    """Attention of q rows under an explicit mask: row r attends to key j where mask[r, j]. q [H, q, hd];
-    k, v [Hkv, S, hd]; mask [q, S] bool (every row attends to at least one key) -> [H, q, hd]."""
-    a = torch.nn.functional.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=q.shape[0] != k.shape[0]
-    )
-    return a[0]
-
-
-@torch.library.custom_op("specee::masked_attention", mutates_args=())
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention under a tree mask (SDPA; with `SPECEE_ROWS_KERNEL=1` one Triton kernel on CUDA for up to 64
-    float32 rows, `plugins/triton_decode_attention.py`)."""
-    return masked_attention_reference(q, k, v, mask).clone(memory_format=torch.contiguous_format)
-
-
-@masked_attention.register_fake
-def _(q, k, v, mask):
-    return q.new_empty(q.shape)
-
-
 def register_cuda_kernels() -> bool:
-    """Make the Triton kernels the CUDA implementations of the ops (exit_score, fused_linear,
-    decode_attention, masked_attention). Idempotent; False where triton is missing (the ops keep their references)."""
+    """Make the Triton kernels the CUDA implementations of all three ops (exit_score, fused_linear,
+    decode_attention). Idempotent; False where triton is missing (the ops keep their references)."""
     from .plugins import triton_decode_attention, triton_exit_score, triton_gemv
 
     registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention)]

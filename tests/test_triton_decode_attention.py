@@ -85,72 +85,14 @@ def test_cuda_kernel_matches_sdpa(dtype, H, Hkv, S, pos, hd):
 
 
 @cuda
-def test_registered_op_dispatches_and_prefill_rows_fall_back():
+def test_registered_op_dispatches_and_more_rows_fall_back():
     from specee_compile.ops import register_cuda_kernels
-    from specee_compile.plugins.triton_decode_attention import ROWS_MAX, triton_decode_attention
+    from specee_compile.plugins.triton_decode_attention import triton_decode_attention
 
     assert register_cuda_kernels()
     a = _inputs(8, 8, 128, 192, 64, 100, torch.float16, "cuda", 4)
     assert torch.equal(torch.ops.specee.decode_attention(*a), triton_decode_attention(*a))
     q3 = torch.randn(8, 3, 64, dtype=torch.float16, device="cuda")
     p3 = torch.tensor([98, 99, 100], device="cuda")
-    args = (q3, a[1], a[2], a[3], p3)  # a few rows: the reference unless SPECEE_ROWS_KERNEL=1 (and float32)
+    args = (q3, a[1], a[2], a[3], p3)
     assert torch.equal(torch.ops.specee.decode_attention(*args), decode_attention_reference(*args))
-    n = ROWS_MAX + 1  # prefill-sized: SDPA itself
-    qn = torch.randn(8, n, 64, dtype=torch.float16, device="cuda")
-    pn = torch.arange(n, device="cuda") + 20
-    args = (qn, a[1], a[2], a[3], pn)
-    assert torch.equal(torch.ops.specee.decode_attention(*args), decode_attention_reference(*args))
-
-
-_INTERP_ROWS = textwrap.dedent(
-    """
-    import os, torch
-    os.environ["SPECEE_ROWS_KERNEL"] = "1"  # the rows kernel is opt-in
-    from specee_compile.ops import decode_attention_reference as ref, masked_attention_reference as mref
-    from specee_compile.plugins import triton_decode_attention as A
-    torch.manual_seed(0)
-    for H, Hkv, S, R in ((4, 4, 64, 3), (4, 2, 150, 17), (2, 1, 40, 5)):
-        hd = 16
-        q = torch.randn(H, R, hd); kc = torch.randn(Hkv, S + 8, hd); vc = torch.randn(Hkv, S + 8, hd)
-        k, v = kc[:, :S], vc[:, :S]
-        valid = torch.rand(S) < 0.7
-        pos = torch.arange(S - R, S)
-        valid[pos] = True
-        assert A._usable(q, k, v)  # the kernel runs, not the reference
-        for bs in (16, 64):
-            A.BLOCK_S = bs
-            e = float((A.triton_decode_attention(q, k, v, valid, pos) - ref(q, k, v, valid, pos)).abs().max())
-            assert e < 1e-5, ("causal", H, Hkv, S, R, bs, e)
-            mask = torch.rand(R, S) < 0.5  # a tree mask: arbitrary, each row sees itself
-            mask[torch.arange(R), pos] = True
-            e = float((A.triton_masked_attention(q, k, v, mask) - mref(q, k, v, mask)).abs().max())
-            assert e < 1e-5, ("masked", H, Hkv, S, R, bs, e)
-    print("INTERP_OK")
-    """
-)
-
-
-def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
-    """Several query rows (the draft's catch-up: causal; tree verification: an explicit mask)."""
-    run_in_triton_interpreter(_INTERP_ROWS)
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("H,Hkv,S,R,hd", [(9, 3, 700, 25, 64), (32, 32, 600, 26, 128), (9, 3, 200, 64, 64)])
-def test_cuda_masked_attention_matches_sdpa(dtype, H, Hkv, S, R, hd):
-    from specee_compile.ops import masked_attention_reference
-    from specee_compile.plugins.triton_decode_attention import _rows_attention
-
-    g = torch.Generator().manual_seed(R)
-    q = torch.randn(H, R, hd, generator=g).to(dtype).cuda()
-    kc = torch.randn(Hkv, S + 64, hd, generator=g).to(dtype).cuda()
-    vc = torch.randn(Hkv, S + 64, hd, generator=g).to(dtype).cuda()
-    mask = torch.rand(R, S, generator=g) < 0.6
-    mask[:, 0] = True
-    mask = mask.cuda()
-    got = _rows_attention(q, kc[:, :S], vc[:, :S], mask, None, None)  # the kernel itself (opt-in in the op)
-    want = masked_attention_reference(q.float(), kc[:, :S].float(), vc[:, :S].float(), mask)
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    assert got.dtype == dtype and float((got.float() - want).abs().max()) < tol

@@ -10,16 +10,8 @@ j <= pos, the KV contract) and splits the prefix over programs (flash-decoding):
     the program of head h that arrives last (a counter per head) merges the splits, writes the row in
     the input dtype and resets the counter, so the workspace serves every call and graph replay.
 
-fp32 math; scale 1/sqrt(hd) as SDPA's default.
-
-Rows 2..ROWS_MAX (`_rows_attn_kernel`: a draft's catch-up rows; with an explicit [q, S] mask,
-`specee::masked_attention`, the tree's verification and expansion rows): one program per (head, block of
-rows) over the whole prefix, [BLOCK_R x hd] queries against [BLOCK_S x hd] key tiles with `tl.dot` (IEEE
-float32 for float32; the tensor cores for half types, probabilities rounded to the input dtype as flash
-kernels do) and an online softmax per row. The mask is read (masked mode) or built from valid[j] and
-j <= pos[r] (causal mode). More rows (prefill) take the reference (SDPA), where the flash kernels are the
-right tool. The rows kernel is opt-in (`SPECEE_ROWS_KERNEL=1`, float32; `triton_gemv.rows_kernel_on`):
-measured slower than SDPA + cuBLAS on the H200, so 2..ROWS_MAX rows take the reference by default.
+fp32 math; scale 1/sqrt(hd) as SDPA's default. Rows q > 1 (prefill, pending rows) take the reference
+(SDPA), where the flash kernels are the right tool.
 """
 
 from __future__ import annotations
@@ -33,8 +25,6 @@ from . import HAVE_TRITON, register_kernel, tl, triton
 BLOCK_S = 64  # keys per block: a [64, hd] K tile and V tile per step
 MAX_SPLITS = 16  # a power of two (the merge reads all split slots as one vector)
 NUM_WARPS = 4
-ROWS_MAX = 64  # the rows kernel's limit (BLOCK_R = 16 rows per program)
-BLOCK_R = 16
 
 if HAVE_TRITON:
 
@@ -89,62 +79,6 @@ if HAVE_TRITON:
             tl.store(cnt_ptr + h, 0)
 
 
-    @triton.jit
-    def _rows_attn_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, valid_ptr, pos_ptr, o_ptr,
-        R, S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr,
-        HD: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, NBLK: tl.constexpr,
-        HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        # NBLK = cdiv(S, BLOCK_S): a compile-time trip count (S is an attention bucket: a few values)
-        # q, o [H, R, HD]; k, v [Hkv, S, HD] (strided views of the cache); mask [R, S] (HAS_MASK) or
-        # valid [S] + pos [R] (causal over the valid prefix)
-        DT: tl.constexpr = o_ptr.dtype.element_ty
-        h = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rm = r < R
-        kvh = h // REP
-        d = tl.arange(0, HD)
-        qa = q_ptr + (h * R + r)[:, None] * HD + d[None, :]
-        q = tl.load(qa, mask=rm[:, None], other=0.0).to(tl.float32) * sm_scale  # [BLOCK_R, HD]
-        if not IEEE:
-            q = q.to(DT)
-        if not HAS_MASK:
-            pos = tl.load(pos_ptr + r, mask=rm, other=-1)
-        m = tl.full([BLOCK_R], -float("inf"), tl.float32)
-        l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, HD], dtype=tl.float32)
-        for blk in range(NBLK):
-            offs = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-            inb = offs < S
-            kt = tl.load(k_ptr + kvh * stride_kh + offs[:, None] * stride_ks + d[None, :], mask=inb[:, None], other=0.0)
-            vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
-            if HAS_MASK:
-                ok = tl.load(mask_ptr + r[:, None] * stride_mr + offs[None, :], mask=rm[:, None] & inb[None, :],
-                             other=0) != 0
-            else:
-                vld = tl.load(valid_ptr + offs, mask=inb, other=0) != 0
-                ok = (vld & inb)[None, :] & (offs[None, :] <= pos[:, None])
-            if IEEE:
-                sc = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(kt)).to(tl.float32)
-            sc = tl.where(ok, sc, -float("inf"))  # [BLOCK_R, BLOCK_S]
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # all masked so far: keep exp() finite
-            alpha = tl.exp(m - m_ref)
-            p = tl.exp(sc - m_ref[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(DT), vt).to(tl.float32)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        tl.store(o_ptr + (h * R + r)[:, None] * HD + d[None, :], out.to(DT), mask=rm[:, None])
-
-
 _WORKSPACES: dict = {}
 
 
@@ -166,63 +100,23 @@ def splits_for(S: int) -> tuple[int, int]:
     return triton.cdiv(blocks, per), per
 
 
-def _usable(q, k, v) -> bool:
-    from .triton_gemv import rows_kernel_on
-
-    H, rows, hd = q.shape
-    if rows > 1 and not rows_kernel_on(q.dtype):
-        return False
-    return (
-        HAVE_TRITON and 1 <= rows <= ROWS_MAX and hd == triton.next_power_of_2(hd) and hd >= 16
-        and H % k.shape[0] == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == q.dtype == v.dtype
-    )
-
-
-def _u8(t):
-    return t.view(torch.uint8) if t.dtype == torch.bool else t
-
-
-def _rows_attention(q, k, v, mask, valid, pos):
-    """The rows kernel: mask [R, S] bool, or (mask None) valid [S] + pos [R]."""
-    H, R, hd = q.shape
-    Hkv, S, _ = k.shape
-    q = q.contiguous()
-    o = torch.empty_like(q)
-    has_mask = mask is not None
-    mask_t = _u8(mask.contiguous()) if has_mask else q
-    _rows_attn_kernel[(H, triton.cdiv(R, BLOCK_R))](
-        q, k, v, mask_t, _u8(valid) if valid is not None else q, pos if pos is not None else q, o,
-        R, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        mask_t.stride(0) if has_mask else 0,
-        HD=hd, REP=H // Hkv, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, NBLK=triton.cdiv(S, BLOCK_S), HAS_MASK=has_mask,
-        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
-    )
-    return o
-
-
-def triton_masked_attention(q, k, v, mask):
-    from ..ops import masked_attention_reference
-
-    if not _usable(q, k, v):
-        return masked_attention_reference(q, k, v, mask).contiguous()
-    return _rows_attention(q, k, v, mask, None, None)
-
-
 def triton_decode_attention(q, k, v, valid, pos):
     from ..ops import decode_attention_reference
 
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
-    if not _usable(q, k, v):
+    usable = (
+        HAVE_TRITON and rows == 1 and hd == triton.next_power_of_2(hd) and H % Hkv == 0
+        and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == q.dtype == v.dtype
+    )
+    if not usable:
         return decode_attention_reference(q, k, v, valid, pos).contiguous()
-    if rows > 1:
-        return _rows_attention(q, k, v, None, valid, pos.contiguous())
     q = q.contiguous()
     o = torch.empty_like(q)
     ws, cnt = _workspace(q.device, H, hd)
     nsp, per = splits_for(S)
     _decode_attn_kernel[(H, nsp)](
-        q, k, v, _u8(valid), pos, o, ws, cnt,
+        q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, pos, o, ws, cnt,
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=per, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )
@@ -230,7 +124,5 @@ def triton_decode_attention(q, k, v, valid, pos):
 
 
 def register_cuda_impl() -> bool:
-    """Make the kernels the CUDA implementations of `specee::decode_attention` and `specee::masked_attention`
-    (idempotent; False where triton is missing)."""
-    a = register_kernel("specee::decode_attention", triton_decode_attention)
-    return register_kernel("specee::masked_attention", triton_masked_attention) and a
+    """Make the kernel the CUDA implementation of `specee::decode_attention` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::decode_attention", triton_decode_attention)

@@ -1,5 +1,4 @@
-"""The `specee::fused_linear` op as one Triton kernel per call (CUDA): a GEMV for one row (the decode
-step), a skinny GEMM for 2..ROWS_MAX rows (tree verification, the draft's tree expansion and catch-up).
+"""The `specee::fused_linear` op as one Triton GEMV kernel per call (CUDA, one row: the decode step).
 
 A decode step at batch 1 is four weight-streaming GEMVs per layer. Inductor's own reductions reach
 ~3.0 TB/s on the H100 for gate+up but only 2.3 for the down projection (each of its per-row programs
@@ -26,16 +25,6 @@ BLOCK_K chunks; the activation chunk is recomputed per program. The configs are
 autotuned per (N, K, prologue) on first use, which happens outside CUDA-graph capture in every
 caller (warm-up runs); `TUNED` holds what was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
-
-Rows 2..ROWS_MAX (`_rows_kernel`): the same prologues and epilogue around `tl.dot` tiles, [BLOCK_M rows x
-BLOCK_K] activations against [BLOCK_N x BLOCK_K] weights, so the weights stream once for all rows. float32
-multiplies in IEEE float32 (`input_precision="ieee"`, no TF32: the tree's rows must score as the one-row
-step does); half types feed the tensor cores with the prologue's output rounded to the input dtype, as the
-eager ops round it (RMSNorm: norm_w * x rounded, the 1/rms scalar after the sum, as in the GEMV).
-H200, SmolLM2 shapes in float32, 25 rows: cuBLAS runs these as SIMT GEMMs at ~5.4 us each plus the
-norm/SiLU kernels around them (benchmarks/tree_gpu_profile.py); this kernel folds those in.
-More rows than ROWS_MAX (prefill) take the eager reference (cuBLAS), and so do 2..ROWS_MAX rows unless
-`SPECEE_ROWS_KERNEL=1` (`rows_kernel_on`: measured slower than cuBLAS on the H200).
 """
 
 from __future__ import annotations
@@ -67,19 +56,7 @@ CONFIGS = [
     (8, 1024, 4, 8, 1),
 ]
 
-TUNED: dict = {}  # (N, K, prologue[, rows block]) -> config string, filled on first use
-ROWS_MAX = 64  # the skinny-GEMM path's row limit
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for the rows kernel; BLOCK_M follows the row count
-ROW_CONFIGS = [
-    (16, 64, 4, 1),
-    (32, 64, 4, 1),
-    (32, 128, 4, 2),
-    (64, 64, 4, 2),
-    (64, 128, 4, 2),
-    (128, 64, 8, 2),
-    (16, 128, 4, 2),
-    (32, 256, 8, 2),
-]
+TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
 
 if HAVE_TRITON:
 
@@ -156,69 +133,25 @@ if HAVE_TRITON:
 
     _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
 
-    @triton.jit
-    def _rows_kernel(
-        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr,
-        M, N, eps, K: tl.constexpr, XS: tl.constexpr,
-        PRO: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # x [M, XS] (XS = K, or 2K for silu_mul), w [N, K], res / y [M, N]; program (n block, m block)
-        DT: tl.constexpr = y_ptr.dtype.element_ty
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mm = rm < M
-        nm = rn < N
-        xrow = x_ptr + rm.to(tl.int64)[:, None] * XS
-        wrow = w_ptr + rn.to(tl.int64)[:, None] * K
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            km = offs < K
-            xm = mm[:, None] & km[None, :]
-            if PRO == 0:
-                a = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-            elif PRO == 1:  # RMSNorm: norm_w * x into the dot, 1/rms per row after it
-                xv = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                sq += tl.sum(xv * xv, axis=1)
-                a = xv * tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)[None, :]
-            else:
-                g = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(xrow + K + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
-            wt = tl.load(wrow + offs[None, :], mask=nm[:, None] & km[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            if IEEE:
-                acc += tl.dot(a, tl.trans(wt.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(DT), tl.trans(wt))
-        if PRO == 1:
-            acc = acc / tl.sqrt(sq / K + eps)[:, None]
-        om = mm[:, None] & nm[None, :]
-        at = rm.to(tl.int64)[:, None] * N + rn[None, :]
-        if HAS_RES:
-            acc = _round(acc, DT) + tl.load(res_ptr + at, mask=om, other=0.0).to(tl.float32)
-        tl.store(y_ptr + at, acc.to(DT), mask=om)
-
-    _rows_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-                 for bn, bk, nw, ns in ROW_CONFIGS],
-        key=["N", "K", "PRO", "BLOCK_M"], do_bench=_bench)(_rows_kernel)
-
 
 def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
-    """The fused GEMV for one row (x [..., 1, K or 2K]), the skinny GEMM for 2..ROWS_MAX rows; more rows
-    (prefill) take the eager reference (cuBLAS), which is the faster path there."""
+    """The fused GEMV for one row (x [..., 1, K or 2K]); more rows (prefill, pending rows) take the
+    eager reference (cuBLAS), which is the faster path there."""
     from ..ops import fused_linear_reference
 
     rows = x.numel() // x.shape[-1]
-    if not 1 <= rows <= ROWS_MAX or not HAVE_TRITON or x.dtype != w.dtype:
+    if rows != 1 or not HAVE_TRITON or x.dtype != w.dtype:
         return fused_linear_reference(x, w, res, norm_w, eps, prologue)
-    if rows > 1:
-        if not rows_kernel_on(x.dtype):
-            return fused_linear_reference(x, w, res, norm_w, eps, prologue)
-        return _rows_linear(x, w, res, norm_w, eps, prologue, rows)
-    pro, N, K, x, w, y, res_t, nw = _operands(x, w, res, norm_w, prologue)
+    pro = PROLOGUES[prologue]
+    N, K = w.shape
+    if x.shape[-1] != (2 * K if pro == 2 else K):
+        raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
+                         f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
+    x = x.contiguous()
+    w = w.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    res_t = res.contiguous() if res is not None else y
+    nw = norm_w.contiguous() if norm_w is not None else x
     args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
     fixed = _fixed_config()
@@ -234,51 +167,6 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     key = (N, K, prologue)
     if key not in TUNED and getattr(_gemv_tuned, "best_config", None) is not None:
         TUNED[key] = str(_gemv_tuned.best_config)
-    return y
-
-
-def rows_kernel_on(dtype) -> bool:
-    """Whether 2..ROWS_MAX rows take the Triton rows kernels (this one and the masked attention): only
-    with `SPECEE_ROWS_KERNEL=1` (float32). Measured on the H200 (benchmarks/GPU_NOTES.md, session 4),
-    these kernels lose to cuBLAS / SDPA: the tree's 25-row verification layers 3.3x slower at Llama-2-7B
-    widths in float16, 2.5x slower at SmolLM2 shapes in float32 (5.88 ms for 30 layers vs ~2.35 ms with cuBLAS in an earlier run), so
-    the default keeps cuBLAS; the kernels stay as the measured alternative (and a starting point)."""
-    return dtype == torch.float32 and os.environ.get("SPECEE_ROWS_KERNEL") == "1"
-
-
-def rows_block(rows: int) -> int:
-    """BLOCK_M for a row count: tl.dot needs 16 or more."""
-    return max(16, min(64, triton.next_power_of_2(rows)))
-
-
-def _operands(x, w, res, norm_w, prologue):
-    """Checked, contiguous kernel operands and the output: (prologue id, N, K, x, w, y, res or y, norm_w or x)."""
-    pro = PROLOGUES[prologue]
-    N, K = w.shape
-    if x.shape[-1] != (2 * K if pro == 2 else K):
-        raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
-                         f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    res_t = res.contiguous() if res is not None else y
-    nw = norm_w.contiguous() if norm_w is not None else x
-    return pro, N, K, x, w.contiguous(), y, res_t, nw
-
-
-def _rows_linear(x, w, res, norm_w, eps, prologue, rows):
-    pro, N, K, x, w, y, res_t, nw = _operands(x, w, res, norm_w, prologue)
-    bm = rows_block(rows)
-    args = (x, w, res_t, nw, y, rows, N, float(eps))
-    kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "IEEE": x.dtype == torch.float32,
-          "BLOCK_M": bm}
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(rows, bm))
-
-    _rows_tuned[grid](*args, **kw)
-    key = (N, K, prologue, bm)
-    if key not in TUNED and getattr(_rows_tuned, "best_config", None) is not None:
-        TUNED[key] = str(_rows_tuned.best_config)
     return y
 
 

@@ -59,26 +59,10 @@ Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
-
-
-def tree_layer_ops(seg) -> tuple[str, ...]:
-    """The fused ops of the tree-verify layer: plain ops (Inductor fuses norms, SiLU and residuals itself;
-    cuBLAS / SDPA take the matmuls and the masked attention), unless `SPECEE_TREE_LAYER=fused` on CUDA:
-    every op of `model_step.CUDA_FUSED`, whose rows kernels (`SPECEE_ROWS_KERNEL=1`) measured slower on
-    the H200 (SmolLM2 shapes, float32, 25 rows x 30 layers: 2.32 ms plain, 3.03 ms fused ops on cuBLAS,
-    5.88 ms fused ops on the Triton rows kernels (the last in a later run); benchmarks/tree_gpu_profile.py, GPU_NOTES.md)."""
-    from ..model_step import CUDA_FUSED
-    from ..ops import register_cuda_kernels
-
-    if seg.device.type != "cuda" or os.environ.get("SPECEE_TREE_LAYER") != "fused":
-        return ()
-    return CUDA_FUSED if register_cuda_kernels() else ()
 
 
 class TreeStep:
@@ -151,7 +135,11 @@ class TreeStep:
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
-        fn = make_layer_fn(seg.spec, fused=tree_layer_ops(seg))
+        # plain ops: the fused GEMV ops take one row; on q rows they are opaque eager fallbacks, while
+        # Inductor fuses plain norms, SiLU and residuals itself (H200, SmolLM2 shapes, 25 rows x 30 layers:
+        # 2.32 ms plain vs 3.03 ms with the fused ops; Triton kernels for 2..64 rows, tried in session 4,
+        # were slower than cuBLAS still: benchmarks/GPU_NOTES.md)
+        fn = make_layer_fn(seg.spec)
         if seg.name == "inductor":
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
         w, c = seg.weights, seg.cache
