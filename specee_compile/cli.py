@@ -18,6 +18,7 @@ from .config import (
     MODES,
     SPECULATE,
     TREE_PROGRAMS,
+    TREE_SHAPES,
     Settings,
     range_problem,
 )
@@ -59,12 +60,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending", type=int, default=8)
     p.add_argument("--speculate", choices=SPECULATE, default="none",
                    help="tree: EAGLE-2 draft tree verified in one forward (needs a draft head; output = dense greedy)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="tree: draft nodes verified per step (default: 24 on CUDA, 6 on a CPU)")
-    p.add_argument("--tree-depth", type=int, default=None,
-                   help="tree: levels below the last token (default: 6 on CUDA, 4 on a CPU)")
-    p.add_argument("--tree-topk", type=int, default=None,
-                   help="tree: children per expanded node, nodes expanded per level (default: 8 on CUDA, 2 on a CPU)")
+    for i, (flag, what) in enumerate((("--tree-budget", "draft nodes verified per step"),
+                                      ("--tree-depth", "levels below the last token"),
+                                      ("--tree-topk", "children per expanded node, nodes expanded per level"))):
+        p.add_argument(flag, type=int, default=None, help=f"tree: {what} (default: {TREE_SHAPES['cuda'][i]} on "
+                                                          f"CUDA, {TREE_SHAPES['cpu'][i]} on a CPU)")
     p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
                    help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
                         "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")

@@ -451,8 +451,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
             # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
             res.setdefault("traces", {})["smollm2_tree_accepted"] = accepted_trace
-            trace_path = os.path.join(args.out or os.environ.get("OUT") or "benchmarks/results",
-                                      f"{res['date']}-smollm2-accept-trace.json")
+            trace_path = os.path.join(bench_out_dir(args), f"{res['date']}-smollm2-accept-trace.json")
             with open(trace_path, "w") as f:
                 json.dump(accepted_trace, f)
             R_["smollm2_tree_accept_trace_file"] = trace_path
@@ -465,6 +464,11 @@ def bench_smollm2(args, res: dict, dev) -> None:
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bench_out_dir(args) -> str:
+    """Where the bench writes: --out, else $OUT (the device machine), else benchmarks/results."""
+    return args.out or os.environ.get("OUT") or "benchmarks/results"
 
 
 def run_bench(args) -> dict:
@@ -481,9 +485,8 @@ def run_bench(args) -> dict:
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
         "results": {}, "checks": {}, "notes": [],
     }
-    out_dir = args.out or os.environ.get("OUT") or "benchmarks/results"
-    os.makedirs(out_dir, exist_ok=True)
-    out_path = os.path.join(out_dir, f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}.json")
+    os.makedirs(bench_out_dir(args), exist_ok=True)
+    out_path = os.path.join(bench_out_dir(args), f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}.json")
 
     def save():
         with open(out_path, "w") as f:
