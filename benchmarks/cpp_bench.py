@@ -1,13 +1,17 @@
 """C++ runner vs the Python runtime: decode tok/s on the same model, SpecEE artifacts and mode.
 
     python benchmarks/cpp_bench.py                      # SmolLM2, CPU, dense + paper + lossless
-    python benchmarks/cpp_bench.py --device cuda --py-backend inductor   # the GPU box
+    python benchmarks/cpp_bench.py --device cuda --py-backend inductor --model smollm2.gguf   # the GPU box
 
 Exports `smollm2-135m` with `--format aoti` (or reuses --export DIR), then per mode and prompt runs the
 Python runtime (`api.build_decoder`, --py-backend, default eager) and the C++ runner (`--backend cpp`),
 each once to warm up and then timed; checks that token ids and exit layers agree; prints a Markdown
 table (decode tok/s = decode steps / decode seconds, as GenerationResult.stats()). A client of the
 product: it imports the API and the cpp backend, nothing else.
+
+Same mode = same exit program: in the SpecEE modes the runner gets the Python runtime's measured step
+costs (`--step-costs`), so both keep the same exit points (where none pays, both decode as dense). On
+CUDA the runner's dense steps replay captured graphs; `--no-cuda-graphs` is timed beside it there.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--commit", help="the commit to record (default: git HEAD)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -64,31 +69,44 @@ def main(argv=None) -> int:
         print(f"exported {directory} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         loaded = load_model(a.model)  # export moved the weights; start the Python side from a fresh copy
     build_runner()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+    commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True, check=False).stdout.strip()
     rows, raw = [], []
     for mode in a.modes.split(","):
         s = Settings(max_new_tokens=a.max_new_tokens, max_context=a.max_context, device=a.device,
                      backend=a.py_backend, **MODES[mode])
         dec = build_decoder(loaded, s)
-        py_tps, cc_tps, same, layers = [], [], 0, []
+        py_tps, cc_tps, nog_tps, same, layers = [], [], [], 0, []
+        cuda = a.device.startswith("cuda")
         for prompt in PROMPTS:
             ids = encode_prompt(loaded.tokenizer, prompt)
             dec.generate(ids)  # warm-up (compiles, caches)
             ref = dec.generate(ids)
-            got = run_runner(directory, ids, s, extra=("--repeat", "2", "--no-verify"))
+            extra = ("--repeat", "2", "--no-verify")
+            costs = (ref.exit_program or {}).get("step_costs") if s.specee else None
+            if costs:
+                extra += ("--step-costs", ",".join(f"{k}={costs[k]!r}" for k in
+                                                  ("layer_us", "decision_us", "draft_us", "check_us", "row_us")))
+            got = run_runner(directory, ids, s, extra=extra)
+            if cuda:
+                nog = run_runner(directory, ids, s, extra=extra + ("--no-cuda-graphs",))
+                nog_tps.append(nog["decode_tokens_per_s"])
             py_tps.append(ref.decode_steps / ref.decode_s)
             cc_tps.append(got["decode_tokens_per_s"])
             same += got["token_ids"] == ref.token_ids and got["exit_layers"] == ref.exit_layers
             layers.append(ref.avg_layers)
-            raw.append({"mode": mode, "prompt": prompt, "python": ref.stats(), "cpp": got})
+            raw.append({"mode": mode, "prompt": prompt, "python": ref.stats(), "cpp": got,
+                        **({"cpp_no_graphs": nog} if cuda else {})})
         py, cc = statistics.mean(py_tps), statistics.mean(cc_tps)
-        rows.append(f"| {mode} | {statistics.mean(layers):.2f} | {py:.1f} | {cc:.1f} | {cc / py:.2f}x | "
+        nog_col = f" {statistics.mean(nog_tps):.1f} |" if cuda else ""
+        rows.append(f"| {mode} | {statistics.mean(layers):.2f} | {py:.1f} | {cc:.1f} |{nog_col} {cc / py:.2f}x | "
                     f"{same}/{len(PROMPTS)} |")
     print(f"\n{a.model}, device {a.device}, {a.threads} thread(s), Python backend {a.py_backend}, "
           f"max_new_tokens {a.max_new_tokens}, {len(PROMPTS)} prompts, commit {commit}\n")
-    print("| mode | avg layers | Python decode tok/s | C++ decode tok/s | C++/Python | identical ids + exits |")
-    print("|---|---|---|---|---|---|")
+    cuda = a.device.startswith("cuda")
+    print("| mode | avg layers | Python decode tok/s | C++ decode tok/s |" + (" C++ without graphs |" if cuda else "")
+          + " C++/Python | identical ids + exits |")
+    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     print("\n".join(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")

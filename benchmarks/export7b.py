@@ -180,6 +180,8 @@ elif stage == "export":
     argv += ["--artifacts", a["artifacts"]] if a.get("artifacts") else []
     argv += ["--backend", a["backend"]] if a.get("backend") else []
     out["rc"] = main(argv)
+    if out["rc"]:
+        sys.exit(out["rc"])  # the CLI's one-line error is on stderr; the parent shows it
 elif stage == "train":
     from specee_compile.training import train_command
     m = train_command(a["model"], a["out"], num_texts=a["num_texts"], draft=a["draft"], device=a["device"],

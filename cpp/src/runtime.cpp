@@ -11,6 +11,13 @@
 #include <sys/stat.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/cuda.h>
+#ifdef SPECEE_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <optional>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -161,6 +168,19 @@ struct Runtime::Impl {
   std::vector<int64_t> d_extra_ids, d_extra_first;
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
+  double capture_s = 0;
+#ifdef SPECEE_CUDA
+  // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
+  // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
+  // launched before step t's token reaches the host (a pinned two-slot ring + one event per slot).
+  struct StepGraphs {
+    at::Tensor tok, pos, out, sel0, ring;  // device int64 [1] x 3, device {0}, pinned host int64 [2]
+    std::map<int, std::unique_ptr<at::cuda::CUDAGraph>> by_len;
+    std::optional<c10::cuda::CUDAStream> stream;
+    at::cuda::CUDAEvent ev[2];
+  };
+  std::unique_ptr<StepGraphs> graphs;
+#endif
 
   // ---------------------------------------------------------------------------- load
   void load(const std::string& directory, const Options& o) {
@@ -344,7 +364,8 @@ struct Runtime::Impl {
   void load_package(Package& p, const json::Value& c, const std::string& name) {
     const std::string path = dir + "/" + c.at("packages").at(name).string();
     try {
-      p.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
+      // run_single_threaded: one runner, no per-run event record or wait (a stream capture forbids the wait)
+      p.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", true, 1,
                                                                            dev.is_cuda() ? dev.index() : -1);
     } catch (const c10::Error& e) {
       throw Error("cannot load " + path + ": " + e.what_without_backtrace() + " (corrupt, or exported by another torch?)");
@@ -518,8 +539,11 @@ struct Runtime::Impl {
                   std::to_string(max_len) + " tokens; shorten the prompt, lower --max-new-tokens, or re-export with "
                   "a larger --max-context");
     if (specee && !selected) select_exit_points();
+    if (graph_decoding() && !graph_ready()) capture_graphs();
     valid.zero_();
     res = Result();
+    res.capture_s = capture_s;
+    res.cuda_graphs = graph_decoding();
     res.exit_points_kept = kept_points;
     res.exit_points_dropped = dropped_points;
     res.step_costs = costs_source;
@@ -570,6 +594,99 @@ struct Runtime::Impl {
     if (specee && !as_dense) specee_step(true);
     else dense_step();
   }
+
+  // ---------------------------------------------------------------------------- CUDA graphs (dense steps)
+  // Dense mode, or SpecEE where the cost check kept no exit point, decodes through captured graphs on
+  // CUDA; steps with exits keep the per-layer calls above (their decisions are read on the host).
+  bool graph_decoding() const { return dev.is_cuda() && opt.cuda_graphs && (!specee || (selected && as_dense)); }
+#ifdef SPECEE_CUDA
+  bool graph_ready() const { return graphs != nullptr; }
+
+  void dense_body(int S) {  // the dense step on device state: tok, pos -> out; tok = out, pos += 1
+    auto& g = *graphs;
+    at::Tensor h = embed.index_select(0, g.tok).unsqueeze(0);
+    for (int i = 0; i < L; ++i) h = layer(i, h, g.pos, S);
+    auto o = head_pkg.run({h.contiguous(), g.sel0, norm, head});
+    const at::Tensor t = o[1].reshape({-1}).argmax().reshape({1});
+    g.out.copy_(t);
+    g.tok.copy_(t);
+    g.pos.add_(1);
+  }
+
+  // Every attention length is captured before the first token (a warm-up run first loads the packages'
+  // kernels and cuBLAS's workspace on the capture stream); the graphs share one memory pool, since they
+  // replay one at a time, in order, on one stream.
+  void capture_graphs() {
+    const auto t0 = Clock::now();
+    graphs = std::make_unique<StepGraphs>();
+    auto& g = *graphs;
+    const auto li = at::TensorOptions().dtype(at::kLong).device(dev);
+    g.tok = at::zeros({1}, li);
+    g.pos = at::zeros({1}, li);
+    g.out = at::zeros({1}, li);
+    g.sel0 = at::zeros({1}, li);
+    g.ring = at::zeros({2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    g.stream = c10::cuda::getStreamFromPool(false, dev.index());
+    sync();
+    c10::cuda::CUDAStreamGuard guard(*g.stream);
+    at::cuda::MempoolId_t pool{0, 0};
+    for (int64_t p = 0; p < max_len; p += bucket) {
+      const int S = attn_len(p);
+      if (g.by_len.count(S)) continue;
+      g.pos.fill_(S - 1);  // a position inside this length; start() clears `valid` afterwards
+      dense_body(S);       // warm-up, outside the capture
+      g.stream->synchronize();
+      g.pos.fill_(S - 1);
+      auto graph = std::make_unique<at::cuda::CUDAGraph>();
+      graph->capture_begin(pool, cudaStreamCaptureModeRelaxed);
+      dense_body(S);
+      graph->capture_end();
+      pool = graph->pool();
+      graph->replay();  // the first launch uploads the graph: not on a token's time
+      g.by_len.emplace(S, std::move(graph));
+    }
+    g.stream->synchronize();
+    capture_s = seconds_since(t0);
+  }
+
+  // One replay per token, run ahead by one: step t+1 is launched before step t's token is read. A step
+  // launched past the end (EOS) writes one cache slot that the next start() invalidates.
+  void graph_decode() {
+    auto& g = *graphs;
+    c10::cuda::CUDAStreamGuard guard(*g.stream);
+    const int64_t p0 = int64_t(seq.size()) - 1;
+    g.tok.fill_(seq.back());
+    g.pos.fill_(p0);
+    int64_t launched = 0, taken = 0;
+    const int64_t* ring = g.ring.data_ptr<int64_t>();
+    auto launch = [&] {
+      g.by_len.at(attn_len(p0 + launched))->replay();
+      const int slot = int(launched % 2);
+      g.ring.select(0, slot).copy_(g.out.select(0, 0), /*non_blocking=*/true);
+      g.ev[slot].record(*g.stream);
+      ++launched;
+    };
+    launch();
+    while (true) {
+      const int64_t have = int64_t(seq.size()) - res.prompt_len + (launched - taken);
+      if (have < opt.max_new_tokens) launch();  // the next step goes out before this token is read
+      const int slot = int(taken % 2);
+      g.ev[slot].synchronize();
+      const int64_t tok = ring[slot];
+      ++taken;
+      res.layer_passes += L;
+      res.layer_rows += L;
+      res.decode_steps += 1;
+      append(tok, L - 1);
+      if (finished()) break;
+    }
+    g.stream->synchronize();
+  }
+#else
+  bool graph_ready() const { return true; }
+  void capture_graphs() {}
+  void graph_decode() { throw Error("this runner was built without CUDA; rebuild it against a CUDA libtorch"); }
+#endif
 
   // ---------------------------------------------------------------------------- never slower than dense
   // runtime/exit_costs.py's rule with this runner's own costs, timed at the last cache slot before the
@@ -801,7 +918,11 @@ struct Runtime::Impl {
   Result generate(const std::vector<int64_t>& prompt) {
     start(prompt);
     const auto t0 = Clock::now();
-    while (!done()) step();
+    if (graph_decoding()) {
+      if (!done()) graph_decode();
+    } else {
+      while (!done()) step();
+    }
     sync();
     res.decode_s = seconds_since(t0);
     res.token_ids.assign(seq.begin() + res.prompt_len, seq.end());
@@ -861,7 +982,8 @@ std::string Result::to_json() const {
     << ", \"load_s\": " << load_s << ", \"prefill_s\": " << prefill_s << ", \"decode_s\": " << decode_s
     << ", \"layer_passes\": " << layer_passes << ", \"layer_rows\": " << layer_rows
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
-    << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls;
+    << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
+    << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false");
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);

@@ -97,6 +97,12 @@ DRAFT_INPUTS = ["feats", "next_ids", "positions", "past_k", "past_v"]
 DRAFT_OUTPUTS = ["candidates", "k_rows", "v_rows"]
 
 
+def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for a 0-d int64 `idx` without a data-dependent index: torch.export of torch 2.11 cannot
+    trace `x[idx]` there (GuardOnDataDependentSymNode, seen on the H200 machine); a Gather of one row can."""
+    return x.index_select(0, idx.reshape(1)).squeeze(0)
+
+
 def decode_inputs(num_layers: int) -> list[str]:
     """Input names of decode_step.onnx, in order."""
     kv = [f"k_cache_{i}" for i in range(num_layers)] + [f"v_cache_{i}" for i in range(num_layers)]
@@ -179,16 +185,17 @@ class _Blocks:
             self.eps = eps
 
         def forward(self, h, norm, rows, p_prev, w1, b1, w2, b2, active, thresholds, idx, n_head):
-            score, _z, p = exit_score_reference(h, norm, rows, p_prev, w1[idx], b1[idx], w2[idx], b2[idx], self.eps)
-            on = active[idx]
-            propose = on & (score[0] > thresholds[idx])
+            w1, b1, w2, b2 = (_at(x, idx) for x in (w1, b1, w2, b2))
+            score, _z, p = exit_score_reference(h, norm, rows, p_prev, w1, b1, w2, b2, self.eps)
+            on = _at(active, idx)
+            propose = on & (score[0] > _at(thresholds, idx))
             return propose, torch.where(on, p, p_prev), n_head + propose.to(torch.int64)
 
     class ExitDecide(nn.Module):
         # ExitScore's decision part, for the plugin graph where the score comes from the plugin node
         def forward(self, score, p, p_prev, active, thresholds, idx, n_head):
-            on = active[idx]
-            propose = on & (score[0] > thresholds[idx])
+            on = _at(active, idx)
+            propose = on & (score[0] > _at(thresholds, idx))
             return propose, torch.where(on, p, p_prev), n_head + propose.to(torch.int64)
 
     class Verify(nn.Module):

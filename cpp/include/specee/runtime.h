@@ -49,6 +49,9 @@ struct Options {
   // check_us (the full head), row_us (backfill's extra row per layer)): a decision reproduced exactly, e.g.
   // the one the Python runtime took (its GenerationResult exit_program.step_costs); empty = measure
   std::map<std::string, double> step_costs;
+  // CUDA: dense steps (dense mode, or SpecEE with no exit point kept) replay captured graphs, one per
+  // attention length, captured at the first generate (Result::capture_s); false: per-layer package calls
+  bool cuda_graphs = true;
 };
 
 struct Result {
@@ -57,7 +60,8 @@ struct Result {
   std::vector<int64_t> token_ids;  // generated (prompt excluded)
   std::vector<int> exit_layers;    // per token: 0-based layer its step exited after (L-1 = full depth)
   int64_t layer_passes = 0, layer_rows = 0, decode_steps = 0, rollbacks = 0, predictor_calls = 0, head_calls = 0;
-  double load_s = 0, prefill_s = 0, decode_s = 0;
+  double load_s = 0, prefill_s = 0, decode_s = 0, capture_s = 0;  // capture_s: CUDA graphs (first generate)
+  bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
   // runner at its first generate); none kept = SpecEE decodes as dense. Empty `step_costs`: no check ran
   std::vector<int> exit_points_kept;
