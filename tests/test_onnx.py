@@ -371,3 +371,67 @@ def test_skipped_branch_is_not_executed(exported_all, tmp_path):
     # exit: 1 layer + 5 predictor blocks' worth of nothing + one head; full: 6 layers + 5 predictors + head
     assert mm(ops_exit) * 3 < mm(ops_full), (mm(ops_exit), mm(ops_full))
     assert len(ops_exit) * 2 < len(ops_full), (len(ops_exit), len(ops_full))
+
+
+# ------------------------------------------------------------------------------------- memory
+def _nested_if_model(depth: int, n: int):
+    """h [1, n] -> per level: h @ outer(h, w_i) (an [n, n] float32 intermediate, 16 MiB at n = 2048),
+    then If(c): else-branch = the next level. The exits' nesting in miniature (small weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def level(i):
+        h, o = f"h{i}", f"out{i}"
+        nodes = [helper.make_node("Transpose", [h], [f"ht{i}"], perm=[1, 0]),
+                 helper.make_node("Mul", [f"ht{i}", f"w{i}"], [f"big{i}"]),  # [n, 1] * [1, n]
+                 helper.make_node("MatMul", [h, f"big{i}"], [f"h{i + 1}"])]
+        vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, n])
+        if i + 1 < depth:
+            then = helper.make_graph([helper.make_node("Identity", [f"h{i + 1}"], [f"t{i}"])], f"then{i}", [],
+                                     [vi(f"t{i}")])
+            nodes.append(helper.make_node("If", ["c"], [o], then_branch=then, else_branch=level(i + 1)))
+        else:
+            nodes.append(helper.make_node("Identity", [f"h{i + 1}"], [o]))
+        return helper.make_graph(nodes, f"level{i}", [], [vi(o)])
+
+    g = level(0)
+    g.input.extend([helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, n]),
+                    helper.make_tensor_value_info("c", TensorProto.BOOL, [])])
+    g.initializer.extend(numpy_helper.from_array(np.full((1, n), 1.0 / n, np.float32), f"w{i}")
+                         for i in range(depth))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def test_nested_if_branches_do_not_each_keep_a_block(tmp_path):
+    """The decode graph's exits nest (layer e+1 runs in exit e's else-branch). With ORT's memory pattern
+    (on by default) every branch frame got, from the second run on, one block for all its tensors, kept
+    while the deeper branches ran: a float32 weight's worth per nested layer at once (+0.8 GB at 1.1B,
+    +4.5 GB at 7B). `make_session` turns the pattern off for graphs with If nodes; peak memory of later
+    runs then stays at the first run's (the arena hands a deeper frame what the outer one freed)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc (peak RSS reset)")
+    import onnx
+
+    from specee_compile.backends.onnx_runner import has_subgraphs
+
+    depth, n = 8, 2048
+    path = tmp_path / "nested.onnx"
+    onnx.save(_nested_if_model(depth, n), str(path))
+    assert has_subgraphs(path)
+    sess = make_session(path, threads=1)
+    x = {"h0": np.ones((1, n), np.float32), "c": np.array(False)}
+    sess.run(None, x)  # the first run records the pattern
+    before = _rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak
+    for _ in range(2):
+        sess.run(None, x)
+    grown = _rss_mib("VmHWM") - before
+    block = n * n * 4 / 2**20  # 16 MiB: one level's intermediate
+    assert grown < 2 * block, \
+        f"peak grew by {grown:.0f} MiB after the first run ({depth} nested levels x {block:.0f} MiB)"
