@@ -54,14 +54,19 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--commit", help="the commit to record (default: git HEAD)")
+    ap.add_argument("--artifacts", help="SpecEE artifacts (default: the model's shipped ones; give them for a "
+                                        "model loaded from a path, e.g. a .gguf of SmolLM2)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
     loaded = load_model(a.model)
-    s0 = Settings(specee=True, max_context=a.max_context, device=a.device)
+    arts = a.artifacts or default_artifacts_dir(loaded)
+    if arts is None:
+        raise SystemExit(f"{a.model} has no shipped SpecEE artifacts; pass --artifacts DIR")
+    s0 = Settings(specee=True, max_context=a.max_context, device=a.device, artifacts=str(arts))
     directory = Path(a.export) if a.export else Path(a.out)
     if not a.export:
-        program, src, _, _ = load_program(default_artifacts_dir(loaded), loaded, s0)
+        program, src, _, _ = load_program(arts, loaded, s0)
         t0 = time.perf_counter()
         export_aoti_dir(loaded.model, program, directory, s0, src.draft, model_name=loaded.name,
                         fingerprint=loaded.fingerprint, device=a.device, eos_ids=eos_ids(loaded),
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
     rows, raw = [], []
     for mode in a.modes.split(","):
         s = Settings(max_new_tokens=a.max_new_tokens, max_context=a.max_context, device=a.device,
-                     backend=a.py_backend, **MODES[mode])
+                     backend=a.py_backend, artifacts=str(arts) if MODES[mode] else None, **MODES[mode])
         dec = build_decoder(loaded, s)
         py_tps, cc_tps, nog_tps, same, layers = [], [], [], 0, []
         cuda = a.device.startswith("cuda")

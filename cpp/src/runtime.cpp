@@ -4,7 +4,7 @@
 // draft/eagle.py (EagleSource) and predictors/schedule.py (OnlineScheduler): the model math lives in
 // the packages (layer, head, exit_score, draft: the Python functions, compiled by AOTInductor); this
 // file holds only the loop, the caches and the bookkeeping. Shapes (batch 1): h [1, q, D]; pos [q];
-// the KV cache K, V [L, Hkv, T, hd] with T = max_len + 1, valid [L, T].
+// the KV cache K, V [L, Hkv, T, hd] with T = max_len + 1, valid [L, T] (each row 64-byte aligned).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -237,7 +237,11 @@ struct Runtime::Impl {
     const auto f = at::TensorOptions().dtype(dtype).device(dev);
     K = at::zeros({L, Hkv, T, hd}, f);
     Vc = at::zeros({L, Hkv, T, hd}, f);
-    valid = at::zeros({L, T}, at::TensorOptions().dtype(at::kBool).device(dev));
+    // each layer's row starts 64-byte aligned: AOTInductor's CUDA packages copy an input whose address is not
+    // 16-byte aligned before their Triton kernels read it, and a copy of `valid[i]` would take the layer's
+    // "this slot is valid" writes with it (seen on the H200: decode after the prefill went wrong)
+    const int64_t Tpad = (int64_t(T) + 63) / 64 * 64;
+    valid = at::zeros({L, Tpad}, at::TensorOptions().dtype(at::kBool).device(dev));
     keys = at::arange(max_len, at::TensorOptions().dtype(at::kLong).device(dev));
   }
 
@@ -389,7 +393,7 @@ struct Runtime::Impl {
   at::Tensor embed_ids(const std::vector<int64_t>& ids) { return embed.index_select(0, ids_tensor(ids)).unsqueeze(0); }
 
   at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
-    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
+    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i].slice(0, 0, T), cos, sin, K[i], Vc[i]};
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
     return layer_pkg.run(in)[0];
   }

@@ -27,6 +27,7 @@ Embedding and LM-head row gathers are index_select calls in the runner (no packa
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -149,9 +150,16 @@ class DraftFn(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------ export
 def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     t0 = time.perf_counter()
-    with torch.no_grad():
-        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    # On CUDA (torch 2.11, the H200 machine) the attention's GQA strides give guards on the attended length
+    # S that hold for every S >= 0 but that export's solver cannot prove (min(64*S, 192*S) == 64*S): there
+    # they become run-time asserts instead of an error; SDPA's math formulation keeps the shape checks simple
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                 **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     dt = time.perf_counter() - t0
     if progress:
