@@ -288,26 +288,39 @@ def smollm2_export(smollm2, tmp_path_factory, runner):
     return out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the H200 run is recorded in benchmarks/)")
-def test_cuda_graph_steps_match_python(runner, tmp_path):
-    """On CUDA the runner's dense steps replay captured graphs (one per attention length, the token fed
-    forward on the device, run ahead by one step): the same tokens as its per-layer calls and as the Python
-    runtime, across an attention-length boundary (64) and with an early stop; SpecEE steps with exits keep
-    the per-layer path and still match Python."""
-    model, prog = tiny_model(), random_program()
-    draft = random_draft(model)
-    out = tmp_path / "tiny-cuda"
-    export_aoti_dir(model, prog, out, Settings(max_context=MAX_CONTEXT, device="cuda"), draft, model_name="tiny",
-                    eos_ids=(), device="cuda")  # moves model and draft to the GPU
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the H200 runs are recorded in benchmarks/)")
+
+
+@CUDA
+def test_cuda_graph_dense_steps_match_python(tmp_path):
+    """On CUDA the runner's dense steps replay captured graphs (one per attention length, the token fed forward
+    on the device, run ahead by one step): the same tokens as its per-layer calls and as the Python runtime,
+    across an attention-length boundary (64) and with an early stop. (A dense export: no exit or draft package,
+    so the check is quick on the device.)"""
+    model = tiny_model()
+    out = tmp_path / "tiny-cuda-dense"
+    export_aoti_dir(model, None, out, Settings(max_context=MAX_CONTEXT, device="cuda"), None, model_name="tiny",
+                    eos_ids=(), device="cuda")  # moves the model to the GPU
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
-        ref = python_run(model, prog, draft, dense, ids)
+        ref = python_run(model, None, None, dense, ids)
         got = run_runner(out, ids, dense)
         assert got["cuda_graphs"] is True and got["capture_s"] > 0
         assert got["token_ids"] == ref.token_ids, ids
         assert run_runner(out, ids, dense, extra=("--no-cuda-graphs",))["token_ids"] == ref.token_ids
         short = run_runner(out, ids, dense, extra=("--max-new-tokens", "5"))
         assert short["token_ids"] == ref.token_ids[:5] and short["decode_steps"] == 4
+
+
+@CUDA
+def test_cuda_specee_steps_match_python(tmp_path):
+    """SpecEE steps that can exit keep the per-layer calls on CUDA, and match the Python runtime."""
+    model, prog = tiny_model(), random_program()
+    draft = random_draft(model)
+    out = tmp_path / "tiny-cuda"
+    export_aoti_dir(model, prog, out, Settings(max_context=MAX_CONTEXT, device="cuda"), draft, model_name="tiny",
+                    eos_ids=(), device="cuda")  # moves model and draft to the GPU
     paper = Settings(max_new_tokens=24, max_context=MAX_CONTEXT, device="cuda", exit_cost_check=False,
                      **MODES["paper_thr"])
     exits = 0
