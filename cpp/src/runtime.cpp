@@ -111,6 +111,21 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   return out;
 }
 
+// A copy of t [N, ...] whose rows t[i] each start 64-byte aligned (same sizes; dim 0's stride padded).
+// AOTInductor's CUDA packages copy an input whose address is not 16-byte aligned before their Triton
+// kernels read it: a per-call clone, and for an input the package writes (the cache's `valid` rows) the
+// writes land in the clone and are lost (seen on the H200: decode after the prefill went wrong).
+at::Tensor row_aligned(const at::Tensor& t) {
+  const int64_t n = t.size(0), row = t.numel() / std::max<int64_t>(n, 1);
+  const int64_t per = std::max<int64_t>(1, 64 / int64_t(t.element_size()));
+  const int64_t padded = (row + per - 1) / per * per;
+  at::Tensor buf = at::zeros({n, padded}, t.options());
+  buf.narrow(1, 0, row).copy_(t.reshape({n, row}));
+  std::vector<int64_t> strides = t.contiguous().strides().vec();
+  strides[0] = padded;
+  return buf.as_strided(t.sizes(), strides);
+}
+
 // ---------------------------------------------------------------------------------- packages
 struct Package {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
@@ -237,11 +252,7 @@ struct Runtime::Impl {
     const auto f = at::TensorOptions().dtype(dtype).device(dev);
     K = at::zeros({L, Hkv, T, hd}, f);
     Vc = at::zeros({L, Hkv, T, hd}, f);
-    // each layer's row starts 64-byte aligned: AOTInductor's CUDA packages copy an input whose address is not
-    // 16-byte aligned before their Triton kernels read it, and a copy of `valid[i]` would take the layer's
-    // "this slot is valid" writes with it (seen on the H200: decode after the prefill went wrong)
-    const int64_t Tpad = (int64_t(T) + 63) / 64 * 64;
-    valid = at::zeros({L, Tpad}, at::TensorOptions().dtype(at::kBool).device(dev));
+    valid = row_aligned(at::zeros({L, T}, at::TensorOptions().dtype(at::kBool).device(dev)));  // the layer writes it
     keys = at::arange(max_len, at::TensorOptions().dtype(at::kLong).device(dev));
   }
 
@@ -345,10 +356,10 @@ struct Runtime::Impl {
       layer_w.push_back(std::move(lw));
     }
     if (!specee) return;
-    pw1 = take(w, "predictors.w1", {}, false).to(at::kFloat);
-    pb1 = take(w, "predictors.b1", {}, false).to(at::kFloat);
-    pw2 = take(w, "predictors.w2", {}, false).to(at::kFloat);
-    pb2 = take(w, "predictors.b2", {}, false).to(at::kFloat);
+    pw1 = row_aligned(take(w, "predictors.w1", {}, false).to(at::kFloat));  // indexed per layer: pw1[i]
+    pb1 = row_aligned(take(w, "predictors.b1", {}, false).to(at::kFloat));
+    pw2 = row_aligned(take(w, "predictors.w2", {}, false).to(at::kFloat));
+    pb2 = row_aligned(take(w, "predictors.b2", {}, false).to(at::kFloat));
     if (pw1.dim() != 3 || pw1.size(0) != L || pw1.size(2) != 3 * k)
       throw Error(dir + "/weights.safetensors: predictors.w1 does not fit " + std::to_string(L) + " layers and k=" +
                   std::to_string(k) + "; re-export");
@@ -393,7 +404,7 @@ struct Runtime::Impl {
   at::Tensor embed_ids(const std::vector<int64_t>& ids) { return embed.index_select(0, ids_tensor(ids)).unsqueeze(0); }
 
   at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
-    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i].slice(0, 0, T), cos, sin, K[i], Vc[i]};
+    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
     return layer_pkg.run(in)[0];
   }
