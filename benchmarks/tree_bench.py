@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--artifacts", help="artifact dir with the draft (+ predictors); default: shipped")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-tree-<device>.json)")
+    ap.add_argument("--accept-trace-out", help="also write the default tree's tokens per verify step, in order, "
+                                               "as a JSON list: the input of `bench --accept-trace FILE`")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
     prompts = mtbench_first_turns()[: args.prompts]
 
     rows = {name: [] for name in configs}
+    trace: list[int] = []  # the default tree's tokens per verify step (--accept-trace-out)
     # warm-up: two prompts of different lengths (attention buckets), so a compiled backend has compiled
     # its static and its dynamic-shape code before anything is timed
     warm = [encode_prompt(loaded.tokenizer, "Hello!"),
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
             st = res.stats()
             if name == "dense":
                 ref = res.token_ids
+            if name == "tree":
+                trace += dec.tree.accepted_log
             rows[name].append({
                 "prompt": i,
                 "tokens": len(res.token_ids),
@@ -191,6 +196,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{date}-tree-{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
+    if args.accept_trace_out:
+        Path(args.accept_trace_out).write_text(json.dumps(trace) + "\n")
+        print(f"wrote {args.accept_trace_out}: {len(trace)} verify steps, mean {sum(trace) / max(1, len(trace)):.3f}",
+              file=sys.stderr)
 
     print(f"\n{args.model}, {record['machine']}, {args.backend}, {args.dtype}, {len(prompts)} MT-Bench prompts x "
           f"{args.max_new_tokens} tokens, greedy; commit {commit}\n")
