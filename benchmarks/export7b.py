@@ -69,6 +69,11 @@ SHAPES = {
     # TinyLlama-1.1B
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    # Llama-2-7B's layer count and vocabulary at 256 wide: predictors for a 7B model trained where its
+    # float32 load (27 GB) does not fit; the predictors read 3*k candidate features (no hidden size), so
+    # they carry over to --shape 7b with --artifacts ... --restamp (random-weight pipeline artifacts)
+    "l32-w256": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=32, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
     # a quick check of this script
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=1024),
@@ -173,6 +178,19 @@ if stage == "build":
     (__import__("pathlib").Path(a["dir"]) / "init.json").write_text(json.dumps(init, indent=1))
     out["params"] = sum(p.numel() for p in model.parameters())
     out["init"] = init
+elif stage == "restamp":
+    # --restamp: the artifacts were trained on another model of the same layer count and vocabulary; a copy
+    # gets this checkpoint's fingerprint as `export` computes it (streamed, float32), so export accepts it
+    import shutil
+    from pathlib import Path
+    from specee_compile.backends.onnx_export import stream_model
+    fp = stream_model(a["model"]).fingerprint
+    shutil.rmtree(a["out"], ignore_errors=True)
+    shutil.copytree(a["artifacts"], a["out"])
+    m = json.loads((Path(a["out"]) / "manifest.json").read_text())
+    out.update(source=a["artifacts"], source_model=m.get("model"), source_fingerprint=m["fingerprint"], fingerprint=fp)
+    m["fingerprint"] = fp
+    (Path(a["out"]) / "manifest.json").write_text(json.dumps(m, indent=1))
 elif stage == "export":
     from specee_compile.cli import main
     argv = ["export", a["model"], "-o", a["out"], "--max-context", str(a["max_context"]), "--force"]
@@ -241,7 +259,7 @@ elif stage == "ort":
     first = []
     # raw text, no chat template (the tokenizer is SmolLM2's cut to 32000 ids: vocab_tokenizer)
     s = Settings(backend="onnx", max_new_tokens=a["tokens"], max_context=a["max_context"], specee=a["specee"],
-                 chat_template=False)
+                 chat_template=False, draft_source=a.get("draft_source"))
     res, text = generate_from_artifact(a["art"], a["prompt"], s,
                                        on_text=lambda t: first or first.append(time.perf_counter()))
     st = res.stats()
@@ -323,6 +341,13 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/specee_export_scale", help="model + artifact directories go here")
     ap.add_argument("--dtype", default=None, help="export --dtype (default: the model's own, float16)")
     ap.add_argument("--artifacts", help="trained predictors/draft (train --device cuda) for the If nodes")
+    ap.add_argument("--restamp", action="store_true",
+                    help="--artifacts come from another model of the same layer count and vocabulary (e.g. "
+                    "--shape l32-w256 --init settled --train cpu --keep): export a copy stamped with this model's "
+                    "fingerprint (results.artifacts_restamped)")
+    ap.add_argument("--ort-draft", choices=("ngram", "eagle"),
+                    help="the ONNX Runtime run's candidate source (default: the artifacts'; their 'shallow' "
+                    "needs the torch model, so give ngram there)")
     ap.add_argument("--train", metavar="DEVICE", help="train the predictors first (cpu | cuda) and export with them")
     ap.add_argument("--num-texts", type=int, default=24, help="--train: calibration texts")
     ap.add_argument("--draft", default="ngram", choices=("ngram", "shallow", "eagle"),
@@ -367,6 +392,9 @@ def main(argv=None) -> int:
     if a.train and a.artifacts:
         print("export7b: give --train or --artifacts, not both", file=sys.stderr)
         return 2
+    if a.restamp and not a.artifacts:
+        print("export7b: --restamp needs --artifacts", file=sys.stderr)
+        return 2
     if a.carry:
         carry = Path(a.carry).resolve()
         if not (carry / "tokenizer").is_dir():
@@ -402,6 +430,16 @@ def main(argv=None) -> int:
     res["checkpoint_gb"] = round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9, 3)
 
     artifacts = a.artifacts
+    if a.restamp:  # the record keeps the source and both fingerprints
+        artifacts = str(work / f"restamped-{a.shape}")
+        r = stage("restamp", {"model": str(model_dir), "artifacts": str(Path(a.artifacts).resolve()),
+                              "out": artifacts}, log)
+        res["artifacts_restamped"] = {k: r[k] for k in ("source", "source_model", "source_fingerprint",
+                                                        "fingerprint")}
+        src_train = Path(a.artifacts).resolve().parent / "train-record.json"
+        if src_train.exists():  # written by the source run's --train (below)
+            res["artifacts_restamped"]["source_train"] = json.loads(src_train.read_text())
+        stages["restamp_s"] = round(r["process_s"], 1)
     if a.train:
         artifacts = str(work / f"trained-{a.shape}")
         dopts = None
@@ -418,6 +456,10 @@ def main(argv=None) -> int:
                         **{k: t.get(k) for k in ("thresholds", "dense_in_candidates", "label_positive_rate",
                                                  "positions")}}
         stages["train_s"] = res["train"]["process_s"]
+        # what a later --restamp run of another shape records about these artifacts
+        (work / "train-record.json").write_text(json.dumps(
+            {"shape": a.shape, "shape_config": SHAPES[a.shape], "init": res["init"], "model_dir": str(model_dir),
+             "train": res["train"]}, indent=1))
 
     e = stage("export", {"model": str(model_dir), "out": str(art), "max_context": a.max_context, "dtype": a.dtype,
                          "artifacts": artifacts}, log)
@@ -427,13 +469,13 @@ def main(argv=None) -> int:
     stages["export_s"] = res["export_s"]
 
     o = None if a.no_ort else stage("ort", {"art": str(art), "tokens": a.tokens, "max_context": a.max_context, "prompt": a.prompt,
-                      "specee": bool(artifacts)}, log)
+                      "specee": bool(artifacts), "draft_source": a.ort_draft}, log)
     startup = o["process_s"] - o["wall_s"] if o else 0.0  # interpreter start before the child's clock began
     if o:
         res.update(ort_peak_rss_gb=round(o["peak_rss_gb"], 2),
                    ort_first_token_s=round(o["first_token_in_process_s"] + startup, 1),
                    ort_decode_tok_s=round(o["decode_tok_s"], 2), ort_prefill_s=round(o["prefill_s"], 2),
-                   ort_tokens=o["tokens"], ort_avg_layers=o["avg_layers"], ort_specee=bool(artifacts),
+                   ort_draft=a.ort_draft, ort_tokens=o["tokens"], ort_avg_layers=o["avg_layers"], ort_specee=bool(artifacts),
                    ort_exit_histogram=o.get("exit_histogram"))
         stages["ort_s"] = round(o["process_s"], 1)
 
