@@ -17,6 +17,7 @@ prompts whose output is identical to dense.
     python benchmarks/tree_bench.py                                  # CPU, 10 prompts, 128 tokens
     python benchmarks/tree_bench.py --device cuda --backend inductor --prompts 80 --specee
     python benchmarks/tree_bench.py --grid 8:4:4,16:5:6,24:6:8      # budget:depth:topk sweep
+    python benchmarks/tree_bench.py --grid 6:4:2:L,2:2:2:N           # :L / :N prompt lookup on / off
 
 Writes benchmarks/results/<date>-tree-<cpu|gpu name>.json (or --out) and prints a markdown table.
 """
@@ -42,11 +43,14 @@ from specee_compile.config import Settings
 from specee_compile.data import mtbench_first_turns
 
 
-def parse_grid(text: str) -> list[tuple[int, int, int]]:
+def parse_grid(text: str) -> list[tuple[int, int, int, bool | None]]:
+    """budget:depth:topk[:L|:N] items -> (budget, depth, topk, lookup); lookup None = the device's default."""
     out = []
     for item in text.split(","):
-        b, d, k = (int(x) for x in item.split(":"))
-        out.append((b, d, k))
+        parts = item.split(":")
+        look = {"L": True, "N": False}[parts.pop()] if parts[-1] in ("L", "N") else None
+        b, d, k = (int(x) for x in parts)
+        out.append((b, d, k, look))
     return out
 
 
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tree-budget", type=int, default=None, help="default: the device's (Settings.tree_shape)")
     ap.add_argument("--tree-depth", type=int, default=None)
     ap.add_argument("--tree-topk", type=int, default=None)
+    ap.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
+                    help="the default tree's prompt lookup (default: the device's)")
     ap.add_argument("--grid", help="budget:depth:topk,... extra tree shapes to run (each its own config)")
     ap.add_argument("--specee", action="store_true", help="also tree + SpecEE lossless")
     ap.add_argument("--approx", action="store_true", help="also tree + SpecEE approximate")
@@ -78,13 +84,14 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     base = Settings(max_new_tokens=args.max_new_tokens, device=args.device, backend=args.backend, dtype=args.dtype,
                     artifacts=args.artifacts)
-    shapes = [base.replace(tree_budget=args.tree_budget, tree_depth=args.tree_depth,
-                           tree_topk=args.tree_topk).tree_shape()] + (parse_grid(args.grid) if args.grid else [])
+    shapes = [(*base.replace(tree_budget=args.tree_budget, tree_depth=args.tree_depth,
+                             tree_topk=args.tree_topk).tree_shape(), args.tree_lookup)]
+    shapes += parse_grid(args.grid) if args.grid else []
     configs: dict[str, Settings] = {"dense": base}
-    for b, d, k in shapes:
-        name = "tree" if (b, d, k) == shapes[0] else f"tree[{b}:{d}:{k}]"
-        configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k)
-    b, d, k = shapes[0]
+    for i, (b, d, k, look) in enumerate(shapes):
+        tag = "" if look is None else (":L" if look else ":N")
+        name = "tree" if i == 0 else f"tree[{b}:{d}:{k}{tag}]"
+        configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k, tree_lookup=look)
     tree0 = configs["tree"]
     if args.specee:
         configs["tree+specee"] = tree0.replace(specee=True, mode="lossless", kv_policy="backfill")

@@ -213,7 +213,7 @@ def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
     inner = getattr(source, "inner", source)  # NgramAssist wraps the source it assists
     if isinstance(inner, EagleSource):
         src = EagleTreeSource(inner.draft, k=inner.k, context_vocab=inner.context_vocab)
-        src.lookup = getattr(inner, "lookup", src.lookup)
+        src.lookup = settings.tree_lookup_on()
         return src
     directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
     if directory is None or not (Path(directory) / "draft.safetensors").is_file():
@@ -222,8 +222,9 @@ def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
             f"--speculate tree needs an EAGLE draft head, and there is none {where}: train one with "
             f"`specee-compile train-draft {loaded.name} -o DIR` and pass --artifacts DIR"
         )
-    draft = EagleDraft.load(directory, loaded.model)
-    return EagleTreeSource(draft, k=settings.num_candidates)
+    src = EagleTreeSource(EagleDraft.load(directory, loaded.model), k=settings.num_candidates)
+    src.lookup = settings.tree_lookup_on()
+    return src
 
 
 def check_output_file(path, flag: str = "--stats-json") -> Path:

@@ -18,6 +18,7 @@ from .config import (
     MODES,
     SPECULATE,
     TREE_PROGRAMS,
+    TREE_LOOKUP,
     TREE_SHAPES,
     Settings,
     range_problem,
@@ -29,7 +30,7 @@ def _settings_from(args, **over) -> Settings:
     fields = {}
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
-                 "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program"):
+                 "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -65,6 +66,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                                       ("--tree-topk", "children per expanded node, nodes expanded per level"))):
         p.add_argument(flag, type=int, default=None, help=f"tree: {what} (default: {TREE_SHAPES['cuda'][i]} on "
                                                           f"CUDA, {TREE_SHAPES['cpu'][i]} on a CPU)")
+    p.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"tree: merge the prompt-lookup path into the tree (default: {TREE_LOOKUP['cuda']} on CUDA, "
+                        f"{TREE_LOOKUP['cpu']} on a CPU)")
     p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
                    help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
                         "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")

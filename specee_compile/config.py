@@ -15,10 +15,14 @@ BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
-# the default tree (budget, depth, top-k) per device type, measured with SmolLM2 (benchmarks/RESULTS.md,
-# session 4): a GPU verifies 25 rows for about what it verifies 7 (launch-bound), a CPU pays per row
-# (compute-bound; 2-core CPU, H200-trained head: 24:6:8 0.97x dense, 6:4:2 1.15x, 4:3:2 1.12x)
-TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (6, 4, 2)}
+# the default tree (budget, depth, top-k) and prompt lookup per device type, measured with SmolLM2
+# (benchmarks/RESULTS.md, sessions 4 and 5): a GPU verifies 25 rows for about what it verifies 7
+# (launch-bound); on a CPU, MKL's fp32 GEMM streams the weights once per 3 rows (the cost of 1-3 rows is one
+# weight pass, 4-6 two, 7-9 three), so the CPU tree is 2 nodes + the root = 3 rows, and both are draft nodes
+# (lookup off: its reserved rows are empty unless the text repeats). 2-core CPU, H200-trained head, 16
+# MT-Bench turns: 2:2:2 without lookup 1.456x dense, 6:4:2 with lookup 1.181x (session 4's default)
+TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2)}
+TREE_LOOKUP = {"cuda": True, "cpu": False}
 
 
 @dataclass
@@ -87,6 +91,9 @@ class Settings:
     tree_topk: int | None = None
     """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k).
     None = the device's default."""
+    tree_lookup: bool | None = None
+    """Tree: merge the prompt-lookup continuation (the tokens that followed the last n-gram's earlier
+    occurrence) into the tree, on rows reserved for it. None = the device's default (`TREE_LOOKUP`)."""
     tree_program: str = "auto"
     """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
     attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
@@ -151,6 +158,12 @@ class Settings:
         given = (self.tree_budget, self.tree_depth, self.tree_topk)
         return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
 
+    def tree_lookup_on(self) -> bool:
+        """Whether the draft tree merges the prompt-lookup path: the field, else the device's default."""
+        if self.tree_lookup is not None:
+            return self.tree_lookup
+        return TREE_LOOKUP["cuda" if str(self.device).startswith("cuda") else "cpu"]
+
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -169,6 +182,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "tree_topk": ("int?", 1, True, None),
     "speculate": ("str",),
     "tree_program": ("str",),
+    "tree_lookup": ("bool?",),
     "online_window": ("int", 0, True, None),
     "offline_max_layers": ("int", 0, True, None),
     "temperature": ("float", 0.0, True, None),

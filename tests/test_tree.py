@@ -303,12 +303,28 @@ def test_settings_check_tree_fields():
 def test_tree_shape_defaults_per_device_and_given_fields_win():
     from specee_compile.config import TREE_SHAPES
 
-    assert Settings().tree_shape() == TREE_SHAPES["cpu"] == (6, 4, 2)
+    assert Settings().tree_shape() == TREE_SHAPES["cpu"] == (2, 2, 2)
     assert Settings(device="cuda:1").tree_shape() == TREE_SHAPES["cuda"] == (24, 6, 8)
     assert Settings(device="cuda", tree_budget=10).tree_shape() == (10, 6, 8)
-    assert Settings(tree_depth=3, tree_topk=5).tree_shape() == (6, 3, 5)
+    assert Settings(tree_depth=3, tree_topk=5).tree_shape() == (2, 3, 5)
     dec = tree_dec(make_tiny_llama(), OracleTree(make_tiny_llama()), 4)
-    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == (6, 4, 2)
+    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == (2, 2, 2)
+    # prompt lookup: on by default on CUDA, off on a CPU; a given value wins
+    assert Settings().tree_lookup_on() is False and Settings(device="cuda").tree_lookup_on() is True
+    assert Settings(tree_lookup=True).tree_lookup_on() is True
+    assert Settings(device="cuda", tree_lookup=False).tree_lookup_on() is False
+    with pytest.raises(SpecEEError, match="tree_lookup"):
+        Settings(tree_lookup="yes")
+
+
+def test_tree_draft_takes_prompt_lookup_from_settings():
+    """The product's tree source (api.tree_draft) merges the prompt-lookup path per Settings.tree_lookup_on()."""
+    from specee_compile.api import tree_draft
+    from specee_compile.draft.eagle import EagleSource
+
+    source = EagleSource(EagleDraft(make_tiny_llama()).eval(), k=4)
+    assert tree_draft(None, Settings(speculate="tree"), source=source).lookup is False  # CPU default
+    assert tree_draft(None, Settings(speculate="tree", tree_lookup=True), source=source).lookup is True
 
 
 def test_tree_needs_an_eagle_draft():
