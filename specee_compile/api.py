@@ -213,16 +213,15 @@ def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
     inner = getattr(source, "inner", source)  # NgramAssist wraps the source it assists
     if isinstance(inner, EagleSource):
         src = EagleTreeSource(inner.draft, k=inner.k, context_vocab=inner.context_vocab)
-        src.lookup = settings.tree_lookup_on()
-        return src
-    directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
-    if directory is None or not (Path(directory) / "draft.safetensors").is_file():
-        where = f"in {directory}" if directory is not None else f"for {loaded.name}"
-        raise ArtifactError(
-            f"--speculate tree needs an EAGLE draft head, and there is none {where}: train one with "
-            f"`specee-compile train-draft {loaded.name} -o DIR` and pass --artifacts DIR"
-        )
-    src = EagleTreeSource(EagleDraft.load(directory, loaded.model), k=settings.num_candidates)
+    else:
+        directory = artifacts_dir or settings.artifacts or default_artifacts_dir(loaded)
+        if directory is None or not (Path(directory) / "draft.safetensors").is_file():
+            where = f"in {directory}" if directory is not None else f"for {loaded.name}"
+            raise ArtifactError(
+                f"--speculate tree needs an EAGLE draft head, and there is none {where}: train one with "
+                f"`specee-compile train-draft {loaded.name} -o DIR` and pass --artifacts DIR"
+            )
+        src = EagleTreeSource(EagleDraft.load(directory, loaded.model), k=settings.num_candidates)
     src.lookup = settings.tree_lookup_on()
     return src
 

@@ -346,15 +346,15 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
 
     R_ = res["results"]
     sharpen_draft(eagle, dense.seg, prompt)
-    eagle.lookup = False  # random tokens do not repeat: the prompt-lookup rows would be dead, same row count
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):
         with open(args.accept_trace) as f:
             traces["tree_smollm2trace"] = [int(x) for x in json.load(f)]
     for name, trace in traces.items():
         log(f"== {name}: tree verification, acceptance trace mean {sum(trace) / len(trace):.2f}")
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=dense.seg, draft=eagle,
-                            accept=trace_accepts(trace))
+        # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False),
+                            segments=dense.seg, draft=eagle, accept=trace_accepts(trace))
         R_[name], r = time_generate(dec, prompt, args.runs)
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(trace) / len(trace), 3),
                         avg_tree_nodes=r.stats()["avg_tree_nodes"], tree_program="fixed" if dec.tree._fixed_on else "host")

@@ -1,0 +1,83 @@
+"""What verifying M rows costs on this CPU: fp32 `F.linear` over SmolLM2's own weights, M = 1..12.
+
+Why the CPU tree default is 3 rows (`config.TREE_SHAPES["cpu"]`): MKL's fp32 GEMM streams the weights once
+per block of 3 rows, so 1-3 rows cost one weight pass, 4-6 two, and so on. Two tables:
+  - the LM head [49152, 576] alone, M = 1..12 (cache-warm: one weight, repeated);
+  - SmolLM2's 30 layers (qkv, o, gate|up, down), M = 1 and 3, the weights streamed from memory as in decode,
+    with MKL's packed weights (`mkl._mkl_linear`) and oneDNN (`mkldnn._linear_pointwise`) beside plain MKL.
+
+    OMP_NUM_THREADS=2 python benchmarks/cpu_gemm_rows.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, n: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from specee_compile.api import load_model
+
+    m = load_model("smollm2-135m").model
+    layers = []
+    for layer in m.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        layers.append([torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).contiguous(),
+                       at.o_proj.weight.contiguous(),
+                       torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                       mlp.down_proj.weight.contiguous()])
+    head = m.lm_head.weight.contiguous()
+
+    print(f"LM head {list(head.shape)}, F.linear ms by rows M ({a.threads} threads):")
+    cells = []
+    for r in range(1, 13):
+        x = torch.randn(r, head.shape[1])
+        cells.append(f"M{r}:{timed(lambda x=x: F.linear(x, head), 30):.2f}")
+    print(" ".join(cells))
+
+    packed = [[torch.ops.mkl._mkl_reorder_linear_weight(w, 3) for w in ws] for ws in layers]
+    onednn = [[w.to_mkldnn() for w in ws] for ws in layers]
+
+    def run(rows: int, how: str) -> float:
+        xs = [torch.randn(rows, w.shape[1]) for w in layers[0]]
+
+        def step():
+            for i, ws in enumerate(layers):
+                for j, w in enumerate(ws):
+                    if how == "mkl":
+                        F.linear(xs[j], w)
+                    elif how == "mkl packed":
+                        torch.ops.mkl._mkl_linear(xs[j], packed[i][j], w, None, 3)
+                    else:
+                        torch.ops.mkldnn._linear_pointwise(xs[j], onednn[i][j], None, "none", [], "")
+        return timed(step)
+
+    print("\n30 layers' GEMMs, weights streamed (ms per pass):")
+    print("| rows | mkl | mkl packed | onednn |\n|---|---|---|---|")
+    for rows in (1, 3, 1, 3):  # twice: the first pass of each warms the allocator
+        print(f"| {rows} | " + " | ".join(f"{run(rows, how):.2f}" for how in ("mkl", "mkl packed", "onednn")) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
