@@ -167,7 +167,7 @@ def _check_fused(fused) -> None:
         raise ValueError(f"fused: unknown op(s) {sorted(unknown)}; expected a subset of {FUSABLE}")
 
 
-def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = ()):
+def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "specee"):
     """The parts of a decoder layer around attention, shared by every attention formulation
     (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
 
@@ -178,14 +178,14 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = ()):
     fused: which matmuls (of `FUSABLE`) to write as `specee::fused_linear` ops, with the RMSNorm,
     SiLU*up and residual add around each folded into it; on CUDA each is one Triton GEMV kernel
     (`plugins/triton_gemv.py`). The math is the same otherwise. ("attn" is `make_layer_fn`'s.)
+    ops: the op namespace of the fused ops: "specee" (Python custom ops, the Python step) or "specee_aoti"
+    (their `triton_op` twins, which an AOTInductor package embeds: `backends/aoti_export.py`).
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
     _check_fused(fused)
     lin = None
     if set(fused) - {"attn"}:
-        from . import ops  # noqa: F401  # defines torch.ops.specee.fused_linear
-
-        lin = torch.ops.specee.fused_linear
+        lin = _fused_op(ops, "fused_linear")
     fuse = {name: lin is not None and name in fused for name in FUSABLE}
 
     def normed_linear(x, ln, w, b, fused_op: bool):
@@ -220,23 +220,31 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = ()):
     return qkv, rope, out_mlp
 
 
-def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...] = ()):
+def _fused_op(ns: str, name: str):
+    from . import ops  # noqa: F401  # defines torch.ops.specee.*
+
+    if ns == "specee_aoti":
+        from .plugins import triton_decode_attention, triton_gemv  # noqa: F401  # define the twins
+    elif ns != "specee":
+        raise ValueError(f"ops: expected 'specee' or 'specee_aoti', got {ns!r}")
+    return getattr(getattr(torch.ops, ns), name)
+
+
+def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...] = (), ops: str = "specee"):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`.
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.
     `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
-    fused: see `make_layer_parts`; with "attn", the mask and attention are one
+    fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
-    qkv, rope, out_mlp = make_layer_parts(spec, fused=fused)
+    qkv, rope, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
     if "attn" in fused:
-        from . import ops  # noqa: F401  # defines torch.ops.specee.decode_attention
-
-        attend = torch.ops.specee.decode_attention
+        attend = _fused_op(ops, "decode_attention")
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None):

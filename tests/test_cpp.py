@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(toolchain_missing() is not None,
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specee_compile.artifacts import read_manifest
 from specee_compile.backends import make_segments
 from specee_compile.backends.aoti_export import export_aoti_dir
 from specee_compile.config import Settings
@@ -302,6 +303,8 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     out = tmp_path / "tiny-cuda-dense"
     export_aoti_dir(model, None, out, Settings(max_context=MAX_CONTEXT, device="cuda"), None, model_name="tiny",
                     eos_ids=(), device="cuda")  # moves the model to the GPU
+    # the decode step's one-row package embeds the Python CUDA step's Triton kernels (triton_op twins)
+    assert read_manifest(out)["info"]["cpp"]["packages"]["layer1"] == "layer1.pt2"
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
         ref = python_run(model, None, None, dense, ids)

@@ -141,6 +141,34 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP)
 
 
+_INTERP_TWIN = textwrap.dedent(
+    """
+    import torch, triton
+    from specee_compile.plugins import triton_gemv as G
+    torch.manual_seed(0)
+    for pro, n, k, res in CASES:
+        kin = 2 * k if pro == "silu_mul" else k
+        x = torch.randn(1, 1, kin); w = torch.randn(n, k) * 0.1; nw = 1 + 0.1 * torch.randn(k)
+        r = torch.randn(1, 1, n) if res else None
+        for cfg in ((16, 32, 1, 4, 1), (8, 16, 3, 4, 1)):  # whole K; split-K (zeroed scratch per call)
+            G.PICKED[(n, k, G.PROLOGUES[pro])] = cfg  # what the autotuner picked in this process
+            got = torch.ops.specee_aoti.fused_linear(x, w, r, nw, 1e-5, pro)
+            want = torch.empty(1, 1, n)
+            G._gemv_kernel[(triton.cdiv(n, cfg[0]), cfg[2])](x, w, r if res else want, nw, want,
+                *G._workspace(torch.device("cpu"), n), n, 1e-5, K=k, PRO=G.PROLOGUES[pro], HAS_RES=res,
+                BLOCK_N=cfg[0], BLOCK_K=cfg[1], SPLIT=cfg[2])
+            assert torch.equal(got, want) if cfg[2] == 1 else torch.allclose(got, want, atol=1e-5), (pro, cfg)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_aoti_twin_runs_the_picked_config_in_triton_interpreter():
+    """`specee_aoti::fused_linear` (what the C++ runner's CUDA layer package embeds) launches the config the
+    Python autotuner picked for its shape: the same bits as the Python op's kernel."""
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_TWIN)
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pro,n,k,res", CASES + [("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])

@@ -152,7 +152,7 @@ struct Runtime::Impl {
   at::Tensor vocab_ids, head_rows_static;
   std::vector<int64_t> vocab_ids_host;
   // packages
-  Package layer_pkg, head_pkg, exit_pkg, draft_pkg;
+  Package layer_pkg, layer1_pkg, head_pkg, exit_pkg, draft_pkg;  // layer1: one row, fused kernels (CUDA exports)
   // program
   std::vector<int> exit_layers;         // exit points < L-1
   std::map<int, double> thresholds;
@@ -389,6 +389,7 @@ struct Runtime::Impl {
 
   void load_packages(const json::Value& c) {
     load_package(layer_pkg, c, "layer");
+    if (c.at("packages").has("layer1")) load_package(layer1_pkg, c, "layer1");
     load_package(head_pkg, c, "head");
     if (!specee) return;
     load_package(exit_pkg, c, "exit_score");
@@ -406,7 +407,7 @@ struct Runtime::Impl {
   at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
     std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
-    return layer_pkg.run(in)[0];
+    return (h.size(1) == 1 && layer1_pkg.loader ? layer1_pkg : layer_pkg).run(in)[0];
   }
   // -> (hn [1, q, D], logits [1, n, V] of the rows `sel`)
   std::pair<at::Tensor, at::Tensor> head_fn(const at::Tensor& h, const std::vector<int64_t>& sel) {

@@ -11,6 +11,9 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
                      v_cache [Hkv,T,hd], ln1, wqkv, (bqkv), wo, ln2, wgu, wd) -> h [1,q,D];
                      writes K/V of its rows into the cache views and marks them valid (the KV
                      contract of `model_step`); `keys` only carries the attended length S.
+    layer1.pt2       (CUDA) the same for one row (the decode step), with the Python CUDA step's fused Triton
+                     kernels embedded (`specee_aoti::fused_linear` / `decode_attention`, triton_op twins of
+                     the Python custom ops, which a package cannot call); the runner uses it for q = 1
     head.pt2         (h [1,q,D], sel [n], norm_w, head_w) -> (hn [1,q,D], logits [1,n,V]):
                      final norm of every row, full LM head of the rows `sel`
     exit_score.pt2   (h [1,1,D], norm_w, rows [k,D], p_prev [k], w1, b1, w2, b2) -> (score [1],
@@ -47,9 +50,9 @@ PACKAGES = ("layer", "head", "exit_score", "draft")
 
 # ------------------------------------------------------------------------------------ functions
 class LayerFn(torch.nn.Module):
-    def __init__(self, spec, has_bias: bool):
+    def __init__(self, spec, has_bias: bool, fused: tuple[str, ...] = (), ops: str = "specee"):
         super().__init__()
-        self.fn = make_layer_fn(spec)
+        self.fn = make_layer_fn(spec, fused=fused, ops=ops)
         self.has_bias = has_bias
 
     def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, *w):
@@ -149,6 +152,33 @@ class DraftFn(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------ export
+def one_row_fused(spec, device: torch.device) -> tuple[str, ...]:
+    """The fused ops of the one-row layer package (`layer1.pt2`): on CUDA with triton, the Python step's
+    (`model_step.CUDA_FUSED`) as their `specee_aoti` twins; attention only for a power-of-two head_dim
+    (the kernel's tile). () = no one-row package (CPU: the plain layer is the CPU step)."""
+    from ..model_step import CUDA_FUSED
+    from ..plugins import HAVE_TRITON
+
+    if device.type != "cuda" or not HAVE_TRITON:
+        return ()
+    hd = spec.head_dim
+    return tuple(f for f in CUDA_FUSED if f != "attn" or hd & (hd - 1) == 0)
+
+
+def _tune_one_row(spec, fused, args) -> None:
+    """Run the Python step's fused layer once on real tensors: the GEMV autotuner picks each shape's config,
+    which the twins read while the package is traced (`triton_gemv.PICKED`)."""
+    from ..ops import register_cuda_kernels
+
+    register_cuda_kernels()
+    h, pos, keys, valid, cos, sin, kc, vc, *w = (a.clone() for a in args)  # the cache views are written
+    ln1, wqkv, *rest = w
+    bqkv = rest.pop(0) if len(rest) == 5 else None
+    with torch.no_grad():
+        make_layer_fn(spec, fused=fused)(h, pos, valid, cos, sin, kc, vc, keys.shape[0], ln1, wqkv, bqkv, *rest)
+    torch.cuda.synchronize()
+
+
 def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -160,7 +190,9 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
+                                                 inductor_configs={"coordinate_descent_tuning": True} if cuda else None)
     dt = time.perf_counter() - t0
     if progress:
         print(f"  {path.name}: {dt:.0f} s", file=sys.stderr)
@@ -209,10 +241,21 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
                   *lw)
     ds = ({1: q}, {0: q}, {0: S}) + (None,) * 5 + ((None,) * len(lw),)  # *w is one varargs entry
     times["layer"] = _compile(LayerFn(spec, has_bias), layer_args, ds, out / "layer.pt2", progress)
+    # ---- layer1 (CUDA): the decode step's one row with the Python step's fused Triton kernels embedded
+    fused1 = one_row_fused(spec, dev)
+    if fused1:
+        row_args = (ex(1, 1, D), torch.tensor([5], device=dev)) + layer_args[2:]
+        _tune_one_row(spec, fused1, row_args)
+        ds1 = (None, None, {0: S}) + (None,) * 5 + ((None,) * len(lw),)
+        times["layer1"] = _compile(LayerFn(spec, has_bias, fused1, ops="specee_aoti"), row_args, ds1,
+                                   out / "layer1.pt2", progress)
     # ---- head
     head_args = (ex(1, 3, D), torch.tensor([1, 2], device=dev), w.norm, w.head)
     times["head"] = _compile(HeadFn(spec), head_args, ({1: q}, {0: n}, None, None), out / "head.pt2", progress)
     info["packages"] = {"layer": "layer.pt2", "head": "head.pt2"}
+    if fused1:
+        info["packages"]["layer1"] = "layer1.pt2"
+        info["layer1_fused"] = list(fused1)
 
     if program is not None:
         P = program.predictors

@@ -12,6 +12,10 @@ j <= pos, the KV contract) and splits the prefix over programs (flash-decoding):
 
 fp32 math; scale 1/sqrt(hd) as SDPA's default. Rows q > 1 (prefill, pending rows) take the reference
 (SDPA), where the flash kernels are the right tool.
+
+`specee_aoti::decode_attention` is the same kernel for AOTInductor packages (the C++ runner's one-row
+layer, `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python
+custom op it cannot call). It runs the split and the merge as two launches, so it keeps no state.
 """
 
 from __future__ import annotations
@@ -29,15 +33,14 @@ NUM_WARPS = 4
 if HAVE_TRITON:
 
     @triton.jit
-    def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
-        S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
-        HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
-        MAX_SPLITS: tl.constexpr,
+    def _attn_split(
+        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, sp, S, per, sm_scale,
+        stride_kh, stride_ks, stride_vh, stride_vs,
+        HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS: tl.constexpr, NB: tl.constexpr,
     ):
-        h = tl.program_id(0)
-        sp = tl.program_id(1)
-        nsp = tl.num_programs(1)
+        # split sp of head h: keys [sp * per * BLOCK_S, (sp + 1) * per * BLOCK_S) -> (acc, m, l) in its
+        # workspace row (a split past S leaves acc = 0, m = -inf, l = 0: weight 0 in the merge). NB >= per
+        # iterations: blocks b >= per are masked, which leaves (m, l, acc) bit-equal (alpha = 1, p = 0)
         kvh = h // REP
         d = tl.arange(0, HD)
         q = tl.load(q_ptr + h * HD + d).to(tl.float32) * sm_scale
@@ -45,10 +48,10 @@ if HAVE_TRITON:
         m = tl.full([], -float("inf"), tl.float32)
         l_sum = tl.zeros([], dtype=tl.float32)
         acc = tl.zeros([HD], dtype=tl.float32)
-        base = sp * BLOCKS_PER_SPLIT * BLOCK_S
-        for b in range(BLOCKS_PER_SPLIT):
+        base = sp * per * BLOCK_S
+        for b in range(NB):
             offs = base + b * BLOCK_S + tl.arange(0, BLOCK_S)
-            inb = offs < S
+            inb = (offs < S) & (b < per)
             kt = tl.load(k_ptr + kvh * stride_kh + offs[:, None] * stride_ks + d[None, :], mask=inb[:, None], other=0.0)
             vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
             ok = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0) & (offs <= pos)
@@ -64,19 +67,55 @@ if HAVE_TRITON:
         tl.store(row + d, acc)
         tl.store(row + HD, m)
         tl.store(row + HD + 1, l_sum)
+
+    @triton.jit
+    def _attn_merge(ws_ptr, o_ptr, h, nsp, HD: tl.constexpr, MAX_SPLITS: tl.constexpr):
+        # every split's (m, l, acc) of head h in one round of L2 reads (.cg: not through this SM's L1)
+        d = tl.arange(0, HD)
+        i = tl.arange(0, MAX_SPLITS)
+        live = i < nsp
+        rows = ws_ptr + (h * MAX_SPLITS + i) * (HD + 2)
+        ms = tl.load(rows + HD, mask=live, other=-float("inf"), cache_modifier=".cg")
+        ls = tl.load(rows + HD + 1, mask=live, other=0.0, cache_modifier=".cg")
+        accs = tl.load(rows[:, None] + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+        w = tl.where(live, tl.exp(ms - tl.max(ms, axis=0)), 0.0)  # the current position is valid: max finite
+        out = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
+        tl.store(o_ptr + h * HD + d, out.to(o_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
+        S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
+        HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+        MAX_SPLITS: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        nsp = tl.num_programs(1)
+        _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, tl.program_id(1), S, BLOCKS_PER_SPLIT,
+                    sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS,
+                    BLOCKS_PER_SPLIT)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == nsp - 1:  # last split of head h: merge
-            # every split's (m, l, acc) in one round of L2 reads (.cg: not through this SM's L1)
-            i = tl.arange(0, MAX_SPLITS)
-            live = i < nsp
-            rows = ws_ptr + (h * MAX_SPLITS + i) * (HD + 2)
-            ms = tl.load(rows + HD, mask=live, other=-float("inf"), cache_modifier=".cg")
-            ls = tl.load(rows + HD + 1, mask=live, other=0.0, cache_modifier=".cg")
-            accs = tl.load(rows[:, None] + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
-            w = tl.where(live, tl.exp(ms - tl.max(ms, axis=0)), 0.0)  # the current position is valid: max finite
-            out = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
-            tl.store(o_ptr + h * HD + d, out.to(o_ptr.dtype.element_ty))
+            _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
             tl.store(cnt_ptr + h, 0)
+
+    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge as two launches, so
+    # it needs no counters kept zero between calls (an AOTI package owns no state): a fixed grid of
+    # MAX_SPLITS splits per head (the attended length S is dynamic in the package), `per` blocks per split
+    # computed from S as `splits_for` computes them, NB the most any S of the package needs
+    @triton.jit
+    def _aoti_attn_split_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr,
+        S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
+        HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS: tl.constexpr, NB: tl.constexpr,
+    ):
+        per = tl.cdiv(tl.cdiv(S, BLOCK_S), MAX_SPLITS)
+        _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, tl.program_id(0), tl.program_id(1), S, per,
+                    sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS, NB)
+
+    @triton.jit
+    def _aoti_attn_merge_kernel(ws_ptr, o_ptr, HD: tl.constexpr, MAX_SPLITS: tl.constexpr):
+        _attn_merge(ws_ptr, o_ptr, tl.program_id(0), MAX_SPLITS, HD, MAX_SPLITS)
 
 
 _WORKSPACES: dict = {}
@@ -121,6 +160,41 @@ def triton_decode_attention(q, k, v, valid, pos):
         HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=per, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )
     return o
+
+
+def _upper(n) -> int:
+    """n, or the upper bound of a symbolic size (S in a traced package: torch.export's Dim max)."""
+    if isinstance(n, int):
+        return n
+    return int(n.node.shape_env.bound_sympy(n.node.expr).upper)
+
+
+def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                    pos: torch.Tensor) -> torch.Tensor:
+    """`specee_aoti::decode_attention`: one query row (the decode step of an AOTI layer package); the same
+    numbers as `triton_decode_attention` (the same splits, the same merge order)."""
+    H, rows, hd = q.shape
+    Hkv = k.shape[0]
+    if rows != 1 or hd != triton.next_power_of_2(hd) or H % Hkv:
+        raise ValueError(f"specee_aoti::decode_attention: one row and a power-of-two head_dim, got q {tuple(q.shape)}")
+    q = q.contiguous()
+    o = torch.empty_like(q)
+    ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
+    S = k.shape[1]
+    wrap_triton(_aoti_attn_split_kernel)[(H, MAX_SPLITS)](
+        q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, pos, ws,
+        S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, MAX_SPLITS=MAX_SPLITS, NB=splits_for(_upper(S))[1],
+        num_warps=NUM_WARPS,
+    )
+    wrap_triton(_aoti_attn_merge_kernel)[(H,)](ws, o, HD=hd, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS)
+    return o
+
+
+if HAVE_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    aoti_decode_attention = triton_op("specee_aoti::decode_attention", _aoti_attention, mutates_args=())
 
 
 def register_cuda_impl() -> bool:

@@ -25,6 +25,10 @@ BLOCK_K chunks; the activation chunk is recomputed per program. The configs are
 autotuned per (N, K, prologue) on first use, which happens outside CUDA-graph capture in every
 caller (warm-up runs); `TUNED` holds what was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
+
+`specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
+`backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python custom op
+it cannot call), launched with the config the autotuner picked for its shape in the exporting process.
 """
 
 from __future__ import annotations
@@ -164,10 +168,46 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])
 
     _gemv_tuned[grid](*args, **kw)
-    key = (N, K, prologue)
-    if key not in TUNED and getattr(_gemv_tuned, "best_config", None) is not None:
-        TUNED[key] = str(_gemv_tuned.best_config)
+    best = getattr(_gemv_tuned, "best_config", None)
+    if best is not None:
+        TUNED.setdefault((N, K, prologue), str(best))
+        PICKED[(N, K, pro)] = (best.kwargs["BLOCK_N"], best.kwargs["BLOCK_K"], best.kwargs["SPLIT"], best.num_warps,
+                               best.num_stages)
     return y
+
+
+PICKED: dict = {}  # (N, K, PRO) -> the config tuple this process's autotuner picked (read by the AOTI twin)
+AOTI_DEFAULT = (4, 1024, 1, 4, 1)  # a shape the autotuner never saw (the export tunes every shape first)
+
+
+def _aoti_fused_linear(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None,
+                       norm_w: torch.Tensor | None = None, eps: float = 0.0, prologue: str = "none") -> torch.Tensor:
+    """`specee_aoti::fused_linear`: the one-row kernel for AOTInductor packages, with the config this
+    process's autotuner picked for the shape (so the package computes what the Python step computes);
+    split-K takes zeroed scratch per call (a package keeps no state)."""
+    pro = PROLOGUES[prologue]
+    N, K = w.shape
+    if x.numel() != (2 * K if pro == 2 else K):
+        raise ValueError(f"specee_aoti::fused_linear: one row of {2 * K if pro == 2 else K} features, got "
+                         f"x {tuple(x.shape)}")
+    bn, bk, sp, nwarps, ns = _fixed_config() or PICKED.get((N, K, pro), AOTI_DEFAULT)
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    if sp > 1:
+        ws = (torch.zeros(N, dtype=torch.float32, device=x.device), torch.zeros(N, dtype=torch.float32, device=x.device),
+              torch.zeros(N, dtype=torch.int32, device=x.device))
+    else:  # never touched without split-K
+        ws = (y, y, y)
+    wrap_triton(_gemv_kernel)[(triton.cdiv(N, bn), sp)](
+        x, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, *ws, N, float(eps),
+        K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps, num_stages=ns)
+    return y
+
+
+if HAVE_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    aoti_fused_linear = triton_op("specee_aoti::fused_linear", _aoti_fused_linear, mutates_args=())
 
 
 _WORKSPACES: dict = {}
