@@ -309,7 +309,7 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     for ids in PROMPTS:
         ref = python_run(model, None, None, dense, ids)
         got = run_runner(out, ids, dense)
-        assert got["cuda_graphs"] is True and got["capture_s"] > 0
+        assert got["cuda_graphs"] is True and got["capture_s"] > 0 and got["one_row_package"] is True
         assert got["token_ids"] == ref.token_ids, ids
         assert run_runner(out, ids, dense, extra=("--no-cuda-graphs",))["token_ids"] == ref.token_ids
         short = run_runner(out, ids, dense, extra=("--max-new-tokens", "5"))

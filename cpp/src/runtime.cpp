@@ -560,6 +560,7 @@ struct Runtime::Impl {
     res = Result();
     res.capture_s = capture_s;
     res.cuda_graphs = graph_decoding();
+    res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
     res.exit_points_dropped = dropped_points;
     res.step_costs = costs_source;
@@ -999,7 +1000,8 @@ std::string Result::to_json() const {
     << ", \"layer_passes\": " << layer_passes << ", \"layer_rows\": " << layer_rows
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
     << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
-    << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false");
+    << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
+    << ", \"one_row_package\": " << (one_row_package ? "true" : "false");
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);
