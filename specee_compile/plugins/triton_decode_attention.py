@@ -182,7 +182,7 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
     S = k.shape[1]
     wrap_triton(_aoti_attn_split_kernel)[(H, MAX_SPLITS)](
-        q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, pos, ws,
+        q, k, v, valid, pos, ws,  # bool as it is (Inductor cannot lower a bool -> uint8 view)
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, MAX_SPLITS=MAX_SPLITS, NB=splits_for(_upper(S))[1],
         num_warps=NUM_WARPS,
