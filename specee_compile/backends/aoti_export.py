@@ -165,17 +165,27 @@ def one_row_fused(spec, device: torch.device) -> tuple[str, ...]:
     return tuple(f for f in CUDA_FUSED if f != "attn" or hd & (hd - 1) == 0)
 
 
-def _tune_one_row(spec, fused, args) -> None:
-    """Run the Python step's fused layer once on real tensors: the GEMV autotuner picks each shape's config,
-    which the twins read while the package is traced (`triton_gemv.PICKED`)."""
-    from ..ops import register_cuda_kernels
+def _tune_one_row(spec, fused, layer_w) -> None:
+    """Pick the GEMV twins' configs on real tensors of the layer's four shapes (`triton_gemv.tune_for_aoti`);
+    the twins read them while the package is traced."""
+    from ..plugins.triton_gemv import tune_for_aoti
 
-    register_cuda_kernels()
-    h, pos, keys, valid, cos, sin, kc, vc, *w = (a.clone() for a in args)  # the cache views are written
-    ln1, wqkv, *rest = w
-    bqkv = rest.pop(0) if len(rest) == 5 else None
+    ln1, wqkv, *rest = layer_w
+    wo, ln2, wgu, wd = rest[-4:]
+    dev, dt, D = wqkv.device, wqkv.dtype, spec.hidden
+
+    def x(n):
+        return torch.randn(1, 1, n, device=dev).to(dt)
+
     with torch.no_grad():
-        make_layer_fn(spec, fused=fused)(h, pos, valid, cos, sin, kc, vc, keys.shape[0], ln1, wqkv, bqkv, *rest)
+        if "qkv" in fused:
+            tune_for_aoti(x(D), wqkv, None, ln1, spec.eps, "rmsnorm" if ln1 is not None else "none")
+        if "o" in fused:
+            tune_for_aoti(x(wo.shape[1]), wo, x(D))
+        if "gate_up" in fused:
+            tune_for_aoti(x(D), wgu, None, ln2, spec.eps, "rmsnorm")
+        if "down" in fused:
+            tune_for_aoti(x(2 * wd.shape[1]), wd, x(D), None, 0.0, "silu_mul")
     torch.cuda.synchronize()
 
 
@@ -245,7 +255,7 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
     fused1 = one_row_fused(spec, dev)
     if fused1:
         row_args = (ex(1, 1, D), torch.tensor([5], device=dev)) + layer_args[2:]
-        _tune_one_row(spec, fused1, row_args)
+        _tune_one_row(spec, fused1, lw)
         ds1 = (None, None, {0: S}) + (None,) * 5 + ((None,) * len(lw),)
         times["layer1"] = _compile(LayerFn(spec, has_bias, fused1, ops="specee_aoti"), row_args, ds1,
                                    out / "layer1.pt2", progress)

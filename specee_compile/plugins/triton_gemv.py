@@ -136,6 +136,10 @@ if HAVE_TRITON:
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
     _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
+    # whole-K configs only: the AOTI twin's choice where the Python step picked split-K (a package cannot
+    # use the split-K scratch: Inductor mistypes it, "fp32 ... redefines it as fp64", torch 2.11)
+    _gemv_whole_k = triton.autotune(configs=[c for c in _configs() if c.kwargs["SPLIT"] == 1],
+                                    key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
 
 
 def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
@@ -171,36 +175,59 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     best = getattr(_gemv_tuned, "best_config", None)
     if best is not None:
         TUNED.setdefault((N, K, prologue), str(best))
-        PICKED[(N, K, pro)] = (best.kwargs["BLOCK_N"], best.kwargs["BLOCK_K"], best.kwargs["SPLIT"], best.num_warps,
-                               best.num_stages)
+        PICKED[(N, K, pro)] = _as_tuple(best)
     return y
 
 
 PICKED: dict = {}  # (N, K, PRO) -> the config tuple this process's autotuner picked (read by the AOTI twin)
+WHOLE_K: dict = {}  # (N, K, PRO) -> the best whole-K config, for shapes where PICKED is split-K
 AOTI_DEFAULT = (4, 1024, 1, 4, 1)  # a shape the autotuner never saw (the export tunes every shape first)
+
+
+def _as_tuple(c) -> tuple:
+    return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT"], c.num_warps, c.num_stages
+
+
+def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none") -> tuple:
+    """Pick the twin's config for this shape on real tensors: the Python op's own pick where it is whole-K
+    (the package then computes the Python step's bits), else the fastest whole-K config."""
+    triton_fused_linear(x, w, res, norm_w, eps, prologue)
+    pro = PROLOGUES[prologue]
+    N, K = w.shape
+    key = (N, K, pro)
+    if PICKED.get(key, AOTI_DEFAULT)[2] > 1:
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+        _gemv_whole_k[lambda m: (triton.cdiv(N, m["BLOCK_N"]), 1)](
+            x.contiguous(), w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y,
+            y, y, y, N, float(eps), K=K, PRO=pro, HAS_RES=res is not None)
+        WHOLE_K[key] = _as_tuple(_gemv_whole_k.best_config)
+    return _aoti_config(key)
+
+
+def _aoti_config(key) -> tuple:
+    fixed = _fixed_config()
+    if fixed is not None and fixed[2] == 1:
+        return fixed
+    picked = PICKED.get(key, AOTI_DEFAULT)
+    return picked if picked[2] == 1 else WHOLE_K.get(key, AOTI_DEFAULT)
 
 
 def _aoti_fused_linear(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None,
                        norm_w: torch.Tensor | None = None, eps: float = 0.0, prologue: str = "none") -> torch.Tensor:
-    """`specee_aoti::fused_linear`: the one-row kernel for AOTInductor packages, with the config this
-    process's autotuner picked for the shape (so the package computes what the Python step computes);
-    split-K takes zeroed scratch per call (a package keeps no state)."""
+    """`specee_aoti::fused_linear`: the one-row kernel for AOTInductor packages, whole-K, with the config
+    `tune_for_aoti` picked for the shape (the Python op's own where that is whole-K: the same bits)."""
     pro = PROLOGUES[prologue]
     N, K = w.shape
     if x.numel() != (2 * K if pro == 2 else K):
         raise ValueError(f"specee_aoti::fused_linear: one row of {2 * K if pro == 2 else K} features, got "
                          f"x {tuple(x.shape)}")
-    bn, bk, sp, nwarps, ns = _fixed_config() or PICKED.get((N, K, pro), AOTI_DEFAULT)
+    bn, bk, _, nwarps, ns = _aoti_config((N, K, pro))
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    if sp > 1:
-        ws = (torch.zeros(N, dtype=torch.float32, device=x.device), torch.zeros(N, dtype=torch.float32, device=x.device),
-              torch.zeros(N, dtype=torch.int32, device=x.device))
-    else:  # never touched without split-K
-        ws = (y, y, y)
-    wrap_triton(_gemv_kernel)[(triton.cdiv(N, bn), sp)](
-        x, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, *ws, N, float(eps),
-        K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps, num_stages=ns)
+    wrap_triton(_gemv_kernel)[(triton.cdiv(N, bn), 1)](  # the split-K scratch pointers are never touched
+        x, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, y, y, y, N,
+        float(eps), K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=1, num_warps=nwarps,
+        num_stages=ns)
     return y
 
 
