@@ -129,8 +129,8 @@ if HAVE_TRITON:
                     tl.store(ss_ptr + pid, 0.0)
                 tl.store(cnt_ptr + pid, 0)
         if last:
-            if PRO == 1:
-                y = y / tl.sqrt(ss / K + eps)
+            if PRO == 1:  # eps as fp32 (an AOTI package passes float arguments as fp64)
+                y = y / tl.sqrt(ss / K + eps.to(tl.float32))
             if HAS_RES:
                 y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
