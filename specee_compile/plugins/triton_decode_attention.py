@@ -43,7 +43,7 @@ if HAVE_TRITON:
         # iterations: blocks b >= per are masked, which leaves (m, l, acc) bit-equal (alpha = 1, p = 0)
         kvh = h // REP
         d = tl.arange(0, HD)
-        q = tl.load(q_ptr + h * HD + d).to(tl.float32) * sm_scale.to(tl.float32)  # AOTI passes floats as fp64
+        q = tl.load(q_ptr + h * HD + d).to(tl.float32) * tl.cast(sm_scale, tl.float32)  # AOTI passes floats as fp64
         pos = tl.load(pos_ptr)
         m = tl.full([], -float("inf"), tl.float32)
         l_sum = tl.zeros([], dtype=tl.float32)

@@ -130,7 +130,7 @@ if HAVE_TRITON:
                 tl.store(cnt_ptr + pid, 0)
         if last:
             if PRO == 1:  # eps as fp32 (an AOTI package passes float arguments as fp64)
-                y = y / tl.sqrt(ss / K + eps.to(tl.float32))
+                y = y / tl.sqrt(ss / K + tl.cast(eps, tl.float32))
             if HAS_RES:
                 y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
