@@ -304,7 +304,7 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     export_aoti_dir(model, None, out, Settings(max_context=MAX_CONTEXT, device="cuda"), None, model_name="tiny",
                     eos_ids=(), device="cuda")  # moves the model to the GPU
     # the decode step's one-row package embeds the Python CUDA step's Triton kernels (triton_op twins)
-    assert read_manifest(out)["info"]["cpp"]["packages"]["layer1"] == "layer1.pt2"
+    assert read_manifest(out)["cpp"]["packages"]["layer1"] == "layer1.pt2"
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
         ref = python_run(model, None, None, dense, ids)

@@ -20,6 +20,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -190,7 +191,9 @@ struct Runtime::Impl {
   // launched before step t's token reaches the host (a pinned two-slot ring + one event per slot).
   struct StepGraphs {
     at::Tensor tok, pos, out, sel0, ring;  // device int64 [1] x 3, device {0}, pinned host int64 [2]
-    std::map<int, std::unique_ptr<at::cuda::CUDAGraph>> by_len;
+    // two instances per length, replayed alternately: a graph's launch is ordered behind that executable's
+    // previous launch, so with one instance step t+1's launch waited for step t (the Python step's finding)
+    std::map<int, std::array<std::unique_ptr<at::cuda::CUDAGraph>, 2>> by_len;
     std::optional<c10::cuda::CUDAStream> stream;
     at::cuda::CUDAEvent ev[2];
   };
@@ -653,14 +656,16 @@ struct Runtime::Impl {
       g.pos.fill_(S - 1);  // a position inside this length; start() clears `valid` afterwards
       dense_body(S);       // warm-up, outside the capture
       g.stream->synchronize();
-      g.pos.fill_(S - 1);
-      auto graph = std::make_unique<at::cuda::CUDAGraph>();
-      graph->capture_begin(pool, cudaStreamCaptureModeRelaxed);
-      dense_body(S);
-      graph->capture_end();
-      pool = graph->pool();
-      graph->replay();  // the first launch uploads the graph: not on a token's time
-      g.by_len.emplace(S, std::move(graph));
+      auto& pair = g.by_len[S];
+      for (auto& graph : pair) {
+        g.pos.fill_(S - 1);
+        graph = std::make_unique<at::cuda::CUDAGraph>();
+        graph->capture_begin(pool, cudaStreamCaptureModeRelaxed);
+        dense_body(S);
+        graph->capture_end();
+        pool = graph->pool();
+        graph->replay();  // the first launch uploads the graph: not on a token's time
+      }
     }
     g.stream->synchronize();
     capture_s = seconds_since(t0);
@@ -677,7 +682,7 @@ struct Runtime::Impl {
     int64_t launched = 0, taken = 0;
     const int64_t* ring = g.ring.data_ptr<int64_t>();
     auto launch = [&] {
-      g.by_len.at(attn_len(p0 + launched))->replay();
+      g.by_len.at(attn_len(p0 + launched))[size_t(launched % 2)]->replay();
       const int slot = int(launched % 2);
       g.ring.select(0, slot).copy_(g.out.select(0, 0), /*non_blocking=*/true);
       g.ev[slot].record(*g.stream);
