@@ -136,8 +136,8 @@ if HAVE_TRITON:
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
     _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
-    # whole-K configs only: the AOTI twin's choice where the Python step picked split-K (a package cannot
-    # use the split-K scratch: Inductor mistypes it, "fp32 ... redefines it as fp64", torch 2.11)
+    # whole-K configs only: the AOTI twin's choice where the Python step picked split-K (a package keeps no
+    # state, so split-K would need its scratch zeroed on every call: extra launches in a launch-bound step)
     _gemv_whole_k = triton.autotune(configs=[c for c in _configs() if c.kwargs["SPLIT"] == 1],
                                     key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
 
