@@ -449,6 +449,10 @@ def test_fixed_tree_program_follows_an_acceptance_trace():
     res = dec.generate(PROMPT)
     assert dec.tree.accepted_log[:8] == [3, 5, 1, 4, 3, 5, 1, 4]
     assert len(res.token_ids) == 60
+    # the next call goes on where this one stopped in the trace (a trace of many prompts is replayed whole)
+    steps = res.verify_steps
+    dec.generate(PROMPT)
+    assert dec.tree.accepted_log[:4] == [[3, 5, 1, 4][(steps + i) % 4] for i in range(4)]
     with pytest.raises(SpecEEError, match="acceptance trace needs the fixed tree program"):
         s2 = s.replace(tree_program="host")
         Decoder(make_segments(model, s2), s2, draft=eagle_tree(model), accept=trace_accepts([2]))

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -349,7 +350,11 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):
         with open(args.accept_trace) as f:
-            traces["tree_smollm2trace"] = [int(x) for x in json.load(f)]
+            trace = [int(x) for x in json.load(f)]
+        # recorded prompt after prompt, and a run replays a prefix of it (a few hundred tokens): shuffled
+        # (seed 0), every prefix follows the whole trace's distribution, not its first prompts'
+        random.Random(0).shuffle(trace)
+        traces["tree_smollm2trace"] = trace
     for name, trace in traces.items():
         log(f"== {name}: tree verification, acceptance trace mean {sum(trace) / len(trace):.2f}")
         # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)

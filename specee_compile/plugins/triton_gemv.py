@@ -28,7 +28,8 @@ caller (warm-up runs); `TUNED` holds what was picked, for the benchmark record.
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
 `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python custom op
-it cannot call), launched with the config the autotuner picked for its shape in the exporting process.
+it cannot call), launched whole-K with the config `tune_for_aoti` picked for its shape in the exporting
+process (the Python op's own pick where that is whole-K, so the package computes the same bits).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ GREEDY_ACCEPT = AcceptPolicy("greedy")
 
 
 def trace_accepts(trace) -> AcceptPolicy:
-    """TraceAccepts: verify step n emits trace[n] tokens (bonus included; the trace repeats)."""
+    """TraceAccepts: verify step n emits trace[n] tokens (bonus included; the trace repeats). n counts the
+    decoder's verify steps across generate calls (`TreeStep.trace_steps`)."""
     if not trace or min(trace) < 1:
         raise ValueError("an acceptance trace needs lengths >= 1 (the bonus token is always emitted)")
     return AcceptPolicy("trace", trace=tuple(int(t) for t in trace))

@@ -81,6 +81,9 @@ class TreeStep:
         self.budget, self.depth, self.topk = s.tree_shape()
         self._layer = self._make_layer(seg)
         self.accepted_log: list[int] = []
+        # an acceptance trace's cursor: verify steps over this decoder's life, not per generation, so that a
+        # trace recorded over many prompts is replayed whole (not its first prompt's steps on every call)
+        self.trace_steps = 0
         self.fixed = self._fixed_program(dec)
         self._fixed_on = False  # this generation runs the fixed program (set in prepare)
         if self.fixed is not None and s.specee:
@@ -262,7 +265,8 @@ class TreeStep:
         p = len(dec.seq) - 1
         if res.verify_steps == 0:  # the first step of this generation: the root's draft state
             f.begin(dec.seq)
-        emitted = f.run(p, dec.accept.forced_tokens(res.verify_steps))
+        emitted = f.run(p, dec.accept.forced_tokens(self.trace_steps))
+        self.trace_steps += 1
         res.layer_passes += dec.L
         res.layer_rows += dec.L * f.q
         res.decode_steps += 1
