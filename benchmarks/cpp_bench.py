@@ -103,15 +103,18 @@ def main(argv=None) -> int:
             raw.append({"mode": mode, "prompt": prompt, "python": ref.stats(), "cpp": got,
                         **({"cpp_no_graphs": nog} if cuda else {})})
         py, cc = statistics.mean(py_tps), statistics.mean(cc_tps)
-        nog_col = f" {statistics.mean(nog_tps):.1f} |" if cuda else ""
+        # the captured step's own device time against the loop's time per token (what the loop adds)
+        step_us = statistics.mean(r["cpp"].get("graph_step_us", 0.0) for r in raw if r["mode"] == mode)
+        nog_col = f" {statistics.mean(nog_tps):.1f} | {step_us:.0f} / {1e6 / cc:.0f} |" if cuda else ""
         rows.append(f"| {mode} | {statistics.mean(layers):.2f} | {py:.1f} | {cc:.1f} |{nog_col} {cc / py:.2f}x | "
                     f"{same}/{len(PROMPTS)} |")
     print(f"\n{a.model}, device {a.device}, {a.threads} thread(s), Python backend {a.py_backend}, "
           f"max_new_tokens {a.max_new_tokens}, {len(PROMPTS)} prompts, commit {commit}\n")
     cuda = a.device.startswith("cuda")
-    print("| mode | avg layers | Python decode tok/s | C++ decode tok/s |" + (" C++ without graphs |" if cuda else "")
+    print("| mode | avg layers | Python decode tok/s | C++ decode tok/s |"
+          + (" C++ without graphs | C++ graph step / loop, us per token |" if cuda else "")
           + " C++/Python | identical ids + exits |")
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
     print("\n".join(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")

@@ -184,7 +184,7 @@ struct Runtime::Impl {
   std::vector<int64_t> d_extra_ids, d_extra_first;
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
-  double capture_s = 0;
+  double capture_s = 0, graph_step_us = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -562,6 +562,7 @@ struct Runtime::Impl {
     valid.zero_();
     res = Result();
     res.capture_s = capture_s;
+    res.graph_step_us = graph_step_us;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -669,6 +670,25 @@ struct Runtime::Impl {
     }
     g.stream->synchronize();
     capture_s = seconds_since(t0);
+    time_graph_step();
+  }
+
+  // One dense step's own device time: replays of the first length's graph back to back (positions 0..n-1 of
+  // that length; start() clears what they write). Against 1 / decode tok/s it splits the loop's per-token
+  // time into the step's kernels and what the loop adds (launch ordering, the token's read).
+  void time_graph_step() {
+    auto& g = *graphs;
+    auto& pair = g.by_len.begin()->second;
+    const int n = std::min(16, g.by_len.begin()->first - 1);
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    g.pos.fill_(0);
+    pair[0]->replay();  // warm
+    g.pos.fill_(0);
+    a.record(*g.stream);
+    for (int i = 0; i < n; ++i) pair[size_t(i % 2)]->replay();
+    b.record(*g.stream);
+    b.synchronize();
+    graph_step_us = 1000.0 * double(a.elapsed_time(b)) / n;
   }
 
   // One replay per token, run ahead by one: step t+1 is launched before step t's token is read. A step
@@ -1006,7 +1026,7 @@ std::string Result::to_json() const {
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
     << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
-    << ", \"one_row_package\": " << (one_row_package ? "true" : "false");
+    << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);
