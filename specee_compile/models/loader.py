@@ -324,21 +324,6 @@ def _set_padding(model: Any, tokenizer: Any) -> None:
     gen.pad_token_id = pad
 
 
-def _own_aligned_memory(model) -> None:
-    """CPU weights that start off a 64-byte boundary get a copy of their own (tied ones stay tied).
-
-    transformers maps model.safetensors and hands out tensors at the file's offsets (8-byte aligned after
-    the header): SmolLM2's LM head GEMV took 5.1 ms per row from there, 3.1 ms from a copy (MKL, 2 cores).
-    """
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None and p.device.type == "cpu" and p.data_ptr() % 64:
-                p.data = p.data.clone()  # a tied parameter is one object: the second visit sees it aligned
-        for name, b in module._buffers.items():
-            if b is not None and b.device.type == "cpu" and b.data_ptr() % 64:
-                module._buffers[name] = b.clone()
-
-
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                ) -> LoadedModel:
     """Load a supported decoder LLM + tokenizer, frozen and in eval mode, with its fingerprint.
@@ -372,7 +357,6 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                             f"({_first_line(e)}); download or convert the model again") from None
     model = model.to(device).eval()
     model.requires_grad_(False)
-    _own_aligned_memory(model)
     _set_padding(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=source.name, config=model.config,
                        fingerprint=model_fingerprint(model))
