@@ -99,6 +99,7 @@ def extract_weights(model, max_len: int) -> ModelWeights:
     inner = model.model
     layers = [fuse_layer(layer.self_attn, layer.mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
               for layer in inner.layers]
+    _own_aligned(model.lm_head)  # a tied embedding is the same Parameter: it follows
     dev = inner.embed_tokens.weight.device
     positions = torch.arange(max_len, device=dev)[None]
     probe = torch.zeros(1, device=dev, dtype=inner.embed_tokens.weight.dtype)
@@ -124,10 +125,22 @@ def fuse_layer(attn, mlp, ln1: torch.Tensor | None, ln2: torch.Tensor) -> LayerW
     if attn.q_proj.bias is not None:
         bqkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0).contiguous()
     wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).contiguous()
+    _own_aligned(attn.o_proj)
+    _own_aligned(mlp.down_proj)
     _repoint(attn.q_proj, attn.k_proj, attn.v_proj, wqkv, bqkv)
     _repoint(mlp.gate_proj, mlp.up_proj, None, wgu, None)
     return LayerWeights(ln1=ln1, wqkv=wqkv, bqkv=bqkv, wo=attn.o_proj.weight, ln2=ln2, wgu=wgu,
                         wd=mlp.down_proj.weight)
+
+
+def _own_aligned(linear) -> None:
+    """A CPU weight that starts off a 64-byte boundary gets a copy of its own, in place of the module's
+    (one copy in memory). transformers maps model.safetensors and hands out tensors at the file's offsets
+    (8-byte aligned): SmolLM2's LM head GEMV took 5.1 ms per row from there, 3.1 ms from a copy (MKL, 2
+    cores). The fused q/k/v and gate/up weights are new tensors already."""
+    w = linear.weight
+    if w.device.type == "cpu" and w.data_ptr() % 64:
+        w.data = w.data.clone()  # the Parameter object stays (a tied embedding shares it)
 
 
 def _repoint(a, b, c, fused_w, fused_b):
