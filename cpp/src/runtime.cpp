@@ -679,7 +679,7 @@ struct Runtime::Impl {
   void time_graph_step() {
     auto& g = *graphs;
     auto& pair = g.by_len.begin()->second;
-    const int n = std::min(16, g.by_len.begin()->first - 1);
+    const int n = std::max(1, std::min(16, g.by_len.begin()->first - 1));
     at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
     g.pos.fill_(0);
     pair[0]->replay();  // warm
