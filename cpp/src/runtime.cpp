@@ -669,8 +669,8 @@ struct Runtime::Impl {
       }
     }
     g.stream->synchronize();
-    capture_s = seconds_since(t0);
     time_graph_step();
+    capture_s = seconds_since(t0);
   }
 
   // One dense step's own device time: replays of the first length's graph back to back (positions 0..n-1 of

@@ -259,13 +259,11 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
         ds1 = (None, None, {0: S}) + (None,) * 5 + ((None,) * len(lw),)
         times["layer1"] = _compile(LayerFn(spec, has_bias, fused1, ops="specee_aoti"), row_args, ds1,
                                    out / "layer1.pt2", progress)
+        info["layer1_fused"] = list(fused1)
     # ---- head
     head_args = (ex(1, 3, D), torch.tensor([1, 2], device=dev), w.norm, w.head)
     times["head"] = _compile(HeadFn(spec), head_args, ({1: q}, {0: n}, None, None), out / "head.pt2", progress)
-    info["packages"] = {"layer": "layer.pt2", "head": "head.pt2"}
-    if fused1:
-        info["packages"]["layer1"] = "layer1.pt2"
-        info["layer1_fused"] = list(fused1)
+    info["packages"] = {"layer": "layer.pt2", "head": "head.pt2", **({"layer1": "layer1.pt2"} if fused1 else {})}
 
     if program is not None:
         P = program.predictors
