@@ -147,6 +147,7 @@ struct Runtime::Impl {
   std::set<int64_t> eos;
   // weights (on dev)
   at::Tensor embed, norm, head, cos, sin, keys;
+  at::Tensor attn_cnt;  // layer1's fused attention: per-head arrival counters (int32 [H], zero between calls)
   std::vector<std::vector<at::Tensor>> layer_w;
   at::Tensor pw1, pb1, pw2, pb2;
   std::vector<at::Tensor> draft_w;
@@ -257,6 +258,8 @@ struct Runtime::Impl {
     Vc = at::zeros({L, Hkv, T, hd}, f);
     valid = row_aligned(at::zeros({L, T}, at::TensorOptions().dtype(at::kBool).device(dev)));  // the layer writes it
     keys = at::arange(max_len, at::TensorOptions().dtype(at::kLong).device(dev));
+    if (layer1_pkg.loader && cpp->has("layer1_attn_counters") && cpp->at("layer1_attn_counters").b)
+      attn_cnt = at::zeros({cpp->at("num_heads").integer()}, at::TensorOptions().dtype(at::kInt).device(dev));
   }
 
   void verify_files(const json::Value& files, const json::Value& cpp) {
@@ -408,9 +411,11 @@ struct Runtime::Impl {
   at::Tensor embed_ids(const std::vector<int64_t>& ids) { return embed.index_select(0, ids_tensor(ids)).unsqueeze(0); }
 
   at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
+    const bool one_row = h.size(1) == 1 && layer1_pkg.loader;
     std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
+    if (one_row && attn_cnt.defined()) in.push_back(attn_cnt);
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
-    return (h.size(1) == 1 && layer1_pkg.loader ? layer1_pkg : layer_pkg).run(in)[0];
+    return (one_row ? layer1_pkg : layer_pkg).run(in)[0];
   }
   // -> (hn [1, q, D], logits [1, n, V] of the rows `sel`)
   std::pair<at::Tensor, at::Tensor> head_fn(const at::Tensor& h, const std::vector<int64_t>& sel) {
@@ -628,9 +633,8 @@ struct Runtime::Impl {
     at::Tensor h = embed.index_select(0, g.tok).unsqueeze(0);
     for (int i = 0; i < L; ++i) h = layer(i, h, g.pos, S);
     auto o = head_pkg.run({h.contiguous(), g.sel0, norm, head});
-    const at::Tensor t = o[1].reshape({-1}).argmax().reshape({1});
-    g.out.copy_(t);
-    g.tok.copy_(t);
+    at::argmax_out(g.out, o[1].reshape({-1}), 0, /*keepdim=*/true);
+    g.tok.copy_(g.out);
     g.pos.add_(1);
   }
 

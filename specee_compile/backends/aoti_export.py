@@ -13,7 +13,9 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
                      contract of `model_step`); `keys` only carries the attended length S.
     layer1.pt2       (CUDA) the same for one row (the decode step), with the Python CUDA step's fused Triton
                      kernels embedded (`specee_aoti::fused_linear` / `decode_attention`, triton_op twins of
-                     the Python custom ops, which a package cannot call); the runner uses it for q = 1
+                     the Python custom ops, which a package cannot call); the runner uses it for q = 1.
+                     With the fused attention (`layer1_attn_counters`) an int32 [H] input follows v_cache:
+                     the attention kernel's per-head arrival counters, zero between calls
     head.pt2         (h [1,q,D], sel [n], norm_w, head_w) -> (hn [1,q,D], logits [1,n,V]):
                      final norm of every row, full LM head of the rows `sel`
     exit_score.pt2   (h [1,1,D], norm_w, rows [k,D], p_prev [k], w1, b1, w2, b2) -> (score [1],
@@ -56,10 +58,23 @@ class LayerFn(torch.nn.Module):
         self.has_bias = has_bias
 
     def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, *w):
+        return self._run(h, pos, keys, valid, cos, sin, k_cache, v_cache, w)
+
+    def _run(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, w, counters=None):
         ln1, wqkv, *rest = w
         bqkv = rest.pop(0) if self.has_bias else None
         wo, ln2, wgu, wd = rest
-        return self.fn(h, pos, valid, cos, sin, k_cache, v_cache, keys.shape[0], ln1, wqkv, bqkv, wo, ln2, wgu, wd)
+        return self.fn(h, pos, valid, cos, sin, k_cache, v_cache, keys.shape[0], ln1, wqkv, bqkv, wo, ln2, wgu, wd,
+                       counters=counters)
+
+
+class RowLayerFn(LayerFn):
+    """`layer1.pt2` with the fused attention: the attention kernel's arrival counters (int32 [H], zero
+    between calls) come in after v_cache, since a package owns no state (the runner keeps one, shared by
+    every layer: their calls run one after another on one stream)."""
+
+    def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, counters, *w):
+        return self._run(h, pos, keys, valid, cos, sin, k_cache, v_cache, w, counters)
 
 
 class HeadFn(torch.nn.Module):
@@ -255,11 +270,15 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
     fused1 = one_row_fused(spec, dev)
     if fused1:
         row_args = (ex(1, 1, D), torch.tensor([5], device=dev)) + layer_args[2:]
+        counters = "attn" in fused1
+        if counters:
+            row_args = row_args[:8] + (torch.zeros(spec.num_heads, dtype=torch.int32, device=dev),) + row_args[8:]
         _tune_one_row(spec, fused1, lw)
-        ds1 = (None, None, {0: S}) + (None,) * 5 + ((None,) * len(lw),)
-        times["layer1"] = _compile(LayerFn(spec, has_bias, fused1, ops="specee_aoti"), row_args, ds1,
-                                   out / "layer1.pt2", progress)
+        ds1 = (None, None, {0: S}) + (None,) * (6 if counters else 5) + ((None,) * len(lw),)
+        times["layer1"] = _compile((RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti"),
+                                   row_args, ds1, out / "layer1.pt2", progress)
         info["layer1_fused"] = list(fused1)
+        info["layer1_attn_counters"] = counters  # the runner passes its int32 [H] counters after v_cache
     # ---- head
     head_args = (ex(1, 3, D), torch.tensor([1, 2], device=dev), w.norm, w.head)
     times["head"] = _compile(HeadFn(spec), head_args, ({1: q}, {0: n}, None, None), out / "head.pt2", progress)

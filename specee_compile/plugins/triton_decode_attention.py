@@ -15,7 +15,8 @@ fp32 math; scale 1/sqrt(hd) as SDPA's default. Rows q > 1 (prefill, pending rows
 
 `specee_aoti::decode_attention` is the same kernel for AOTInductor packages (the C++ runner's one-row
 layer, `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python
-custom op it cannot call). It runs the split and the merge as two launches, so it keeps no state.
+custom op it cannot call). One launch, as the Python kernel: the arrival counters, which a package
+cannot own, are the caller's (an int32 [H] input, zero between calls; the kernel leaves it zero).
 """
 
 from __future__ import annotations
@@ -99,23 +100,24 @@ if HAVE_TRITON:
             _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
             tl.store(cnt_ptr + h, 0)
 
-    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge as two launches, so
-    # it needs no counters kept zero between calls (an AOTI package owns no state): a fixed grid of
-    # MAX_SPLITS splits per head (the attended length S is dynamic in the package), `per` blocks per split
-    # computed from S as `splits_for` computes them, NB the most any S of the package needs
+    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge in one launch, on a
+    # fixed grid of MAX_SPLITS splits per head (the attended length S is dynamic in the package), `per`
+    # blocks per split computed from S as `splits_for` computes them, NB the most any S of the package
+    # needs. A split past S writes weight 0, so merging all MAX_SPLITS slots gives the kernel's bits.
     @triton.jit
-    def _aoti_attn_split_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr,
+    def _aoti_attn_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
         S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
         HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS: tl.constexpr, NB: tl.constexpr,
     ):
+        h = tl.program_id(0)
         per = tl.cdiv(tl.cdiv(S, BLOCK_S), MAX_SPLITS)
-        _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, tl.program_id(0), tl.program_id(1), S, per,
+        _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, tl.program_id(1), S, per,
                     sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS, NB)
-
-    @triton.jit
-    def _aoti_attn_merge_kernel(ws_ptr, o_ptr, HD: tl.constexpr, MAX_SPLITS: tl.constexpr):
-        _attn_merge(ws_ptr, o_ptr, tl.program_id(0), MAX_SPLITS, HD, MAX_SPLITS)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == MAX_SPLITS - 1:  # last split of head h: merge
+            _attn_merge(ws_ptr, o_ptr, h, MAX_SPLITS, HD, MAX_SPLITS)
+            tl.store(cnt_ptr + h, 0)
 
 
 _WORKSPACES: dict = {}
@@ -170,31 +172,34 @@ def _upper(n) -> int:
 
 
 def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                    pos: torch.Tensor) -> torch.Tensor:
+                    pos: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """`specee_aoti::decode_attention`: one query row (the decode step of an AOTI layer package); the same
-    numbers as `triton_decode_attention` (the same splits, the same merge order)."""
+    numbers as `triton_decode_attention` (the same splits, the same merge order). counters: int32 [H],
+    zero on entry, zero again on return (the last split of a head resets its counter)."""
     H, rows, hd = q.shape
     Hkv = k.shape[0]
     if rows != 1 or hd != triton.next_power_of_2(hd) or H % Hkv:
         raise ValueError(f"specee_aoti::decode_attention: one row and a power-of-two head_dim, got q {tuple(q.shape)}")
+    if counters.dtype != torch.int32 or tuple(counters.shape) != (H,):
+        raise ValueError(f"specee_aoti::decode_attention: counters must be int32 [{H}], got "
+                         f"{counters.dtype} {tuple(counters.shape)}")
     q = q.contiguous()
     o = torch.empty_like(q)
     ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
     S = k.shape[1]
-    wrap_triton(_aoti_attn_split_kernel)[(H, MAX_SPLITS)](
-        q, k, v, valid, pos, ws,  # bool as it is (Inductor cannot lower a bool -> uint8 view)
+    wrap_triton(_aoti_attn_kernel)[(H, MAX_SPLITS)](
+        q, k, v, valid, pos, o, ws, counters,  # bool as it is (Inductor cannot lower a bool -> uint8 view)
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, MAX_SPLITS=MAX_SPLITS, NB=splits_for(_upper(S))[1],
         num_warps=NUM_WARPS,
     )
-    wrap_triton(_aoti_attn_merge_kernel)[(H,)](ws, o, HD=hd, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS)
     return o
 
 
 if HAVE_TRITON:
     from torch.library import triton_op, wrap_triton
 
-    aoti_decode_attention = triton_op("specee_aoti::decode_attention", _aoti_attention, mutates_args=())
+    aoti_decode_attention = triton_op("specee_aoti::decode_attention", _aoti_attention, mutates_args={"counters"})
 
 
 def register_cuda_impl() -> bool:
