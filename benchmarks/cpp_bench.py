@@ -54,9 +54,6 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--commit", help="the commit to record (default: git HEAD)")
-    ap.add_argument("--profile", action="store_true",
-                    help="CUDA: also list one dense step's kernels, Python (its compiled layer, no graphs) vs the "
-                         "C++ runner's packages (loaded here), with device us per step")
     ap.add_argument("--artifacts", help="SpecEE artifacts (default: the model's shipped ones; give them for a "
                                         "model loaded from a path, e.g. a .gguf of SmolLM2)")
     a = ap.parse_args(argv)
@@ -121,71 +118,7 @@ def main(argv=None) -> int:
     print("\n".join(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
-    if a.profile and cuda:
-        profile_kernels(loaded, directory, a)
     return 0
-
-
-def _kernels(run, steps: int) -> dict[str, tuple[float, float]]:
-    """{kernel: (launches per step, device us per step)} of `run()` (which runs `steps` steps) under torch.profiler."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return {e.key: (e.count / steps, e.self_device_time_total / steps) for e in prof.key_averages()
-            if e.device_type == DeviceType.CUDA and e.count}
-
-
-def profile_kernels(loaded, directory: Path, a) -> None:
-    """One dense step's kernels on both sides, at the third prompt's length. Python: `generate` of the
-    inductor backend without CUDA graphs (the same compiled layer; its prefill adds one step's worth of
-    launches over the N steps). C++: the runner's dense step (every layer through layer1.pt2, then
-    head.pt2 and the argmax) with its packages loaded in this process."""
-    import safetensors.torch
-
-    from specee_compile.artifacts import read_manifest
-
-    n = 32
-    ids = encode_prompt(loaded.tokenizer, PROMPTS[2])  # 63 tokens before its EOS (the records above)
-    s = Settings(max_new_tokens=n, max_context=a.max_context, device=a.device, backend="inductor", cuda_graphs=False)
-    dec = build_decoder(loaded, s)
-    steps = dec.generate(ids).decode_steps + 1  # + the prefill's launches
-    py = _kernels(lambda: dec.generate(ids), steps)
-    info = read_manifest(directory)["cpp"]
-    dev = torch.device(a.device)
-    W = safetensors.torch.load_file(str(directory / info["weights"]), device=str(dev))
-    layer1 = torch._inductor.aoti_load_package(str(directory / info["packages"]["layer1"]))
-    head = torch._inductor.aoti_load_package(str(directory / info["packages"]["head"]))
-    L, T, D, Hkv, hd = info["num_layers"], info["cache_len"], info["hidden"], info["num_kv_heads"], info["head_dim"]
-    S = 64 * (len(ids) // 64 + 1)
-    kc = torch.zeros(L, Hkv, T, hd, device=dev)
-    vc, valid = torch.zeros_like(kc), torch.zeros(L, T, dtype=torch.bool, device=dev)
-    valid[:, : len(ids)] = True
-    pos, keys, sel = torch.tensor([len(ids)], device=dev), torch.arange(S, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    cnt = [torch.zeros(info["num_heads"], dtype=torch.int32, device=dev)] if info.get("layer1_attn_counters") else []
-    lw = [[W[f"layers.{i}.{k}"] for k in ("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd") if f"layers.{i}.{k}" in W]
-          for i in range(L)]
-
-    tok = torch.tensor(ids[-1:], device=dev)
-
-    def step():
-        h = W["embed"].index_select(0, tok).view(1, 1, D)
-        for i in range(L):
-            h = layer1(h, pos, keys, valid[i], W["cos"], W["sin"], kc[i], vc[i], *cnt, *lw[i])
-        head(h, sel, W["norm"], W["head"])[1].reshape(-1).argmax()
-
-    step()
-    cc = _kernels(lambda: [step() for _ in range(n)], n)
-    print(f"\none dense step's kernels, S = {S} (Python: inductor, no graphs, {steps} steps with the "
-          "prefill; C++: the runner's packages)\n\n| kernel | Python launches | Python us | C++ launches | C++ us |\n|---|---|---|---|---|")
-    for k in sorted(set(py) | set(cc), key=lambda k: -max(py.get(k, (0, 0))[1], cc.get(k, (0, 0))[1])):
-        p_, c_ = py.get(k, (0, 0)), cc.get(k, (0, 0))
-        print(f"| {k[:70]} | {p_[0]:.1f} | {p_[1]:.1f} | {c_[0]:.1f} | {c_[1]:.1f} |")
-    tot = [sum(v[i] for v in d.values()) for d in (py, cc) for i in (0, 1)]
-    print(f"| total | {tot[0]:.1f} | {tot[1]:.1f} | {tot[2]:.1f} | {tot[3]:.1f} |")
 
 
 if __name__ == "__main__":

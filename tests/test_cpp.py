@@ -303,8 +303,11 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     out = tmp_path / "tiny-cuda-dense"
     export_aoti_dir(model, None, out, Settings(max_context=MAX_CONTEXT, device="cuda"), None, model_name="tiny",
                     eos_ids=(), device="cuda")  # moves the model to the GPU
-    # the decode step's one-row package embeds the Python CUDA step's Triton kernels (triton_op twins)
-    assert read_manifest(out)["cpp"]["packages"]["layer1"] == "layer1.pt2"
+    # the decode step's one-row package embeds the Python CUDA step's Triton kernels (triton_op twins); the
+    # one-row head is traced with static shapes, as the Python step compiles it
+    info = read_manifest(out)["cpp"]
+    assert info["packages"]["layer1"] == "layer1.pt2" and info["packages"]["head1"] == "head1.pt2"
+    assert info["layer1_attn_counters"] is True
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
         # the Python CUDA product (inductor: the same Triton kernels as layer1.pt2, so the same rounding)

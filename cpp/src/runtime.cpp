@@ -154,7 +154,8 @@ struct Runtime::Impl {
   at::Tensor vocab_ids, head_rows_static;
   std::vector<int64_t> vocab_ids_host;
   // packages
-  Package layer_pkg, layer1_pkg, head_pkg, exit_pkg, draft_pkg;  // layer1: one row, fused kernels (CUDA exports)
+  // layer1: one row, fused kernels; head1: one row, static shapes (CUDA exports)
+  Package layer_pkg, layer1_pkg, head_pkg, head1_pkg, exit_pkg, draft_pkg;
   // program
   std::vector<int> exit_layers;         // exit points < L-1
   std::map<int, double> thresholds;
@@ -397,6 +398,7 @@ struct Runtime::Impl {
     load_package(layer_pkg, c, "layer");
     if (c.at("packages").has("layer1")) load_package(layer1_pkg, c, "layer1");
     load_package(head_pkg, c, "head");
+    if (c.at("packages").has("head1")) load_package(head1_pkg, c, "head1");
     if (!specee) return;
     load_package(exit_pkg, c, "exit_score");
     load_package(draft_pkg, c, "draft");
@@ -419,7 +421,9 @@ struct Runtime::Impl {
   }
   // -> (hn [1, q, D], logits [1, n, V] of the rows `sel`)
   std::pair<at::Tensor, at::Tensor> head_fn(const at::Tensor& h, const std::vector<int64_t>& sel) {
-    auto out = head_pkg.run({h.contiguous(), ids_tensor(sel), norm, head});
+    auto out = h.size(1) == 1 && sel.size() == 1 && sel[0] == 0 && head1_pkg.loader
+                   ? head1_pkg.run({h.contiguous(), norm, head})
+                   : head_pkg.run({h.contiguous(), ids_tensor(sel), norm, head});
     return {out[0], out[1]};
   }
 
@@ -632,7 +636,8 @@ struct Runtime::Impl {
     auto& g = *graphs;
     at::Tensor h = embed.index_select(0, g.tok).unsqueeze(0);
     for (int i = 0; i < L; ++i) h = layer(i, h, g.pos, S);
-    auto o = head_pkg.run({h.contiguous(), g.sel0, norm, head});
+    auto o = head1_pkg.loader ? head1_pkg.run({h.contiguous(), norm, head})
+                              : head_pkg.run({h.contiguous(), g.sel0, norm, head});
     at::argmax_out(g.out, o[1].reshape({-1}), 0, /*keepdim=*/true);
     g.tok.copy_(g.out);
     g.pos.add_(1);

@@ -18,6 +18,7 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
                      the attention kernel's per-head arrival counters, zero between calls
     head.pt2         (h [1,q,D], sel [n], norm_w, head_w) -> (hn [1,q,D], logits [1,n,V]):
                      final norm of every row, full LM head of the rows `sel`
+    head1.pt2        (CUDA) the same for one row, static shapes: (h [1,1,D], norm_w, head_w) -> (hn, logits)
     exit_score.pt2   (h [1,1,D], norm_w, rows [k,D], p_prev [k], w1, b1, w2, b2) -> (score [1],
                      z [k], p [k], hn [D]): `specee::exit_score`'s reference + the normed state
     draft.pt2        EAGLE draft step (feats [T,D], next_ids [T], positions [T], past_k, past_v
@@ -86,6 +87,19 @@ class HeadFn(torch.nn.Module):
     def forward(self, h, sel, norm_w, head_w):
         _, logits = self.head(h[:, sel], norm_w, head_w)  # the eager head on the selected rows
         return rms_norm(h, norm_w, self.eps), logits
+
+
+class Head1Fn(torch.nn.Module):
+    """`head1.pt2` (CUDA): the head of one row, traced with static shapes as the Python CUDA step compiles it
+    (a row-count-dynamic matmul is a cuBLAS call: 43 us against Inductor's 29 us for SmolLM2's head on
+    the H200, `benchmarks/one_row_kernels.py`)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.head = make_head_fn(spec)
+
+    def forward(self, h, norm_w, head_w):
+        return self.head(h, norm_w, head_w)
 
 
 class ExitFn(torch.nn.Module):
@@ -283,6 +297,9 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
     head_args = (ex(1, 3, D), torch.tensor([1, 2], device=dev), w.norm, w.head)
     times["head"] = _compile(HeadFn(spec), head_args, ({1: q}, {0: n}, None, None), out / "head.pt2", progress)
     info["packages"] = {"layer": "layer.pt2", "head": "head.pt2", **({"layer1": "layer1.pt2"} if fused1 else {})}
+    if dev.type == "cuda":
+        times["head1"] = _compile(Head1Fn(spec), (ex(1, 1, D), w.norm, w.head), None, out / "head1.pt2", progress)
+        info["packages"]["head1"] = "head1.pt2"
 
     if program is not None:
         P = program.predictors

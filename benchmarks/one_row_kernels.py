@@ -1,0 +1,161 @@
+"""The one-row decode step's kernels, the Python CUDA step's vs the C++ runner's package (CUDA only).
+
+    PYTHONPATH=. python benchmarks/one_row_kernels.py [--shape smollm2] [--json F]
+
+Where a gap between the two decode steps (`cpp_bench.py --device cuda`: the runner's captured step vs
+the Python product's) lives, kernel by kernel, on random weights (a GEMV's or attention's time depends on
+its shape only):
+- each fused GEMV of a layer: the Python op (`specee::fused_linear`, its autotuner's pick) against the
+  AOTI twin (`specee_aoti::fused_linear` with the config `tune_for_aoti` gives the package);
+- attention at two attended lengths: the Python kernel against the twin;
+- the LM head of one row: cuBLAS (what `head.pt2`'s dynamic-shape matmul calls), the fused GEMV.
+Times are CUDA-graph replays (`triton.testing.do_bench_cudagraph`: launch cost included, as in the steps).
+
+    ... --package DIR    (a CUDA `export --format aoti` directory of a model of --shape, e.g. cpp_bench's --out)
+
+adds whole calls: one `layer1.pt2` call against one call of the Python CUDA step's compiled layer (the
+inductor backend's `layer_direct`, on a random-weight model of the same shape), and `head1.pt2` / `head.pt2`.
+The kernels a package launches are listed from its compiled kernels (the `.cubin` files inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # hidden, heads, kv heads, intermediate, vocab
+    "smollm2": (576, 9, 3, 1536, 49152),
+    "7b": (4096, 32, 32, 11008, 32000),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--package", help="a CUDA AOTI export directory of a model of --shape: time whole calls too")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("one_row_kernels.py needs CUDA")
+    import triton
+
+    from specee_compile.plugins import triton_decode_attention as A
+    from specee_compile.plugins import triton_gemv as G
+
+    D, H, Hkv, I, V = SHAPES[a.shape]
+    hd = D // H
+    dt = getattr(torch, a.dtype)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+
+    def t(*s):
+        return (torch.randn(*s, device=dev) / math.sqrt(s[-1])).to(dt)
+
+    def us(fn, *args):
+        fn(*args)
+        torch.cuda.synchronize()
+        return 1000.0 * triton.testing.do_bench_cudagraph(lambda: fn(*args), rep=50)
+
+    rows = []
+    gemvs = {"qkv": (t(1, 1, D), t((H + 2 * Hkv) * hd, D), None, t(D), "rmsnorm"),
+             "o": (t(1, 1, H * hd), t(D, H * hd), t(1, 1, D), None, "none"),
+             "gate_up": (t(1, 1, D), t(2 * I, D), None, t(D), "rmsnorm"),
+             "down": (t(1, 1, 2 * I), t(D, I), t(1, 1, D), None, "silu_mul")}
+    for name, (x, w, r, nw, pro) in gemvs.items():
+        cfg = G.tune_for_aoti(x, w, r, nw, 1e-5, pro)
+        picked = G.PICKED.get((w.shape[0], w.shape[1], G.PROLOGUES[pro]))
+        py = us(G.triton_fused_linear, x, w, r, nw, 1e-5, pro)
+        tw = us(torch.ops.specee_aoti.fused_linear, x, w, r, nw, 1e-5, pro)
+        rows.append((f"gemv {name} {tuple(w.shape)}", py, tw, f"python {picked} / twin {cfg}"))
+    for S in (64, 128, 256):
+        q, kc, vc = t(H, 1, hd), t(Hkv, S, hd), t(Hkv, S, hd)
+        valid = torch.ones(S, dtype=torch.bool, device=dev)
+        pos = torch.tensor([S - 1], device=dev)
+        cnt = torch.zeros(H, dtype=torch.int32, device=dev)
+        py = us(A.triton_decode_attention, q, kc, vc, valid, pos)
+        tw = us(torch.ops.specee_aoti.decode_attention, q, kc, vc, valid, pos, cnt)
+        rows.append((f"attention S={S}", py, tw, f"splits {A.splits_for(S)} / {A.MAX_SPLITS}"))
+    h, nw, wh = t(1, 1, D), t(D), t(V, D)
+    from specee_compile.model_step import make_head_fn, rms_norm
+
+    spec = type("Spec", (), {"eps": 1e-5})
+    ind = torch.compile(make_head_fn(spec), dynamic=False, options={"coordinate_descent_tuning": True})
+    inductor = us(ind, h, nw, wh)
+    cublas = us(lambda: torch.nn.functional.linear(rms_norm(h, nw, 1e-5), wh))
+    fused = us(G.triton_fused_linear, h, wh, None, nw, 1e-5, "rmsnorm")
+    rows.append((f"head {tuple(wh.shape)}", inductor, cublas,
+                 f"Inductor static (Python) / eager norm + cuBLAS (head.pt2 ~); the fused GEMV: {fused:.2f}"))
+    if a.package:
+        rows += whole_calls(Path(a.package), SHAPES[a.shape], dt, us)
+    print(f"\n{torch.cuda.get_device_name()} | {a.shape} shapes, {a.dtype} | us per call, CUDA-graph replays\n")
+    print("| kernel | Python step | C++ package | note |\n|---|---|---|---|")
+    for name, py, tw, note in rows:
+        print(f"| {name} | {py:.2f} | {tw:.2f} | {note} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps([dict(zip(("kernel", "python_us", "package_us", "note"), r)) for r in rows],
+                                           indent=1) + "\n")
+    return 0
+
+
+def whole_calls(directory: Path, shape, dt, us) -> list[tuple]:
+    """One layer1.pt2 call vs one call of the Python step's compiled layer; head1.pt2 and head.pt2."""
+    import tempfile
+    import zipfile
+
+    import safetensors.torch
+
+    from specee_compile.api import build_decoder
+    from specee_compile.artifacts import read_manifest
+    from specee_compile.config import Settings
+    from specee_compile.eval.gpu_bench import write_random_model
+    from specee_compile.models import load_model
+
+    info = read_manifest(directory)["cpp"]
+    dev = torch.device("cuda")
+    W = safetensors.torch.load_file(str(directory / info["weights"]), device="cuda")
+    T, D, Hkv, hd = info["cache_len"], info["hidden"], info["num_kv_heads"], info["head_dim"]
+    if (D, info["num_heads"], Hkv) != shape[:3]:
+        raise SystemExit(f"{directory}: hidden/heads/kv heads {(D, info['num_heads'], Hkv)} are not --shape's {shape[:3]}")
+    S, p = 64, 40
+    kc, vc = torch.zeros(Hkv, T, hd, device=dev, dtype=dt), torch.zeros(Hkv, T, hd, device=dev, dtype=dt)
+    valid = torch.zeros(T, dtype=torch.bool, device=dev)
+    valid[: p + 1] = True
+    h, pos, keys = torch.randn(1, 1, D, device=dev).to(dt), torch.tensor([p], device=dev), torch.arange(S, device=dev)
+    cnt = [torch.zeros(info["num_heads"], dtype=torch.int32, device=dev)] if info.get("layer1_attn_counters") else []
+    lw = [W[f"layers.0.{k}"] for k in ("ln1", "wqkv", "bqkv", "wo", "ln2", "wgu", "wd") if f"layers.0.{k}" in W]
+
+    def cubins(name):
+        with zipfile.ZipFile(directory / info["packages"][name]) as z:
+            ks = sorted({Path(n).stem.split(".")[0] for n in z.namelist() if n.endswith(".cubin")})
+        return f"{len(ks)} kernels: " + ", ".join(k[:48] for k in ks)
+
+    layer1 = torch._inductor.aoti_load_package(str(directory / info["packages"]["layer1"]))
+    pkg_us = us(layer1, h, pos, keys, valid, W["cos"], W["sin"], kc, vc, *cnt, *lw)
+    with tempfile.TemporaryDirectory() as tmp:  # the Python step's layer on a model of the same shape
+        Dm, H, Hk, inter, V = shape
+        write_random_model({"hidden_size": Dm, "num_attention_heads": H, "num_key_value_heads": Hk,
+                            "intermediate_size": inter, "vocab_size": V, "num_hidden_layers": 2,
+                            "max_position_embeddings": T}, dt, "cpu", tmp)
+        dec = build_decoder(load_model(tmp), Settings(device="cuda", dtype=str(dt).split(".")[-1], backend="inductor",
+                                                      max_new_tokens=4, max_context=T - 1))
+        dec.generate([1, 2, 3])
+        py_us = us(dec.seg.layer_direct, 0, h, pos, S)
+    rows = [(f"layer call S={S} (all kernels)", py_us, pkg_us, "layer1.pt2 " + cubins("layer1"))]
+    args = {"head1": (h, W["norm"], W["head"]), "head": (h, torch.zeros(1, dtype=torch.long, device=dev), W["norm"], W["head"])}
+    for name, hargs in args.items():
+        if name in info["packages"]:
+            fn = torch._inductor.aoti_load_package(str(directory / info["packages"][name]))
+            rows.append((f"{name}.pt2 call", float("nan"), us(fn, *hargs), cubins(name)))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
