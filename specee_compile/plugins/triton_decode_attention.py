@@ -100,10 +100,11 @@ if HAVE_TRITON:
             _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
             tl.store(cnt_ptr + h, 0)
 
-    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge in one launch, on a
-    # fixed grid of MAX_SPLITS splits per head (the attended length S is dynamic in the package), `per`
-    # blocks per split computed from S as `splits_for` computes them, NB the most any S of the package
-    # needs. A split past S writes weight 0, so merging all MAX_SPLITS slots gives the kernel's bits.
+    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge in one launch. The
+    # attended length S is dynamic in the package, so the grid is fixed at MAX_SPLITS splits per head and
+    # the kernel computes `splits_for(S)` itself: (nsp, per); programs past nsp return at once, and the
+    # live ones run exactly the Python kernel's splits and merge (the same bits). NB: the most blocks per
+    # split any S of the package needs.
     @triton.jit
     def _aoti_attn_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
@@ -111,13 +112,17 @@ if HAVE_TRITON:
         HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS: tl.constexpr, NB: tl.constexpr,
     ):
         h = tl.program_id(0)
-        per = tl.cdiv(tl.cdiv(S, BLOCK_S), MAX_SPLITS)
-        _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, tl.program_id(1), S, per,
-                    sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS, NB)
-        tl.debug_barrier()
-        if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == MAX_SPLITS - 1:  # last split of head h: merge
-            _attn_merge(ws_ptr, o_ptr, h, MAX_SPLITS, HD, MAX_SPLITS)
-            tl.store(cnt_ptr + h, 0)
+        sp = tl.program_id(1)
+        blocks = tl.cdiv(S, BLOCK_S)
+        per = tl.cdiv(blocks, MAX_SPLITS)
+        nsp = tl.cdiv(blocks, per)
+        if sp < nsp:
+            _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, sp, S, per,
+                        sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS, NB)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == nsp - 1:  # last split of head h: merge
+                _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
+                tl.store(cnt_ptr + h, 0)
 
 
 _WORKSPACES: dict = {}
