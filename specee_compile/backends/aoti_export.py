@@ -238,6 +238,38 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     return dt
 
 
+def one_row_packages(w, out: Path, info: dict, progress: bool = True, S=None) -> None:
+    """The CUDA one-row packages (nothing elsewhere): `layer1.pt2`, the decode step's layer with the Python
+    CUDA step's fused Triton kernels embedded, and `head1.pt2`, the head with static shapes. Adds them to
+    info["packages"] with their manifest facts and compile seconds. w: `extract_weights` output on the device;
+    S: the export's attended-length Dim (default: 1 .. info["max_len"])."""
+    spec, dev, dtype = w.spec, w.head.device, w.head.dtype
+    if dev.type != "cuda":
+        return
+    D, Hkv, hd, T = spec.hidden, spec.num_kv_heads, spec.head_dim, info["cache_len"]
+    S = S if S is not None else torch.export.Dim("S", min=1, max=info["max_len"])
+    lw = [t for t in w.layers[0].as_tuple() if t is not None]
+    times, pk = info.setdefault("compile_s", {}), info.setdefault("packages", {})
+    fused1 = one_row_fused(spec, dev)
+    if fused1:
+        counters = "attn" in fused1  # the attention kernel's per-head arrival counters, after v_cache
+        row_args = (torch.randn(1, 1, D, device=dev).to(dtype), torch.tensor([5], device=dev),
+                    torch.arange(64, device=dev), torch.zeros(T, dtype=torch.bool, device=dev), w.cos, w.sin,
+                    torch.zeros(Hkv, T, hd, dtype=dtype, device=dev), torch.zeros(Hkv, T, hd, dtype=dtype, device=dev),
+                    *([torch.zeros(spec.num_heads, dtype=torch.int32, device=dev)] if counters else []), *lw)
+        _tune_one_row(spec, fused1, lw)
+        ds1 = (None, None, {0: S}) + (None,) * (6 if counters else 5) + ((None,) * len(lw),)
+        has_bias = w.layers[0].bqkv is not None
+        times["layer1"] = _compile((RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti"),
+                                   row_args, ds1, out / "layer1.pt2", progress)
+        pk["layer1"] = "layer1.pt2"
+        info["layer1_fused"] = list(fused1)
+        info["layer1_attn_counters"] = counters
+    times["head1"] = _compile(Head1Fn(spec), (torch.randn(1, 1, D, device=dev).to(dtype), w.norm, w.head), None,
+                              out / "head1.pt2", progress)
+    pk["head1"] = "head1.pt2"
+
+
 def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, device: str = "cpu",
                 progress: bool = True, eos_ids=()) -> dict:
     """Write the packages and weights.safetensors into `out_dir`; return the manifest's `cpp` info."""
@@ -280,26 +312,11 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
                   *lw)
     ds = ({1: q}, {0: q}, {0: S}) + (None,) * 5 + ((None,) * len(lw),)  # *w is one varargs entry
     times["layer"] = _compile(LayerFn(spec, has_bias), layer_args, ds, out / "layer.pt2", progress)
-    # ---- layer1 (CUDA): the decode step's one row with the Python step's fused Triton kernels embedded
-    fused1 = one_row_fused(spec, dev)
-    if fused1:
-        row_args = (ex(1, 1, D), torch.tensor([5], device=dev)) + layer_args[2:]
-        counters = "attn" in fused1
-        if counters:
-            row_args = row_args[:8] + (torch.zeros(spec.num_heads, dtype=torch.int32, device=dev),) + row_args[8:]
-        _tune_one_row(spec, fused1, lw)
-        ds1 = (None, None, {0: S}) + (None,) * (6 if counters else 5) + ((None,) * len(lw),)
-        times["layer1"] = _compile((RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti"),
-                                   row_args, ds1, out / "layer1.pt2", progress)
-        info["layer1_fused"] = list(fused1)
-        info["layer1_attn_counters"] = counters  # the runner passes its int32 [H] counters after v_cache
     # ---- head
     head_args = (ex(1, 3, D), torch.tensor([1, 2], device=dev), w.norm, w.head)
     times["head"] = _compile(HeadFn(spec), head_args, ({1: q}, {0: n}, None, None), out / "head.pt2", progress)
-    info["packages"] = {"layer": "layer.pt2", "head": "head.pt2", **({"layer1": "layer1.pt2"} if fused1 else {})}
-    if dev.type == "cuda":
-        times["head1"] = _compile(Head1Fn(spec), (ex(1, 1, D), w.norm, w.head), None, out / "head1.pt2", progress)
-        info["packages"]["head1"] = "head1.pt2"
+    info["packages"] = {"layer": "layer.pt2", "head": "head.pt2"}
+    one_row_packages(w, out, info, progress, S)
 
     if program is not None:
         P = program.predictors
