@@ -185,9 +185,9 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     Hkv = k.shape[0]
     if rows != 1 or hd != triton.next_power_of_2(hd) or H % Hkv:
         raise ValueError(f"specee_aoti::decode_attention: one row and a power-of-two head_dim, got q {tuple(q.shape)}")
-    if counters.dtype != torch.int32 or tuple(counters.shape) != (H,):
-        raise ValueError(f"specee_aoti::decode_attention: counters must be int32 [{H}], got "
-                         f"{counters.dtype} {tuple(counters.shape)}")
+    if counters is None or counters.dtype != torch.int32 or tuple(counters.shape) != (H,):
+        got = None if counters is None else f"{counters.dtype} {tuple(counters.shape)}"
+        raise ValueError(f"specee_aoti::decode_attention: counters must be int32 [{H}] (zero), got {got}")
     q = q.contiguous()
     o = torch.empty_like(q)
     ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
