@@ -103,3 +103,28 @@ def test_registered_op_dispatches_and_more_rows_fall_back():
     p3 = torch.tensor([98, 99, 100], device="cuda")
     args = (q3, a[1], a[2], a[3], p3)
     assert torch.equal(torch.ops.specee.decode_attention(*args), decode_attention_reference(*args))
+
+
+def test_aoti_twin_counters_are_a_declared_mutated_input_of_the_package():
+    """The one-row layer package (`layer1.pt2`) takes the attention's arrival counters as an input after
+    v_cache, and the export sees the op mutate it: Inductor then updates it in place (no copy per call),
+    and the package's signature says the caller owns state. (The traced graph only: no compile here.)"""
+    pytest.importorskip("triton")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specee_compile.backends.aoti_export import RowLayerFn
+    from specee_compile.model_step import extract_weights
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    w = extract_weights(LlamaForCausalLM(cfg).eval(), 64)
+    T, lw = 65, [t for t in w.layers[0].as_tuple() if t is not None]
+    args = (torch.randn(1, 1, 64), torch.tensor([5]), torch.arange(16), torch.zeros(T, dtype=torch.bool), w.cos, w.sin,
+            torch.zeros(2, T, 16), torch.zeros(2, T, 16), torch.zeros(4, dtype=torch.int32), *lw)
+    S = torch.export.Dim("S", min=1, max=64)
+    ds = (None, None, {0: S}) + (None,) * 6 + ((None,) * len(lw),)
+    fn = RowLayerFn(w.spec, False, ("attn",), ops="specee_aoti")
+    ep = torch.export.export(fn, args, dynamic_shapes=ds, strict=False).run_decompositions()
+    mutated = set(ep.graph_signature.user_inputs_to_mutate.values())
+    assert {"counters", "k_cache", "v_cache", "valid"} <= mutated
