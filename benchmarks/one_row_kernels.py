@@ -176,10 +176,15 @@ def whole_calls(directory: Path | None, shape, dt, us, dev: torch.device) -> lis
                 ks = sorted({Path(n).stem.split(".")[0] for n in z.namelist() if n.endswith(".cubin")})
             return f"{len(ks)} kernels: " + ", ".join(k[:48] for k in ks)
 
-        layer1 = torch._inductor.aoti_load_package(str(pkdir / info["packages"]["layer1"]))
-        rows = [(f"layer call S={S} (all kernels)", us(dec.seg.layer_direct, 0, h, pos, S),
-                 us(layer1, h, pos, keys, valid, W["cos"], W["sin"], kc, vc, *cnt, *lw), "layer1.pt2 " + cubins("layer1"))]
+        # each figure goes to stderr as it is measured: a crash further on (an AOTI package loaded into a process
+        # that also profiled one crashed on the H200, session 7) keeps what came before
+        py_layer = us(dec.seg.layer_direct, 0, h, pos, S)
         py_head = us(dec.seg.head_direct, h)
+        print(f"python step: layer {py_layer:.2f} us, head {py_head:.2f} us", file=sys.stderr, flush=True)
+        layer1 = torch._inductor.aoti_load_package(str(pkdir / info["packages"]["layer1"]))
+        rows = [(f"layer call S={S} (all kernels)", py_layer,
+                 us(layer1, h, pos, keys, valid, W["cos"], W["sin"], kc, vc, *cnt, *lw), "layer1.pt2 " + cubins("layer1"))]
+        print(f"layer1.pt2: {rows[0][2]:.2f} us", file=sys.stderr, flush=True)
         args = {"head1": (h, W["norm"], W["head"]),
                 "head": (h, torch.zeros(1, dtype=torch.long, device=dev), W["norm"], W["head"])}
         for name, hargs in args.items():
