@@ -50,11 +50,6 @@ def main(argv=None) -> int:
         raise SystemExit("one_row_kernels.py needs CUDA")
     import triton
 
-    from specee_compile.plugins import triton_decode_attention as A
-    from specee_compile.plugins import triton_gemv as G
-
-    D, H, Hkv, I, V = SHAPES[a.shape]
-    hd = D // H
     dt = getattr(torch, a.dtype)
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -76,7 +71,7 @@ def main(argv=None) -> int:
         print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
 
     if not a.no_kernels:
-        kernel_rows(add, G, A, D, H, Hkv, I, V, hd, dt, dev, t, us)
+        kernel_rows(add, SHAPES[a.shape], dev, t, us)
     if a.package or a.whole:
         for row in whole_calls(Path(a.package) if a.package else None, SHAPES[a.shape], dt, us, dev):
             add(*row)
@@ -86,8 +81,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def kernel_rows(add, G, A, D, H, Hkv, I, V, hd, dt, dev, t, us) -> None:
+def kernel_rows(add, shape, dev, t, us) -> None:
     """The per-kernel rows: each fused GEMV of a layer, attention at three lengths, the LM head."""
+    from specee_compile.plugins import triton_decode_attention as A
+    from specee_compile.plugins import triton_gemv as G
+
+    D, H, Hkv, I, V = shape
+    hd = D // H
     gemvs = {"qkv": (t(1, 1, D), t((H + 2 * Hkv) * hd, D), None, t(D), "rmsnorm"),
              "o": (t(1, 1, H * hd), t(D, H * hd), t(1, 1, D), None, "none"),
              "gate_up": (t(1, 1, D), t(2 * I, D), None, t(D), "rmsnorm"),

@@ -82,7 +82,7 @@ def main() -> int:
         torch.nn.init.normal_(p, std=0.02)
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     seg = dense.seg
-    sharpen_draft(EagleSource(draft, k=4), seg, prompt)
+    sharpen_draft(EagleSource(draft, k=4), seg, prompt, spread=4.0)  # a trained head's spread
     for name, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
         if name not in args.variants.split(","):
             continue

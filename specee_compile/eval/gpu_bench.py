@@ -325,10 +325,10 @@ def accept_trace(n: int, mean: float, seed: int = 5, longest: int = 7) -> list[i
     return out
 
 
-def sharpen_draft(eagle, seg, prompt: list[int], spread: float = 4.0) -> None:
-    """Scale a random EAGLE head's logits to a trained head's spread (std `spread` at the prompt's last
-    pair), so its EAGLE-2 tree has depth as a trained head's has. The scaled head rows are a new tensor:
-    the target's LM head is not touched."""
+def sharpen_draft(eagle, seg, prompt: list[int], spread: float) -> None:
+    """Scale a random EAGLE head's logits to std `spread` at the prompt's last pair, so its EAGLE-2 tree
+    has depth (a trained head's spread is ~4; trace replays use TRACE_SPREAD). The scaled head rows are a
+    new tensor: the target's LM head is not touched."""
     d = eagle.draft
     _, hn = seg.prefill(prompt)
     eagle.reset(prompt, hn)
