@@ -178,6 +178,7 @@ class Decoder:
         self.composable = isinstance(segments, Segments)
         self.as_dense = not settings.specee  # True also once no exit point pays for itself (exit_costs.py)
         self.selection: dict | None = None
+        self._draft_warm = False  # the draft's eager path has run once (`_warm_draft`)
         self.tree = None  # the tree step (runtime/tree.py), set below for --speculate tree
         if settings.specee:
             if program is None or draft is None:
@@ -225,6 +226,8 @@ class Decoder:
             self.tree.prepare(len(prompt_ids), s.max_new_tokens)
         elif self.whole is not None and s.temperature <= 0:
             self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
+        if s.specee and self.tree is None and not self.as_dense and not self._draft_warm:
+            self._warm_draft(prompt_ids)
         compile_s = time.perf_counter() - t0
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
@@ -490,6 +493,19 @@ class Decoder:
                                 f"{t_dec * 1e6:.0f} us, the draft's step {t_draft * 1e6:.0f} us, the full head "
                                 f"{t_head * 1e6:.0f} us" + (f", one more row {row_s * 1e6:.0f} us per layer"
                                                              if self.kv.keeps_pending else ""))
+
+    def _warm_draft(self, prompt_ids: list[int]) -> None:
+        """Run the draft's eager path once (a reset over the prompt, one proposal) before the first token.
+        Its first run in a process loads kernels and library state: 657 ms on the H200 at 7B shapes,
+        all of it on the first decode step of the first call (benchmarks/GPU_NOTES.md, session 8). The
+        real reset follows the prefill and replaces everything this one wrote."""
+        seg = self.seg
+        hn = torch.zeros(len(prompt_ids), seg.spec.hidden, dtype=seg.dtype, device=seg.device)
+        self.draft.reset(list(prompt_ids), hn)
+        self.draft.observe(prompt_ids[-1], hn[-1], self.L - 1)
+        self.draft.propose()
+        self._sync()
+        self._draft_warm = True
 
     def _template_plan(self) -> StepPlan:
         """A plan of the shape this decoder's steps will have (what a whole-step backend prepares for)."""
