@@ -186,7 +186,7 @@ struct Runtime::Impl {
   std::vector<int64_t> d_extra_ids, d_extra_first;
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
-  double capture_s = 0, graph_step_us = 0;
+  double capture_s = 0, graph_step_us = 0, graph_layer_us = 0, graph_head_us = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -572,6 +572,8 @@ struct Runtime::Impl {
     res = Result();
     res.capture_s = capture_s;
     res.graph_step_us = graph_step_us;
+    res.graph_layer_us = graph_layer_us;
+    res.graph_head_us = graph_head_us;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -689,15 +691,41 @@ struct Runtime::Impl {
     auto& g = *graphs;
     auto& pair = g.by_len.begin()->second;
     const int n = std::max(1, std::min(16, g.by_len.begin()->first - 1));
-    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
     g.pos.fill_(0);
     pair[0]->replay();  // warm
     g.pos.fill_(0);
-    a.record(*g.stream);
-    for (int i = 0; i < n; ++i) pair[size_t(i % 2)]->replay();
-    b.record(*g.stream);
+    graph_step_us = replay_us([&](int i) { pair[size_t(i % 2)]->replay(); }, n);
+    time_graph_parts(g.by_len.begin()->first);
+  }
+
+  // Microseconds per call of run(i), i = 0..n-1, back to back on the step stream (CUDA events).
+  template <class F>
+  double replay_us(F run, int n) {
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    a.record(*graphs->stream);
+    for (int i = 0; i < n; ++i) run(i);
+    b.record(*graphs->stream);
     b.synchronize();
-    graph_step_us = 1000.0 * double(a.elapsed_time(b)) / n;
+    return 1000.0 * double(a.elapsed_time(b)) / n;
+  }
+
+  // The step's parts at the first length, each captured alone and replayed back to back: one layer call and
+  // the head (cpp_bench sets them beside the Python step's parts). The layer writes K/V at slot S - 1 of
+  // layer 0, which start() invalidates.
+  void time_graph_parts(int S) {
+    auto& g = *graphs;
+    g.pos.fill_(S - 1);
+    const at::Tensor h = embed.index_select(0, g.tok).unsqueeze(0).contiguous();  // a static [1, 1, D] input
+    auto part = [&](auto body) {
+      at::cuda::CUDAGraph graph;
+      graph.capture_begin({0, 0}, cudaStreamCaptureModeRelaxed);
+      body();
+      graph.capture_end();
+      graph.replay();  // upload
+      return replay_us([&](int) { graph.replay(); }, 20);
+    };
+    graph_layer_us = part([&] { layer(0, h, g.pos, S); });
+    graph_head_us = part([&] { head_fn(h, {0}); });
   }
 
   // One replay per token, run ahead by one: step t+1 is launched before step t's token is read. A step
@@ -1035,7 +1063,8 @@ std::string Result::to_json() const {
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
     << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
-    << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us;
+    << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
+    << ", \"graph_layer_us\": " << graph_layer_us << ", \"graph_head_us\": " << graph_head_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);
