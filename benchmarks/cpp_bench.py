@@ -120,10 +120,13 @@ def main(argv=None) -> int:
     if cuda and a.py_backend == "inductor" and dense and dense[0].get("graph_layer_us"):
         py = python_parts(build_decoder(loaded, Settings(max_new_tokens=a.max_new_tokens, max_context=a.max_context,
                                                          device=a.device, backend=a.py_backend)).seg)
-        cc = {k: statistics.mean(r[f"graph_{k}"] for r in dense) for k in ("step_us", "layer_us", "head_us")}
+        cc = {k: statistics.mean(r[f"graph_{k}"] for r in dense)
+              for k in ("step_us", "step_one_us", "layer_us", "layers_us", "head_us")}
         print(f"\nthe dense step's parts at S={py['S']}, each captured alone, us per replay (C++ / Python): whole step "
-              f"{cc['step_us']:.1f} / {py['step_us']:.1f}, one layer call {cc['layer_us']:.2f} / {py['layer_us']:.2f}, "
-              f"head {cc['head_us']:.2f} / {py['head_us']:.2f}")
+              f"{cc['step_us']:.1f} / {py['step_us']:.1f} (two instances alternating), {cc['step_one_us']:.1f} / "
+              f"{py['step_one_us']:.1f} (one instance); the {py['L']}-layer chain {cc['layers_us']:.1f} / "
+              f"{py['layers_us']:.1f}; one layer call {cc['layer_us']:.2f} / {py['layer_us']:.2f}; head "
+              f"{cc['head_us']:.2f} / {py['head_us']:.2f}")
         raw.append({"mode": "parts", "python": py, "cpp": cc})
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
@@ -132,15 +135,26 @@ def main(argv=None) -> int:
 
 def python_parts(seg) -> dict:
     """The Python CUDA step's parts at the first attention length, timed as the C++ runner times its own
-    (`graph_step_us`, `graph_layer_us`, `graph_head_us`): the whole dense step's graph, and one layer call and
-    the head, each captured alone, replayed back to back."""
+    (`graph_step_us`, `graph_step_one_us`, `graph_layer_us`, `graph_layers_us`, `graph_head_us`): the whole dense
+    step's graph (its two instances alternating, as the loop replays them, and one instance), and one layer call,
+    the L-layer chain and the head, each captured alone, replayed back to back."""
     from specee_compile.backends.cuda_step import replay_time
 
-    S = seg.attn_len(0)
-    out = {"S": S, "step_us": seg._whole()._time(("dense",), S, frozenset(), None) * 1e6}
+    S, L = seg.attn_len(0), seg.spec.num_layers
+    whole = seg._whole()
+    out = {"S": S, "L": L, "step_one_us": whole._time(("dense",), S, frozenset(), None) * 1e6}
+    pair, n = whole.graphs[(("dense",), S)], iter(range(1 << 30))
+    out["step_us"] = replay_time(lambda: pair[next(n) % 2].replay(), 20) * 1e6
     h = seg.embed(torch.zeros(1, dtype=torch.long, device=seg.device)).view(1, 1, -1)
     pos = torch.tensor([S - 1], device=seg.device)
-    for name, fn in (("layer_us", lambda: seg.layer_direct(0, h, pos, S)), ("head_us", lambda: seg.head_direct(h))):
+
+    def chain():
+        x = h
+        for i in range(L):
+            x = seg.layer_direct(i, x, pos, S)
+
+    for name, fn in (("layer_us", lambda: seg.layer_direct(0, h, pos, S)), ("layers_us", chain),
+                     ("head_us", lambda: seg.head_direct(h))):
         fn()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()

@@ -229,3 +229,37 @@ def test_pending_cap_forces_full_depth():
     # always-exit plan: every third step must be deep (2 pending -> forced full depth)
     assert res.exit_layers[1:] == [0, 0, 3, 0, 0, 3, 0, 0, 3]
     assert res.stats()["pending_depth_histogram"] == {"2": 3}
+
+
+def test_draft_eager_path_warms_once_before_the_first_token_and_changes_nothing():
+    """Decoder.start runs the draft's eager path (reset over the prompt, one proposal) once, before the prefill:
+    its first run in a process cost 657 ms on the first decode step on the H200 (benchmarks/GPU_NOTES.md,
+    session 8). The tokens and exits equal those of a decoder that skips it, and later calls do not repeat it."""
+    from specee_compile.draft import EagleDraft, EagleSource
+    from specee_compile.draft.train import _init_draft
+
+    class Counted(EagleSource):
+        resets = 0
+
+        def reset(self, prompt_ids, prompt_hidden):
+            self.resets += 1
+            super().reset(prompt_ids, prompt_hidden)
+
+    model = tiny()
+    L = model.config.num_hidden_layers
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)  # untrained: proposes the model's own top-k, so the paper's check lets exits stand
+    s = Settings(specee=True, max_new_tokens=12, exit_cost_check=False, threshold=0.0)
+    prog = forced_program(L, 4)
+    outs = []
+    for warm in (True, False):
+        src = Counted(draft.eval(), 4)
+        dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=src)
+        dec._draft_warm = not warm  # False: start() warms the draft
+        first = dec.generate([5, 9, 2, 7])
+        assert src.resets == (2 if warm else 1)  # the warm-up's reset, then the prompt's
+        again = dec.generate([5, 9, 2, 7])
+        assert src.resets == (3 if warm else 2) and again.token_ids == first.token_ids
+        outs.append((first.token_ids, first.exit_layers))
+    assert outs[0] == outs[1]
+    assert min(outs[0][1]) < L - 1  # exits were taken: the draft's candidates mattered

@@ -186,7 +186,8 @@ struct Runtime::Impl {
   std::vector<int64_t> d_extra_ids, d_extra_first;
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
-  double capture_s = 0, graph_step_us = 0, graph_layer_us = 0, graph_head_us = 0;
+  double capture_s = 0, graph_step_us = 0, graph_step_one_us = 0, graph_layer_us = 0, graph_layers_us = 0,
+         graph_head_us = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -572,7 +573,9 @@ struct Runtime::Impl {
     res = Result();
     res.capture_s = capture_s;
     res.graph_step_us = graph_step_us;
+    res.graph_step_one_us = graph_step_one_us;
     res.graph_layer_us = graph_layer_us;
+    res.graph_layers_us = graph_layers_us;
     res.graph_head_us = graph_head_us;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
@@ -695,6 +698,8 @@ struct Runtime::Impl {
     pair[0]->replay();  // warm
     g.pos.fill_(0);
     graph_step_us = replay_us([&](int i) { pair[size_t(i % 2)]->replay(); }, n);
+    g.pos.fill_(0);
+    graph_step_one_us = replay_us([&](int) { pair[0]->replay(); }, n);  // one instance, as the Python costs time it
     time_graph_parts(g.by_len.begin()->first);
   }
 
@@ -709,9 +714,9 @@ struct Runtime::Impl {
     return 1000.0 * double(a.elapsed_time(b)) / n;
   }
 
-  // The step's parts at the first length, each captured alone and replayed back to back: one layer call and
-  // the head (cpp_bench sets them beside the Python step's parts). The layer writes K/V at slot S - 1 of
-  // layer 0, which start() invalidates.
+  // The step's parts at the first length, each captured alone and replayed back to back: one layer call, the
+  // chain of L layer calls, the head (cpp_bench sets them beside the Python step's parts). The layers write K/V
+  // at slot S - 1, which start() invalidates.
   void time_graph_parts(int S) {
     auto& g = *graphs;
     g.pos.fill_(S - 1);
@@ -725,6 +730,10 @@ struct Runtime::Impl {
       return replay_us([&](int) { graph.replay(); }, 20);
     };
     graph_layer_us = part([&] { layer(0, h, g.pos, S); });
+    graph_layers_us = part([&] {  // the step's layer chain alone: what the step adds around it is the rest
+      at::Tensor x = h;
+      for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S);
+    });
     graph_head_us = part([&] { head_fn(h, {0}); });
   }
 
@@ -1064,7 +1073,8 @@ std::string Result::to_json() const {
     << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
     << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
-    << ", \"graph_layer_us\": " << graph_layer_us << ", \"graph_head_us\": " << graph_head_us;
+    << ", \"graph_step_one_us\": " << graph_step_one_us << ", \"graph_layer_us\": " << graph_layer_us
+    << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);
