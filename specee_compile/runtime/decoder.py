@@ -499,8 +499,8 @@ class Decoder:
         Its first run in a process loads kernels and library state: 657 ms on the H200 at 7B shapes,
         all of it on the first decode step of the first call (benchmarks/GPU_NOTES.md, session 8). The
         real reset follows the prefill and replaces everything this one wrote."""
-        seg = self.seg
-        hn = torch.zeros(len(prompt_ids), seg.spec.hidden, dtype=seg.dtype, device=seg.device)
+        seg = self.seg  # (the contract's Backend has no dtype: a draft converts the states it is given)
+        hn = torch.zeros(len(prompt_ids), seg.spec.hidden, device=seg.device)
         self.draft.reset(list(prompt_ids), hn)
         self.draft.observe(prompt_ids[-1], hn[-1], self.L - 1)
         self.draft.propose()
