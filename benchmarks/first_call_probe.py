@@ -1,16 +1,18 @@
-"""Where does the first SpecEE `generate` call lose its time? ([engine], benchmarks/GPU_NOTES.md)
+"""Where does the first SpecEE `generate` call lose its time? ([engine], benchmarks/GPU_NOTES.md session 8)
 
-The 7B bench's first SpecEE call runs at ~0.35x its steady speed, while dense's first call and a
-SpecEE decoder that never exits start at 1.00x. This probe builds the bench's SpecEE decoder (random
-model of the given shape, random predictors, the paper's 23.2-layer trace, the draft running) and, for
-three `generate` calls, records:
+The 7B bench's first SpecEE call ran at ~0.35x its steady speed, while dense's first call and a SpecEE
+decoder that never exits started at 1.00x. This probe builds the bench's SpecEE decoder (random model of
+the given shape, random predictors, the paper's 23.2-layer trace, the draft running) and, for three
+`generate` calls, records:
   - the wall time between streamed tokens (the five largest gaps and where they fall, the median);
   - whole-step graphs captured during the call (a kind or bucket `prepare` did not foresee);
-  - Dynamo / Inductor compiles during the call (a recompile on the decode path);
-Then, with `--warm-exits`, a fresh decoder on the same segments replays every captured exit graph once
-with an exit forced at its first gate before its first call (the conditional-node hypothesis).
+  - Dynamo / Inductor compiles during the call (a recompile on the decode path).
+With `--warm-exits`, a fresh decoder on the same segments replays every captured exit graph once with an
+exit forced at its first gate before its first call (the conditional-node hypothesis; ruled out on the
+H200: the whole loss was one 657 ms gap on the first decode step, the draft's eager path running for the
+first time in the process, which `Decoder.start` now runs before the prefill).
 
-    python3 benchmarks/first_call_probe.py [--layers 32] [--new-tokens 128] [--json F]
+    python3 benchmarks/first_call_probe.py [--layers 32] [--new-tokens 128] [--warm-exits] [--json F]
 """
 
 from __future__ import annotations
