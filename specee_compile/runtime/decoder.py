@@ -496,9 +496,10 @@ class Decoder:
 
     def _warm_draft(self, prompt_ids: list[int]) -> None:
         """Run the draft's eager path once (a reset over the prompt, one proposal) before the first token.
-        Its first run in a process loads kernels and library state: 657 ms on the H200 at 7B shapes,
-        all of it on the first decode step of the first call (benchmarks/GPU_NOTES.md, session 8). The
-        real reset follows the prefill and replaces everything this one wrote."""
+        Its first run in a process compiles or loads its kernels: 657 ms on the H200 at 7B shapes (less
+        with warm compile caches), all of it on the first decode step of the first call
+        (benchmarks/GPU_NOTES.md, session 8). The real reset follows the prefill and replaces everything
+        this one wrote."""
         seg = self.seg  # (the contract's Backend has no dtype: a draft converts the states it is given)
         hn = torch.zeros(len(prompt_ids), seg.spec.hidden, device=seg.device)
         self.draft.reset(list(prompt_ids), hn)
