@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def warm_clocks(run, seconds: float = 0.2) -> None:
+    """Calls `run` for `seconds` before a timing, as the runner does: a card that idled runs its first
+    milliseconds of work at lower clocks, and a part's timing window is that short."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        run()
+        torch.cuda.synchronize()
+
+
 def python_parts(seg) -> dict:
     """The Python CUDA step's parts at the first attention length, timed as the C++ runner times its own
     (`graph_step_us`, `graph_step_one_us`, `graph_layer_us`, `graph_layers_us`, `graph_head_us`): the whole dense
@@ -144,11 +154,14 @@ def python_parts(seg) -> dict:
 
     S, L = seg.attn_len(0), seg.spec.num_layers
     whole = seg._whole()
-    out = {"S": S, "L": L, "step_one_us": whole._time(("dense",), S, frozenset(), None) * 1e6}
     pair = itertools.cycle(whole.graphs[(("dense",), S)])
+    warm_clocks(lambda: whole._time(("dense",), S, frozenset(), None, reps=3))
+    out = {"S": S, "L": L, "step_one_us": whole._time(("dense",), S, frozenset(), None) * 1e6}
     out["step_us"] = replay_time(lambda: next(pair).replay(), 20) * 1e6
     h = seg.embed(torch.zeros(1, dtype=torch.long, device=seg.device)).view(1, 1, -1)
     pos = torch.tensor([S - 1], device=seg.device)
+
+    dump = os.environ.get("SPECEE_GRAPH_DUMP")  # DIR: each part's graph as a DOT file (cudaGraphDebugDotPrint)
 
     def chain():
         x = h
@@ -160,8 +173,13 @@ def python_parts(seg) -> dict:
         fn()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
+        if dump:
+            g.enable_debug_mode()
         with torch.cuda.graph(g):
             fn()
+        if dump:  # beside the runner's cpp_<part>.dot
+            g.debug_dump(os.path.join(dump, f"python_{name.removesuffix('_us')}.dot"))
+        warm_clocks(g.replay)
         out[name] = replay_time(g.replay, 20) * 1e6
     seg.cache.reset()
     return out
