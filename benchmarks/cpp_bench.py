@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             ids = encode_prompt(loaded.tokenizer, prompt)
             dec.generate(ids)  # warm-up (compiles, caches)
             ref = dec.generate(ids)
-            extra = ("--repeat", "2", "--no-verify")
+            extra = ("--repeat", "2", "--no-verify") + (("--time-parts",) if mode == "dense" else ())
             costs = (ref.exit_program or {}).get("step_costs") if s.specee else None
             if costs:
                 extra += ("--step-costs", ",".join(f"{k}={costs[k]!r}" for k in

@@ -695,15 +695,20 @@ struct Runtime::Impl {
     auto& g = *graphs;
     auto& pair = g.by_len.begin()->second;
     const int n = std::max(1, std::min(16, g.by_len.begin()->first - 1));
-    warm_clocks([&] {
+    if (opt.time_parts) {
+      warm_clocks([&] {
+        g.pos.fill_(0);
+        for (int i = 0; i < n; ++i) pair[0]->replay();
+      });
+    } else {
       g.pos.fill_(0);
-      for (int i = 0; i < n; ++i) pair[0]->replay();
-    });
+      pair[0]->replay();  // warm
+    }
     g.pos.fill_(0);
     graph_step_us = replay_us([&](int i) { pair[size_t(i % 2)]->replay(); }, n);
     g.pos.fill_(0);
     graph_step_one_us = replay_us([&](int) { pair[0]->replay(); }, n);  // one instance, as the Python costs time it
-    time_graph_parts(g.by_len.begin()->first);
+    if (opt.time_parts) time_graph_parts(g.by_len.begin()->first);
   }
 
   // Runs `batch` for 0.2 s before a timing: the card idled while the packages loaded, and an idle card runs

@@ -52,6 +52,9 @@ struct Options {
   // CUDA: dense steps (dense mode, or SpecEE with no exit point kept) replay captured graphs, one per
   // attention length, captured at the first generate (Result::capture_s); false: per-layer package calls
   bool cuda_graphs = true;
+  // CUDA: time the dense step's parts at capture (graph_layer_us, graph_layers_us, graph_head_us), each after
+  // 0.2 s of warm-up replays: ~1 s more start-up, so only on request (--time-parts, cpp_bench)
+  bool time_parts = false;
 };
 
 struct Result {
