@@ -172,9 +172,7 @@ def python_parts(seg) -> dict:
                      ("head_us", lambda: seg.head_direct(h))):
         fn()
         torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        if dump:
-            g.enable_debug_mode()
+        g = torch.cuda.CUDAGraph(keep_graph=bool(dump))  # a kept graph can be printed
         with torch.cuda.graph(g):
             fn()
         if dump:  # beside the runner's cpp_<part>.dot

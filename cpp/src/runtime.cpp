@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -744,13 +745,16 @@ struct Runtime::Impl {
     // nodes, their grids and parameters, beside cpp_bench's python_<part>.dot
     const char* dump = std::getenv("SPECEE_GRAPH_DUMP");
     auto part = [&](const char* name, auto body) {
-      at::cuda::CUDAGraph graph;
-      if (dump) graph.enable_debug_mode();
+      at::cuda::CUDAGraph graph(/*keep_graph=*/dump != nullptr);  // a kept graph can be printed
       graph.capture_begin({0, 0}, cudaStreamCaptureModeRelaxed);
       body();
       graph.capture_end();
-      if (dump) graph.debug_dump(std::string(dump) + "/cpp_" + name + ".dot");
-      graph.replay();  // upload
+      if (dump) {
+        const std::string path = std::string(dump) + "/cpp_" + name + ".dot";
+        const cudaError_t e = cudaGraphDebugDotPrint(graph.raw_cuda_graph(), path.c_str(), cudaGraphDebugDotFlagsVerbose);
+        if (e != cudaSuccess) std::fprintf(stderr, "cannot write %s: %s\n", path.c_str(), cudaGetErrorString(e));
+      }
+      graph.replay();  // instantiate, upload
       warm_clocks([&] { graph.replay(); });
       return replay_us([&](int) { graph.replay(); }, 20);
     };
