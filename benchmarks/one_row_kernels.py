@@ -13,7 +13,14 @@ Times are CUDA-graph replays (`triton.testing.do_bench_cudagraph`: launch cost i
 
 Whole calls (one `layer1.pt2` call, the chain of layers, the head, the whole step) are timed by the
 runner itself at capture and set beside the Python step's by `cpp_bench.py --device cuda` (loading a
-package into a Python process that had compiled the Python step crashed it on the H200, session 8).
+package into a Python process crashed it on the H200, sessions 8 and 10).
+
+`--chain` adds the one-row layer whole, compiled three ways in this process (no package is loaded): the
+Python step's layer (the `specee` ops, static S), the package's layer (the `specee_aoti` twins) with the
+attended length S dynamic as `layer1.pt2` has it, and the same with S static. Per variant: one layer call
+and the chain of L calls as CUDA-graph replays, and the chain's device time per kernel (torch.profiler):
+the runner's chain costs ~4 us per layer more than the Python step's, with the same nine kernels per layer
+(session 10's graph census, `results/2026-12-03-nvidia-h200-cpp-graph-census-s10.json`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json")
+    ap.add_argument("--chain", action="store_true", help="also the whole one-row layer, three ways (see above)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("one_row_kernels.py needs CUDA")
@@ -65,9 +73,20 @@ def main(argv=None) -> int:
         print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
 
     kernel_rows(add, SHAPES[a.shape], dev, t, us)
+    chain = []
+    if a.chain:
+        print("\n| one-row layer, compiled as | one call, us | per layer in the chain of 30, us | the chain's kernels, us "
+              "each |\n|---|---|---|---|", flush=True)
+
+        def add_chain(*row):
+            chain.append(row)
+            print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
+
+        chain_rows(add_chain, SHAPES[a.shape], dt)
     if a.json:
-        Path(a.json).write_text(json.dumps([dict(zip(("kernel", "python_us", "package_us", "note"), r)) for r in rows],
-                                           indent=1) + "\n")
+        record = [dict(zip(("kernel", "python_us", "package_us", "note"), r)) for r in rows]
+        record += [dict(zip(("layer", "one_call_us", "chain_us_per_layer", "kernels"), r)) for r in chain]
+        Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
@@ -106,6 +125,94 @@ def kernel_rows(add, shape, dev, t, us) -> None:
     fused = us(G.triton_fused_linear, h, wh, None, nw, 1e-5, "rmsnorm")
     add(f"head {tuple(wh.shape)}", inductor, cublas,
         f"Inductor static (Python) / eager norm + cuBLAS (head.pt2 ~); the fused GEMV: {fused:.2f}")
+
+
+def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
+    """One-row layer calls and their chain, compiled three ways (module docstring); rows (variant, one call
+    us, us per layer in the chain, the chain's kernels: name, calls per chain, device us per call)."""
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specee_compile.backends import aoti_export as ax
+    from specee_compile.model_step import CUDA_FUSED, extract_weights
+    from specee_compile.ops import register_cuda_kernels
+
+    register_cuda_kernels()
+    D, H, Hkv, I, V = shape
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=layers, num_attention_heads=H,
+                      num_key_value_heads=Hkv, vocab_size=V, max_position_embeddings=4096)
+    w = extract_weights(LlamaForCausalLM(cfg).to("cuda", dt).eval(), 512)
+    spec, dev, T = w.spec, w.head.device, 513
+    hd = spec.head_dim
+    fused1 = ax.one_row_fused(spec, dev)
+    lws = [[x for x in w.layers[i].as_tuple() if x is not None] for i in range(layers)]
+    kc = [torch.randn(Hkv, T, hd, device=dev).to(dt) for _ in range(layers)]
+    vc = [torch.randn(Hkv, T, hd, device=dev).to(dt) for _ in range(layers)]
+    valid = [torch.arange(T, device=dev) < S - 1 for _ in range(layers)]
+    pos, keys, keys_dyn = torch.tensor([S - 1], device=dev), torch.arange(S, device=dev), torch.arange(S, device=dev)
+    torch._dynamo.mark_dynamic(keys_dyn, 0, min=2, max=512)  # as layer1.pt2's Dim S
+    cnt = torch.zeros(H, dtype=torch.int32, device=dev)
+    ax._tune_one_row(spec, fused1, lws[0])
+    opts = {"coordinate_descent_tuning": True}  # the Python step's and the export's Inductor options
+
+    def compiled(module):
+        return torch.compile(module, dynamic=False, options=opts)
+
+    py = compiled(ax.LayerFn(spec, False, CUDA_FUSED, ops="specee"))
+    tw_dyn = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
+    tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
+    variants = {
+        "python step (specee ops, S static)": lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], *lws[i]),
+        "package twin (S dynamic, as layer1.pt2)": lambda i, x: tw_dyn(x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i],
+                                                                       vc[i], cnt, *lws[i]),
+        "package twin, S static": lambda i, x: tw_static(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], cnt,
+                                                         *lws[i]),
+    }
+    h0 = torch.randn(1, 1, D, device=dev).to(dt)
+
+    def graph(fn):
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+
+    def replay_us(g, n=50):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:  # clocks up before a short timing window
+            g.replay()
+            torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            g.replay()
+        b.record()
+        b.synchronize()
+        return 1000.0 * a.elapsed_time(b) / n
+
+    outs = {}
+    with torch.no_grad():
+        for name, f in variants.items():
+            def chain(f=f, name=name):
+                x = h0
+                for i in range(layers):
+                    x = f(i, x)
+                outs[name] = x
+
+            one, whole = graph(lambda f=f: f(0, h0)), graph(chain)
+            one_us, chain_us = replay_us(one), replay_us(whole)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    whole.replay()
+                torch.cuda.synchronize()
+            ev = sorted(((e.device_time_total / e.count, e.count // 10, e.key) for e in prof.key_averages()
+                         if e.device_time_total > 0), key=lambda r: -r[0] * r[1])
+            add(name, one_us, chain_us / layers, "; ".join(f"{k[:48]} x{c} {u:.2f}" for u, c, k in ev))
+    ref = next(iter(outs.values())).float()
+    for name, x in outs.items():
+        print(f"  {name}: max |chain output - python step's| = {(x.float() - ref).abs().max().item():.3g}")
 
 
 if __name__ == "__main__":
