@@ -223,6 +223,7 @@ def tree_draft(loaded, settings: Settings, artifacts_dir=None, source=None):
             )
         src = EagleTreeSource(EagleDraft.load(directory, loaded.model), k=settings.num_candidates)
     src.lookup = settings.tree_lookup_on()
+    src.lookup_first = settings.tree_lookup_first_n()
     return src
 
 

@@ -18,6 +18,7 @@ from .config import (
     MODES,
     SPECULATE,
     TREE_LOOKUP,
+    TREE_LOOKUP_FIRST,
     TREE_PROGRAMS,
     TREE_SHAPES,
     Settings,
@@ -30,7 +31,8 @@ def _settings_from(args, **over) -> Settings:
     fields = {}
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
-                 "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup"):
+                 "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup",
+                 "tree_lookup_first"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -69,6 +71,10 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
                    help=f"tree: merge the prompt-lookup path into the tree (default: {TREE_LOOKUP['cuda']} on CUDA, "
                         f"{TREE_LOOKUP['cpu']} on a CPU)")
+    p.add_argument("--tree-lookup-first", type=int, default=None, metavar="N",
+                   help="tree, host step: when the last N tokens recur, verify what followed them instead of the "
+                        f"draft's tree (0 = never; default: {TREE_LOOKUP_FIRST['cuda']} on CUDA, "
+                        f"{TREE_LOOKUP_FIRST['cpu']} on a CPU)")
     p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
                    help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
                         "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")
@@ -285,7 +291,7 @@ def _check_bench(rest: list[str]) -> None:
 _SETTINGS_FLAGS = {"max_new_tokens": "--max-new-tokens", "max_context": "--max-context",
                    "temperature": "--temperature", "top_p": "--top-p", "threshold": "--threshold",
                    "max_pending": "--max-pending", "tree_budget": "--tree-budget", "tree_depth": "--tree-depth",
-                   "tree_topk": "--tree-topk"}
+                   "tree_topk": "--tree-topk", "tree_lookup_first": "--tree-lookup-first"}
 # flag -> (lower bound, lower inclusive, upper bound): checked after parsing, one line on error
 _NUMERIC_FLAGS = {
     **{dest: (flag, *FIELD_BOUNDS[dest]) for dest, flag in _SETTINGS_FLAGS.items()},

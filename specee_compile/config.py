@@ -23,6 +23,11 @@ TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.
 # MT-Bench turns x 128 tokens: 2:2:2 without lookup 1.41x dense, 6:4:2 with lookup 1.21x (session 4's default)
 TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2)}
 TREE_LOOKUP = {"cuda": True, "cpu": False}
+# lookup first (the host tree step): when the last n tokens recur, the step verifies the continuation that followed
+# them instead of the draft's tree (no draft expansion that step). 2-core CPU, 16 MT-Bench turns x 128 tokens,
+# 2:2:2: 1.831 -> 1.898 tokens per verify step at n = 3, taken on 19% of the steps (benchmarks/RESULTS.md, session 10).
+# 0 on CUDA: the fixed tree program's shape is the draft's tree.
+TREE_LOOKUP_FIRST = {"cuda": 0, "cpu": 3}
 
 
 @dataclass
@@ -94,6 +99,10 @@ class Settings:
     tree_lookup: bool | None = None
     """Tree: merge the prompt-lookup continuation (the tokens that followed the last n-gram's earlier
     occurrence) into the tree, on rows reserved for it. None = the device's default (`TREE_LOOKUP`)."""
+    tree_lookup_first: int | None = None
+    """Tree, host step: when the last n tokens (n = this; 0 = never) occurred earlier in the text, verify the
+    continuation that followed them (prompt-lookup decoding) on the tree's rows instead of the draft's tree.
+    None = the device's default (`TREE_LOOKUP_FIRST`: 3 on a CPU, 0 on CUDA)."""
     tree_program: str = "auto"
     """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
     attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
@@ -154,7 +163,7 @@ class Settings:
     def tree_shape(self) -> tuple[int, int, int]:
         """(budget, depth, top-k) of the draft tree: the fields given, the device's default
         (`TREE_SHAPES`) for those left None."""
-        dflt = TREE_SHAPES["cuda" if str(self.device).startswith("cuda") else "cpu"]
+        dflt = TREE_SHAPES[self.device_kind]
         given = (self.tree_budget, self.tree_depth, self.tree_topk)
         return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
 
@@ -162,7 +171,16 @@ class Settings:
         """Whether the draft tree merges the prompt-lookup path: the field, else the device's default."""
         if self.tree_lookup is not None:
             return self.tree_lookup
-        return TREE_LOOKUP["cuda" if str(self.device).startswith("cuda") else "cpu"]
+        return TREE_LOOKUP[self.device_kind]
+
+    def tree_lookup_first_n(self) -> int:
+        """The n of lookup first (0 = off): the field, else the device's default."""
+        return TREE_LOOKUP_FIRST[self.device_kind] if self.tree_lookup_first is None else self.tree_lookup_first
+
+    @property
+    def device_kind(self) -> str:
+        """"cuda" or "cpu": the key of the per-device defaults."""
+        return "cuda" if str(self.device).startswith("cuda") else "cpu"
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -183,6 +201,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "speculate": ("str",),
     "tree_program": ("str",),
     "tree_lookup": ("bool?",),
+    "tree_lookup_first": ("int?", 0, True, None),
     "online_window": ("int", 0, True, None),
     "offline_max_layers": ("int", 0, True, None),
     "temperature": ("float", 0.0, True, None),

@@ -171,6 +171,50 @@ def test_draft_tree_merges_the_lookup_path():
     assert len(pairs) == len(set(pairs))
 
 
+
+def test_lookup_first_verifies_the_recurring_continuation():
+    """lookup_first = n: a recurring n-gram's continuation is the tree's path (the draft does not expand); rows
+    it leaves go to the root's other draft children; without a recurrence, the draft's own tree."""
+    model = make_tiny_llama()
+    torch.manual_seed(0)
+    hid, obs = torch.randn(16, 64), torch.randn(64)
+
+    def tree(ids, first, budget, depth=3):
+        src = eagle_tree(model)
+        src.lookup, src.lookup_first = False, first
+        src.reset(ids[:-1], hid[: len(ids) - 1])
+        src.observe(ids[-1], obs, 3)
+        return src.propose_tree(budget=budget, depth=depth, topk=2)
+
+    ids = [1, 40, 41, 42, 43, 44, 45, 9, 40, 41, 42]  # ... 40 41 42 -> 43 44 45
+    t = tree(ids, 3, 4)
+    assert t.tokens[0] == 43 and t.tokens[2:] == [44, 45] and t.tokens[1] != 43
+    assert t.parents == [-1, -1, 0, 2] and t.depths == [1, 1, 2, 3]
+    assert (t.cands[0] >= 0).all() and (t.cands[1:] == -1).all()
+    # no recurring 3-gram: the draft's own tree, as without lookup first
+    plain = [1, 40, 41, 42, 43, 44, 45, 9, 40, 41, 7]
+    assert tree(plain, 3, 4).tokens == tree(plain, 0, 4).tokens
+    # one token of continuation (the text ends there): a 1-node path, the other row to the draft
+    t = tree([1, 9, 9, 9], 2, 2)
+    assert t.tokens[0] == 9 and t.tokens[1] != 9 and t.parents == [-1, -1] and t.depths == [1, 1]
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_lookup_first_tree_equals_dense(first):
+    """Greedy tree decoding with lookup first gives the dense tokens on a repetitive prompt, where it is taken."""
+    model = make_tiny_llama()
+    prompt = PROMPT * 3
+    ref = dense(model, prompt, 30)
+    src = eagle_tree(model)
+    src.lookup, src.lookup_first = False, first
+    taken = []
+    orig = src._lookup_tree
+    src._lookup_tree = lambda *a: taken.append(1) or orig(*a)
+    res = tree_dec(model, src, 30).generate(prompt)
+    assert res.token_ids == ref.token_ids
+    assert taken
+
+
 # ---------------------------------------------------------------- sampling
 def exact_joint(model, ids, n, temperature, top_p):
     """Exact target distribution of the first n generated tokens (support under top-p)."""
@@ -315,6 +359,12 @@ def test_tree_shape_defaults_per_device_and_given_fields_win():
     assert Settings(device="cuda", tree_lookup=False).tree_lookup_on() is False
     with pytest.raises(SpecEEError, match="tree_lookup"):
         Settings(tree_lookup="yes")
+    # lookup first: n = 3 on a CPU, off on CUDA; a given value wins; n >= 0
+    assert Settings().tree_lookup_first_n() == 3 and Settings(device="cuda").tree_lookup_first_n() == 0
+    assert Settings(device="cuda", tree_lookup_first=2).tree_lookup_first_n() == 2
+    assert Settings(tree_lookup_first=0).tree_lookup_first_n() == 0
+    with pytest.raises(SpecEEError, match="tree_lookup_first"):
+        Settings(tree_lookup_first=-1)
 
 
 def test_tree_draft_takes_prompt_lookup_from_settings():
@@ -325,6 +375,8 @@ def test_tree_draft_takes_prompt_lookup_from_settings():
     source = EagleSource(EagleDraft(make_tiny_llama()).eval(), k=4)
     assert tree_draft(None, Settings(speculate="tree"), source=source).lookup is False  # CPU default
     assert tree_draft(None, Settings(speculate="tree", tree_lookup=True), source=source).lookup is True
+    assert tree_draft(None, Settings(speculate="tree"), source=source).lookup_first == 3  # CPU default
+    assert tree_draft(None, Settings(speculate="tree", tree_lookup_first=0), source=source).lookup_first == 0
 
 
 def test_tree_needs_an_eagle_draft():

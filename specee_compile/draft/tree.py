@@ -21,6 +21,12 @@ read (lists, names, code). It has min(depth, budget) rows reserved: the draft ke
 fewer, so the tree stays within `budget`; its nodes have no draft candidates (they cannot exit under
 SpecEE). `lookup_device` is the same search as fixed-shape tensor code (the fixed tree program).
 
+Lookup first (`lookup_first` = n > 0; the host step's CPU default, `Settings.tree_lookup_first`): when the last n
+tokens occurred earlier, the step verifies the continuation that followed them as one path, and rows it leaves go
+to the root's next-best draft children; the draft does not expand that step. Where rows are scarce (a CPU verifies
+3 rows for the cost of 1, not 4) a recurring 3-gram's continuation is right more often than the draft's 2-node
+tree (benchmarks/RESULTS.md, session 10).
+
 Nothing of the tree enters the committed draft cache: after verification the runtime observes the
 accepted tokens with the target's features, and the next catch-up runs those pairs in one forward.
 
@@ -91,11 +97,13 @@ class EagleTreeSource(EagleSource):
 
     lookup = True  # merge the prompt-lookup continuation into the tree
     lookup_ngram = (3, 2, 1)
+    lookup_first = 0  # n > 0: when the last n tokens recur, the tree is their continuation (module docstring)
 
-    def _lookup(self, length: int) -> list[int]:
-        """Up to `length` tokens that followed the most recent earlier occurrence of the last n tokens."""
+    def _lookup(self, length: int, ngrams=None) -> list[int]:
+        """Up to `length` tokens that followed the most recent earlier occurrence of the last n tokens
+        (n in `ngrams`, default `lookup_ngram`, the first that occurs wins)."""
         ids = self.ids
-        for n in self.lookup_ngram:
+        for n in self.lookup_ngram if ngrams is None else ngrams:
             if len(ids) <= n:
                 continue
             suffix = ids[-n:]
@@ -138,6 +146,10 @@ class EagleTreeSource(EagleSource):
         lp = self._logprobs(g0[None], extra_rows)[0]
         top = torch.topk(lp, max(kk, kc))
         cands = {0: vocab[top.indices[:kc]].tolist()}  # row -> draft top-k after that row
+        if self.lookup_first:
+            look = self._lookup(min(depth, budget), (self.lookup_first,))
+            if look:
+                return self._lookup_tree(look, budget, vocab[top.indices].tolist(), top.values.tolist(), cands[0], k)
         tokens = vocab[top.indices[:kk]].tolist()
         scores = top.values[:kk].tolist()
         parents = [-1] * kk
@@ -223,6 +235,20 @@ class EagleTreeSource(EagleSource):
                 cand_rows[i + 1, :kc] = torch.tensor(cands[j + 1])
         return DraftTree(tokens=out_tokens, parents=out_parents, depths=out_depths, scores=out_scores,
                          cands=cand_rows)
+
+    @staticmethod
+    def _lookup_tree(look: list[int], budget: int, root_ids: list[int], root_lp: list[float], root_cands: list[int],
+                     k: int) -> DraftTree:
+        """Lookup first: the continuation `look` as a path from the root; rows the path leaves go to the root's
+        best other draft children (no expansion). Nodes by depth, so every parent precedes its children."""
+        sib = [(t, s) for t, s in zip(root_ids, root_lp) if t != look[0]][: budget - len(look)]
+        tokens = [look[0]] + [t for t, _ in sib] + look[1:]
+        parents = [-1] * (1 + len(sib)) + ([0] if len(look) > 1 else []) + list(range(len(sib) + 1, len(sib) + len(look) - 1))
+        depths = [1] * (1 + len(sib)) + list(range(2, len(look) + 1))
+        cand_rows = torch.full((len(tokens) + 1, k), -1, dtype=torch.long)
+        cand_rows[0, : len(root_cands)] = torch.tensor(root_cands)
+        return DraftTree(tokens=tokens, parents=parents, depths=depths,
+                         scores=[0.0] + [s for _, s in sib] + [0.0] * (len(look) - 1), cands=cand_rows)
 
 
 def lookup_device(ids: torch.Tensor, p: torch.Tensor, length: int, ngrams=(3, 2, 1)):
