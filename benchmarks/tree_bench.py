@@ -18,6 +18,7 @@ prompts whose output is identical to dense.
     python benchmarks/tree_bench.py --device cuda --backend inductor --prompts 80 --specee
     python benchmarks/tree_bench.py --grid 8:4:4,16:5:6,24:6:8      # budget:depth:topk sweep
     python benchmarks/tree_bench.py --grid 6:4:2:L,2:2:2:N           # :L / :N prompt lookup on / off
+    python benchmarks/tree_bench.py --grid 2:2:2:F0                  # :F<n> lookup first after n tokens (0 = off)
 
 Writes benchmarks/results/<date>-tree-<cpu|gpu name>.json (or --out) and prints a markdown table.
 """
@@ -43,14 +44,16 @@ from specee_compile.config import Settings
 from specee_compile.data import mtbench_first_turns
 
 
-def parse_grid(text: str) -> list[tuple[int, int, int, bool | None]]:
-    """budget:depth:topk[:L|:N] items -> (budget, depth, topk, lookup); lookup None = the device's default."""
+def parse_grid(text: str) -> list[tuple[int, int, int, bool | None, int | None]]:
+    """budget:depth:topk[:L|:N][:F<n>] items -> (budget, depth, topk, lookup, lookup_first); lookup None = the
+    device's default (L on, N off); lookup_first None = the device's default (F0 = off, F3 = after a 3-gram)."""
     out = []
     for item in text.split(","):
         parts = item.split(":")
+        first = int(parts.pop()[1:]) if parts[-1].startswith("F") else None
         look = {"L": True, "N": False}[parts.pop()] if parts[-1] in ("L", "N") else None
         b, d, k = (int(x) for x in parts)
-        out.append((b, d, k, look))
+        out.append((b, d, k, look, first))
     return out
 
 
@@ -85,13 +88,14 @@ def main(argv=None) -> int:
     base = Settings(max_new_tokens=args.max_new_tokens, device=args.device, backend=args.backend, dtype=args.dtype,
                     artifacts=args.artifacts)
     shapes = [(*base.replace(tree_budget=args.tree_budget, tree_depth=args.tree_depth,
-                             tree_topk=args.tree_topk).tree_shape(), args.tree_lookup)]
+                             tree_topk=args.tree_topk).tree_shape(), args.tree_lookup, None)]
     shapes += parse_grid(args.grid) if args.grid else []
     configs: dict[str, Settings] = {"dense": base}
-    for i, (b, d, k, look) in enumerate(shapes):
-        tag = "" if look is None else (":L" if look else ":N")
+    for i, (b, d, k, look, first) in enumerate(shapes):
+        tag = ("" if look is None else (":L" if look else ":N")) + ("" if first is None else f":F{first}")
         name = "tree" if i == 0 else f"tree[{b}:{d}:{k}{tag}]"
-        configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k, tree_lookup=look)
+        configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k, tree_lookup=look,
+                                     tree_lookup_first=first)
     tree0 = configs["tree"]
     if args.specee:
         configs["tree+specee"] = tree0.replace(specee=True, mode="lossless", kv_policy="backfill")
