@@ -24,8 +24,8 @@ SpecEE). `lookup_device` is the same search as fixed-shape tensor code (the fixe
 Lookup first (`lookup_first` = n > 0; the host step's CPU default, `Settings.tree_lookup_first`): when the last n
 tokens occurred earlier, the step verifies the continuation that followed them as one path, and rows it leaves go
 to the root's next-best draft children; the draft does not expand that step. Where rows are scarce (a CPU verifies
-3 rows for the cost of 1, not 4) a recurring 3-gram's continuation is right more often than the draft's 2-node
-tree (benchmarks/RESULTS.md, session 10).
+at most 3 rows in one weight pass), a recurring 3-gram's continuation beats the draft's 2-node tree
+(benchmarks/RESULTS.md, session 10).
 
 Nothing of the tree enters the committed draft cache: after verification the runtime observes the
 accepted tokens with the target's features, and the next catch-up runs those pairs in one forward.
@@ -243,7 +243,8 @@ class EagleTreeSource(EagleSource):
         best other draft children (no expansion). Nodes by depth, so every parent precedes its children."""
         sib = [(t, s) for t, s in zip(root_ids, root_lp) if t != look[0]][: budget - len(look)]
         tokens = [look[0]] + [t for t, _ in sib] + look[1:]
-        parents = [-1] * (1 + len(sib)) + ([0] if len(look) > 1 else []) + list(range(len(sib) + 1, len(sib) + len(look) - 1))
+        path = [0] + list(range(len(sib) + 1, len(sib) + len(look)))  # rows of look[0], look[1], ...
+        parents = [-1] * (1 + len(sib)) + path[:-1]
         depths = [1] * (1 + len(sib)) + list(range(2, len(look) + 1))
         cand_rows = torch.full((len(tokens) + 1, k), -1, dtype=torch.long)
         cand_rows[0, : len(root_cands)] = torch.tensor(root_cands)
