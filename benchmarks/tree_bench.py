@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "tree": {name: dict(zip(("budget", "depth", "topk"), s.tree_shape()))
+        "tree": {name: {**dict(zip(("budget", "depth", "topk"), s.tree_shape())), "lookup": s.tree_lookup_on(),
+                        "lookup_first": s.tree_lookup_first_n()}
                  for name, s in configs.items() if s.speculate == "tree"},
         "wall_s": time.time() - t_all,
         "summary": summary,
