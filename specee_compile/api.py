@@ -187,11 +187,12 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
 
 def _device_draft(draft, segments, settings: Settings):
     """On a backend with a captured whole step (CUDA), the EAGLE draft runs inside that step; a tree
-    draft that the fixed tree program may run (runtime/tree.py) keeps its buffers on the device."""
+    draft that the fixed tree program may run (runtime/tree.py) keeps its buffers on the device (not with
+    lookup first, which the host step runs)."""
     from .draft.eagle import DeviceEagleSource, EagleSource
     from .draft.tree import DeviceEagleTreeSource, EagleTreeSource
 
-    if type(draft) is EagleTreeSource and settings.temperature <= 0 and (
+    if type(draft) is EagleTreeSource and settings.temperature <= 0 and not draft.lookup_first and (
             settings.tree_program == "fixed" or (settings.tree_program == "auto" and segments.device.type == "cuda")):
         dev = DeviceEagleTreeSource(draft.draft, k=draft.k, context_vocab=draft.context_vocab,
                                     max_len=segments.max_len, compile=segments.device.type == "cuda")

@@ -102,7 +102,8 @@ class Settings:
     tree_lookup_first: int | None = None
     """Tree, host step: when the last n tokens (n = this; 0 = never) occurred earlier in the text, verify the
     continuation that followed them (prompt-lookup decoding) on the tree's rows instead of the draft's tree.
-    None = the device's default (`TREE_LOOKUP_FIRST`: 3 on a CPU, 0 on CUDA)."""
+    None = the device's default (`TREE_LOOKUP_FIRST`: 3 on a CPU, 0 on CUDA; 0 with tree_program fixed). n > 0
+    runs the host step (auto does not pick the fixed program; fixed refuses it)."""
     tree_program: str = "auto"
     """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
     attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
@@ -144,6 +145,9 @@ class Settings:
             raise SpecEEError("--tree-program fixed decodes greedily; drop --temperature or use --tree-program host")
         if self.tree_program == "fixed" and self.specee and self.speculate == "tree":
             raise SpecEEError("--tree-program fixed runs no exits on the tree; drop --specee or use --tree-program host")
+        if self.tree_program == "fixed" and self.tree_lookup_first:
+            raise SpecEEError("--tree-program fixed verifies the draft's tree; lookup first runs on the host step: "
+                              "drop --tree-lookup-first or use --tree-program host")
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         needs_kv = EXIT_POLICIES[self.mode].needs_kv
@@ -174,8 +178,11 @@ class Settings:
         return TREE_LOOKUP[self.device_kind]
 
     def tree_lookup_first_n(self) -> int:
-        """The n of lookup first (0 = off): the field, else the device's default."""
-        return TREE_LOOKUP_FIRST[self.device_kind] if self.tree_lookup_first is None else self.tree_lookup_first
+        """The n of lookup first (0 = off): the field, else the device's default (off for the fixed program,
+        which verifies the draft's tree)."""
+        if self.tree_lookup_first is not None:
+            return self.tree_lookup_first
+        return 0 if self.tree_program == "fixed" else TREE_LOOKUP_FIRST[self.device_kind]
 
     @property
     def device_kind(self) -> str:

@@ -365,6 +365,10 @@ def test_tree_shape_defaults_per_device_and_given_fields_win():
     assert Settings(tree_lookup_first=0).tree_lookup_first_n() == 0
     with pytest.raises(SpecEEError, match="tree_lookup_first"):
         Settings(tree_lookup_first=-1)
+    # the fixed program verifies the draft's tree: lookup first is off there, and refused when asked for
+    assert Settings(tree_program="fixed").tree_lookup_first_n() == 0
+    with pytest.raises(SpecEEError, match="lookup first runs on the host step"):
+        Settings(speculate="tree", tree_program="fixed", tree_lookup_first=3)
 
 
 def test_tree_draft_takes_prompt_lookup_from_settings():
@@ -377,6 +381,15 @@ def test_tree_draft_takes_prompt_lookup_from_settings():
     assert tree_draft(None, Settings(speculate="tree", tree_lookup=True), source=source).lookup is True
     assert tree_draft(None, Settings(speculate="tree"), source=source).lookup_first == 3  # CPU default
     assert tree_draft(None, Settings(speculate="tree", tree_lookup_first=0), source=source).lookup_first == 0
+    # on CUDA, lookup first keeps the host tree source (auto then runs the host step, not the fixed program)
+    from types import SimpleNamespace
+
+    from specee_compile.api import _device_draft
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), max_len=64)
+    s = Settings(speculate="tree", device="cuda", tree_lookup_first=3)
+    src = tree_draft(None, s, source=source)
+    assert _device_draft(src, cuda, s) is src
 
 
 def test_tree_needs_an_eagle_draft():
