@@ -135,6 +135,7 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from specee_compile.backends import aoti_export as ax
+    from specee_compile.backends.cuda_step import replay_time
     from specee_compile.model_step import CUDA_FUSED, extract_weights
     from specee_compile.ops import register_cuda_kernels
 
@@ -179,18 +180,12 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
             fn()
         return g
 
-    def replay_us(g, n=50):
+    def replay_us(g):
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.2:  # clocks up before a short timing window
             g.replay()
             torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            g.replay()
-        b.record()
-        b.synchronize()
-        return 1000.0 * a.elapsed_time(b) / n
+        return replay_time(g.replay, 50) * 1e6
 
     outs = {}
     with torch.no_grad():
