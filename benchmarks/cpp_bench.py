@@ -131,6 +131,8 @@ def main(argv=None) -> int:
               f"{py['layers_us']:.1f}; one layer call {cc['layer_us']:.2f} / {py['layer_us']:.2f}; head "
               f"{cc['head_us']:.2f} / {py['head_us']:.2f}")
         raw.append({"mode": "parts", "python": py, "cpp": cc})
+        if os.environ.get("SPECEE_PROFILE_DIR"):
+            print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
     return 0
@@ -179,8 +181,36 @@ def python_parts(seg) -> dict:
             g.debug_dump(os.path.join(dump, f"python_{name.removesuffix('_us')}.dot"))
         warm_clocks(g.replay)
         out[name] = replay_time(g.replay, 20) * 1e6
+        if os.environ.get("SPECEE_PROFILE_DIR"):
+            profile_kernels(Path(os.environ["SPECEE_PROFILE_DIR"]) / f"python_{name.removesuffix('_us')}_kernels.json",
+                            g.replay)
     seg.cache.reset()
     return out
+
+
+def profile_kernels(path: Path, replay) -> None:
+    """A part's kernels over 10 replays (torch.profiler) as the runner writes its own (SPECEE_PROFILE_DIR):
+    {kernel name: [launches, device us in all]}."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            replay()
+        torch.cuda.synchronize()
+    path.write_text(json.dumps({e.key: [e.count, e.device_time_total] for e in prof.key_averages()
+                                if e.device_time_total > 0}, indent=0) + "\n")
+
+
+def kernel_table(directory: Path, part: str = "layers") -> str:
+    """The part's kernels on both sides (SPECEE_PROFILE_DIR's files), us per launch, the costliest first."""
+    sides = {}
+    for side in ("cpp", "python"):
+        f = directory / f"{side}_{part}_kernels.json"
+        sides[side] = json.loads(f.read_text()) if f.exists() else {}
+    lines = [f"| {part}: kernel | side | launches per replay | device us per launch | us per replay |",
+             "|---|---|---|---|---|"]
+    for side, ks in sides.items():
+        for name, (n, total) in sorted(ks.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"| {name[:60]} | {side} | {n / 10:g} | {total / n:.2f} | {total / 10:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

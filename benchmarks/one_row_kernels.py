@@ -143,7 +143,8 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     D, H, Hkv, I, V = shape
     cfg = LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=layers, num_attention_heads=H,
                       num_key_value_heads=Hkv, vocab_size=V, max_position_embeddings=4096)
-    w = extract_weights(LlamaForCausalLM(cfg).to("cuda", dt).eval(), 512)
+    model = LlamaForCausalLM(cfg).to("cuda", dt).eval()
+    w = extract_weights(model, 512)
     spec, dev, T = w.spec, w.head.device, 513
     hd = spec.head_dim
     fused1 = ax.one_row_fused(spec, dev)
@@ -156,6 +157,8 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     cnt = torch.zeros(H, dtype=torch.int32, device=dev)
     ax._tune_one_row(spec, fused1, lws[0])
     opts = {"coordinate_descent_tuning": True}  # the Python step's and the export's Inductor options
+    torch._inductor.config.fx_graph_cache = False  # the probe op's variants trace one graph, two kernels
+    torch._functorch.config.enable_autograd_cache = False
 
     def compiled(module):
         return torch.compile(module, dynamic=False, options=opts)
@@ -163,12 +166,22 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     py = compiled(ax.LayerFn(spec, False, CUDA_FUSED, ops="specee"))
     tw_dyn = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
     tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
+    tw_grid = compiled(_with_grid_by_s(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti")))
+    tw_pyk = compiled(_with_grid_by_s(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
+    seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
+    keys8 = torch.empty(S, dtype=torch.int8, device=dev)
     variants = {
+        "product layer (seg.layer_direct's compile)": lambda i, x: seg._layer_c(
+            *seg.segmented.layer_args(seg.weights, i, x, pos, keys8, valid[i], kc[i], vc[i])),
         "python step (specee ops, S static)": lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], *lws[i]),
         "package twin (S dynamic, as layer1.pt2)": lambda i, x: tw_dyn(x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i],
                                                                        vc[i], cnt, *lws[i]),
         "package twin, S static": lambda i, x: tw_static(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], cnt,
                                                          *lws[i]),
+        "package twin, S dynamic, attention grid (H, splits(S))": lambda i, x: tw_grid(
+            x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i]),
+        "package twin, S dynamic, the Python attention kernel (per = 1)": lambda i, x: tw_pyk(
+            x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i]),
     }
     h0 = torch.randn(1, 1, D, device=dev).to(dt)
 
@@ -212,6 +225,56 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     ref = next(iter(outs.values())).float()
     for name, x in outs.items():
         print(f"  {name}: max |chain output - python step's| = {(x.float() - ref).abs().max().item():.3g}")
+
+
+def _product_segments(model, dt):
+    """The inductor backend's segments of `model` (what the Python CUDA step chains, `layer_direct`)."""
+    from specee_compile.backends import make_segments
+    from specee_compile.config import Settings
+
+    return make_segments(model, Settings(device="cuda", backend="inductor", dtype=str(dt).split(".")[-1]))
+
+
+def _with_grid_by_s(build, kernel: str = "twin"):
+    """build() with the attention twin launched on (H, splits(S)) programs, S symbolic (a probe op
+    `specee_probe::decode_attention`: the same kernel, which computes the same splits itself)."""
+    from specee_compile import model_step as ms
+    from specee_compile.plugins import triton_decode_attention as A
+
+    name = f"attention_{kernel}"
+    if not hasattr(torch.ops.specee_probe, name):
+        from torch.library import triton_op, wrap_triton
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                      counters: torch.Tensor) -> torch.Tensor:
+            H, _, hd = q.shape
+            q = q.contiguous()
+            o = torch.empty_like(q)
+            ws = torch.empty(H * A.MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
+            S = k.shape[1]
+            blocks = (S + A.BLOCK_S - 1) // A.BLOCK_S
+            per = (blocks + A.MAX_SPLITS - 1) // A.MAX_SPLITS
+            if kernel == "python":  # the Python step's kernel: one block per split up to S = 1024
+                assert A.splits_for(A._upper(S))[1] == 1
+                wrap_triton(A._decode_attn_kernel)[(H, blocks)](
+                    q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1),
+                    v.stride(0), v.stride(1), HD=hd, REP=H // k.shape[0], BLOCK_S=A.BLOCK_S, BLOCKS_PER_SPLIT=1,
+                    MAX_SPLITS=A.MAX_SPLITS, num_warps=A.NUM_WARPS)
+                return o
+            wrap_triton(A._aoti_attn_kernel)[(H, (blocks + per - 1) // per)](
+                q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), HD=hd, REP=H // k.shape[0], BLOCK_S=A.BLOCK_S, MAX_SPLITS=A.MAX_SPLITS,
+                NB=A.splits_for(A._upper(S))[1], num_warps=A.NUM_WARPS)
+            return o
+
+        triton_op(f"specee_probe::{name}", attention, mutates_args={"counters"})
+    orig = ms._fused_op
+    ms._fused_op = lambda ns, op: (getattr(torch.ops.specee_probe, name) if op == "decode_attention"
+                                   else orig(ns, op))
+    try:
+        return build()
+    finally:
+        ms._fused_op = orig
 
 
 if __name__ == "__main__":

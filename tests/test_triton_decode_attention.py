@@ -60,7 +60,8 @@ _INTERP = textwrap.dedent(
             e = float((out - ref(q, k, v, valid, p)).abs().max())
             assert e < 1e-5, (H, Hkv, S, pos, bs, e)
             assert int(A._WORKSPACES[(q.device, H, hd)][1].abs().sum()) == 0  # counters reset
-            # the AOTI twin (one launch on a fixed grid, idle splits return, the caller's counters): the same bits,
+            # the AOTI twin (the kernel itself where one block per split serves every S, else one launch on a fixed
+            # grid whose idle splits return; the caller's counters): the same bits,
             # and the counters back at zero, so the next call (and layer) can take them as they are
             cnt = torch.zeros(H, dtype=torch.int32)
             for _ in range(2):

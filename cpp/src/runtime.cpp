@@ -13,6 +13,7 @@
 #include <torch/cuda.h>
 #ifdef SPECEE_CUDA
 #include <ATen/cuda/CUDAEvent.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -734,6 +735,39 @@ struct Runtime::Impl {
     return 1000.0 * double(a.elapsed_time(b)) / n;
   }
 
+  // SPECEE_PROFILE_DIR=DIR (with --time-parts): each part's kernels over 10 replays, by the CUDA profiler
+  // (kineto, as torch.profiler): DIR/cpp_<part>_kernels.json = {kernel name: [launches, device us in all]},
+  // beside cpp_bench's python_<part>_kernels.json
+  template <class F>
+  void profile_kernels(const std::string& path, F replay) {
+    namespace prof = torch::autograd::profiler;
+    const torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
+    const std::set<torch::profiler::impl::ActivityType> acts{torch::profiler::impl::ActivityType::CUDA};
+    prof::prepareProfiler(cfg, acts);
+    prof::enableProfiler(cfg, acts);
+    for (int i = 0; i < 10; ++i) replay();
+    graphs->stream->synchronize();
+    const auto result = prof::disableProfiler();
+    std::map<std::string, std::pair<int64_t, double>> by_name;
+    for (const auto& e : result->events()) {
+      if (e.deviceType() != c10::DeviceType::CUDA) continue;
+      auto& slot = by_name[e.name()];
+      slot.first += 1;
+      slot.second += double(e.durationNs()) / 1000.0;
+    }
+    std::ofstream f(path);
+    f << "{";
+    const char* sep = "";
+    for (const auto& [name, v] : by_name) {
+      f << sep << "\n \"";
+      for (const char ch : name) f << ((ch == '"' || ch == '\\') ? "\\" : "") << ch;
+      f << "\": [" << v.first << ", " << v.second << "]";
+      sep = ",";
+    }
+    f << "\n}\n";
+    if (!f) std::fprintf(stderr, "cannot write %s\n", path.c_str());
+  }
+
   // The step's parts at the first length, each captured alone and replayed back to back: one layer call, the
   // chain of L layer calls, the head (cpp_bench sets them beside the Python step's parts). The layers write K/V
   // at slot S - 1, which start() invalidates.
@@ -756,7 +790,10 @@ struct Runtime::Impl {
       }
       graph.replay();  // instantiate, upload
       warm_clocks([&] { graph.replay(); });
-      return replay_us([&](int) { graph.replay(); }, 20);
+      const double us = replay_us([&](int) { graph.replay(); }, 20);
+      if (const char* prof = std::getenv("SPECEE_PROFILE_DIR"))
+        profile_kernels(std::string(prof) + "/cpp_" + name + "_kernels.json", [&] { graph.replay(); });
+      return us;
     };
     graph_layer_us = part("layer", [&] { layer(0, h, g.pos, S); });
     graph_layers_us = part("layers", [&] {  // the step's layer chain alone: what the step adds around it is the rest

@@ -100,7 +100,8 @@ if HAVE_TRITON:
             _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
             tl.store(cnt_ptr + h, 0)
 
-    # The AOTInductor twin (`specee_aoti::decode_attention`): the same split and merge in one launch. The
+    # The AOTInductor twin (`specee_aoti::decode_attention`) for packages whose S may pass BLOCK_S * MAX_SPLITS
+    # (below that the twin launches `_decode_attn_kernel` itself): the same split and merge in one launch. The
     # attended length S is dynamic in the package, so the grid is fixed at MAX_SPLITS splits per head and
     # the kernel computes `splits_for(S)` itself: (nsp, per); programs past nsp return at once, and the
     # live ones run exactly the Python kernel's splits and merge (the same bits). NB: the most blocks per
@@ -192,6 +193,15 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     o = torch.empty_like(q)
     ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
     S = k.shape[1]
+    if splits_for(_upper(S))[1] == 1:  # every S of the package (<= BLOCK_S * MAX_SPLITS): one block per split
+        # the Python step's own kernel on (H, blocks(S)) programs, S symbolic in the grid: 0.5 us less per
+        # layer than the fixed-grid twin in a chain of one-row layers on the H200 (GPU_NOTES, session 11)
+        wrap_triton(_decode_attn_kernel)[(H, (S + BLOCK_S - 1) // BLOCK_S)](
+            q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=1, MAX_SPLITS=MAX_SPLITS,
+            num_warps=NUM_WARPS,
+        )
+        return o
     wrap_triton(_aoti_attn_kernel)[(H, MAX_SPLITS)](
         q, k, v, valid, pos, o, ws, counters,  # bool as it is (Inductor cannot lower a bool -> uint8 view)
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
