@@ -12,6 +12,11 @@ product: it imports the API and the cpp backend, nothing else.
 Same mode = same exit program: in the SpecEE modes the runner gets the Python runtime's measured step
 costs (`--step-costs`), so both keep the same exit points (where none pays, both decode as dense). On
 CUDA the runner's dense steps replay captured graphs; `--no-cuda-graphs` is timed beside it there.
+
+On CUDA with `--py-backend inductor` the dense step's parts (whole step, one layer, the layer chain, the
+head) are timed on both sides. `SPECEE_PROFILE_DIR=DIR` adds each part's kernels over 10 replays
+(`<side>_<part>_kernels.json`: {name: [launches, device us]}, the runner's from the CUDA profiler it links)
+and prints the chain's table: a chain's replay time minus its kernels' device time is idle time.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one-row decode step's kernels, the Python CUDA step's vs the C++ runner's package (CUDA only).
 
-    PYTHONPATH=. python benchmarks/one_row_kernels.py [--shape smollm2] [--json F]
+    PYTHONPATH=. python benchmarks/one_row_kernels.py [--shape smollm2] [--chain | --chain-only] [--json F]
 
 Where a gap between the two decode steps (`cpp_bench.py --device cuda`: the runner's captured step vs
 the Python product's) lives, kernel by kernel, on random weights (a GEMV's or attention's time depends on
@@ -15,12 +15,16 @@ Whole calls (one `layer1.pt2` call, the chain of layers, the head, the whole ste
 runner itself at capture and set beside the Python step's by `cpp_bench.py --device cuda` (loading a
 package into a Python process crashed it on the H200, sessions 8 and 10).
 
-`--chain` adds the one-row layer whole, compiled three ways in this process (no package is loaded): the
-Python step's layer (the `specee` ops, static S), the package's layer (the `specee_aoti` twins) with the
-attended length S dynamic as `layer1.pt2` has it, and the same with S static. Per variant: one layer call
-and the chain of L calls as CUDA-graph replays, and the chain's device time per kernel (torch.profiler):
-the runner's chain costs ~4 us per layer more than the Python step's, with the same nine kernels per layer
-(session 10's graph census, `results/2026-12-03-nvidia-h200-cpp-graph-census-s10.json`).
+`--chain` adds the one-row layer whole, compiled several ways in this process (no package is loaded), each
+chained over L layers and captured: the product's own compiled layer (`layer_direct`'s), the Python step's
+layer from `make_layer_fn` (the `specee` ops, S static), the package's layer (the `specee_aoti` twins) with
+the attended length S dynamic as `layer1.pt2` has it, the same with S static, the twin layer with the
+attention as probe ops (the fixed-grid kernel on (H, splits(S)); the Python step's kernel), and last the
+product's layer again after its Triton kernels got the attribute an AOTI package's loader sets
+(`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` = their shared memory). Per variant: one layer call
+and the chain as CUDA-graph replays, the chain's device time per kernel (torch.profiler) and their sum per
+layer (the chain's time minus that sum = idle time between kernels). `--chain-only`: the product layer, the
+twin layer and the attribute row. Session 11 (GPU_NOTES): the attribute is the runner's gap between kernels.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json")
     ap.add_argument("--chain", action="store_true", help="also the whole one-row layer, three ways (see above)")
+    ap.add_argument("--chain-only", action="store_true", help="only the chain: the product layer, the package twin "
+                    "and the product layer with AOTI's kernel attribute")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("one_row_kernels.py needs CUDA")
@@ -72,9 +78,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
 
-    kernel_rows(add, SHAPES[a.shape], dev, t, us)
+    if not a.chain_only:
+        kernel_rows(add, SHAPES[a.shape], dev, t, us)
     chain = []
-    if a.chain:
+    if a.chain or a.chain_only:
         print("\n| one-row layer, compiled as | one call, us | per layer in the chain of 30, us | the chain's kernels, us "
               "each |\n|---|---|---|---|", flush=True)
 
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
             chain.append(row)
             print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
 
-        chain_rows(add_chain, SHAPES[a.shape], dt)
+        chain_rows(add_chain, SHAPES[a.shape], dt, a_only=a.chain_only)
     if a.json:
         record = [dict(zip(("kernel", "python_us", "package_us", "note"), r)) for r in rows]
         record += [dict(zip(("layer", "one_call_us", "chain_us_per_layer", "kernels"), r)) for r in chain]
@@ -127,7 +134,10 @@ def kernel_rows(add, shape, dev, t, us) -> None:
         f"Inductor static (Python) / eager norm + cuBLAS (head.pt2 ~); the fused GEMV: {fused:.2f}")
 
 
-def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
+SMEM_ATTR = "product layer, the plugin kernels with AOTI's max-dynamic-smem attribute"
+
+
+def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = False) -> None:
     """One-row layer calls and their chain, compiled three ways (module docstring); rows (variant, one call
     us, us per layer in the chain, the chain's kernels: name, calls per chain, device us per call)."""
     import time
@@ -166,23 +176,26 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
     py = compiled(ax.LayerFn(spec, False, CUDA_FUSED, ops="specee"))
     tw_dyn = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
     tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
-    tw_grid = compiled(_with_grid_by_s(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti")))
-    tw_pyk = compiled(_with_grid_by_s(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
+    tw_grid = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "twin"))
+    tw_pyk = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
     seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
     keys8 = torch.empty(S, dtype=torch.int8, device=dev)
-    variants = {
-        "product layer (seg.layer_direct's compile)": lambda i, x: seg._layer_c(
-            *seg.segmented.layer_args(seg.weights, i, x, pos, keys8, valid[i], kc[i], vc[i])),
-        "python step (specee ops, S static)": lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], *lws[i]),
-        "package twin (S dynamic, as layer1.pt2)": lambda i, x: tw_dyn(x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i],
-                                                                       vc[i], cnt, *lws[i]),
-        "package twin, S static": lambda i, x: tw_static(x, pos, keys, valid[i], w.cos, w.sin, kc[i], vc[i], cnt,
-                                                         *lws[i]),
-        "package twin, S dynamic, attention grid (H, splits(S))": lambda i, x: tw_grid(
-            x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i]),
-        "package twin, S dynamic, the Python attention kernel (per = 1)": lambda i, x: tw_pyk(
-            x, pos, keys_dyn, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i]),
-    }
+    def product(i, x):
+        return seg._layer_c(*seg.segmented.layer_args(seg.weights, i, x, pos, keys8, valid[i], kc[i], vc[i]))
+
+    def twin(module, keys_arg):
+        return lambda i, x: module(x, pos, keys_arg, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i])
+
+    variants = {"product layer (seg.layer_direct's compile)": product}
+    if not a_only:
+        variants["python step (specee ops, S static)"] = lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i],
+                                                                          vc[i], *lws[i])
+    variants["package twin (S dynamic, as layer1.pt2)"] = twin(tw_dyn, keys_dyn)
+    if not a_only:
+        variants["package twin, S static"] = twin(tw_static, keys)
+        variants["package twin, S dynamic, the fixed-grid twin kernel on (H, splits(S))"] = twin(tw_grid, keys_dyn)
+        variants["package twin, S dynamic, the Python attention kernel (per = 1)"] = twin(tw_pyk, keys_dyn)
+    variants[SMEM_ATTR] = product  # last: the attribute stays on the kernels
     h0 = torch.randn(1, 1, D, device=dev).to(dt)
 
     def graph(fn):
@@ -209,6 +222,8 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
                     x = f(i, x)
                 outs[name] = x
 
+            if name == SMEM_ATTR:
+                _aoti_smem_attribute()
             try:  # a variant that does not compile (e.g. S specialized against the mark) leaves the others
                 one, whole = graph(lambda f=f: f(0, h0)), graph(chain)
             except Exception as e:  # noqa: BLE001 - reported in the table, the other variants still run
@@ -221,10 +236,33 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64) -> None:
                 torch.cuda.synchronize()
             ev = sorted(((e.device_time_total / e.count, e.count // 10, e.key) for e in prof.key_averages()
                          if e.device_time_total > 0), key=lambda r: -r[0] * r[1])
-            add(name, one_us, chain_us / layers, "; ".join(f"{k[:48]} x{c} {u:.2f}" for u, c, k in ev))
+            busy = sum(u * c for u, c, _ in ev) / layers  # kernel device time per layer: chain_us - busy = gaps
+            add(name, one_us, chain_us / layers, f"kernels {busy:.2f} per layer: "
+                + "; ".join(f"{k[:48]} x{c} {u:.2f}" for u, c, k in ev))
     ref = next(iter(outs.values())).float()
     for name, x in outs.items():
         print(f"  {name}: max |chain output - python step's| = {(x.float() - ref).abs().max().item():.3g}")
+
+
+def _aoti_smem_attribute() -> None:
+    """Set CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = shared on every loaded plugin Triton kernel that
+    uses shared memory, as an AOTI package's loader does for each of its kernels (`loadKernel`: shared > 0);
+    Triton's own loader sets it only past 48 KB. The attribute is the function's: later variants keep it."""
+    import ctypes
+
+    from specee_compile.plugins import triton_decode_attention as A
+    from specee_compile.plugins import triton_gemv as G
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    n = 0
+    for fn in (G._gemv_kernel, A._decode_attn_kernel, A._aoti_attn_kernel):
+        for cache in fn.device_caches.values():
+            for k in cache[0].values():
+                k._init_handles()
+                if k.metadata.shared > 0:
+                    rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(k.function), 8, ctypes.c_int(k.metadata.shared))
+                    n += rc == 0
+    print(f"  max-dynamic-smem attribute set on {n} kernels", flush=True)
 
 
 def _product_segments(model, dt):
@@ -235,9 +273,11 @@ def _product_segments(model, dt):
     return make_segments(model, Settings(device="cuda", backend="inductor", dtype=str(dt).split(".")[-1]))
 
 
-def _with_grid_by_s(build, kernel: str = "twin"):
-    """build() with the attention twin launched on (H, splits(S)) programs, S symbolic (a probe op
-    `specee_probe::decode_attention`: the same kernel, which computes the same splits itself)."""
+def _with_probe_attention(build, kernel: str):
+    """build() with the layer's attention as a probe op `specee_probe::attention_<kernel>` on (H, splits(S))
+    programs, S symbolic: kernel "twin" = the fixed-grid twin kernel (`_aoti_attn_kernel`, which computes the
+    same splits itself), "python" = the Python step's `_decode_attn_kernel` (one block per split). One op per
+    kernel: dynamo reuses a compile for two modules whose closures hold the same op."""
     from specee_compile import model_step as ms
     from specee_compile.plugins import triton_decode_attention as A
 
