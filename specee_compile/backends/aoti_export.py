@@ -241,7 +241,7 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
 
 # The package's kernel loader (Inductor's `loadKernel`, written into every CUDA package) opts each kernel that
 # uses shared memory into its size as "max dynamic shared memory"; Triton's own loader does that only past
-# the 48 KB every kernel may use without it. The opt-in costs the one-row layer chain 2.7 us of idle time
+# the 48 KB every kernel may use without it. The opt-in costs the one-row layer chain 3.1 us of idle time
 # per layer on the H200, between kernels whose device time is unchanged (the Python step's layer with the
 # attribute set on its kernels: 23.5 against 20.4 us per chained layer; GPU_NOTES, session 11).
 _LOADER_OPT_IN = "if (sharedMemBytes > 0) {"
@@ -252,7 +252,7 @@ _LOADER_AS_TRITON = "if (sharedMemBytes > 49152) {"
 def kernels_load_as_triton():
     """While a CUDA package is compiled: its kernel loader opts a kernel in past 48 KB of shared memory only,
     as Triton's loader does. Where this torch writes the loader differently, packages keep its opt-in
-    (one line on stderr)."""
+    (a line on stderr per package)."""
     from torch._inductor.codegen.cuda.device_op_overrides import CUDADeviceOpOverrides
 
     original = CUDADeviceOpOverrides.kernel_driver
