@@ -32,3 +32,18 @@ def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--smollm2-configs: unknown ['bogus']" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_draft_overlap_probe_sets_up_on_the_cpu(capsys):
+    """`benchmarks/draft_overlap.py` (a device measurement for [engine]) builds the product's segments and its
+    device draft and runs both parts: on the CPU, without streams or graphs, so the setup cannot rot unseen."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_overlap.py"
+    spec = importlib.util.spec_from_file_location("draft_overlap", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--layers", "2", "--S", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "2 layers and one draft step ran" in out
