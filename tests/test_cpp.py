@@ -33,6 +33,7 @@ from specee_compile.backends import make_segments
 from specee_compile.backends.aoti_export import (
     _LOADER_AS_TRITON,
     _LOADER_OPT_IN,
+    LOADER_NAME,
     export_aoti_dir,
     kernels_load_as_triton,
 )
@@ -332,8 +333,10 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     # (`aoti_export.kernels_load_as_triton`)
     with zipfile.ZipFile(out / "layer1.pt2") as z:
         loaders = [z.read(n).decode() for n in z.namelist() if n.endswith(".cpp")]
+        meta = [json.loads(z.read(n)) for n in z.namelist() if n.endswith("wrapper_metadata.json")]
     loaders = [c for c in loaders if "loadKernel(" in c]
     assert loaders and all(_LOADER_AS_TRITON in c and _LOADER_OPT_IN not in c for c in loaders)
+    assert meta and all(m.get("specee_kernel_loader") == LOADER_NAME for m in meta)
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
         # the Python CUDA product (inductor: the same Triton kernels as layer1.pt2, so the same rounding)

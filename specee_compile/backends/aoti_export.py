@@ -230,9 +230,10 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
             (kernels_load_as_triton() if cuda else contextlib.nullcontext()):
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
-        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
-                                                 inductor_configs={"coordinate_descent_tuning": True} if cuda else None)
+        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned; the
+        # package's metadata names its kernel loader (and keeps a compile cached with Inductor's own loader out)
+        cfg = {"coordinate_descent_tuning": True, "aot_inductor.metadata": {"specee_kernel_loader": LOADER_NAME}}
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=cfg if cuda else None)
     dt = time.perf_counter() - t0
     if progress:
         print(f"  {path.name}: {dt:.0f} s", file=sys.stderr)
@@ -246,6 +247,7 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
 # attribute set on its kernels: 23.5 against 20.4 us per chained layer; GPU_NOTES, session 11).
 _LOADER_OPT_IN = "if (sharedMemBytes > 0) {"
 _LOADER_AS_TRITON = "if (sharedMemBytes > 49152) {"
+LOADER_NAME = "shared-memory opt-in past 48 KB"
 
 
 @contextlib.contextmanager
