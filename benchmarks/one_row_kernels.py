@@ -180,6 +180,7 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     tw_pyk = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
     seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
     keys8 = torch.empty(S, dtype=torch.int8, device=dev)
+
     def product(i, x):
         return seg._layer_c(*seg.segmented.layer_args(seg.weights, i, x, pos, keys8, valid[i], kc[i], vc[i]))
 
