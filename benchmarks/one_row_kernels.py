@@ -24,7 +24,9 @@ product's layer again after its Triton kernels got the attribute an AOTI package
 (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` = their shared memory). Per variant: one layer call
 and the chain as CUDA-graph replays, the chain's device time per kernel (torch.profiler) and their sum per
 layer (the chain's time minus that sum = idle time between kernels). `--chain-only`: the product layer, the
-twin layer and the attribute row. Session 11 (GPU_NOTES): the attribute is the runner's gap between kernels.
+twin layer, the twin layer whose attention writes one workspace for every layer (as the Python step's does,
+instead of a buffer the package allocates per call) and the attribute row. Session 11 (GPU_NOTES): the
+attribute is the runner's gap between kernels.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -178,6 +181,9 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
     tw_grid = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "twin"))
     tw_pyk = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
+    ws = torch.empty(H * 16 * (hd + 2), dtype=torch.float32, device=dev)  # (MAX_SPLITS = 16)
+    tw_ws = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python_ws",
+                                           ws))
     seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
     keys8 = torch.empty(S, dtype=torch.int8, device=dev)
 
@@ -192,6 +198,7 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
         variants["python step (specee ops, S static)"] = lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i],
                                                                           vc[i], *lws[i])
     variants["package twin (S dynamic, as layer1.pt2)"] = twin(tw_dyn, keys_dyn)
+    variants["package twin, the attention on one workspace for every layer"] = twin(tw_ws, keys_dyn)
     if not a_only:
         variants["package twin, S static"] = twin(tw_static, keys)
         variants["package twin, S dynamic, the fixed-grid twin kernel on (H, splits(S))"] = twin(tw_grid, keys_dyn)
@@ -274,11 +281,13 @@ def _product_segments(model, dt):
     return make_segments(model, Settings(device="cuda", backend="inductor", dtype=str(dt).split(".")[-1]))
 
 
-def _with_probe_attention(build, kernel: str):
+def _with_probe_attention(build, kernel: str, ws: torch.Tensor | None = None):
     """build() with the layer's attention as a probe op `specee_probe::attention_<kernel>` on (H, splits(S))
     programs, S symbolic: kernel "twin" = the fixed-grid twin kernel (`_aoti_attn_kernel`, which computes the
-    same splits itself), "python" = the Python step's `_decode_attn_kernel` (one block per split). One op per
-    kernel: dynamo reuses a compile for two modules whose closures hold the same op."""
+    same splits itself), "python" = the Python step's `_decode_attn_kernel` (one block per split), "python_ws" =
+    that kernel on the caller's workspace `ws` (float32 [H * MAX_SPLITS * (hd + 2)], one buffer for every layer,
+    as the Python step's) instead of one the op allocates per call. One op per kernel: dynamo reuses a compile
+    for two modules whose closures hold the same op."""
     from specee_compile import model_step as ms
     from specee_compile.plugins import triton_decode_attention as A
 
@@ -287,15 +296,16 @@ def _with_probe_attention(build, kernel: str):
         from torch.library import triton_op, wrap_triton
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
-                      counters: torch.Tensor) -> torch.Tensor:
+                      counters: torch.Tensor, ws: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (torch 2.11)
             H, _, hd = q.shape
             q = q.contiguous()
             o = torch.empty_like(q)
-            ws = torch.empty(H * A.MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
+            if ws is None:
+                ws = torch.empty(H * A.MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
             S = k.shape[1]
             blocks = (S + A.BLOCK_S - 1) // A.BLOCK_S
             per = (blocks + A.MAX_SPLITS - 1) // A.MAX_SPLITS
-            if kernel == "python":  # the Python step's kernel: one block per split up to S = 1024
+            if kernel != "twin":  # the Python step's kernel: one block per split up to S = 1024
                 assert A.splits_for(A._upper(S))[1] == 1
                 wrap_triton(A._decode_attn_kernel)[(H, blocks)](
                     q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1),
@@ -308,10 +318,11 @@ def _with_probe_attention(build, kernel: str):
                 NB=A.splits_for(A._upper(S))[1], num_warps=A.NUM_WARPS)
             return o
 
-        triton_op(f"specee_probe::{name}", attention, mutates_args={"counters"})
+        triton_op(f"specee_probe::{name}", attention, mutates_args={"counters", "ws"})
+    op = getattr(torch.ops.specee_probe, name)
+    attend = op if ws is None else (lambda q, k, v, valid, pos, counters: op(q, k, v, valid, pos, counters, ws))
     orig = ms._fused_op
-    ms._fused_op = lambda ns, op: (getattr(torch.ops.specee_probe, name) if op == "decode_attention"
-                                   else orig(ns, op))
+    ms._fused_op = lambda ns, o: attend if o == "decode_attention" else orig(ns, o)
     try:
         return build()
     finally:
