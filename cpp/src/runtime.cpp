@@ -759,9 +759,7 @@ struct Runtime::Impl {
     f << "{";
     const char* sep = "";
     for (const auto& [name, v] : by_name) {
-      f << sep << "\n \"";
-      for (const char ch : name) f << ((ch == '"' || ch == '\\') ? "\\" : "") << ch;
-      f << "\": [" << v.first << ", " << v.second << "]";
+      f << sep << "\n " << json::quote(name) << ": [" << v.first << ", " << v.second << "]";
       sep = ",";
     }
     f << "\n}\n";
