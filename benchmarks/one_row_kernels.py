@@ -18,8 +18,8 @@ package into a Python process crashed it on the H200, sessions 8 and 10).
 `--chain` adds the one-row layer whole, compiled several ways in this process (no package is loaded), each
 chained over L layers and captured: the product's own compiled layer (`layer_direct`'s), the Python step's
 layer from `make_layer_fn` (the `specee` ops, S static), the package's layer (the `specee_aoti` twins) with
-the attended length S dynamic as `layer1.pt2` has it, the same with S static, the twin layer with the
-attention as probe ops (the fixed-grid kernel on (H, splits(S)); the Python step's kernel), and last the
+the attended length S dynamic as `layer1.pt2` has it, the same with S static, the twin layer whose attention
+writes one workspace for every layer (a probe op), and last the
 product's layer again after its Triton kernels got the attribute an AOTI package's loader sets
 (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` = their shared memory). Per variant: one layer call
 and the chain as CUDA-graph replays, the chain's device time per kernel (torch.profiler) and their sum per
@@ -36,7 +36,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -170,8 +169,6 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     cnt = torch.zeros(H, dtype=torch.int32, device=dev)
     ax._tune_one_row(spec, fused1, lws[0])
     opts = {"coordinate_descent_tuning": True}  # the Python step's and the export's Inductor options
-    torch._inductor.config.fx_graph_cache = False  # the probe op's variants trace one graph, two kernels
-    torch._functorch.config.enable_autograd_cache = False
 
     def compiled(module):
         return torch.compile(module, dynamic=False, options=opts)
@@ -179,11 +176,8 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     py = compiled(ax.LayerFn(spec, False, CUDA_FUSED, ops="specee"))
     tw_dyn = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
     tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
-    tw_grid = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "twin"))
-    tw_pyk = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python"))
     ws = torch.empty(H * 16 * (hd + 2), dtype=torch.float32, device=dev)  # (MAX_SPLITS = 16)
-    tw_ws = compiled(_with_probe_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), "python_ws",
-                                           ws))
+    tw_ws = compiled(_with_workspace_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), ws))
     seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
     keys8 = torch.empty(S, dtype=torch.int8, device=dev)
 
@@ -201,8 +195,6 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     variants["package twin, the attention on one workspace for every layer"] = twin(tw_ws, keys_dyn)
     if not a_only:
         variants["package twin, S static"] = twin(tw_static, keys)
-        variants["package twin, S dynamic, the fixed-grid twin kernel on (H, splits(S))"] = twin(tw_grid, keys_dyn)
-        variants["package twin, S dynamic, the Python attention kernel (per = 1)"] = twin(tw_pyk, keys_dyn)
     variants[SMEM_ATTR] = product  # last: the attribute stays on the kernels
     h0 = torch.randn(1, 1, D, device=dev).to(dt)
 
@@ -281,48 +273,35 @@ def _product_segments(model, dt):
     return make_segments(model, Settings(device="cuda", backend="inductor", dtype=str(dt).split(".")[-1]))
 
 
-def _with_probe_attention(build, kernel: str, ws: torch.Tensor | None = None):
-    """build() with the layer's attention as a probe op `specee_probe::attention_<kernel>` on (H, splits(S))
-    programs, S symbolic: kernel "twin" = the fixed-grid twin kernel (`_aoti_attn_kernel`, which computes the
-    same splits itself), "python" = the Python step's `_decode_attn_kernel` (one block per split), "python_ws" =
-    that kernel on the caller's workspace `ws` (float32 [H * MAX_SPLITS * (hd + 2)], one buffer for every layer,
-    as the Python step's) instead of one the op allocates per call. One op per kernel: dynamo reuses a compile
-    for two modules whose closures hold the same op."""
+def _with_workspace_attention(build, ws: torch.Tensor):
+    """build() with the layer's attention as a probe op `specee_probe::attention_ws`: the package's attention
+    (the Python step's kernel, one block per split, S symbolic) on the caller's workspace `ws` (float32
+    [H * MAX_SPLITS * (hd + 2)], one buffer for every layer, as the Python step's) instead of one allocated per
+    call. (Sessions 10-11 probed the fixed-grid twin kernel and its grid here: the record has them.)"""
     from specee_compile import model_step as ms
     from specee_compile.plugins import triton_decode_attention as A
 
-    name = f"attention_{kernel}"
-    if not hasattr(torch.ops.specee_probe, name):
+    if not hasattr(torch.ops.specee_probe, "attention_ws"):
         from torch.library import triton_op, wrap_triton
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
-                      counters: torch.Tensor, ws: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (torch 2.11)
+                      counters: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
             H, _, hd = q.shape
             q = q.contiguous()
             o = torch.empty_like(q)
-            if ws is None:
-                ws = torch.empty(H * A.MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
             S = k.shape[1]
-            blocks = (S + A.BLOCK_S - 1) // A.BLOCK_S
-            per = (blocks + A.MAX_SPLITS - 1) // A.MAX_SPLITS
-            if kernel != "twin":  # the Python step's kernel: one block per split up to S = 1024
-                assert A.splits_for(A._upper(S))[1] == 1
-                wrap_triton(A._decode_attn_kernel)[(H, blocks)](
-                    q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1),
-                    v.stride(0), v.stride(1), HD=hd, REP=H // k.shape[0], BLOCK_S=A.BLOCK_S, BLOCKS_PER_SPLIT=1,
-                    MAX_SPLITS=A.MAX_SPLITS, num_warps=A.NUM_WARPS)
-                return o
-            wrap_triton(A._aoti_attn_kernel)[(H, (blocks + per - 1) // per)](
+            assert A.splits_for(A._upper(S))[1] == 1  # one block per split: every S up to 1024
+            wrap_triton(A._decode_attn_kernel)[(H, (S + A.BLOCK_S - 1) // A.BLOCK_S)](
                 q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), HD=hd, REP=H // k.shape[0], BLOCK_S=A.BLOCK_S, MAX_SPLITS=A.MAX_SPLITS,
-                NB=A.splits_for(A._upper(S))[1], num_warps=A.NUM_WARPS)
+                v.stride(0), v.stride(1), HD=hd, REP=H // k.shape[0], BLOCK_S=A.BLOCK_S, BLOCKS_PER_SPLIT=1,
+                MAX_SPLITS=A.MAX_SPLITS, num_warps=A.NUM_WARPS)
             return o
 
-        triton_op(f"specee_probe::{name}", attention, mutates_args={"counters", "ws"})
-    op = getattr(torch.ops.specee_probe, name)
-    attend = op if ws is None else (lambda q, k, v, valid, pos, counters: op(q, k, v, valid, pos, counters, ws))
+        triton_op("specee_probe::attention_ws", attention, mutates_args={"counters", "ws"})
+    op = torch.ops.specee_probe.attention_ws
     orig = ms._fused_op
-    ms._fused_op = lambda ns, o: attend if o == "decode_attention" else orig(ns, o)
+    ms._fused_op = lambda ns, name: ((lambda q, k, v, valid, pos, counters: op(q, k, v, valid, pos, counters, ws))
+                                     if name == "decode_attention" else orig(ns, name))
     try:
         return build()
     finally:
