@@ -18,15 +18,15 @@ package into a Python process crashed it on the H200, sessions 8 and 10).
 `--chain` adds the one-row layer whole, compiled several ways in this process (no package is loaded), each
 chained over L layers and captured: the product's own compiled layer (`layer_direct`'s), the Python step's
 layer from `make_layer_fn` (the `specee` ops, S static), the package's layer (the `specee_aoti` twins) with
-the attended length S dynamic as `layer1.pt2` has it, the same with S static, the twin layer whose attention
-writes one workspace for every layer (a probe op), and last the
+the attended length S dynamic as `layer1.pt2` has it (its attention on the caller's workspace, one for every
+layer), the same with S static, the twin layer whose attention allocates its workspace per call (a probe op:
+the package before session 12), and last the
 product's layer again after its Triton kernels got the attribute an AOTI package's loader sets
 (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` = their shared memory). Per variant: one layer call
 and the chain as CUDA-graph replays, the chain's device time per kernel (torch.profiler) and their sum per
 layer (the chain's time minus that sum = idle time between kernels). `--chain-only`: the product layer, the
-twin layer, the twin layer whose attention writes one workspace for every layer (as the Python step's does,
-instead of a buffer the package allocates per call) and the attribute row. Session 11 (GPU_NOTES): the
-attribute is the runner's gap between kernels.
+twin layer, the twin layer whose attention allocates its workspace per call, and the attribute row.
+Session 11 (GPU_NOTES): the attribute is the runner's gap between kernels.
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def kernel_rows(add, shape, dev, t, us) -> None:
         valid = torch.ones(S, dtype=torch.bool, device=dev)
         pos = torch.tensor([S - 1], device=dev)
         cnt = torch.zeros(H, dtype=torch.int32, device=dev)
+        ws = torch.empty(A.workspace_numel(H, hd), dtype=torch.float32, device=dev)
         py = us(A.triton_decode_attention, q, kc, vc, valid, pos)
-        tw = us(torch.ops.specee_aoti.decode_attention, q, kc, vc, valid, pos, cnt)
+        tw = us(torch.ops.specee_aoti.decode_attention, q, kc, vc, valid, pos, cnt, ws)
         add(f"attention S={S}", py, tw, f"splits {A.splits_for(S)} / {A.MAX_SPLITS}")
     h, nw, wh = t(1, 1, D), t(D), t(V, D)
     from specee_compile.model_step import make_head_fn, rms_norm
@@ -150,6 +151,7 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     from specee_compile.backends.cuda_step import replay_time
     from specee_compile.model_step import CUDA_FUSED, extract_weights
     from specee_compile.ops import register_cuda_kernels
+    from specee_compile.plugins.triton_decode_attention import workspace_numel
 
     register_cuda_kernels()
     D, H, Hkv, I, V = shape
@@ -176,8 +178,8 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     py = compiled(ax.LayerFn(spec, False, CUDA_FUSED, ops="specee"))
     tw_dyn = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
     tw_static = compiled(ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"))
-    ws = torch.empty(H * 16 * (hd + 2), dtype=torch.float32, device=dev)  # (MAX_SPLITS = 16)
-    tw_ws = compiled(_with_workspace_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti"), ws))
+    ws = torch.empty(workspace_numel(H, hd), dtype=torch.float32, device=dev)
+    tw_alloc = compiled(_with_allocating_attention(lambda: ax.RowLayerFn(spec, False, fused1, ops="specee_aoti")))
     seg = _product_segments(model, dt)  # the product's compiled layer (the Python CUDA step's chain)
     keys8 = torch.empty(S, dtype=torch.int8, device=dev)
 
@@ -185,14 +187,14 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
         return seg._layer_c(*seg.segmented.layer_args(seg.weights, i, x, pos, keys8, valid[i], kc[i], vc[i]))
 
     def twin(module, keys_arg):
-        return lambda i, x: module(x, pos, keys_arg, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, *lws[i])
+        return lambda i, x: module(x, pos, keys_arg, valid[i], w.cos, w.sin, kc[i], vc[i], cnt, ws, *lws[i])
 
     variants = {"product layer (seg.layer_direct's compile)": product}
     if not a_only:
         variants["python step (specee ops, S static)"] = lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i],
                                                                           vc[i], *lws[i])
     variants["package twin (S dynamic, as layer1.pt2)"] = twin(tw_dyn, keys_dyn)
-    variants["package twin, the attention on one workspace for every layer"] = twin(tw_ws, keys_dyn)
+    variants["package twin, the attention's workspace allocated per call (before s12)"] = twin(tw_alloc, keys_dyn)
     if not a_only:
         variants["package twin, S static"] = twin(tw_static, keys)
     variants[SMEM_ATTR] = product  # last: the attribute stays on the kernels
@@ -273,22 +275,22 @@ def _product_segments(model, dt):
     return make_segments(model, Settings(device="cuda", backend="inductor", dtype=str(dt).split(".")[-1]))
 
 
-def _with_workspace_attention(build, ws: torch.Tensor):
-    """build() with the layer's attention as a probe op `specee_probe::attention_ws`: the package's attention
-    (the Python step's kernel, one block per split, S symbolic) on the caller's workspace `ws` (float32
-    [H * MAX_SPLITS * (hd + 2)], one buffer for every layer, as the Python step's) instead of one allocated per
-    call. (Sessions 10-11 probed the fixed-grid twin kernel and its grid here: the record has them.)"""
+def _with_allocating_attention(build):
+    """build() with the layer's attention as a probe op `specee_probe::attention_alloc`: the package's attention
+    as it was before session 12, allocating its fp32 workspace in every call instead of taking the caller's
+    (ignores the `ws` input). The row beside the package twin's measures what the caller's workspace saves."""
     from specee_compile import model_step as ms
     from specee_compile.plugins import triton_decode_attention as A
 
-    if not hasattr(torch.ops.specee_probe, "attention_ws"):
+    if not hasattr(torch.ops.specee_probe, "attention_alloc"):
         from torch.library import triton_op, wrap_triton
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
-                      counters: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+                      counters: torch.Tensor) -> torch.Tensor:
             H, _, hd = q.shape
             q = q.contiguous()
             o = torch.empty_like(q)
+            ws = torch.empty(A.workspace_numel(H, hd), dtype=torch.float32, device=q.device)
             S = k.shape[1]
             assert A.splits_for(A._upper(S))[1] == 1  # one block per split: every S up to 1024
             wrap_triton(A._decode_attn_kernel)[(H, (S + A.BLOCK_S - 1) // A.BLOCK_S)](
@@ -297,10 +299,10 @@ def _with_workspace_attention(build, ws: torch.Tensor):
                 MAX_SPLITS=A.MAX_SPLITS, num_warps=A.NUM_WARPS)
             return o
 
-        triton_op("specee_probe::attention_ws", attention, mutates_args={"counters", "ws"})
-    op = torch.ops.specee_probe.attention_ws
+        triton_op("specee_probe::attention_alloc", attention, mutates_args={"counters"})
+    op = torch.ops.specee_probe.attention_alloc
     orig = ms._fused_op
-    ms._fused_op = lambda ns, name: ((lambda q, k, v, valid, pos, counters: op(q, k, v, valid, pos, counters, ws))
+    ms._fused_op = lambda ns, name: ((lambda q, k, v, valid, pos, counters, ws: op(q, k, v, valid, pos, counters))
                                      if name == "decode_attention" else orig(ns, name))
     try:
         return build()

@@ -245,7 +245,7 @@ def _fused_op(ns: str, name: str):
 
 def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...] = (), ops: str = "specee"):
     """Return `layer(h, pos, valid, cos, sin, k_cache, v_cache, S, ln1, wqkv, bqkv, wo, ln2, wgu, wd)`
-    (keywords: slots, mask, counters; see inside).
+    (keywords: slots, mask, attn_state; see inside).
 
     One function serves every layer (weights are arguments), so a compiler compiles it once.
     `S` (a Python int) bounds the attended cache prefix; it must exceed every position in `pos`.
@@ -261,14 +261,15 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         attend = _fused_op(ops, "decode_attention")
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
-              slots=None, mask=None, counters=None):
+              slots=None, mask=None, attn_state=()):
         # slots [q] (optional): cache positions to write K/V at, when they differ from the RoPE
         # positions `pos` (tree verification: nodes of one depth share a position, not a slot).
         # mask [q, S] bool (optional): which cache positions each row may attend to, instead of
         # `j <= pos` (a tree attention mask); still ANDed with `valid`. Neither given = the decode
         # step every backend traces (the graph is unchanged).
-        # counters: the `specee_aoti` attention's arrival counters (int32 [H], zero between calls), which
-        # an AOTI package takes as an input since it owns no state; required with ops="specee_aoti".
+        # attn_state: the `specee_aoti` attention's state, (arrival counters int32 [H] zero between calls,
+        # fp32 workspace), which an AOTI package takes as inputs since it owns no state; required with
+        # ops="specee_aoti".
         q_rows = h.shape[1]
         q, k, v = qkv(h, ln1, wqkv, bqkv)
         q, k = rope(q, k, cos[pos], sin[pos])
@@ -278,7 +279,7 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         valid.index_fill_(0, at, True)
         if "attn" in fused and mask is None:
             a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos,
-                       *(() if ops == "specee" else (counters,)))  # [H, q, hd]
+                       *(() if ops == "specee" else attn_state))  # [H, q, hd]
             return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         if mask is None:
             keys = torch.arange(S, device=h.device)

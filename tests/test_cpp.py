@@ -40,6 +40,7 @@ from specee_compile.backends.aoti_export import (
 from specee_compile.config import Settings
 from specee_compile.draft import EagleDraft, EagleSource
 from specee_compile.errors import SpecEEError
+from specee_compile.plugins.triton_decode_attention import workspace_numel
 from specee_compile.predictors.schedule import OnlineScheduler
 from specee_compile.program import ExitPoint, Predictors, SpecEEProgram
 from specee_compile.runtime.decoder import Decoder
@@ -329,6 +330,8 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     info = read_manifest(out)["cpp"]
     assert info["packages"]["layer1"] == "layer1.pt2" and info["packages"]["head1"] == "head1.pt2"
     assert info["layer1_attn_counters"] is True
+    assert info["layer1_attn_workspace"] == workspace_numel(CFG["num_attention_heads"],
+                                                            CFG["hidden_size"] // CFG["num_attention_heads"])
     # its kernel loader opts a kernel into more shared memory only past 48 KB, as Triton's does
     # (`aoti_export.kernels_load_as_triton`)
     with zipfile.ZipFile(out / "layer1.pt2") as z:

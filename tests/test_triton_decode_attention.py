@@ -61,11 +61,14 @@ _INTERP = textwrap.dedent(
             assert e < 1e-5, (H, Hkv, S, pos, bs, e)
             assert int(A._WORKSPACES[(q.device, H, hd)][1].abs().sum()) == 0  # counters reset
             # the AOTI twin (the kernel itself where one block per split serves every S, else one launch on a fixed
-            # grid whose idle splits return; the caller's counters): the same bits,
-            # and the counters back at zero, so the next call (and layer) can take them as they are
+            # grid whose idle splits return; the caller's counters and workspace): the same bits,
+            # and the counters back at zero, so the next call (and layer) can take them as they are;
+            # the workspace's contents do not matter (garbage in it from the last call or anywhere)
             cnt = torch.zeros(H, dtype=torch.int32)
+            ws = torch.full((A.workspace_numel(H, hd),), float("nan"))
             for _ in range(2):
-                assert torch.equal(torch.ops.specee_aoti.decode_attention(q, k, v, valid, p, cnt), out), (H, S, bs)
+                got = torch.ops.specee_aoti.decode_attention(q, k, v, valid, p, cnt, ws)
+                assert torch.equal(got, out), (H, S, bs)
                 assert int(cnt.abs().sum()) == 0
     print("INTERP_OK")
     """
@@ -106,15 +109,17 @@ def test_registered_op_dispatches_and_more_rows_fall_back():
     assert torch.equal(torch.ops.specee.decode_attention(*args), decode_attention_reference(*args))
 
 
-def test_aoti_twin_counters_are_a_declared_mutated_input_of_the_package():
-    """The one-row layer package (`layer1.pt2`) takes the attention's arrival counters as an input after
-    v_cache, and the export sees the op mutate it: Inductor then updates it in place (no copy per call),
-    and the package's signature says the caller owns state. (The traced graph only: no compile here.)"""
+def test_aoti_twin_state_is_a_declared_mutated_input_of_the_package():
+    """The one-row layer package (`layer1.pt2`) takes the attention's state as inputs after v_cache (the
+    arrival counters and the split workspace), and the export sees the op mutate them: Inductor then
+    updates them in place (no copy and no allocation per call), and the package's signature says the caller
+    owns state. (The traced graph only: no compile here.)"""
     pytest.importorskip("triton")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from specee_compile.backends.aoti_export import RowLayerFn
     from specee_compile.model_step import extract_weights
+    from specee_compile.plugins.triton_decode_attention import workspace_numel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -122,10 +127,11 @@ def test_aoti_twin_counters_are_a_declared_mutated_input_of_the_package():
     w = extract_weights(LlamaForCausalLM(cfg).eval(), 64)
     T, lw = 65, [t for t in w.layers[0].as_tuple() if t is not None]
     args = (torch.randn(1, 1, 64), torch.tensor([5]), torch.arange(16), torch.zeros(T, dtype=torch.bool), w.cos, w.sin,
-            torch.zeros(2, T, 16), torch.zeros(2, T, 16), torch.zeros(4, dtype=torch.int32), *lw)
+            torch.zeros(2, T, 16), torch.zeros(2, T, 16), torch.zeros(4, dtype=torch.int32),
+            torch.empty(workspace_numel(4, 16)), *lw)
     S = torch.export.Dim("S", min=1, max=64)
-    ds = (None, None, {0: S}) + (None,) * 6 + ((None,) * len(lw),)
+    ds = (None, None, {0: S}) + (None,) * 7 + ((None,) * len(lw),)
     fn = RowLayerFn(w.spec, False, ("attn",), ops="specee_aoti")
     ep = torch.export.export(fn, args, dynamic_shapes=ds, strict=False).run_decompositions()
     mutated = set(ep.graph_signature.user_inputs_to_mutate.values())
-    assert {"counters", "k_cache", "v_cache", "valid"} <= mutated
+    assert {"counters", "ws", "k_cache", "v_cache", "valid"} <= mutated

@@ -151,6 +151,7 @@ struct Runtime::Impl {
   // weights (on dev)
   at::Tensor embed, norm, head, cos, sin, keys;
   at::Tensor attn_cnt;  // layer1's fused attention: per-head arrival counters (int32 [H], zero between calls)
+  at::Tensor attn_ws;   // and its split workspace (fp32, any contents), one for every layer as the Python step's
   std::vector<std::vector<at::Tensor>> layer_w;
   at::Tensor pw1, pb1, pw2, pb2;
   std::vector<at::Tensor> draft_w;
@@ -265,6 +266,9 @@ struct Runtime::Impl {
     keys = at::arange(max_len, at::TensorOptions().dtype(at::kLong).device(dev));
     if (layer1_pkg.loader && cpp->has("layer1_attn_counters") && cpp->at("layer1_attn_counters").b)
       attn_cnt = at::zeros({cpp->at("num_heads").integer()}, at::TensorOptions().dtype(at::kInt).device(dev));
+    if (attn_cnt.defined() && cpp->has("layer1_attn_workspace") && cpp->at("layer1_attn_workspace").integer() > 0)
+      attn_ws = at::empty({cpp->at("layer1_attn_workspace").integer()},
+                          at::TensorOptions().dtype(at::kFloat).device(dev));
   }
 
   void verify_files(const json::Value& files, const json::Value& cpp) {
@@ -420,6 +424,7 @@ struct Runtime::Impl {
     const bool one_row = h.size(1) == 1 && layer1_pkg.loader;
     std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
     if (one_row && attn_cnt.defined()) in.push_back(attn_cnt);
+    if (one_row && attn_ws.defined()) in.push_back(attn_ws);
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
     return (one_row ? layer1_pkg : layer_pkg).run(in)[0];
   }

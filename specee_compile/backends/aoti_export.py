@@ -14,8 +14,9 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
     layer1.pt2       (CUDA) the same for one row (the decode step), with the Python CUDA step's fused Triton
                      kernels embedded (`specee_aoti::fused_linear` / `decode_attention`, triton_op twins of
                      the Python custom ops, which a package cannot call); the runner uses it for q = 1.
-                     With the fused attention (`layer1_attn_counters`) an int32 [H] input follows v_cache:
-                     the attention kernel's per-head arrival counters, zero between calls
+                     With the fused attention (`layer1_attn_counters`) two inputs follow v_cache, the
+                     attention kernel's state: its per-head arrival counters (int32 [H], zero between
+                     calls) and its split workspace (fp32 [`layer1_attn_workspace`], any contents)
     head.pt2         (h [1,q,D], sel [n], norm_w, head_w) -> (hn [1,q,D], logits [1,n,V]):
                      final norm of every row, full LM head of the rows `sel`
     head1.pt2        (CUDA) the same for one row, static shapes: (h [1,1,D], norm_w, head_w) -> (hn, logits)
@@ -61,21 +62,22 @@ class LayerFn(torch.nn.Module):
     def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, *w):
         return self._run(h, pos, keys, valid, cos, sin, k_cache, v_cache, w)
 
-    def _run(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, w, counters=None):
+    def _run(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, w, attn_state=()):
         ln1, wqkv, *rest = w
         bqkv = rest.pop(0) if self.has_bias else None
         wo, ln2, wgu, wd = rest
         return self.fn(h, pos, valid, cos, sin, k_cache, v_cache, keys.shape[0], ln1, wqkv, bqkv, wo, ln2, wgu, wd,
-                       counters=counters)
+                       attn_state=attn_state)
 
 
 class RowLayerFn(LayerFn):
-    """`layer1.pt2` with the fused attention: the attention kernel's arrival counters (int32 [H], zero
-    between calls) come in after v_cache, since a package owns no state (the runner keeps one, shared by
-    every layer: their calls run one after another on one stream)."""
+    """`layer1.pt2` with the fused attention: the attention kernel's state comes in after v_cache, since a
+    package owns no state: its arrival counters (int32 [H], zero between calls) and its split workspace
+    (fp32). The runner keeps one of each, shared by every layer (their calls run one after another on one
+    stream), as the Python step does."""
 
-    def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, counters, *w):
-        return self._run(h, pos, keys, valid, cos, sin, k_cache, v_cache, w, counters)
+    def forward(self, h, pos, keys, valid, cos, sin, k_cache, v_cache, counters, ws, *w):
+        return self._run(h, pos, keys, valid, cos, sin, k_cache, v_cache, w, (counters, ws))
 
 
 class HeadFn(torch.nn.Module):
@@ -288,19 +290,24 @@ def one_row_packages(w, out: Path, info: dict, progress: bool = True, S=None) ->
     times, pk = info.setdefault("compile_s", {}), info.setdefault("packages", {})
     fused1 = one_row_fused(spec, dev)
     if fused1:
-        counters = "attn" in fused1  # the attention kernel's per-head arrival counters, after v_cache
+        from ..plugins.triton_decode_attention import workspace_numel
+
+        counters = "attn" in fused1  # the attention kernel's state (counters, workspace), after v_cache
+        n_ws = workspace_numel(spec.num_heads, hd)
         row_args = (torch.randn(1, 1, D, device=dev).to(dtype), torch.tensor([5], device=dev),
                     torch.arange(64, device=dev), torch.zeros(T, dtype=torch.bool, device=dev), w.cos, w.sin,
                     torch.zeros(Hkv, T, hd, dtype=dtype, device=dev), torch.zeros(Hkv, T, hd, dtype=dtype, device=dev),
-                    *([torch.zeros(spec.num_heads, dtype=torch.int32, device=dev)] if counters else []), *lw)
+                    *([torch.zeros(spec.num_heads, dtype=torch.int32, device=dev),
+                       torch.empty(n_ws, dtype=torch.float32, device=dev)] if counters else []), *lw)
         _tune_one_row(spec, fused1, lw)
-        ds1 = (None, None, {0: S}) + (None,) * (6 if counters else 5) + ((None,) * len(lw),)
+        ds1 = (None, None, {0: S}) + (None,) * (7 if counters else 5) + ((None,) * len(lw),)
         has_bias = w.layers[0].bqkv is not None
         times["layer1"] = _compile((RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti"),
                                    row_args, ds1, out / "layer1.pt2", progress)
         pk["layer1"] = "layer1.pt2"
         info["layer1_fused"] = list(fused1)
         info["layer1_attn_counters"] = counters
+        info["layer1_attn_workspace"] = n_ws if counters else 0
     times["head1"] = _compile(Head1Fn(spec), (torch.randn(1, 1, D, device=dev).to(dtype), w.norm, w.head), None,
                               out / "head1.pt2", progress)
     pk["head1"] = "head1.pt2"

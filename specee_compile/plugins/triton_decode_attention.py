@@ -15,8 +15,9 @@ fp32 math; scale 1/sqrt(hd) as SDPA's default. Rows q > 1 (prefill, pending rows
 
 `specee_aoti::decode_attention` is the same kernel for AOTInductor packages (the C++ runner's one-row
 layer, `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python
-custom op it cannot call). One launch, as the Python kernel: the arrival counters, which a package
-cannot own, are the caller's (an int32 [H] input, zero between calls; the kernel leaves it zero).
+custom op it cannot call). One launch, as the Python kernel: its state, which a package cannot own, is
+the caller's, as the Python step keeps one of each for every layer: the arrival counters (an int32 [H]
+input, zero between calls; the kernel leaves it zero) and the fp32 workspace (`workspace_numel`).
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ def _workspace(device, heads: int, hd: int):
     ws = _WORKSPACES.get(key)
     if ws is None:  # first call of a shape: before any capture in every caller (warm-up)
         ws = _WORKSPACES[key] = (
-            torch.empty(heads * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=device),
+            torch.empty(workspace_numel(heads, hd), dtype=torch.float32, device=device),
             torch.zeros(heads, dtype=torch.int32, device=device),
         )
     return ws
+
+
+def workspace_numel(heads: int, hd: int) -> int:
+    """Elements of the fp32 split workspace: (m, l, acc[hd]) per split slot per head."""
+    return heads * MAX_SPLITS * (hd + 2)
 
 
 def splits_for(S: int) -> tuple[int, int]:
@@ -178,10 +184,11 @@ def _upper(n) -> int:
 
 
 def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                    pos: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+                    pos: torch.Tensor, counters: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """`specee_aoti::decode_attention`: one query row (the decode step of an AOTI layer package); the same
     numbers as `triton_decode_attention` (the same splits, the same merge order). counters: int32 [H],
-    zero on entry, zero again on return (the last split of a head resets its counter)."""
+    zero on entry, zero again on return (the last split of a head resets its counter). ws: the fp32
+    workspace [workspace_numel(H, hd)], any contents: one for every layer, as the Python step's."""
     H, rows, hd = q.shape
     Hkv = k.shape[0]
     if rows != 1 or hd != triton.next_power_of_2(hd) or H % Hkv:
@@ -189,9 +196,12 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     if counters is None or counters.dtype != torch.int32 or tuple(counters.shape) != (H,):
         got = None if counters is None else f"{counters.dtype} {tuple(counters.shape)}"
         raise ValueError(f"specee_aoti::decode_attention: counters must be int32 [{H}] (zero), got {got}")
+    n = workspace_numel(H, hd)
+    if ws is None or ws.dtype != torch.float32 or ws.numel() != n or not ws.is_contiguous():
+        got = None if ws is None else f"{ws.dtype} {tuple(ws.shape)}"
+        raise ValueError(f"specee_aoti::decode_attention: ws must be a contiguous float32 [{n}], got {got}")
     q = q.contiguous()
     o = torch.empty_like(q)
-    ws = torch.empty(H * MAX_SPLITS * (hd + 2), dtype=torch.float32, device=q.device)
     S = k.shape[1]
     if splits_for(_upper(S))[1] == 1:  # every S of the package (<= BLOCK_S * MAX_SPLITS): one block per split
         # the Python step's own kernel on (H, blocks(S)) programs, S symbolic in the grid: 0.5 us less per
@@ -214,7 +224,8 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
 if HAVE_TRITON:
     from torch.library import triton_op, wrap_triton
 
-    aoti_decode_attention = triton_op("specee_aoti::decode_attention", _aoti_attention, mutates_args={"counters"})
+    aoti_decode_attention = triton_op("specee_aoti::decode_attention", _aoti_attention,
+                                      mutates_args={"counters", "ws"})
 
 
 def register_cuda_impl() -> bool:
