@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chain", action="store_true", help="also the whole one-row layer, three ways (see above)")
     ap.add_argument("--chain-only", action="store_true", help="only the chain: the product layer, the package twin "
                     "and the product layer with AOTI's kernel attribute")
+    ap.add_argument("--attrs", action="store_true", help="only the chain of the product layer and the package twin, "
+                    "with each kernel's function attributes, then the twin's chain again under uniform attributes")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("one_row_kernels.py needs CUDA")
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     if not a.chain_only:
         kernel_rows(add, SHAPES[a.shape], dev, t, us)
     chain = []
-    if a.chain or a.chain_only:
+    if a.chain or a.chain_only or a.attrs:
         print("\n| one-row layer, compiled as | one call, us | per layer in the chain of 30, us | the chain's kernels, us "
               "each |\n|---|---|---|---|", flush=True)
 
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
             chain.append(row)
             print(f"| {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]} |", flush=True)
 
-        chain_rows(add_chain, SHAPES[a.shape], dt, a_only=a.chain_only)
+        chain_rows(add_chain, SHAPES[a.shape], dt, a_only=a.chain_only or a.attrs, attrs=a.attrs)
     if a.json:
         record = [dict(zip(("kernel", "python_us", "package_us", "note"), r)) for r in rows]
         record += [dict(zip(("layer", "one_call_us", "chain_us_per_layer", "kernels"), r)) for r in chain]
@@ -140,7 +142,7 @@ def kernel_rows(add, shape, dev, t, us) -> None:
 SMEM_ATTR = "product layer, the plugin kernels with AOTI's max-dynamic-smem attribute"
 
 
-def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = False) -> None:
+def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = False, attrs: bool = False) -> None:
     """One-row layer calls and their chain, compiled three ways (module docstring); rows (variant, one call
     us, us per layer in the chain, the chain's kernels: name, calls per chain, device us per call)."""
     import time
@@ -194,10 +196,12 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
         variants["python step (specee ops, S static)"] = lambda i, x: py(x, pos, keys, valid[i], w.cos, w.sin, kc[i],
                                                                           vc[i], *lws[i])
     variants["package twin (S dynamic, as layer1.pt2)"] = twin(tw_dyn, keys_dyn)
-    variants["package twin, the attention's workspace allocated per call (before s12)"] = twin(tw_alloc, keys_dyn)
+    if not attrs:
+        variants["package twin, the attention's workspace allocated per call (before s12)"] = twin(tw_alloc, keys_dyn)
     if not a_only:
         variants["package twin, S static"] = twin(tw_static, keys)
-    variants[SMEM_ATTR] = product  # last: the attribute stays on the kernels
+    if not attrs:
+        variants[SMEM_ATTR] = product  # last: the attribute stays on the kernels
     h0 = torch.randn(1, 1, D, device=dev).to(dt)
 
     def graph(fn):
@@ -244,6 +248,87 @@ def chain_rows(add, shape, dt, layers: int = 30, S: int = 64, a_only: bool = Fal
     ref = next(iter(outs.values())).float()
     for name, x in outs.items():
         print(f"  {name}: max |chain output - python step's| = {(x.float() - ref).abs().max().item():.3g}")
+    if attrs:
+        try:
+            with torch.no_grad():
+                attr_rows(add, {k: variants[k] for k in list(variants)[:2]}, h0, layers, replay_us)
+        except Exception as e:  # noqa: BLE001 - a probe: say what failed, keep the rows taken
+            print(f"  attribute probe failed: {type(e).__name__}: {e}")
+
+
+ATTRS = {"max_dyn_smem": 8, "carveout": 9, "regs": 4, "static_smem": 1, "local": 3, "cache_ca": 7}
+
+
+def attr_rows(add, variants: dict, h0, layers: int, replay_us) -> None:
+    """Each kernel function of the two chains (the product layer's, the package twin's) with its attributes
+    (`cuFuncGetAttribute`, read from the captured graph's kernel nodes), then the twin's chain re-captured and
+    timed after its functions get uniform attributes, one setting on top of the last: the dynamic shared
+    memory limit back to the default (48 KB - static), the carveout preference 0 (most L1), then 100 (most
+    shared memory). Which attribute, if any, is the package chain's idle time between kernels (GPU_NOTES s11-12)."""
+    import ctypes
+
+    cu = ctypes.CDLL("libcuda.so.1")
+    node_params = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
+
+    def functions(fn) -> dict:
+        x = h0
+        g = torch.cuda.CUDAGraph(keep_graph=True)
+        with torch.cuda.graph(g):
+            for i in range(layers):
+                x = fn(i, x)
+        raw = ctypes.c_void_p(g.raw_cuda_graph())
+        n = ctypes.c_size_t(0)
+        assert cu.cuGraphGetNodes(raw, None, ctypes.byref(n)) == 0
+        nodes = (ctypes.c_void_p * n.value)()
+        assert cu.cuGraphGetNodes(raw, nodes, ctypes.byref(n)) == 0
+        out = {}
+        for node in nodes:
+            kind = ctypes.c_int(-1)
+            cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
+            if kind.value != 0:  # CU_GRAPH_NODE_TYPE_KERNEL
+                continue
+            params = (ctypes.c_byte * 256)()
+            if node_params(ctypes.c_void_p(node), params) != 0:
+                continue
+            func = ctypes.c_void_p.from_buffer(params, 0).value  # CUDA_KERNEL_NODE_PARAMS.func (first field)
+            name = ctypes.c_char_p()
+            if func and hasattr(cu, "cuFuncGetName"):
+                cu.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(func))
+            if func:
+                out[func] = (name.value or b"?").decode()
+        return out
+
+    def get(func, attr):
+        v = ctypes.c_int(-99)
+        cu.cuFuncGetAttribute(ctypes.byref(v), attr, ctypes.c_void_p(func))
+        return v.value
+
+    funcs = {}
+    for label, fn in variants.items():
+        funcs[label] = functions(fn)
+        print(f"\n{label}: kernel functions and attributes\n| kernel | " + " | ".join(ATTRS) + " |\n|---|"
+              + "---|" * len(ATTRS))
+        for func, name in funcs[label].items():
+            print(f"| {name[:60]} | " + " | ".join(str(get(func, a)) for a in ATTRS.values()) + " |", flush=True)
+    label, fn = list(variants.items())[-1]
+    settings = [("max_dyn_smem = 48 KB - static", lambda f: cu.cuFuncSetAttribute(
+                    ctypes.c_void_p(f), 8, ctypes.c_int(49152 - get(f, 1)))),
+                ("+ carveout 0", lambda f: cu.cuFuncSetAttribute(ctypes.c_void_p(f), 9, ctypes.c_int(0))),
+                ("+ carveout 100", lambda f: cu.cuFuncSetAttribute(ctypes.c_void_p(f), 9, ctypes.c_int(100)))]
+    for what, setter in settings:
+        rc = [setter(f) for f in funcs[label]]
+
+        def chain(fn=fn):
+            x = h0
+            for i in range(layers):
+                x = fn(i, x)
+
+        chain()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            chain()
+        add(f"{label}, {what} (rc {sorted(set(rc))})", float("nan"), replay_us(g) / layers, "")
 
 
 def _aoti_smem_attribute() -> None:
