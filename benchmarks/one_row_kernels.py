@@ -26,7 +26,10 @@ product's layer again after its Triton kernels got the attribute an AOTI package
 and the chain as CUDA-graph replays, the chain's device time per kernel (torch.profiler) and their sum per
 layer (the chain's time minus that sum = idle time between kernels). `--chain-only`: the product layer, the
 twin layer, the twin layer whose attention allocates its workspace per call, and the attribute row.
-Session 11 (GPU_NOTES): the attribute is the runner's gap between kernels.
+`--attrs`: the product chain and the twin chain with each kernel function's attributes, then the twin's chain
+under uniform attributes. Session 12 (GPU_NOTES): the two chains' functions have the same attributes, and this
+probe's idle time per layer varies from run to run for the product's own layer (19.4-22.9 us per chained layer
+over sessions 11-12), so a row here differs from another only past that spread.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specee_compile.artifacts import read_manifest
 from specee_compile.backends import make_segments
-from specee_compile.backends.aoti_export import (
-    _LOADER_AS_TRITON,
-    _LOADER_OPT_IN,
-    LOADER_NAME,
-    export_aoti_dir,
-    kernels_load_as_triton,
-)
+from specee_compile.backends.aoti_export import export_aoti_dir
 from specee_compile.config import Settings
 from specee_compile.draft import EagleDraft, EagleSource
 from specee_compile.errors import SpecEEError
@@ -298,20 +291,6 @@ def smollm2_export(smollm2, tmp_path_factory, runner):
 
 
 
-def test_package_kernel_loader_opts_in_as_triton_does():
-    """While a CUDA package compiles, Inductor's kernel loader (written into the package) opts a kernel into
-    more shared memory only past 48 KB; afterwards the loader is Inductor's own again."""
-    from torch._inductor.codegen.cuda.device_op_overrides import CUDADeviceOpOverrides
-
-    before = CUDADeviceOpOverrides().kernel_driver()
-    assert before.count(_LOADER_OPT_IN) == 2  # both loadKernel overloads: what the patch replaces
-    with kernels_load_as_triton():
-        during = CUDADeviceOpOverrides().kernel_driver()
-    assert _LOADER_OPT_IN not in during and during.count(_LOADER_AS_TRITON) == 2
-    assert during.replace(_LOADER_AS_TRITON, _LOADER_OPT_IN) == before
-    assert CUDADeviceOpOverrides().kernel_driver() == before
-
-
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the H200 runs are recorded in benchmarks/)")
 
 
@@ -332,14 +311,6 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     assert info["layer1_attn_counters"] is True
     assert info["layer1_attn_workspace"] == workspace_numel(CFG["num_attention_heads"],
                                                             CFG["hidden_size"] // CFG["num_attention_heads"])
-    # its kernel loader opts a kernel into more shared memory only past 48 KB, as Triton's does
-    # (`aoti_export.kernels_load_as_triton`)
-    with zipfile.ZipFile(out / "layer1.pt2") as z:
-        loaders = [z.read(n).decode() for n in z.namelist() if n.endswith(".cpp")]
-        meta = [json.loads(z.read(n)) for n in z.namelist() if n.endswith("wrapper_metadata.json")]
-    loaders = [c for c in loaders if "loadKernel(" in c]
-    assert loaders and all(_LOADER_AS_TRITON in c and _LOADER_OPT_IN not in c for c in loaders)
-    assert meta and all(m.get("specee_kernel_loader") == LOADER_NAME for m in meta)
     dense = Settings(max_new_tokens=90, max_context=MAX_CONTEXT, device="cuda")
     for ids in PROMPTS:
         # the Python CUDA product (inductor: the same Triton kernels as layer1.pt2, so the same rounding)

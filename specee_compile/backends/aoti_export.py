@@ -228,54 +228,16 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     # S that hold for every S >= 0 but that export's solver cannot prove (min(64*S, 192*S) == 64*S): there
     # they become run-time asserts instead of an error; SDPA's math formulation keeps the shape checks simple
     cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()), \
-            (kernels_load_as_triton() if cuda else contextlib.nullcontext()):
+    with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
-        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned; the
-        # package's metadata names its kernel loader (and keeps a compile cached with Inductor's own loader out)
-        cfg = {"coordinate_descent_tuning": True, "aot_inductor.metadata": {"specee_kernel_loader": LOADER_NAME}}
+        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned
+        cfg = {"coordinate_descent_tuning": True}
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=cfg if cuda else None)
     dt = time.perf_counter() - t0
     if progress:
         print(f"  {path.name}: {dt:.0f} s", file=sys.stderr)
     return dt
-
-
-# The package's kernel loader (Inductor's `loadKernel`, written into every CUDA package) opts each kernel that
-# uses shared memory into its size as "max dynamic shared memory"; Triton's own loader does that only past
-# the 48 KB every kernel may use without it. The opt-in costs the one-row layer chain 3.1 us of idle time
-# per layer on the H200, between kernels whose device time is unchanged (the Python step's layer with the
-# attribute set on its kernels: 23.5 against 20.4 us per chained layer; GPU_NOTES, session 11).
-_LOADER_OPT_IN = "if (sharedMemBytes > 0) {"
-_LOADER_AS_TRITON = "if (sharedMemBytes > 49152) {"
-LOADER_NAME = "shared-memory opt-in past 48 KB"
-
-
-@contextlib.contextmanager
-def kernels_load_as_triton():
-    """While a CUDA package is compiled: its kernel loader opts a kernel in past 48 KB of shared memory only,
-    as Triton's loader does. Where this torch writes the loader differently, packages keep its opt-in
-    (a line on stderr per package). On the H200 the opt-in on the Python step's own kernels cost ~3 us per
-    layer of idle time in a chain; in the package, this patch left the chain's idle time as it was
-    (GPU_NOTES, sessions 11-12): the package's kernels idle for another reason, not found yet."""
-    from torch._inductor.codegen.cuda.device_op_overrides import CUDADeviceOpOverrides
-
-    original = CUDADeviceOpOverrides.kernel_driver
-
-    def kernel_driver(self) -> str:
-        code = original(self)
-        if _LOADER_OPT_IN not in code:
-            print("note: this torch's AOTI kernel loader differs from the one specee-compile patches; the package's "
-                  "kernels keep its shared-memory opt-in", file=sys.stderr)
-            return code
-        return code.replace(_LOADER_OPT_IN, _LOADER_AS_TRITON)
-
-    CUDADeviceOpOverrides.kernel_driver = kernel_driver
-    try:
-        yield
-    finally:
-        CUDADeviceOpOverrides.kernel_driver = original
 
 
 def one_row_packages(w, out: Path, info: dict, progress: bool = True, S=None) -> None:
