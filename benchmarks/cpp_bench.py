@@ -198,13 +198,32 @@ def python_parts(seg) -> dict:
 
 def profile_kernels(path: Path, replay) -> None:
     """A part's kernels over 10 replays (torch.profiler) as the runner writes its own (SPECEE_PROFILE_DIR):
-    {kernel name: [launches, device us in all]}."""
+    {kernel name: [launches, device us in all]}, and beside it `..._timeline.json`: [[kernel name, start us,
+    end us], ...] in start order, from the first kernel's start (`gap_table` reads it)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             replay()
         torch.cuda.synchronize()
     path.write_text(json.dumps({e.key: [e.count, e.device_time_total] for e in prof.key_averages()
                                 if e.device_time_total > 0}, indent=0) + "\n")
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    t0 = spans[0][0] if spans else 0
+    timeline = [[name, start - t0, end - t0] for start, end, name in spans]
+    path.with_name(path.name.replace("_kernels.json", "_timeline.json")).write_text(json.dumps(timeline) + "\n")
+
+
+def gap_table(timeline: list, replays: int = 10, top: int = 8) -> list[tuple[str, int, float]]:
+    """Idle time between consecutive kernels of a part's timeline ([[name, start us, end us], ...] in start
+    order), by the pair of kernels around each gap: [("prev -> next", gaps per replay, idle us per replay)],
+    the largest first. A kernel that starts before its predecessor ends adds no gap (overlap counts 0)."""
+    pairs: dict[str, list] = {}
+    for (a, _, a_end), (b, b_start, _) in itertools.pairwise(timeline):
+        slot = pairs.setdefault(f"{a[:40]} -> {b[:40]}", [0, 0.0])
+        slot[0] += 1
+        slot[1] += max(0.0, b_start - a_end)
+    rows = [(k, round(n / replays), idle / replays) for k, (n, idle) in pairs.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top]
 
 
 def kernel_table(directory: Path, part: str = "layers") -> str:
@@ -218,6 +237,13 @@ def kernel_table(directory: Path, part: str = "layers") -> str:
     for side, ks in sides.items():
         for name, (n, total) in sorted(ks.items(), key=lambda kv: -kv[1][1]):
             lines.append(f"| {name[:60]} | {side} | {n / 10:g} | {total / n:.2f} | {total / 10:.1f} |")
+    lines += ["", f"| {part}: idle before a kernel, after | side | gaps per replay | idle us per replay |",
+              "|---|---|---|---|"]
+    for side in sides:
+        f = directory / f"{side}_{part}_timeline.json"
+        if f.exists():
+            for pair, n, idle in gap_table(json.loads(f.read_text())):
+                lines.append(f"| {pair} | {side} | {n} | {idle:.1f} |")
     return "\n".join(lines)
 
 

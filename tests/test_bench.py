@@ -47,3 +47,27 @@ def test_draft_overlap_probe_sets_up_on_the_cpu(capsys):
     assert mod.main(["--device", "cpu", "--layers", "2", "--S", "64"]) == 0
     out = capsys.readouterr().out
     assert "2 layers and one draft step ran" in out
+
+
+def test_cpp_bench_gap_table_puts_idle_time_between_the_right_kernels(tmp_path):
+    """`cpp_bench.gap_table` (the [cpp] chain's idle time by the kernels around each gap, from the profilers'
+    timelines): gaps are attributed to their pair, averaged per replay, overlaps count as no gap, and
+    `kernel_table` prints them for both sides from SPECEE_PROFILE_DIR's files."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpp_bench.py"
+    spec = importlib.util.spec_from_file_location("cpp_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # two replays of gemv -> attn -> gemv: 1 us idle before attn, 0.5 us before the second gemv (the first
+    # replay), none before it in the second (it overlaps), 3 us between the replays
+    tl = [["gemv", 0, 2], ["attn", 3, 5], ["gemv", 5.5, 7], ["gemv", 10, 12], ["attn", 13, 15], ["gemv", 14.5, 16]]
+    rows = mod.gap_table(tl, replays=2)
+    assert rows[0] == ("gemv -> gemv", 0, 1.5) and ("gemv -> attn", 1, 1.0) in rows
+    assert {k: idle for k, _, idle in rows}["attn -> gemv"] == 0.25
+    for side in ("cpp", "python"):
+        (tmp_path / f"{side}_layers_kernels.json").write_text(json.dumps({"gemv": [4, 7.0], "attn": [2, 4.0]}))
+        (tmp_path / f"{side}_layers_timeline.json").write_text(json.dumps(tl))
+    table = mod.kernel_table(tmp_path)
+    assert table.count("| gemv -> attn |") == 2 and "idle before a kernel" in table

@@ -31,6 +31,7 @@
 #include <functional>
 #include <map>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include "json.h"
@@ -741,10 +742,11 @@ struct Runtime::Impl {
   }
 
   // SPECEE_PROFILE_DIR=DIR (with --time-parts): each part's kernels over 10 replays, by the CUDA profiler
-  // (kineto, as torch.profiler): DIR/cpp_<part>_kernels.json = {kernel name: [launches, device us in all]},
-  // beside cpp_bench's python_<part>_kernels.json
+  // (kineto, as torch.profiler): DIR/cpp_<part>_kernels.json = {kernel name: [launches, device us in all]} and
+  // DIR/cpp_<part>_timeline.json = [[kernel name, start us, end us], ...] in start order (from the first
+  // kernel's start), beside cpp_bench's python_<part>_*.json: where the gaps between kernels fall
   template <class F>
-  void profile_kernels(const std::string& path, F replay) {
+  void profile_kernels(const std::string& path, const std::string& timeline_path, F replay) {
     namespace prof = torch::autograd::profiler;
     const torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
     const std::set<torch::profiler::impl::ActivityType> acts{torch::profiler::impl::ActivityType::CUDA};
@@ -754,11 +756,27 @@ struct Runtime::Impl {
     graphs->stream->synchronize();
     const auto result = prof::disableProfiler();
     std::map<std::string, std::pair<int64_t, double>> by_name;
+    std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;
     for (const auto& e : result->events()) {
       if (e.deviceType() != c10::DeviceType::CUDA) continue;
       auto& slot = by_name[e.name()];
       slot.first += 1;
       slot.second += double(e.durationNs()) / 1000.0;
+      spans.emplace_back(e.startNs(), e.endNs(), e.name());
+    }
+    std::sort(spans.begin(), spans.end());
+    {
+      std::ofstream t(timeline_path);
+      t << "[";
+      const uint64_t t0 = spans.empty() ? 0 : std::get<0>(spans.front());
+      const char* tsep = "";
+      for (const auto& [start, end, name] : spans) {
+        t << tsep << "\n [" << json::quote(name) << ", " << double(start - t0) / 1000.0 << ", "
+          << double(end - t0) / 1000.0 << "]";
+        tsep = ",";
+      }
+      t << "\n]\n";
+      if (!t) std::fprintf(stderr, "cannot write %s\n", timeline_path.c_str());
     }
     std::ofstream f(path);
     f << "{";
@@ -795,7 +813,8 @@ struct Runtime::Impl {
       warm_clocks([&] { graph.replay(); });
       const double us = replay_us([&](int) { graph.replay(); }, 20);
       if (const char* prof = std::getenv("SPECEE_PROFILE_DIR"))
-        profile_kernels(std::string(prof) + "/cpp_" + name + "_kernels.json", [&] { graph.replay(); });
+        profile_kernels(std::string(prof) + "/cpp_" + name + "_kernels.json",
+                        std::string(prof) + "/cpp_" + name + "_timeline.json", [&] { graph.replay(); });
       return us;
     };
     graph_layer_us = part("layer", [&] { layer(0, h, g.pos, S); });
