@@ -551,6 +551,37 @@ def test_fixed_tree_program_captured_on_cuda_equals_dense(backend, lookup):
     assert fixed.token_ids == ref.token_ids == host.token_ids
 
 
+def test_fixed_tree_program_with_compiled_glue_equals_dense():
+    """The program's glue (the tree's plan with the lookup merge, the acceptance) as Inductor-compiled functions,
+    as CUDA with the inductor backend runs it: the same tokens as dense greedy, two attention buckets served
+    by one compile each (a recompile would fail the call and leave `glue_error` set). Here on Inductor's CPU
+    code (not vectorized: its CPU vector code for this graph is not what is checked)."""
+    import torch._dynamo
+    import torch._inductor.config as ic
+
+    from specee_compile.draft.tree import DeviceEagleTreeSource
+
+    model = make_tiny_llama()
+    prompt = PROMPT * 3
+    ref = dense(model, prompt, 40)
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)
+    draft.eval()
+    s = Settings(max_new_tokens=40, speculate="tree", tree_program="fixed", tree_budget=12, tree_depth=4, tree_topk=4)
+    src = DeviceEagleTreeSource(draft, k=4, max_len=s.max_context, compile=False)
+    src.lookup = True
+    dec = Decoder(make_segments(model, s), s, draft=src)
+    f = dec.tree.fixed
+    assert not f.compile_glue  # the CPU default: eager glue
+    f.compile_glue = True
+    with ic.patch({"cpp.simdlen": 1}), torch._dynamo.config.patch(error_on_recompile=True):
+        torch._dynamo.reset()
+        got = dec.generate(prompt)
+    assert f.glue_error is None and sorted(f._glue_fns) == ["accept", "plan"]
+    assert sorted(f.programs) == [64, 128] and got.token_ids == ref.token_ids
+    torch._dynamo.reset()
+
+
 def test_fixed_tree_program_reads_nothing_on_the_host():
     """A CUDA graph cannot hold a host read: no op of the program may turn a tensor into a Python value
     (`_local_scalar_dense`: .item(), int(t), a 0-d index) or have a data-dependent shape (nonzero)."""

@@ -59,6 +59,8 @@ Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import SpecEEError
@@ -386,6 +388,12 @@ class FixedTree:
         self.programs: dict[int, object] = {}  # attention bucket S -> replayable program
         self.forcing = bool(dec.accept.trace)  # an acceptance trace decides the path (benchmark only)
         self.force = torch.zeros(1, dtype=torch.long, device=dev)  # its accepted length this step
+        # the glue between the compiled parts, compiled too where the layers are (`_glue`)
+        self.compile_glue = dev.type == "cuda" and seg.name == "inductor"
+        self.glue_error: str | None = None
+        self._glue_fns: dict = {}
+        self._keys_by_len: dict[int, torch.Tensor] = {}
+        self.jj = torch.arange(self.C, device=dev)
 
     def fits(self, max_pos: int) -> bool:
         return max_pos + self.margin < min(self.seg.max_len, self.draft.max_len)
@@ -419,14 +427,70 @@ class FixedTree:
         out = self.out.tolist()
         return out[: out[-1]]
 
+    def _glue(self, name: str, fn, *args, keys: torch.Tensor | None = None):
+        """fn(*args[, keys]): the step's glue between its compiled parts (the tree's plan, the acceptance), as
+        one Inductor-compiled function where `compile_glue` is on (CUDA with the inductor backend: ~150 small
+        eager kernels per step otherwise, benchmarks/GPU_NOTES.md session 12). `keys`' length S is a dynamic
+        dimension (one compile serves every bucket). Any compile failure runs the eager function from then on
+        (the same math) and `glue_error` says why."""
+        if keys is not None:
+            args = (*args, keys)
+        if self.compile_glue and self.glue_error is None:
+            f = self._glue_fns.get(name)
+            if f is None:
+                f = self._glue_fns[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+            if keys is not None:
+                torch._dynamo.maybe_mark_dynamic(keys, 0)
+            try:
+                return f(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function is the same math
+                self.glue_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self._glue_fns.clear()
+                print(f"specee: the tree step's glue runs eagerly (compile failed: {self.glue_error})", file=sys.stderr)
+        return fn(*args)
+
+    def _keys(self, S: int) -> torch.Tensor:
+        keys = self._keys_by_len.get(S)
+        if keys is None:
+            keys = self._keys_by_len[S] = torch.arange(S, device=self.seg.device)
+        return keys
+
     @torch.no_grad()
     def body(self, S: int) -> None:
         seg, draft, dev = self.seg, self.draft, self.seg.device
-        K, N, q, C, Dq = self.K, self.N, self.q, self.C, self.Dq
+        K, q, C, Dq = self.K, self.q, self.C, self.Dq
         p = self.p
         tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
-        M = tok.shape[0]
-        Nd, Dl = N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
+        rpar, rtok, rdep, anc, mask, live, rscore = self._glue("plan", self._plan, tok, score, parent, dep, p,
+                                                              self.last, self.ids, self.eye, keys=self._keys(S))
+        pos, slots = p + rdep, p + torch.arange(q, device=dev)
+        h = seg.embed(rtok)
+        for i in range(seg.spec.num_layers):
+            h = self.layer(i, h, pos, S, slots, mask)
+        hn, logits = self.head(h)
+        jj = self.jj
+        a, prow, emit = self._glue("accept", self._accept, logits, rtok, rpar, rdep, rscore, live, anc, self.force,
+                                   jj)
+        self.out[:C].copy_(emit)
+        self.out[C:].copy_(a + 1)
+        # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
+        cache = seg.cache
+        src, dst = p + prow[1:], p + 1 + jj[:Dq]
+        cache.k.index_copy_(2, dst, cache.k.index_select(2, src))
+        cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
+        cache.valid.index_fill_(1, p + 1 + torch.arange(self.N, device=dev), False)
+        cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
+        # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
+        self.g0.copy_(draft.fixed_catch_up(hn[0][prow], emit, p, a, S))
+        self.last.copy_(emit.index_select(0, a))
+        self.ids.index_copy_(0, p + 1 + jj, emit)  # (slots past the new end are rewritten before they are read)
+        p.add_(a + 1)
+
+    def _plan(self, tok, score, parent, dep, p, last, ids, eye, keys):
+        """The verified tree from the expansion: rows (root, the Nd best-scored nodes parents first, the lookup
+        rows), their parents, tokens, depths, ancestors and the [q, S] attention mask (S = len(keys))."""
+        dev, q, M = tok.device, self.q, tok.shape[0]
+        Nd, Dl = self.N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
         kept = torch.topk(score - dep.float() * 1e-4, Nd).indices
         kept = kept[torch.argsort(dep[kept] * M + kept)]  # parents first
         rmap = torch.zeros(M, dtype=torch.long, device=dev)
@@ -435,62 +499,48 @@ class FixedTree:
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         pad = torch.zeros(Dl, dtype=torch.long, device=dev)
         rpar = torch.cat([zero, torch.where(par >= 0, rmap[par.clamp(min=0)], 0), pad])  # [q] row of each parent
-        rtok = torch.cat([self.last, tok[kept], pad])
+        rtok = torch.cat([last, tok[kept], pad])
         rdep = torch.cat([zero, dep[kept], pad + 1])
         rscore = torch.cat([zero.float(), score[kept], pad.float() - 100.0])
         live = torch.cat([torch.ones(Nd + 1, dtype=torch.bool, device=dev), pad.bool()])
         if Dl:
-            self._merge_lookup(p, Nd, Dl, rpar, rtok, rdep, live)
-        anc = self.eye
+            self._merge_lookup(ids, p, Nd, Dl, rpar, rtok, rdep, live)
+        anc = eye
         for _ in range(self.depth):
-            anc = self.eye | anc[rpar]  # ancestors (and self) of each row
-        keys = torch.arange(S, device=dev)
+            anc = eye | anc[rpar]  # ancestors (and self) of each row
         rel = (keys - p).clamp(0, q - 1)
         mask = (keys < p)[None] | (((keys >= p) & (keys < p + q))[None] & anc[:, rel])  # [q, S]
-        pos, slots = p + rdep, p + torch.arange(q, device=dev)
-        h = seg.embed(rtok)
-        for i in range(seg.spec.num_layers):
-            h = self.layer(i, h, pos, S, slots, mask)
-        hn, logits = self.head(h)
+        return rpar, rtok, rdep, anc, mask, live, rscore
+
+    def _accept(self, logits, rtok, rpar, rdep, rscore, live, anc, force, jj):
+        """The deepest row whose path the target confirms (or a trace's forced depth): (a [1] its depth,
+        prow [C] the path's row at each depth, emit [C] the tokens it emits, bonus included); jj = arange(C)."""
+        q = self.q
         top = torch.argmax(logits[0], dim=-1)  # [q]
-        first = torch.arange(q, device=dev) == 0
+        first = torch.arange(q, device=top.device) == 0
         match = ((rtok == top[rpar]) & live) | first
         acc = match
         for _ in range(self.depth):
             acc = match & acc[rpar]
         if self.forcing:  # the best-scored row at the trace's depth (or the deepest the tree has below it)
-            best = torch.argmax(torch.where((rdep <= self.force) & live, rdep * 1000.0 + rscore + 500.0, -1.0))
+            best = torch.argmax(torch.where((rdep <= force) & live, rdep * 1000.0 + rscore + 500.0, -1.0))
         else:
             best = torch.argmax(acc.long() * (rdep + 1))  # the deepest accepted row (unique: siblings differ)
         best = best.view(1)  # (a 0-d index would read it on the host: no host read inside the program)
         a = rdep.index_select(0, best)
-        on_path = anc.index_select(0, best) & (rdep[None] == torch.arange(C, device=dev)[:, None])  # [C, q]
+        on_path = anc.index_select(0, best) & (rdep[None] == jj[:, None])  # [C, q]
         prow = torch.argmax(on_path.long(), dim=1)  # path row at each depth (root where the path ended)
-        jj = torch.arange(C, device=dev)
         bonus = top.index_select(0, best)
         emit = torch.where(jj < a, torch.cat([rtok[prow[1:]], bonus]), bonus)  # [C]
-        self.out[:C].copy_(emit)
-        self.out[C:].copy_(a + 1)
-        # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
-        cache = seg.cache
-        src, dst = p + prow[1:], p + 1 + jj[:Dq]
-        cache.k.index_copy_(2, dst, cache.k.index_select(2, src))
-        cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
-        cache.valid.index_fill_(1, p + 1 + torch.arange(N, device=dev), False)
-        cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
-        # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
-        self.g0.copy_(draft.fixed_catch_up(hn[0][prow], emit, p, a, S))
-        self.last.copy_(emit.index_select(0, a))
-        self.ids.index_copy_(0, p + 1 + jj, emit)  # (slots past the new end are rewritten before they are read)
-        p.add_(a + 1)
+        return a, prow, emit
 
-    def _merge_lookup(self, p, Nd: int, Dl: int, rpar, rtok, rdep, live) -> None:
+    def _merge_lookup(self, ids, p, Nd: int, Dl: int, rpar, rtok, rdep, live) -> None:
         """Merge the prompt-lookup continuation into rows Nd + 1 .. Nd + Dl, in place: each of its tokens
         follows the kept child of the previous one that holds it, or takes its own (live) row."""
         from ..draft.tree import lookup_device
 
-        look, ok = lookup_device(self.ids, p, Dl, self.draft.lookup_ngram)
-        q, dev = self.q, self.ids.device
+        look, ok = lookup_device(ids, p, Dl, self.draft.lookup_ngram)
+        q, dev = self.q, ids.device
         rows = torch.arange(q, device=dev)
         prev = torch.zeros(1, dtype=torch.long, device=dev)  # the path so far ends at the root
         for j in range(Dl):
