@@ -554,7 +554,7 @@ def test_fixed_tree_program_captured_on_cuda_equals_dense(backend, lookup):
 def test_fixed_tree_program_with_compiled_glue_equals_dense():
     """The program's glue (the tree's plan with the lookup merge, the acceptance) as Inductor-compiled functions,
     as CUDA with the inductor backend runs it: the same tokens as dense greedy, two attention buckets served
-    by one compile each (a recompile would fail the call and leave `glue_error` set). Here on Inductor's CPU
+    by one compile each (a recompile would fail the call and leave `glue.error` set). Here on Inductor's CPU
     code (not vectorized: its CPU vector code for this graph is not what is checked)."""
     import torch._dynamo
     import torch._inductor.config as ic
@@ -572,12 +572,12 @@ def test_fixed_tree_program_with_compiled_glue_equals_dense():
     src.lookup = True
     dec = Decoder(make_segments(model, s), s, draft=src)
     f = dec.tree.fixed
-    assert not f.compile_glue  # the CPU default: eager glue
-    f.compile_glue = True
+    assert not f.glue.enabled  # the CPU default: eager glue
+    f.glue.enabled = True
     with ic.patch({"cpp.simdlen": 1}), torch._dynamo.config.patch(error_on_recompile=True):
         torch._dynamo.reset()
         got = dec.generate(prompt)
-    assert f.glue_error is None and sorted(f._glue_fns) == ["accept", "plan"]
+    assert f.glue.error is None and sorted(f.glue.fns) == ["accept", "plan"]
     assert sorted(f.programs) == [64, 128] and got.token_ids == ref.token_ids
     torch._dynamo.reset()
 

@@ -232,8 +232,8 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
         # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned
-        cfg = {"coordinate_descent_tuning": True}
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=cfg if cuda else None)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
+                                                 inductor_configs={"coordinate_descent_tuning": True} if cuda else None)
     dt = time.perf_counter() - t0
     if progress:
         print(f"  {path.name}: {dt:.0f} s", file=sys.stderr)

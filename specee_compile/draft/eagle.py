@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiled_fns import CompiledFns
 from ..errors import ArtifactError
 from .base import CandidateSource, as_token_list, base_parts, check_truncate, fill_unique
 
@@ -583,9 +584,7 @@ class DeviceEagleSource(EagleSource):
                  max_extra: int = 512, compile: bool = False):
         self.max_len = int(max_len)
         self.max_extra = int(max_extra)
-        self.compile = bool(compile)
-        self._compiled: dict = {}  # name -> Inductor-compiled function (`_run`)
-        self.compile_error: str | None = None
+        self._fns = CompiledFns("the draft", compile)  # `_run`
         self._keys: dict[int, torch.Tensor] = {}
         super().__init__(draft, k=k, context_vocab=context_vocab)
         self._bind_layer_fn(draft)
@@ -696,29 +695,27 @@ class DeviceEagleSource(EagleSource):
         return keys
 
     def _run(self, name: str, fn, keys: torch.Tensor, *args, tune: bool = False):
-        """fn(*args, keys), Inductor-compiled (once per name) where `compile` is on; `tune`: coordinate-descent
-        tuning. Any compile failure runs the eager function from then on (the same math) and `compile_error`
-        says why."""
-        if self.compile and self.compile_error is None:
-            f = self._compiled.get(name)
-            if f is None:
-                f = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                                         options={"coordinate_descent_tuning": tune})
-            torch._dynamo.maybe_mark_dynamic(keys, 0)
-            try:
-                return f(*args, keys)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager code is the same math
-                import sys
+        """fn(*args, keys), Inductor-compiled (once per name) where `compile` is on (`CompiledFns`); `tune`:
+        coordinate-descent tuning. Any compile failure runs the eager function from then on and
+        `compile_error` says why."""
+        return self._fns(name, fn, *args, keys=keys, tune=tune)
 
-                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self._compiled.clear()
-                print(f"specee: the draft runs eagerly (compile failed: {self.compile_error})", file=sys.stderr)
-        return fn(*args, keys)
+    @property
+    def compile(self) -> bool:
+        return self._fns.enabled
+
+    @compile.setter
+    def compile(self, on: bool) -> None:
+        self._fns.enabled = bool(on)
+
+    @property
+    def compile_error(self) -> str | None:
+        return self._fns.error
 
     @property
     def step_mode(self) -> str:
         """How device_step runs: "compiled", "eager", or "eager (compile failed: ...)"."""
-        if self._compiled:
+        if self._fns.fns:
             return "compiled"
         return f"eager (compile failed: {self.compile_error})" if self.compile_error else "eager"
 

@@ -59,10 +59,9 @@ Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from ..compiled_fns import CompiledFns
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
 
@@ -388,10 +387,10 @@ class FixedTree:
         self.programs: dict[int, object] = {}  # attention bucket S -> replayable program
         self.forcing = bool(dec.accept.trace)  # an acceptance trace decides the path (benchmark only)
         self.force = torch.zeros(1, dtype=torch.long, device=dev)  # its accepted length this step
-        # the glue between the compiled parts, compiled too where the layers are (`_glue`)
-        self.compile_glue = dev.type == "cuda" and seg.name == "inductor"
-        self.glue_error: str | None = None
-        self._glue_fns: dict = {}
+        # the step's glue between its compiled parts (the tree's plan, the acceptance), compiled too where the
+        # layers are: CUDA with the inductor backend (~150 small eager kernels per step otherwise,
+        # benchmarks/GPU_NOTES.md session 12); S enters as the length of `keys`
+        self.glue = CompiledFns("the tree step's glue", dev.type == "cuda" and seg.name == "inductor")
         self._keys_by_len: dict[int, torch.Tensor] = {}
         self.jj = torch.arange(self.C, device=dev)
 
@@ -427,28 +426,6 @@ class FixedTree:
         out = self.out.tolist()
         return out[: out[-1]]
 
-    def _glue(self, name: str, fn, *args, keys: torch.Tensor | None = None):
-        """fn(*args[, keys]): the step's glue between its compiled parts (the tree's plan, the acceptance), as
-        one Inductor-compiled function where `compile_glue` is on (CUDA with the inductor backend: ~150 small
-        eager kernels per step otherwise, benchmarks/GPU_NOTES.md session 12). `keys`' length S is a dynamic
-        dimension (one compile serves every bucket). Any compile failure runs the eager function from then on
-        (the same math) and `glue_error` says why."""
-        if keys is not None:
-            args = (*args, keys)
-        if self.compile_glue and self.glue_error is None:
-            f = self._glue_fns.get(name)
-            if f is None:
-                f = self._glue_fns[name] = torch.compile(fn, fullgraph=True, dynamic=False)
-            if keys is not None:
-                torch._dynamo.maybe_mark_dynamic(keys, 0)
-            try:
-                return f(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function is the same math
-                self.glue_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                self._glue_fns.clear()
-                print(f"specee: the tree step's glue runs eagerly (compile failed: {self.glue_error})", file=sys.stderr)
-        return fn(*args)
-
     def _keys(self, S: int) -> torch.Tensor:
         keys = self._keys_by_len.get(S)
         if keys is None:
@@ -461,16 +438,15 @@ class FixedTree:
         K, q, C, Dq = self.K, self.q, self.C, self.Dq
         p = self.p
         tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
-        rpar, rtok, rdep, anc, mask, live, rscore = self._glue("plan", self._plan, tok, score, parent, dep, p,
-                                                              self.last, self.ids, self.eye, keys=self._keys(S))
+        rpar, rtok, rdep, anc, mask, live, rscore = self.glue("plan", self._plan, tok, score, parent, dep, p,
+                                                             self.last, self.ids, self.eye, keys=self._keys(S))
         pos, slots = p + rdep, p + torch.arange(q, device=dev)
         h = seg.embed(rtok)
         for i in range(seg.spec.num_layers):
             h = self.layer(i, h, pos, S, slots, mask)
         hn, logits = self.head(h)
         jj = self.jj
-        a, prow, emit = self._glue("accept", self._accept, logits, rtok, rpar, rdep, rscore, live, anc, self.force,
-                                   jj)
+        a, prow, emit = self.glue("accept", self._accept, logits, rtok, rpar, rdep, rscore, live, anc, self.force, jj)
         self.out[:C].copy_(emit)
         self.out[C:].copy_(a + 1)
         # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
