@@ -141,6 +141,13 @@ def main(argv=None) -> int:
         raw.append({"mode": "parts", "python": py, "cpp": cc})
         if os.environ.get("SPECEE_PROFILE_DIR"):
             print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
+    if cuda:  # the GEMV configs both sides ran: the Python op's autotuned picks and the package's whole-K twins
+        from specee_compile.plugins import triton_gemv as G
+
+        raw.append({"mode": "gemv_configs", "python": {str(k): v for k, v in G.PICKED.items()},
+                    "package": {str(k): G._aoti_config(k) for k in G.PICKED}})
+        print("\nGEMV configs (N, K, prologue): Python pick / package twin: " + "; ".join(
+            f"{k}: {','.join(map(str, v))} / {','.join(map(str, G._aoti_config(k)))}" for k, v in G.PICKED.items()))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
     return 0

@@ -1,4 +1,4 @@
-"""Sweep the fused GEMV's configs on Llama-2-7B decode shapes beside Inductor's own kernels (GPU).
+"""Sweep the fused GEMV's configs on decode shapes (Llama-2-7B fp16, or SmolLM2 fp32) beside Inductor's kernels (GPU).
 
 For each weight of a layer (and the LM head): device time per call inside a CUDA graph, the weight
 rotated over 6 copies so L2 never holds it, for
@@ -6,13 +6,17 @@ rotated over 6 copies so L2 never holds it, for
   - the autotuned pick (what the runtime uses),
   - Inductor with coordinate-descent tuning compiling the same eager math (norm / SiLU / residual
     fused by Inductor), and the eager ops (cuBLAS + separate kernels).
+With `--retune N`, the autotuner is also run N times afresh per shape (its cache cleared), as N processes
+of the product would tune it, and each pick is listed with its graph time: whether the pick is stable, and
+whether the autotuner's own measurement (one call at a time, L2 flushed) picks what is fastest back to back.
 Prints one table per shape and writes JSON to $OUT (or the current directory).
 
-    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py
+    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py [--shape smollm2] [--retune 5]
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -52,20 +56,24 @@ def graph_time_us(fn, reps: int = 50) -> float:
     return round(statistics.median(vals), 2)
 
 
-GEMV_SHAPES = (  # name, N, K, prologue, residual (Llama-2-7B)
-    ("wqkv", 12288, 4096, "rmsnorm", False), ("wo", 4096, 4096, "none", True),
-    ("wgu", 22016, 4096, "rmsnorm", False), ("wd", 4096, 11008, "silu_mul", True),
-    ("head", 32000, 4096, "rmsnorm", False),
-)
+GEMV_SHAPES = {  # name, N, K, prologue, residual
+    "7b": (("wqkv", 12288, 4096, "rmsnorm", False), ("wo", 4096, 4096, "none", True),
+           ("wgu", 22016, 4096, "rmsnorm", False), ("wd", 4096, 11008, "silu_mul", True),
+           ("head", 32000, 4096, "rmsnorm", False)),
+    "smollm2": (("wqkv", 960, 576, "rmsnorm", False), ("wo", 576, 576, "none", True),
+                ("wgu", 3072, 576, "rmsnorm", False), ("wd", 576, 1536, "silu_mul", True),
+                ("head", 49152, 576, "rmsnorm", False)),
+}
+DTYPES = {"7b": torch.float16, "smollm2": torch.float32}
 
 
-def gemv_inputs(n: int, k: int, pro: str, has_res: bool, copies: int, dev, g):
-    """fp16 inputs of one fused_linear shape: `copies` weights [n, k], x, norm weight, residual."""
+def gemv_inputs(n: int, k: int, pro: str, has_res: bool, copies: int, dev, g, dt=torch.float16):
+    """Inputs of one fused_linear shape: `copies` weights [n, k], x, norm weight, residual."""
     kin = 2 * k if pro == "silu_mul" else k
-    ws = [(torch.randn(n, k, generator=g) * 0.02).half().to(dev) for _ in range(copies)]
-    x = torch.randn(1, 1, kin, generator=g).half().to(dev)
-    nw = (1 + 0.1 * torch.randn(k, generator=g)).half().to(dev)
-    r = torch.randn(1, 1, n, generator=g).half().to(dev) if has_res else None
+    ws = [(torch.randn(n, k, generator=g) * 0.02).to(dev, dt) for _ in range(copies)]
+    x = torch.randn(1, 1, kin, generator=g).to(dev, dt)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dev, dt)
+    r = torch.randn(1, 1, n, generator=g).to(dev, dt) if has_res else None
     return ws, x, nw, r
 
 
@@ -75,19 +83,36 @@ def gemv_time_us(fn, x, ws, r, nw, pro: str) -> float:
     return graph_time_us(lambda: fn(x, ws[next(it) % len(ws)], r, nw, 1e-5, pro), reps=24)
 
 
-def main() -> int:
+def retune(times: int, first, row: dict, x, ws, r, nw, pro: str) -> list:
+    """Run the autotuner `times` more times afresh on this shape; each pick with its graph time (from `row`)."""
+    picks = [first]
+    for _ in range(times):
+        T._gemv_tuned.cache.clear()
+        T.triton_fused_linear(x, ws[0], r, nw, 1e-5, pro)
+        torch.cuda.synchronize()
+        n, k = ws[0].shape
+        picks.append(T.PICKED[(n, k, T.PROLOGUES[pro])])
+    return [{"pick": list(p), "graph_us": row.get("cfg " + ",".join(map(str, p)))} for p in picks]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(GEMV_SHAPES), default="7b")
+    ap.add_argument("--retune", type=int, default=0, help="also run the autotuner N times afresh per shape")
+    args = ap.parse_args(argv)
     dev = torch.device("cuda")
     T.register_cuda_impl()
-    copies = 6
+    dt = DTYPES[args.shape]
+    copies = 6 if args.shape == "7b" else 24  # enough copies that L2 (50 MB on an H100/H200) never holds one
     g = torch.Generator().manual_seed(7)
     out = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-           "commit": os.environ.get("SPECEE_COMMIT"), "shapes": {}}
-    for name, n, k, pro, has_res in GEMV_SHAPES:
-        ws, x, nw, r = gemv_inputs(n, k, pro, has_res, copies, dev, g)
+           "commit": os.environ.get("SPECEE_COMMIT"), "shape": args.shape, "dtype": str(dt), "shapes": {}}
+    for name, n, k, pro, has_res in GEMV_SHAPES[args.shape]:
+        ws, x, nw, r = gemv_inputs(n, k, pro, has_res, copies, dev, g, dt)
         def timed(fn, x=x, ws=ws, r=r, nw=nw, pro=pro):
             return gemv_time_us(fn, x, ws, r, nw, pro)
 
-        mb = n * k * 2 / 1e6
+        mb = n * k * ws[0].element_size() / 1e6
         row: dict = {}
         for cfg in T.CONFIGS:
             os.environ["SPECEE_GEMV_CONFIG"] = ",".join(map(str, cfg))
@@ -98,6 +123,8 @@ def main() -> int:
         os.environ.pop("SPECEE_GEMV_CONFIG")
         row["autotuned"] = timed(T.triton_fused_linear)
         row["autotuned_pick"] = T.TUNED.get((n, k, pro))
+        if args.retune:
+            row["retune"] = retune(args.retune, T.PICKED[(n, k, T.PROLOGUES[pro])], row, x, ws, r, nw, pro)
         cdt = torch.compile(fused_linear_reference, fullgraph=True, dynamic=False,
                             options={"coordinate_descent_tuning": True})
         row["inductor_cdt"] = timed(cdt)
@@ -110,11 +137,13 @@ def main() -> int:
         for key, v in row.items():
             if isinstance(v, float):
                 print(f"  {key:28s} {v:8.2f} us {mb / v:6.3f} TB/s")
+            elif key == "retune":
+                print(f"  {key:28s} " + "; ".join(f"{','.join(map(str, e['pick']))}: {e['graph_us']}" for e in v))
             else:
                 print(f"  {key:28s} {v}")
         torch._dynamo.reset()
         del ws
-    path = os.path.join(os.environ.get("OUT", "."), "gemv_sweep.json")
+    path = os.path.join(os.environ.get("OUT", "."), f"gemv_sweep_{args.shape}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)
