@@ -3,12 +3,12 @@
 For each weight of a layer (and the LM head): device time per call inside a CUDA graph, the weight
 rotated over 6 copies so L2 never holds it, for
   - every config in `plugins.triton_gemv.CONFIGS` (pinned through SPECEE_GEMV_CONFIG),
-  - the autotuned pick (what the runtime uses),
+  - the tuned pick (what the runtime uses),
   - Inductor with coordinate-descent tuning compiling the same eager math (norm / SiLU / residual
     fused by Inductor), and the eager ops (cuBLAS + separate kernels).
-With `--retune N`, the autotuner is also run N times afresh per shape (its cache cleared), as N processes
+With `--retune N`, the tuner is also run N times afresh per shape (its cache cleared), as N processes
 of the product would tune it, and each pick is listed with its graph time: whether the pick is stable, and
-whether the autotuner's own measurement (one call at a time, L2 flushed) picks what is fastest back to back.
+whether the tuner picks what is fastest back to back (session 13 ran it on Triton's autotuner, before `_tune`).
 Prints one table per shape and writes JSON to $OUT (or the current directory).
 
     PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py [--shape smollm2] [--retune 5]
@@ -84,10 +84,10 @@ def gemv_time_us(fn, x, ws, r, nw, pro: str) -> float:
 
 
 def retune(times: int, first, row: dict, x, ws, r, nw, pro: str) -> list:
-    """Run the autotuner `times` more times afresh on this shape; each pick with its graph time (from `row`)."""
+    """Run the tuner `times` more times afresh on this shape; each pick with its graph time (from `row`)."""
     picks = [first]
     for _ in range(times):
-        T._gemv_tuned.cache.clear()
+        T._TUNE_CACHE.clear()
         T.triton_fused_linear(x, ws[0], r, nw, 1e-5, pro)
         torch.cuda.synchronize()
         n, k = ws[0].shape
@@ -98,7 +98,7 @@ def retune(times: int, first, row: dict, x, ws, r, nw, pro: str) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(GEMV_SHAPES), default="7b")
-    ap.add_argument("--retune", type=int, default=0, help="also run the autotuner N times afresh per shape")
+    ap.add_argument("--retune", type=int, default=0, help="also run the tuner N times afresh per shape")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     T.register_cuda_impl()

@@ -171,6 +171,45 @@ def test_aoti_twin_runs_the_picked_config_in_triton_interpreter():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_TWIN)
 
 
+def test_tuner_picks_the_fastest_config_that_ran_and_rotates_enough_weight_copies():
+    from specee_compile.plugins import triton_gemv as G
+
+    a, b, c = G.CONFIGS[:3]
+    assert G.pick_fastest({a: 3.2, b: 2.9, c: 3.0}) == b
+    assert G.pick_fastest({a: None, b: 4.0, c: None}) == b  # a config that failed never wins
+    with pytest.raises(RuntimeError, match="no GEMV config ran"):
+        G.pick_fastest({a: None})
+    # the copies cover several times a 50 MB L2; a weight that alone outsizes it many times is read as it is
+    for nbytes in (576 * 576 * 4, 960 * 576 * 4, 3 << 20, 40 << 20):  # SmolLM2's o and qkv (fp32), ...
+        assert G.tune_copies(nbytes) * nbytes >= 3 * (50 << 20)
+    assert G.tune_copies(1 << 10) == 256 and G.tune_copies(G.TUNE_BYTES // 3) == 1
+    assert G.tune_copies(12_288 * 4096 * 2) == 1  # 7B qkv, fp16
+
+
+@cuda
+def test_tuner_times_configs_in_a_graph_and_keeps_its_pick_per_shape(monkeypatch):
+    from specee_compile.plugins import triton_gemv as G
+
+    monkeypatch.delenv("SPECEE_GEMV_CONFIG", raising=False)
+    x, w, r, nw = _inputs("rmsnorm", 960, 576, True, torch.float32, "cuda", 3)
+    G._TUNE_CACHE.clear()
+    seen = []
+    real = G._graph_us
+    monkeypatch.setattr(G, "_graph_us", lambda launch, n, reps=5: seen.append(n) or real(launch, n, reps))
+    y = G.triton_fused_linear(x, w, r, nw, 1e-5, "rmsnorm")
+    assert len(seen) == len(G.CONFIGS) and G.PICKED[(960, 576, 1)] in G.CONFIGS
+    G.triton_fused_linear(x, w, r, nw, 1e-5, "rmsnorm")
+    assert len(seen) == len(G.CONFIGS)  # cached: no second tuning
+    ref = fused_linear_reference(x, w, r, nw, 1e-5, "rmsnorm")
+    assert float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    # first use of a shape inside a capture: the default config, not tuned, not remembered
+    x2, w2, _, nw2 = _inputs("rmsnorm", 200, 256, False, torch.float32, "cuda", 4)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        G.triton_fused_linear(x2, w2, None, nw2, 1e-5, "rmsnorm")
+    assert len(seen) == len(G.CONFIGS) and (200, 256, 1) not in G.PICKED
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pro,n,k,res", CASES + [("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])

@@ -21,9 +21,14 @@ bound its error against float64 by the eager op's own).
 
 Each program owns BLOCK_N output rows and streams them over K (or over 1/SPLIT of K: split-K, where
 the partial sums meet in an fp32 workspace and the last-arriving program finishes the rows) in
-BLOCK_K chunks; the activation chunk is recomputed per program. The configs are
-autotuned per (N, K, prologue) on first use, which happens outside CUDA-graph capture in every
-caller (warm-up runs); `TUNED` holds what was picked, for the benchmark record.
+BLOCK_K chunks; the activation chunk is recomputed per program. The config is tuned per (N, K,
+prologue, residual, dtype) on first use, which happens outside CUDA-graph capture in every caller
+(warm-up runs), the way the decode step runs the kernel: each candidate is launched back to back inside
+a CUDA graph over enough copies of the weight that L2 never holds one (the step streams every layer's
+weights cold), and the lowest median time per launch wins (`_tune`). Triton's autotuner, used before,
+timed one call at a time with L2 flushed in between; on the H200 its pick moved between processes by up
+to ~30% of a GEMV's graph time (session 13, `benchmarks/gemv_sweep.py --retune`). `TUNED` holds what
+was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
@@ -42,7 +47,7 @@ from . import HAVE_TRITON, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 
-# (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); the autotuner keeps the fastest per shape. Few
+# (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); the tuner keeps the fastest per shape. Few
 # output rows over a long K (the down projection: 4096 x 11008) leave too few programs to keep enough
 # bytes in flight; wide BLOCK_K and split-K are the two answers to that, both in the search.
 CONFIGS = [
@@ -65,19 +70,10 @@ TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
 
 if HAVE_TRITON:
 
-    def _configs():
-        return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=nw, num_stages=ns)
-            for bn, bk, sp, nw, ns in CONFIGS
-        ]
-
     @triton.jit
     def _round(x, DT: tl.constexpr):
         # the eager op's rounding to the activation dtype (no-op for fp32)
         return x.to(DT, fp_downcast_rounding="rtne").to(tl.float32)
-
-    def _bench(kernel_call, quantiles):  # short runs (L2 flushed between them by do_bench)
-        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
     @triton.jit
     def _gemv_kernel(
@@ -136,11 +132,6 @@ if HAVE_TRITON:
                 y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
-    _gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
-    # whole-K configs only: the AOTI twin's choice where the Python step picked split-K (a package keeps no
-    # state, so split-K would need its scratch zeroed on every call: extra launches in a launch-bound step)
-    _gemv_whole_k = triton.autotune(configs=[c for c in _configs() if c.kwargs["SPLIT"] == 1],
-                                    key=["N", "K", "PRO"], do_bench=_bench)(_gemv_kernel)
 
 
 def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
@@ -163,30 +154,98 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     nw = norm_w.contiguous() if norm_w is not None else x
     args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
-    fixed = _fixed_config()
-    if fixed is not None:
-        bn, bk, sp, nwarps, ns = fixed
-        _gemv_kernel[(triton.cdiv(N, bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
-                                               num_stages=ns)
-        return y
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])
-
-    _gemv_tuned[grid](*args, **kw)
-    best = getattr(_gemv_tuned, "best_config", None)
-    if best is not None:
-        TUNED.setdefault((N, K, prologue), str(best))
-        PICKED[(N, K, pro)] = _as_tuple(best)
+    cfg = _fixed_config() or _tuned(args, kw, CONFIGS)
+    if cfg is None:  # first use inside a stream capture: untuned, not remembered
+        cfg = AOTI_DEFAULT
+    else:
+        TUNED.setdefault((N, K, prologue), ",".join(map(str, cfg)))
+        PICKED[(N, K, pro)] = cfg
+    _launch(args, kw, cfg)
     return y
 
 
-PICKED: dict = {}  # (N, K, PRO) -> the config tuple this process's autotuner picked (read by the AOTI twin)
+def _launch(args, kw, cfg, w=None) -> None:
+    """One launch of the kernel with cfg = (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); w replaces the
+    weight in args (the tuner's copies)."""
+    bn, bk, sp, nwarps, ns = cfg
+    if w is not None:
+        args = (args[0], w, *args[2:])
+    _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
+                                                   num_stages=ns)
+
+
+_TUNE_CACHE: dict = {}  # (N, K, PRO, HAS_RES, dtype, device, configs) -> the config tuple `_tune` picked
+TUNE_BYTES = 192 << 20  # the weight copies a shape is timed over (several times a Hopper's 50 MB of L2)
+
+
+def tune_copies(nbytes: int) -> int:
+    """How many copies of a weight of `nbytes` the tuner rotates over so L2 never holds the one it reads:
+    one where the weight alone outsizes L2 many times, else enough to fill TUNE_BYTES (at most 256)."""
+    return 1 if nbytes >= TUNE_BYTES // 3 else min(256, -(-TUNE_BYTES // nbytes))
+
+
+def pick_fastest(times: dict) -> tuple:
+    """The config with the lowest time; a config that failed (None: it does not compile or launch on this
+    card) never wins. times: {config: us or None}."""
+    ok = {c: t for c, t in times.items() if t is not None}
+    if not ok:
+        raise RuntimeError(f"fused_linear: no GEMV config ran on this device (tried {list(times)})")
+    return min(ok, key=ok.get)
+
+
+def _tuned(args, kw, configs) -> tuple | None:
+    """The config for this call's shape: `_tune`'s pick, cached per shape; None inside a stream capture."""
+    w = args[1]
+    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, tuple(configs))
+    cfg = _TUNE_CACHE.get(key)
+    if cfg is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        cfg = _TUNE_CACHE[key] = _tune(args, kw, configs)
+    return cfg
+
+
+def _tune(args, kw, configs) -> tuple:
+    """Time every config as the decode step runs it: launches back to back in one CUDA graph, each on the next
+    of `tune_copies` copies of the weight, the median of 5 replays per launch; return the fastest."""
+    w = args[1]
+    ws = [w] + [torch.empty_like(w) for _ in range(tune_copies(w.numel() * w.element_size()) - 1)]
+    n = max(16, len(ws))
+    times = {}
+    for cfg in configs:
+        try:
+            times[cfg] = _graph_us(lambda i, c=cfg: _launch(args, kw, c, ws[i % len(ws)]), n)
+        except Exception:  # noqa: BLE001  # a config this card cannot compile or launch (e.g. shared memory)
+            times[cfg] = None
+            torch.cuda.synchronize()
+    return pick_fastest(times)
+
+
+def _graph_us(launch, n: int, reps: int = 5) -> float:
+    """Device microseconds per call of launch(i), i = 0..n-1 captured back to back in one CUDA graph: the
+    median of `reps` timed replays after one untimed replay (compiles and loads run before the capture)."""
+    for i in range(n):
+        launch(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            launch(i)
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    vals = []
+    for _ in range(reps):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        vals.append(start.elapsed_time(end) * 1000 / n)
+    return sorted(vals)[reps // 2]
+
+
+PICKED: dict = {}  # (N, K, PRO) -> the config tuple this process's tuner picked (read by the AOTI twin)
 WHOLE_K: dict = {}  # (N, K, PRO) -> the best whole-K config, for shapes where PICKED is split-K
-AOTI_DEFAULT = (4, 1024, 1, 4, 1)  # a shape the autotuner never saw (the export tunes every shape first)
-
-
-def _as_tuple(c) -> tuple:
-    return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT"], c.num_warps, c.num_stages
+AOTI_DEFAULT = (4, 1024, 1, 4, 1)  # a shape the tuner never saw (the export tunes every shape first)
 
 
 def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none") -> tuple:
@@ -198,10 +257,10 @@ def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str =
     key = (N, K, pro)
     if PICKED.get(key, AOTI_DEFAULT)[2] > 1:
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-        _gemv_whole_k[lambda m: (triton.cdiv(N, m["BLOCK_N"]), 1)](
-            x.contiguous(), w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y,
-            y, y, y, N, float(eps), K=K, PRO=pro, HAS_RES=res is not None)
-        WHOLE_K[key] = _as_tuple(_gemv_whole_k.best_config)
+        args = (x.contiguous(), w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x,
+                y, y, y, y, N, float(eps))
+        WHOLE_K[key] = _tuned(args, {"K": K, "PRO": pro, "HAS_RES": res is not None},
+                              [c for c in CONFIGS if c[2] == 1])
     return _aoti_config(key)
 
 
@@ -258,7 +317,7 @@ def _workspace(device, n: int):
 
 
 def _fixed_config():
-    """SPECEE_GEMV_CONFIG="BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages" skips autotuning (tests,
+    """SPECEE_GEMV_CONFIG="BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages" skips tuning (tests,
     reproductions)."""
     v = os.environ.get("SPECEE_GEMV_CONFIG")
     if not v:
