@@ -208,6 +208,11 @@ def test_tuner_times_configs_in_a_graph_and_keeps_its_pick_per_shape(monkeypatch
     with torch.cuda.graph(g):
         G.triton_fused_linear(x2, w2, None, nw2, 1e-5, "rmsnorm")
     assert len(seen) == len(G.CONFIGS) and (200, 256, 1) not in G.PICKED
+    # a pinned config (SPECEE_GEMV_CONFIG) runs as it is and is not recorded as a pick
+    monkeypatch.setenv("SPECEE_GEMV_CONFIG", "8,512,1,4,1")
+    x3, w3, _, nw3 = _inputs("rmsnorm", 136, 256, False, torch.float32, "cuda", 5)
+    G.triton_fused_linear(x3, w3, None, nw3, 1e-5, "rmsnorm")
+    assert len(seen) == len(G.CONFIGS) and (136, 256, 1) not in G.PICKED
 
 
 @cuda

@@ -154,12 +154,14 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     nw = norm_w.contiguous() if norm_w is not None else x
     args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
-    cfg = _fixed_config() or _tuned(args, kw, CONFIGS)
-    if cfg is None:  # first use inside a stream capture: untuned, not remembered
-        cfg = AOTI_DEFAULT
-    else:
-        TUNED.setdefault((N, K, prologue), ",".join(map(str, cfg)))
-        PICKED[(N, K, pro)] = cfg
+    cfg = _fixed_config()
+    if cfg is None:
+        cfg = _tuned(args, kw, CONFIGS)
+        if cfg is None:  # first use inside a stream capture: untuned, not remembered
+            cfg = AOTI_DEFAULT
+        else:
+            TUNED.setdefault((N, K, prologue), ",".join(map(str, cfg)))
+            PICKED[(N, K, pro)] = cfg
     _launch(args, kw, cfg)
     return y
 
