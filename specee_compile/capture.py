@@ -18,7 +18,9 @@ Outputs: hn [1, q, D] (final-normed hidden), logits [1, q, V].
 
 The K/V caches and validity rows are *mutated in place* (export's training IR keeps `index_copy_` /
 `index_fill_` on the placeholders, with `user_inputs_to_mutate` in the signature), exactly as the
-eager layer function does: no functional cache outputs, no copy of the cache per step.
+eager layer function does: no functional cache outputs, no copy of the cache per step. (With the CUDA
+path's fused ops the writes are one mutating custom op, `specee::rope_append`, which export keeps the
+same way.)
 
 The example has q = 2 rows (a 1-row example would specialise q to 1; backfill needs 1 + pending
 rows) and S < T; q and S are exported symbolic, so one graph serves every step. q is a named `Dim`

@@ -167,6 +167,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of heads x [heads, q, hd] with c, s = cos, sin at the rows' positions [q, hd]."""
+    return x * c + _rotate_half(x) * s
+
+
+def split_qkv(y: torch.Tensor, H: int, Hkv: int, hd: int):
+    """The fused QKV projection's output y [1, q, (H + 2 Hkv) hd] as q [H, q, hd], k, v [Hkv, q, hd] (views)."""
+    q_rows = y.shape[1]
+    q, k, v = y.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    return (q.view(q_rows, H, hd).transpose(0, 1), k.view(q_rows, Hkv, hd).transpose(0, 1),
+            v.view(q_rows, Hkv, hd).transpose(0, 1))
+
+
 FUSABLE = ("qkv", "o", "gate_up", "down", "attn")  # what the fused Triton ops can take over
 # the CUDA Inductor path's choice (benchmarks/gemv_sweep.py, benchmarks/results: on the H100 the Triton
 # GEMVs match or beat Inductor's coordinate-descent-tuned reductions on every matmul, and the decode
@@ -184,7 +197,8 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
     """The parts of a decoder layer around attention, shared by every attention formulation
     (`make_layer_fn` here; the read-only-cache variant of the ONNX exporter):
 
-    qkv(h [1,q,D], ln1, wqkv, bqkv) -> q [H,q,hd], k, v [Hkv,q,hd]
+    qkv(h [1,q,D], ln1, wqkv, bqkv) -> q [H,q,hd], k, v [Hkv,q,hd]  (split=False: the projection
+        [1,q,(H+2Hkv) hd] before the split)
     rope(q, k, c, s [q,hd]) -> q, k with rotary embedding applied
     out_mlp(h [1,q,D], a [1,q,H hd], wo, ln2, wgu, wd) -> h [1,q,D] (o-proj residual + MLP residual)
 
@@ -218,19 +232,14 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
         g, u = gu.chunk(2, dim=-1)
         return h + F.linear(F.silu(g) * u, wd)
 
-    def qkv(h, ln1, wqkv, bqkv):
-        q_rows = h.shape[1]
-        qkv = normed_linear(h, ln1, wqkv, bqkv, fuse["qkv"])  # [1, q, (H + 2Hkv) hd]
-        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.view(q_rows, H, hd).transpose(0, 1)  # [H, q, hd]
-        k = k.view(q_rows, Hkv, hd).transpose(0, 1)  # [Hkv, q, hd]
-        v = v.view(q_rows, Hkv, hd).transpose(0, 1)
-        return q, k, v
+    def qkv(h, ln1, wqkv, bqkv, split: bool = True):
+        y = normed_linear(h, ln1, wqkv, bqkv, fuse["qkv"])  # [1, q, (H + 2Hkv) hd]
+        return split_qkv(y, H, Hkv, hd) if split else y
 
-    def rope(q, k, c, s):
-        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    def rope_qk(q, k, c, s):
+        return rope(q, c, s), rope(k, c, s)
 
-    return qkv, rope, out_mlp
+    return qkv, rope_qk, out_mlp
 
 
 def _fused_op(ns: str, name: str):
@@ -252,13 +261,17 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     native_gqa: let SDPA broadcast K/V heads (no copy of the cache per step); False repeats them
     explicitly, for exporters that do not know `enable_gqa`.
     fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
-    `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`).
+    `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
+    and with ops="specee" the rows' rotary embedding, K/V writes and validity mark before it are one
+    `specee::rope_append` op (one Triton kernel on CUDA for one row, `plugins/triton_rope_append.py`; four
+    Inductor kernels otherwise). The AOTI package (ops="specee_aoti") keeps the four.
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
-    qkv, rope, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
+    qkv, rope_qk, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
     if "attn" in fused:
         attend = _fused_op(ops, "decode_attention")
+    append = _fused_op(ops, "rope_append") if "attn" in fused and ops == "specee" else None
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None, attn_state=()):
@@ -271,8 +284,12 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         # fp32 workspace), which an AOTI package takes as inputs since it owns no state; required with
         # ops="specee_aoti".
         q_rows = h.shape[1]
+        if append is not None and mask is None and slots is None:  # the decode step's fused path
+            q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid)
+            a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
+            return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         q, k, v = qkv(h, ln1, wqkv, bqkv)
-        q, k = rope(q, k, cos[pos], sin[pos])
+        q, k = rope_qk(q, k, cos[pos], sin[pos])
         at = pos if slots is None else slots
         k_cache.index_copy_(1, at, k)
         v_cache.index_copy_(1, at, v)

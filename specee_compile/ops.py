@@ -5,7 +5,8 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::exit_score`: the exit point (below), lowered by every backend.
 - `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
-The last two appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
+- `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
+The last three appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
 the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .model_step import rms_norm
+from .model_step import rms_norm, rope, split_qkv
 
 
 def exit_score_reference(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
@@ -127,10 +128,41 @@ def _(q, k, v, valid, pos):
     return q.new_empty(q.shape)
 
 
-def register_cuda_kernels() -> bool:
-    """Make the Triton kernels the CUDA implementations of all three ops (exit_score, fused_linear,
-    decode_attention). Idempotent; False where triton is missing (the ops keep their references)."""
-    from .plugins import triton_decode_attention, triton_exit_score, triton_gemv
+# ------------------------------------------------------------------------------------- rope_append
+def rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid):
+    """What `model_step`'s layer does between the QKV projection and attention: split qkv [1, q, (H + 2 Hkv)
+    hd] into heads, rotate q and k at `pos` [q] (cos, sin [T, hd] tables), write k and v into k_cache,
+    v_cache [Hkv, T, hd] at `pos` and mark those slots in valid [T] (in place). Returns q [H, q, hd]."""
+    Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
+    q, k, v = split_qkv(qkv, qkv.shape[-1] // hd - 2 * Hkv, Hkv, hd)
+    c, s = cos[pos], sin[pos]
+    k_cache.index_copy_(1, pos, rope(k, c, s))
+    v_cache.index_copy_(1, pos, v)
+    valid.index_fill_(0, pos, True)
+    return rope(q, c, s)
 
-    registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention)]
+
+@torch.library.custom_op("specee::rope_append", mutates_args=("k_cache", "v_cache", "valid"))
+def rope_append(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, valid: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding, K/V cache write and validity mark of the step's rows; one Triton kernel on CUDA for
+    a single row (`plugins/triton_rope_append.py`), where Inductor makes four of the plain ops."""
+    return rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid).contiguous().clone()
+
+
+@rope_append.register_fake
+def _(qkv, cos, sin, pos, k_cache, v_cache, valid):
+    Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
+    return qkv.new_empty(qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1], hd)
+
+
+def register_cuda_kernels() -> bool:
+    """Make the Triton kernels the CUDA implementations of the ops (exit_score, fused_linear, decode_attention,
+    rope_append). Idempotent; False where triton is missing (the ops keep their references)."""
+    from .plugins import triton_decode_attention, triton_exit_score, triton_gemv, triton_rope_append
+
+    registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention,
+                                                    triton_rope_append)]
     return all(registered)  # every module registers, even after one reports no triton

@@ -264,6 +264,7 @@ def test_capture_and_passes_keep_fused_ops(tiny_llama):
     ops = [n.target for n in fused.layers[0].graph.nodes if n.op == "call_function"]
     assert sum(t is torch.ops.specee.fused_linear.default for t in ops) == 4  # qkv, o, gate/up, down
     assert sum(t is torch.ops.specee.decode_attention.default for t in ops) == 1
+    assert sum(t is torch.ops.specee.rope_append.default for t in ops) == 1  # RoPE, K/V writes, valid mark
     spec = W.spec
     outs = []
     for seg in (plain, fused):

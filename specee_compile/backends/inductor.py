@@ -37,9 +37,11 @@ every layer does (the cache). Exit decisions sync with the host (`float(score)` 
 
 On CUDA (with triton) the layer is traced with the ops of `model_step.CUDA_FUSED`: its matmuls as
 `specee::fused_linear` (one Triton GEMV each, RMSNorm / SiLU*up / residual folded in) and attention
-as `specee::decode_attention` (split-S Triton kernel that builds the validity mask itself); the exit
-op runs the fused Triton exit kernel; Inductor compiles the rest (RoPE, cache writes) with
-coordinate-descent tuning. Rows q > 1 fall back to cuBLAS / SDPA inside the ops.
+as `specee::decode_attention` (split-S Triton kernel that builds the validity mask itself), with the
+rows' RoPE, K/V cache writes and validity mark before it as `specee::rope_append` (one Triton kernel
+where Inductor made four; a mutating op that Inductor calls in place on the cache inputs); the exit
+op runs the fused Triton exit kernel; Inductor compiles the rest with coordinate-descent tuning. Rows
+q > 1 fall back to cuBLAS / SDPA / the plain cache writes inside the ops.
 """
 
 from __future__ import annotations

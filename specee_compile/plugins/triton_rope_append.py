@@ -1,0 +1,80 @@
+"""The `specee::rope_append` op as one Triton kernel (CUDA, one row: the decode step).
+
+Between a layer's QKV projection and its attention, the decode step rotates q and k at the row's
+position, writes k and v into the layer's cache at that slot and marks the slot valid (the KV contract).
+Inductor compiles those plain ops into four small kernels per layer (K rotate + write, V write, valid
+mark, q rotate), each ~1 us on the H200 plus the idle time between launches: ~4.2 us of a ~25 us
+SmolLM2 layer (GPU_NOTES, sessions 10 and 13). This kernel does all of it in one launch:
+
+    grid (Hkv,): program j rotates the REP query heads of its group and the key head j (fp32 math, one
+    rounding to the input dtype, as Inductor's fused pointwise code rounds), stores k and v at
+    cache[j, pos] and, in program 0, valid[pos] = 1.
+
+Rows q > 1 (prefill, pending rows, tree verification) take the reference (`ops.rope_append_reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import HAVE_TRITON, register_kernel, tl, triton
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_append_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, valid_ptr, q_out_ptr,
+        stride_kh, stride_ks, stride_vh, stride_vs,
+        H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+    ):
+        j = tl.program_id(0)
+        REP: tl.constexpr = H // HKV
+        HALF: tl.constexpr = HD // 2
+        DT: tl.constexpr = q_out_ptr.dtype.element_ty
+        d = tl.arange(0, HD)
+        partner = (d + HALF) % HD  # rotate_half: [-x[HALF:], x[:HALF]]
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        pos = tl.load(pos_ptr)
+        c = tl.load(cos_ptr + pos * HD + d).to(tl.float32)
+        s = tl.load(sin_ptr + pos * HD + d).to(tl.float32)
+        for r in tl.static_range(REP):
+            src = qkv_ptr + (j * REP + r) * HD
+            x = tl.load(src + d).to(tl.float32)
+            xp = tl.load(src + partner).to(tl.float32)
+            tl.store(q_out_ptr + (j * REP + r) * HD + d, (x * c + sign * xp * s).to(DT))
+        src = qkv_ptr + (H + j) * HD
+        x = tl.load(src + d).to(tl.float32)
+        xp = tl.load(src + partner).to(tl.float32)
+        tl.store(k_ptr + j * stride_kh + pos * stride_ks + d, (x * c + sign * xp * s).to(DT))
+        tl.store(v_ptr + j * stride_vh + pos * stride_vs + d, tl.load(qkv_ptr + (H + HKV + j) * HD + d))
+        if j == 0:
+            tl.store(valid_ptr + pos, tl.full([], 1, valid_ptr.dtype.element_ty))
+
+
+def triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid):
+    from ..ops import rope_append_reference
+
+    Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
+    rows = qkv.shape[1]
+    usable = (
+        HAVE_TRITON and rows == 1 and pos.numel() == 1 and hd == triton.next_power_of_2(hd)
+        and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and tuple(cos.shape[1:]) == (hd,)
+        and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and valid.is_contiguous()
+        and qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
+        and (qkv.shape[-1] // hd - 2 * Hkv) % Hkv == 0
+    )
+    if not usable:
+        return rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid).contiguous()
+    H = qkv.shape[-1] // hd - 2 * Hkv
+    q = torch.empty(H, 1, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_append_kernel[(Hkv,)](
+        qkv, cos, sin, pos, k_cache, v_cache, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, q,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=H, HKV=Hkv, HD=hd, num_warps=1,
+    )
+    return q
+
+
+def register_cuda_impl() -> bool:
+    """Make the kernel the CUDA implementation of `specee::rope_append` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::rope_append", triton_rope_append)
