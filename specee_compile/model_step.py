@@ -246,7 +246,7 @@ def _fused_op(ns: str, name: str):
     from . import ops  # noqa: F401  # defines torch.ops.specee.*
 
     if ns == "specee_aoti":
-        from .plugins import triton_decode_attention, triton_gemv  # noqa: F401  # define the twins
+        from .plugins import triton_decode_attention, triton_gemv, triton_rope_append  # noqa: F401  # the twins
     elif ns != "specee":
         raise ValueError(f"ops: expected 'specee' or 'specee_aoti', got {ns!r}")
     return getattr(getattr(torch.ops, ns), name)
@@ -262,16 +262,15 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     explicitly, for exporters that do not know `enable_gqa`.
     fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
-    and with ops="specee" the rows' rotary embedding, K/V writes and validity mark before it are one
-    `specee::rope_append` op (one Triton kernel on CUDA for one row, `plugins/triton_rope_append.py`; four
-    Inductor kernels otherwise). The AOTI package (ops="specee_aoti") keeps the four.
+    and the rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one
+    Triton kernel on CUDA for one row, `plugins/triton_rope_append.py`, where Inductor makes four kernels).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
     qkv, rope_qk, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
     if "attn" in fused:
         attend = _fused_op(ops, "decode_attention")
-    append = _fused_op(ops, "rope_append") if "attn" in fused and ops == "specee" else None
+    append = _fused_op(ops, "rope_append") if "attn" in fused else None
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None, attn_state=()):
@@ -286,14 +285,13 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         q_rows = h.shape[1]
         if append is not None and mask is None and slots is None:  # the decode step's fused path
             q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid)
-            a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos)  # [H, q, hd]
-            return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
-        q, k, v = qkv(h, ln1, wqkv, bqkv)
-        q, k = rope_qk(q, k, cos[pos], sin[pos])
-        at = pos if slots is None else slots
-        k_cache.index_copy_(1, at, k)
-        v_cache.index_copy_(1, at, v)
-        valid.index_fill_(0, at, True)
+        else:
+            q, k, v = qkv(h, ln1, wqkv, bqkv)
+            q, k = rope_qk(q, k, cos[pos], sin[pos])
+            at = pos if slots is None else slots
+            k_cache.index_copy_(1, at, k)
+            v_cache.index_copy_(1, at, v)
+            valid.index_fill_(0, at, True)
         if "attn" in fused and mask is None:
             a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos,
                        *(() if ops == "specee" else attn_state))  # [H, q, hd]

@@ -135,3 +135,6 @@ def test_aoti_twin_state_is_a_declared_mutated_input_of_the_package():
     ep = torch.export.export(fn, args, dynamic_shapes=ds, strict=False).run_decompositions()
     mutated = set(ep.graph_signature.user_inputs_to_mutate.values())
     assert {"counters", "ws", "k_cache", "v_cache", "valid"} <= mutated
+    # the rows' RoPE, K/V writes and validity mark are the rope_append twin's one kernel, not plain cache ops
+    code = ep.graph_module.print_readable(print_output=False)
+    assert "specee_aoti.rope_append" in code and "index_copy" not in code and "index_fill" not in code

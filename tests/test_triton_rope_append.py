@@ -57,7 +57,7 @@ _INTERP = textwrap.dedent(
     """
     import torch
     from specee_compile.ops import rope_append_reference as ref
-    from specee_compile.plugins.triton_rope_append import triton_rope_append
+    from specee_compile.plugins.triton_rope_append import triton_rope_append  # also defines the AOTI twin
     for H, Hkv, hd, T, pos in SHAPES:
         for dt in (torch.float32, torch.float16):
             g = torch.Generator().manual_seed(pos)
@@ -76,6 +76,11 @@ _INTERP = textwrap.dedent(
                 tol = 0 if dt == torch.float32 else 4 * 2 ** -10 * float(b.float().abs().max())
                 assert a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= tol + 1e-6, (H, dt)
             assert torch.equal(mine[2], valid), (H, dt)
+            # the AOTI twin (bool validity as the package passes it) gives the Python op's bits
+            twin = [caches[0].clone(), caches[1].clone(), valid.clone()]
+            twin[2][pos] = False
+            got2 = torch.ops.specee_aoti.rope_append(qkv, cos, sin, p, *twin)
+            assert all(torch.equal(a, b) for a, b in zip((got2, *twin), (got, *mine))), (H, dt)
     print("INTERP_OK")
     """
 )

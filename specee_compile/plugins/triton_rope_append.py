@@ -11,6 +11,10 @@ SmolLM2 layer (GPU_NOTES, sessions 10 and 13). This kernel does all of it in one
     cache[j, pos] and, in program 0, valid[pos] = 1.
 
 Rows q > 1 (prefill, pending rows, tree verification) take the reference (`ops.rope_append_reference`).
+
+`specee_aoti::rope_append` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
+`backends/aoti_export.py`): a `torch.library.triton_op`, which a package embeds, writing the cache and
+validity inputs the caller owns.
 """
 
 from __future__ import annotations
@@ -73,6 +77,31 @@ def triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid):
         H=H, HKV=Hkv, HD=hd, num_warps=1,
     )
     return q
+
+
+def _aoti_rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`specee_aoti::rope_append`: one row (the decode step of an AOTI layer package), the Python op's kernel
+    (the same bits); k_cache, v_cache and valid are the package's inputs, written in place."""
+    Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
+    if qkv.shape[1] != 1 or hd != triton.next_power_of_2(hd) or (qkv.shape[-1] // hd - 2 * Hkv) % Hkv:
+        raise ValueError(f"specee_aoti::rope_append: one row and a power-of-two head_dim, got qkv "
+                         f"{tuple(qkv.shape)} with a cache of {tuple(k_cache.shape)}")
+    H = qkv.shape[-1] // hd - 2 * Hkv
+    q = torch.empty(H, 1, hd, dtype=qkv.dtype, device=qkv.device)
+    wrap_triton(_rope_append_kernel)[(Hkv,)](
+        qkv.contiguous(), cos, sin, pos, k_cache, v_cache, valid, q,  # bool as it is, as the attention twin
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=H, HKV=Hkv, HD=hd, num_warps=1,
+    )
+    return q
+
+
+if HAVE_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    aoti_rope_append = triton_op("specee_aoti::rope_append", _aoti_rope_append,
+                                 mutates_args={"k_cache", "v_cache", "valid"})
 
 
 def register_cuda_impl() -> bool:
