@@ -17,6 +17,8 @@ On CUDA with `--py-backend inductor` the dense step's parts (whole step, one lay
 head) are timed on both sides. `SPECEE_PROFILE_DIR=DIR` adds each part's kernels over 10 replays
 (`<side>_<part>_kernels.json`: {name: [launches, device us]}, the runner's from the CUDA profiler it links)
 and prints the chain's table: a chain's replay time minus its kernels' device time is idle time.
+`SPECEE_GRAPH_ATTRS=DIR` writes the chain's kernel nodes with their launch and function attributes on both
+sides (`<side>_layers_attrs.json`, `graph_census.py`) and prints where they differ.
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
         raw.append({"mode": "parts", "python": py, "cpp": cc})
         if os.environ.get("SPECEE_PROFILE_DIR"):
             print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
+        if os.environ.get("SPECEE_GRAPH_ATTRS"):
+            print("\n" + attrs_table(Path(os.environ["SPECEE_GRAPH_ATTRS"])))
     if cuda:  # the GEMV configs both sides ran: the Python op's autotuned picks and the package's whole-K twins
         from specee_compile.plugins import triton_gemv as G
 
@@ -151,6 +155,18 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1) + "\n")
     return 0
+
+
+def attrs_table(directory: Path) -> str:
+    """The chain's kernel nodes, C++ against Python, where their attributes differ (`graph_census.attr_diff`)."""
+    from graph_census import attr_diff
+
+    sides = [directory / f"{side}_layers_attrs.json" for side in ("cpp", "python")]
+    if not all(f.exists() for f in sides):
+        return f"(no node attributes: {', '.join(f.name for f in sides if not f.exists())} missing)"
+    rows = attr_diff(*(json.loads(f.read_text()) for f in sides))
+    return ("| chain: kernel | field | C++ | Python |\n|---|---|---|---|\n" + "\n".join(rows) if rows
+            else "the chain's kernel nodes: the same attributes on both sides")
 
 
 def warm_clocks(run, seconds: float = 0.2) -> None:
@@ -179,6 +195,7 @@ def python_parts(seg) -> dict:
     pos = torch.tensor([S - 1], device=seg.device)
 
     dump = os.environ.get("SPECEE_GRAPH_DUMP")  # DIR: each part's graph as a DOT file (cudaGraphDebugDotPrint)
+    attrs = os.environ.get("SPECEE_GRAPH_ATTRS")  # DIR: the chain's kernel nodes with their attributes (JSON)
 
     def chain():
         x = h
@@ -189,11 +206,16 @@ def python_parts(seg) -> dict:
                      ("head_us", lambda: seg.head_direct(h))):
         fn()
         torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph(keep_graph=bool(dump))  # a kept graph can be printed
+        census = bool(attrs) and name == "layers_us"
+        g = torch.cuda.CUDAGraph(keep_graph=bool(dump) or census)  # a kept graph can be printed and read
         with torch.cuda.graph(g):
             fn()
         if dump:  # beside the runner's cpp_<part>.dot
             g.debug_dump(os.path.join(dump, f"python_{name.removesuffix('_us')}.dot"))
+        if census:  # beside the runner's cpp_layers_attrs.json
+            from graph_census import kernel_nodes
+
+            Path(attrs, "python_layers_attrs.json").write_text(json.dumps(kernel_nodes(g.raw_cuda_graph())) + "\n")
         warm_clocks(g.replay)
         out[name] = replay_time(g.replay, 20) * 1e6
         if os.environ.get("SPECEE_PROFILE_DIR"):

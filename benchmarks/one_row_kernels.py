@@ -270,8 +270,9 @@ def attr_rows(add, variants: dict, h0, layers: int, replay_us) -> None:
     shared memory). Which attribute, if any, is the package chain's idle time between kernels (GPU_NOTES s11-12)."""
     import ctypes
 
+    from graph_census import kernel_nodes
+
     cu = ctypes.CDLL("libcuda.so.1")
-    node_params = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
 
     def functions(fn) -> dict:
         x = h0
@@ -279,27 +280,7 @@ def attr_rows(add, variants: dict, h0, layers: int, replay_us) -> None:
         with torch.cuda.graph(g):
             for i in range(layers):
                 x = fn(i, x)
-        raw = ctypes.c_void_p(g.raw_cuda_graph())
-        n = ctypes.c_size_t(0)
-        assert cu.cuGraphGetNodes(raw, None, ctypes.byref(n)) == 0
-        nodes = (ctypes.c_void_p * n.value)()
-        assert cu.cuGraphGetNodes(raw, nodes, ctypes.byref(n)) == 0
-        out = {}
-        for node in nodes:
-            kind = ctypes.c_int(-1)
-            cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
-            if kind.value != 0:  # CU_GRAPH_NODE_TYPE_KERNEL
-                continue
-            params = (ctypes.c_byte * 256)()
-            if node_params(ctypes.c_void_p(node), params) != 0:
-                continue
-            func = ctypes.c_void_p.from_buffer(params, 0).value  # CUDA_KERNEL_NODE_PARAMS.func (first field)
-            name = ctypes.c_char_p()
-            if func and hasattr(cu, "cuFuncGetName"):
-                cu.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(func))
-            if func:
-                out[func] = (name.value or b"?").decode()
-        return out
+        return {rec["handle"]: rec["name"] for rec in kernel_nodes(g.raw_cuda_graph())}
 
     def get(func, attr):
         v = ctypes.c_int(-99)

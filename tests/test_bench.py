@@ -71,3 +71,42 @@ def test_cpp_bench_gap_table_puts_idle_time_between_the_right_kernels(tmp_path):
         (tmp_path / f"{side}_layers_timeline.json").write_text(json.dumps(tl))
     table = mod.kernel_table(tmp_path)
     assert table.count("| gemv -> attn |") == 2 and "idle before a kernel" in table
+
+
+def test_graph_census_lists_only_the_attributes_that_differ(tmp_path):
+    """`graph_census.attr_diff` (the [cpp] chains' kernel nodes, C++ against Python): per kernel name, the
+    fields whose values differ over its nodes; a kernel one side lacks is named; `cpp_bench.attrs_table`
+    prints it from SPECEE_GRAPH_ATTRS's files, or says the attributes agree."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("cpp_bench", bench / "cpp_bench.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        from graph_census import attr_diff, census
+    finally:
+        sys.path.remove(str(bench))
+
+    def node(name, prio=0, dyn=49152, grid=(9, 1, 1)):
+        return {"name": name, "grid": list(grid), "block": [128, 1, 1], "smem": 1024,
+                "func": {"regs": 32, "max_dyn_smem": dyn}, "node": {"priority": [prio, 0, 0, 0], "cooperative": "error 1"},
+                "handle": 1234}
+
+    py = [node("gemv"), node("attn"), node("gemv"), node("rope")]
+    cc = [node("gemv", prio=1), node("attn", dyn=1024), node("gemv"), node("copy")]
+    assert census(cc)["gemv"]["node.priority"] == [[0, 0, 0, 0], [1, 0, 0, 0]]
+    rows = attr_diff(cc, py)
+    assert "| attn | func.max_dyn_smem | [1024] | [49152] |" in rows
+    assert "| gemv | node.priority | [[0, 0, 0, 0], [1, 0, 0, 0]] | [[0, 0, 0, 0]] |" in rows
+    assert "| copy | (only in cpp) | | |" in rows and "| rope | (only in python) | | |" in rows
+    assert not any("regs" in r or "cooperative" in r or "handle" in r for r in rows)
+    assert "missing" in mod.attrs_table(tmp_path)
+    for side, nodes in (("cpp", py), ("python", py)):
+        (tmp_path / f"{side}_layers_attrs.json").write_text(json.dumps(nodes))
+    assert "the same attributes on both sides" in mod.attrs_table(tmp_path)
+    (tmp_path / "cpp_layers_attrs.json").write_text(json.dumps(cc))
+    assert mod.attrs_table(tmp_path).count("\n") == len(rows) + 1

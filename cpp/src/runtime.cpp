@@ -17,6 +17,7 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <dlfcn.h>
 #include <optional>
 #endif
 
@@ -789,6 +790,90 @@ struct Runtime::Impl {
     if (!f) std::fprintf(stderr, "cannot write %s\n", path.c_str());
   }
 
+  // A captured graph's kernel nodes with their launch attributes and their functions' attributes, as JSON in
+  // node order: the fields and attribute ids of benchmarks/graph_census.py, which reads the Python step's
+  // graph the same way (cpp_bench prints where the two differ). The driver API through dlopen: nothing links
+  // libcuda itself.
+  static void write_graph_attrs(cudaGraph_t graph, const std::string& path) {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: cannot open libcuda.so.1: %s\n", dlerror());
+      return;
+    }
+    auto sym = [&](const char* a, const char* b = nullptr) {
+      void* p = dlsym(lib, a);
+      return p || !b ? p : dlsym(lib, b);
+    };
+    using GetNodes = int (*)(cudaGraph_t, void**, size_t*);
+    using NodeType = int (*)(void*, int*);
+    using NodeParams = int (*)(void*, void*);
+    using FuncName = int (*)(const char**, void*);
+    using FuncAttr = int (*)(int*, int, void*);
+    using NodeAttr = int (*)(void*, int, void*);
+    auto get_nodes = reinterpret_cast<GetNodes>(sym("cuGraphGetNodes"));
+    auto node_type = reinterpret_cast<NodeType>(sym("cuGraphNodeGetType"));
+    auto node_params = reinterpret_cast<NodeParams>(sym("cuGraphKernelNodeGetParams_v2", "cuGraphKernelNodeGetParams"));
+    auto func_name = reinterpret_cast<FuncName>(sym("cuFuncGetName"));
+    auto func_attr = reinterpret_cast<FuncAttr>(sym("cuFuncGetAttribute"));
+    auto node_attr = reinterpret_cast<NodeAttr>(sym("cuGraphKernelNodeGetAttribute"));
+    size_t n = 0;
+    if (!get_nodes || !node_type || !node_params || !func_attr || !node_attr || get_nodes(graph, nullptr, &n) != 0) {
+      std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: the driver does not answer the graph queries\n");
+      dlclose(lib);
+      return;
+    }
+    static const std::pair<const char*, int> kFunc[] = {
+        {"max_threads", 0}, {"static_smem", 1}, {"const_bytes", 2}, {"local_bytes", 3}, {"regs", 4}, {"ptx", 5},
+        {"binary", 6}, {"cache_mode_ca", 7}, {"max_dyn_smem", 8}, {"carveout", 9}, {"cluster_size_must_be_set", 10},
+        {"non_portable_cluster", 14}, {"cluster_sched", 15}};
+    static const std::pair<const char*, int> kNode[] = {
+        {"access_policy_window", 1}, {"cooperative", 2}, {"cluster_dim", 4}, {"cluster_sched", 5}, {"priority", 8},
+        {"mem_sync_domain_map", 9}, {"mem_sync_domain", 10}, {"preferred_cluster_dim", 11}, {"device_updatable", 13},
+        {"smem_carveout", 14}};
+    std::vector<void*> nodes(n);
+    get_nodes(graph, nodes.data(), &n);
+    std::ofstream f(path);
+    f << "[";
+    const char* sep = "";
+    for (void* node : nodes) {
+      int kind = -1;
+      alignas(8) unsigned char params[128] = {};
+      if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) continue;  // kernel nodes
+      void* func = nullptr;
+      uint32_t dims[7];  // grid x y z, block x y z, dynamic shared memory: after the function handle
+      std::memcpy(&func, params, sizeof func);
+      std::memcpy(dims, params + 8, sizeof dims);
+      const char* name = nullptr;
+      if (!func_name || func_name(&name, func) != 0 || !name) name = "?";
+      f << sep << "\n {\"name\": " << json::quote(name) << ", \"grid\": [" << dims[0] << ", " << dims[1] << ", "
+        << dims[2] << "], \"block\": [" << dims[3] << ", " << dims[4] << ", " << dims[5] << "], \"smem\": "
+        << dims[6] << ", \"func\": {";
+      const char* s2 = "";
+      for (const auto& [key, id] : kFunc) {
+        int v = -99;
+        const int rc = func_attr(&v, id, func);
+        f << s2 << "\"" << key << "\": ";
+        if (rc == 0) f << v; else f << "\"error " << rc << "\"";
+        s2 = ", ";
+      }
+      f << "}, \"node\": {";
+      s2 = "";
+      for (const auto& [key, id] : kNode) {
+        alignas(8) int32_t v[16] = {};  // CUlaunchAttributeValue: a 64-byte union; its first words are printed
+        const int rc = node_attr(node, id, v);
+        f << s2 << "\"" << key << "\": ";
+        if (rc == 0) f << "[" << v[0] << ", " << v[1] << ", " << v[2] << ", " << v[3] << "]";
+        else f << "\"error " << rc << "\"";
+        s2 = ", ";
+      }
+      f << "}}";
+      sep = ",";
+    }
+    f << "\n]\n";
+    if (!f) std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    dlclose(lib);
+  }
+
   // The step's parts at the first length, each captured alone and replayed back to back: one layer call, the
   // chain of L layer calls, the head (cpp_bench sets them beside the Python step's parts). The layers write K/V
   // at slot S - 1, which start() invalidates.
@@ -799,11 +884,15 @@ struct Runtime::Impl {
     // SPECEE_GRAPH_DUMP=DIR writes each part's graph as DIR/cpp_<part>.dot (cudaGraphDebugDotPrint): its kernel
     // nodes, their grids and parameters, beside cpp_bench's python_<part>.dot
     const char* dump = std::getenv("SPECEE_GRAPH_DUMP");
+    // SPECEE_GRAPH_ATTRS=DIR writes the chain's kernel nodes with their attributes as DIR/cpp_layers_attrs.json
+    const char* attrs = std::getenv("SPECEE_GRAPH_ATTRS");
     auto part = [&](const char* name, auto body) {
-      at::cuda::CUDAGraph graph(/*keep_graph=*/dump != nullptr);  // a kept graph can be printed
+      const bool census = attrs != nullptr && std::string(name) == "layers";
+      at::cuda::CUDAGraph graph(/*keep_graph=*/dump != nullptr || census);  // a kept graph can be printed, read
       graph.capture_begin({0, 0}, cudaStreamCaptureModeRelaxed);
       body();
       graph.capture_end();
+      if (census) write_graph_attrs(graph.raw_cuda_graph(), std::string(attrs) + "/cpp_layers_attrs.json");
       if (dump) {
         const std::string path = std::string(dump) + "/cpp_" + name + ".dot";
         const cudaError_t e = cudaGraphDebugDotPrint(graph.raw_cuda_graph(), path.c_str(), cudaGraphDebugDotFlagsVerbose);

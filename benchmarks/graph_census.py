@@ -1,0 +1,102 @@
+"""The kernel nodes of a captured CUDA graph with their launch and function attributes (driver API through
+ctypes), and the differences between two graphs that run the same kernels.
+
+The C++ runner's 30-layer chain idles ~0.4 us at every kernel boundary and the Python step's chain ~0.1
+(GPU_NOTES, session 13), over the same kernels with the same grids and shared memory (session 10's DOT
+census). What a DOT file does not print is read here, node by node: the node's launch attributes (priority,
+memory sync domain, access policy window, cluster shape, shared-memory carveout, ...; a captured node takes
+some from its capture stream) and its function's attributes (registers, shared memory, the dynamic shared
+memory limit, cache configuration, ...). The runner writes the same fields for its own chain
+(`SPECEE_GRAPH_ATTRS=DIR`: `cpp_layers_attrs.json`); `cpp_bench.py` writes the Python side's and prints
+`attr_diff`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+FUNC_ATTRS = {  # CUfunction_attribute
+    "max_threads": 0, "static_smem": 1, "const_bytes": 2, "local_bytes": 3, "regs": 4, "ptx": 5, "binary": 6,
+    "cache_mode_ca": 7, "max_dyn_smem": 8, "carveout": 9, "cluster_size_must_be_set": 10,
+    "non_portable_cluster": 14, "cluster_sched": 15,
+}
+NODE_ATTRS = {  # CUlaunchAttributeID, valid for graph kernel nodes
+    "access_policy_window": 1, "cooperative": 2, "cluster_dim": 4, "cluster_sched": 5, "priority": 8,
+    "mem_sync_domain_map": 9, "mem_sync_domain": 10, "preferred_cluster_dim": 11, "device_updatable": 13,
+    "smem_carveout": 14,
+}
+KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
+
+
+def kernel_nodes(raw_graph: int) -> list[dict]:
+    """Every kernel node of the graph (a `cudaGraph_t` as an int: `torch.cuda.CUDAGraph(keep_graph=True)
+    .raw_cuda_graph()`) in node order: name, grid, block, dynamic shared memory, `func` {attribute: int} and
+    `node` {attribute: the value's first words, or "error N" where the driver refuses the query}, and the
+    function's `handle` (a CUfunction, valid in this process only)."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    get_params = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
+    raw = ctypes.c_void_p(raw_graph)
+    n = ctypes.c_size_t(0)
+    if cu.cuGraphGetNodes(raw, None, ctypes.byref(n)) != 0:
+        raise RuntimeError("cuGraphGetNodes failed: is the graph kept (keep_graph=True)?")
+    nodes = (ctypes.c_void_p * n.value)()
+    cu.cuGraphGetNodes(raw, nodes, ctypes.byref(n))
+    out = []
+    for node in nodes:
+        kind = ctypes.c_int(-1)
+        cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
+        params = (ctypes.c_byte * 128)()
+        if kind.value != KERNEL_NODE or get_params(ctypes.c_void_p(node), params) != 0:
+            continue
+        func, gx, gy, gz, bx, by, bz, smem = struct.unpack_from("<Q7I", bytes(params), 0)
+        name = ctypes.c_char_p()
+        if func and hasattr(cu, "cuFuncGetName"):
+            cu.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(func))
+        fattrs = {}
+        for key, attr in FUNC_ATTRS.items():
+            v = ctypes.c_int(-99)
+            rc = cu.cuFuncGetAttribute(ctypes.byref(v), attr, ctypes.c_void_p(func))
+            fattrs[key] = v.value if rc == 0 else f"error {rc}"
+        nattrs = {}
+        for key, attr in NODE_ATTRS.items():
+            value = (ctypes.c_byte * 64)()
+            rc = cu.cuGraphKernelNodeGetAttribute(ctypes.c_void_p(node), attr, value)
+            nattrs[key] = list(struct.unpack_from("<4i", bytes(value), 0)) if rc == 0 else f"error {rc}"
+        out.append({"name": (name.value or b"?").decode(), "grid": [gx, gy, gz], "block": [bx, by, bz],
+                    "smem": smem, "func": fattrs, "node": nattrs, "handle": func})
+    return out
+
+
+def census(nodes: list[dict]) -> dict:
+    """{kernel name: {field: sorted distinct values over its nodes}}: what a chain's nodes of one kernel hold."""
+    out: dict = {}
+    for rec in nodes:
+        fields = out.setdefault(rec["name"], {})
+        for key, v in [("grid", rec["grid"]), ("block", rec["block"]), ("smem", rec["smem"]),
+                       *((f"func.{k}", x) for k, x in rec["func"].items()),
+                       *((f"node.{k}", x) for k, x in rec["node"].items())]:
+            vals = fields.setdefault(key, [])
+            if v not in vals:
+                vals.append(v)
+    for fields in out.values():
+        for key in fields:
+            fields[key].sort(key=repr)
+    return out
+
+
+def attr_diff(a: list[dict], b: list[dict], labels=("cpp", "python")) -> list[str]:
+    """Table rows, one per (kernel, field) whose values differ between the two graphs' nodes of that kernel;
+    kernels are matched by name (a kernel only one side has is listed as such). Grids of Inductor's own
+    pointwise kernels differ by design (their block sizes are tuned per compile) and are listed too."""
+    ca, cb = census(a), census(b)
+    rows = []
+    for name in sorted(set(ca) | set(cb)):
+        if name not in ca or name not in cb:
+            rows.append(f"| {name[:60]} | (only in {labels[0] if name in ca else labels[1]}) | | |")
+            continue
+        for key in sorted(set(ca[name]) | set(cb[name])):
+            va, vb = ca[name].get(key), cb[name].get(key)
+            if va != vb:
+                rows.append(f"| {name[:60]} | {key} | {va} | {vb} |")
+    return rows
