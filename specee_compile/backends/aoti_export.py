@@ -12,7 +12,7 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
                      writes K/V of its rows into the cache views and marks them valid (the KV
                      contract of `model_step`); `keys` only carries the attended length S.
     layer1.pt2       (CUDA) the same for one row (the decode step), with the Python CUDA step's fused Triton
-                     kernels embedded (`specee_aoti::fused_linear` / `decode_attention`, triton_op twins of
+                     kernels embedded (`specee_aoti::fused_linear` / `decode_attention` / `rope_append`, triton_op twins of
                      the Python custom ops, which a package cannot call); the runner uses it for q = 1.
                      With the fused attention (`layer1_attn_counters`) two inputs follow v_cache, the
                      attention kernel's state: its per-head arrival counters (int32 [H], zero between
