@@ -32,7 +32,8 @@ KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
 def kernel_nodes(raw_graph: int) -> list[dict]:
     """Every kernel node of the graph (a `cudaGraph_t` as an int: `torch.cuda.CUDAGraph(keep_graph=True)
     .raw_cuda_graph()`) in node order: name, grid, block, dynamic shared memory, `func` {attribute: int} and
-    `node` {attribute: the value's first words, or "error N" where the driver refuses the query}, and the
+    `node` {attribute: the value's first words, or "error N" where the driver refuses the query}; `func` also
+    holds the kernel's parameter count and bytes (`cuFuncGetParamInfo`); and the
     function's `handle` (a CUfunction, valid in this process only)."""
     cu = ctypes.CDLL("libcuda.so.1")
     get_params = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
@@ -58,6 +59,12 @@ def kernel_nodes(raw_graph: int) -> list[dict]:
             v = ctypes.c_int(-99)
             rc = cu.cuFuncGetAttribute(ctypes.byref(v), attr, ctypes.c_void_p(func))
             fattrs[key] = v.value if rc == 0 else f"error {rc}"
+        nparams, nbytes = 0, 0  # the kernel's parameters: count and bytes (the launch copies them per node)
+        off, size = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        while hasattr(cu, "cuFuncGetParamInfo") and nparams < 512 and cu.cuFuncGetParamInfo(
+                ctypes.c_void_p(func), ctypes.c_size_t(nparams), ctypes.byref(off), ctypes.byref(size)) == 0:
+            nparams, nbytes = nparams + 1, off.value + size.value
+        fattrs["params"], fattrs["param_bytes"] = nparams, nbytes
         nattrs = {}
         for key, attr in NODE_ATTRS.items():
             value = (ctypes.c_byte * 64)()

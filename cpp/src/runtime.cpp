@@ -816,6 +816,8 @@ struct Runtime::Impl {
     auto func_name = reinterpret_cast<FuncName>(sym("cuFuncGetName"));
     auto func_attr = reinterpret_cast<FuncAttr>(sym("cuFuncGetAttribute"));
     auto node_attr = reinterpret_cast<NodeAttr>(sym("cuGraphKernelNodeGetAttribute"));
+    using ParamInfo = int (*)(void*, size_t, size_t*, size_t*);
+    auto param_info = reinterpret_cast<ParamInfo>(sym("cuFuncGetParamInfo"));
     size_t n = 0;
     if (!get_nodes || !node_type || !node_params || !func_attr || !node_attr || get_nodes(graph, nullptr, &n) != 0) {
       std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: the driver does not answer the graph queries\n");
@@ -856,7 +858,12 @@ struct Runtime::Impl {
         if (rc == 0) f << v; else f << "\"error " << rc << "\"";
         s2 = ", ";
       }
-      f << "}, \"node\": {";
+      size_t nparams = 0, nbytes = 0, off = 0, size = 0;  // the kernel's parameters: count and bytes
+      while (param_info && nparams < 512 && param_info(func, nparams, &off, &size) == 0) {
+        ++nparams;
+        nbytes = off + size;
+      }
+      f << ", \"params\": " << nparams << ", \"param_bytes\": " << nbytes << "}, \"node\": {";
       s2 = "";
       for (const auto& [key, id] : kNode) {
         alignas(8) int32_t v[16] = {};  // CUlaunchAttributeValue: a 64-byte union; its first words are printed
