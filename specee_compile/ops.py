@@ -6,8 +6,9 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
-The last three appear only where `model_step` is asked for them (`fused=`, the CUDA Inductor path);
-the ONNX exporter and the eager backend use the plain ops.
+- `specee::topk_rows`: torch.topk(x, k) along the last dim, for the fixed draft tree's few short rows.
+fused_linear, decode_attention and rope_append appear only where `model_step` is asked for them (`fused=`,
+the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
 
@@ -158,11 +159,31 @@ def _(qkv, cos, sin, pos, k_cache, v_cache, valid):
     return qkv.new_empty(qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1], hd)
 
 
+# --------------------------------------------------------------------------------------- topk_rows
+@torch.library.custom_op("specee::topk_rows", mutates_args=())
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) along the last dim (values largest first, their columns); on CUDA one Triton kernel for
+    k <= 16 (`plugins/triton_topk.py`), where torch.topk runs a select and a sort per call."""
+    v, i = torch.topk(x, k, dim=-1)
+    return v.clone(), i.clone()
+
+
+@topk_rows.register_fake
+def _(x, k):
+    return x.new_empty(*x.shape[:-1], k), x.new_empty(*x.shape[:-1], k, dtype=torch.long)
+
+
 def register_cuda_kernels() -> bool:
     """Make the Triton kernels the CUDA implementations of the ops (exit_score, fused_linear, decode_attention,
-    rope_append). Idempotent; False where triton is missing (the ops keep their references)."""
-    from .plugins import triton_decode_attention, triton_exit_score, triton_gemv, triton_rope_append
+    rope_append, topk_rows). Idempotent; False where triton is missing (the ops keep their references)."""
+    from .plugins import (
+        triton_decode_attention,
+        triton_exit_score,
+        triton_gemv,
+        triton_rope_append,
+        triton_topk,
+    )
 
     registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention,
-                                                    triton_rope_append)]
+                                                    triton_rope_append, triton_topk)]
     return all(registered)  # every module registers, even after one reports no triton

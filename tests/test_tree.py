@@ -607,14 +607,3 @@ def test_fixed_tree_program_reads_nothing_on_the_host():
     with HostReads() as mode:
         f.body(S)
     assert mode.seen == []
-
-
-@pytest.mark.parametrize("shape,k", [((8, 8704), 8), ((8704,), 4), ((3, 600), 1), ((2, 100), 8), ((8, 8704), 1)])
-def test_blocked_topk_gives_the_top_k(shape, k):
-    from specee_compile.draft.tree import topk_rows
-
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).clamp(max=1.0)  # ties at the top
-    v, i = topk_rows(x, k)
-    assert torch.equal(v, torch.topk(x, k).values)
-    assert torch.equal(torch.gather(x, -1, i), v)
-    assert (i.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns

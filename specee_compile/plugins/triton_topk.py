@@ -1,0 +1,59 @@
+"""The `specee::topk_rows` op as one Triton kernel (CUDA): the top k (k <= 16) of each row of a few rows.
+
+The fixed tree program (`draft/tree.py`, issue t3) takes the top k of each expansion level's draft
+log-probabilities ([8, ~8.7K] on the H200 at 7B shapes) and of each level's cumulative scores (8 or 64
+values), ~11 and ~5 times per tree step. torch.topk runs a radix select and a sort per call (`gatherTopK`
++ `bitonicSortKVInPlace`: ~14 us per call on the H200, ~0.22 ms per 7B tree step in session 12's profile).
+Here one program per row holds its row in registers and takes k maxima in turn:
+
+    m = max over the live entries; i = the lowest live column holding m; emit (m, i); retire column i
+
+Values come out sorted, largest first, as torch.topk's; ties go to the lowest column (torch.topk leaves
+their order open); every column is emitted at most once, -inf entries included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import HAVE_TRITON, register_kernel, tl, triton
+
+MAX_K = 16
+MAX_N = 32768  # the row in registers: 32K fp32 over 8 warps is 128 values per thread
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _topk_kernel(x_ptr, v_ptr, i_ptr, N, stride, K: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        live = offs < N
+        x = tl.load(x_ptr + r.to(tl.int64) * stride + offs, mask=live, other=float("-inf")).to(tl.float32)
+        for j in tl.static_range(K):
+            m = tl.max(tl.where(live, x, float("-inf")), axis=0)
+            # a NaN row matches nothing: the clamp keeps its index inside the row
+            i = tl.minimum(tl.min(tl.where(live & (x == m), offs, BLOCK), axis=0), N - 1)
+            tl.store(v_ptr + r * K + j, m.to(v_ptr.dtype.element_ty))
+            tl.store(i_ptr + r * K + j, i.to(tl.int64))
+            live = live & (offs != i)
+
+
+def triton_topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    usable = (HAVE_TRITON and 1 <= k <= min(MAX_K, n) and n <= MAX_N and x.stride(-1) == 1
+              and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    if not usable:
+        return torch.topk(x, k, dim=-1)
+    rows = x.reshape(-1, n)  # a view where the rows are evenly strided (copied otherwise)
+    v = torch.empty(rows.shape[0], k, dtype=x.dtype, device=x.device)
+    i = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
+    block = triton.next_power_of_2(n)
+    if rows.shape[0]:
+        _topk_kernel[(rows.shape[0],)](rows, v, i, n, rows.stride(0), K=k, BLOCK=block,
+                                       num_warps=8 if block >= 4096 else 4)
+    return v.view(*x.shape[:-1], k), i.view(*x.shape[:-1], k)
+
+
+def register_cuda_impl() -> bool:
+    """Make the kernel the CUDA implementation of `specee::topk_rows` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::topk_rows", triton_topk_rows)
