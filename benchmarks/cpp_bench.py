@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
         if os.environ.get("SPECEE_GRAPH_ATTRS"):
             print("\n" + attrs_table(Path(os.environ["SPECEE_GRAPH_ATTRS"])))
-    if cuda:  # the GEMV configs both sides ran: the Python op's autotuned picks and the package's whole-K twins
+    if cuda:  # the GEMV configs both sides ran: the Python op's tuned picks and the package's whole-K twins
         from specee_compile.plugins import triton_gemv as G
 
         raw.append({"mode": "gemv_configs", "python": {str(k): v for k, v in G.PICKED.items()},

@@ -280,7 +280,7 @@ def attr_rows(add, variants: dict, h0, layers: int, replay_us) -> None:
         with torch.cuda.graph(g):
             for i in range(layers):
                 x = fn(i, x)
-        return {rec["handle"]: rec["name"] for rec in kernel_nodes(g.raw_cuda_graph())}
+        return {rec["handle"]: rec["name"] for rec in kernel_nodes(g.raw_cuda_graph()) if rec["handle"]}
 
     def get(func, attr):
         v = ctypes.c_int(-99)
