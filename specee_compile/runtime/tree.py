@@ -391,7 +391,6 @@ class FixedTree:
         # layers are: CUDA with the inductor backend (~150 small eager kernels per step otherwise,
         # benchmarks/GPU_NOTES.md session 12); S enters as the length of `keys`
         self.glue = CompiledFns("the tree step's glue", dev.type == "cuda" and seg.name == "inductor")
-        self._keys_by_len: dict[int, torch.Tensor] = {}
         self.jj = torch.arange(self.C, device=dev)
 
     def fits(self, max_pos: int) -> bool:
@@ -426,12 +425,6 @@ class FixedTree:
         out = self.out.tolist()
         return out[: out[-1]]
 
-    def _keys(self, S: int) -> torch.Tensor:
-        keys = self._keys_by_len.get(S)
-        if keys is None:
-            keys = self._keys_by_len[S] = torch.arange(S, device=self.seg.device)
-        return keys
-
     @torch.no_grad()
     def body(self, S: int) -> None:
         seg, draft, dev = self.seg, self.draft, self.seg.device
@@ -439,7 +432,7 @@ class FixedTree:
         p = self.p
         tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
         rpar, rtok, rdep, anc, mask, live, rscore = self.glue("plan", self._plan, tok, score, parent, dep, p,
-                                                             self.last, self.ids, self.eye, keys=self._keys(S))
+                                                             self.last, self.ids, self.eye, keys=draft.keys_for(S))
         pos, slots = p + rdep, p + torch.arange(q, device=dev)
         h = seg.embed(rtok)
         for i in range(seg.spec.num_layers):
@@ -466,6 +459,7 @@ class FixedTree:
         """The verified tree from the expansion: rows (root, the Nd best-scored nodes parents first, the lookup
         rows), their parents, tokens, depths, ancestors and the [q, S] attention mask (S = len(keys))."""
         dev, q, M = tok.device, self.q, tok.shape[0]
+        keys = torch.arange(keys.shape[0], device=dev)  # (the argument only carries S)
         Nd, Dl = self.N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
         kept = torch.topk(score - dep.float() * 1e-4, Nd).indices
         kept = kept[torch.argsort(dep[kept] * M + kept)]  # parents first
