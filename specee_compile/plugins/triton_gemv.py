@@ -156,7 +156,7 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
     cfg = _fixed_config()
     if cfg is None:
-        cfg = _tuned(args, kw, CONFIGS)
+        cfg = _tuned(args, kw)
         if cfg is None:  # first use inside a stream capture: untuned, not remembered
             cfg = AOTI_DEFAULT
         else:
@@ -176,7 +176,7 @@ def _launch(args, kw, cfg, w=None) -> None:
                                                    num_stages=ns)
 
 
-_TUNE_CACHE: dict = {}  # (N, K, PRO, HAS_RES, dtype, device, configs) -> the config tuple `_tune` picked
+_TUNE_CACHE: dict = {}  # (N, K, PRO, HAS_RES, dtype, device, whole_k) -> the config tuple `_tune` picked
 TUNE_BYTES = 192 << 20  # the weight copies a shape is timed over (several times a Hopper's 50 MB of L2)
 
 
@@ -195,15 +195,16 @@ def pick_fastest(times: dict) -> tuple:
     return min(ok, key=ok.get)
 
 
-def _tuned(args, kw, configs) -> tuple | None:
-    """The config for this call's shape: `_tune`'s pick, cached per shape; None inside a stream capture."""
+def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
+    """The config for this call's shape (of all CONFIGS, or of the whole-K ones): `_tune`'s pick, cached per
+    shape; None inside a stream capture."""
     w = args[1]
-    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, tuple(configs))
+    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k)
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        cfg = _TUNE_CACHE[key] = _tune(args, kw, configs)
+        cfg = _TUNE_CACHE[key] = _tune(args, kw, [c for c in CONFIGS if c[2] == 1] if whole_k else CONFIGS)
     return cfg
 
 
@@ -261,8 +262,7 @@ def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str =
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
         args = (x.contiguous(), w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x,
                 y, y, y, y, N, float(eps))
-        WHOLE_K[key] = _tuned(args, {"K": K, "PRO": pro, "HAS_RES": res is not None},
-                              [c for c in CONFIGS if c[2] == 1])
+        WHOLE_K[key] = _tuned(args, {"K": K, "PRO": pro, "HAS_RES": res is not None}, whole_k=True)
     return _aoti_config(key)
 
 
