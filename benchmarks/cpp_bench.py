@@ -67,6 +67,9 @@ def main(argv=None) -> int:
                                         "model loaded from a path, e.g. a .gguf of SmolLM2)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    for var in ("SPECEE_PROFILE_DIR", "SPECEE_GRAPH_ATTRS", "SPECEE_GRAPH_DUMP"):  # both sides write there
+        if os.environ.get(var):
+            Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 
     loaded = load_model(a.model)
     arts = a.artifacts or default_artifacts_dir(loaded)
