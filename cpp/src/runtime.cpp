@@ -194,7 +194,6 @@ struct Runtime::Impl {
   bool context_vocab = true;
   double capture_s = 0, graph_step_us = 0, graph_step_one_us = 0, graph_layer_us = 0, graph_layers_us = 0,
          graph_head_us = 0;
-  int smem_raised = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -588,7 +587,6 @@ struct Runtime::Impl {
     res.graph_layer_us = graph_layer_us;
     res.graph_layers_us = graph_layers_us;
     res.graph_head_us = graph_head_us;
-    res.kernels_smem_raised = smem_raised;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -683,14 +681,6 @@ struct Runtime::Impl {
       g.pos.fill_(S - 1);  // a position inside this length; start() clears `valid` afterwards
       dense_body(S);       // warm-up, outside the capture
       g.stream->synchronize();
-      {  // a probe capture: its kernels get the Python step's shared-memory limit before the real captures
-        at::cuda::CUDAGraph probe(/*keep_graph=*/true);
-        g.pos.fill_(S - 1);
-        probe.capture_begin({0, 0}, cudaStreamCaptureModeRelaxed);
-        dense_body(S);
-        probe.capture_end();
-        smem_raised += raise_dynamic_smem(probe.raw_cuda_graph());
-      }
       auto& pair = g.by_len[S];
       for (auto& graph : pair) {
         g.pos.fill_(S - 1);
@@ -800,102 +790,38 @@ struct Runtime::Impl {
     if (!f) std::fprintf(stderr, "cannot write %s\n", path.c_str());
   }
 
-  // The driver API through dlopen (nothing links libcuda itself): what reading a captured graph's kernel nodes
-  // and their functions takes. Opened once; a driver that lacks a query leaves its pointer null.
-  struct Driver {
+  // A captured graph's kernel nodes with their launch attributes and their functions' attributes, as JSON in
+  // node order: the fields and attribute ids of benchmarks/graph_census.py, which reads the Python step's
+  // graph the same way (cpp_bench prints where the two differ). The driver API through dlopen: nothing links
+  // libcuda itself.
+  static void write_graph_attrs(cudaGraph_t graph, const std::string& path) {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: cannot open libcuda.so.1: %s\n", dlerror());
+      return;
+    }
+    auto sym = [&](const char* a, const char* b = nullptr) {
+      void* p = dlsym(lib, a);
+      return p || !b ? p : dlsym(lib, b);
+    };
     using GetNodes = int (*)(cudaGraph_t, void**, size_t*);
     using NodeType = int (*)(void*, int*);
     using NodeParams = int (*)(void*, void*);
     using FuncName = int (*)(const char**, void*);
     using FuncAttr = int (*)(int*, int, void*);
-    using SetFuncAttr = int (*)(void*, int, int);
     using NodeAttr = int (*)(void*, int, void*);
+    auto get_nodes = reinterpret_cast<GetNodes>(sym("cuGraphGetNodes"));
+    auto node_type = reinterpret_cast<NodeType>(sym("cuGraphNodeGetType"));
+    auto node_params = reinterpret_cast<NodeParams>(sym("cuGraphKernelNodeGetParams_v2", "cuGraphKernelNodeGetParams"));
+    auto func_name = reinterpret_cast<FuncName>(sym("cuFuncGetName"));
+    auto func_attr = reinterpret_cast<FuncAttr>(sym("cuFuncGetAttribute"));
+    auto node_attr = reinterpret_cast<NodeAttr>(sym("cuGraphKernelNodeGetAttribute"));
     using ParamInfo = int (*)(void*, size_t, size_t*, size_t*);
-    GetNodes get_nodes = nullptr;
-    NodeType node_type = nullptr;
-    NodeParams node_params = nullptr;
-    FuncName func_name = nullptr;
-    FuncAttr func_attr = nullptr;
-    SetFuncAttr set_func_attr = nullptr;
-    NodeAttr node_attr = nullptr;
-    ParamInfo param_info = nullptr;
-    bool ok = false;
-    static const Driver& get() {
-      static const Driver d = [] {
-        Driver r;
-        void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);  // kept open for the process
-        if (!lib) return r;
-        auto sym = [&](const char* a, const char* b = nullptr) {
-          void* p = dlsym(lib, a);
-          return p || !b ? p : dlsym(lib, b);
-        };
-        r.get_nodes = reinterpret_cast<GetNodes>(sym("cuGraphGetNodes"));
-        r.node_type = reinterpret_cast<NodeType>(sym("cuGraphNodeGetType"));
-        r.node_params = reinterpret_cast<NodeParams>(sym("cuGraphKernelNodeGetParams_v2", "cuGraphKernelNodeGetParams"));
-        r.func_name = reinterpret_cast<FuncName>(sym("cuFuncGetName"));
-        r.func_attr = reinterpret_cast<FuncAttr>(sym("cuFuncGetAttribute"));
-        r.set_func_attr = reinterpret_cast<SetFuncAttr>(sym("cuFuncSetAttribute"));
-        r.node_attr = reinterpret_cast<NodeAttr>(sym("cuGraphKernelNodeGetAttribute"));
-        r.param_info = reinterpret_cast<ParamInfo>(sym("cuFuncGetParamInfo"));
-        r.ok = r.get_nodes && r.node_type && r.node_params && r.func_attr;
-        return r;
-      }();
-      return d;
-    }
-    // The graph's kernel nodes in node order, each with its function and the launch dimensions that follow the
-    // function handle in CUDA_KERNEL_NODE_PARAMS (grid x y z, block x y z, dynamic shared memory).
-    struct Kernel {
-      void* node;
-      void* func;
-      uint32_t dims[7];
-    };
-    std::vector<Kernel> kernels(cudaGraph_t graph) const {
-      std::vector<Kernel> out;
-      size_t n = 0;
-      if (!ok || get_nodes(graph, nullptr, &n) != 0) return out;
-      std::vector<void*> nodes(n);
-      get_nodes(graph, nodes.data(), &n);
-      for (void* node : nodes) {
-        int kind = -1;
-        alignas(8) unsigned char params[128] = {};
-        if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) continue;  // kernel nodes
-        Kernel k{node, nullptr, {}};
-        std::memcpy(&k.func, params, sizeof k.func);
-        std::memcpy(k.dims, params + 8, sizeof k.dims);
-        out.push_back(k);
-      }
-      return out;
-    }
-  };
-
-  // AOTInductor's kernel loader sets each Triton kernel's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES to
-  // the bytes that kernel uses (64, 128, 1024, ...), where Triton's own launcher (the Python step) leaves the
-  // default, 48 KB less the static shared memory. The graph census found this as the one difference between
-  // the two chains' kernels, and the C++ chain idles ~0.35 us more at every kernel boundary (H200). Raising
-  // each captured kernel's limit back to that default (never lowering one) before the step graphs are
-  // captured gives the runner's kernels the attributes the Python step's have.
-  static int raise_dynamic_smem(cudaGraph_t graph) {
-    const Driver& d = Driver::get();
-    if (!d.set_func_attr) return 0;
-    int raised = 0;
-    std::set<void*> seen;
-    for (const auto& k : d.kernels(graph)) {
-      if (!seen.insert(k.func).second) continue;
-      int dyn = 0, stat = 0;
-      if (d.func_attr(&dyn, 8, k.func) != 0 || d.func_attr(&stat, 1, k.func) != 0) continue;
-      const int want = 49152 - stat;
-      if (dyn < want && d.set_func_attr(k.func, 8, want) == 0) ++raised;
-    }
-    return raised;
-  }
-
-  // A captured graph's kernel nodes with their launch attributes and their functions' attributes, as JSON in
-  // node order: the fields and attribute ids of benchmarks/graph_census.py, which reads the Python step's
-  // graph the same way (cpp_bench prints where the two differ).
-  static void write_graph_attrs(cudaGraph_t graph, const std::string& path) {
-    const Driver& d = Driver::get();
-    if (!d.ok || !d.node_attr) {
-      std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: the driver (libcuda.so.1) does not answer the graph queries\n");
+    auto param_info = reinterpret_cast<ParamInfo>(sym("cuFuncGetParamInfo"));
+    size_t n = 0;
+    if (!get_nodes || !node_type || !node_params || !func_attr || !node_attr || get_nodes(graph, nullptr, &n) != 0) {
+      std::fprintf(stderr, "SPECEE_GRAPH_ATTRS: the driver does not answer the graph queries\n");
+      dlclose(lib);
       return;
     }
     static const std::pair<const char*, int> kFunc[] = {
@@ -906,28 +832,34 @@ struct Runtime::Impl {
         {"access_policy_window", 1}, {"cooperative", 2}, {"cluster_dim", 4}, {"cluster_sched", 5}, {"priority", 8},
         {"mem_sync_domain_map", 9}, {"mem_sync_domain", 10}, {"preferred_cluster_dim", 11}, {"device_updatable", 13},
         {"smem_carveout", 14}};
+    std::vector<void*> nodes(n);
+    get_nodes(graph, nodes.data(), &n);
     std::ofstream f(path);
     f << "[";
     const char* sep = "";
-    for (const auto& k : d.kernels(graph)) {
-      void* node = k.node;
-      void* func = k.func;
-      const uint32_t* dims = k.dims;
+    for (void* node : nodes) {
+      int kind = -1;
+      alignas(8) unsigned char params[128] = {};
+      if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) continue;  // kernel nodes
+      void* func = nullptr;
+      uint32_t dims[7];  // grid x y z, block x y z, dynamic shared memory: after the function handle
+      std::memcpy(&func, params, sizeof func);
+      std::memcpy(dims, params + 8, sizeof dims);
       const char* name = nullptr;
-      if (!d.func_name || d.func_name(&name, func) != 0 || !name) name = "?";
+      if (!func_name || func_name(&name, func) != 0 || !name) name = "?";
       f << sep << "\n {\"name\": " << json::quote(name) << ", \"grid\": [" << dims[0] << ", " << dims[1] << ", "
         << dims[2] << "], \"block\": [" << dims[3] << ", " << dims[4] << ", " << dims[5] << "], \"smem\": "
         << dims[6] << ", \"func\": {";
       const char* s2 = "";
       for (const auto& [key, id] : kFunc) {
         int v = -99;
-        const int rc = d.func_attr(&v, id, func);
+        const int rc = func_attr(&v, id, func);
         f << s2 << "\"" << key << "\": ";
         if (rc == 0) f << v; else f << "\"error " << rc << "\"";
         s2 = ", ";
       }
       size_t nparams = 0, nbytes = 0, off = 0, size = 0;  // the kernel's parameters: count and bytes
-      while (d.param_info && nparams < 512 && d.param_info(func, nparams, &off, &size) == 0) {
+      while (param_info && nparams < 512 && param_info(func, nparams, &off, &size) == 0) {
         ++nparams;
         nbytes = off + size;
       }
@@ -935,7 +867,7 @@ struct Runtime::Impl {
       s2 = "";
       for (const auto& [key, id] : kNode) {
         alignas(8) int32_t v[16] = {};  // CUlaunchAttributeValue: a 64-byte union; its first words are printed
-        const int rc = d.node_attr(node, id, v);
+        const int rc = node_attr(node, id, v);
         f << s2 << "\"" << key << "\": ";
         if (rc == 0) f << "[" << v[0] << ", " << v[1] << ", " << v[2] << ", " << v[3] << "]";
         else f << "\"error " << rc << "\"";
@@ -946,6 +878,7 @@ struct Runtime::Impl {
     }
     f << "\n]\n";
     if (!f) std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    dlclose(lib);
   }
 
   // The step's parts at the first length, each captured alone and replayed back to back: one layer call, the
@@ -1325,8 +1258,7 @@ std::string Result::to_json() const {
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
     << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
     << ", \"graph_step_one_us\": " << graph_step_one_us << ", \"graph_layer_us\": " << graph_layer_us
-    << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us
-    << ", \"kernels_smem_raised\": " << kernels_smem_raised;
+    << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);

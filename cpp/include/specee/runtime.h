@@ -68,8 +68,6 @@ struct Result {
   double graph_step_one_us = 0;  // the same, replaying one graph instance (the loop alternates two)
   // its parts, each captured alone: one layer call, the L-layer chain, the head
   double graph_layer_us = 0, graph_layers_us = 0, graph_head_us = 0;
-  // CUDA: kernel functions whose dynamic shared-memory limit the runner raised to the default before capture
-  int kernels_smem_raised = 0;
   bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
   bool one_row_package = false;                                     // one-row steps ran layer1.pt2 (fused kernels)
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
