@@ -22,19 +22,24 @@ FUNC_ATTRS = {  # CUfunction_attribute
     "non_portable_cluster": 14, "cluster_sched": 15,
 }
 NODE_ATTRS = {  # CUlaunchAttributeID, valid for graph kernel nodes
-    "access_policy_window": 1, "cooperative": 2, "cluster_dim": 4, "cluster_sched": 5, "priority": 8,
-    "mem_sync_domain_map": 9, "mem_sync_domain": 10, "preferred_cluster_dim": 11, "device_updatable": 13,
-    "smem_carveout": 14,
+    "access_policy_window": 1, "cooperative": 2, "cluster_dim": 4, "cluster_sched": 5,
+    "programmatic_serialization": 6, "programmatic_event": 7, "priority": 8,
+    "mem_sync_domain_map": 9, "mem_sync_domain": 10, "preferred_cluster_dim": 11, "launch_completion_event": 12,
+    "device_updatable": 13, "smem_carveout": 14,
 }
 KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
+NODE_TYPES = {1: "memcpy", 2: "memset", 3: "host", 4: "child graph", 5: "empty", 6: "event wait", 7: "event record",
+              8: "semaphore signal", 9: "semaphore wait", 10: "mem alloc", 11: "mem free", 12: "batch mem op",
+              13: "conditional"}  # CUgraphNodeType, the non-kernel ones
 
 
 def kernel_nodes(raw_graph: int) -> list[dict]:
     """Every kernel node of the graph (a `cudaGraph_t` as an int: `torch.cuda.CUDAGraph(keep_graph=True)
-    .raw_cuda_graph()`) in node order: name, grid, block, dynamic shared memory, `func` {attribute: int} and
-    `node` {attribute: the value's first words, or "error N" where the driver refuses the query}; `func` also
-    holds the kernel's parameter count and bytes (`cuFuncGetParamInfo`); and the
-    function's `handle` (a CUfunction, valid in this process only)."""
+    .raw_cuda_graph()`) in node order: name, grid, block, dynamic shared memory, `deps` (its incoming edges),
+    `func` {attribute: int} and `node` {attribute: the value's first words, or "error N" where the driver
+    refuses the query}; `func` also holds the kernel's parameter count and bytes (`cuFuncGetParamInfo`); and
+    the function's `handle` (a CUfunction, valid in this process only). Every other node is a record named
+    `<its type>` with its `deps` (a node the capture added shows up in the diff as one side's only)."""
     cu = ctypes.CDLL("libcuda.so.1")
     get_params = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
     raw = ctypes.c_void_p(raw_graph)
@@ -47,8 +52,15 @@ def kernel_nodes(raw_graph: int) -> list[dict]:
     for node in nodes:
         kind = ctypes.c_int(-1)
         cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
+        deps = ctypes.c_size_t(0)  # incoming edges (the _v2 entry point takes an edge-data argument)
+        if hasattr(cu, "cuGraphNodeGetDependencies_v2"):
+            cu.cuGraphNodeGetDependencies_v2(ctypes.c_void_p(node), None, None, ctypes.byref(deps))
+        else:
+            cu.cuGraphNodeGetDependencies(ctypes.c_void_p(node), None, ctypes.byref(deps))
         params = (ctypes.c_byte * 128)()
         if kind.value != KERNEL_NODE or get_params(ctypes.c_void_p(node), params) != 0:
+            out.append({"name": f"<{NODE_TYPES.get(kind.value, kind.value)}>", "grid": [0, 0, 0],
+                        "block": [0, 0, 0], "smem": 0, "deps": deps.value, "func": {}, "node": {}, "handle": 0})
             continue
         func, gx, gy, gz, bx, by, bz, smem = struct.unpack_from("<Q7I", bytes(params), 0)
         name = ctypes.c_char_p()
@@ -71,24 +83,29 @@ def kernel_nodes(raw_graph: int) -> list[dict]:
             rc = cu.cuGraphKernelNodeGetAttribute(ctypes.c_void_p(node), attr, value)
             nattrs[key] = list(struct.unpack_from("<4i", bytes(value), 0)) if rc == 0 else f"error {rc}"
         out.append({"name": (name.value or b"?").decode(), "grid": [gx, gy, gz], "block": [bx, by, bz],
-                    "smem": smem, "func": fattrs, "node": nattrs, "handle": func})
+                    "smem": smem, "deps": deps.value, "func": fattrs, "node": nattrs, "handle": func})
     return out
 
 
 def census(nodes: list[dict]) -> dict:
-    """{kernel name: {field: sorted distinct values over its nodes}}: what a chain's nodes of one kernel hold."""
+    """{kernel name: {field: sorted distinct values over its nodes}}: what a chain's nodes of one kernel hold
+    (`count`: how many nodes it has)."""
     out: dict = {}
+    counts: dict = {}
     for rec in nodes:
         fields = out.setdefault(rec["name"], {})
+        counts[rec["name"]] = counts.get(rec["name"], 0) + 1
         for key, v in [("grid", rec["grid"]), ("block", rec["block"]), ("smem", rec["smem"]),
+                       ("deps", rec.get("deps")),
                        *((f"func.{k}", x) for k, x in rec["func"].items()),
                        *((f"node.{k}", x) for k, x in rec["node"].items())]:
             vals = fields.setdefault(key, [])
             if v not in vals:
                 vals.append(v)
-    for fields in out.values():
+    for name, fields in out.items():
         for key in fields:
             fields[key].sort(key=repr)
+        fields["count"] = [counts[name]]
     return out
 
 

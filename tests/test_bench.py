@@ -104,6 +104,13 @@ def test_graph_census_lists_only_the_attributes_that_differ(tmp_path):
     assert "| gemv | node.priority | [[0, 0, 0, 0], [1, 0, 0, 0]] | [[0, 0, 0, 0]] |" in rows
     assert "| copy | (only in cpp) | | |" in rows and "| rope | (only in python) | | |" in rows
     assert not any("regs" in r or "cooperative" in r or "handle" in r for r in rows)
+    # a node the capture added on one side: its kernel count and the incoming edges differ, a non-kernel
+    # node (named by its type) is one side's only
+    extra = [{**node("gemv"), "deps": 2}, {"name": "<memset>", "grid": [0, 0, 0], "block": [0, 0, 0], "smem": 0,
+                                          "deps": 1, "func": {}, "node": {}, "handle": 0}]
+    rows2 = attr_diff(cc + extra, py)
+    assert "| gemv | count | [3] | [2] |" in rows2 and "| gemv | deps | [2, None] | [None] |" in rows2
+    assert "| <memset> | (only in cpp) | | |" in rows2
     assert "missing" in mod.attrs_table(tmp_path)
     for side, nodes in (("cpp", py), ("python", py)):
         (tmp_path / f"{side}_layers_attrs.json").write_text(json.dumps(nodes))

@@ -816,6 +816,11 @@ struct Runtime::Impl {
     auto func_name = reinterpret_cast<FuncName>(sym("cuFuncGetName"));
     auto func_attr = reinterpret_cast<FuncAttr>(sym("cuFuncGetAttribute"));
     auto node_attr = reinterpret_cast<NodeAttr>(sym("cuGraphKernelNodeGetAttribute"));
+    // incoming edges: the _v2 entry point (node, deps, edge data, count) where the driver has it (CUDA >= 12.3)
+    using NodeDeps2 = int (*)(void*, void**, void*, size_t*);
+    using NodeDeps = int (*)(void*, void**, size_t*);
+    auto node_deps2 = reinterpret_cast<NodeDeps2>(sym("cuGraphNodeGetDependencies_v2"));
+    auto node_deps = reinterpret_cast<NodeDeps>(sym("cuGraphNodeGetDependencies"));
     using ParamInfo = int (*)(void*, size_t, size_t*, size_t*);
     auto param_info = reinterpret_cast<ParamInfo>(sym("cuFuncGetParamInfo"));
     size_t n = 0;
@@ -829,9 +834,14 @@ struct Runtime::Impl {
         {"binary", 6}, {"cache_mode_ca", 7}, {"max_dyn_smem", 8}, {"carveout", 9}, {"cluster_size_must_be_set", 10},
         {"non_portable_cluster", 14}, {"cluster_sched", 15}};
     static const std::pair<const char*, int> kNode[] = {
-        {"access_policy_window", 1}, {"cooperative", 2}, {"cluster_dim", 4}, {"cluster_sched", 5}, {"priority", 8},
-        {"mem_sync_domain_map", 9}, {"mem_sync_domain", 10}, {"preferred_cluster_dim", 11}, {"device_updatable", 13},
-        {"smem_carveout", 14}};
+        {"access_policy_window", 1}, {"cooperative", 2}, {"cluster_dim", 4}, {"cluster_sched", 5},
+        {"programmatic_serialization", 6}, {"programmatic_event", 7}, {"priority", 8}, {"mem_sync_domain_map", 9},
+        {"mem_sync_domain", 10}, {"preferred_cluster_dim", 11}, {"launch_completion_event", 12},
+        {"device_updatable", 13}, {"smem_carveout", 14}};
+    // CUgraphNodeType names of the non-kernel nodes, as graph_census.NODE_TYPES
+    static const char* kTypes[] = {"kernel", "memcpy", "memset", "host", "child graph", "empty", "event wait",
+                                   "event record", "semaphore signal", "semaphore wait", "mem alloc", "mem free",
+                                   "batch mem op", "conditional"};
     std::vector<void*> nodes(n);
     get_nodes(graph, nodes.data(), &n);
     std::ofstream f(path);
@@ -840,7 +850,16 @@ struct Runtime::Impl {
     for (void* node : nodes) {
       int kind = -1;
       alignas(8) unsigned char params[128] = {};
-      if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) continue;  // kernel nodes
+      size_t deps = 0;  // incoming edges
+      if (node_deps2) node_deps2(node, nullptr, nullptr, &deps);
+      else if (node_deps) node_deps(node, nullptr, &deps);
+      if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) {  // any other node
+        const std::string type = kind > 0 && kind < 14 ? kTypes[kind] : std::to_string(kind);
+        f << sep << "\n {\"name\": " << json::quote("<" + type + ">") << ", \"grid\": [0, 0, 0], \"block\": [0, 0, 0], "
+          << "\"smem\": 0, \"deps\": " << deps << ", \"func\": {}, \"node\": {}}";
+        sep = ",";
+        continue;
+      }
       void* func = nullptr;
       uint32_t dims[7];  // grid x y z, block x y z, dynamic shared memory: after the function handle
       std::memcpy(&func, params, sizeof func);
@@ -849,7 +868,7 @@ struct Runtime::Impl {
       if (!func_name || func_name(&name, func) != 0 || !name) name = "?";
       f << sep << "\n {\"name\": " << json::quote(name) << ", \"grid\": [" << dims[0] << ", " << dims[1] << ", "
         << dims[2] << "], \"block\": [" << dims[3] << ", " << dims[4] << ", " << dims[5] << "], \"smem\": "
-        << dims[6] << ", \"func\": {";
+        << dims[6] << ", \"deps\": " << deps << ", \"func\": {";
       const char* s2 = "";
       for (const auto& [key, id] : kFunc) {
         int v = -99;
