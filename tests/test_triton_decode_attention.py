@@ -117,7 +117,7 @@ def test_aoti_twin_state_is_a_declared_mutated_input_of_the_package():
     pytest.importorskip("triton")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from specee_compile.backends.aoti_export import RowLayerFn
+    from specee_compile.backends.aoti_export import RowLayerFn, attended_dim
     from specee_compile.model_step import extract_weights
     from specee_compile.plugins.triton_decode_attention import workspace_numel
 
@@ -126,10 +126,10 @@ def test_aoti_twin_state_is_a_declared_mutated_input_of_the_package():
                       num_key_value_heads=2, max_position_embeddings=128)
     w = extract_weights(LlamaForCausalLM(cfg).eval(), 64)
     T, lw = 65, [t for t in w.layers[0].as_tuple() if t is not None]
-    args = (torch.randn(1, 1, 64), torch.tensor([5]), torch.arange(16), torch.zeros(T, dtype=torch.bool), w.cos, w.sin,
+    args = (torch.randn(1, 1, 64), torch.tensor([5]), torch.arange(32), torch.zeros(T, dtype=torch.bool), w.cos, w.sin,
             torch.zeros(2, T, 16), torch.zeros(2, T, 16), torch.zeros(4, dtype=torch.int32),
             torch.empty(workspace_numel(4, 16)), *lw)
-    S = torch.export.Dim("S", min=1, max=64)
+    S = attended_dim(64, 64)  # the export's own choice for max_len 64, bucket 64: 16 * Dim
     ds = (None, None, {0: S}) + (None,) * 7 + ((None,) * len(lw),)
     fn = RowLayerFn(w.spec, False, ("attn",), ops="specee_aoti")
     ep = torch.export.export(fn, args, dynamic_shapes=ds, strict=False).run_decompositions()
@@ -138,3 +138,21 @@ def test_aoti_twin_state_is_a_declared_mutated_input_of_the_package():
     # the rows' RoPE, K/V writes and validity mark are the rope_append twin's one kernel, not plain cache ops
     code = ep.graph_module.print_readable(print_output=False)
     assert "specee_aoti.rope_append" in code and "index_copy" not in code and "index_fill" not in code
+    # the attended length stays a multiple of 16 in the traced graph (Inductor's divisibility hint for S)
+    keys = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "keys")
+    expr = keys.meta["val"].shape[0].node.expr
+    assert expr.is_Mul and 16 in expr.args, expr
+
+
+def test_attended_dim_is_a_multiple_of_16_only_where_every_bucket_length_is():
+    """`attended_dim`: 16 * Dim where the runner's lengths (bucket multiples, or max_len) are all multiples
+    of 16 and at least 32; a plain Dim otherwise (max_len off 16, a bucket off 16, lengths under 32)."""
+    import sympy
+
+    from specee_compile.backends.aoti_export import attended_dim
+
+    for max_len, bucket in ((1000, 64), (1024, 24), (16, 16)):
+        d = attended_dim(max_len, bucket)
+        assert not hasattr(d, "root") and d.max == max_len and d.min == 1, (max_len, bucket)
+    derived = attended_dim(1024, 64)  # 16 * S16
+    assert derived.fn(sympy.Integer(3)) == 48 and derived.root.max == 64 and derived.root.min == 2
