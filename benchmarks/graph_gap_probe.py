@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build", default="/tmp/graph_gap_probe", help="cmake build folder for the C++ half")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    if args.kernels < 1:
+        print(f"graph_gap_probe: --kernels must be >= 1, got {args.kernels}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("graph_gap_probe: needs CUDA (the H200 machine)", file=sys.stderr)
         return 2
@@ -87,7 +90,12 @@ def main(argv=None) -> int:
     x = torch.zeros(576, dtype=torch.float16, device="cuda")
     compiled = _inc[(1,)](x, x.numel(), BLOCK=1024, num_warps=4)
     t0 = time.perf_counter()
-    exe = build(args.build)
+    try:
+        exe = build(args.build)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"graph_gap_probe: cannot build the C++ half with cmake in {args.build} ({e}); cmake and g++ must be "
+              "on PATH", file=sys.stderr)
+        return 2
     build_s = time.perf_counter() - t0
     cubin = os.path.join(args.build, "inc.cubin")
     with open(cubin, "wb") as f:
