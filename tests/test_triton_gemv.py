@@ -18,13 +18,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 CASES = [("none", 40, 96, True), ("rmsnorm", 72, 64, False), ("silu_mul", 24, 80, True), ("rmsnorm", 33, 136, True)]
 
 
-def _inputs(pro, n, k, res, dtype, device, seed):
+def _inputs(pro, n, k, res, dtype, device, seed, rows=1):
     g = torch.Generator().manual_seed(seed)
     kin = 2 * k if pro == "silu_mul" else k
-    x = (torch.randn(1, 1, kin, generator=g) * 2).to(dtype).to(device)
+    x = (torch.randn(1, rows, kin, generator=g) * 2).to(dtype).to(device)
     w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).to(device)
     nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
-    r = torch.randn(1, 1, n, generator=g).to(dtype).to(device) if res else None
+    r = torch.randn(1, rows, n, generator=g).to(dtype).to(device) if res else None
     return x, w, r, nw
 
 
@@ -141,6 +141,40 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP)
 
 
+_INTERP_ROWS = textwrap.dedent(
+    """
+    import torch, triton
+    from specee_compile.ops import fused_linear_reference as ref
+    from specee_compile.plugins.triton_gemv import PROLOGUES, _rows_kernel, row_block
+    torch.manual_seed(0)
+    for dt in (torch.float16, torch.float32):
+        for pro, n, k, res in CASES:
+            for rows in (2, 5, 17):
+                kin = 2 * k if pro == "silu_mul" else k
+                x = (torch.randn(1, rows, kin) * 2).to(dt)
+                w = (torch.randn(n, k) * 0.1).to(dt)
+                nw = (1 + 0.1 * torch.randn(k)).to(dt)
+                r = torch.randn(1, rows, n).to(dt) if res else None
+                e = ref(x, w, r, nw, 1e-5, pro)
+                for bn, bk in ((16, 32), (32, 16)):  # N and K not multiples of the blocks in some cases
+                    y = torch.full((1, rows, n), float("nan"), dtype=dt)
+                    _rows_kernel[(triton.cdiv(n, bn),)](x, w, r if res else y, nw, y, rows, n, 1e-5, K=k, XS=kin,
+                                                        PRO=PROLOGUES[pro], HAS_RES=res, MP=row_block(rows),
+                                                        IEEE=dt == torch.float32, BLOCK_N=bn, BLOCK_K=bk)
+                    err = float((y.float() - e.float()).abs().max())
+                    tol = 2e-3 * float(e.float().abs().max()) if dt == torch.float16 else 1e-5 * float(e.abs().max())
+                    assert err <= tol, (dt, pro, n, k, res, rows, bn, bk, err)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
+    """The rows kernel (2 .. 32 rows: tree verification, the draft's levels) against the eager math, every
+    prologue, with and without the residual, rows padded to 16 and 32, blocks that do not divide N or K."""
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS)
+
+
 _INTERP_TWIN = textwrap.dedent(
     """
     import torch, triton
@@ -237,17 +271,60 @@ def test_cuda_kernel_matches_eager(dtype, pro, n, k, res, config, monkeypatch):
 
 
 @cuda
-def test_registered_op_dispatches_and_more_rows_fall_back():
+def test_registered_op_dispatches_and_more_rows_fall_back(monkeypatch):
     from specee_compile.plugins import triton_gemv as T
 
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
     assert T.register_cuda_impl()
     x, w, r, nw = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 5)
     assert torch.equal(torch.ops.specee.fused_linear(x, w, r, nw, 1e-5, "rmsnorm"),
                        T.triton_fused_linear(x, w, r, nw, 1e-5, "rmsnorm"))
-    x3 = torch.randn(1, 3, 512, dtype=torch.float16, device="cuda")
-    r3 = torch.randn(1, 3, 256, dtype=torch.float16, device="cuda")
-    assert torch.equal(torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm"),
-                       fused_linear_reference(x3, w, r3, nw, 1e-5, "rmsnorm"))
+    # 3 rows: the rows kernel; 33 rows (a prefill): the eager reference, bit for bit; and with
+    # SPECEE_GEMV_MAX_ROWS=1 every multi-row call is the reference again
+    x3, _, r3, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 6, rows=3)
+    got = torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm")
+    ref = fused_linear_reference(x3, w, r3, nw, 1e-5, "rmsnorm")
+    assert got.shape == ref.shape and float((got - ref).abs().max()) <= 4e-3 * float(ref.abs().max())
+    assert any(key[0] == 16 and key[1:3] == (256, 512) for key in T._TUNE_CACHE)  # tuned for 16-row blocks
+    x33, _, r33, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 7, rows=33)
+    assert torch.equal(torch.ops.specee.fused_linear(x33, w, r33, nw, 1e-5, "rmsnorm"),
+                       fused_linear_reference(x33, w, r33, nw, 1e-5, "rmsnorm"))
+    monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", "1")
+    assert torch.equal(torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm"), ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pro,n,k,res", CASES + [("silu_mul", 4096, 11008, True), ("rmsnorm", 12288, 4096, False)])
+@pytest.mark.parametrize("rows", [2, 8, 25])
+def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch):
+    """The rows kernel on the GPU (tree verification's 25 rows, the draft's 8-row levels, lossless pending
+    rows): no worse than the eager op (cuBLAS) against float64, within rounding of the output dtype."""
+    from specee_compile.plugins.triton_gemv import triton_fused_linear
+
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
+    x, w, r, nw = _inputs(pro, n, k, res, dtype, "cuda", rows, rows=rows)
+    got = triton_fused_linear(x, w, r, nw, 1e-5, pro)
+    ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
+    exact = fused_linear_reference(x.double(), w.double(), r.double() if res else None, nw.double(), 1e-5, pro)
+    assert got.dtype == dtype and got.shape == ref.shape
+    e_got = float((got.double() - exact).norm() / exact.norm())
+    e_ref = float((ref.double() - exact).norm() / exact.norm())
+    assert e_got <= 1.5 * e_ref + 1e-6, (e_got, e_ref)
+
+
+def test_max_rows_setting(monkeypatch):
+    from specee_compile.plugins import triton_gemv as T
+
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
+    assert T.max_rows() == T.MAX_ROWS == 32
+    monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", "1")
+    assert T.max_rows() == 1
+    for bad in ("0", "33", "many"):
+        monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", bad)
+        with pytest.raises(ValueError, match="SPECEE_GEMV_MAX_ROWS"):
+            T.max_rows()
+    assert [T.row_block(n) for n in (2, 16, 17, 32)] == [16, 16, 32, 32]
 
 
 def test_capture_and_passes_keep_fused_ops(tiny_llama):

@@ -31,6 +31,14 @@ to ~30% of a GEMV's graph time (session 13, `benchmarks/gemv_sweep.py --retune`)
 was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
 
+A few rows (2 .. MAX_ROWS: tree verification, the draft's tree levels, lossless pending rows, short
+prefills) take `_rows_kernel`: one program per BLOCK_N output features streams their weight rows once for all
+rows (a tensor-core `tl.dot` of the [rows, BLOCK_K] activation tile, rows padded to 16 or 32, against the
+weight tile), with the prologue applied exactly as the eager ops round (RMSNorm's statistics first, in a pass
+over the row from L2). cuBLAS, used before for every multi-row call, reads a [25, 4096] x [4096, 12288] product
+at ~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). fp32 weights use full-precision
+dots (no TF32). `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
+
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
 `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python custom op
 it cannot call), launched whole-K with the config `tune_for_aoti` picked for its shape in the exporting
@@ -46,6 +54,7 @@ import torch
 from . import HAVE_TRITON, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
+PROLOGUE_NAMES = {v: k for k, v in PROLOGUES.items()}
 
 # (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); the tuner keeps the fastest per shape. Few
 # output rows over a long K (the down projection: 4096 x 11008) leave too few programs to keep enough
@@ -65,6 +74,18 @@ CONFIGS = [
     (16, 512, 4, 4, 1),
     (8, 1024, 4, 8, 1),
 ]
+
+# the rows kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N from 16 (more programs for N = 4096)
+ROW_CONFIGS = [
+    (16, 128, 4, 3),
+    (16, 256, 4, 3),
+    (32, 128, 4, 3),
+    (32, 256, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 4),
+    (128, 64, 8, 3),
+]
+MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tiles are the better fit there
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
 
@@ -133,20 +154,86 @@ if HAVE_TRITON:
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
 
+    @triton.jit
+    def _rows_kernel(
+        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr,
+        M, N, eps, K: tl.constexpr, XS: tl.constexpr,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # M rows (<= MP, a power of two >= 16) of x [M, XS] against W [N, K]; program pid owns the output
+        # features pid * BLOCK_N ..; the prologue as the eager ops round it (rms_norm: w * round(x * rstd))
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        r = tl.arange(0, MP)
+        rm = r < M
+        xrow = x_ptr + r.to(tl.int64)[:, None] * XS
+        rstd = tl.zeros([MP], dtype=tl.float32)
+        if PRO == 1:  # the rows' RMSNorm statistics first (x is read again below, from L2)
+            sq = tl.zeros([MP], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(xrow + offs[None, :], mask=rm[:, None] & (offs < K)[None, :], other=0.0).to(tl.float32)
+                sq += tl.sum(xv * xv, axis=1)
+            rstd = 1.0 / tl.sqrt(sq / K + tl.cast(eps, tl.float32))
+        acc = tl.zeros([MP, BLOCK_N], dtype=tl.float32)
+        wrow = w_ptr + cols.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            km = offs < K
+            xm = rm[:, None] & km[None, :]
+            if PRO == 0:
+                a = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+            elif PRO == 1:
+                xv = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+                nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
+                a = _round(nw[None, :] * _round(xv * rstd[:, None], DT), DT)
+            else:  # SiLU(gate) * up, rounded as the eager ops round
+                g = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+                u = tl.load(xrow + K + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+                a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
+            wt = tl.load(wrow + offs[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+            if IEEE:  # fp32 weights: full-precision products, as the eager fp32 matmul (no TF32)
+                acc = tl.dot(a, tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(wt.dtype), tl.trans(wt), acc)
+        y = acc
+        om = rm[:, None] & cm[None, :]
+        if HAS_RES:
+            y = _round(y, DT) + tl.load(res_ptr + r[:, None] * N + cols[None, :], mask=om, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r[:, None] * N + cols[None, :], y.to(DT), mask=om)
+
+
+def max_rows() -> int:
+    """The most rows the rows kernel takes (SPECEE_GEMV_MAX_ROWS, default MAX_ROWS; 1 = none)."""
+    v = os.environ.get("SPECEE_GEMV_MAX_ROWS")
+    if not v:
+        return MAX_ROWS
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}") from None
+    if not 1 <= n <= MAX_ROWS:
+        raise ValueError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}")
+    return n
+
 
 def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
-    """The fused GEMV for one row (x [..., 1, K or 2K]); more rows (prefill, pending rows) take the
-    eager reference (cuBLAS), which is the faster path there."""
+    """The fused GEMV for one row (x [..., 1, K or 2K]); 2 .. `max_rows()` rows take the rows kernel; more
+    rows (prefill) take the eager reference (cuBLAS), which is the faster path there."""
     from ..ops import fused_linear_reference
 
     rows = x.numel() // x.shape[-1]
-    if rows != 1 or not HAVE_TRITON or x.dtype != w.dtype:
+    if not HAVE_TRITON or x.dtype != w.dtype or not 1 <= rows <= max_rows():
         return fused_linear_reference(x, w, res, norm_w, eps, prologue)
     pro = PROLOGUES[prologue]
     N, K = w.shape
     if x.shape[-1] != (2 * K if pro == 2 else K):
         raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
                          f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
+    if rows > 1:
+        return _rows_linear(x, w, res, norm_w, eps, pro, rows)
     x = x.contiguous()
     w = w.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -222,6 +309,47 @@ def _tune(args, kw, configs) -> tuple:
             times[cfg] = None
             torch.cuda.synchronize()
     return pick_fastest(times)
+
+
+def row_block(rows: int) -> int:
+    """The rows kernel's padded row count: 16 or 32 (`tl.dot` takes 16 rows at least)."""
+    return 16 if rows <= 16 else 32
+
+
+def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
+    N, K = w.shape
+    x = x.contiguous()
+    w = w.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    args = (x, w, res.contiguous() if res is not None else y, norm_w.contiguous() if norm_w is not None else x, y,
+            rows, N, float(eps))
+    kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "MP": row_block(rows),
+          "IEEE": w.dtype == torch.float32}
+    key = (kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
+    cfg = _TUNE_CACHE.get(key)
+    if cfg is None:
+        if torch.cuda.is_current_stream_capturing():  # first use inside a capture: untuned, not remembered
+            cfg = ROW_CONFIGS[2]
+        else:
+            ws = [w] + [torch.empty_like(w) for _ in range(tune_copies(w.numel() * w.element_size()) - 1)]
+            times = {}
+            for c in ROW_CONFIGS:
+                try:
+                    times[c] = _graph_us(lambda i, c=c: _rows_launch(args, kw, c, ws[i % len(ws)]), max(16, len(ws)))
+                except Exception:  # noqa: BLE001  # a config this card cannot compile or launch
+                    times[c] = None
+                    torch.cuda.synchronize()
+            cfg = _TUNE_CACHE[key] = pick_fastest(times)
+            TUNED.setdefault((N, K, f"{PROLOGUE_NAMES[pro]} x{kw['MP']}"), ",".join(map(str, cfg)))
+    _rows_launch(args, kw, cfg)
+    return y
+
+
+def _rows_launch(args, kw, cfg, w=None) -> None:
+    bn, bk, nwarps, ns = cfg
+    if w is not None:
+        args = (args[0], w, *args[2:])
+    _rows_kernel[(triton.cdiv(args[6], bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
 
 
 def _graph_us(launch, n: int, reps: int = 5) -> float:
