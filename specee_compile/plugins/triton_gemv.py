@@ -35,9 +35,9 @@ A few rows (2 .. MAX_ROWS: tree verification, the draft's tree levels, lossless 
 prefills) take `_rows_kernel`: one program per BLOCK_N output features streams their weight rows once for all
 rows (a tensor-core `tl.dot` of the [rows, BLOCK_K] activation tile, rows padded to 16 or 32, against the
 weight tile), with the prologue applied exactly as the eager ops round (RMSNorm's statistics first, in a pass
-over the row from L2). cuBLAS, used before for every multi-row call, reads a [25, 4096] x [4096, 12288] product
-at ~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). fp32 weights use full-precision
-dots (no TF32). `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
+over the row from L2). cuBLAS, used before for every multi-row call, runs the 7B tree's 25-row verification at
+~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). The tuner times cuBLAS beside the
+configs and keeps it for a shape where it is faster. fp32 weights use full-precision dots (no TF32). `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
 `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python custom op
@@ -316,15 +316,17 @@ def row_block(rows: int) -> int:
     return 16 if rows <= 16 else 32
 
 
+EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is the fastest for a shape
+
+
 def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
+    """The rows kernel with the config tuned for (row block, shape), or the eager reference where the tuner
+    timed cuBLAS faster than every config (so no shape gets slower than before the kernel)."""
+    from ..ops import fused_linear_reference
+
     N, K = w.shape
-    x = x.contiguous()
-    w = w.contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    args = (x, w, res.contiguous() if res is not None else y, norm_w.contiguous() if norm_w is not None else x, y,
-            rows, N, float(eps))
-    kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "MP": row_block(rows),
-          "IEEE": w.dtype == torch.float32}
+    x, w = x.contiguous(), w.contiguous()
+    y, args, kw = rows_args(x, w, res, norm_w, eps, pro)
     key = (kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
@@ -332,17 +334,33 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
             cfg = ROW_CONFIGS[2]
         else:
             ws = [w] + [torch.empty_like(w) for _ in range(tune_copies(w.numel() * w.element_size()) - 1)]
-            times = {}
+            n = max(16, len(ws))
+            name = PROLOGUE_NAMES[pro]
+            times = {EAGER: _graph_us(lambda i: fused_linear_reference(x, ws[i % len(ws)], res, norm_w, eps, name), n)}
             for c in ROW_CONFIGS:
                 try:
-                    times[c] = _graph_us(lambda i, c=c: _rows_launch(args, kw, c, ws[i % len(ws)]), max(16, len(ws)))
+                    times[c] = _graph_us(lambda i, c=c: _rows_launch(args, kw, c, ws[i % len(ws)]), n)
                 except Exception:  # noqa: BLE001  # a config this card cannot compile or launch
                     times[c] = None
                     torch.cuda.synchronize()
             cfg = _TUNE_CACHE[key] = pick_fastest(times)
-            TUNED.setdefault((N, K, f"{PROLOGUE_NAMES[pro]} x{kw['MP']}"), ",".join(map(str, cfg)))
+            TUNED.setdefault((N, K, f"{name} x{kw['MP']}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
+    if cfg == EAGER:
+        return fused_linear_reference(x, w, res, norm_w, eps, PROLOGUE_NAMES[pro])
     _rows_launch(args, kw, cfg)
     return y
+
+
+def rows_args(x, w, res, norm_w, eps: float, pro: int):
+    """(y, args, kw) of a rows-kernel launch on contiguous x [..., rows, K or 2K] and w [N, K]: y is the output."""
+    N, K = w.shape
+    rows = x.numel() // x.shape[-1]
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    args = (x, w, res.contiguous() if res is not None else y, norm_w.contiguous() if norm_w is not None else x, y,
+            rows, N, float(eps))
+    kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "MP": row_block(rows),
+          "IEEE": w.dtype == torch.float32}
+    return y, args, kw
 
 
 def _rows_launch(args, kw, cfg, w=None) -> None:
