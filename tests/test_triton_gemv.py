@@ -285,7 +285,7 @@ def test_registered_op_dispatches_and_more_rows_fall_back(monkeypatch):
     got = torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm")
     ref = fused_linear_reference(x3, w, r3, nw, 1e-5, "rmsnorm")
     assert got.shape == ref.shape and float((got - ref).abs().max()) <= 4e-3 * float(ref.abs().max())
-    assert any(key[0] == 16 and key[1:3] == (256, 512) for key in T._TUNE_CACHE)  # tuned for 16-row blocks
+    assert any(key[:4] == ("rows", 16, 256, 512) for key in T._TUNE_CACHE)  # tuned for 16-row blocks
     x33, _, r33, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 7, rows=33)
     assert torch.equal(torch.ops.specee.fused_linear(x33, w, r33, nw, 1e-5, "rmsnorm"),
                        fused_linear_reference(x33, w, r33, nw, 1e-5, "rmsnorm"))
@@ -346,8 +346,8 @@ def test_rows_tuner_keeps_cublas_where_it_is_faster(monkeypatch):
         assert y.shape == (1, rows, 40)
         if us == 1.0:  # the reference's own result
             assert torch.equal(y, fused_linear_reference(x, w, r, nw, 1e-5, "rmsnorm")) and not launched
-    assert T._TUNE_CACHE[(16, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.EAGER
-    assert T._TUNE_CACHE[(32, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.ROW_CONFIGS[0]
+    assert T._TUNE_CACHE[("rows", 16, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.EAGER
+    assert T._TUNE_CACHE[("rows", 32, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.ROW_CONFIGS[0]
     assert launched == [(T.ROW_CONFIGS[0], 32)]  # the 20-row call ran the kernel's pick
     T._TUNE_CACHE.clear()
 

@@ -37,7 +37,8 @@ rows (a tensor-core `tl.dot` of the [rows, BLOCK_K] activation tile, rows padded
 weight tile), with the prologue applied exactly as the eager ops round (RMSNorm's statistics first, in a pass
 over the row from L2). cuBLAS, used before for every multi-row call, runs the 7B tree's 25-row verification at
 ~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). The tuner times cuBLAS beside the
-configs and keeps it for a shape where it is faster. fp32 weights use full-precision dots (no TF32). `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
+configs and keeps it for a shape where it is faster. fp32 weights use full-precision dots (no TF32).
+`SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
 `backends/aoti_export.py`): a `torch.library.triton_op`, which an AOTI package embeds (a Python custom op
@@ -263,7 +264,9 @@ def _launch(args, kw, cfg, w=None) -> None:
                                                    num_stages=ns)
 
 
-_TUNE_CACHE: dict = {}  # (N, K, PRO, HAS_RES, dtype, device, whole_k) -> the config tuple `_tune` picked
+# (N, K, PRO, HAS_RES, dtype, device, whole_k) -> `_tune`'s pick; ("rows", row block, N, K, ...) -> the rows
+# kernel's pick (a ROW_CONFIGS entry, or EAGER)
+_TUNE_CACHE: dict = {}
 TUNE_BYTES = 192 << 20  # the weight copies a shape is timed over (several times a Hopper's 50 MB of L2)
 
 
@@ -327,7 +330,7 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
     N, K = w.shape
     x, w = x.contiguous(), w.contiguous()
     y, args, kw = rows_args(x, w, res, norm_w, eps, pro)
-    key = (kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
+    key = ("rows", kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():  # first use inside a capture: untuned, not remembered
