@@ -26,6 +26,9 @@ exporter decomposes it into plain ops.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .model_step import rms_norm, rope, split_qkv
@@ -79,6 +82,26 @@ def fused_linear_reference(x, w, res=None, norm_w=None, eps: float = 0.0, prolog
         raise ValueError(f"fused_linear: prologue {prologue!r} is not one of {FUSED_PROLOGUES}")
     y = torch.nn.functional.linear(x, w)
     return y if res is None else res + y
+
+
+_MULTI_ROW = contextvars.ContextVar("specee_multi_row_kernel", default=False)
+
+
+@contextlib.contextmanager
+def multi_row_kernel():
+    """Inside: `specee::fused_linear` on 2..32 rows runs the rows kernel on CUDA (`plugins/triton_gemv.py`).
+    Outside, more than one row keeps the eager reference (cuBLAS), whose bits the C++ runner's multi-row
+    package reproduces (prefill, lossless pending rows): only programs with no C++ counterpart enter it (the
+    fixed tree program's capture: its verification rows and the draft's levels)."""
+    token = _MULTI_ROW.set(True)
+    try:
+        yield
+    finally:
+        _MULTI_ROW.reset(token)
+
+
+def multi_row_kernel_on() -> bool:
+    return _MULTI_ROW.get()
 
 
 @torch.library.custom_op("specee::fused_linear", mutates_args=())

@@ -11,7 +11,7 @@ import torch
 from conftest import run_in_triton_interpreter
 
 from specee_compile.model_step import FUSABLE, make_head_fn, make_layer_fn, step_spec
-from specee_compile.ops import fused_linear_reference
+from specee_compile.ops import fused_linear_reference, multi_row_kernel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")
 
@@ -279,18 +279,22 @@ def test_registered_op_dispatches_and_more_rows_fall_back(monkeypatch):
     x, w, r, nw = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 5)
     assert torch.equal(torch.ops.specee.fused_linear(x, w, r, nw, 1e-5, "rmsnorm"),
                        T.triton_fused_linear(x, w, r, nw, 1e-5, "rmsnorm"))
-    # 3 rows: the rows kernel; 33 rows (a prefill): the eager reference, bit for bit; and with
-    # SPECEE_GEMV_MAX_ROWS=1 every multi-row call is the reference again
+    # 3 rows: the eager reference bit for bit (the C++ runner's multi-row bits), except inside
+    # multi_row_kernel() (the fixed tree program): the rows kernel there, but 33 rows (past MAX_ROWS) and
+    # SPECEE_GEMV_MAX_ROWS=1 keep the reference
     x3, _, r3, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 6, rows=3)
-    got = torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm")
     ref = fused_linear_reference(x3, w, r3, nw, 1e-5, "rmsnorm")
-    assert got.shape == ref.shape and float((got - ref).abs().max()) <= 4e-3 * float(ref.abs().max())
-    assert any(key[:4] == ("rows", 16, 256, 512) for key in T._TUNE_CACHE)  # tuned for 16-row blocks
-    x33, _, r33, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 7, rows=33)
-    assert torch.equal(torch.ops.specee.fused_linear(x33, w, r33, nw, 1e-5, "rmsnorm"),
-                       fused_linear_reference(x33, w, r33, nw, 1e-5, "rmsnorm"))
-    monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", "1")
     assert torch.equal(torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm"), ref)
+    T._TUNE_CACHE.clear()
+    with multi_row_kernel():
+        got = torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm")
+        assert got.shape == ref.shape and float((got - ref).abs().max()) <= 4e-3 * float(ref.abs().max())
+        assert any(key[:4] == ("rows", 16, 256, 512) for key in T._TUNE_CACHE)  # tuned for 16-row blocks
+        x33, _, r33, _ = _inputs("rmsnorm", 256, 512, True, torch.float16, "cuda", 7, rows=33)
+        assert torch.equal(torch.ops.specee.fused_linear(x33, w, r33, nw, 1e-5, "rmsnorm"),
+                           fused_linear_reference(x33, w, r33, nw, 1e-5, "rmsnorm"))
+        monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", "1")
+        assert torch.equal(torch.ops.specee.fused_linear(x3, w, r3, nw, 1e-5, "rmsnorm"), ref)
 
 
 @cuda
@@ -307,7 +311,8 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
     ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
     exact = fused_linear_reference(x.double(), w.double(), r.double() if res else None, nw.double(), 1e-5, pro)
     e_ref = float((ref.double() - exact).norm() / exact.norm())
-    outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]  # the tuned path (a config, or cuBLAS where faster)
+    with multi_row_kernel():  # the tuned path (a config, or cuBLAS where faster)
+        outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
     for cfg in ((32, 128, 4, 3), (16, 256, 4, 3)):  # the kernel itself, two configs
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)
@@ -350,6 +355,27 @@ def test_rows_tuner_keeps_cublas_where_it_is_faster(monkeypatch):
     assert T._TUNE_CACHE[("rows", 32, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.ROW_CONFIGS[0]
     assert launched == [(T.ROW_CONFIGS[0], 32)]  # the 20-row call ran the kernel's pick
     T._TUNE_CACHE.clear()
+
+
+def test_multi_row_calls_take_the_rows_kernel_only_inside_its_scope(monkeypatch):
+    """More than one row keeps the eager reference (prefill, pending rows: the bits the C++ runner's multi-row
+    package computes) except inside `ops.multi_row_kernel()` (the fixed tree program's capture)."""
+    pytest.importorskip("triton")
+    from specee_compile.ops import multi_row_kernel_on
+    from specee_compile.plugins import triton_gemv as T
+
+    calls = []
+    monkeypatch.setattr(T, "_rows_linear", lambda x, w, res, nw, eps, pro, rows: calls.append(rows) or "rows")
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
+    x, w, r, nw = _inputs("none", 24, 32, True, torch.float32, "cpu", 2, rows=4)
+    assert torch.equal(T.triton_fused_linear(x, w, r, nw, 0.0, "none"), fused_linear_reference(x, w, r, nw, 0.0, "none"))
+    assert not multi_row_kernel_on() and not calls
+    with multi_row_kernel():
+        assert multi_row_kernel_on() and T.triton_fused_linear(x, w, r, nw, 0.0, "none") == "rows"
+        with multi_row_kernel():
+            pass
+        assert multi_row_kernel_on()  # nested scopes restore, not clear
+    assert not multi_row_kernel_on() and calls == [4]
 
 
 def test_max_rows_setting(monkeypatch):

@@ -31,8 +31,8 @@ to ~30% of a GEMV's graph time (session 13, `benchmarks/gemv_sweep.py --retune`)
 was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
 
-A few rows (2 .. MAX_ROWS: tree verification, the draft's tree levels, lossless pending rows, short
-prefills) take `_rows_kernel`: one program per BLOCK_N output features streams their weight rows once for all
+A few rows (2 .. MAX_ROWS) inside `ops.multi_row_kernel()` (the fixed tree program: its verification rows
+and the draft's levels) take `_rows_kernel`: one program per BLOCK_N output features streams their weight rows once for all
 rows (a tensor-core `tl.dot` of the [rows, BLOCK_K] activation tile, rows padded to 16 or 32, against the
 weight tile), with the prologue applied exactly as the eager ops round (RMSNorm's statistics first, in a pass
 over the row from L2). cuBLAS, used before for every multi-row call, runs the 7B tree's 25-row verification at
@@ -221,12 +221,13 @@ def max_rows() -> int:
 
 
 def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
-    """The fused GEMV for one row (x [..., 1, K or 2K]); 2 .. `max_rows()` rows take the rows kernel; more
-    rows (prefill) take the eager reference (cuBLAS), which is the faster path there."""
-    from ..ops import fused_linear_reference
+    """The fused GEMV for one row (x [..., 1, K or 2K]); 2 .. `max_rows()` rows take the rows kernel inside
+    `ops.multi_row_kernel()` (the fixed tree program); other multi-row calls (prefill, pending rows) take the
+    eager reference (cuBLAS), the bits the C++ runner's multi-row package computes."""
+    from ..ops import fused_linear_reference, multi_row_kernel_on
 
     rows = x.numel() // x.shape[-1]
-    if not HAVE_TRITON or x.dtype != w.dtype or not 1 <= rows <= max_rows():
+    if not HAVE_TRITON or x.dtype != w.dtype or not 1 <= rows <= max_rows() or (rows > 1 and not multi_row_kernel_on()):
         return fused_linear_reference(x, w, res, norm_w, eps, prologue)
     pro = PROLOGUES[prologue]
     N, K = w.shape

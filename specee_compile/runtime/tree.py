@@ -402,10 +402,13 @@ class FixedTree:
     def prepare(self, first_pos: int, max_pos: int) -> None:
         """Compile and capture the program for every bucket positions first_pos .. max_pos reach (before
         the prefill: the warm-up runs write junk state that the caller's reset clears)."""
+        from ..ops import multi_row_kernel
+
         seg = self.seg
         todo = sorted({self.bucket(x) for x in range(first_pos, max_pos + 1)} - set(self.programs))
         for S in todo:  # warm-up / upload runs start where this bucket's last position would
-            self.programs[S] = seg.capture(lambda S=S: self.body(S), lambda S=S: self.p.fill_(S - self.margin - 1))
+            with multi_row_kernel():  # the verification rows and the draft's levels: the rows GEMV on CUDA
+                self.programs[S] = seg.capture(lambda S=S: self.body(S), lambda S=S: self.p.fill_(S - self.margin - 1))
         seg.cache.reset()
 
     def begin(self, seq: list[int]) -> None:
