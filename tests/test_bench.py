@@ -21,6 +21,9 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert res["command"].startswith("specee-compile bench --tiny")
     tree = R["tree35"]  # the fixed tree program, driven by an acceptance trace of mean 3.5
     assert tree["tokens"] == 8 and tree["tree_program"] == "fixed" and tree["accepted_per_step"] > 1.5
+    # how closely the replay followed its trace (the CPU's 2:2:2 tree caps a step at 3 tokens)
+    assert 0 < tree["realized_vs_forced"] <= 1 and tree["forced_mean"] >= tree["accepted_per_step"] - 1e-6
+    assert 0 <= tree["short_steps"] < 8
     assert R["product_tree35_ratio"] > 0
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

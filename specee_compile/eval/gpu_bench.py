@@ -372,10 +372,25 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
                             segments=dense.seg, draft=eagle, accept=trace_accepts(trace))
         R_[name], r = time_generate(dec, prompt, args.runs)
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(trace) / len(trace), 3),
-                        avg_tree_nodes=r.stats()["avg_tree_nodes"], tree_program="fixed" if dec.tree._fixed_on else "host")
+                        avg_tree_nodes=r.stats()["avg_tree_nodes"], tree_program="fixed" if dec.tree._fixed_on else "host",
+                        **replay_fidelity(dec.tree, trace))
         R_[f"product_{name}_ratio"] = round(R_[name]["median"] / R_["product_dense_tok_s"], 3)
         log(name, R_[name])
         del dec
+
+
+def replay_fidelity(tree, trace: list[int]) -> dict:
+    """How closely the last generation's verify steps followed the acceptance trace: the trace's mean over the
+    steps it forced (`forced_mean`), realized / forced tokens (`realized_vs_forced`, 1.0 = followed), and the
+    steps that emitted fewer than forced (`short_steps`; the last step, cut by max_new_tokens, not counted). A
+    step falls short where the kept tree holds no path as deep as the trace asks."""
+    got = list(tree.accepted_log)
+    start = tree.trace_steps - len(got)
+    forced = [trace[(start + i) % len(trace)] for i in range(len(got))]
+    if not got:
+        return {}
+    return {"forced_mean": round(sum(forced) / len(forced), 3), "realized_vs_forced": round(sum(got) / sum(forced), 3),
+            "short_steps": sum(a < f for a, f in zip(got[:-1], forced[:-1]))}
 
 
 SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_specee")  # besides dense (--smollm2-configs)
