@@ -268,9 +268,10 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
     qkv, rope_qk, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
+    append = None
     if "attn" in fused:
         attend = _fused_op(ops, "decode_attention")
-    append = _fused_op(ops, "rope_append") if "attn" in fused else None
+        append = _fused_op(ops, "rope_append")
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None, attn_state=()):

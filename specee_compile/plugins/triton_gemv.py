@@ -154,7 +154,6 @@ if HAVE_TRITON:
                 y = _round(y, DT) + tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
-
     @triton.jit
     def _rows_kernel(
         x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr,
@@ -227,14 +226,15 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     from ..ops import fused_linear_reference, multi_row_kernel_on
 
     rows = x.numel() // x.shape[-1]
-    if not HAVE_TRITON or x.dtype != w.dtype or not 1 <= rows <= max_rows() or (rows > 1 and not multi_row_kernel_on()):
+    rows_kernel = rows > 1 and multi_row_kernel_on() and rows <= max_rows()
+    if not HAVE_TRITON or x.dtype != w.dtype or not (rows == 1 or rows_kernel):
         return fused_linear_reference(x, w, res, norm_w, eps, prologue)
     pro = PROLOGUES[prologue]
     N, K = w.shape
     if x.shape[-1] != (2 * K if pro == 2 else K):
         raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
                          f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
-    if rows > 1:
+    if rows_kernel:
         return _rows_linear(x, w, res, norm_w, eps, pro, rows)
     x = x.contiguous()
     w = w.contiguous()
@@ -295,20 +295,20 @@ def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        cfg = _TUNE_CACHE[key] = _tune(args, kw, [c for c in CONFIGS if c[2] == 1] if whole_k else CONFIGS)
+        cfg = _TUNE_CACHE[key] = _tune(w, lambda c, wi: _launch(args, kw, c, wi),
+                                       [c for c in CONFIGS if c[2] == 1] if whole_k else CONFIGS)
     return cfg
 
 
-def _tune(args, kw, configs) -> tuple:
-    """Time every config as the decode step runs it: launches back to back in one CUDA graph, each on the next
-    of `tune_copies` copies of the weight, the median of 5 replays per launch; return the fastest."""
-    w = args[1]
+def _tune(w, launch, configs) -> tuple:
+    """Time every config as the decode step runs it: launch(config, weight) back to back in one CUDA graph, each
+    on the next of `tune_copies` copies of the weight w, the median of 5 replays per launch; return the fastest."""
     ws = [w] + [torch.empty_like(w) for _ in range(tune_copies(w.numel() * w.element_size()) - 1)]
     n = max(16, len(ws))
     times = {}
     for cfg in configs:
         try:
-            times[cfg] = _graph_us(lambda i, c=cfg: _launch(args, kw, c, ws[i % len(ws)]), n)
+            times[cfg] = _graph_us(lambda i, c=cfg: launch(c, ws[i % len(ws)]), n)
         except Exception:  # noqa: BLE001  # a config this card cannot compile or launch (e.g. shared memory)
             times[cfg] = None
             torch.cuda.synchronize()
@@ -337,17 +337,15 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
         if torch.cuda.is_current_stream_capturing():  # first use inside a capture: untuned, not remembered
             cfg = ROW_CONFIGS[2]
         else:
-            ws = [w] + [torch.empty_like(w) for _ in range(tune_copies(w.numel() * w.element_size()) - 1)]
-            n = max(16, len(ws))
             name = PROLOGUE_NAMES[pro]
-            times = {EAGER: _graph_us(lambda i: fused_linear_reference(x, ws[i % len(ws)], res, norm_w, eps, name), n)}
-            for c in ROW_CONFIGS:
-                try:
-                    times[c] = _graph_us(lambda i, c=c: _rows_launch(args, kw, c, ws[i % len(ws)]), n)
-                except Exception:  # noqa: BLE001  # a config this card cannot compile or launch
-                    times[c] = None
-                    torch.cuda.synchronize()
-            cfg = _TUNE_CACHE[key] = pick_fastest(times)
+
+            def launch(c, wi):
+                if c == EAGER:
+                    fused_linear_reference(x, wi, res, norm_w, eps, name)
+                else:
+                    _rows_launch(args, kw, c, wi)
+
+            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *ROW_CONFIGS])
             TUNED.setdefault((N, K, f"{name} x{kw['MP']}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
     if cfg == EAGER:
         return fused_linear_reference(x, w, res, norm_w, eps, PROLOGUE_NAMES[pro])
