@@ -24,6 +24,10 @@ class InputError(SpecEEError):
     """Bad prompt: empty, or longer than the context allows."""
 
 
+class SettingError(SpecEEError, ValueError):
+    """A bad SPECEE_* environment setting (a kernel knob): named with what it expects."""
+
+
 class BackendUnavailable(SpecEEError):
     """A backend's dependency (onnxruntime, tensorrt, CUDA) is not installed here."""
 

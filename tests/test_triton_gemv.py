@@ -389,6 +389,15 @@ def test_max_rows_setting(monkeypatch):
         monkeypatch.setenv("SPECEE_GEMV_MAX_ROWS", bad)
         with pytest.raises(ValueError, match="SPECEE_GEMV_MAX_ROWS"):
             T.max_rows()
+    # a user's error (one line from the CLI, exit 2), found when the kernels register, before any decoding
+    from specee_compile.errors import SpecEEError
+
+    with pytest.raises(SpecEEError, match="expected an integer 1..32"):
+        T.register_cuda_impl()
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS")
+    monkeypatch.setenv("SPECEE_GEMV_CONFIG", "8,512")
+    with pytest.raises(SpecEEError, match="expected five integers"):
+        T.register_cuda_impl()
     assert [T.row_block(n) for n in (2, 16, 17, 32)] == [16, 16, 32, 32]
 
 

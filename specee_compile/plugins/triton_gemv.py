@@ -52,6 +52,7 @@ import os
 
 import torch
 
+from ..errors import SettingError
 from . import HAVE_TRITON, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -213,9 +214,11 @@ def max_rows() -> int:
     try:
         n = int(v)
     except ValueError:
-        raise ValueError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}") from None
+        raise SettingError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}; unset it for the "
+                           "default") from None
     if not 1 <= n <= MAX_ROWS:
-        raise ValueError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}")
+        raise SettingError(f"SPECEE_GEMV_MAX_ROWS={v!r}: expected an integer 1..{MAX_ROWS}; unset it for the "
+                           "default")
     return n
 
 
@@ -475,11 +478,14 @@ def _fixed_config():
     try:
         bn, bk, sp, nw, ns = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"SPECEE_GEMV_CONFIG={v!r}: expected five integers "
-                         "BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages") from None
+        raise SettingError(f"SPECEE_GEMV_CONFIG={v!r}: expected five integers "
+                           "BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages") from None
     return bn, bk, sp, nw, ns
 
 
 def register_cuda_impl() -> bool:
-    """Make the kernel the CUDA implementation of `specee::fused_linear` (idempotent; False where triton is missing)."""
+    """Make the kernel the CUDA implementation of `specee::fused_linear` (idempotent; False where triton is
+    missing). Its SPECEE_GEMV_* settings are checked here, before any decoding, not at their first use."""
+    max_rows()
+    _fixed_config()
     return register_kernel("specee::fused_linear", triton_fused_linear)
