@@ -29,6 +29,13 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_refuses_a_bad_tree_shape_before_work(tmp_path, capsys):
+    for bad in ("24:6", "24:x:8", "0:6:8"):
+        assert main(["bench", "--tiny", "--device", "cpu", "--tree-shape", bad, "--out", str(tmp_path)]) == 2
+        assert "--tree-shape: expected budget:depth:topk" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
                "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])

@@ -368,7 +368,8 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
     for name, trace in traces.items():
         log(f"== {name}: tree verification, acceptance trace mean {sum(trace) / len(trace):.2f}")
         # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False),
+        shape = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False, **shape),
                             segments=dense.seg, draft=eagle, accept=trace_accepts(trace))
         R_[name], r = time_generate(dec, prompt, args.runs)
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(trace) / len(trace), 3),
@@ -636,6 +637,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree")
     p.add_argument("--accept-trace", default=None,
                    help="JSON list of tokens per verify step (e.g. recorded from SmolLM2) for a second 7B tree run")
+    p.add_argument("--tree-shape", default=None, metavar="B:D:K",
+                   help="the 7B tree rows' budget:depth:topk (default: the device's, 24:6:8 on CUDA; "
+                        "a CPU dry run with 24:6:8 replays the traces as the H200 run does)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="output dir (default $OUT or benchmarks/results)")
@@ -653,6 +657,13 @@ def main(argv=None) -> int:
     unknown = sorted(set((args.smollm2_configs or "").split(",")) - {"", *SMOLLM2_CONFIGS})
     if unknown:
         raise SpecEEError(f"--smollm2-configs: unknown {unknown}; expected a comma list of {', '.join(SMOLLM2_CONFIGS)}")
+    if args.tree_shape:
+        try:
+            args.tree_shape = tuple(int(t) for t in args.tree_shape.split(":"))
+        except ValueError:
+            args.tree_shape = ()
+        if len(args.tree_shape) != 3 or min(args.tree_shape) < 1:
+            raise SpecEEError("--tree-shape: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
     run_bench(args)
     return 0
 
