@@ -72,16 +72,17 @@ def main(argv=None) -> int:
             Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 
     loaded = load_model(a.model)
+    exits = any(MODES[m] for m in a.modes.split(","))  # dense only: no artifacts, no exit or draft package
     arts = a.artifacts or default_artifacts_dir(loaded)
-    if arts is None:
-        raise SystemExit(f"{a.model} has no shipped SpecEE artifacts; pass --artifacts DIR")
-    s0 = Settings(specee=True, max_context=a.max_context, device=a.device, artifacts=str(arts))
+    if arts is None and exits:
+        raise SystemExit(f"{a.model} has no shipped SpecEE artifacts; pass --artifacts DIR (or --modes dense)")
+    s0 = Settings(specee=exits, max_context=a.max_context, device=a.device, artifacts=str(arts) if exits else None)
     directory = Path(a.export) if a.export else Path(a.out)
     if not a.export:
-        program, src, _, _ = load_program(arts, loaded, s0)
-        draft = src.draft
-        if not any(MODES[m] for m in a.modes.split(",")):  # dense only: no exit or draft package (~75 s less on the H200)
-            program = draft = None
+        program = draft = None  # dense only: ~75 s less on the H200
+        if exits:
+            program, src, _, _ = load_program(arts, loaded, s0)
+            draft = src.draft
         t0 = time.perf_counter()
         export_aoti_dir(loaded.model, program, directory, s0, draft, model_name=loaded.name,
                         fingerprint=loaded.fingerprint, device=a.device, eos_ids=eos_ids(loaded),
