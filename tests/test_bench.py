@@ -25,6 +25,12 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert 0 < tree["realized_vs_forced"] <= 1 and tree["forced_mean"] >= tree["accepted_per_step"] - 1e-6
     assert 0 <= tree["short_steps"] < 8
     assert R["product_tree35_ratio"] > 0
+    # the variants are timed in interleaved rounds; a ratio is the median of per-round ratios to dense
+    assert "paired_ratio" not in R["dense"]
+    for name in ("specee232", "specee_noexit", "tree35"):
+        assert R[name]["runs"] and R[name]["paired_ratio"] > 0
+    assert R["product_specee232_ratio"] == R["specee232"]["paired_ratio"]
+    assert R["product_tree35_ratio"] == R["tree35"]["paired_ratio"]
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

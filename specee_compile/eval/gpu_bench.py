@@ -4,7 +4,9 @@ Everything timed here is `Decoder.generate()` built by `api.build_decoder` (the 
 inductor backend: whole-step CUDA graphs, exits decided on the device). This module only orchestrates,
 checks and prints; it has no decode loop of its own.
 
-Workloads (batch 1, greedy, median of --runs after one warm-up run, compile/capture reported apart):
+Workloads (batch 1, greedy, compile/capture reported apart). 7B shapes: one warm-up call per variant, then
+--runs rounds in which every variant decodes once (order rotated); tok/s = median over rounds, a ratio = the
+median of the per-round ratios to dense (`paired_ratio`), so a drift of the card over the run cancels:
   7B shapes   a random-weight fp16 `LlamaForCausalLM` with Llama-2-7B shapes, written with
               `save_pretrained` and loaded back through `models.load_model` (what a user's directory
               goes through). Random weights cannot exit on their own, so exits come from an exit-layer
@@ -14,6 +16,8 @@ Workloads (batch 1, greedy, median of --runs after one warm-up run, compile/capt
               counted. This measures the system, not the predictors.
                 dense       `product_dense_tok_s`
                 specee232   the paper's 23.2-of-32 trace: `product_specee232_ratio` = vs dense
+                specee_noexit  the same decoder on a trace that never exits (the draft's and plan's cost)
+                tree35, tree_smollm2trace  tree verification, the accepted length from a trace
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back.
   HF eager    `generate` of the same 7B model, dynamic cache.
@@ -200,24 +204,34 @@ def random_artifacts(loaded, trace: list[int], seed: int = 0, k: int = 4, hm: in
 
 
 # ----------------------------------------------------------------------------------------- timing
-def time_generate(dec, prompt: list[int], runs: int) -> tuple[dict, object]:
-    """Decode tok/s of `runs` generate calls after one warm-up call (whose compile time is reported)."""
-    first = dec.generate(prompt)
-    vals, res = [], first
-    for _ in range(runs):
-        res = dec.generate(prompt)
-        vals.append(res.decode_tok_s)
-    out = summarize(vals)
-    first_tok_s = first.decode_tok_s
-    out.update(compile_s=round(first.compile_s, 1), first_prefill_s=round(first.prefill_s, 2),
-               first_call_decode_tok_s=round(first_tok_s, 1),
-               first_call_vs_steady=round(first_tok_s / out["median"], 3) if out["median"] else None,
-               prefill_s=round(res.prefill_s, 4), avg_layers=round(res.avg_layers, 2),
-               predictor_calls_per_step=round(res.predictor_calls / max(1, res.decode_steps), 2),
-               head_calls_per_step=round(res.head_calls / max(1, res.decode_steps), 2),
-               tokens=len(res.token_ids), exit_program=res.exit_program,
-               draft_step=getattr(dec.draft, "step_mode", None))
-    return out, res
+def time_interleaved(decs: dict, prompt: list[int], runs: int) -> dict:
+    """name -> (figures, last result) of each decoder: its warm-up call (compile + capture, reported as
+    `compile_s` and the first call's speed), then `runs` rounds in which every decoder decodes once, the order
+    rotated per round. A variant and dense then run seconds apart, not minutes: a drift of the card's speed over
+    the run (session 15 saw dense's timed call 5% under its own first call) moves both sides of a ratio, and
+    `paired_ratio` (the median over rounds of variant / first decoder in the same round) cancels it."""
+    names = list(decs)
+    first = {n: decs[n].generate(prompt) for n in names}
+    last, vals = dict(first), {n: [] for n in names}
+    for r in range(runs):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            last[n] = decs[n].generate(prompt)
+            vals[n].append(last[n].decode_tok_s)
+    out, ref = {}, names[0]
+    for n in names:
+        f, res, fig = first[n], last[n], summarize(vals[n])
+        fig.update(compile_s=round(f.compile_s, 1), first_prefill_s=round(f.prefill_s, 2),
+                   first_call_decode_tok_s=round(f.decode_tok_s, 1),
+                   first_call_vs_steady=round(f.decode_tok_s / fig["median"], 3) if fig["median"] else None,
+                   prefill_s=round(res.prefill_s, 4), avg_layers=round(res.avg_layers, 2),
+                   predictor_calls_per_step=round(res.predictor_calls / max(1, res.decode_steps), 2),
+                   head_calls_per_step=round(res.head_calls / max(1, res.decode_steps), 2),
+                   tokens=len(res.token_ids), exit_program=res.exit_program,
+                   draft_step=getattr(decs[n].draft, "step_mode", None))
+        if n != ref:
+            fig["paired_ratio"] = round(statistics.median(a / b for a, b in zip(vals[n], vals[ref])), 3)
+        out[n] = (fig, res)
+    return out
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -231,7 +245,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     from ..api import build_decoder
     from ..config import Settings
     from ..models import load_model
-    from ..runtime.policies import trace_exits
+    from ..runtime.policies import trace_accepts, trace_exits
     from .accuracy import first_divergence
 
     R_ = res["results"]
@@ -269,35 +283,47 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         res["hf_tokens"] = out[0, P:].tolist()
         log("hf_eager", R_["hf_eager"])
 
-    log("== dense, through Decoder.generate")
-    dense = build_decoder(loaded, Settings(**base))
-    R_["dense"], dres = time_generate(dense, prompt, args.runs)
-    R_["product_dense_tok_s"] = R_["dense"]["median"]
-    if "hf_tokens" in res:
-        res["checks"]["dense_vs_hf_first_divergence"] = first_divergence(dres.token_ids, res["hf_tokens"])
-    log("dense", R_["dense"])
-
     trace = [min(L, max(1, round(e * L / 32))) for e in paper_trace(4096, args.trace_mean)]
     spec = Settings(**base, specee=True)
     program, draft, offline = random_artifacts(loaded, trace)
     res["offline_layers"] = offline
-    log("== specee, paper trace, through Decoder.generate (draft + predictors running)")
-    dec = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                        policy=trace_exits([e - 1 for e in trace]))
-    R_["specee232"], _ = time_generate(dec, prompt, args.runs)
+    log("== build the decoders: dense; SpecEE on the paper trace (draft + predictors running); the same with a "
+        "trace that never exits (what the draft and plan cost); tree verification driven by acceptance traces")
+    dense = build_decoder(loaded, Settings(**base))
+    trees = {} if "tree" in args.skip else tree_traces(args)
+    if trees:  # before any decoder runs the draft: every variant times the same head
+        sharpen_draft(draft, dense.seg, prompt, spread=TRACE_SPREAD)
+    decs = {"dense": dense,
+            "specee232": build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
+                                       policy=trace_exits([e - 1 for e in trace])),
+            "specee_noexit": build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
+                                           policy=trace_exits([L]))}
+    shape_kw = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
+    for name, tr in trees.items():
+        # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
+        decs[name] = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False,
+                                                    **shape_kw), segments=dense.seg, draft=draft,
+                                   accept=trace_accepts(tr))
+    log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
+    timed = time_interleaved(decs, prompt, args.runs)
+    R_["dense"], dres = timed["dense"]
+    R_["product_dense_tok_s"] = R_["dense"]["median"]
+    if "hf_tokens" in res:
+        res["checks"]["dense_vs_hf_first_divergence"] = first_divergence(dres.token_ids, res["hf_tokens"])
+    R_["specee232"] = timed["specee232"][0]
     R_["specee232"]["trace_mean_layers"] = round(sum(trace[: N]) / len(trace[: N]), 2)
-    R_["product_specee232_ratio"] = round(R_["specee232"]["median"] / R_["product_dense_tok_s"], 3)
-    log("specee232", R_["specee232"])
-
-    # the same decoder with the draft alone (no exit layer ever active): what the draft + plan cost
-    log("== draft overhead: specee with an exit trace that never exits")
-    nodec = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                          policy=trace_exits([L]))
-    R_["specee_noexit"], _ = time_generate(nodec, prompt, max(1, args.runs - 1))
-    R_["specee_noexit_ratio"] = round(R_["specee_noexit"]["median"] / R_["product_dense_tok_s"], 3)
-
-    if "tree" not in args.skip:
-        bench_7b_tree(args, res, loaded, prompt, base, dense, draft)
+    R_["product_specee232_ratio"] = R_["specee232"]["paired_ratio"]
+    R_["specee_noexit"] = timed["specee_noexit"][0]
+    R_["specee_noexit_ratio"] = R_["specee_noexit"]["paired_ratio"]
+    for name, tr in trees.items():
+        R_[name], r = timed[name]
+        R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(tr) / len(tr), 3),
+                        avg_tree_nodes=r.stats()["avg_tree_nodes"],
+                        tree_program="fixed" if decs[name].tree._fixed_on else "host",
+                        **replay_fidelity(decs[name].tree, tr))
+        R_[f"product_{name}_ratio"] = R_[name]["paired_ratio"]
+    for name in decs:
+        log(name, R_[name])
 
     if dev.type == "cuda":
         bw = copy_bandwidth(dev)
@@ -305,7 +331,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_["copy_TBps"] = round(bw / 1e12, 3)
         R_["weight_GB"] = round(wbytes / 1e9, 3)
         R_["dense_floor_tok_s"] = round(bw / wbytes, 1)
-    del dense, dec, nodec, loaded
+    del dense, decs, timed, loaded
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -347,16 +373,10 @@ def sharpen_draft(eagle, seg, prompt: list[int], spread: float) -> None:
 TRACE_SPREAD = 32.0
 
 
-def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> None:
-    """Tree verification on 7B shapes, the accepted length per step from a trace (random weights accept
-    nothing). The random draft head is sharpened (TRACE_SPREAD) so that its tree always holds the trace's
-    path; the tree still comes from the draft, and the fixed program verifies all of it."""
-    from ..api import build_decoder
-    from ..config import Settings
-    from ..runtime.policies import trace_accepts
-
-    R_ = res["results"]
-    sharpen_draft(eagle, dense.seg, prompt, spread=TRACE_SPREAD)
+def tree_traces(args) -> dict[str, list[int]]:
+    """The 7B tree rows' acceptance traces (random weights accept nothing): tree35 (mean 3.5) and, with
+    --accept-trace, one recorded from SmolLM2. The random draft head is sharpened (TRACE_SPREAD) so that its
+    tree always holds the trace's path; the tree still comes from the draft, and the fixed program verifies all of it."""
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):
         with open(args.accept_trace) as f:
@@ -365,19 +385,7 @@ def bench_7b_tree(args, res: dict, loaded, prompt, base: dict, dense, eagle) -> 
         # (seed 0), every prefix follows the whole trace's distribution, not its first prompts'
         random.Random(0).shuffle(trace)
         traces["tree_smollm2trace"] = trace
-    for name, trace in traces.items():
-        log(f"== {name}: tree verification, acceptance trace mean {sum(trace) / len(trace):.2f}")
-        # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
-        shape = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False, **shape),
-                            segments=dense.seg, draft=eagle, accept=trace_accepts(trace))
-        R_[name], r = time_generate(dec, prompt, args.runs)
-        R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(trace) / len(trace), 3),
-                        avg_tree_nodes=r.stats()["avg_tree_nodes"], tree_program="fixed" if dec.tree._fixed_on else "host",
-                        **replay_fidelity(dec.tree, trace))
-        R_[f"product_{name}_ratio"] = round(R_[name]["median"] / R_["product_dense_tok_s"], 3)
-        log(name, R_[name])
-        del dec
+    return traces
 
 
 def replay_fidelity(tree, trace: list[int]) -> dict:
@@ -621,7 +629,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--tiny", action="store_true", help="small model shapes (a CPU dry run of the whole bench)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--runs", type=int, default=3, help="timed generate calls per variant (after one warm-up)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed rounds (7B: every variant once per round, after one warm-up call each)")
     p.add_argument("--hf-runs", type=int, default=3)
     p.add_argument("--trace-mean", type=float, default=23.2, help="mean executed layers of the exit trace (of 32)")
     p.add_argument("--yardstick", default=None, help="path of plain_decode_yardstick.py to run first")
