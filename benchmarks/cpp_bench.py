@@ -2,6 +2,7 @@
 
     python benchmarks/cpp_bench.py                      # SmolLM2, CPU, dense + paper + lossless
     python benchmarks/cpp_bench.py --device cuda --py-backend inductor --model smollm2.gguf   # the GPU box
+    python benchmarks/cpp_bench.py --device cuda --py-backend inductor --random-weights --modes dense  # no GGUF
 
 Exports `smollm2-135m` with `--format aoti` (or reuses --export DIR), then per mode and prompt runs the
 Python runtime (`api.build_decoder`, --py-backend, default eager) and the C++ runner (`--backend cpp`),
@@ -53,6 +54,9 @@ MODES = {"dense": {}, "paper": {"specee": True},
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a random-weight Llama of SmolLM2-135M's shapes (fp32, word-level tokenizer) instead of "
+                         "--model: the GPU timing without the GGUF (dense mode only: no artifacts fit it)")
     ap.add_argument("--export", help="an existing --format aoti export of the model (default: export to --out)")
     ap.add_argument("--out", default="exported/smollm2-135m-aoti")
     ap.add_argument("--device", default="cpu")
@@ -71,8 +75,17 @@ def main(argv=None) -> int:
         if os.environ.get(var):
             Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 
-    loaded = load_model(a.model)
     exits = any(MODES[m] for m in a.modes.split(","))  # dense only: no artifacts, no exit or draft package
+    if a.random_weights:
+        if exits:
+            raise SystemExit("--random-weights times dense only: pass --modes dense")
+        from tree_gpu_profile import SMOL  # this directory's GPU tree profile: SmolLM2-135M's shapes
+
+        from specee_compile.eval.gpu_bench import write_random_model
+
+        a.model = str(Path(a.out).with_name(Path(a.out).name + "-random-model"))
+        write_random_model(dict(SMOL), torch.float32, torch.device(a.device), a.model)
+    loaded = load_model(a.model)
     arts = a.artifacts or default_artifacts_dir(loaded)
     if arts is None and exits:
         raise SystemExit(f"{a.model} has no shipped SpecEE artifacts; pass --artifacts DIR (or --modes dense)")
@@ -137,16 +150,18 @@ def main(argv=None) -> int:
     dense = [r["cpp"] for r in raw if r["mode"] == "dense"]
     if cuda and a.py_backend == "inductor" and dense and dense[0].get("graph_layer_us"):
         py = python_parts(dense_seg)
-        cc = {k: statistics.mean(r[f"graph_{k}"] for r in dense)
-              for k in ("step_us", "step_one_us", "layer_us", "layers_us", "head_us")}
+        cc = {k: statistics.mean(r.get(f"graph_{k}", 0.0) for r in dense)
+              for k in ("step_us", "step_one_us", "layer_us", "layers_us", "head_us", "layers_same_us")}
         print(f"\nthe dense step's parts at S={py['S']}, each captured alone, us per replay (C++ / Python): whole step "
               f"{cc['step_us']:.1f} / {py['step_us']:.1f} (two instances alternating), {cc['step_one_us']:.1f} / "
               f"{py['step_one_us']:.1f} (one instance); the {py['L']}-layer chain {cc['layers_us']:.1f} / "
               f"{py['layers_us']:.1f}; one layer call {cc['layer_us']:.2f} / {py['layer_us']:.2f}; head "
-              f"{cc['head_us']:.2f} / {py['head_us']:.2f}")
+              f"{cc['head_us']:.2f} / {py['head_us']:.2f}; layer 0's call {py['L']} times in a chain "
+              f"{cc['layers_same_us']:.1f} / {py['layers_same_us']:.1f}")
         raw.append({"mode": "parts", "python": py, "cpp": cc})
         if os.environ.get("SPECEE_PROFILE_DIR"):
             print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
+            print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"]), "layers_same"))
         if os.environ.get("SPECEE_GRAPH_ATTRS"):
             print("\n" + attrs_table(Path(os.environ["SPECEE_GRAPH_ATTRS"])))
     if cuda:  # the GEMV configs both sides ran: the Python op's tuned picks and the package's whole-K twins
@@ -184,9 +199,10 @@ def warm_clocks(run, seconds: float = 0.2) -> None:
 
 def python_parts(seg) -> dict:
     """The Python CUDA step's parts at the first attention length, timed as the C++ runner times its own
-    (`graph_step_us`, `graph_step_one_us`, `graph_layer_us`, `graph_layers_us`, `graph_head_us`): the whole dense
-    step's graph (its two instances alternating, as the loop replays them, and one instance), and one layer call,
-    the L-layer chain and the head, each captured alone, replayed back to back."""
+    (`graph_step_us`, `graph_step_one_us`, `graph_layer_us`, `graph_layers_us`, `graph_head_us`,
+    `graph_layers_same_us`): the whole dense step's graph (its two instances alternating, as the loop replays
+    them, and one instance), and one layer call, the L-layer chain, the head and layer 0's call L times in a
+    chain, each captured alone, replayed back to back."""
     from specee_compile.backends.cuda_step import replay_time
 
     S, L = seg.attn_len(0), seg.spec.num_layers
@@ -201,13 +217,13 @@ def python_parts(seg) -> dict:
     dump = os.environ.get("SPECEE_GRAPH_DUMP")  # DIR: each part's graph as a DOT file (cudaGraphDebugDotPrint)
     attrs = os.environ.get("SPECEE_GRAPH_ATTRS")  # DIR: the chain's kernel nodes with their attributes (JSON)
 
-    def chain():
+    def chain(same: bool = False):  # same: layer 0's call L times (the same weights and cache every call)
         x = h
         for i in range(L):
-            x = seg.layer_direct(i, x, pos, S)
+            x = seg.layer_direct(0 if same else i, x, pos, S)
 
     for name, fn in (("layer_us", lambda: seg.layer_direct(0, h, pos, S)), ("layers_us", chain),
-                     ("head_us", lambda: seg.head_direct(h))):
+                     ("head_us", lambda: seg.head_direct(h)), ("layers_same_us", lambda: chain(same=True))):
         fn()
         torch.cuda.synchronize()
         census = bool(attrs) and name == "layers_us"

@@ -36,6 +36,7 @@ NODE_TYPES = {1: "memcpy", 2: "memset", 3: "host", 4: "child graph", 5: "empty",
 def kernel_nodes(raw_graph: int) -> list[dict]:
     """Every kernel node of the graph (a `cudaGraph_t` as an int: `torch.cuda.CUDAGraph(keep_graph=True)
     .raw_cuda_graph()`) in node order: name, grid, block, dynamic shared memory, `deps` (its incoming edges),
+    `edges` ([from port, to port, type] per incoming edge, where the driver has cuGraphNodeGetDependencies_v2),
     `func` {attribute: int} and `node` {attribute: the value's first words, or "error N" where the driver
     refuses the query}; `func` also holds the kernel's parameter count and bytes (`cuFuncGetParamInfo`); and
     the function's `handle` (a CUfunction, valid in this process only). Every other node is a record named
@@ -53,14 +54,21 @@ def kernel_nodes(raw_graph: int) -> list[dict]:
         kind = ctypes.c_int(-1)
         cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
         deps = ctypes.c_size_t(0)  # incoming edges (the _v2 entry point takes an edge-data argument)
+        edges = []  # [from port, to port, type] per incoming edge (CUgraphEdgeData; a programmatic edge lets a
+        # kernel launch before its producer completes)
         if hasattr(cu, "cuGraphNodeGetDependencies_v2"):
             cu.cuGraphNodeGetDependencies_v2(ctypes.c_void_p(node), None, None, ctypes.byref(deps))
+            if deps.value:
+                src, data = (ctypes.c_void_p * deps.value)(), (ctypes.c_ubyte * (8 * deps.value))()
+                if cu.cuGraphNodeGetDependencies_v2(ctypes.c_void_p(node), src, data, ctypes.byref(deps)) == 0:
+                    edges = [list(data[8 * e: 8 * e + 3]) for e in range(deps.value)]
         else:
             cu.cuGraphNodeGetDependencies(ctypes.c_void_p(node), None, ctypes.byref(deps))
         params = (ctypes.c_byte * 128)()
         if kind.value != KERNEL_NODE or get_params(ctypes.c_void_p(node), params) != 0:
             out.append({"name": f"<{NODE_TYPES.get(kind.value, kind.value)}>", "grid": [0, 0, 0],
-                        "block": [0, 0, 0], "smem": 0, "deps": deps.value, "func": {}, "node": {}, "handle": 0})
+                        "block": [0, 0, 0], "smem": 0, "deps": deps.value, "edges": edges, "func": {}, "node": {},
+                        "handle": 0})
             continue
         func, gx, gy, gz, bx, by, bz, smem = struct.unpack_from("<Q7I", bytes(params), 0)
         name = ctypes.c_char_p()
@@ -83,7 +91,7 @@ def kernel_nodes(raw_graph: int) -> list[dict]:
             rc = cu.cuGraphKernelNodeGetAttribute(ctypes.c_void_p(node), attr, value)
             nattrs[key] = list(struct.unpack_from("<4i", bytes(value), 0)) if rc == 0 else f"error {rc}"
         out.append({"name": (name.value or b"?").decode(), "grid": [gx, gy, gz], "block": [bx, by, bz],
-                    "smem": smem, "deps": deps.value, "func": fattrs, "node": nattrs, "handle": func})
+                    "smem": smem, "deps": deps.value, "edges": edges, "func": fattrs, "node": nattrs, "handle": func})
     return out
 
 
@@ -96,7 +104,7 @@ def census(nodes: list[dict]) -> dict:
         fields = out.setdefault(rec["name"], {})
         counts[rec["name"]] = counts.get(rec["name"], 0) + 1
         for key, v in [("grid", rec["grid"]), ("block", rec["block"]), ("smem", rec["smem"]),
-                       ("deps", rec.get("deps")),
+                       ("deps", rec.get("deps")), ("edges", rec.get("edges")),
                        *((f"func.{k}", x) for k, x in rec["func"].items()),
                        *((f"node.{k}", x) for k, x in rec["node"].items())]:
             vals = fields.setdefault(key, [])

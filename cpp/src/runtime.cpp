@@ -193,7 +193,7 @@ struct Runtime::Impl {
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
   double capture_s = 0, graph_step_us = 0, graph_step_one_us = 0, graph_layer_us = 0, graph_layers_us = 0,
-         graph_head_us = 0;
+         graph_head_us = 0, graph_layers_same_us = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -587,6 +587,7 @@ struct Runtime::Impl {
     res.graph_layer_us = graph_layer_us;
     res.graph_layers_us = graph_layers_us;
     res.graph_head_us = graph_head_us;
+    res.graph_layers_same_us = graph_layers_same_us;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -850,13 +851,26 @@ struct Runtime::Impl {
     for (void* node : nodes) {
       int kind = -1;
       alignas(8) unsigned char params[128] = {};
-      size_t deps = 0;  // incoming edges
-      if (node_deps2) node_deps2(node, nullptr, nullptr, &deps);
-      else if (node_deps) node_deps(node, nullptr, &deps);
+      size_t deps = 0;  // incoming edges; with the _v2 entry point also each edge's data (CUgraphEdgeData:
+      // from port, to port, type): a programmatic edge lets a kernel launch before its producer completes
+      std::string edges = "[]";
+      if (node_deps2 && node_deps2(node, nullptr, nullptr, &deps) == 0 && deps > 0) {
+        std::vector<void*> from(deps);
+        std::vector<unsigned char> data(8 * deps);
+        if (node_deps2(node, from.data(), data.data(), &deps) == 0) {
+          edges = "[";
+          for (size_t e = 0; e < deps; ++e)
+            edges += (e ? ", [" : "[") + std::to_string(data[8 * e]) + ", " + std::to_string(data[8 * e + 1]) +
+                     ", " + std::to_string(data[8 * e + 2]) + "]";
+          edges += "]";
+        }
+      } else if (!node_deps2 && node_deps) {
+        node_deps(node, nullptr, &deps);
+      }
       if (node_type(node, &kind) != 0 || kind != 0 || node_params(node, params) != 0) {  // any other node
         const std::string type = kind > 0 && kind < 14 ? kTypes[kind] : std::to_string(kind);
         f << sep << "\n {\"name\": " << json::quote("<" + type + ">") << ", \"grid\": [0, 0, 0], \"block\": [0, 0, 0], "
-          << "\"smem\": 0, \"deps\": " << deps << ", \"func\": {}, \"node\": {}}";
+          << "\"smem\": 0, \"deps\": " << deps << ", \"edges\": " << edges << ", \"func\": {}, \"node\": {}}";
         sep = ",";
         continue;
       }
@@ -868,7 +882,7 @@ struct Runtime::Impl {
       if (!func_name || func_name(&name, func) != 0 || !name) name = "?";
       f << sep << "\n {\"name\": " << json::quote(name) << ", \"grid\": [" << dims[0] << ", " << dims[1] << ", "
         << dims[2] << "], \"block\": [" << dims[3] << ", " << dims[4] << ", " << dims[5] << "], \"smem\": "
-        << dims[6] << ", \"deps\": " << deps << ", \"func\": {";
+        << dims[6] << ", \"deps\": " << deps << ", \"edges\": " << edges << ", \"func\": {";
       const char* s2 = "";
       for (const auto& [key, id] : kFunc) {
         int v = -99;
@@ -938,6 +952,10 @@ struct Runtime::Impl {
       for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S);
     });
     graph_head_us = part("head", [&] { head_fn(h, {0}); });
+    graph_layers_same_us = part("layers_same", [&] {  // layer 0's call L times: the same weights and cache
+      at::Tensor x = h;
+      for (int i = 0; i < L; ++i) x = layer(0, x, g.pos, S);
+    });
   }
 
   // One replay per token, run ahead by one: step t+1 is launched before step t's token is read. A step
@@ -1277,7 +1295,8 @@ std::string Result::to_json() const {
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
     << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
     << ", \"graph_step_one_us\": " << graph_step_one_us << ", \"graph_layer_us\": " << graph_layer_us
-    << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us;
+    << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us
+    << ", \"graph_layers_same_us\": " << graph_layers_same_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);

@@ -66,8 +66,9 @@ struct Result {
   double load_s = 0, prefill_s = 0, decode_s = 0, capture_s = 0;  // capture_s: CUDA graphs (first generate)
   double graph_step_us = 0;  // CUDA graphs: one dense step's device time (back-to-back replays, CUDA events)
   double graph_step_one_us = 0;  // the same, replaying one graph instance (the loop alternates two)
-  // its parts, each captured alone: one layer call, the L-layer chain, the head
-  double graph_layer_us = 0, graph_layers_us = 0, graph_head_us = 0;
+  // its parts, each captured alone: one layer call, the L-layer chain, the head, and layer 0's call L times
+  // in a chain (the same weights and cache every call: whether the chain's cost depends on what it reads)
+  double graph_layer_us = 0, graph_layers_us = 0, graph_head_us = 0, graph_layers_same_us = 0;
   bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
   bool one_row_package = false;                                     // one-row steps ran layer1.pt2 (fused kernels)
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
