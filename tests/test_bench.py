@@ -42,6 +42,13 @@ def test_bench_refuses_a_bad_tree_shape_before_work(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_refuses_non_positive_counts_before_work(tmp_path, capsys):
+    for flag in ("--runs", "--hf-runs", "--new-tokens", "--prompt-len"):
+        assert main(["bench", "--tiny", "--device", "cpu", flag, "0", "--out", str(tmp_path)]) == 2
+        assert f"{flag} 0: expected a positive integer" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
                "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])

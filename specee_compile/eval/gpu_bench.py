@@ -665,6 +665,9 @@ def main(argv=None) -> int:
     args.argv = argv  # the record's `command`
     from ..errors import SpecEEError
 
+    for flag in ("runs", "hf_runs", "new_tokens", "prompt_len"):
+        if getattr(args, flag) < 1:
+            raise SpecEEError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
     if args.smollm2 and not args.prompts:
         raise SpecEEError("--smollm2 needs --prompts P.json (a JSON list of prompt strings)")
     unknown = sorted(set((args.smollm2_configs or "").split(",")) - {"", *SMOLLM2_CONFIGS})
