@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
 
         from specee_compile.eval.gpu_bench import write_random_model
 
-        a.model = str(Path(a.out).with_name(Path(a.out).name + "-random-model"))
+        scratch = tempfile.TemporaryDirectory(prefix="specee-random-model-")  # removed when main returns or raises
+        a.model = scratch.name
         write_random_model(dict(SMOL), torch.float32, torch.device(a.device), a.model)
     loaded = load_model(a.model)
     arts = a.artifacts or default_artifacts_dir(loaded)
