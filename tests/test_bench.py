@@ -49,6 +49,24 @@ def test_bench_refuses_non_positive_counts_before_work(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_refuses_bad_trace_and_prompt_files_before_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "dict.json").write_text('{"x": 1}')
+    (tmp_path / "zero.json").write_text("[3, 0, 2]")
+    (tmp_path / "text.txt").write_text("not json")
+    for name, msg in (("missing.json", "cannot read it as JSON (FileNotFoundError)"),
+                      ("text.txt", "cannot read it as JSON (JSONDecodeError)"),
+                      ("dict.json", "expected a non-empty JSON list of accepted tokens per verify step"),
+                      ("zero.json", "(integers >= 1)")):
+        rc = main(["bench", "--tiny", "--device", "cpu", "--accept-trace", str(tmp_path / name), "--out", str(out)])
+        assert rc == 2 and msg in capsys.readouterr().err
+    rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts",
+               str(tmp_path / "zero.json"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--prompts" in err and "expected a non-empty JSON list of prompt strings" in err
+    assert not out.exists()
+
+
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
                "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])

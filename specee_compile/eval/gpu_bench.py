@@ -377,14 +377,31 @@ def sharpen_draft(eagle, seg, prompt: list[int], spread: float) -> None:
 TRACE_SPREAD = 32.0
 
 
+def read_json_list(path: str, flag: str, kind: type, what: str) -> list:
+    """A non-empty JSON list of `kind` values (int: each >= 1) from `path`, or a SpecEEError naming `flag`."""
+    from ..errors import SpecEEError
+
+    try:
+        with open(path) as f:
+            vals = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SpecEEError(f"{flag} {path}: cannot read it as JSON ({type(e).__name__}); expected a JSON list of "
+                          f"{what}") from None
+    ok = isinstance(vals, list) and vals and all(
+        isinstance(v, kind) and not isinstance(v, bool) and (kind is not int or v >= 1) for v in vals)
+    if not ok:
+        raise SpecEEError(f"{flag} {path}: expected a non-empty JSON list of {what}"
+                          + (" (integers >= 1)" if kind is int else ""))
+    return vals
+
+
 def tree_traces(args) -> dict[str, list[int]]:
     """The 7B tree rows' acceptance traces (random weights accept nothing): tree35 (mean 3.5) and, with
     --accept-trace, one recorded from SmolLM2. The random draft head is sharpened (TRACE_SPREAD) so that its
     tree always holds the trace's path; the tree still comes from the draft, and the fixed program verifies all of it."""
     traces = {"tree35": accept_trace(4096, 3.5)}
     if getattr(args, "accept_trace", None):
-        with open(args.accept_trace) as f:
-            trace = [int(x) for x in json.load(f)]
+        trace = read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
         # recorded prompt after prompt, and a run replays a prefix of it (a few hundred tokens): shuffled
         # (seed 0), every prefix follows the whole trace's distribution, not its first prompts'
         random.Random(0).shuffle(trace)
@@ -418,8 +435,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
     t = time.time()
     loaded = load_model(args.smollm2)  # float32 on the host first: the fingerprint the artifacts were made for
     R_["smollm2_load_s"] = round(time.time() - t, 1)
-    with open(args.prompts) as f:
-        prompts = [encode_prompt(loaded.tokenizer, p) for p in json.load(f)[: args.smollm2_n]]
+    prompts = [encode_prompt(loaded.tokenizer, p)
+               for p in read_json_list(args.prompts, "--prompts", str, "prompt strings")[: args.smollm2_n]]
     from ..artifacts import shipped_dir
 
     base = dict(device=str(dev), dtype="float32", backend="inductor", max_context=1024,
@@ -680,6 +697,10 @@ def main(argv=None) -> int:
             args.tree_shape = ()
         if len(args.tree_shape) != 3 or min(args.tree_shape) < 1:
             raise SpecEEError("--tree-shape: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
+    if args.accept_trace:  # read before any work: a bad file would otherwise cost the whole 7B stage
+        read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
+    if args.smollm2 and "smollm2" not in args.skip:
+        read_json_list(args.prompts, "--prompts", str, "prompt strings")
     run_bench(args)
     return 0
 
