@@ -33,6 +33,14 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert R["product_tree35_ratio"] == R["tree35"]["paired_ratio"]
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run the same day beside it: a record of its own, the first one untouched
+    first = rec.read_bytes()
+    assert main(["bench", "--tiny", "--device", "cpu", "--runs", "1", "--skip-hf", "--new-tokens", "4",
+                 "--skip", "tree", "--out", str(tmp_path)]) in (0, None)
+    assert rec.read_bytes() == first
+    second = rec.with_name(rec.stem + "-2.json")
+    assert json.loads(second.read_text())["new_tokens"] == 4 and second.with_suffix(".png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 
 def test_bench_refuses_a_bad_tree_shape_before_work(tmp_path, capsys):
@@ -40,6 +48,13 @@ def test_bench_refuses_a_bad_tree_shape_before_work(tmp_path, capsys):
         assert main(["bench", "--tiny", "--device", "cpu", "--tree-shape", bad, "--out", str(tmp_path)]) == 2
         assert "--tree-shape: expected budget:depth:topk" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("mine")
+    assert main(["bench", "--tiny", "--device", "cpu", "--out", str(f)]) == 2
+    assert "--out" in capsys.readouterr().err and f.read_text() == "mine"
 
 
 def test_bench_refuses_non_positive_counts_before_work(tmp_path, capsys):

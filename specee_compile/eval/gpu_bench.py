@@ -23,7 +23,8 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
   HF eager    `generate` of the same 7B model, dynamic cache.
   yardstick   (--yardstick PATH) the plain compiled decoder, in its own process, first.
 
-Writes benchmarks/results/<date>-<card>.json (or --out DIR) with "path": "runtime" and prints a table.
+Writes benchmarks/results/<date>-<card>.json (or --out DIR; `-2`, `-3`, ... where that record exists: nothing is
+overwritten) with "path": "runtime", its plot beside it, and prints a table.
 """
 
 from __future__ import annotations
@@ -511,9 +512,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
             # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
             res.setdefault("traces", {})["smollm2_tree_accepted"] = accepted_trace
-            trace_path = os.path.join(bench_out_dir(args), f"{res['date']}-smollm2-accept-trace.json")
-            with open(trace_path, "w") as f:
-                json.dump(accepted_trace, f)
+            trace_path = free_stem(bench_out_dir(args), f"{res['date']}-smollm2-accept-trace", (".json",)) + ".json"
+            write_json_atomic(trace_path, accepted_trace)
             R_["smollm2_tree_accept_trace_file"] = trace_path
     if "lossless" in configs:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
@@ -531,6 +531,29 @@ def bench_out_dir(args) -> str:
     return args.out or os.environ.get("OUT") or "benchmarks/results"
 
 
+def free_stem(directory: str, stem: str, exts=(".json", ".png")) -> str:
+    """`directory/stem`, or `stem-2`, `stem-3`, ... where a file of that name exists with any of `exts`: a
+    second run on the same day and card adds a record beside the first instead of overwriting it."""
+    n, cand = 1, stem
+    while any(os.path.lexists(os.path.join(directory, cand + e)) for e in exts):
+        n += 1
+        cand = f"{stem}-{n}"
+    return os.path.join(directory, cand)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """`data` as JSON into `path`: a temporary file beside it, renamed over it (removed if anything fails)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
 def run_bench(args) -> dict:
     dev = torch.device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
@@ -546,11 +569,10 @@ def run_bench(args) -> dict:
         "results": {}, "checks": {}, "notes": [],
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)
-    out_path = os.path.join(bench_out_dir(args), f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}.json")
+    out_path = free_stem(bench_out_dir(args), f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}") + ".json"
 
-    def save():
-        with open(out_path, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    def save():  # the record so far: a run cut short keeps what it measured
+        write_json_atomic(out_path, res)
 
     if args.yardstick and dev.type == "cuda":
         log("== yardstick")
@@ -697,6 +719,9 @@ def main(argv=None) -> int:
             args.tree_shape = ()
         if len(args.tree_shape) != 3 or min(args.tree_shape) < 1:
             raise SpecEEError("--tree-shape: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
+    from ..api import check_output_directory
+
+    check_output_directory(bench_out_dir(args), "--out")
     if args.accept_trace:  # read before any work: a bad file would otherwise cost the whole 7B stage
         read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
     if args.smollm2 and "smollm2" not in args.skip:
