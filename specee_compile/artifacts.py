@@ -681,6 +681,44 @@ def check_export(d: Path, manifest: dict) -> None:
                             + "; re-export it (`specee-compile export MODEL -o DIR`)")
 
 
+# ---------------------------------------------------------------- result files (bench, eval)
+def free_suffix(directory, names) -> str:
+    """"" if none of `names` (files in `directory`) exists, else the first of "-2", "-3", ... for which none of
+    them exists with it inserted before the extension: a second run writes its results beside the first's
+    instead of overwriting them."""
+    d = Path(directory)
+
+    def taken(suffix: str) -> bool:
+        return any(os.path.lexists(d / (Path(n).stem + suffix + Path(n).suffix)) for n in names)
+
+    n, suffix = 1, ""
+    while taken(suffix):
+        n += 1
+        suffix = f"-{n}"
+    return suffix
+
+
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` (a dot file ending in the same extension, so writers that infer
+    the format from it work); once the block completes it is renamed to `path`. Removed on every exit path."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=p.absolute().parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_file_atomic(path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def check_fingerprint(manifest: dict, fingerprint: str, directory) -> None:
     if manifest.get("fingerprint") != fingerprint:
         raise ArtifactError(

@@ -137,3 +137,24 @@ def test_raise_on_signals_restores_handlers():
             pass
     assert e.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_result_files_never_replace_an_earlier_run(tmp_path):
+    """bench and eval write their results under the first free "-N" suffix and through a temporary file
+    beside the target (same extension, so matplotlib can infer the format), removed on every exit path."""
+    from specee_compile.artifacts import atomic_file, free_suffix, write_file_atomic
+
+    names = ["eval.json", "eval.md", "exit_histogram.png"]
+    assert free_suffix(tmp_path, names) == ""
+    (tmp_path / "eval.md").write_text("earlier")  # any one of the set taken moves the whole set
+    assert free_suffix(tmp_path, names) == "-2"
+    (tmp_path / "exit_histogram-2.png").write_bytes(b"x")
+    assert free_suffix(tmp_path, names) == "-3"
+    write_file_atomic(tmp_path / "eval-3.json", "{}\n")
+    assert (tmp_path / "eval-3.json").read_text() == "{}\n" and (tmp_path / "eval.md").read_text() == "earlier"
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "exit_histogram-3.png") as tmp:
+        assert tmp.name.startswith(".exit_histogram-3.png.") and tmp.suffix == ".png"
+        tmp.write_bytes(b"half")
+        raise RuntimeError("the plot failed")
+    assert not (tmp_path / "exit_histogram-3.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-3.json", "eval.md", "exit_histogram-2.png"]

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import atomic_file, free_suffix, write_file_atomic
 from ..config import Settings
 
 CONFIGS = {
@@ -222,7 +223,11 @@ def eval_command(args) -> dict:
     summary = {name: summarize(reports[name], reports["dense"], L, squad_answers) for name in configs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_histograms(summary, L, out / "exit_histogram.png")
+    # an earlier eval in the same directory stays: this one's files get the first free "-N" suffix
+    sfx = free_suffix(out, ["eval.json", "eval.md", "exit_histogram.png"])
+    f_json, f_md, f_png = f"eval{sfx}.json", f"eval{sfx}.md", f"exit_histogram{sfx}.png"
+    with atomic_file(out / f_png) as tmp:
+        plot_histograms(summary, L, tmp)
     meta = {
         "date": time.strftime("%Y-%m-%d"), "machine": _machine(getattr(args, "device", "cpu")),
         "backend": getattr(args, "backend", "eager"),
@@ -234,9 +239,9 @@ def eval_command(args) -> dict:
               "samples": {n: {s: [r.text for r in recs[:5]] for s, recs in reports[n].runs.items()} for n in configs},
               "exit_trace": {n: [e for s in reports[n].runs.values() for r in s for e in r.exit_layers[1:]]
                              for n in configs if n != "dense"}}
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_file_atomic(out / f_json, json.dumps(result, indent=1) + "\n")
     table = markdown_table(summary)
-    (out / "eval.md").write_text(table + "\n")
+    write_file_atomic(out / f_md, table + "\n")
     print(table)
-    print(f"\n{meta}\nwrote {out}/eval.json, eval.md, exit_histogram.png")
+    print(f"\n{meta}\nwrote {out}/{f_json}, {f_md}, {f_png}")
     return result

@@ -43,6 +43,8 @@ import time
 
 import torch
 
+from ..artifacts import free_suffix, write_file_atomic
+
 LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -512,8 +514,10 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
             # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
             res.setdefault("traces", {})["smollm2_tree_accepted"] = accepted_trace
-            trace_path = free_stem(bench_out_dir(args), f"{res['date']}-smollm2-accept-trace", (".json",)) + ".json"
-            write_json_atomic(trace_path, accepted_trace)
+            name = f"{res['date']}-smollm2-accept-trace.json"
+            name = name.replace(".json", free_suffix(bench_out_dir(args), [name]) + ".json")
+            trace_path = os.path.join(bench_out_dir(args), name)
+            write_file_atomic(trace_path, json.dumps(accepted_trace))
             R_["smollm2_tree_accept_trace_file"] = trace_path
     if "lossless" in configs:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
@@ -531,29 +535,6 @@ def bench_out_dir(args) -> str:
     return args.out or os.environ.get("OUT") or "benchmarks/results"
 
 
-def free_stem(directory: str, stem: str, exts=(".json", ".png")) -> str:
-    """`directory/stem`, or `stem-2`, `stem-3`, ... where a file of that name exists with any of `exts`: a
-    second run on the same day and card adds a record beside the first instead of overwriting it."""
-    n, cand = 1, stem
-    while any(os.path.lexists(os.path.join(directory, cand + e)) for e in exts):
-        n += 1
-        cand = f"{stem}-{n}"
-    return os.path.join(directory, cand)
-
-
-def write_json_atomic(path: str, data) -> None:
-    """`data` as JSON into `path`: a temporary file beside it, renamed over it (removed if anything fails)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
 def run_bench(args) -> dict:
     dev = torch.device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
@@ -569,10 +550,12 @@ def run_bench(args) -> dict:
         "results": {}, "checks": {}, "notes": [],
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)
-    out_path = free_stem(bench_out_dir(args), f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}") + ".json"
+    stem = f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}"
+    stem += free_suffix(bench_out_dir(args), [stem + ".json", stem + ".png"])  # never over an earlier record
+    out_path = os.path.join(bench_out_dir(args), stem + ".json")
 
     def save():  # the record so far: a run cut short keeps what it measured
-        write_json_atomic(out_path, res)
+        write_file_atomic(out_path, json.dumps(res, indent=1, default=str))
 
     if args.yardstick and dev.type == "cuda":
         log("== yardstick")
