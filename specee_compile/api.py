@@ -275,25 +275,17 @@ def check_output_directory(path, flag: str) -> Path:
 
 
 def stats_json(result, path, extra: dict | None = None) -> None:
-    """Write result.stats() (+ extra) to `path` atomically: a temporary file beside it, renamed over it;
-    the temporary file is removed if anything fails."""
-    import os
-    import tempfile
+    """Write result.stats() (+ extra) to `path` atomically (`artifacts.write_file_atomic`: a temporary file
+    beside it, renamed over it, removed if anything fails)."""
+    from .artifacts import write_file_atomic
 
     data = result.stats()
     data.update(extra or {})
     p = check_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.absolute().parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
+        write_file_atomic(p, json.dumps(data, indent=1) + "\n")
     except OSError as e:
         raise SpecEEError(f"cannot write --stats-json {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------- exported directories

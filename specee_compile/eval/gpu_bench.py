@@ -403,8 +403,8 @@ def tree_traces(args) -> dict[str, list[int]]:
     --accept-trace, one recorded from SmolLM2. The random draft head is sharpened (TRACE_SPREAD) so that its
     tree always holds the trace's path; the tree still comes from the draft, and the fixed program verifies all of it."""
     traces = {"tree35": accept_trace(4096, 3.5)}
-    if getattr(args, "accept_trace", None):
-        trace = read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
+    if getattr(args, "accept_trace_ids", None):
+        trace = list(args.accept_trace_ids)  # (read and checked in main, before any work)
         # recorded prompt after prompt, and a run replays a prefix of it (a few hundred tokens): shuffled
         # (seed 0), every prefix follows the whole trace's distribution, not its first prompts'
         random.Random(0).shuffle(trace)
@@ -438,8 +438,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
     t = time.time()
     loaded = load_model(args.smollm2)  # float32 on the host first: the fingerprint the artifacts were made for
     R_["smollm2_load_s"] = round(time.time() - t, 1)
-    prompts = [encode_prompt(loaded.tokenizer, p)
-               for p in read_json_list(args.prompts, "--prompts", str, "prompt strings")[: args.smollm2_n]]
+    prompts = [encode_prompt(loaded.tokenizer, p) for p in args.prompt_texts[: args.smollm2_n]]  # (read in main)
     from ..artifacts import shipped_dir
 
     base = dict(device=str(dev), dtype="float32", backend="inductor", max_context=1024,
@@ -514,9 +513,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
             # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
             res.setdefault("traces", {})["smollm2_tree_accepted"] = accepted_trace
-            name = f"{res['date']}-smollm2-accept-trace.json"
-            name = name.replace(".json", free_suffix(bench_out_dir(args), [name]) + ".json")
-            trace_path = os.path.join(bench_out_dir(args), name)
+            stem = f"{res['date']}-smollm2-accept-trace"
+            stem += free_suffix(bench_out_dir(args), [stem + ".json"])
+            trace_path = os.path.join(bench_out_dir(args), stem + ".json")
             write_file_atomic(trace_path, json.dumps(accepted_trace))
             R_["smollm2_tree_accept_trace_file"] = trace_path
     if "lossless" in configs:
@@ -705,10 +704,11 @@ def main(argv=None) -> int:
     from ..api import check_output_directory
 
     check_output_directory(bench_out_dir(args), "--out")
-    if args.accept_trace:  # read before any work: a bad file would otherwise cost the whole 7B stage
-        read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
-    if args.smollm2 and "smollm2" not in args.skip:
-        read_json_list(args.prompts, "--prompts", str, "prompt strings")
+    # the input files are read here, once, before any work: a bad one would otherwise cost a whole stage
+    args.accept_trace_ids = (read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
+                             if args.accept_trace else None)
+    args.prompt_texts = (read_json_list(args.prompts, "--prompts", str, "prompt strings")
+                         if args.smollm2 and "smollm2" not in args.skip else None)
     run_bench(args)
     return 0
 
