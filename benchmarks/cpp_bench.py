@@ -153,17 +153,22 @@ def main(argv=None) -> int:
     if cuda and a.py_backend == "inductor" and dense and dense[0].get("graph_layer_us"):
         py = python_parts(dense_seg)
         cc = {k: statistics.mean(r.get(f"graph_{k}", 0.0) for r in dense)
-              for k in ("step_us", "step_one_us", "layer_us", "layers_us", "head_us", "layers_same_us")}
+              for k in ("step_us", "step_one_us", "layer_us", "layers_us", "head_us", "layers_same_us",
+                        "layers_w0_us", "layers_c0_us", "layers_wclone_us", "layers_wkernel_us", "layers_wpack_us")}
         print(f"\nthe dense step's parts at S={py['S']}, each captured alone, us per replay (C++ / Python): whole step "
               f"{cc['step_us']:.1f} / {py['step_us']:.1f} (two instances alternating), {cc['step_one_us']:.1f} / "
               f"{py['step_one_us']:.1f} (one instance); the {py['L']}-layer chain {cc['layers_us']:.1f} / "
               f"{py['layers_us']:.1f}; one layer call {cc['layer_us']:.2f} / {py['layer_us']:.2f}; head "
               f"{cc['head_us']:.2f} / {py['head_us']:.2f}; layer 0's call {py['L']} times in a chain "
-              f"{cc['layers_same_us']:.1f} / {py['layers_same_us']:.1f}")
+              f"{cc['layers_same_us']:.1f} / {py['layers_same_us']:.1f}; C++ only: the chain on layer 0's weights "
+              f"{cc['layers_w0_us']:.1f}, on layer 0's cache {cc['layers_c0_us']:.1f}; on copies of the weights: "
+              f"cloned {cc['layers_wclone_us']:.1f}, written by a kernel {cc['layers_wkernel_us']:.1f}, packed in "
+              f"one allocation {cc['layers_wpack_us']:.1f}")
         raw.append({"mode": "parts", "python": py, "cpp": cc})
         if os.environ.get("SPECEE_PROFILE_DIR"):
             print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"])))
-            print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"]), "layers_same"))
+            for part in ("layers_same", "layers_w0", "layers_c0", "layers_wclone", "layers_wkernel", "layers_wpack"):
+                print("\n" + kernel_table(Path(os.environ["SPECEE_PROFILE_DIR"]), part))
         if os.environ.get("SPECEE_GRAPH_ATTRS"):
             print("\n" + attrs_table(Path(os.environ["SPECEE_GRAPH_ATTRS"])))
     if cuda:  # the GEMV configs both sides ran: the Python op's tuned picks and the package's whole-K twins

@@ -9,6 +9,8 @@ against the same libtorch (`graph_gap_probe/`, built here with cmake):
   native   N x `x.add_(1)` on a [576] fp16 tensor (libtorch's own elementwise kernel on both sides)
   triton   N launches of one small Triton kernel: Triton's launcher here; in C++ the same cubin through
            cuModuleLoad + cuLaunchKernel (what AOTInductor's generated loader does)
+  stream   N x `sum` of its own 2 MB fp32 buffer (360 MB at N = 180): every kernel reads from HBM, as the
+           chain's GEMVs do (session 16: the runner's extra idle appears only when the weights stream)
 
 Reads: the C++ native chain idling more -> the process (how libtorch C++ sets up CUDA); only the C++ Triton
 chain -> how the kernel is loaded or launched; neither -> the AOTI packages' kernels themselves.
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
     md = compiled.metadata
     py_native = time_graph(lambda: [x.add_(1) for _ in range(n)])
     py_triton = time_graph(lambda: [_inc[(1,)](x, x.numel(), BLOCK=1024, num_warps=4) for _ in range(n)])
+    bufs = [torch.ones(512 * 1024, device="cuda") for _ in range(n)]
+    y = torch.zeros((), device="cuda")
+    py_stream = time_graph(lambda: [torch.sum(b, 0, out=y) for b in bufs])
     r = subprocess.run([exe, str(n), cubin, md.name, str(md.num_warps), str(md.shared)], capture_output=True,
                        text=True, check=False)
     if r.returncode != 0:
@@ -110,7 +115,8 @@ def main(argv=None) -> int:
         return 1
     cpp = json.loads(r.stdout.strip().splitlines()[-1])
     rows = {("python", "native"): py_native, ("python", "triton"): py_triton,
-            ("cpp", "native"): cpp["native_us"], ("cpp", "triton"): cpp["triton_us"]}
+            ("cpp", "native"): cpp["native_us"], ("cpp", "triton"): cpp["triton_us"],
+            ("python", "stream"): py_stream, ("cpp", "stream"): cpp["stream_us"]}
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {n} kernels per graph | C++ build {build_s:.0f} s")
     print("| chain | side | us per replay (median of 5) | us per kernel |\n|---|---|---|---|")
     per = {}
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
         med = statistics.median(v) if v else float("nan")
         per[f"{side}_{chain}_us_per_kernel"] = round(med / n, 4)
         print(f"| {chain} | {side} | {med:.1f} | {med / n:.3f} |")
-    for chain in ("native", "triton"):
+    for chain in ("native", "triton", "stream"):
         d = per[f"cpp_{chain}_us_per_kernel"] - per[f"python_{chain}_us_per_kernel"]
         print(f"{chain}: C++ - Python = {d:+.3f} us per kernel")
     if args.json:

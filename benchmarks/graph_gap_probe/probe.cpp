@@ -3,7 +3,8 @@
 // difference per kernel says whether the C++ runner's extra idle per kernel boundary (cpp_bench, sessions
 // 10-14) comes with the process (any kernel idles more) or with the AOTI-loaded kernels (only those do).
 //   graph_gap_probe N [CUBIN NAME NUM_WARPS SHARED]
-// prints one JSON line: {"native_us": [per replay...], "triton_us": [...]} (N kernels per replay).
+// prints one JSON line: {"native_us": [per replay...], "triton_us": [...], "stream_us": [...]} (N kernels
+// per replay).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
@@ -58,6 +59,13 @@ int main(int argc, char** argv) {
   x.add_(1);
   stream.synchronize();
   const auto native = time_graph([&] { for (int i = 0; i < n; ++i) x.add_(1); }, stream);
+  // N sums, each over its own 2 MB fp32 buffer (360 MB in all at N = 180, far past the L2): every kernel
+  // streams from HBM, as the decode chain's GEMVs do (session 16: the runner's extra idle follows that)
+  std::vector<at::Tensor> bufs;
+  for (int i = 0; i < n; ++i) bufs.push_back(at::ones({512 * 1024}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)));
+  at::Tensor y = at::zeros({}, bufs[0].options());
+  stream.synchronize();
+  const auto streaming = time_graph([&] { for (int i = 0; i < n; ++i) at::sum_out(y, bufs[size_t(i)], {0}); }, stream);
   std::vector<double> triton;
   if (argc > 5) {  // the Python half's Triton kernel, from its cubin, launched through the driver API
     using Load = int (*)(void**, const char*);
@@ -92,7 +100,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < n; ++i) launch(fn, 1, 1, 1, warps * 32, 1, 1, shared, raw, params.data(), nullptr);
     }, stream);
   }
-  std::printf("{\"kernels\": %d, \"native_us\": %s, \"triton_us\": %s}\n", n, list(native).c_str(),
-              list(triton).c_str());
+  std::printf("{\"kernels\": %d, \"native_us\": %s, \"triton_us\": %s, \"stream_us\": %s}\n", n,
+              list(native).c_str(), list(triton).c_str(), list(streaming).c_str());
   return 0;
 }

@@ -193,7 +193,9 @@ struct Runtime::Impl {
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
   double capture_s = 0, graph_step_us = 0, graph_step_one_us = 0, graph_layer_us = 0, graph_layers_us = 0,
-         graph_head_us = 0, graph_layers_same_us = 0;
+         graph_head_us = 0, graph_layers_same_us = 0,
+         graph_layers_w0_us = 0, graph_layers_c0_us = 0,
+         graph_layers_wclone_us = 0, graph_layers_wkernel_us = 0, graph_layers_wpack_us = 0;
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -422,9 +424,11 @@ struct Runtime::Impl {
   }
   at::Tensor embed_ids(const std::vector<int64_t>& ids) { return embed.index_select(0, ids_tensor(ids)).unsqueeze(0); }
 
-  at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S) {
+  // layer i's weights on the cache rows of layer c (c = i but in time_graph_parts' probes)
+  at::Tensor layer(int i, const at::Tensor& h, const at::Tensor& pos, int S, int c = -1) {
     const bool one_row = h.size(1) == 1 && layer1_pkg.loader;
-    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[i], cos, sin, K[i], Vc[i]};
+    if (c < 0) c = i;
+    std::vector<at::Tensor> in = {h.contiguous(), pos, keys.slice(0, 0, S), valid[c], cos, sin, K[c], Vc[c]};
     if (one_row && attn_cnt.defined()) in.push_back(attn_cnt);
     if (one_row && attn_ws.defined()) in.push_back(attn_ws);
     in.insert(in.end(), layer_w[i].begin(), layer_w[i].end());
@@ -588,6 +592,11 @@ struct Runtime::Impl {
     res.graph_layers_us = graph_layers_us;
     res.graph_head_us = graph_head_us;
     res.graph_layers_same_us = graph_layers_same_us;
+    res.graph_layers_w0_us = graph_layers_w0_us;
+    res.graph_layers_c0_us = graph_layers_c0_us;
+    res.graph_layers_wclone_us = graph_layers_wclone_us;
+    res.graph_layers_wkernel_us = graph_layers_wkernel_us;
+    res.graph_layers_wpack_us = graph_layers_wpack_us;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -956,6 +965,41 @@ struct Runtime::Impl {
       at::Tensor x = h;
       for (int i = 0; i < L; ++i) x = layer(0, x, g.pos, S);
     });
+    graph_layers_w0_us = part("layers_w0", [&] {  // layer 0's weights on layer i's cache: which of the two
+      at::Tensor x = h;                             // the chain's extra idle follows
+      for (int i = 0; i < L; ++i) x = layer(0, x, g.pos, S, i);
+    });
+    graph_layers_c0_us = part("layers_c0", [&] {  // layer i's weights on layer 0's cache
+      at::Tensor x = h;
+      for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S, 0);
+    });
+    // The chain on copies of the layer weights (the idle follows the weights: session 16): written by a copy
+    // (clone), by a kernel (mul), or packed into one allocation. The loaded weights are restored after each.
+    const auto loaded = layer_w;
+    auto remade = [&](const char* name, auto make) {
+      for (auto& lw : layer_w)
+        for (auto& t : lw) t = make(t);
+      torch::cuda::synchronize();
+      const double us = part(name, [&] {
+        at::Tensor x = h;
+        for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S);
+      });
+      layer_w = loaded;
+      return us;
+    };
+    graph_layers_wclone_us = remade("layers_wclone", [](const at::Tensor& t) { return t.clone(); });
+    graph_layers_wkernel_us = remade("layers_wkernel", [](const at::Tensor& t) { return t.mul(1); });
+    int64_t total = 0;
+    for (const auto& lw : loaded)
+      for (const auto& t : lw) total += (t.numel() + 127) / 128 * 128;
+    at::Tensor pack = at::empty({total}, loaded[0][0].options());
+    int64_t off = 0;
+    graph_layers_wpack_us = remade("layers_wpack", [&](const at::Tensor& t) {
+      at::Tensor v = pack.narrow(0, off, t.numel()).view(t.sizes());
+      off += (t.numel() + 127) / 128 * 128;
+      v.copy_(t);
+      return v;
+    });
   }
 
   // One replay per token, run ahead by one: step t+1 is launched before step t's token is read. A step
@@ -1296,7 +1340,10 @@ std::string Result::to_json() const {
     << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
     << ", \"graph_step_one_us\": " << graph_step_one_us << ", \"graph_layer_us\": " << graph_layer_us
     << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us
-    << ", \"graph_layers_same_us\": " << graph_layers_same_us;
+    << ", \"graph_layers_same_us\": " << graph_layers_same_us
+    << ", \"graph_layers_w0_us\": " << graph_layers_w0_us << ", \"graph_layers_c0_us\": " << graph_layers_c0_us
+    << ", \"graph_layers_wclone_us\": " << graph_layers_wclone_us << ", \"graph_layers_wkernel_us\": "
+    << graph_layers_wkernel_us << ", \"graph_layers_wpack_us\": " << graph_layers_wpack_us;
   if (!step_costs.empty()) {  // the cost check's outcome (what the Python runtime calls exit_program)
     o << ", \"exit_points_kept\": ";
     list(exit_points_kept);

@@ -69,6 +69,9 @@ struct Result {
   // its parts, each captured alone: one layer call, the L-layer chain, the head, and layer 0's call L times
   // in a chain (the same weights and cache every call: whether the chain's cost depends on what it reads)
   double graph_layer_us = 0, graph_layers_us = 0, graph_head_us = 0, graph_layers_same_us = 0;
+  double graph_layers_w0_us = 0, graph_layers_c0_us = 0;  // layer 0's weights / layer 0's cache in the chain
+  // the chain on copies of the weights: cloned, written by a kernel, packed in one allocation
+  double graph_layers_wclone_us = 0, graph_layers_wkernel_us = 0, graph_layers_wpack_us = 0;
   bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
   bool one_row_package = false;                                     // one-row steps ran layer1.pt2 (fused kernels)
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
