@@ -11,11 +11,16 @@ against the same libtorch (`graph_gap_probe/`, built here with cmake):
            cuModuleLoad + cuLaunchKernel (what AOTInductor's generated loader does)
   stream   N x `sum` of its own 2 MB fp32 buffer (360 MB at N = 180): every kernel reads from HBM, as the
            chain's GEMVs do (session 16: the runner's extra idle appears only when the weights stream)
+  gemv     the product's `_gemv_kernel` in the decode chain's pattern (SmolLM2: 4 GEMVs per layer, 30 layers,
+           fp32, each layer its own weights: `gemv_hbm`; layer 0's every time: `gemv_l2`); in C++ its cubins
+           by cuLaunchKernel, loaded from a file or from memory, and recompiled with eps as fp64 (the AOTI
+           wrapper's argument layout). The runner's chain idles ~0.3 us more per kernel than Python's only
+           in the hbm case (cpp_bench, session 16): if these hand launches do not, the package's kernels carry it
 
 Reads: the C++ native chain idling more -> the process (how libtorch C++ sets up CUDA); only the C++ Triton
 chain -> how the kernel is loaded or launched; neither -> the AOTI packages' kernels themselves.
 
-    python benchmarks/graph_gap_probe.py [--kernels 180] [--build /tmp/ggp] [--json F]
+    PYTHONPATH=. python benchmarks/graph_gap_probe.py [--kernels 180] [--layers 30] [--build /tmp/ggp] [--json F]
 """
 
 from __future__ import annotations
@@ -57,6 +62,73 @@ def time_graph(body, reps: int = 5, replays: int = 20) -> list[float]:
     return out
 
 
+# SmolLM2's four GEMVs per layer, fp32: (N, K, prologue, residual, config (BLOCK_N, BLOCK_K, SPLIT, warps, stages)),
+# the configs the H200's tuner picked in every process of session 16 (cpp_bench's "GEMV configs" line)
+SMOL_GEMVS = (
+    (960, 576, 1, False, (4, 1024, 1, 4, 1)),  # qkv (RMSNorm prologue)
+    (576, 576, 0, True, (2, 1024, 1, 4, 1)),  # o (+ residual)
+    (3072, 576, 1, False, (4, 1024, 1, 4, 1)),  # gate/up (RMSNorm prologue)
+    (576, 1536, 2, True, (2, 4096, 1, 16, 1)),  # down (SiLU(gate) * up prologue, + residual)
+)
+
+
+def gemv_chain(build_dir: str, layers: int) -> tuple[dict, str]:
+    """The product's `_gemv_kernel` in the decode chain's pattern (4 GEMVs per layer, each layer its own weights,
+    ~14 MB per layer, 420 MB at 30 layers), captured and timed here through Triton's launcher, on per-layer
+    weights (hbm) and on layer 0's weights every time (l2). Writes the C++ half's spec: the four cubins as
+    compiled here (eps fp32) and recompiled with eps as fp64 (the AOTI wrapper's argument layout)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins.triton_gemv import _gemv_kernel
+
+    dev, D = "cuda", SMOL_GEMVS[0][1]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = [[torch.randn(n, k, device=dev, generator=gen) * 0.02 for n, k, *_ in SMOL_GEMVS] for _ in range(layers)]
+    ln, att = torch.ones(D, device=dev), torch.randn(D, device=dev, generator=gen)
+    h = [torch.randn(D, device=dev, generator=gen)] + [torch.empty(D, device=dev) for _ in range(layers)]
+    qkv = [torch.empty(SMOL_GEMVS[0][0], device=dev) for _ in range(layers)]
+    h1 = [torch.empty(D, device=dev) for _ in range(layers)]
+    gu = [torch.empty(SMOL_GEMVS[2][0], device=dev) for _ in range(layers)]
+    ws = [(torch.zeros(n, device=dev), torch.zeros(n, device=dev), torch.zeros(n, dtype=torch.int32, device=dev))
+          for n, *_ in SMOL_GEMVS]
+    compiled = [None] * 4
+
+    def launch(j, x, wt, res, nw, y):
+        n, k, pro, has_res, (bn, bk, sp, nwarps, ns) = SMOL_GEMVS[j]
+        compiled[j] = _gemv_kernel[(triton.cdiv(n, bn), sp)](
+            x, wt, res, nw, y, *ws[j], n, 1e-5, K=k, PRO=pro, HAS_RES=has_res, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
+            num_warps=nwarps, num_stages=ns)
+
+    def chain(same: bool):  # the product's argument choices: res = y and norm_w = x when there is none
+        for i in range(layers):
+            lw = w[0 if same else i]
+            launch(0, h[i], lw[0], qkv[i], ln, qkv[i])
+            launch(1, att, lw[1], h[i], att, h1[i])
+            launch(2, h1[i], lw[2], gu[i], ln, gu[i])
+            launch(3, gu[i], lw[3], h1[i], gu[i], h[i + 1])
+
+    out = {"hbm": time_graph(lambda: chain(False)), "l2": time_graph(lambda: chain(True))}
+    lines = [f"layers {layers}"]
+    for j, ck in enumerate(compiled):
+        n, k, pro, has_res, (bn, _, sp, nwarps, ns) = SMOL_GEMVS[j]
+        src = ck.src
+        f64 = triton.compile(ASTSource(src.fn, {**src.signature, "eps": "fp64"}, src.constants, src.attrs),
+                             target=ck.metadata.target,
+                             options={"num_warps": nwarps, "num_stages": ns})
+        for tag, kern in (("f32", ck), ("f64", f64)):
+            path = os.path.join(build_dir, f"gemv_{tag}_{j}.cubin")
+            with open(path, "wb") as fh:
+                fh.write(kern.asm["cubin"])
+            md = kern.metadata
+            lines.append(f"kernel {tag}_{j} {path} {md.name} {md.num_warps} {md.shared} {triton.cdiv(n, bn)} {sp} "
+                         f"{n} {k} {pro} {int(has_res)} {8 if tag == 'f64' else 4}")
+    spec = os.path.join(build_dir, "gemv.spec")
+    with open(spec, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return out, spec
+
+
 def build(build_dir: str) -> str:
     src = os.path.join(HERE, "graph_gap_probe")
     prefix = torch.utils.cmake_prefix_path
@@ -71,10 +143,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", type=int, default=180, help="kernels per captured chain (the step's chain: 180)")
     ap.add_argument("--build", default="/tmp/graph_gap_probe", help="cmake build folder for the C++ half")
+    ap.add_argument("--layers", type=int, default=30, help="layers of the GEMV chain (SmolLM2: 30)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
-    if args.kernels < 1:
-        print(f"graph_gap_probe: --kernels must be >= 1, got {args.kernels}", file=sys.stderr)
+    if args.kernels < 1 or args.layers < 1:
+        print(f"graph_gap_probe: --kernels and --layers must be >= 1, got {args.kernels} and {args.layers}",
+              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("graph_gap_probe: needs CUDA (the H200 machine)", file=sys.stderr)
@@ -114,23 +188,37 @@ def main(argv=None) -> int:
         print(r.stderr[-2000:], file=sys.stderr)
         return 1
     cpp = json.loads(r.stdout.strip().splitlines()[-1])
-    rows = {("python", "native"): py_native, ("python", "triton"): py_triton,
-            ("cpp", "native"): cpp["native_us"], ("cpp", "triton"): cpp["triton_us"],
-            ("python", "stream"): py_stream, ("cpp", "stream"): cpp["stream_us"]}
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {n} kernels per graph | C++ build {build_s:.0f} s")
-    print("| chain | side | us per replay (median of 5) | us per kernel |\n|---|---|---|---|")
+    py_gemv, spec = gemv_chain(args.build, args.layers)
+    r = subprocess.run([exe, "gemv", spec], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return 1
+    cpp_gemv = json.loads(r.stdout.strip().splitlines()[-1])
+    gk = 4 * args.layers
+    rows = {("python", "native"): (py_native, n), ("python", "triton"): (py_triton, n),
+            ("cpp", "native"): (cpp["native_us"], n), ("cpp", "triton"): (cpp["triton_us"], n),
+            ("python", "stream"): (py_stream, n), ("cpp", "stream"): (cpp["stream_us"], n),
+            ("python", "gemv_hbm"): (py_gemv["hbm"], gk), ("python", "gemv_l2"): (py_gemv["l2"], gk),
+            ("cpp", "gemv_hbm"): (cpp_gemv["f32_hbm"], gk), ("cpp", "gemv_l2"): (cpp_gemv["f32_l2"], gk),
+            ("cpp", "gemv_hbm_loaddata"): (cpp_gemv["f32_hbm_loaddata"], gk),
+            ("cpp", "gemv_hbm_eps_fp64"): (cpp_gemv["f64_hbm"], gk), ("cpp", "gemv_l2_eps_fp64"): (cpp_gemv["f64_l2"], gk)}
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {n} kernels per graph (gemv: {gk}) | "
+          f"C++ build {build_s:.0f} s")
+    print("| chain | side | kernels | us per replay (median of 5) | us per kernel |\n|---|---|---|---|---|")
     per = {}
-    for (side, chain), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (side, chain), (v, k) in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         med = statistics.median(v) if v else float("nan")
-        per[f"{side}_{chain}_us_per_kernel"] = round(med / n, 4)
-        print(f"| {chain} | {side} | {med:.1f} | {med / n:.3f} |")
-    for chain in ("native", "triton", "stream"):
+        per[f"{side}_{chain}_us_per_kernel"] = round(med / k, 4)
+        print(f"| {chain} | {side} | {k} | {med:.1f} | {med / k:.3f} |")
+    for chain in ("native", "triton", "stream", "gemv_hbm", "gemv_l2"):
         d = per[f"cpp_{chain}_us_per_kernel"] - per[f"python_{chain}_us_per_kernel"]
         print(f"{chain}: C++ - Python = {d:+.3f} us per kernel")
+    print("gemv: the runner's chain idled ~0.3 us more per kernel than Python's only on HBM (cpp_bench, session 16); "
+          "the same here says the launch path or the process carries it, none says the AOTI package does")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": n,
-                       "runs_us_per_replay": {f"{s}_{c}": v for (s, c), v in rows.items()}, **per}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": n, "gemv_kernels": gk,
+                       "runs_us_per_replay": {f"{s}_{c}": v for (s, c), (v, _) in rows.items()}, **per}, f, indent=1)
     return 0
 
 
