@@ -975,7 +975,16 @@ struct Runtime::Impl {
     });
     // The chain on copies of the layer weights (the idle follows the weights: session 16): written by a copy
     // (clone), by a kernel (mul), or packed into one allocation. The loaded weights are restored after each.
+    // Each copy holds the layer weights twice at once: skipped (left 0) where the device lacks that room.
     const auto loaded = layer_w;
+    size_t weight_bytes = 0, free_b = 0, total_b = 0;
+    for (const auto& lw : loaded)
+      for (const auto& t : lw) weight_bytes += t.nbytes();
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess || free_b < weight_bytes + (size_t(512) << 20)) {
+      std::fprintf(stderr, "time_parts: the weight-copy chains skipped (%zu MB of weights, %zu MB free)\n",
+                   weight_bytes >> 20, free_b >> 20);
+      return;
+    }
     auto remade = [&](const char* name, auto make) {
       for (auto& lw : layer_w)
         for (auto& t : lw) t = make(t);
