@@ -80,7 +80,7 @@ def gemv_chain(build_dir: str, layers: int) -> tuple[dict, str]:
     import triton
     from triton.compiler import ASTSource
 
-    from specee_compile.plugins.triton_gemv import _gemv_kernel
+    from specee_compile.plugins.triton_gemv import _launch
 
     dev, D = "cuda", SMOL_GEMVS[0][1]
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -94,11 +94,9 @@ def gemv_chain(build_dir: str, layers: int) -> tuple[dict, str]:
           for n, *_ in SMOL_GEMVS]
     compiled = [None] * 4
 
-    def launch(j, x, wt, res, nw, y):
-        n, k, pro, has_res, (bn, bk, sp, nwarps, ns) = SMOL_GEMVS[j]
-        compiled[j] = _gemv_kernel[(triton.cdiv(n, bn), sp)](
-            x, wt, res, nw, y, *ws[j], n, 1e-5, K=k, PRO=pro, HAS_RES=has_res, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
-            num_warps=nwarps, num_stages=ns)
+    def launch(j, x, wt, res, nw, y):  # the product's launch (triton_gemv._launch)
+        n, k, pro, has_res, cfg = SMOL_GEMVS[j]
+        compiled[j] = _launch((x, wt, res, nw, y, *ws[j], n, 1e-5), {"K": k, "PRO": pro, "HAS_RES": has_res}, cfg)
 
     def chain(same: bool):  # the product's argument choices: res = y and norm_w = x when there is none
         for i in range(layers):

@@ -192,10 +192,7 @@ struct Runtime::Impl {
   std::vector<int64_t> d_extra_ids, d_extra_first;
   std::set<int64_t> d_extra_set, d_static;
   bool context_vocab = true;
-  double capture_s = 0, graph_step_us = 0, graph_step_one_us = 0, graph_layer_us = 0, graph_layers_us = 0,
-         graph_head_us = 0, graph_layers_same_us = 0,
-         graph_layers_w0_us = 0, graph_layers_c0_us = 0,
-         graph_layers_wclone_us = 0, graph_layers_wkernel_us = 0, graph_layers_wpack_us = 0;
+  Result captured;  // what capture measures once (capture_s, graph_*_us): every generate's result starts from it
 #ifdef SPECEE_CUDA
   // The dense step as CUDA graphs, one per attention length (the Python runtime's whole-step graph):
   // the token is fed forward on the device (out -> tok, pos + 1 inside the graph), so step t+1 is
@@ -584,19 +581,7 @@ struct Runtime::Impl {
     if (specee && !selected) select_exit_points();
     if (graph_decoding() && !graph_ready()) capture_graphs();
     valid.zero_();
-    res = Result();
-    res.capture_s = capture_s;
-    res.graph_step_us = graph_step_us;
-    res.graph_step_one_us = graph_step_one_us;
-    res.graph_layer_us = graph_layer_us;
-    res.graph_layers_us = graph_layers_us;
-    res.graph_head_us = graph_head_us;
-    res.graph_layers_same_us = graph_layers_same_us;
-    res.graph_layers_w0_us = graph_layers_w0_us;
-    res.graph_layers_c0_us = graph_layers_c0_us;
-    res.graph_layers_wclone_us = graph_layers_wclone_us;
-    res.graph_layers_wkernel_us = graph_layers_wkernel_us;
-    res.graph_layers_wpack_us = graph_layers_wpack_us;
+    res = captured;
     res.cuda_graphs = graph_decoding();
     res.one_row_package = bool(layer1_pkg.loader);
     res.exit_points_kept = kept_points;
@@ -704,7 +689,7 @@ struct Runtime::Impl {
     }
     g.stream->synchronize();
     time_graph_step();
-    capture_s = seconds_since(t0);
+    captured.capture_s = seconds_since(t0);
   }
 
   // One dense step's own device time: replays of the first length's graph back to back (positions 0..n-1 of
@@ -724,9 +709,10 @@ struct Runtime::Impl {
       pair[0]->replay();  // warm
     }
     g.pos.fill_(0);
-    graph_step_us = replay_us([&](int i) { pair[size_t(i % 2)]->replay(); }, n);
+    captured.graph_step_us = replay_us([&](int i) { pair[size_t(i % 2)]->replay(); }, n);
     g.pos.fill_(0);
-    graph_step_one_us = replay_us([&](int) { pair[0]->replay(); }, n);  // one instance, as the Python costs time it
+    // one instance, as the Python costs time it
+    captured.graph_step_one_us = replay_us([&](int) { pair[0]->replay(); }, n);
     if (opt.time_parts) time_graph_parts(g.by_len.begin()->first);
   }
 
@@ -955,24 +941,20 @@ struct Runtime::Impl {
                         std::string(prof) + "/cpp_" + name + "_timeline.json", [&] { graph.replay(); });
       return us;
     };
-    graph_layer_us = part("layer", [&] { layer(0, h, g.pos, S); });
-    graph_layers_us = part("layers", [&] {  // the step's layer chain alone: what the step adds around it is the rest
+    // The chain of L layer calls: layer w's weights (w < 0: layer i's) on layer c's cache rows (c < 0: layer i's)
+    auto chain = [&](int w, int c) {
       at::Tensor x = h;
-      for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S);
-    });
-    graph_head_us = part("head", [&] { head_fn(h, {0}); });
-    graph_layers_same_us = part("layers_same", [&] {  // layer 0's call L times: the same weights and cache
-      at::Tensor x = h;
-      for (int i = 0; i < L; ++i) x = layer(0, x, g.pos, S);
-    });
-    graph_layers_w0_us = part("layers_w0", [&] {  // layer 0's weights on layer i's cache: which of the two
-      at::Tensor x = h;                             // the chain's extra idle follows
-      for (int i = 0; i < L; ++i) x = layer(0, x, g.pos, S, i);
-    });
-    graph_layers_c0_us = part("layers_c0", [&] {  // layer i's weights on layer 0's cache
-      at::Tensor x = h;
-      for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S, 0);
-    });
+      for (int i = 0; i < L; ++i) x = layer(w < 0 ? i : w, x, g.pos, S, c < 0 ? i : c);
+    };
+    captured.graph_layer_us = part("layer", [&] { layer(0, h, g.pos, S); });
+    // the step's layer chain alone: what the step adds around it is the rest
+    captured.graph_layers_us = part("layers", [&] { chain(-1, -1); });
+    captured.graph_head_us = part("head", [&] { head_fn(h, {0}); });
+    // layer 0's call L times (the same weights and cache), then layer 0's weights on every layer's cache and
+    // every layer's weights on layer 0's cache: which of the two the chain's extra idle follows
+    captured.graph_layers_same_us = part("layers_same", [&] { chain(0, 0); });
+    captured.graph_layers_w0_us = part("layers_w0", [&] { chain(0, -1); });
+    captured.graph_layers_c0_us = part("layers_c0", [&] { chain(-1, 0); });
     // The chain on copies of the layer weights (the idle follows the weights: session 16): written by a copy
     // (clone), by a kernel (mul), or packed into one allocation. The loaded weights are restored after each.
     // Each copy holds the layer weights twice at once: skipped (left 0) where the device lacks that room.
@@ -989,21 +971,18 @@ struct Runtime::Impl {
       for (auto& lw : layer_w)
         for (auto& t : lw) t = make(t);
       torch::cuda::synchronize();
-      const double us = part(name, [&] {
-        at::Tensor x = h;
-        for (int i = 0; i < L; ++i) x = layer(i, x, g.pos, S);
-      });
+      const double us = part(name, [&] { chain(-1, -1); });
       layer_w = loaded;
       return us;
     };
-    graph_layers_wclone_us = remade("layers_wclone", [](const at::Tensor& t) { return t.clone(); });
-    graph_layers_wkernel_us = remade("layers_wkernel", [](const at::Tensor& t) { return t.mul(1); });
+    captured.graph_layers_wclone_us = remade("layers_wclone", [](const at::Tensor& t) { return t.clone(); });
+    captured.graph_layers_wkernel_us = remade("layers_wkernel", [](const at::Tensor& t) { return t.mul(1); });
     int64_t total = 0;
     for (const auto& lw : loaded)
       for (const auto& t : lw) total += (t.numel() + 127) / 128 * 128;
     at::Tensor pack = at::empty({total}, loaded[0][0].options());
     int64_t off = 0;
-    graph_layers_wpack_us = remade("layers_wpack", [&](const at::Tensor& t) {
+    captured.graph_layers_wpack_us = remade("layers_wpack", [&](const at::Tensor& t) {
       at::Tensor v = pack.narrow(0, off, t.numel()).view(t.sizes());
       off += (t.numel() + 127) / 128 * 128;
       v.copy_(t);

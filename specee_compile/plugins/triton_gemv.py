@@ -260,13 +260,13 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     return y
 
 
-def _launch(args, kw, cfg, w=None) -> None:
+def _launch(args, kw, cfg, w=None):
     """One launch of the kernel with cfg = (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); w replaces the
-    weight in args (the tuner's copies)."""
+    weight in args (the tuner's copies). Returns Triton's compiled kernel (its cubin and metadata)."""
     bn, bk, sp, nwarps, ns = cfg
     if w is not None:
         args = (args[0], w, *args[2:])
-    _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
+    return _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
                                                    num_stages=ns)
 
 
