@@ -61,6 +61,9 @@ def test_bench_refuses_non_positive_counts_before_work(tmp_path, capsys):
     for flag in ("--runs", "--hf-runs", "--new-tokens", "--prompt-len"):
         assert main(["bench", "--tiny", "--device", "cpu", flag, "0", "--out", str(tmp_path)]) == 2
         assert f"{flag} 0: expected a positive integer" in capsys.readouterr().err
+    for bad in ("0", "-4", "nan"):
+        assert main(["bench", "--tiny", "--device", "cpu", "--trace-spread", bad, "--out", str(tmp_path)]) == 2
+        assert f"--trace-spread {float(bad)}: expected a positive number" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
