@@ -263,3 +263,36 @@ def test_draft_eager_path_warms_once_before_the_first_token_and_changes_nothing(
         outs.append((first.token_ids, first.exit_layers))
     assert outs[0] == outs[1]
     assert min(outs[0][1]) < L - 1  # exits were taken: the draft's candidates mattered
+
+
+def test_junk_left_by_warm_ups_is_cleared_before_the_prefill():
+    """CUDA-graph warm-ups, captures and cost replays run the step on whatever state the buffers hold, and in
+    fp16 they can leave inf / NaN in slots no position holds yet (session 17: a 7B tree replay's verification
+    turned NaN mid-generation). A masked attention still multiplies a masked slot by zero, so NaN there poisons
+    the output: the decoder zeroes the values (target cache and draft) once such runs flagged the cache."""
+    from specee_compile.draft import EagleDraft, EagleSource
+    from specee_compile.draft.train import _init_draft
+
+    model = tiny()
+    L = model.config.num_hidden_layers
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)
+    s = Settings(specee=True, max_new_tokens=12, max_context=64, exit_cost_check=False, threshold=0.0)
+    prog = forced_program(L, 4)
+    src = EagleSource(draft.eval(), 4)
+    seg = make_segments(model, s, prog)
+    dec = Decoder(seg, s, program=prog, draft=src)
+    ids = [5, 9, 2, 7, 11, 3]
+    ref = dec.generate(ids).token_ids
+    c = seg.cache
+    for junk in (False, True):
+        for t in (c.k, c.v, src._feats, *src._k, *src._v):
+            t.fill_(float("nan"))
+        c.valid.zero_()
+        c.junk = junk
+        out = dec.generate(ids).token_ids
+        if junk:  # cleared: the reference tokens, and nothing non-finite left anywhere
+            assert out == ref and not c.junk
+            assert all(bool(torch.isfinite(t).all()) for t in (c.k, c.v, src._feats, *src._k, *src._v))
+        else:  # (the hazard is real: the prefill's masked attention reads the NaN slots)
+            assert out != ref

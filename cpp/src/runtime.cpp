@@ -174,6 +174,10 @@ struct Runtime::Impl {
   std::string costs_source;
   // KV cache
   at::Tensor K, Vc, valid;
+  // set by runs of the step outside a generation (graph warm-ups and captures, cost timing): they leave values in
+  // slots no position holds yet, inf / NaN in fp16, and a masked attention still multiplies masked slots by zero
+  // (0 * NaN = NaN). start() then zeroes the values of the cache and the draft, not only `valid`.
+  bool junk = false;
   // decode state
   struct Row {
     int64_t pos;
@@ -578,8 +582,19 @@ struct Runtime::Impl {
                   std::to_string(opt.max_new_tokens) + ") = " + std::to_string(need) + " exceeds the context of " +
                   std::to_string(max_len) + " tokens; shorten the prompt, lower --max-new-tokens, or re-export with "
                   "a larger --max-context");
-    if (specee && !selected) select_exit_points();
-    if (graph_decoding() && !graph_ready()) capture_graphs();
+    if (specee && !selected) {
+      select_exit_points();
+      junk = true;
+    }
+    if (graph_decoding() && !graph_ready()) {
+      capture_graphs();
+      junk = true;
+    }
+    if (junk) {
+      for (auto* t : {&K, &Vc, &d_feats, &d_k, &d_v, &d_extra_rows})
+        if (t->defined()) t->zero_();
+      junk = false;
+    }
     valid.zero_();
     res = captured;
     res.cuda_graphs = graph_decoding();

@@ -19,6 +19,11 @@ class KVCache:
     k: torch.Tensor  # [L, Hkv, T, hd]
     v: torch.Tensor  # [L, Hkv, T, hd]
     valid: torch.Tensor  # [L, T] bool: layer l holds K/V for position t
+    # set by whatever runs the step outside a generation (CUDA-graph warm-ups and captures, cost
+    # measurements): those runs leave values in slots no position holds yet, and in fp16 some are inf or
+    # NaN. A masked attention still multiplies them by a zero weight (SDPA with a mask: 0 * NaN = NaN), so
+    # the next generation clears the values, not only `valid` (runtime/decoder.py `start`).
+    junk: bool = False
 
     @classmethod
     def allocate(cls, spec, dtype, device) -> "KVCache":
@@ -35,6 +40,13 @@ class KVCache:
 
     def reset(self) -> None:
         self.valid.zero_()
+
+    def clear(self) -> None:
+        """Forget every position and zero the values (after junk runs, see `junk`)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.valid.zero_()
+        self.junk = False
 
 
 class Segments:
@@ -106,6 +118,7 @@ class Segments:
         run here is preceded by reset(). Elsewhere fn itself."""
         if self.device.type != "cuda":
             return fn
+        self.cache.junk = True  # the warm-ups run fn on whatever state reset() leaves
         if getattr(self, "_capture_pool", None) is None:
             self._capture_pool = torch.cuda.graph_pool_handle()
         for _ in range(2):

@@ -157,6 +157,7 @@ class CudaWholeStep:
         if not todo:
             return
         t0 = time.perf_counter()
+        self.seg.cache.junk = True  # the warm-ups run at the last slot of a cache nothing fills (KVCache.junk)
         bar = _progress(len(todo), f"capturing {kind[0]} decode step graphs ({self.seg.name}, CUDA)")
         for S in todo:
             self.graphs[(kind, S)] = self._capture(kind, S)
@@ -340,6 +341,7 @@ class CudaWholeStep:
         t_all = self._time(never, S, frozenset(gates), None)
         t_draft = self._time_draft(kind[6], S) if kind[6] is not None else None
         self.seg.cache.reset()
+        self.seg.cache.junk = True  # the timed replays ran on junk state (KVCache.junk)
         return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_gate - t_dense),
                          decision_s=max(0.0, (t_all - t_gate) / len(gates)),
                          check_s=check_s if kind[5] else 0.0, draft_s=t_draft,

@@ -480,6 +480,13 @@ class EagleSource(CandidateSource):
         self._extra_first.append(pos)
         self._extra_set.add(tok)
 
+    def clear(self) -> None:
+        """Zero the draft's cache and state buffers (after runs on junk state: `KVCache.junk`). The next
+        reset rewrites every slot before it is read as valid, but a masked attention still multiplies the
+        slots it masks by zero, and a non-finite junk value turns that product into NaN."""
+        for t in (self._feats, *self._k, *self._v, self._extra_rows):
+            t.zero_()
+
     # ---- interface
     def reset(self, prompt_ids, prompt_hidden: torch.Tensor) -> None:
         ids = as_token_list(prompt_ids)

@@ -228,6 +228,10 @@ class Decoder:
             self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
         if s.specee and self.tree is None and not self.as_dense and not self._draft_warm:
             self._warm_draft(prompt_ids)
+        if getattr(seg.cache, "junk", False):  # warm-ups / captures / cost replays ran on junk state
+            seg.cache.clear()
+            if self.draft is not None and hasattr(self.draft, "clear"):
+                self.draft.clear()
         compile_s = time.perf_counter() - t0
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
