@@ -176,3 +176,20 @@ def test_graph_census_lists_only_the_attributes_that_differ(tmp_path):
     assert "the same attributes on both sides" in mod.attrs_table(tmp_path)
     (tmp_path / "cpp_layers_attrs.json").write_text(json.dumps(cc))
     assert mod.attrs_table(tmp_path).count("\n") == len(rows) + 1
+
+
+def test_accept_trace_keeps_every_window_near_its_mean():
+    """A generate call replays a ~40-step window of the 7B tree trace; the trace is balanced per pair of steps, so
+    every window's mean is the trace's (session 17: an unbalanced trace's windows ran 3.34-3.7 for a 3.5 trace)."""
+    from specee_compile.eval.gpu_bench import accept_trace
+
+    for mean in (3.5, 2.877):
+        tr = accept_trace(4096, mean)
+        assert len(tr) == 4096 and min(tr) >= 1 and max(tr) <= 7
+        assert abs(sum(tr) / len(tr) - mean) < 1e-3
+        assert len(set(tr)) > 3  # still a spread of lengths, not one value
+        for start in range(0, 4096 - 40, 13):  # any window: off by at most its partial blocks
+            assert abs(sum(tr[start:start + 40]) / 40 - mean) <= 0.15
+        for start in range(0, 4096 - 40, 2):  # a window of whole blocks: the mean, up to rounding
+            assert abs(sum(tr[start:start + 40]) / 40 - mean) <= 1 / 40
+    assert accept_trace(4096, 3.5) == accept_trace(4096, 3.5)  # seeded
