@@ -263,7 +263,8 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
     and the rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one
-    Triton kernel on CUDA for one row, `plugins/triton_rope_append.py`, where Inductor makes four kernels).
+    Triton kernel on CUDA for one row, and for rows at slots of their own, the tree's;
+    `plugins/triton_rope_append.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
@@ -286,6 +287,8 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         q_rows = h.shape[1]
         if append is not None and mask is None and slots is None:  # the decode step's fused path
             q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid)
+        elif append is not None and ops == "specee":  # rows at their own slots: one op writes the cache in place
+            q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid, slots)
         else:
             q, k, v = qkv(h, ln1, wqkv, bqkv)
             q, k = rope_qk(q, k, cos[pos], sin[pos])

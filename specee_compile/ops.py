@@ -153,31 +153,34 @@ def _(q, k, v, valid, pos):
 
 
 # ------------------------------------------------------------------------------------- rope_append
-def rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid):
+def rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     """What `model_step`'s layer does between the QKV projection and attention: split qkv [1, q, (H + 2 Hkv)
     hd] into heads, rotate q and k at `pos` [q] (cos, sin [T, hd] tables), write k and v into k_cache,
-    v_cache [Hkv, T, hd] at `pos` and mark those slots in valid [T] (in place). Returns q [H, q, hd]."""
+    v_cache [Hkv, T, hd] at `slots` [q] (default `pos`; a draft tree's rows share positions, not slots) and
+    mark those slots in valid [T] (in place). Returns q [H, q, hd]."""
     Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
     q, k, v = split_qkv(qkv, qkv.shape[-1] // hd - 2 * Hkv, Hkv, hd)
     c, s = cos[pos], sin[pos]
-    k_cache.index_copy_(1, pos, rope(k, c, s))
-    v_cache.index_copy_(1, pos, v)
-    valid.index_fill_(0, pos, True)
+    at = pos if slots is None else slots
+    k_cache.index_copy_(1, at, rope(k, c, s))
+    v_cache.index_copy_(1, at, v)
+    valid.index_fill_(0, at, True)
     return rope(q, c, s)
 
 
 @torch.library.custom_op("specee::rope_append", mutates_args=("k_cache", "v_cache", "valid"))
 def rope_append(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, valid: torch.Tensor,
+    v_cache: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotary embedding, K/V cache write and validity mark of the step's rows; one Triton kernel on CUDA for
-    a single row (`plugins/triton_rope_append.py`), where Inductor makes four of the plain ops."""
-    return rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid).contiguous().clone()
+    """Rotary embedding, K/V cache write and validity mark of the step's rows, in place. On CUDA one Triton
+    kernel (`plugins/triton_rope_append.py`) for the decode step's row, where Inductor makes four of the
+    plain ops, and for rows at their own slots (tree verification, the draft tree's levels)."""
+    return rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid, slots).contiguous().clone()
 
 
 @rope_append.register_fake
-def _(qkv, cos, sin, pos, k_cache, v_cache, valid):
+def _(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
     return qkv.new_empty(qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1], hd)
 
