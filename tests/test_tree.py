@@ -607,3 +607,34 @@ def test_fixed_tree_program_reads_nothing_on_the_host():
     with HostReads() as mode:
         f.body(S)
     assert mode.seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_trace_replay_follows_its_trace_after_the_captures(tmp_path):
+    """Session 17 (H200): the graph warm-ups of the fixed tree program left inf / NaN in cache slots no
+    position held (fp16, 7B widths); the masked verification multiplied them by zero weights (NaN), the kept
+    tree collapsed and a forced trace was followed at 0.53 of its length, worse on every later call. With the
+    junk cleared (`KVCache.junk`), every call follows the trace and no non-finite value is left anywhere."""
+    from specee_compile.api import build_decoder
+    from specee_compile.eval import gpu_bench as gb
+    from specee_compile.models import load_model
+    from specee_compile.runtime.policies import trace_accepts
+
+    shape = dict(gb.LLAMA2_7B, num_hidden_layers=2)
+    gb.write_random_model(shape, torch.float16, torch.device("cuda"), str(tmp_path))
+    loaded = load_model(str(tmp_path), dtype=torch.float16, device="cuda")
+    prompt = torch.randint(0, shape["vocab_size"], (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    base = {"device": "cuda", "dtype": "float16", "backend": "inductor", "max_context": 256, "max_new_tokens": 128}
+    _, draft, _ = gb.random_artifacts(loaded, [2] * 64)
+    dense = build_decoder(loaded, Settings(**base))
+    gb.sharpen_draft(draft, dense.seg, prompt, gb.TRACE_SPREAD)
+    trace = gb.accept_trace(4096, 3.5)
+    tree = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False),
+                         segments=dense.seg, draft=draft, accept=trace_accepts(trace))
+    dense.generate(prompt)
+    for _ in range(2):
+        tree.generate(prompt)
+        fid = gb.replay_fidelity(tree.tree, trace)
+        assert fid["realized_vs_forced"] >= 0.9, fid  # (0.53 and falling with the NaN; 0.99 without)
+    c, d = dense.seg.cache, tree.tree.fixed.draft
+    assert all(bool(torch.isfinite(t).all()) for t in (c.k, c.v, d._feats, *d._k, *d._v, tree.tree.fixed.g0))
