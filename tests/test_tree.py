@@ -620,7 +620,7 @@ def test_cuda_fp16_trace_replay_follows_its_trace_after_the_captures(tmp_path):
     from specee_compile.models import load_model
     from specee_compile.runtime.policies import trace_accepts
 
-    shape = dict(gb.LLAMA2_7B, num_hidden_layers=2)
+    shape = dict(gb.LLAMA2_7B, num_hidden_layers=4)  # as the session-17 diagnostic that found it
     gb.write_random_model(shape, torch.float16, torch.device("cuda"), str(tmp_path))
     loaded = load_model(str(tmp_path), dtype=torch.float16, device="cuda")
     prompt = torch.randint(0, shape["vocab_size"], (64,), generator=torch.Generator().manual_seed(0)).tolist()
