@@ -153,6 +153,8 @@ _INTERP = textwrap.dedent(
             R = 5
             qkv5 = torch.randn(1, R, (H + 2 * Hkv) * hd, generator=g).to(dt)
             p5 = torch.tensor([pos, pos, pos + 1, pos + 1, pos + 2]) % T
+            if H == 4:  # one position for every row (a draft tree level's), an expanded view: stride 0
+                p5 = torch.tensor(pos % T).expand(R)
             s5 = (torch.tensor([0, 1, 2, 3, 4]) + pos) % T
             ref5 = [caches[0].clone(), caches[1].clone(), valid.clone()]
             mine5 = [caches[0].clone(), caches[1].clone(), valid.clone()]

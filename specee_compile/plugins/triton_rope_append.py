@@ -32,7 +32,7 @@ if HAVE_TRITON:
     @triton.jit
     def _rope_append_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, valid_ptr, q_out_ptr,
-        stride_kh, stride_ks, stride_vh, stride_vs, rows,
+        stride_kh, stride_ks, stride_vh, stride_vs, rows, stride_pos, stride_slot,
         H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
     ):
         j = tl.program_id(0)
@@ -44,8 +44,8 @@ if HAVE_TRITON:
         d = tl.arange(0, HD)
         partner = (d + HALF) % HD  # rotate_half: [-x[HALF:], x[:HALF]]
         sign = tl.where(d < HALF, -1.0, 1.0)
-        pos = tl.load(pos_ptr + r)
-        slot = tl.load(slot_ptr + r)
+        pos = tl.load(pos_ptr + r * stride_pos)  # (stride 0: one position for all rows, a tree level's)
+        slot = tl.load(slot_ptr + r * stride_slot)
         c = tl.load(cos_ptr + pos * HD + d).to(tl.float32)
         s = tl.load(sin_ptr + pos * HD + d).to(tl.float32)
         row = qkv_ptr + r * W
@@ -70,7 +70,7 @@ def _launch(qkv, cos, sin, pos, slots, k_cache, v_cache, valid, launcher) -> tor
     q = torch.empty(H, rows, hd, dtype=qkv.dtype, device=qkv.device)
     launcher[(Hkv, rows)](
         qkv, cos, sin, pos, slots, k_cache, v_cache, valid, q,
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), rows,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), rows, pos.stride(0), slots.stride(0),
         H=H, HKV=Hkv, HD=hd, num_warps=1,
     )
     return q
@@ -82,8 +82,8 @@ def triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
     rows = qkv.shape[1]
     usable = (
-        HAVE_TRITON and (rows == 1 or slots is not None) and pos.numel() == rows and pos.is_contiguous()
-        and (slots is None or (slots.numel() == rows and slots.is_contiguous()))
+        HAVE_TRITON and (rows == 1 or slots is not None) and pos.dim() == 1 and pos.numel() == rows
+        and (slots is None or (slots.dim() == 1 and slots.numel() == rows))
         and hd == triton.next_power_of_2(hd)
         and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and tuple(cos.shape[1:]) == (hd,)
         and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and valid.is_contiguous()
