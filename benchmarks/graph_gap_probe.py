@@ -16,11 +16,17 @@ against the same libtorch (`graph_gap_probe/`, built here with cmake):
            by cuLaunchKernel, loaded from a file or from memory, and recompiled with eps as fp64 (the AOTI
            wrapper's argument layout). The runner's chain idles ~0.3 us more per kernel than Python's only
            in the hbm case (cpp_bench, session 16): if these hand launches do not, the package's kernels carry it
+           (session 17: they do not; C++ 2.85 vs Python 3.20 us per kernel, eps fp64 and loading from memory
+           change nothing)
+  --package  the same chain with an AOTI package's own GEMV cubins (`layer1.pt2` of cpp_bench's export),
+           launched by hand with its wrapper's grids: idling like the runner -> the package's modules carry
+           the gap; not -> the wrapper's launches (its `run()`) do
 
 Reads: the C++ native chain idling more -> the process (how libtorch C++ sets up CUDA); only the C++ Triton
 chain -> how the kernel is loaded or launched; neither -> the AOTI packages' kernels themselves.
 
     PYTHONPATH=. python benchmarks/graph_gap_probe.py [--kernels 180] [--layers 30] [--build /tmp/ggp] [--json F]
+        [--package OUT/layer1.pt2]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 
@@ -72,7 +79,7 @@ SMOL_GEMVS = (
 )
 
 
-def gemv_chain(build_dir: str, layers: int) -> tuple[dict, str]:
+def gemv_chain(build_dir: str, layers: int, package: str | None = None) -> tuple[dict, str]:
     """The product's `_gemv_kernel` in the decode chain's pattern (4 GEMVs per layer, each layer its own weights,
     ~14 MB per layer, 420 MB at 30 layers), captured and timed here through Triton's launcher, on per-layer
     weights (hbm) and on layer 0's weights every time (l2). Writes the C++ half's spec: the four cubins as
@@ -121,10 +128,66 @@ def gemv_chain(build_dir: str, layers: int) -> tuple[dict, str]:
             md = kern.metadata
             lines.append(f"kernel {tag}_{j} {path} {md.name} {md.num_warps} {md.shared} {triton.cdiv(n, bn)} {sp} "
                          f"{n} {k} {pro} {int(has_res)} {8 if tag == 'f64' else 4}")
+    if package:
+        lines += package_gemvs(package, build_dir)
     spec = os.path.join(build_dir, "gemv.spec")
     with open(spec, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return out, spec
+
+
+def _split_args(text: str) -> list[str]:
+    """A C++ call's arguments, split at the commas outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch == "(") - (ch == ")")
+        cur += ch
+    return out + [cur.strip()] if cur.strip() else out
+
+
+def package_gemvs(pt2: str, build_dir: str) -> list[str]:
+    """Spec lines (slots pkg_0..3) for the four GEMV launches of an AOTI one-row layer package (`layer1.pt2`
+    of a CUDA `--format aoti` export of SmolLM2's shapes, as cpp_bench writes it): the package's own cubins,
+    extracted into build_dir, with the grid, warps and shared memory its wrapper launches them with. The C++
+    half launches them in the same chain: if they idle like the runner's chain, the package's modules carry the
+    gap; if not, its wrapper's launches do (the census shows no difference in either)."""
+    import re
+
+    with zipfile.ZipFile(pt2) as z:
+        names = z.namelist()
+        wrappers = [n for n in names if n.endswith(".wrapper.cpp")]
+        if len(wrappers) != 1:
+            raise ValueError(f"{pt2}: expected one AOTI wrapper source (*.wrapper.cpp) in the package, found "
+                             f"{len(wrappers)}")
+        src = z.read(wrappers[0]).decode()
+        loads = {i: (os.path.basename(path), int(smem)) for i, path, smem in
+                 re.findall(r'kernels_\._gemv_kernel_(\d+) = loadKernel\("([^"]+)", "_gemv_kernel", (\d+)', src)}
+        warps = {i: int(w) for i, w in
+                 re.findall(r"launchKernel\(kernels_\._gemv_kernel_(\d+), grid_0, grid_1, grid_2, (\d+),", src)}
+        calls = re.findall(r"^\s+call__gemv_kernel_(\d+)\((.*)\);\s*$", src, flags=re.MULTILINE)
+        if [len(calls), len(loads), len(warps)] != [4, 4, 4]:
+            raise ValueError(f"{pt2}: expected SmolLM2's four GEMV launches in the layer package, found {len(calls)} "
+                             f"calls, {len(loads)} loads, {len(warps)} launches")
+        lines = []
+        for j, (i, text) in enumerate(calls):
+            a = _split_args(text)  # 8 tensors, N, eps, grid x, y, z, device, stream, kernels, cubin dir
+            n, k, pro, has_res, _ = SMOL_GEMVS[j]
+            if int(a[8]) != n:
+                raise ValueError(f"{pt2}: GEMV {j} has N = {a[8]}, expected {n} (SmolLM2's shapes, fp32)")
+            cubin, smem = loads[i]
+            entry = [e for e in names if os.path.basename(e).endswith(cubin)]
+            if len(entry) != 1:
+                raise ValueError(f"{pt2}: the cubin {cubin} of GEMV {j} is not in the package")
+            path = os.path.join(build_dir, f"pkg_{j}.cubin")
+            with open(path, "wb") as fh:
+                fh.write(z.read(entry[0]))
+            gx, gy = (int(v.rstrip("L")) for v in a[10:12])
+            lines.append(f"kernel pkg_{j} {path} _gemv_kernel {warps[i]} {smem} {gx} {gy} {n} {k} {pro} {int(has_res)} 8")
+    return lines
 
 
 def build(build_dir: str) -> str:
@@ -143,7 +206,13 @@ def main(argv=None) -> int:
     ap.add_argument("--build", default="/tmp/graph_gap_probe", help="cmake build folder for the C++ half")
     ap.add_argument("--layers", type=int, default=30, help="layers of the GEMV chain (SmolLM2: 30)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--package", help="an AOTI one-row layer package of SmolLM2's shapes (cpp_bench's export: "
+                    "OUT/layer1.pt2): its own GEMV cubins join the C++ chains")
     args = ap.parse_args(argv)
+    if args.package and not os.path.isfile(args.package):
+        print(f"graph_gap_probe: --package {args.package}: no such file; expected a layer1.pt2 from cpp_bench's "
+              "--format aoti export", file=sys.stderr)
+        return 2
     if args.kernels < 1 or args.layers < 1:
         print(f"graph_gap_probe: --kernels and --layers must be >= 1, got {args.kernels} and {args.layers}",
               file=sys.stderr)
@@ -186,7 +255,11 @@ def main(argv=None) -> int:
         print(r.stderr[-2000:], file=sys.stderr)
         return 1
     cpp = json.loads(r.stdout.strip().splitlines()[-1])
-    py_gemv, spec = gemv_chain(args.build, args.layers)
+    try:
+        py_gemv, spec = gemv_chain(args.build, args.layers, args.package)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:  # a package not of the expected shape
+        print(f"graph_gap_probe: --package {args.package}: {e}", file=sys.stderr)
+        return 2
     r = subprocess.run([exe, "gemv", spec], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
@@ -200,6 +273,9 @@ def main(argv=None) -> int:
             ("cpp", "gemv_hbm"): (cpp_gemv["f32_hbm"], gk), ("cpp", "gemv_l2"): (cpp_gemv["f32_l2"], gk),
             ("cpp", "gemv_hbm_loaddata"): (cpp_gemv["f32_hbm_loaddata"], gk),
             ("cpp", "gemv_hbm_eps_fp64"): (cpp_gemv["f64_hbm"], gk), ("cpp", "gemv_l2_eps_fp64"): (cpp_gemv["f64_l2"], gk)}
+    if "pkg_hbm" in cpp_gemv:  # --package: the AOTI package's own cubins
+        rows.update({("cpp", "gemv_hbm_pkg_cubins"): (cpp_gemv["pkg_hbm"], gk),
+                     ("cpp", "gemv_l2_pkg_cubins"): (cpp_gemv["pkg_l2"], gk)})
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {n} kernels per graph (gemv: {gk}) | "
           f"C++ build {build_s:.0f} s")
     print("| chain | side | kernels | us per replay (median of 5) | us per kernel |\n|---|---|---|---|---|")

@@ -193,3 +193,46 @@ def test_accept_trace_keeps_every_window_near_its_mean():
         for start in range(0, 4096 - 40, 2):  # a window of whole blocks: the mean, up to rounding
             assert abs(sum(tr[start:start + 40]) / 40 - mean) <= 1 / 40
     assert accept_trace(4096, 3.5) == accept_trace(4096, 3.5)  # seeded
+
+
+def test_graph_gap_probe_reads_an_aoti_packages_gemv_launches(tmp_path):
+    """`graph_gap_probe.package_gemvs` (--package): the four GEMV launches of an AOTI one-row layer package, read
+    from its wrapper source (cubin, warps, shared memory, grid, N, with nested calls among the arguments), their
+    cubins extracted; a package of other shapes is refused with what was found."""
+    import importlib.util
+    import zipfile
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_gap_probe.py"
+    spec = importlib.util.spec_from_file_location("graph_gap_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ns, grids, warps, smem = (960, 576, 3072, 576), (240, 288, 768, 288), (4, 4, 4, 16), (64, 32, 64, 128)
+    src = ["static inline void call__gemv_kernel_0(", "class K {"]
+    for j, i in enumerate((0, 3, 4, 5)):
+        src.append(f'        kernels_._gemv_kernel_{i} = loadKernel("/tmp/ti/abc/c{i}.cubin", "_gemv_kernel", '
+                   f"{smem[j]}, cubin_dir_); ")
+        src.append(f"    launchKernel(kernels_._gemv_kernel_{i}, grid_0, grid_1, grid_2, {warps[j]}, {smem[j]}, "
+                   "kernel_args_, stream_);")
+    for j, i in enumerate((0, 3, 4, 5)):
+        x = "wrap(reinterpret_tensor_wrapper(buf7, 3, int_array_4, int_array_5, 0L))" if j else "arg0_1"
+        src.append(f"    call__gemv_kernel_{i}({x}, arg11_1, buf0, arg10_1, buf0, buf0, buf0, buf0, {ns[j]}, 1e-05, "
+                   f"{grids[j]}L, 1L, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);")
+    pt2 = tmp_path / "layer1.pt2"
+    with zipfile.ZipFile(pt2, "w") as z:
+        z.writestr("layer1/data/aotinductor/model/w.wrapper.cpp", "\n".join(src) + "\n")
+        for i in (0, 3, 4, 5):
+            z.writestr(f"layer1/data/aotinductor/model/c{i}.cubin", bytes([i]) * 8)
+    lines = mod.package_gemvs(str(pt2), str(tmp_path))
+    assert [ln.split()[1] for ln in lines] == ["pkg_0", "pkg_1", "pkg_2", "pkg_3"]
+    for j, (ln, i) in enumerate(zip(lines, (0, 3, 4, 5))):
+        f = ln.split()
+        assert (int(f[4]), int(f[5]), int(f[6]), int(f[8]), f[-1]) == (warps[j], smem[j], grids[j], ns[j], "8")
+        assert Path(f[2]).read_bytes() == bytes([i]) * 8
+    other = tmp_path / "other.pt2"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("m/w.wrapper.cpp", "\n".join(s.replace("960,", "2048,") for s in src) + "\n")
+    with pytest.raises(ValueError, match="GEMV 0 has N = 2048, expected 960"):
+        mod.package_gemvs(str(other), str(tmp_path))

@@ -192,8 +192,9 @@ std::vector<double> gemv_chain(const Driver& d, std::vector<GemvKernel> ks, int 
   }, stream);
 }
 
-// "f32" / "f64" kernel sets from the spec (SLOT f32_0..3, f64_0..3)
-bool read_spec(const char* path, int& layers, std::vector<GemvKernel>& f32, std::vector<GemvKernel>& f64) {
+// "f32" / "f64" / "pkg" kernel sets from the spec (SLOT f32_0..3, f64_0..3, pkg_0..3: an AOTI package's own cubins)
+bool read_spec(const char* path, int& layers, std::vector<GemvKernel>& f32, std::vector<GemvKernel>& f64,
+               std::vector<GemvKernel>& pkg) {
   FILE* f = std::fopen(path, "r");
   if (!f) return false;
   char word[64], slot[64], cubin[4096], name[512];
@@ -210,11 +211,12 @@ bool read_spec(const char* path, int& layers, std::vector<GemvKernel>& f32, std:
       k.name = name;
       k.n = n;
       k.k = kk;
-      (std::string(slot).rfind("f64", 0) == 0 ? f64 : f32).push_back(k);
+      const std::string s(slot);
+      (s.rfind("f64", 0) == 0 ? f64 : s.rfind("pkg", 0) == 0 ? pkg : f32).push_back(k);
     }
   }
   std::fclose(f);
-  return layers > 0 && f32.size() == 4 && (f64.empty() || f64.size() == 4);
+  return layers > 0 && f32.size() == 4 && (f64.empty() || f64.size() == 4) && (pkg.empty() || pkg.size() == 4);
 }
 
 }  // namespace
@@ -224,9 +226,9 @@ int main(int argc, char** argv) {
   c10::cuda::CUDAStreamGuard guard(stream);
   if (argc > 2 && std::string(argv[1]) == "gemv") {  // graph_gap_probe gemv SPEC
     int layers = 0;
-    std::vector<GemvKernel> f32, f64;
+    std::vector<GemvKernel> f32, f64, pkg;
     const Driver d;
-    if (!d.ok() || !read_spec(argv[2], layers, f32, f64)) {
+    if (!d.ok() || !read_spec(argv[2], layers, f32, f64, pkg)) {
       std::fprintf(stderr, "cannot read the GEMV spec %s (or libcuda)\n", argv[2]);
       return 1;
     }
@@ -240,6 +242,10 @@ int main(int argc, char** argv) {
     if (!f64.empty()) {
       put("f64_hbm", gemv_chain(d, f64, layers, false, false, stream));
       put("f64_l2", gemv_chain(d, f64, layers, true, false, stream));
+    }
+    if (!pkg.empty()) {  // the package's own cubins, with its wrapper's grids (loaded from their files, as AOTI does)
+      put("pkg_hbm", gemv_chain(d, pkg, layers, false, false, stream));
+      put("pkg_l2", gemv_chain(d, pkg, layers, true, false, stream));
     }
     std::printf("%s}\n", out.c_str());
     return 0;
