@@ -28,6 +28,30 @@ SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_ke
             rope_theta=100000.0)
 
 
+# kernel-name patterns per category of the tree step's GPU time (first match wins; the rest is "other")
+CATEGORIES = (
+    ("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "splitkreduce", "sgemm", "hgemm")),
+    ("attention", ("sdpa", "attention", "attn", "flash", "fmha")),
+    ("top-k", ("topk", "sort")),
+    ("rope + cache write", ("rope", "index_copy", "index_fill", "scatter")),
+    ("softmax", ("softmax",)),
+    ("norm", ("rsqrt", "mean_mul_pow", "norm")),
+)
+
+
+def kernel_categories(kernels: list[tuple[str, float, int]], steps: int) -> dict[str, dict]:
+    """(name, total GPU us, calls) per kernel over `steps` tree steps -> per category: us and launches per step."""
+    out: dict[str, dict] = {}
+    for name, us, calls in kernels:
+        low = name.lower()
+        cat = next((c for c, pats in CATEGORIES if any(p in low for p in pats)), "other")
+        e = out.setdefault(cat, {"us_per_step": 0.0, "launches_per_step": 0.0})
+        e["us_per_step"] += us / steps
+        e["launches_per_step"] += calls / steps
+    return {c: {k: round(v, 1) for k, v in e.items()} for c, e in
+            sorted(out.items(), key=lambda kv: -kv[1]["us_per_step"])}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=("smollm2", "7b"), default="smollm2")
@@ -142,6 +166,15 @@ def main() -> int:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
         print(table)
         out["profile"] = table
+        kern = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+        cats = kernel_categories(kern, steps=5)
+        busy = sum(c["us_per_step"] for c in cats.values())
+        print("| category | GPU us per tree step | launches per step |\n|---|---|---|")
+        for c, e in cats.items():
+            print(f"| {c} | {e['us_per_step']} | {e['launches_per_step']} |")
+        print(f"kernel time {busy:.1f} us per step (eager body under the profiler; the captured step's time is "
+              "step_us above, the difference is launch gaps)")
+        out["profile_categories"] = cats
         seg.cache.reset()
     R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
     from specee_compile.plugins.triton_gemv import TUNED

@@ -236,3 +236,24 @@ def test_graph_gap_probe_reads_an_aoti_packages_gemv_launches(tmp_path):
         z.writestr("m/w.wrapper.cpp", "\n".join(s.replace("960,", "2048,") for s in src) + "\n")
     with pytest.raises(ValueError, match="GEMV 0 has N = 2048, expected 960"):
         mod.package_gemvs(str(other), str(tmp_path))
+
+
+def test_tree_gpu_profile_sums_kernel_time_by_category():
+    """`tree_gpu_profile.kernel_categories` (--profile): the profiler's kernels of N tree steps, summed per category
+    (matmul, attention, top-k, rope + cache write, ...) per step, largest first; unknown names are "other"."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("tree_gpu_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kern = [("nvjet_sm90_hsh_192x32_64x7_4x1_v_bz_TNT", 1000.0, 40), ("_gemv_kernel", 100.0, 10),
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 500.0, 70), ("_topk_kernel", 50.0, 55),
+            ("triton_poi_fused_add_arange_cat_expand_index_index_copy_mul_neg", 70.0, 10),
+            ("_rope_append_kernel", 30.0, 40), ("void at::native::elementwise_kernel<128, 4>", 25.0, 5)]
+    cats = mod.kernel_categories(kern, steps=5)
+    assert list(cats) == ["matmul", "attention", "rope + cache write", "top-k", "other"]
+    assert cats["matmul"] == {"us_per_step": 220.0, "launches_per_step": 10.0}
+    assert cats["rope + cache write"] == {"us_per_step": 20.0, "launches_per_step": 10.0}
+    assert cats["other"]["us_per_step"] == 5.0
