@@ -285,10 +285,11 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         # fp32 workspace), which an AOTI package takes as inputs since it owns no state; required with
         # ops="specee_aoti".
         q_rows = h.shape[1]
-        if append is not None and mask is None and slots is None:  # the decode step's fused path
-            q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid)
-        elif append is not None and ops == "specee":  # rows at their own slots: one op writes the cache in place
-            q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid, slots)
+        # the fused op writes the cache in place: the decode step's rows, and (the Python op only; the AOTI
+        # twin takes no slots) rows at slots of their own
+        if append is not None and (ops == "specee" or (mask is None and slots is None)):
+            extra = () if slots is None else (slots,)
+            q = append(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid, *extra)
         else:
             q, k, v = qkv(h, ln1, wqkv, bqkv)
             q, k = rope_qk(q, k, cos[pos], sin[pos])

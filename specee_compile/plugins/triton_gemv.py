@@ -266,8 +266,8 @@ def _launch(args, kw, cfg, w=None):
     bn, bk, sp, nwarps, ns = cfg
     if w is not None:
         args = (args[0], w, *args[2:])
-    return _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=nwarps,
-                                                   num_stages=ns)
+    return _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
+                                                          num_warps=nwarps, num_stages=ns)
 
 
 # (N, K, PRO, HAS_RES, dtype, device, whole_k) -> `_tune`'s pick; ("rows", row block, N, K, ...) -> the rows
