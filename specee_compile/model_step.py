@@ -262,17 +262,19 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     explicitly, for exporters that do not know `enable_gqa`.
     fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
-    and the rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one
+    or with a mask given one `specee::tree_attention` op (`plugins/triton_tree_attention.py`), and the rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one
     Triton kernel on CUDA for one row, and for rows at slots of their own, the tree's;
     `plugins/triton_rope_append.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
     qkv, rope_qk, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
-    append = None
+    append = tree_attend = None
     if "attn" in fused:
         attend = _fused_op(ops, "decode_attention")
         append = _fused_op(ops, "rope_append")
+        if ops == "specee":  # the AOTI packages decode one row: no twin
+            tree_attend = _fused_op(ops, "tree_attention")
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None, attn_state=()):
@@ -300,6 +302,9 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         if "attn" in fused and mask is None:
             a = attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], pos,
                        *(() if ops == "specee" else attn_state))  # [H, q, hd]
+            return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
+        if tree_attend is not None and mask is not None:  # tree rows: the mask and attention in one op
+            a = tree_attend(q, k_cache[:, :S], v_cache[:, :S], valid[:S], mask)  # [H, q, hd]
             return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         if mask is None:
             keys = torch.arange(S, device=h.device)

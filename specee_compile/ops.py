@@ -5,10 +5,11 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::exit_score`: the exit point (below), lowered by every backend.
 - `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
+- `specee::tree_attention`: the same for a few rows under an explicit [q, S] mask (a tree's rows).
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
 - `specee::topk_rows`: torch.topk(x, k) along the last dim, for the fixed draft tree's few short rows.
-fused_linear, decode_attention and rope_append appear only where `model_step` is asked for them (`fused=`,
-the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
+fused_linear, decode_attention, tree_attention and rope_append appear only where `model_step` is asked for them
+(`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
 
@@ -152,6 +153,33 @@ def _(q, k, v, valid, pos):
     return q.new_empty(q.shape)
 
 
+# ---------------------------------------------------------------------------------- tree_attention
+def tree_attention_reference(q, k, v, valid, mask):
+    """Attention of q rows under an explicit mask, as `model_step`'s layer writes it for tree rows: row r
+    attends to key j where valid[j] and mask[r, j]. q [H, q, hd]; k, v [Hkv, S, hd]; valid [S] bool; mask
+    [q, S] bool -> [H, q, hd]."""
+    H, Hkv = q.shape[0], k.shape[0]
+    keep = valid[None, :] & mask
+    a = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=keep[None, None], enable_gqa=H != Hkv
+    )
+    return a[0]
+
+
+@torch.library.custom_op("specee::tree_attention", mutates_args=())
+def tree_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Masked attention of a few rows over the layer's valid cache prefix (a tree's rows); one split-S Triton
+    kernel on CUDA (`plugins/triton_tree_attention.py`), where cuDNN's flash kernel and its mask kernel run."""
+    return tree_attention_reference(q, k, v, valid, mask).clone(memory_format=torch.contiguous_format)
+
+
+@tree_attention.register_fake
+def _(q, k, v, valid, mask):
+    return q.new_empty(q.shape)
+
+
 # ------------------------------------------------------------------------------------- rope_append
 def rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     """What `model_step`'s layer does between the QKV projection and attention: split qkv [1, q, (H + 2 Hkv)
@@ -201,15 +229,16 @@ def _(x, k):
 
 def register_cuda_kernels() -> bool:
     """Make the Triton kernels the CUDA implementations of the ops (exit_score, fused_linear, decode_attention,
-    rope_append, topk_rows). Idempotent; False where triton is missing (the ops keep their references)."""
+    tree_attention, rope_append, topk_rows). Idempotent; False where triton is missing (the ops keep their references)."""
     from .plugins import (
         triton_decode_attention,
         triton_exit_score,
         triton_gemv,
         triton_rope_append,
         triton_topk,
+        triton_tree_attention,
     )
 
     registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention,
-                                                    triton_rope_append, triton_topk)]
+                                                    triton_tree_attention, triton_rope_append, triton_topk)]
     return all(registered)  # every module registers, even after one reports no triton

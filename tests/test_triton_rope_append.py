@@ -102,9 +102,11 @@ def test_tree_rows_through_the_fused_layer_equal_the_plain_layer():
     for a, b in zip(*outs):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5)
     assert outs[1][3][slots].all()
-    # the fused layer writes the cache through the op (no index_copy in the traced graph for Inductor to copy)
+    # the fused layer writes the cache through the op (no index_copy in the traced graph for Inductor to copy),
+    # and attends through `tree_attention` (no SDPA and mask ops around it)
     assert "specee.rope_append.default" in calls[1] and not any("index_copy" in n for n in calls[1])
-    assert any("index_copy" in n for n in calls[0])
+    assert "specee.tree_attention.default" in calls[1] and not any("scaled_dot" in n for n in calls[1])
+    assert any("index_copy" in n for n in calls[0]) and any("scaled_dot" in n for n in calls[0])
 
 
 def test_op_through_the_dispatcher_equals_the_reference():

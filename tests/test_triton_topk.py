@@ -49,6 +49,15 @@ _CHECK = textwrap.dedent(
         x = torch.full((2, 40), float("-inf"), device=device)
         v, i = topk(x, 6)
         assert torch.equal(i, torch.arange(6, device=device).expand(2, 6)) and torch.isinf(v).all()
+        # the same over rows split into chunks, and ties at the top spread over the chunks
+        x = torch.full((2, 1100), float("-inf"), device=device)
+        v, i = topk(x, 6)
+        assert torch.equal(i, torch.arange(6, device=device).expand(2, 6)) and torch.isinf(v).all()
+        x = torch.zeros(3, 2000, device=device)
+        x[:, 3::500] = 1.0
+        v, i = topk(x, 5)
+        assert torch.equal(i[:, :4], torch.tensor([3, 503, 1003, 1503], device=device).expand(3, 4))
+        assert torch.equal(i[:, 4], torch.zeros(3, dtype=torch.long, device=device)) and (v[:, :4] == 1).all()
         # a view of every other row (strided rows)
         x = torch.randn(6, 300, generator=g).to(device)[::2]
         assert torch.equal(topk(x, 3)[0], torch.topk(x, 3).values)
@@ -65,6 +74,8 @@ _INTERP = _CHECK + textwrap.dedent(
 
 
 def test_kernel_logic_in_triton_interpreter_on_cpu():
+    """The one-program kernel (rows of up to CHUNK columns) and the chunked one (longer rows: (8, 8704),
+    (8704,), (3, 600) among CASES) against torch.topk."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP)
 
 

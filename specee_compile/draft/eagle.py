@@ -621,9 +621,9 @@ class DeviceEagleSource(EagleSource):
         self._lw = [lw.as_tuple() for lw in d._fused_layers]
         cuda = self._dev.type == "cuda"
         self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if cuda else ())
-        if cuda:
-            from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear
+        from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 
+        if cuda:
             self._linear = lambda x, w: torch.ops.specee.fused_linear(x, w, None, None, 0.0, "none")
         else:
             self._linear = lambda x, w: torch.nn.functional.linear(x, w)
@@ -738,7 +738,7 @@ class DeviceEagleSource(EagleSource):
             ex = self._extra_rows @ g  # [max_extra]
             ex = torch.where(self._slot < self.n_extra, ex, torch.full_like(ex, float("-inf")))
             logits = torch.cat([logits, ex])
-        top = torch.topk(logits, self.k).indices
+        top = torch.ops.specee.topk_rows(logits, self.k)[1]  # CUDA: one Triton launch (plugins/triton_topk.py)
         self.next_cands.copy_(self.vocab_map[top])
 
     def _rows_forward(self, feats: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, S: int,

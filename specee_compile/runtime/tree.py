@@ -143,8 +143,9 @@ class TreeStep:
         # Inductor fuses plain norms, SiLU and residuals itself (H200, SmolLM2 shapes, 25 rows x 30 layers:
         # 2.32 ms plain vs 3.03 ms with the fused ops; Triton kernels for 2..64 rows, tried in session 4,
         # were slower than cuBLAS still: benchmarks/GPU_NOTES.md). On CUDA the rows' RoPE and cache write
-        # are one `rope_append` launch at the tree's slots ("attn": with a mask the attention stays SDPA),
-        # where Inductor's plain index_copy kernel took ~7 us per 7B layer (session-13 profile).
+        # are one `rope_append` launch at the tree's slots, where Inductor's plain index_copy kernel took ~7 us
+        # per 7B layer (session-13 profile), and the masked attention one `tree_attention` launch, where
+        # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
         fn = make_layer_fn(seg.spec, fused=("attn",) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
             fn = torch.compile(fn, fullgraph=True, dynamic=None)

@@ -1,0 +1,160 @@
+"""The `specee::tree_attention` op as one split-S Triton kernel (CUDA): attention of a few query rows under an
+explicit [q, S] mask (tree verification's rows and the draft tree's levels, issue t3).
+
+A 7B tree step attends 32 verification layers of ~25 rows and ~6 draft levels of 4-8 rows, each over a
+short cache (S = 256 in the bench). cuDNN's flash kernel, tiled for long queries, took 9.4 us per call on
+the H200 (session-18 profile: 38 calls and ~0.36 ms per tree step), and Inductor put a mask kernel (valid &
+mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (fp16, 32 heads), under
+1 us of HBM reads. Here:
+
+    grid (H, row blocks of BR rows, splits); program (h, rb, sp) covers `per` blocks of BLOCK_S keys of
+    head h's KV head (GQA: h // rep) for its BR rows, with the key mask built inside (valid[j] and
+    mask[r, j]): scores by tl.dot, online softmax in fp32, then P (in the input dtype, as flash kernels
+    do) by tl.dot with V
+    one split: the rows are written at once; several: (m, l, acc) go to an fp32 workspace and the program
+    of (h, rb) that arrives last (a counter per (h, rb)) merges them, writes the rows and resets its
+    counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
+
+Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real row must be
+allowed at least one valid key (its own slot, in the tree's use); padding rows are never written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import HAVE_TRITON, register_kernel, tl, triton
+
+BLOCK_S = 64  # keys per block
+MAX_SPLITS = 8  # splits of S per (head, row block)
+MAX_ROWS = 64  # more rows than this take the reference (SDPA): a tree budget past it is not the kernel's case
+NUM_WARPS = 4
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tree_attn_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, mask_ptr, o_ptr, ws_ptr, cnt_ptr,
+        R, S, sm_scale, stride_qh, stride_qr, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, stride_ms,
+        HD: tl.constexpr, REP: tl.constexpr, BR: tl.constexpr, BLOCK_S: tl.constexpr, PER: tl.constexpr,
+        NSP: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        rb = tl.program_id(1)
+        sp = tl.program_id(2)
+        nrb = tl.num_programs(1)
+        kvh = h // REP
+        d = tl.arange(0, HD)
+        r = rb * BR + tl.arange(0, BR)
+        live_r = r < R
+        q = tl.load(q_ptr + h * stride_qh + r[:, None] * stride_qr + d[None, :], mask=live_r[:, None], other=0.0)
+        m = tl.full([BR], -float("inf"), tl.float32)
+        l_sum = tl.zeros([BR], dtype=tl.float32)
+        acc = tl.zeros([BR, HD], dtype=tl.float32)
+        base = sp * PER * BLOCK_S
+        for b in range(PER):
+            offs = base + b * BLOCK_S + tl.arange(0, BLOCK_S)
+            inb = offs < S
+            kt = tl.load(k_ptr + kvh * stride_kh + offs[None, :] * stride_ks + d[:, None], mask=inb[None, :], other=0.0)
+            if IEEE:
+                sc = tl.dot(q, kt, input_precision="ieee")
+            else:
+                sc = tl.dot(q, kt)
+            sc = sc * tl.cast(sm_scale, tl.float32)  # [BR, BLOCK_S]
+            ok_k = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0)
+            ok = tl.load(mask_ptr + r[:, None] * stride_mr + offs[None, :] * stride_ms,
+                         mask=live_r[:, None] & ok_k[None, :], other=0) != 0
+            sc = tl.where(ok, sc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing allowed yet: exp() finite
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(sc - m_ref[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out_rows = o_ptr + (h * R + r[:, None]) * HD + d[None, :]
+        if NSP == 1:
+            tl.store(out_rows, (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=live_r[:, None])
+        else:
+            slot = ((h * nrb + rb) * NSP + sp) * BR + tl.arange(0, BR)  # this split's rows in the workspace
+            tl.store(ws_ptr + slot[:, None] * (HD + 2) + d[None, :], acc)
+            tl.store(ws_ptr + slot * (HD + 2) + HD, m)
+            tl.store(ws_ptr + slot * (HD + 2) + HD + 1, l_sum)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + h * nrb + rb, 1, sem="acq_rel") == NSP - 1:  # last split: merge
+                mx = tl.full([BR], -float("inf"), tl.float32)
+                for i in tl.static_range(NSP):
+                    row = ((h * nrb + rb) * NSP + i) * BR + tl.arange(0, BR)
+                    mx = tl.maximum(mx, tl.load(ws_ptr + row * (HD + 2) + HD, cache_modifier=".cg"))
+                mx = tl.where(mx == -float("inf"), 0.0, mx)
+                num = tl.zeros([BR, HD], dtype=tl.float32)
+                den = tl.zeros([BR], dtype=tl.float32)
+                for i in tl.static_range(NSP):
+                    row = ((h * nrb + rb) * NSP + i) * BR + tl.arange(0, BR)
+                    w = tl.exp(tl.load(ws_ptr + row * (HD + 2) + HD, cache_modifier=".cg") - mx)
+                    den += w * tl.load(ws_ptr + row * (HD + 2) + HD + 1, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(ws_ptr + row[:, None] * (HD + 2) + d[None, :], cache_modifier=".cg")
+                tl.store(out_rows, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=live_r[:, None])
+                tl.store(cnt_ptr + h * nrb + rb, 0)
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device, programs: int, br: int, hd: int):
+    """(fp32 workspace, int32 counters) for `programs` (head, row block) pairs; one per shape, made on the
+    first call (a warm-up, before any capture in every caller)."""
+    key = (device, programs, br, hd)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = (
+            torch.empty(programs * MAX_SPLITS * br * (hd + 2), dtype=torch.float32, device=device),
+            torch.zeros(programs, dtype=torch.int32, device=device),
+        )
+    return ws
+
+
+def plan(rows: int, S: int) -> tuple[int, int, int, int]:
+    """(BR rows per block, row blocks, splits, blocks per split) for `rows` query rows over S keys."""
+    br = max(16, triton.next_power_of_2(rows)) if rows <= 32 else 32  # tl.dot needs 16 rows or more
+    blocks = triton.cdiv(S, BLOCK_S)
+    per = triton.cdiv(blocks, MAX_SPLITS)
+    return br, triton.cdiv(rows, br), triton.cdiv(blocks, per), per
+
+
+def triton_tree_attention(q, k, v, valid, mask):
+    from ..ops import tree_attention_reference
+
+    H, rows, hd = q.shape
+    Hkv, S, _ = k.shape
+    usable = (
+        HAVE_TRITON and 1 <= rows <= MAX_ROWS and 16 <= hd == triton.next_power_of_2(hd) and H % Hkv == 0
+        and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == q.dtype == v.dtype
+        and tuple(mask.shape) == (rows, S)
+    )
+    if not usable:
+        return tree_attention_reference(q, k, v, valid, mask).contiguous()
+    o = torch.empty(H, rows, hd, dtype=q.dtype, device=q.device)
+    br, nrb, nsp, per = plan(rows, S)
+    ws, cnt = _workspace(q.device, H * nrb, br, hd)
+    _tree_attn_kernel[(H, nrb, nsp)](
+        q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid,
+        mask.view(torch.uint8) if mask.dtype == torch.bool else mask, o, ws, cnt,
+        rows, S, 1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        mask.stride(0), mask.stride(1),
+        HD=hd, REP=H // Hkv, BR=br, BLOCK_S=BLOCK_S, PER=per, NSP=nsp, IEEE=q.dtype == torch.float32,
+        num_warps=NUM_WARPS,
+    )
+    return o
+
+
+def register_cuda_impl() -> bool:
+    """Make the kernel the CUDA implementation of `specee::tree_attention` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::tree_attention", triton_tree_attention)
