@@ -14,6 +14,20 @@ import sys
 
 import torch
 
+RECOMPILE_LIMIT = 64  # compiles of one code object per process (Dynamo's default: 8)
+
+
+def allow_recompiles() -> None:
+    """Let a process build many decoders. Each decoder compiles the same functions (`model_step`'s layer, the
+    draft's step) with its own constants (the model's shapes in closures, attention buckets, row counts), and
+    Dynamo counts every such compile against one limit per code object: past 8 a `fullgraph=True` compile
+    raises (the CUDA tree test on the H200 hit it at its third decoder, session 18) and the others would run
+    eagerly. Raised once, never lowered."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+
 
 class CompiledFns:
     def __init__(self, what: str, enabled: bool):
@@ -30,6 +44,7 @@ class CompiledFns:
         if self.enabled and self.error is None:
             f = self.fns.get(name)
             if f is None:
+                allow_recompiles()
                 f = self.fns[name] = torch.compile(fn, fullgraph=True, dynamic=False,
                                                    options={"coordinate_descent_tuning": tune})
             if keys is not None:

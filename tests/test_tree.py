@@ -638,3 +638,43 @@ def test_cuda_fp16_trace_replay_follows_its_trace_after_the_captures(tmp_path):
         assert fid["realized_vs_forced"] >= 0.9, fid  # (0.53 and falling with the NaN; 0.99 without)
     c, d = dense.seg.cache, tree.tree.fixed.draft
     assert all(bool(torch.isfinite(t).all()) for t in (c.k, c.v, d._feats, *d._k, *d._v, tree.tree.fixed.g0))
+
+
+def test_many_tree_decoders_in_one_process_keep_compiling():
+    """Every decoder compiles `model_step`'s one layer code with what makes it distinct (dtype, rows of one
+    or many, a tree mask or none, the model's shapes): Dynamo counts every such compile against one limit
+    per code object. At its default (8) the next `fullgraph=True` compile raises (the CUDA tree test hit it
+    on the H200 at its third decoder in one process, session 18); the product raises the limit before it
+    compiles. Dynamo only (backend "eager"), tiny shapes."""
+    from types import SimpleNamespace
+
+    import torch._dynamo
+
+    from specee_compile.compiled_fns import RECOMPILE_LIMIT, allow_recompiles
+    from specee_compile.model_step import make_layer_fn
+
+    H, hd, D, F, T = 2, 4, 8, 12, 16
+    spec = SimpleNamespace(num_heads=H, num_kv_heads=H, head_dim=hd, eps=1e-5, hidden=D, max_len=T)
+
+    def run():
+        torch._dynamo.reset()
+        for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):  # decoders of four dtypes
+            fn = torch.compile(make_layer_fn(spec), backend="eager", fullgraph=True, dynamic=None)
+            w = [t.to(dt) for t in (torch.ones(D), torch.randn(3 * H * hd, D), torch.randn(D, H * hd),
+                                    torch.ones(D), torch.randn(2 * F, D), torch.randn(D, F))]
+            w.insert(2, None)
+            for rows, tree in ((1, False), (3, False), (3, True)):  # the decode row, rows, tree rows
+                pos = torch.arange(3, 3 + rows)
+                extra = {"slots": pos, "mask": torch.ones(rows, 8, dtype=torch.bool)} if tree else {}
+                fn(torch.randn(1, rows, D, dtype=dt), pos, torch.ones(T, dtype=torch.bool), torch.ones(T, hd, dtype=dt),
+                   torch.zeros(T, hd, dtype=dt), torch.zeros(H, T, hd, dtype=dt), torch.zeros(H, T, hd, dtype=dt),
+                   8, *w, **extra)
+
+    cfg = torch._dynamo.config
+    with torch._dynamo.config.patch(recompile_limit=8):
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # the failure the product avoids
+            run()
+        allow_recompiles()
+        assert cfg.recompile_limit == RECOMPILE_LIMIT
+        run()
+    torch._dynamo.reset()

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compiled_fns import CompiledFns
+from ..compiled_fns import CompiledFns, allow_recompiles
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
 
@@ -148,6 +148,7 @@ class TreeStep:
         # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
         fn = make_layer_fn(seg.spec, fused=("attn",) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
+            allow_recompiles()  # every tree decoder of the process compiles this same layer code
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
         w, c = seg.weights, seg.cache
 
