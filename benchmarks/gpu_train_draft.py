@@ -175,7 +175,7 @@ def cmd_run(args) -> int:
     decoders = {}
     seg = None
     for name, d in heads.items():
-        s = base.replace(speculate="tree", artifacts=str(d))
+        s = base.replace(speculate="tree", tree_guard=False, artifacts=str(d))  # the tree itself
         if args.tree:
             b, dep, k = (int(x) for x in args.tree.split(":"))
             s = s.replace(tree_budget=b, tree_depth=dep, tree_topk=k)

@@ -111,7 +111,7 @@ def main() -> int:
         if name not in args.variants.split(","):
             continue
         t0 = time.time()
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
                             draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
         dec.draft.compile = compiled_draft
         try:
@@ -149,7 +149,7 @@ def main() -> int:
     if args.profile:  # kernels of one fixed tree step, run eagerly (not replayed) under the profiler
         from torch.profiler import ProfilerActivity, profile
 
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed"), segments=seg,
+        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
                             draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
         dec.generate(prompt)
         f = dec.tree.fixed

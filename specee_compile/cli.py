@@ -32,7 +32,7 @@ def _settings_from(args, **over) -> Settings:
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
                  "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup",
-                 "tree_lookup_first"):
+                 "tree_lookup_first", "tree_guard"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -78,6 +78,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-program", choices=TREE_PROGRAMS, default="auto",
                    help="tree: fixed = the whole step as one captured program (CUDA graphs; greedy, no exits on the "
                         "tree), host = driven from the host (sampling, --specee on the tree), auto = fixed on CUDA")
+    p.add_argument("--tree-guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="tree: decode densely once the verify steps accept fewer tokens than a tree step costs in "
+                        "dense steps (timed on the device; CUDA fixed program; default: on)")
     p.add_argument("--no-schedule", action="store_true", help="run every predictor (no two-level scheduling)")
 
 

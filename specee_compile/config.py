@@ -15,6 +15,7 @@ BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
+TREE_GUARD_STEPS = 8  # verify steps the tree guard waits for before it judges the tree (runtime/tree.py)
 # the default tree (budget, depth, top-k) and prompt lookup per device type, measured with SmolLM2
 # (benchmarks/RESULTS.md, sessions 4 and 5): a GPU verifies 25 rows for about what it verifies 7
 # (launch-bound); on a CPU, MKL's fp32 GEMM streams the weights once per 3 rows (the cost of 1-3 rows is one
@@ -109,6 +110,12 @@ class Settings:
     attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
     from the host (any mode, sampling, SpecEE on the tree, prompt lookup); auto = fixed on CUDA where
     it applies (greedy, an EAGLE draft on the device), else host."""
+    tree_guard: bool = True
+    """Tree: never slower than dense. Where the fixed program runs beside a whole-step dense program (CUDA,
+    inductor), both are timed on this device before the first token; their ratio is the tokens a verify step
+    must accept to pay. Once the decoder's verify steps (at least `TREE_GUARD_STEPS`) accept fewer on average,
+    it decodes densely from then on, the same tokens (greedy), and the stats say why (`tree_guard`).
+    False = always the tree."""
 
     # ---- two-level scheduling ----
     use_schedule: bool = True
@@ -208,6 +215,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "speculate": ("str",),
     "tree_program": ("str",),
     "tree_lookup": ("bool?",),
+    "tree_guard": ("bool",),
     "tree_lookup_first": ("int?", 0, True, None),
     "online_window": ("int", 0, True, None),
     "offline_max_layers": ("int", 0, True, None),

@@ -629,7 +629,8 @@ def test_cuda_fp16_trace_replay_follows_its_trace_after_the_captures(tmp_path):
     dense = build_decoder(loaded, Settings(**base))
     gb.sharpen_draft(draft, dense.seg, prompt, gb.TRACE_SPREAD)
     trace = gb.accept_trace(4096, 3.5)
-    tree = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False),
+    tree = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False,
+                                          tree_guard=False),  # 4 layers: the tree need not pay; the replay is checked
                          segments=dense.seg, draft=draft, accept=trace_accepts(trace))
     dense.generate(prompt)
     for _ in range(2):
@@ -678,3 +679,87 @@ def test_many_tree_decoders_in_one_process_keep_compiling():
         assert cfg.recompile_limit == RECOMPILE_LIMIT
         run()
     torch._dynamo.reset()
+
+
+def test_tree_guard_declines_only_a_tree_that_does_not_pay():
+    from specee_compile.runtime.tree import TreeGuard
+
+    g = TreeGuard(tree_s=3e-3, dense_s=1e-3, source="given", min_steps=4)  # break-even: 3 tokens per step
+    assert g.break_even == pytest.approx(3.0)
+    for n in (1, 1, 1):  # under min_steps: no verdict yet
+        g.observe(n)
+    assert g.declined is None
+    g.observe(9)  # 12 / 4 = 3.0: pays exactly, kept
+    assert g.declined is None
+    g.observe(1)  # 13 / 5 < 3
+    assert "2.60 tokens per step" in g.declined and "3.00 dense steps" in g.declined
+    g.observe(50)  # a declined tree stays declined
+    assert g.steps == 5 and g.record()["declined"] == g.declined
+    assert g.record()["break_even_tokens_per_step"] == 3.0
+    with pytest.raises(ValueError):
+        TreeGuard(tree_s=0.0, dense_s=1e-3, source="given")
+    # the setting and its flag: on by default, --no-tree-guard turns it off, a non-bool is refused
+    import argparse
+
+    from specee_compile.cli import _add_decode_args, _settings_from
+
+    p = argparse.ArgumentParser()
+    _add_decode_args(p)
+    assert _settings_from(p.parse_args([])).tree_guard is True
+    assert _settings_from(p.parse_args(["--no-tree-guard"])).tree_guard is False
+    with pytest.raises(SpecEEError, match="tree_guard"):
+        Settings(tree_guard="yes")
+
+
+@pytest.mark.parametrize("tree_s,declines", [(100.0, True), (1e-6, False)])
+def test_a_declined_tree_decodes_densely_with_the_same_tokens(tree_s, declines):
+    """The guard (timed on CUDA; given here) declines a tree that costs more dense steps than it accepts tokens:
+    the decoder's next steps are dense steps, the tokens stay dense greedy's, and the stats count the tokens of
+    both kinds of step and say why."""
+    from specee_compile.runtime.tree import TreeGuard
+
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40).token_ids
+    dec = tree_dec(model, eagle_tree(model), 40)
+    dec.tree.guard = TreeGuard(tree_s=tree_s, dense_s=1e-3, source="given", min_steps=3)
+    res = dec.generate(PROMPT)
+    assert res.token_ids == ref
+    st = res.stats()
+    if declines:
+        assert res.verify_steps == 3 and res.decode_steps > 3 and not dec.tree.on
+        assert st["tree_guard"]["declined"] and st["tree_guard"]["steps_seen"] == 3
+        # tokens: the tree steps' accepted ones plus one per dense step (every generated token but the prefill's)
+        assert res.accepted_tokens + res.decode_steps - res.verify_steps == len(ref) - 1
+        again = dec.generate(PROMPT)  # the decoder stays dense
+        assert again.token_ids == ref and again.verify_steps == 0 and again.stats()["tree_guard"]["declined"]
+    else:
+        assert res.verify_steps == res.decode_steps and dec.tree.on and st["tree_guard"]["declined"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tree_guard_is_timed_and_a_declined_tree_continues_on_the_dense_graphs():
+    """On CUDA (inductor: the fixed program beside the dense whole step) the guard times a step of each before
+    the first token. Declined mid-generation (its tree cost set high), the decoder continues on the dense
+    whole-step graphs captured at start (run ahead), with dense greedy's tokens, on this call and the next."""
+    from specee_compile.draft.tree import DeviceEagleTreeSource
+
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40, device="cuda", backend="inductor").token_ids
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)
+    draft.to("cuda").eval()
+    s = Settings(max_new_tokens=40, speculate="tree", tree_program="fixed", device="cuda", backend="inductor",
+                 tree_budget=12, tree_depth=4, tree_topk=4)
+    dec = Decoder(make_segments(model, s), s, draft=DeviceEagleTreeSource(draft, k=4, max_len=s.max_context,
+                                                                           compile=True))
+    first = dec.generate(PROMPT)
+    g = dec.tree.guard
+    assert g is not None and g.tree_s > 0 and g.dense_s > 0 and first.tree_guard["tree_step_us"] > 0
+    assert first.token_ids == ref
+    if g.declined is None:  # (a tiny model's tree may pay or not; make it not pay)
+        g.tree_s, g.min_steps, g.steps, g.accepted = 1.0, 2, 0, 0
+        res = dec.generate(PROMPT)
+        assert g.declined and res.verify_steps == 2 and res.decode_steps > 2
+        assert res.token_ids == ref
+    again = dec.generate(PROMPT)
+    assert again.verify_steps == 0 and again.token_ids == ref and again.tree_guard["declined"]

@@ -360,6 +360,18 @@ class CudaWholeStep:
             draft.device_step(self.out[0:1], self.hn, self.pos, S)
         return replay_time(g.replay, reps)
 
+    def dense_step_time(self, S: int) -> float:
+        """Seconds per dense step at attention bucket S (its graph replayed; the tree guard's measure,
+        runtime/tree.py). The replays run on junk state: the cache is flagged (KVCache.junk)."""
+        t = self._time(("dense",), S, frozenset(), None)
+        self.seg.cache.junk = True
+        return t
+
+    @staticmethod
+    def program_time(run, reps: int = 10) -> float:
+        """Seconds per call of `run`, a captured program's replay (see `replay_time`)."""
+        return replay_time(run, reps)
+
     def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
         g = self.graphs.get((kind, S))
         if g is None:

@@ -324,7 +324,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_[name], r = timed[name]
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(tr) / len(tr), 3),
                         avg_tree_nodes=r.stats()["avg_tree_nodes"],
-                        tree_program="fixed" if decs[name].tree._fixed_on else "host",
+                        tree_program="fixed" if decs[name].tree._fixed_on else "host", tree_guard=r.tree_guard,
                         **replay_fidelity(decs[name].tree, tr))
         R_[f"product_{name}_ratio"] = R_[name]["paired_ratio"]
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
@@ -447,7 +447,9 @@ def replay_fidelity(tree, trace: list[int]) -> dict:
             "short_steps": sum(a < f for a, f in zip(got[:-1], forced[:-1]))}
 
 
-SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_specee")  # besides dense (--smollm2-configs)
+# besides dense (--smollm2-configs); tree = the tree alone (the t3 issue's measure, guard off), tree_guarded = the
+# product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard)
+SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee")
 
 
 def bench_smollm2(args, res: dict, dev) -> None:
@@ -469,7 +471,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
     configs = {"dense": dict(), "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
     if "tree" not in args.skip:
-        configs.update(tree=dict(speculate="tree"),
+        configs.update(tree=dict(speculate="tree", tree_guard=False), tree_guarded=dict(speculate="tree"),
                        tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"))
     wanted = getattr(args, "smollm2_configs", None)
     if wanted:  # (names checked in main, before any work)
@@ -494,12 +496,14 @@ def bench_smollm2(args, res: dict, dev) -> None:
                                                             "exit_layers_identical": got.exit_layers == want.exit_layers}
         del eager
     speeds = {n: [] for n in configs}
+    guards: dict = {}  # name -> the last call's tree guard record (None: no guard)
     stats = {n: {"layers": [], "agree": [], "identical": 0, "accepted": [0, 0]} for n in configs}
     accepted_trace: list[int] = []
     for ids in prompts:
         ref = None
         for name, dec in decs.items():
             r = dec.generate(ids)
+            guards[name] = r.tree_guard
             speeds[name].append(r.decode_tok_s)
             stats[name]["layers"].append(r.avg_layers)
             stats[name]["accepted"][0] += r.accepted_tokens
@@ -523,7 +527,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
         acc, steps = stats[name]["accepted"]
         if steps:
             R_[f"smollm2_{name}"].update(accepted_per_step=round(acc / steps, 3),
-                                         tree_program="fixed" if decs[name].tree._fixed_on else "host")
+                                         tree_program="fixed" if decs[name].tree._fixed_on else "host",
+                                         tree_guard=guards[name])
     if "tree" in configs:
         R_["smollm2_tree_accepted"] = R_["smollm2_tree"]["accepted_per_step"]
         R_["smollm2_tree_identical"] = stats["tree"]["identical"] / len(prompts)
@@ -626,7 +631,8 @@ def plot_record(res: dict, path: str) -> str | None:
              (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits"),
               ("tree35", "tree, 3.5 trace"), ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
             ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
-                                                     ("smollm2_tree", "tree"), ("smollm2_tree_specee", "tree+SpecEE")),
+                                                     ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
+                                                     ("smollm2_tree_specee", "tree+SpecEE")),
              "tok_s")):
         if dense_key not in R_:
             continue

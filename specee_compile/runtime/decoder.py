@@ -69,6 +69,7 @@ class GenerationResult:
     load_s: float = 0.0  # loading the model (set by whoever loaded it: the CLI)
     compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
+    tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -87,8 +88,9 @@ class GenerationResult:
 
     @property
     def decode_tok_s(self) -> float:
-        """Tokens per second of the decode phase (a tree step emits several)."""
-        n = self.accepted_tokens if self.verify_steps else self.decode_steps
+        """Tokens per second of the decode phase (a tree step emits several; a declined tree's steps after it,
+        one each)."""
+        n = self.accepted_tokens + self.decode_steps - self.verify_steps
         return n / self.decode_s if self.decode_s > 0 else 0.0
 
     @property
@@ -127,6 +129,7 @@ class GenerationResult:
             "verify_steps": self.verify_steps,
             "accepted_per_step": self.accepted_per_step,
             "avg_tree_nodes": self.tree_nodes / self.verify_steps if self.verify_steps else None,
+            "tree_guard": self.tree_guard,
         }
 
 
@@ -235,8 +238,9 @@ class Decoder:
         compile_s = time.perf_counter() - t0
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
+        guard = None if self.tree is None or self.tree.guard is None else self.tree.guard.record()
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
-                               compile_s=compile_s, exit_program=self.selection)
+                               compile_s=compile_s, exit_program=self.selection, tree_guard=guard)
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res
@@ -267,9 +271,9 @@ class Decoder:
             if self.pending and self.policy.needs_rollback:
                 self._step(current=False)  # flush: verify pending exits before stopping
             return
-        if self.tree is not None:
+        if self.tree is not None and self.tree.on:
             self.tree.step()  # one tree verify step: appends the accepted tokens + bonus
-        elif self.as_dense:
+        elif self.as_dense or self.tree is not None:  # (a tree the guard declined: dense steps)
             self._dense_step(self.gen)
         else:
             self._step(current=True)

@@ -62,8 +62,50 @@ from __future__ import annotations
 import torch
 
 from ..compiled_fns import CompiledFns, allow_recompiles
+from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
+
+
+class TreeGuard:
+    """Never slower than dense, for the tree (the engine issue's rule for exits, applied to `--speculate tree`).
+
+    A tree step costs `tree_s`, a dense step `dense_s`, both timed on this device at one attention bucket, so
+    the tree pays only while its verify steps accept more than `break_even` = tree_s / dense_s tokens on
+    average. `observe` takes each verify step's tokens; once at least `min_steps` steps have run and their mean
+    is under the break-even, the guard declines the tree for the rest of the decoder's life (`declined` says
+    why) and the decoder decodes densely: the same tokens, greedy either way. On the H200 a SmolLM2 tree step
+    cost 5.4 dense steps and accepted 2.6 tokens (0.48x dense), a 7B one 1.7 dense steps for 3.5 (2.0x)."""
+
+    def __init__(self, tree_s: float, dense_s: float, source: str, min_steps: int = TREE_GUARD_STEPS):
+        if tree_s <= 0 or dense_s <= 0:
+            raise ValueError(f"TreeGuard: step times must be positive, got tree {tree_s}, dense {dense_s}")
+        self.tree_s, self.dense_s, self.source = float(tree_s), float(dense_s), source
+        self.min_steps = int(min_steps)
+        self.steps = 0
+        self.accepted = 0
+        self.declined: str | None = None
+
+    @property
+    def break_even(self) -> float:
+        return self.tree_s / self.dense_s
+
+    def observe(self, accepted: int) -> None:
+        if self.declined is not None:
+            return
+        self.steps += 1
+        self.accepted += int(accepted)
+        mean = self.accepted / self.steps
+        if self.steps >= self.min_steps and mean < self.break_even:
+            self.declined = (f"after {self.steps} verify steps the tree accepted {mean:.2f} tokens per step; a step "
+                             f"costs {self.break_even:.2f} dense steps ({self.tree_s * 1e6:.0f} vs "
+                             f"{self.dense_s * 1e6:.0f} us): decoding densely")
+
+    def record(self) -> dict:
+        return {"tree_step_us": round(self.tree_s * 1e6, 1), "dense_step_us": round(self.dense_s * 1e6, 1),
+                "break_even_tokens_per_step": round(self.break_even, 3), "steps_seen": self.steps,
+                "accepted_per_step_seen": round(self.accepted / self.steps, 3) if self.steps else None,
+                "declined": self.declined, "source": self.source}
 
 
 class TreeStep:
@@ -87,6 +129,7 @@ class TreeStep:
         self.trace_steps = 0
         self.fixed = self._fixed_program(dec)
         self._fixed_on = False  # this generation runs the fixed program (set in prepare)
+        self.guard: TreeGuard | None = None  # measured in prepare where it applies (Settings.tree_guard)
         if self.fixed is not None and s.specee:
             dec.selection = {"exit_points_kept": [], "exit_points_dropped": {
                 str(i): "the fixed tree program verifies every node through every layer (no exits on the tree; "
@@ -129,6 +172,38 @@ class TreeStep:
                               f"no room for the tree's {f.margin} slots in the context; raise --max-context")
         if self._fixed_on:
             f.prepare(first, last)
+            self._prepare_guard(first, last)
+
+    @property
+    def on(self) -> bool:
+        """Whether the decoder's steps are tree steps (False once the guard has declined the tree)."""
+        return self.guard is None or self.guard.declined is None
+
+    def _prepare_guard(self, first: int, last: int) -> None:
+        """Where the backend also runs a whole-step dense program that it can time (CUDA, inductor): capture
+        its graphs for the same positions (a declined tree decodes densely from any step on, and no capture
+        may run during a generation: its warm-ups write the cache) and, once per decoder, time a step of
+        each at the first bucket. The runs leave junk state, which the decoder's start clears."""
+        dec = self.dec
+        whole = dec.whole
+        if not dec.s.tree_guard or whole is None or not hasattr(whole, "dense_step_time"):
+            return
+        whole.prepare(dec._template_plan(), last)
+        if self.guard is not None:
+            return
+        f = self.fixed
+        S = f.bucket(first)
+        program = f.programs[S]
+
+        def tree_step():  # every replay from the same root position: p advances on the device
+            f.p.fill_(S - f.margin - 1)
+            program()
+
+        t_tree = whole.program_time(tree_step, 10)
+        t_dense = whole.dense_step_time(S)
+        self.dec.seg.cache.junk = True
+        self.guard = TreeGuard(t_tree, t_dense, f"CUDA graph replays at S={S}: the fixed tree program ({f.N} nodes, "
+                                                f"depth {f.depth}) and the dense whole step")
 
     # ---------------------------------------------------------------- the tree-verify layer
     @staticmethod
@@ -262,8 +337,16 @@ class TreeStep:
                 break
             dec.draft.observe(tok, hn[0, local[r]], layer)
             dec._append(tok, layer)
-        res.accepted_tokens += len(dec.seq) - n_before
-        self.accepted_log.append(len(dec.seq) - n_before)
+        self._count(len(dec.seq) - n_before)
+
+    def _count(self, n: int) -> None:
+        """A verify step emitted n tokens: the stats, the bench's log, the guard."""
+        dec = self.dec
+        dec.res.accepted_tokens += n
+        self.accepted_log.append(n)
+        if self.guard is not None:
+            self.guard.observe(n)
+            dec.res.tree_guard = self.guard.record()
 
     def _fixed_step(self) -> None:
         dec, f, res = self.dec, self.fixed, self.dec.res
@@ -283,8 +366,7 @@ class TreeStep:
                 break
             dec._append(tok, dec.L - 1)
         dec.draft.observe_fixed(emitted)
-        res.accepted_tokens += len(dec.seq) - n_before
-        self.accepted_log.append(len(dec.seq) - n_before)
+        self._count(len(dec.seq) - n_before)
 
     # ---------------------------------------------------------------- helpers
     def _predict_path(self, i, h, w_rows, cands, p_prev, has, kids):
