@@ -104,3 +104,23 @@ def test_registered_op_dispatches_to_the_kernel():
     assert register_cuda_kernels()
     a = _inputs(8, 8, 128, 9, 64, torch.float16, "cuda", 4)
     assert torch.equal(torch.ops.specee.tree_attention(*a), triton_tree_attention(*a))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_every_tuner_config_matches_sdpa(dtype):
+    """Every config the tuner may pick (split and unsplit, several block sizes) gives SDPA's rows, the tuner
+    picks one of them or the reference, and the op then runs the pick."""
+    from specee_compile.plugins import triton_tree_attention as A
+
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    a = _inputs(32, 32, 320, 25, 128, dtype, "cuda", 5)
+    want = tree_attention_reference(*[t.float() if t.is_floating_point() else t for t in a])
+    for cfg in A.CONFIGS:
+        for _ in range(2):  # the counters reset themselves
+            got = A._launch(cfg, *a)
+            assert float((got.float() - want).abs().max()) < tol, cfg
+    got = A.triton_tree_attention(*a)
+    pick = A._TUNE_CACHE[(32, 32, 25, 320, 128, dtype, a[0].device)]
+    assert pick == A.EAGER or pick in A.CONFIGS
+    assert float((got.float() - want).abs().max()) < tol

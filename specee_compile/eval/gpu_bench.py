@@ -334,10 +334,13 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         log(name, R_[name])
 
     if dev.type == "cuda":
+        from ..plugins import triton_tree_attention
         from ..plugins.triton_gemv import TUNED
 
         # what every GEMV shape ran: a kernel config, or "eager" (cuBLAS) where the rows tuner timed it faster
         res["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
+        # the same for the tree rows' attention: (BLOCK_S, splits, warps, stages), or "eager" (cuDNN)
+        res["tree_attention_tuned"] = {str(k): v for k, v in triton_tree_attention.TUNED.items()}
         bw = copy_bandwidth(dev)
         wbytes = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if "embed" not in n)
         R_["copy_TBps"] = round(bw / 1e12, 3)
