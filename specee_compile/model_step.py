@@ -262,9 +262,9 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     explicitly, for exporters that do not know `enable_gqa`.
     fused, ops: see `make_layer_parts`; with "attn", the mask and attention are one
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
-    or with a mask given one `specee::tree_attention` op (`plugins/triton_tree_attention.py`), and the rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one
-    Triton kernel on CUDA for one row, and for rows at slots of their own, the tree's;
-    `plugins/triton_rope_append.py`).
+    or, with a mask given, one `specee::tree_attention` op (`plugins/triton_tree_attention.py`); and the
+    rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one Triton
+    kernel on CUDA for one row, and for rows at slots of their own, the tree's; `plugins/triton_rope_append.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
