@@ -250,7 +250,7 @@ class Decoder:
         t0 = time.perf_counter()
         logits, hn = seg.prefill(list(prompt_ids))  # logits [V] of the last row, hn [P, D]
         first = select_token(logits, s.temperature, s.top_p, self.gen)
-        if s.specee or self.tree is not None:
+        if s.specee or (self.tree is not None and self.tree.on):  # (a declined tree runs no draft)
             self.draft.reset(list(prompt_ids), hn)
             self.draft.observe(first, hn[-1], self.L - 1)
             if self.scheduler is not None:

@@ -171,7 +171,8 @@ class TreeStep:
             raise SpecEEError(f"--tree-program fixed: {prompt_len} prompt + {max_new_tokens} new tokens leave "
                               f"no room for the tree's {f.margin} slots in the context; raise --max-context")
         if self._fixed_on:
-            f.prepare(first, last)
+            if self.on:  # (a declined tree's decoder only needs the dense graphs, which the guard prepares)
+                f.prepare(first, last)
             self._prepare_guard(first, last)
 
     @property
