@@ -53,6 +53,10 @@ graph per attention bucket; `auto` runs it on CUDA. Both build the same tree and
 (tests/test_tree.py); on a CPU the host step is slightly faster (no capture to gain, and the fixed
 program computes its full fixed shapes).
 
+Never slower than dense (`Settings.tree_guard`, `TreeGuard`): where the fixed program runs beside a whole-step
+dense program (CUDA, inductor), one step of each is timed before the first token; once the decoder's verify steps
+accept fewer tokens on average than a tree step costs dense steps, it decodes densely from the next step on.
+
 Work counted: `layer_passes` per verify step (avg_layers), `layer_rows`, `verify_steps`,
 `accepted_tokens` (bonus included; `accepted_per_step` in the stats), `tree_nodes`.
 """
