@@ -8,6 +8,7 @@ and the parts of one step captured alone (draft expansion, verification layers).
 JSON to --out.
 
     python benchmarks/tree_gpu_profile.py --out $OUT/tree_profile.json
+    python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
 """
 
 from __future__ import annotations
@@ -52,7 +53,50 @@ def kernel_categories(kernels: list[tuple[str, float, int]], steps: int) -> dict
             sorted(out.items(), key=lambda kv: -kv[1]["us_per_step"])}
 
 
+def plot_categories(paths: list[str], out: str) -> None:
+    """One stacked bar per `--profile` record (its commit, or file name): GPU us per tree step by category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = []
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        if not r.get("profile_categories"):
+            raise SystemExit(f"{p}: no profile_categories (a record of `--profile`); expected one per file")
+        recs.append((r.get("commit") or p.rsplit("/", 1)[-1], r["profile_categories"],
+                     (r.get("results") or {}).get("tree_compiled", {}).get("step_us")))
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(recs)))
+    for y, (label, pc, step) in enumerate(recs):
+        left = 0.0
+        for i, c in enumerate(cats):
+            us = pc.get(c, {}).get("us_per_step", 0.0)
+            ax.barh(y, us, left=left, color=f"C{i}", label=c if y == 0 else None)
+            left += us
+        ax.text(left + 30, y, f"kernels {left:.0f} us" + (f", step {step:.0f} us" if step else ""), va="center",
+                fontsize=8)
+    ax.set_yticks(range(len(recs)), [r[0] for r in recs])
+    ax.set_xlabel("GPU us per tree step (kernel time under the profiler)")
+    ax.set_xlim(0, max(sum(v["us_per_step"] for v in r[1].values()) for r in recs) * 1.35)
+    ax.invert_yaxis()  # the first record on top
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Where the tree step's GPU time goes")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> int:
+    if "--plot" in sys.argv:  # no GPU: plot records' categories
+        pp = argparse.ArgumentParser()
+        pp.add_argument("--plot", nargs="+", required=True, metavar="RECORD")
+        pp.add_argument("--out", required=True, help="PNG path")
+        a = pp.parse_args()
+        plot_categories(a.plot, a.out)
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=("smollm2", "7b"), default="smollm2")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (7b: a cheaper build)")

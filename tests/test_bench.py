@@ -238,11 +238,13 @@ def test_graph_gap_probe_reads_an_aoti_packages_gemv_launches(tmp_path):
         mod.package_gemvs(str(other), str(tmp_path))
 
 
-def test_tree_gpu_profile_sums_kernel_time_by_category():
+def test_tree_gpu_profile_sums_kernel_time_by_category(tmp_path):
     """`tree_gpu_profile.kernel_categories` (--profile): the profiler's kernels of N tree steps, summed per category
     (matmul, attention, top-k, rope + cache write, ...) per step, largest first; unknown names are "other"."""
     import importlib.util
     from pathlib import Path
+
+    import pytest
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_gpu_profile.py"
     spec = importlib.util.spec_from_file_location("tree_gpu_profile", path)
@@ -257,3 +259,14 @@ def test_tree_gpu_profile_sums_kernel_time_by_category():
     assert cats["matmul"] == {"us_per_step": 220.0, "launches_per_step": 10.0}
     assert cats["rope + cache write"] == {"us_per_step": 20.0, "launches_per_step": 10.0}
     assert cats["other"]["us_per_step"] == 5.0
+    # the new kernels land in their categories; --plot draws records' categories (no GPU) and refuses others
+    more = mod.kernel_categories([("_tree_attn_kernel", 10.0, 1), ("_topk_chunks_kernel", 5.0, 1)], steps=1)
+    assert set(more) == {"attention", "top-k"}
+    recs = sorted(str(p) for p in (path.parents[0] / "results").glob("*-tree7b-profile-s18*.json"))
+    assert len(recs) == 2
+    pytest.importorskip("matplotlib")
+    mod.plot_categories(recs, str(tmp_path / "cats.png"))
+    assert (tmp_path / "cats.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no profile_categories"):
+        mod.plot_categories([str(path.parents[0] / "results" / "2026-12-04-nvidia-h200-s18-7b.json")],
+                            str(tmp_path / "x.png"))
