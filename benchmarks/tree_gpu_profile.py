@@ -65,7 +65,8 @@ def plot_categories(paths: list[str], out: str) -> None:
         with open(p) as f:
             r = json.load(f)
         if not r.get("profile_categories"):
-            raise SystemExit(f"{p}: no profile_categories (a record of `--profile`); expected one per file")
+            print(f"{p}: no profile_categories; expected a record written with --profile", file=sys.stderr)
+            raise SystemExit(2)
         recs.append((r.get("commit") or p.rsplit("/", 1)[-1], r["profile_categories"],
                      (r.get("results") or {}).get("tree_compiled", {}).get("step_us")))
     cats = [c for c, _ in CATEGORIES] + ["other"]
