@@ -86,7 +86,11 @@ def plot_categories(paths: list[str], out: str) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Where the tree step's GPU time goes")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    from specee_compile.artifacts import atomic_file
+
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     print(f"wrote {out}")
 
 
