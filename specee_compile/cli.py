@@ -157,14 +157,21 @@ def cmd_generate(args) -> int:
         res = dec.generate(ids, on_token=stream)
         res.load_s = load_s
         stream.close()
-    decode = res.decode_steps / res.decode_s if res.decode_s > 0 else 0.0
-    print(f"\n[{len(res.token_ids)} tokens | load {res.load_s:.1f} s, compile {res.compile_s:.1f} s, prefill "
-          f"{res.prefill_s:.2f} s, decode {decode:.1f} tok/s | avg layers {res.avg_layers:.2f}"
-          f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "")
-          + (f", {res.accepted_per_step:.2f} tokens/verify step" if res.verify_steps else "") + "]", file=sys.stderr)
+    print(summary_line(res), file=sys.stderr)
     if args.stats_json:
         stats_json(res, args.stats_json, {"model": args.model, "settings": vars_of(settings)})
     return 0
+
+
+def summary_line(res) -> str:
+    """generate's closing line: tokens, times, decode tokens per second (a tree step emits several), layers, and
+    for a tree the tokens per verify step and whether its guard declined it."""
+    guard = (res.tree_guard or {}).get("declined")
+    return (f"\n[{len(res.token_ids)} tokens | load {res.load_s:.1f} s, compile {res.compile_s:.1f} s, prefill "
+            f"{res.prefill_s:.2f} s, decode {res.decode_tok_s:.1f} tok/s | avg layers {res.avg_layers:.2f}"
+            f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "")
+            + (f", {res.accepted_per_step:.2f} tokens/verify step" if res.verify_steps else "")
+            + (f" | tree declined: {guard}" if guard else "") + "]")
 
 
 def _check_prompt_text(prompt: str) -> None:

@@ -69,3 +69,17 @@ def test_unusable_device(capsys, tiny_model_dir, tmp_path):
     rc, _, err = run(capsys, "eval", str(tiny_model_dir), "--mtbench", "1", "--squad", "0", "--device", "cuda",
                      "--out", str(tmp_path / "ev"))
     assert rc == 2 and "no usable CUDA device" in err and not (tmp_path / "ev").exists()
+
+
+def test_summary_line_counts_tokens_not_steps():
+    """A tree step emits several tokens: the closing line's decode rate is tokens per second (it was verify steps
+    per second), and a tree the guard declined says so."""
+    from specee_compile.cli import summary_line
+    from specee_compile.runtime.decoder import GenerationResult
+
+    res = GenerationResult(prompt_len=3, token_ids=list(range(11)), num_layers=4, exit_layers=[3] * 11,
+                           decode_steps=6, verify_steps=4, accepted_tokens=8, decode_s=1.0, layer_passes=24)
+    line = summary_line(res)
+    assert "decode 10.0 tok/s" in line and "2.00 tokens/verify step" in line and "declined" not in line
+    res.tree_guard = {"declined": "after 8 verify steps the tree accepted 1.20 tokens per step"}
+    assert "tree declined: after 8 verify steps" in summary_line(res)
