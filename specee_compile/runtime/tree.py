@@ -69,6 +69,7 @@ from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
+from .contract import StepPlan
 
 
 class TreeGuard:
@@ -193,7 +194,9 @@ class TreeStep:
         whole = dec.whole
         if not dec.s.tree_guard or whole is None or not hasattr(whole, "dense_step_time"):
             return
-        whole.prepare(dec._template_plan(), last)
+        # the dense step's plan, whatever the decoder's own template (with --specee it is the exit program's,
+        # while a declined tree decodes plain dense steps: `Decoder._dense_step`)
+        whole.prepare(StepPlan(token=0, pos=0), last)
         if self.guard is not None:
             return
         f = self.fixed
@@ -206,7 +209,7 @@ class TreeStep:
 
         t_tree = whole.program_time(tree_step, 10)
         t_dense = whole.dense_step_time(S)
-        self.dec.seg.cache.junk = True
+        dec.seg.cache.junk = True  # (the tree program's replays; dense_step_time flags its own)
         self.guard = TreeGuard(t_tree, t_dense, f"CUDA graph replays at S={S}: the fixed tree program ({f.N} nodes, "
                                                 f"depth {f.depth}) and the dense whole step")
 
