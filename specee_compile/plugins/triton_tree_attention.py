@@ -184,7 +184,7 @@ def _tuned(q, k, v, valid, mask):
     """The config for this call's shape: the tuner's pick, cached per shape; None (the untuned config, not
     remembered) on a first call inside a stream capture."""
     from ..ops import tree_attention_reference
-    from .triton_gemv import _graph_us, pick_fastest, tune_copies
+    from .triton_gemv import _tune
 
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
@@ -192,24 +192,14 @@ def _tuned(q, k, v, valid, mask):
     cfg = _TUNE_CACHE.get(key)
     if cfg is not None or torch.cuda.is_current_stream_capturing():
         return cfg
-    copies = tune_copies(2 * k[0].numel() * Hkv * k.element_size())  # K and V of a layer, as a step reads them
-    kvs = [(k, v)] + [(torch.randn_like(k), torch.randn_like(v)) for _ in range(copies - 1)]
-    n = max(16, len(kvs))
-    times = {}
-    for c in (EAGER, *CONFIGS):
-        def run(i, c=c):
-            kk, vv = kvs[i % len(kvs)]
-            if c == EAGER:
-                tree_attention_reference(q, kk, vv, valid, mask)
-            else:
-                _launch(c, q, kk, vv, valid, mask)
 
-        try:
-            times[c] = _graph_us(run, n)
-        except Exception:  # noqa: BLE001  # a config this card cannot compile or launch (shared memory)
-            times[c] = None
-            torch.cuda.synchronize()
-    cfg = _TUNE_CACHE[key] = pick_fastest(times)
+    def launch(c, kv):  # kv: K and V of one layer stacked, or one of the tuner's copies of them
+        if c == EAGER:
+            tree_attention_reference(q, kv[0], kv[1], valid, mask)
+        else:
+            _launch(c, q, kv[0], kv[1], valid, mask)
+
+    cfg = _TUNE_CACHE[key] = _tune(torch.stack([k, v]), launch, [EAGER, *CONFIGS])
     TUNED[(H, Hkv, rows, S, hd, str(q.dtype).removeprefix("torch."))] = (
         cfg if cfg == EAGER else ",".join(map(str, cfg)))
     return cfg
