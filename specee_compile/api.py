@@ -180,9 +180,27 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
+    quantize_draft(draft, settings)
     draft = _device_draft(draft, segments, settings)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler,
                    policy=policy, accept=accept)
+
+
+def quantize_draft(draft, settings: Settings) -> None:
+    """settings.draft_quant on the EAGLE draft head behind `draft` (`EagleDraft.quantize`), before any source
+    binds its weights. A draft given in memory that is already quantized must be asked for as such."""
+    from .draft.eagle import EagleDraft
+
+    eagle = getattr(getattr(draft, "inner", draft), "draft", None)  # NgramAssist wraps the source it assists
+    if not isinstance(eagle, EagleDraft):
+        if settings.draft_quant != "none":
+            raise SpecEEError(f"--draft-quant {settings.draft_quant} quantizes an EAGLE draft head; this "
+                               f"decoder's candidates come from {type(draft).__name__}: drop --draft-quant")
+        return
+    if eagle.quant != settings.draft_quant and settings.draft_quant == "none":
+        raise SpecEEError(f"this draft is already {eagle.quant}: pass draft_quant={eagle.quant!r}, or a draft loaded "
+                           "afresh")
+    eagle.quantize(settings.draft_quant)
 
 
 def _device_draft(draft, segments, settings: Settings):

@@ -12,6 +12,7 @@ import time
 
 from .config import (
     BACKENDS,
+    DRAFT_QUANTS,
     DRAFT_SOURCES,
     FIELD_BOUNDS,
     KV_POLICIES,
@@ -32,7 +33,7 @@ def _settings_from(args, **over) -> Settings:
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
                  "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup",
-                 "tree_lookup_first", "tree_guard"):
+                 "tree_lookup_first", "tree_guard", "draft_quant"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -60,6 +61,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="predictor threshold (default: per-layer, from the artifacts)")
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES,
                    help="candidate source (default: the one the artifacts were trained with)")
+    p.add_argument("--draft-quant", choices=DRAFT_QUANTS, default=None,
+                   help="the EAGLE draft's weights: int8 (a scale per row) halves the bytes the CUDA kernels stream "
+                        "per draft pass; only candidates can change, never the output's guarantees (default: none)")
     p.add_argument("--max-pending", type=int, default=8)
     p.add_argument("--speculate", choices=SPECULATE, default="none",
                    help="tree: EAGLE-2 draft tree verified in one forward (needs a draft head; output = dense greedy)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .backends.registry import backend_names
+from .backends.registry import backend_names, get_backend
 from .runtime.policies import EXIT_POLICIES
 from .runtime.policies import KV_POLICIES as _KV_POLICIES
 
@@ -13,6 +13,7 @@ MODES = tuple(EXIT_POLICIES)  # exit policies (runtime/policies.py)
 KV_POLICIES = tuple(_KV_POLICIES)
 BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
+DRAFT_QUANTS = ("none", "int8")  # the EAGLE draft's matmul weights (draft/eagle.py EagleDraft.quantize)
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
 TREE_GUARD_STEPS = 8  # verify steps the tree guard waits for before it judges the tree (runtime/tree.py)
@@ -73,6 +74,10 @@ class Settings:
     draft_source: str | None = None
     """Where candidates come from: eagle (trained head) | ngram (prompt lookup) | shallow (layer
     logits). None = the source the artifacts were trained with (manifest `draft.source`)."""
+    draft_quant: str = "none"
+    """The EAGLE draft's matmul weights: none = as trained; int8 = one int8 per weight with a scale per output
+    row, which the CUDA kernels stream at half the bytes (the draft's cost per token and per tree level).
+    Only the candidates can change: the output is still the target's (lossless stays identical to dense)."""
     max_pending: int = 8
     """backfill: at most this many exited tokens wait for K/V; one more forces a full-depth step."""
     min_exit_layer: int = 0
@@ -157,6 +162,13 @@ class Settings:
                               "drop --tree-lookup-first or use --tree-program host")
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
+        check("draft_quant", DRAFT_QUANTS)
+        if self.draft_quant != "none" and not (self.specee or self.speculate == "tree"):
+            raise SpecEEError(f"--draft-quant {self.draft_quant} quantizes the draft, which runs only with --specee "
+                              "or --speculate tree: add one, or drop --draft-quant")
+        if self.draft_quant != "none" and get_backend(self.backend).kind == "artifact":
+            raise SpecEEError(f"--draft-quant {self.draft_quant}: the {self.backend} backend runs an exported "
+                              "directory's draft as exported; use --backend eager or inductor, or drop --draft-quant")
         needs_kv = EXIT_POLICIES[self.mode].needs_kv
         if needs_kv is not None and self.kv_policy != needs_kv:
             raise SpecEEError(
@@ -231,6 +243,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "device": ("device",),
     "dtype": ("str",),
     "draft_source": ("str?",),
+    "draft_quant": ("str",),
     "artifacts": ("path?",),
 }
 

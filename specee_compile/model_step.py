@@ -19,6 +19,7 @@ writes deeper layers' K/V, so their `valid` stays False there: that is the `skip
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class StepSpec:
 
 @dataclass
 class LayerWeights:
+    """A layer's weights. A matmul weight may also be an int8 pair (q [N, K] int8, scale [N] float32) from
+    `ops.quantize_rows` (the draft's --draft-quant int8); the layer functions take either form."""
+
     ln1: torch.Tensor | None  # [D]; None: no input norm (EAGLE-1's draft layer)
     wqkv: torch.Tensor  # [(H + 2 Hkv) hd, D]
     bqkv: torch.Tensor | None  # [(H + 2 Hkv) hd] (Qwen2) or None
@@ -55,6 +59,13 @@ class LayerWeights:
 
     def as_tuple(self) -> tuple:
         return (self.ln1, self.wqkv, self.bqkv, self.wo, self.ln2, self.wgu, self.wd)
+
+    def quantized(self) -> LayerWeights:
+        """The same layer with its four matmul weights as int8 pairs (`ops.quantize_rows`)."""
+        from .ops import quantize_rows
+
+        return dataclasses.replace(self, wqkv=quantize_rows(self.wqkv), wo=quantize_rows(self.wo),
+                                   wgu=quantize_rows(self.wgu), wd=quantize_rows(self.wd))
 
 
 @dataclass
@@ -210,27 +221,32 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
     _check_fused(fused)
-    lin = None
+    op = None
     if set(fused) - {"attn"}:
-        lin = _fused_op(ops, "fused_linear")
-    fuse = {name: lin is not None and name in fused for name in FUSABLE}
+        op = _fused_op(ops, "fused_linear")
+    fuse = {name: op is not None and name in fused for name in FUSABLE}
+
+    def lin(x, w, res=None, norm_w=None, eps_=0.0, pro="none"):  # the fused op; an int8 pair passes its scale
+        if isinstance(w, tuple):
+            return op(x, w[0], res, norm_w, eps_, pro, w[1])
+        return op(x, w, res, norm_w, eps_, pro)
 
     def normed_linear(x, ln, w, b, fused_op: bool):
         if ln is None:  # no input norm (EAGLE-1's draft layer)
-            y = lin(x, w, None, None, 0.0, "none") if fused_op else F.linear(x, w)
+            y = lin(x, w) if fused_op else plain_linear(x, w)
             return y if b is None else y + b
         if fused_op:
             y = lin(x, w, None, ln, eps, "rmsnorm")
             return y if b is None else y + b
-        return F.linear(rms_norm(x, ln, eps), w, b)
+        return plain_linear(rms_norm(x, ln, eps), w, b)
 
     def out_mlp(h, a, wo, ln2, wgu, wd):
-        h = lin(a, wo, h) if fuse["o"] else h + F.linear(a, wo)
+        h = lin(a, wo, h) if fuse["o"] else h + plain_linear(a, wo)
         gu = normed_linear(h, ln2, wgu, None, fuse["gate_up"])
         if fuse["down"]:
             return lin(gu, wd, h, None, 0.0, "silu_mul")
         g, u = gu.chunk(2, dim=-1)
-        return h + F.linear(F.silu(g) * u, wd)
+        return h + plain_linear(F.silu(g) * u, wd)
 
     def qkv(h, ln1, wqkv, bqkv, split: bool = True):
         y = normed_linear(h, ln1, wqkv, bqkv, fuse["qkv"])  # [1, q, (H + 2Hkv) hd]
@@ -240,6 +256,16 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
         return rope(q, c, s), rope(k, c, s)
 
     return qkv, rope_qk, out_mlp
+
+
+def plain_linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or for an int8 pair (q, scale) the int8 matmul (`ops.linear_w8`)."""
+    if isinstance(w, tuple):
+        from .ops import linear_w8
+
+        y = linear_w8(x, *w)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
 
 
 def _fused_op(ns: str, name: str):

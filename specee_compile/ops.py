@@ -3,7 +3,8 @@ only) implementation, so torch.export, the passes and Inductor carry them; on CU
 kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 
 - `specee::exit_score`: the exit point (below), lowered by every backend.
-- `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add.
+- `specee::fused_linear`: a decode matmul with its RMSNorm / SiLU*up prologue and residual add; its weight may
+  be int8 with one scale per output row (`quantize_rows`: the draft's `--draft-quant int8`).
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
 - `specee::tree_attention`: the same for a few rows under an explicit [q, S] mask (a tree's rows).
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
@@ -72,8 +73,31 @@ def _(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps):
 FUSED_PROLOGUES = ("none", "rmsnorm", "silu_mul")
 
 
-def fused_linear_reference(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
-    """The eager math `model_step` writes out: prologue(x) @ w.T (+ res)."""
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 with one scale per output row (symmetric, round to nearest): w [N, K] ->
+    (q int8 [N, K], scale float32 [N]) with w ~ q * scale[:, None]. A row of zeros gets scale 1.
+    Per-row scales commute with stacking rows, so a fused q|k|v or gate|up weight quantizes as its parts."""
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q * scale per row, in `dtype`: the weights an int8 layer computes with (its eager twin's)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def linear_w8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale).T as the int8 kernels compute it: fp32 products and sums, the row scale applied to the
+    sum, one rounding to x's dtype."""
+    return (torch.nn.functional.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
+
+
+def fused_linear_reference(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none", w_scale=None):
+    """The eager math `model_step` writes out: prologue(x) @ w.T (+ res); with w_scale, w is int8 and
+    the matmul is `linear_w8(x, w, w_scale)`."""
     if prologue == "rmsnorm":
         x = rms_norm(x, norm_w, eps)
     elif prologue == "silu_mul":
@@ -81,7 +105,7 @@ def fused_linear_reference(x, w, res=None, norm_w=None, eps: float = 0.0, prolog
         x = torch.nn.functional.silu(g) * u
     elif prologue != "none":
         raise ValueError(f"fused_linear: prologue {prologue!r} is not one of {FUSED_PROLOGUES}")
-    y = torch.nn.functional.linear(x, w)
+    y = torch.nn.functional.linear(x, w) if w_scale is None else linear_w8(x, w, w_scale)
     return y if res is None else res + y
 
 
@@ -113,15 +137,17 @@ def fused_linear(
     norm_w: torch.Tensor | None = None,
     eps: float = 0.0,
     prologue: str = "none",
+    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """prologue(x) @ w.T (+ res), one weight-streaming kernel on CUDA (`plugins/triton_gemv.py`).
 
-    x [1, q, K] (or [1, q, 2K] for silu_mul: the fused gate|up output); w [N, K]; res [1, q, N]."""
-    return fused_linear_reference(x, w, res, norm_w, eps, prologue).clone()
+    x [1, q, K] (or [1, q, 2K] for silu_mul: the fused gate|up output); w [N, K]; res [1, q, N].
+    w_scale [N] float32: w is int8 (`quantize_rows`), half the bytes of an fp16 weight to stream."""
+    return fused_linear_reference(x, w, res, norm_w, eps, prologue, w_scale).clone()
 
 
 @fused_linear.register_fake
-def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none"):
+def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none", w_scale=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

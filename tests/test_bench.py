@@ -31,6 +31,12 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
         assert R[name]["runs"] and R[name]["paired_ratio"] > 0
     assert R["product_specee232_ratio"] == R["specee232"]["paired_ratio"]
     assert R["product_tree35_ratio"] == R["tree35"]["paired_ratio"]
+    # the int8-draft rows: a copy of the same draft, quantized by build_decoder; half the bytes per pass or less
+    for name in ("specee232_q8", "tree35_q8"):
+        assert R[name]["draft_quant"] == "int8" and R[name]["tokens"] == 8 and R[name]["paired_ratio"] > 0
+    assert R["specee232"]["draft_quant"] == R["tree35"]["draft_quant"] == "none"
+    assert R["tree35_q8"]["accepted_per_step"] > 1.5
+    assert R["draft_pass_MB"]["int8"] < 0.6 * R["draft_pass_MB"]["fp16"]
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run the same day beside it: a record of its own, the first one untouched

@@ -125,8 +125,9 @@ _INTERP = textwrap.dedent(
             for bn, bk, sp in ((16, 32, 1), (8, 64, 1), (8, 16, 3), (16, 32, 2)):
                 y = torch.full((1, 1, n), float("nan"), dtype=dt)
                 ws = _workspace(torch.device("cpu"), n)
-                kern[(triton.cdiv(n, bn), sp)](x, w, r if res else y, nw, y, *ws, n, 1e-5, K=k,
-                                               PRO=PROLOGUES[pro], HAS_RES=res, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp)
+                kern[(triton.cdiv(n, bn), sp)](x, w, w, r if res else y, nw, y, *ws, n, 1e-5, K=k,
+                                               PRO=PROLOGUES[pro], HAS_RES=res, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
+                                               W8=False)
                 assert all(int(t.abs().sum()) == 0 for t in ws), "split-K workspace not reset"
                 e = ref(x, w, r, nw, 1e-5, pro)
                 err = float((y.float() - e.float()).abs().max())
@@ -158,9 +159,9 @@ _INTERP_ROWS = textwrap.dedent(
                 e = ref(x, w, r, nw, 1e-5, pro)
                 for bn, bk in ((16, 32), (32, 16)):  # N and K not multiples of the blocks in some cases
                     y = torch.full((1, rows, n), float("nan"), dtype=dt)
-                    _rows_kernel[(triton.cdiv(n, bn),)](x, w, r if res else y, nw, y, rows, n, 1e-5, K=k, XS=kin,
-                                                        PRO=PROLOGUES[pro], HAS_RES=res, MP=row_block(rows),
-                                                        IEEE=dt == torch.float32, BLOCK_N=bn, BLOCK_K=bk)
+                    _rows_kernel[(triton.cdiv(n, bn),)](x, w, w, r if res else y, nw, y, rows, n, 1e-5, K=k,
+                                                        XS=kin, PRO=PROLOGUES[pro], HAS_RES=res, MP=row_block(rows),
+                                                        IEEE=dt == torch.float32, BLOCK_N=bn, BLOCK_K=bk, W8=False)
                     err = float((y.float() - e.float()).abs().max())
                     tol = 2e-3 * float(e.float().abs().max()) if dt == torch.float16 else 1e-5 * float(e.abs().max())
                     assert err <= tol, (dt, pro, n, k, res, rows, bn, bk, err)
@@ -173,6 +174,77 @@ def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
     """The rows kernel (2 .. 32 rows: tree verification, the draft's levels) against the eager math, every
     prologue, with and without the residual, rows padded to 16 and 32, blocks that do not divide N or K."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS)
+
+
+def test_int8_rows_quantize_round_trip_and_reference():
+    """`quantize_rows`: per-row symmetric int8, |q| <= 127 with 127 reached in every nonzero row, error at most half
+    a step; a zero row keeps scale 1; stacking rows quantizes as the parts (a fused q|k|v). The reference's int8
+    matmul is fp32 products and sums, scaled once, and the op dispatches it on the CPU."""
+    from specee_compile.ops import dequantize_rows, fused_linear, linear_w8, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 80, generator=g) * torch.linspace(0.01, 2.0, 48)[:, None]
+    w[5] = 0
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (48,)
+    assert int(q.abs().max()) == 127 and s[5] == 1 and int(q[5].abs().max()) == 0
+    assert all(int(q[i].abs().max()) == 127 for i in range(48) if i != 5)
+    assert bool(((dequantize_rows(q, s, torch.float32) - w).abs() <= s[:, None] / 2 + 1e-7).all())
+    qa, sa = quantize_rows(w[:20])
+    qb, sb = quantize_rows(w[20:])
+    assert torch.equal(torch.cat([qa, qb]), q) and torch.equal(torch.cat([sa, sb]), s)
+    for pro, n, k, res in CASES:
+        x, _, r, nw = _inputs(pro, n, k, res, torch.float16, "cpu", 1)
+        wq, ws = quantize_rows(torch.randn(n, k, generator=g) * 0.1)
+        got = fused_linear(x, wq, r, nw, 1e-5, pro, ws)
+        xp = fused_linear_reference(x, torch.eye(x.shape[-1] if pro != "silu_mul" else k, dtype=x.dtype),
+                                    None, nw, 1e-5, pro)  # the prologue alone
+        want = linear_w8(xp, wq, ws)
+        assert torch.equal(got, want if r is None else r + want), pro
+        deq = fused_linear_reference(xp.double(), dequantize_rows(wq, ws, torch.float64))
+        assert float((linear_w8(xp, wq, ws).double() - deq).abs().max()) <= 1e-3 * float(deq.abs().max())
+
+
+_INTERP_W8 = textwrap.dedent(
+    """
+    import torch, triton
+    from specee_compile.ops import fused_linear_reference as ref, quantize_rows
+    from specee_compile.plugins.triton_gemv import PROLOGUES, _gemv_kernel, _rows_kernel, _workspace, row_block
+    torch.manual_seed(0)
+    for dt in (torch.float16, torch.float32):
+        for pro, n, k, res in CASES:
+            kin = 2 * k if pro == "silu_mul" else k
+            q, s = quantize_rows(torch.randn(n, k) * 0.1)
+            nw = (1 + 0.1 * torch.randn(k)).to(dt)
+            for rows in (1, 3, 17):
+                x = (torch.randn(1, rows, kin) * 2).to(dt)
+                r = torch.randn(1, rows, n).to(dt) if res else None
+                e = ref(x, q, r, nw, 1e-5, pro, s)
+                tol = 2e-3 * float(e.float().abs().max()) if dt == torch.float16 else 1e-5 * float(e.abs().max())
+                y = torch.full((1, rows, n), float("nan"), dtype=dt)
+                if rows == 1:
+                    for bn, bk, sp in ((16, 32, 1), (8, 16, 3)):  # whole K; split-K
+                        ws = _workspace(torch.device("cpu"), n)
+                        _gemv_kernel[(triton.cdiv(n, bn), sp)](x, q, s, r if res else y, nw, y, *ws, n, 1e-5, K=k,
+                                                               PRO=PROLOGUES[pro], HAS_RES=res, BLOCK_N=bn,
+                                                               BLOCK_K=bk, SPLIT=sp, W8=True)
+                        err = float((y.float() - e.float()).abs().max())
+                        assert err <= tol, (dt, pro, n, k, res, bn, bk, sp, err)
+                else:
+                    _rows_kernel[(triton.cdiv(n, 16),)](x, q, s, r if res else y, nw, y, rows, n, 1e-5, K=k, XS=kin,
+                                                        PRO=PROLOGUES[pro], HAS_RES=res, MP=row_block(rows),
+                                                        IEEE=dt == torch.float32, BLOCK_N=16, BLOCK_K=32, W8=True)
+                    err = float((y.float() - e.float()).abs().max())
+                    assert err <= tol, (dt, pro, n, k, res, rows, err)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_int8_weight_kernels_in_triton_interpreter_on_cpu():
+    """Both kernels with int8 weights and per-row scales (the draft's --draft-quant int8): one row whole-K and
+    split-K, 3 and 17 rows, every prologue, fp16 and fp32 activations, against the reference's int8 matmul."""
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_W8)
 
 
 _INTERP_TWIN = textwrap.dedent(
@@ -190,9 +262,9 @@ _INTERP_TWIN = textwrap.dedent(
             G.PICKED[key], G.WHOLE_K[key] = picked, (8, 64, 1, 4, 1)
             got = torch.ops.specee_aoti.fused_linear(x, w, r, nw, 1e-5, pro)
             want = torch.empty(1, 1, n)
-            G._gemv_kernel[(triton.cdiv(n, used[0]), 1)](x, w, r if res else want, nw, want,
+            G._gemv_kernel[(triton.cdiv(n, used[0]), 1)](x, w, w, r if res else want, nw, want,
                 *G._workspace(torch.device("cpu"), n), n, 1e-5, K=k, PRO=G.PROLOGUES[pro], HAS_RES=res,
-                BLOCK_N=used[0], BLOCK_K=used[1], SPLIT=1)
+                BLOCK_N=used[0], BLOCK_K=used[1], SPLIT=1, W8=False)
             assert torch.equal(got, want), (pro, picked)
     print("INTERP_OK")
     """
@@ -323,6 +395,30 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
         assert e_got <= 1.5 * e_ref + 1e-6, (e_got, e_ref)
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pro,n,k,res", [("none", 4096, 8192, False), ("rmsnorm", 12288, 4096, False),
+                                         ("silu_mul", 4096, 11008, True), ("none", 8192, 4096, False)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_cuda_int8_weights_match_the_reference(dtype, pro, n, k, res, rows, monkeypatch):
+    """int8 weights on the GPU at the 7B draft's shapes (fc, qkv, down, its 8192-row head), one row (the draft
+    step) and 8 (a tree level), through the tuner: within the output dtype's rounding of the fp32 reference."""
+    from specee_compile.ops import quantize_rows
+    from specee_compile.plugins import triton_gemv as T
+
+    monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
+    monkeypatch.delenv("SPECEE_GEMV_CONFIG", raising=False)
+    x, w, r, nw = _inputs(pro, n, k, res, dtype, "cuda", rows, rows=rows)
+    q, s = quantize_rows(w)
+    ref = fused_linear_reference(x, q, r, nw, 1e-5, pro, s)
+    with multi_row_kernel():
+        got = T.triton_fused_linear(x, q, r, nw, 1e-5, pro, s)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = (1e-5 if dtype == torch.float32 else 8e-3) * float(ref.float().abs().max())
+    assert float((got.float() - ref.float()).abs().max()) <= tol
+    assert any("w8" in str(key[2]) for key in T.TUNED)
+
+
 def test_fp32_rows_kernel_sums_each_k_block_apart():
     """fp32 (IEEE) rows: each K block's dot starts from zero and is added to the total, so the FMA chain is
     BLOCK_K long, not K (one chain over K = 11008 gave 1.9e-6 relative error on the H200 against cuBLAS's
@@ -334,9 +430,10 @@ def test_fp32_rows_kernel_sums_each_k_block_apart():
 
     from specee_compile.plugins.triton_gemv import _rows_kernel
 
-    sig = {n: "*fp32" for n in ("x_ptr", "w_ptr", "res_ptr", "nw_ptr", "y_ptr")}
+    sig = {n: "*fp32" for n in ("x_ptr", "w_ptr", "s_ptr", "res_ptr", "nw_ptr", "y_ptr")}
     sig.update(M="i32", N="i32", eps="fp32")
-    consts = {"K": 1024, "XS": 2048, "PRO": 2, "HAS_RES": True, "MP": 16, "IEEE": True, "BLOCK_N": 32, "BLOCK_K": 128}
+    consts = {"K": 1024, "XS": 2048, "PRO": 2, "HAS_RES": True, "MP": 16, "IEEE": True, "BLOCK_N": 32, "BLOCK_K": 128,
+              "W8": False}
     sig.update({k: "constexpr" for k in consts})
     from triton.backends import backends
 
@@ -394,7 +491,7 @@ def test_multi_row_calls_take_the_rows_kernel_only_inside_its_scope(monkeypatch)
     from specee_compile.plugins import triton_gemv as T
 
     calls = []
-    monkeypatch.setattr(T, "_rows_linear", lambda x, w, res, nw, eps, pro, rows: calls.append(rows) or "rows")
+    monkeypatch.setattr(T, "_rows_linear", lambda x, w, res, nw, eps, pro, rows, w_scale=None: calls.append(rows) or "rows")
     monkeypatch.delenv("SPECEE_GEMV_MAX_ROWS", raising=False)
     x, w, r, nw = _inputs("none", 24, 32, True, torch.float32, "cpu", 2, rows=4)
     assert torch.equal(T.triton_fused_linear(x, w, r, nw, 0.0, "none"), fused_linear_reference(x, w, r, nw, 0.0, "none"))
@@ -457,3 +554,34 @@ def test_capture_and_passes_keep_fused_ops(tiny_llama):
         with torch.no_grad():
             outs.append((seg.layers[0](*args), kc))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_int8_weight_kernels_compile_for_hopper(dt):
+    """The W8 paths as the H200 runs them, compiled for sm_90 on the CPU (no GPU needed; the interpreter does not
+    type-check a tensor-core dot): the rows kernel's dot of the activation tile and the widened int8 tile lowers to
+    MMA instructions; the one-row kernel (split-K, RMSNorm prologue, residual) lowers too."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins.triton_gemv import _gemv_kernel, _rows_kernel
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*i8", "s_ptr": "*fp32", "res_ptr": f"*{dt}", "nw_ptr": f"*{dt}",
+            "y_ptr": f"*{dt}"}
+    target = GPUTarget("cuda", 90, 32)
+    consts = {"K": 4096, "XS": 8192, "PRO": 2, "HAS_RES": True, "MP": 16, "IEEE": False, "BLOCK_N": 32,
+              "BLOCK_K": 128, "W8": True}
+    sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+    k = triton.compile(ASTSource(_rows_kernel, sig, consts, {}), target=target,
+                       options={"num_warps": 4, "num_stages": 3})
+    assert "mma" in k.asm["ptx"]
+    consts = {"K": 4096, "PRO": 1, "HAS_RES": True, "BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT": 4, "W8": True}
+    sig = {**ptrs, "ws_ptr": "*fp32", "ss_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "eps": "fp32",
+           **{k: "constexpr" for k in consts}}
+    k = triton.compile(ASTSource(_gemv_kernel, sig, consts, {}), target=target,
+                       options={"num_warps": 8, "num_stages": 1})
+    assert "ld.global" in k.asm["ptx"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compiled_fns import CompiledFns
-from ..errors import ArtifactError
+from ..errors import ArtifactError, SpecEEError
 from .base import CandidateSource, as_token_list, base_parts, check_truncate, fill_unique
 
 DRAFT_FORMAT = "specee-eagle1-draft"
@@ -212,6 +212,9 @@ class EagleDraft(nn.Module):
         self.register_buffer("head_weight", head_w.detach(), persistent=False)  # full head (context vocab)
         self.register_buffer("head_rows", _gather_rows(head_w, self.vocab_ids), persistent=False)
         self.to(device=head_w.device, dtype=head_w.dtype)
+        self.quant = "none"  # `quantize`
+        self._fused_layers: list | None = None  # `fused_layers`
+        self._int8: dict = {}  # quantize("int8"): "layers" (LayerWeights of int8 pairs), "fc", "head"
 
     # ---------------------------------------------------------------- compute
     @property
@@ -223,6 +226,60 @@ class EagleDraft(nn.Module):
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long).reshape(-1).to(head_weight.device)
         self.vocab_ids = vocab_ids
         self.head_rows = _gather_rows(head_weight, vocab_ids).to(self.dtype)
+        if self.quant == "int8":
+            self._quantize_head()
+
+    def fused_layers(self) -> list:
+        """The layers' weights as `model_step.LayerWeights` (q/k/v and gate/up fused once; the modules are
+        re-pointed at views of them, so the draft is held once): what `model_step`'s layer function runs."""
+        from ..model_step import fuse_layer
+
+        if self._fused_layers is None:
+            self._fused_layers = [
+                fuse_layer(layer.self_attn, layer.mlp,
+                           layer.input_layernorm.weight if hasattr(layer, "input_layernorm") else None,
+                           layer.post_attention_layernorm.weight)
+                for layer in self.layers]
+        return self._fused_layers
+
+    @torch.no_grad()
+    def quantize(self, kind: str) -> None:
+        """`--draft-quant`: "int8" rounds every matmul weight of the draft (fc, each layer's q/k/v/o/gate/up/down,
+        the static vocabulary's head rows) to int8 with one scale per output row (`ops.quantize_rows`), in
+        place. The modules then compute with the rounded weights (q * scale), so every path proposes the same
+        tokens, and `matmul_weights(int8=True)` gives the int8 pairs the CUDA kernels stream: half the bytes
+        of an fp16 draft per pass. The target model is untouched (the output stays the target's); the
+        context-vocabulary rows stay as they are. Idempotent; a quantized draft cannot go back."""
+        from ..ops import dequantize_rows, quantize_rows
+
+        if kind == self.quant:
+            return
+        if kind != "int8":
+            raise SpecEEError(f"draft quantization {kind!r}: this draft is already {self.quant}; expected "
+                               "'int8' (or reload the draft for 'none')")
+        layers = self.fused_layers()
+        self._int8["layers"] = [lw.quantized() for lw in layers]
+        for lw, q in zip(layers, self._int8["layers"]):
+            for name in ("wqkv", "wo", "wgu", "wd"):
+                getattr(lw, name).copy_(dequantize_rows(*getattr(q, name), self.dtype))
+        self._int8["fc"] = quantize_rows(self.fc.weight)
+        self.fc.weight.copy_(dequantize_rows(*self._int8["fc"], self.dtype))
+        self.quant = "int8"
+        self._quantize_head()
+
+    def _quantize_head(self) -> None:
+        from ..ops import dequantize_rows, quantize_rows
+
+        self._int8["head"] = quantize_rows(self.head_rows)
+        # a new tensor: with the full vocabulary head_rows is the base model's own LM head, never written
+        self.head_rows = dequantize_rows(*self._int8["head"], self.dtype)
+
+    def matmul_weights(self, int8: bool) -> tuple[list, Any, Any]:
+        """(layers as `LayerWeights`, fc weight, head rows) for `model_step`'s functions: the int8 pairs where
+        `int8` and the draft is quantized, else the modules' own (float) weights."""
+        if int8 and self.quant == "int8":
+            return self._int8["layers"], self._int8["fc"], self._int8["head"]
+        return self.fused_layers(), self.fc.weight, self.head_rows
 
     def forward(self, feats, next_ids, positions, past=None):
         """feats [B, T, D] (f_t), next_ids [B, T] (token_{t+1}), positions [B, T] (t).
@@ -588,8 +645,9 @@ class DeviceEagleSource(EagleSource):
     capturable = True
 
     def __init__(self, draft: EagleDraft, k: int = 4, context_vocab: bool = True, max_len: int = 2048,
-                 max_extra: int = 512, compile: bool = False):
+                 max_extra: int = 512, compile: bool = False, fused_ops: bool | None = None):
         self.max_len = int(max_len)
+        self._fused_ops = fused_ops  # None: on CUDA (`_bind_layer_fn`)
         self.max_extra = int(max_extra)
         self._fns = CompiledFns("the draft", compile)  # `_run`
         self._keys: dict[int, torch.Tensor] = {}
@@ -609,24 +667,19 @@ class DeviceEagleSource(EagleSource):
     def _bind_layer_fn(self, d: EagleDraft) -> None:
         """The device step runs the draft layer as `model_step.make_layer_fn` (the target's layer
         definition; on CUDA its fused Triton GEMVs and decode attention) over fused weights: q/k/v and
-        gate/up fused once per draft, its modules re-pointed at views (one copy in memory)."""
-        from ..model_step import CUDA_FUSED, fuse_layer, make_layer_fn, step_spec
+        gate/up fused once per draft, its modules re-pointed at views (one copy in memory).
+        `fused_ops` (default: on CUDA) runs the matmuls as `specee::fused_linear` ops, which take the int8 pairs of
+        a quantized draft; without them the plain matmuls run its rounded float weights (a CPU's faster form)."""
+        from ..model_step import CUDA_FUSED, make_layer_fn, plain_linear, step_spec
 
-        if getattr(d, "_fused_layers", None) is None:
-            d._fused_layers = [
-                fuse_layer(layer.self_attn, layer.mlp,
-                           layer.input_layernorm.weight if hasattr(layer, "input_layernorm") else None,
-                           layer.post_attention_layernorm.weight)
-                for layer in d.layers]
-        self._lw = [lw.as_tuple() for lw in d._fused_layers]
-        cuda = self._dev.type == "cuda"
-        self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if cuda else ())
+        fused = self._dev.type == "cuda" if self._fused_ops is None else self._fused_ops
+        self._int8 = fused and d.quant == "int8"
+        layers, _fc, _head = d.matmul_weights(int8=self._int8)
+        self._lw = [lw.as_tuple() for lw in layers]
+        self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if fused else ())
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 
-        if cuda:
-            self._linear = lambda x, w: torch.ops.specee.fused_linear(x, w, None, None, 0.0, "none")
-        else:
-            self._linear = lambda x, w: torch.nn.functional.linear(x, w)
+        self._linear = _op_linear if fused else plain_linear
         probe = torch.zeros(1, dtype=self._dt, device=self._dev)
         cos, sin = d.rotary(probe, torch.arange(self.max_len, device=self._dev)[None])
         self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()  # [T, hd]
@@ -733,7 +786,7 @@ class DeviceEagleSource(EagleSource):
             self._device_add_context(tok, None)
         x = self._rows_forward(feat.view(1, d.hidden_size), tok, pos, S)  # [1, D]
         g = x[0]  # [D]
-        logits = self._linear(x[None], d.head_rows)[0, 0]  # [Vd]
+        logits = self._linear(x[None], self._head_w())[0, 0]  # [Vd]
         if self.context_vocab:
             ex = self._extra_rows @ g  # [max_extra]
             ex = torch.where(self._slot < self.n_extra, ex, torch.full_like(ex, float("-inf")))
@@ -748,13 +801,19 @@ class DeviceEagleSource(EagleSource):
         rows: cache slots of their own and an ancestor mask); without them causal over the cache."""
         d = self.draft
         emb = d.embed_weight[ids].to(self._dt)  # [T, D]
-        x = self._linear(torch.cat([emb, feats.to(self._dt)], dim=-1)[None], d.fc.weight)  # [1, T, D]
+        x = self._linear(torch.cat([emb, feats.to(self._dt)], dim=-1)[None], self._fc_w())  # [1, T, D]
         if d.fc.bias is not None:
             x = x + d.fc.bias
         for i, lw in enumerate(self._lw):
             x = self._layer_fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw,
                                slots=slots, mask=mask)
         return x[0]
+
+    def _fc_w(self):
+        return self.draft.matmul_weights(self._int8)[1]
+
+    def _head_w(self):  # read per use: the head rows follow set_vocab_ids (and the bench's sharpening)
+        return self.draft.matmul_weights(self._int8)[2]
 
     def _device_add_context(self, tok: torch.Tensor, on: torch.Tensor | None) -> None:
         """The context vocabulary on the device: tok [1] joins it if new (and `on` [1] bool, if given)."""
@@ -779,6 +838,13 @@ class DeviceEagleSource(EagleSource):
         self._note_context_token(int(token), p + 1)
         self._cache_len = len(self.ids) - 1
         self._proposal = self.next_cands
+
+
+def _op_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T as one `specee::fused_linear` (Triton on CUDA); w may be an int8 pair (q, scale)."""
+    if isinstance(w, tuple):
+        return torch.ops.specee.fused_linear(x, w[0], None, None, 0.0, "none", w[1])
+    return torch.ops.specee.fused_linear(x, w, None, None, 0.0, "none")
 
 
 def draft_param_count(draft: EagleDraft) -> int:

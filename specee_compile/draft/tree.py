@@ -297,8 +297,7 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     def fixed_logprobs(self, g: torch.Tensor) -> torch.Tensor:
         """g [T, D] -> log-probabilities [T, Ms] over the static vocabulary then the context slots
         (`vocab_map` names each column's token; unused slots get the floor), clamped to [-30, 0]."""
-        d = self.draft
-        logits = self._linear(g[None], d.head_rows)[0]  # [T, Vd]
+        logits = self._linear(g[None], self._head_w())[0]  # [T, Vd]
         if self.context_vocab:
             ex = g @ self._extra_rows.T  # [T, max_extra]
             ex = torch.where((self._slot < self.n_extra)[None], ex, torch.full_like(ex, float("-inf")))

@@ -18,6 +18,8 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                 specee232   the paper's 23.2-of-32 trace: `product_specee232_ratio` = vs dense
                 specee_noexit  the same decoder on a trace that never exits (the draft's and plan's cost)
                 tree35, tree_smollm2trace  tree verification, the accepted length from a trace
+                specee232_q8, tree35_q8  the same with the draft's weights in int8 (--draft-quant int8;
+                            a copy of the same draft): `product_*_q8_ratio`
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back.
   HF eager    `generate` of the same 7B model, dynamic cache.
@@ -206,6 +208,25 @@ def random_artifacts(loaded, trace: list[int], seed: int = 0, k: int = 4, hm: in
     return program, EagleSource(draft, k=k), offline
 
 
+def int8_copy(src, model):
+    """A copy of the bench's draft source (its sharpened head rows included) for the `_q8` rows: `build_decoder`
+    quantizes it (Settings.draft_quant), the original stays as it is for the other rows."""
+    from ..draft.eagle import EagleDraft, EagleSource
+
+    d = src.draft
+    q = EagleDraft.from_state_dict(model, d.state_dict(), source="the bench's draft").requires_grad_(False)
+    q.head_rows = d.head_rows.clone()
+    return EagleSource(q, k=src.k, context_vocab=src.context_vocab)
+
+
+def draft_pass_bytes(eagle) -> int:
+    """Bytes of weights one draft pass streams: its layers, fc and static head rows (int8 pairs where quantized)."""
+    layers, fc, head = eagle.matmul_weights(int8=True)
+    ts = [fc, head] + [t for lw in layers for t in lw.as_tuple() if t is not None]
+    flat = [x for t in ts for x in (t if isinstance(t, tuple) else (t,))]
+    return sum(x.numel() * x.element_size() for x in flat)
+
+
 # ----------------------------------------------------------------------------------------- timing
 def time_interleaved(decs: dict, prompt: list[int], runs: int) -> dict:
     """name -> (figures, last result) of each decoder: its warm-up call (compile + capture, reported as
@@ -230,7 +251,7 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int) -> dict:
                    predictor_calls_per_step=round(res.predictor_calls / max(1, res.decode_steps), 2),
                    head_calls_per_step=round(res.head_calls / max(1, res.decode_steps), 2),
                    tokens=len(res.token_ids), exit_program=res.exit_program,
-                   draft_step=getattr(decs[n].draft, "step_mode", None))
+                   draft_step=getattr(decs[n].draft, "step_mode", None), draft_quant=res.draft_quant)
         if n != ref:
             fig["paired_ratio"] = round(statistics.median(a / b for a, b in zip(vals[n], vals[ref])), 3)
         out[n] = (fig, res)
@@ -303,11 +324,18 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
                                        policy=trace_exits([e - 1 for e in trace])),
             "specee_noexit": build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
                                            policy=trace_exits([L]))}
+    q8 = None if "q8" in args.skip else int8_copy(draft, loaded.model)
+    if q8 is not None:
+        decs["specee232_q8"] = build_decoder(loaded, spec.replace(draft_quant="int8"), segments=dense.seg,
+                                             program=program, draft=q8, policy=trace_exits([e - 1 for e in trace]))
     shape_kw = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
-    for name, tr in trees.items():
+    tree_rows = [(name, tr, draft, "none") for name, tr in trees.items()]
+    if q8 is not None and "tree35" in trees:
+        tree_rows.append(("tree35_q8", trees["tree35"], q8, "int8"))
+    for name, tr, src, quant in tree_rows:
         # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
         decs[name] = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False,
-                                                    **shape_kw), segments=dense.seg, draft=draft,
+                                                    draft_quant=quant, **shape_kw), segments=dense.seg, draft=src,
                                    accept=trace_accepts(tr))
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
     timed = time_interleaved(decs, prompt, args.runs)
@@ -320,7 +348,12 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     R_["product_specee232_ratio"] = R_["specee232"]["paired_ratio"]
     R_["specee_noexit"] = timed["specee_noexit"][0]
     R_["specee_noexit_ratio"] = R_["specee_noexit"]["paired_ratio"]
-    for name, tr in trees.items():
+    if q8 is not None:
+        R_["specee232_q8"] = timed["specee232_q8"][0]
+        R_["product_specee232_q8_ratio"] = R_["specee232_q8"]["paired_ratio"]
+        R_["draft_pass_MB"] = {"fp16": round(draft_pass_bytes(draft.draft) / 1e6, 1),
+                               "int8": round(draft_pass_bytes(q8.draft) / 1e6, 1)}
+    for name, tr, _src, _quant in tree_rows:
         R_[name], r = timed[name]
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(tr) / len(tr), 3),
                         avg_tree_nodes=r.stats()["avg_tree_nodes"],
@@ -631,8 +664,9 @@ def plot_record(res: dict, path: str) -> str | None:
     bars = []  # (panel, label, tok/s, ratio or None)
     for panel, dense_key, variants, speed in (
             ("7B shapes", "product_dense_tok_s",
-             (("specee232", "SpecEE, 23.2 trace"), ("specee_noexit", "SpecEE, never exits"),
-              ("tree35", "tree, 3.5 trace"), ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
+             (("specee232", "SpecEE, 23.2 trace"), ("specee232_q8", "SpecEE, int8 draft"),
+              ("specee_noexit", "SpecEE, never exits"), ("tree35", "tree, 3.5 trace"),
+              ("tree35_q8", "tree, int8 draft"), ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
             ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
                                                      ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
                                                      ("smollm2_tree_specee", "tree+SpecEE")),
@@ -698,7 +732,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         + ", ".join(SMOLLM2_CONFIGS) + ")")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree, q8 (the int8-draft rows)")
     p.add_argument("--accept-trace", default=None,
                    help="JSON list of tokens per verify step (e.g. recorded from SmolLM2) for a second 7B tree run")
     p.add_argument("--tree-shape", default=None, metavar="B:D:K",

@@ -31,6 +31,11 @@ to ~30% of a GEMV's graph time (session 13, `benchmarks/gemv_sweep.py --retune`)
 was picked, for the benchmark record.
 `SPECEE_GEMV_CONFIG=BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages` pins one config instead.
 
+int8 weights (W8, `ops.quantize_rows`: one fp32 scale per output row, the draft's `--draft-quant int8`) stream
+half the bytes of fp16: both kernels load the int8 tile, widen it (exact), sum in fp32 as before, and multiply
+the row's sum by its scale once, before the epilogue (the rows kernel's tensor-core dot widens the tile to the
+activation dtype, where every int8 value is exact). The tuner keys them apart from the fp16 weights of a shape.
+
 A few rows (2 .. MAX_ROWS) inside `ops.multi_row_kernel()` (the fixed tree program: its verification rows
 and the draft's levels) take `_rows_kernel`: one program per BLOCK_N output features streams their weight rows once for all
 rows (a tensor-core `tl.dot` of the [rows, BLOCK_K] activation tile, rows padded to 16 or 32, against the
@@ -100,11 +105,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, ss_ptr, cnt_ptr,
+        x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, ss_ptr, cnt_ptr,
         N, eps, K: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr,
     ):
+        # W8: w is int8 and s_ptr its fp32 scale per row (else s_ptr is never read)
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         pid = tl.program_id(0)
@@ -149,6 +155,8 @@ if HAVE_TRITON:
                     tl.store(ss_ptr + pid, 0.0)
                 tl.store(cnt_ptr + pid, 0)
         if last:
+            if W8:
+                y = y * tl.load(s_ptr + rows, mask=rmask, other=1.0)
             if PRO == 1:  # eps as fp32 (an AOTI package passes float arguments as fp64)
                 y = y / tl.sqrt(ss / K + tl.cast(eps, tl.float32))
             if HAS_RES:
@@ -157,10 +165,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rows_kernel(
-        x_ptr, w_ptr, res_ptr, nw_ptr, y_ptr,
+        x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr,
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W8: tl.constexpr,
     ):
         # M rows (<= MP, a power of two >= 16) of x [M, XS] against W [N, K]; program pid owns the output
         # features pid * BLOCK_N ..; the prologue as the eager ops round it (rms_norm: w * round(x * rstd))
@@ -199,9 +207,13 @@ if HAVE_TRITON:
                 # summed apart, then added (an FMA chain over all of K = 11008 loses ~6x more bits); fma, not +:
                 # Triton folds `acc + dot(a, b)` back into dot(a, b, acc), the one long chain
                 acc = tl.fma(tl.dot(a, tl.trans(wt.to(tl.float32)), input_precision="ieee"), 1.0, acc)
+            elif W8:  # int8 -> the activation dtype is exact; the row scale multiplies the sum below
+                acc = tl.dot(a.to(DT), tl.trans(wt.to(DT)), acc)
             else:
                 acc = tl.dot(a.to(wt.dtype), tl.trans(wt), acc)
         y = acc
+        if W8:
+            y = y * tl.load(s_ptr + cols, mask=cm, other=1.0)[None, :]
         om = rm[:, None] & cm[None, :]
         if HAS_RES:
             y = _round(y, DT) + tl.load(res_ptr + r[:, None] * N + cols[None, :], mask=om, other=0.0).to(tl.float32)
@@ -224,38 +236,43 @@ def max_rows() -> int:
     return n
 
 
-def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none"):
+def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str = "none", w_scale=None):
     """The fused GEMV for one row (x [..., 1, K or 2K]); 2 .. `max_rows()` rows take the rows kernel inside
     `ops.multi_row_kernel()` (the fixed tree program); other multi-row calls (prefill, pending rows) take the
-    eager reference (cuBLAS), the bits the C++ runner's multi-row package computes."""
+    eager reference (cuBLAS), the bits the C++ runner's multi-row package computes. w_scale: w is int8."""
     from ..ops import fused_linear_reference, multi_row_kernel_on
 
+    w8 = w_scale is not None
+    if w8 and (w.dtype != torch.int8 or w_scale.shape != w.shape[:1] or w_scale.dtype != torch.float32):
+        raise ValueError(f"fused_linear: an int8 weight [N, K] with float32 scales [N] expected, got w "
+                         f"{w.dtype} {tuple(w.shape)}, w_scale {w_scale.dtype} {tuple(w_scale.shape)}")
     rows = x.numel() // x.shape[-1]
     rows_kernel = rows > 1 and multi_row_kernel_on() and rows <= max_rows()
-    if not HAVE_TRITON or x.dtype != w.dtype or not (rows == 1 or rows_kernel):
-        return fused_linear_reference(x, w, res, norm_w, eps, prologue)
+    if not HAVE_TRITON or (not w8 and x.dtype != w.dtype) or not (rows == 1 or rows_kernel):
+        return fused_linear_reference(x, w, res, norm_w, eps, prologue, w_scale)
     pro = PROLOGUES[prologue]
     N, K = w.shape
     if x.shape[-1] != (2 * K if pro == 2 else K):
         raise ValueError(f"fused_linear: x has {x.shape[-1]} features; weight {tuple(w.shape)} with "
                          f"prologue {prologue!r} needs {2 * K if pro == 2 else K}")
     if rows_kernel:
-        return _rows_linear(x, w, res, norm_w, eps, pro, rows)
+        return _rows_linear(x, w, res, norm_w, eps, pro, rows, w_scale)
     x = x.contiguous()
     w = w.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     res_t = res.contiguous() if res is not None else y
     nw = norm_w.contiguous() if norm_w is not None else x
-    args = (x, w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
-    kw = {"K": K, "PRO": pro, "HAS_RES": res is not None}
+    args = (x, w, w_scale.contiguous() if w8 else w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
+    kw = {"K": K, "PRO": pro, "HAS_RES": res is not None, "W8": w8}
     cfg = _fixed_config()
     if cfg is None:
         cfg = _tuned(args, kw)
         if cfg is None:  # first use inside a stream capture: untuned, not remembered
             cfg = AOTI_DEFAULT
         else:
-            TUNED.setdefault((N, K, prologue), ",".join(map(str, cfg)))
-            PICKED[(N, K, pro)] = cfg
+            TUNED.setdefault((N, K, prologue + (" w8" if w8 else "")), ",".join(map(str, cfg)))
+            if not w8:  # the AOTI twin takes fp16/fp32 weights only
+                PICKED[(N, K, pro)] = cfg
     _launch(args, kw, cfg)
     return y
 
@@ -295,7 +312,7 @@ def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
     """The config for this call's shape (of all CONFIGS, or of the whole-K ones): `_tune`'s pick, cached per
     shape; None inside a stream capture."""
     w = args[1]
-    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k)
+    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k)  # int8: W8
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():
@@ -328,14 +345,14 @@ def row_block(rows: int) -> int:
 EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is the fastest for a shape
 
 
-def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
+def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=None):
     """The rows kernel with the config tuned for (row block, shape), or the eager reference where the tuner
     timed cuBLAS faster than every config (so no shape gets slower than before the kernel)."""
     from ..ops import fused_linear_reference
 
     N, K = w.shape
     x, w = x.contiguous(), w.contiguous()
-    y, args, kw = rows_args(x, w, res, norm_w, eps, pro)
+    y, args, kw = rows_args(x, w, res, norm_w, eps, pro, w_scale)
     key = ("rows", kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
@@ -346,27 +363,29 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int):
 
             def launch(c, wi):
                 if c == EAGER:
-                    fused_linear_reference(x, wi, res, norm_w, eps, name)
+                    fused_linear_reference(x, wi, res, norm_w, eps, name, w_scale)
                 else:
                     _rows_launch(args, kw, c, wi)
 
             cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *ROW_CONFIGS])
-            TUNED.setdefault((N, K, f"{name} x{kw['MP']}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
+            w8 = " w8" if kw["W8"] else ""
+            TUNED.setdefault((N, K, f"{name} x{kw['MP']}{w8}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
     if cfg == EAGER:
-        return fused_linear_reference(x, w, res, norm_w, eps, PROLOGUE_NAMES[pro])
+        return fused_linear_reference(x, w, res, norm_w, eps, PROLOGUE_NAMES[pro], w_scale)
     _rows_launch(args, kw, cfg)
     return y
 
 
-def rows_args(x, w, res, norm_w, eps: float, pro: int):
-    """(y, args, kw) of a rows-kernel launch on contiguous x [..., rows, K or 2K] and w [N, K]: y is the output."""
+def rows_args(x, w, res, norm_w, eps: float, pro: int, w_scale=None):
+    """(y, args, kw) of a rows-kernel launch on contiguous x [..., rows, K or 2K] and w [N, K] (int8 with
+    w_scale [N]): y is the output."""
     N, K = w.shape
     rows = x.numel() // x.shape[-1]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    args = (x, w, res.contiguous() if res is not None else y, norm_w.contiguous() if norm_w is not None else x, y,
-            rows, N, float(eps))
+    args = (x, w, w_scale.contiguous() if w_scale is not None else w, res.contiguous() if res is not None else y,
+            norm_w.contiguous() if norm_w is not None else x, y, rows, N, float(eps))
     kw = {"K": K, "XS": x.shape[-1], "PRO": pro, "HAS_RES": res is not None, "MP": row_block(rows),
-          "IEEE": w.dtype == torch.float32}
+          "IEEE": x.dtype == torch.float32, "W8": w_scale is not None}
     return y, args, kw
 
 
@@ -374,7 +393,7 @@ def _rows_launch(args, kw, cfg, w=None) -> None:
     bn, bk, nwarps, ns = cfg
     if w is not None:
         args = (args[0], w, *args[2:])
-    _rows_kernel[(triton.cdiv(args[6], bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
+    _rows_kernel[(triton.cdiv(args[7], bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
 
 
 def _graph_us(launch, n: int, reps: int = 5) -> float:
@@ -413,9 +432,9 @@ def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str =
     key = (N, K, pro)
     if PICKED.get(key, AOTI_DEFAULT)[2] > 1:
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-        args = (x.contiguous(), w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x,
-                y, y, y, y, N, float(eps))
-        WHOLE_K[key] = _tuned(args, {"K": K, "PRO": pro, "HAS_RES": res is not None}, whole_k=True)
+        args = (x.contiguous(), w, w, res.contiguous() if res is not None else y,
+                norm_w if norm_w is not None else x, y, y, y, y, N, float(eps))
+        WHOLE_K[key] = _tuned(args, {"K": K, "PRO": pro, "HAS_RES": res is not None, "W8": False}, whole_k=True)
     return _aoti_config(key)
 
 
@@ -440,9 +459,9 @@ def _aoti_fused_linear(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | Non
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     wrap_triton(_gemv_kernel)[(triton.cdiv(N, bn), 1)](  # the split-K scratch pointers are never touched
-        x, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, y, y, y, N,
-        float(eps), K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=1, num_warps=nwarps,
-        num_stages=ns)
+        x, w, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, y, y, y, N,
+        float(eps), K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=1, W8=False,
+        num_warps=nwarps, num_stages=ns)
     return y
 
 

@@ -70,6 +70,7 @@ class GenerationResult:
     compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
+    draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -130,6 +131,7 @@ class GenerationResult:
             "accepted_per_step": self.accepted_per_step,
             "avg_tree_nodes": self.tree_nodes / self.verify_steps if self.verify_steps else None,
             "tree_guard": self.tree_guard,
+            "draft_quant": self.draft_quant,
         }
 
 
@@ -240,7 +242,8 @@ class Decoder:
         self.gen = torch.Generator().manual_seed(s.seed)
         guard = None if self.tree is None or self.tree.guard is None else self.tree.guard.record()
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
-                               compile_s=compile_s, exit_program=self.selection, tree_guard=guard)
+                               compile_s=compile_s, exit_program=self.selection, tree_guard=guard,
+                               draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None))
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res
