@@ -1,4 +1,5 @@
-"""SpecEE (no tree) with two artifact directories that differ only in their draft head: exits and speed.
+"""SpecEE (no tree) with two artifact directories that differ only in their draft head (or one directory, B
+with its draft quantized: --b-draft-quant int8): exits and speed.
 
 The exit predictors' features include the draft candidates' logits, so a new head changes what the
 (unchanged) predictors see. Per MT-Bench first turn (every 4th, chat template, greedy) and per
@@ -7,6 +8,7 @@ token, decode tok/s, tokens identical to dense.
 
     python benchmarks/specee_draft_check.py --a specee_compile/shipped/smollm2-135m --b /tmp/candidate \\
         --prompts 8 --max-new-tokens 64 --threads 1 --out FILE
+    python benchmarks/specee_draft_check.py --a specee_compile/shipped/smollm2-135m --b-draft-quant int8
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from specee_compile.config import Settings  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", required=True, help="artifact dir A (e.g. the shipped one)")
-    ap.add_argument("--b", required=True, help="artifact dir B (the same predictors, another draft)")
+    ap.add_argument("--b", default=None, help="artifact dir B (the same predictors, another draft; default: A)")
+    ap.add_argument("--b-draft-quant", default="none", choices=("none", "int8"),
+                    help="B's draft weights (Settings.draft_quant)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts-json", default=str(ROOT / ".carry" / "draft" / "prompts.json"))
     ap.add_argument("--prompts", type=int, default=8)
@@ -38,6 +42,7 @@ def main(argv=None) -> int:
                     help="keep every exit point (Settings.exit_cost_check=False): the predictors' own behaviour")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    args.b = args.b or args.a
     torch.set_num_threads(args.threads)
     prompts = json.loads(Path(args.prompts_json).read_text())[::4][: args.prompts]
     loaded = load_model(args.model, dtype="float32", device="cpu")
@@ -45,10 +50,11 @@ def main(argv=None) -> int:
     decs, seg = {}, None
     decs["dense"] = build_decoder(loaded, base)
     seg = decs["dense"].seg
-    for tag, d in (("A", args.a), ("B", args.b)):
-        decs[f"{tag}-approximate"] = build_decoder(loaded, base.replace(specee=True, artifacts=d), segments=seg)
-        decs[f"{tag}-lossless"] = build_decoder(
-            loaded, base.replace(specee=True, artifacts=d, mode="lossless", kv_policy="backfill"), segments=seg)
+    for tag, d, quant in (("A", args.a, "none"), ("B", args.b, args.b_draft_quant)):
+        spec = base.replace(specee=True, artifacts=d, draft_quant=quant)
+        decs[f"{tag}-approximate"] = build_decoder(loaded, spec, segments=seg)
+        decs[f"{tag}-lossless"] = build_decoder(loaded, spec.replace(mode="lossless", kv_policy="backfill"),
+                                                segments=seg)
     acc = {n: {"tokens": 0, "decode_s": 0.0, "layer_passes": 0.0, "steps": 0, "exits": 0, "identical": 0,
                "rollbacks": 0} for n in decs}
     for i, text in enumerate(prompts):
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
                       "decode_tok_s": a["tokens"] / a["decode_s"] if a["decode_s"] else None,
                       "identical_to_dense": a["identical"], "rollbacks": a["rollbacks"], "prompts": len(prompts)}
     rec = {"command": "python benchmarks/specee_draft_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "a": args.a, "b": args.b, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+           "a": args.a, "b": args.b, "b_draft_quant": args.b_draft_quant, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
            "summary": summary}
     if args.out:
         Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")

@@ -8,6 +8,8 @@ same segments and cache (`api.build_decoder(..., segments=)`), so their speeds c
     tree+specee  (with --specee) tree + SpecEE lossless: exit predictors prune the tree at scheduled layers
     tree+approx  (with --approx)  tree + SpecEE approximate: verification stops at the path's exit layer
     tree(fixed)  (with --fixed)   the same tree as the fixed program (runtime/tree.py FixedTree)
+    tree(int8)   (with --int8)    the default tree with the draft's weights in int8 (--draft-quant int8), and
+                                  tree(fixed,int8) with --fixed too
 
 Reported per configuration: decode tok/s (tokens after the first / decode time; the prefill is the
 same dense pass for all), ratio to dense, `accepted_per_step` (tokens per verify step, bonus included),
@@ -70,11 +72,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tree-topk", type=int, default=None)
     ap.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
                     help="the default tree's prompt lookup (default: the device's)")
+    ap.add_argument("--tree-lookup-first", type=int, default=None, help="default: the device's")
     ap.add_argument("--grid", help="budget:depth:topk,... extra tree shapes to run (each its own config)")
     ap.add_argument("--specee", action="store_true", help="also tree + SpecEE lossless")
     ap.add_argument("--approx", action="store_true", help="also tree + SpecEE approximate")
     ap.add_argument("--fixed", action="store_true", help="also the default tree as the fixed program "
                     "(--tree-program fixed; `tree` is what auto picks on this device)")
+    ap.add_argument("--int8", action="store_true", help="also the default tree with --draft-quant int8")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--artifacts", help="artifact dir with the draft (+ predictors); default: shipped")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-tree-<device>.json)")
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
     base = Settings(max_new_tokens=args.max_new_tokens, device=args.device, backend=args.backend, dtype=args.dtype,
                     artifacts=args.artifacts)
     shapes = [(*base.replace(tree_budget=args.tree_budget, tree_depth=args.tree_depth,
-                             tree_topk=args.tree_topk).tree_shape(), args.tree_lookup, None)]
+                             tree_topk=args.tree_topk).tree_shape(), args.tree_lookup, args.tree_lookup_first)]
     shapes += parse_grid(args.grid) if args.grid else []
     configs: dict[str, Settings] = {"dense": base}
     for i, (b, d, k, look, first) in enumerate(shapes):
@@ -103,6 +107,10 @@ def main(argv=None) -> int:
         configs["tree+approx"] = tree0.replace(specee=True, mode="approximate", kv_policy="skip")
     if args.fixed:
         configs["tree(fixed)"] = tree0.replace(tree_program="fixed")
+    if args.int8:  # build_decoder loads the draft afresh per decoder: only these quantize theirs
+        configs["tree(int8)"] = tree0.replace(draft_quant="int8")
+        if args.fixed:
+            configs["tree(fixed,int8)"] = tree0.replace(tree_program="fixed", draft_quant="int8")
 
     seg = None
     decoders = {}
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "tree": {name: {**dict(zip(("budget", "depth", "topk"), s.tree_shape())), "lookup": s.tree_lookup_on(),
-                        "lookup_first": s.tree_lookup_first_n()}
+                        "lookup_first": s.tree_lookup_first_n(), "draft_quant": s.draft_quant}
                  for name, s in configs.items() if s.speculate == "tree"},
         "wall_s": time.time() - t_all,
         "summary": summary,
