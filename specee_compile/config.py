@@ -163,6 +163,10 @@ class Settings:
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         check("draft_quant", DRAFT_QUANTS)
+        if self.device_kind == "cpu":  # the CPU matmul library's pin, checked before any model is loaded
+            from .backends.cpu_gemm import setting
+
+            setting()
         if self.draft_quant != "none" and not (self.specee or self.speculate == "tree"):
             raise SpecEEError(f"--draft-quant {self.draft_quant} quantizes the draft, which runs only with --specee "
                               "or --speculate tree: add one, or drop --draft-quant")

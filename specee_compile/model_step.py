@@ -259,12 +259,17 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
 
 
 def plain_linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or for an int8 pair (q, scale) the int8 matmul (`ops.linear_w8`)."""
+    """F.linear; for an int8 pair (q, scale) the int8 matmul (`ops.linear_w8`); for a oneDNN-layout weight (the
+    eager backend's CPU choice, `backends/cpu_gemm.py`) oneDNN's linear."""
     if isinstance(w, tuple):
         from .ops import linear_w8
 
         y = linear_w8(x, *w)
         return y if b is None else y + b
+    if w.is_mkldnn:
+        from .backends.cpu_gemm import linear_onednn
+
+        return linear_onednn(x, w, b)
     return F.linear(x, w, b)
 
 
@@ -364,6 +369,6 @@ def make_head_fn(spec: StepSpec, fused: bool = False):
 
     def head(h, norm_w, head_w):
         hn = rms_norm(h, norm_w, eps)
-        return hn, F.linear(hn, head_w)
+        return hn, plain_linear(hn, head_w)
 
     return head

@@ -70,6 +70,18 @@ class Segments:
         self.predictors = program.predictors.to(self.device) if program is not None else None
         self._layer = make_layer_fn(self.spec)
         self._head = make_head_fn(self.spec)
+        # the matmul weights as the layer and head functions take them: on a CPU (eager, float32) in the
+        # library the probe timed faster here (`cpu_gemm.py`: MKL as they are, or a oneDNN-layout copy)
+        self.gemm, self.gemm_probe = "default", None
+        self._mm_layers: list[tuple] | None = None
+        self._mm_head: torch.Tensor | None = None
+        if self.device.type == "cpu" and self.name == "eager" and dtype == torch.float32:
+            from . import cpu_gemm
+
+            self.gemm, self.gemm_probe = cpu_gemm.pick(self.weights)
+            if self.gemm == "onednn":
+                self._mm_layers = [tuple(map(cpu_gemm.onednn_form, lw.as_tuple())) for lw in self.weights.layers]
+                self._mm_head = cpu_gemm.onednn_form(self.weights.head)
         from ..ops import exit_score
 
         self._exit = exit_score
@@ -98,14 +110,20 @@ class Segments:
         # ids [q] -> h [1, q, D]
         return self.weights.embed[ids][None]
 
+    def layer_weights(self, i: int) -> tuple:
+        """Layer i's weights as `model_step`'s layer function takes them (`LayerWeights.as_tuple()` order), the
+        matmuls in this backend's chosen form (`gemm`)."""
+        return self._mm_layers[i] if self._mm_layers is not None else self.weights.layers[i].as_tuple()
+
     def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
-        w = self.weights.layers[i]
         c = self.cache
-        return self._layer(h, pos, c.valid[i], self.weights.cos, self.weights.sin, c.k[i], c.v[i], S, *w.as_tuple())
+        return self._layer(h, pos, c.valid[i], self.weights.cos, self.weights.sin, c.k[i], c.v[i], S,
+                           *self.layer_weights(i))
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h [1, q, D] -> (hn [1, q, D], logits [1, q, V])
-        return self._head(h, self.weights.norm, self.weights.head)
+        head = self._mm_head if self._mm_head is not None else self.weights.head
+        return self._head(h, self.weights.norm, head)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         from ..model_step import rms_norm

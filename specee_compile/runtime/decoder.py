@@ -71,6 +71,7 @@ class GenerationResult:
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
     draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
+    gemm: dict | None = None  # the CPU matmul library the eager backend timed and chose (backends/cpu_gemm.py)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -132,6 +133,7 @@ class GenerationResult:
             "avg_tree_nodes": self.tree_nodes / self.verify_steps if self.verify_steps else None,
             "tree_guard": self.tree_guard,
             "draft_quant": self.draft_quant,
+            "gemm": self.gemm,
         }
 
 
@@ -243,7 +245,9 @@ class Decoder:
         guard = None if self.tree is None or self.tree.guard is None else self.tree.guard.record()
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
                                compile_s=compile_s, exit_program=self.selection, tree_guard=guard,
-                               draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None))
+                               draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None),
+                               gemm=({"choice": seg.gemm, **(seg.gemm_probe or {})}
+                                     if getattr(seg, "gemm_probe", None) is not None else None))
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res

@@ -236,8 +236,8 @@ class TreeStep:
         w, c = seg.weights, seg.cache
 
         def tree_layer(i, h, pos, S, slots, mask):
-            lw = w.layers[i]
-            return fn(h, pos, c.valid[i], w.cos, w.sin, c.k[i], c.v[i], S, *lw.as_tuple(), slots=slots, mask=mask)
+            return fn(h, pos, c.valid[i], w.cos, w.sin, c.k[i], c.v[i], S, *seg.layer_weights(i), slots=slots,
+                      mask=mask)
 
         return tree_layer
 

@@ -1,0 +1,82 @@
+"""The eager backend's CPU matmul library (backends/cpu_gemm.py): MKL or oneDNN, timed on this machine before
+the first token; `SPECEE_CPU_GEMM` pins it. Both give dense greedy's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from specee_compile.backends import cpu_gemm, make_segments
+from specee_compile.config import Settings
+from specee_compile.errors import SettingError
+from specee_compile.model_step import plain_linear
+from specee_compile.runtime.decoder import Decoder
+
+PROMPT = [1, 5, 9, 33, 70, 12]
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3])
+def test_onednn_linear_is_f_linear(rows):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, rows, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
+    ow = cpu_gemm.onednn_form(w)
+    assert ow.is_mkldnn and cpu_gemm.onednn_form(b) is b and cpu_gemm.onednn_form(None) is None
+    for bias in (None, b):
+        want = torch.nn.functional.linear(x, w, bias)
+        got = plain_linear(x, ow, bias)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pick_follows_the_setting_and_times_both_on_auto(monkeypatch):
+    seg = make_segments(make_tiny_llama(), Settings(max_new_tokens=4))
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "mkl")
+    assert cpu_gemm.pick(seg.weights) == ("mkl", {"setting": "mkl"})
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "bogus")
+    with pytest.raises(SettingError, match="SPECEE_CPU_GEMM='bogus': expected one of auto, mkl, onednn"):
+        cpu_gemm.pick(seg.weights)
+    if not torch.backends.mkldnn.is_available():
+        return
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "onednn")
+    assert cpu_gemm.pick(seg.weights)[0] == "onednn"
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "auto")
+    choice, info = cpu_gemm.pick(seg.weights)
+    ms = info["lm_head_ms"]
+    assert set(ms) == {"mkl_1", "mkl_3", "onednn_1", "onednn_3"} and all(v > 0 for v in ms.values())
+    assert choice == ("onednn" if ms["onednn_1"] + ms["onednn_3"] < ms["mkl_1"] + ms["mkl_3"] else "mkl")
+    monkeypatch.setattr(cpu_gemm, "_available_bytes", lambda: 1000)  # the copy would not fit: MKL, no timing
+    choice, info = cpu_gemm.pick(seg.weights)
+    assert choice == "mkl" and "would not fit" in info["reason"]
+
+
+@needs_onednn
+def test_both_libraries_give_dense_greedy_tokens_dense_and_tree(monkeypatch):
+    from test_tree import eagle_tree
+
+    model = make_tiny_llama()
+    out = {}
+    for lib in ("mkl", "onednn"):
+        monkeypatch.setenv("SPECEE_CPU_GEMM", lib)
+        s = Settings(max_new_tokens=30)
+        seg = make_segments(model, s)
+        assert seg.gemm == lib and isinstance(seg.layer_weights(0)[1], torch.Tensor)
+        assert seg.layer_weights(0)[1].is_mkldnn == (lib == "onednn")
+        dense = Decoder(seg, s).generate(PROMPT)
+        assert dense.stats()["gemm"]["choice"] == lib
+        st = s.replace(speculate="tree")
+        tree = Decoder(make_segments(model, st), st, draft=eagle_tree(model)).generate(PROMPT)
+        assert tree.token_ids == dense.token_ids
+        out[lib] = dense.token_ids
+    assert out["mkl"] == out["onednn"]
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(capsys, monkeypatch, tiny_model_dir):
+    from specee_compile.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "fast")
+    assert main(["generate", str(tiny_model_dir), "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "SPECEE_CPU_GEMM='fast'" in err and len(err.strip().splitlines()) == 1
