@@ -181,18 +181,27 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
     quantize_draft(draft, settings)
+    eagle = _eagle_head(draft)
+    if eagle is not None and getattr(segments, "gemm", "default") in ("onednn", "mkl"):
+        eagle.use_cpu_gemm(segments.gemm)  # the draft's host path in the target's CPU matmul library
     draft = _device_draft(draft, segments, settings)
     return Decoder(segments, settings, eos_ids=eos_ids(loaded), program=program, draft=draft, scheduler=scheduler,
                    policy=policy, accept=accept)
 
 
+def _eagle_head(draft):
+    """The EagleDraft behind a candidate source, or None (NgramAssist wraps the source it assists)."""
+    from .draft.eagle import EagleDraft
+
+    eagle = getattr(getattr(draft, "inner", draft), "draft", None)
+    return eagle if isinstance(eagle, EagleDraft) else None
+
+
 def quantize_draft(draft, settings: Settings) -> None:
     """settings.draft_quant on the EAGLE draft head behind `draft` (`EagleDraft.quantize`), before any source
     binds its weights. A draft given in memory that is already quantized must be asked for as such."""
-    from .draft.eagle import EagleDraft
-
-    eagle = getattr(getattr(draft, "inner", draft), "draft", None)  # NgramAssist wraps the source it assists
-    if not isinstance(eagle, EagleDraft):
+    eagle = _eagle_head(draft)
+    if eagle is None:
         if settings.draft_quant != "none":
             raise SpecEEError(f"--draft-quant {settings.draft_quant} quantizes an EAGLE draft head; this "
                                f"decoder's candidates come from {type(draft).__name__}: drop --draft-quant")

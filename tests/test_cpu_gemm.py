@@ -80,3 +80,43 @@ def test_a_bad_setting_is_one_line_and_exit_2(capsys, monkeypatch, tiny_model_di
     assert main(["generate", str(tiny_model_dir), "hi", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "SPECEE_CPU_GEMM='fast'" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_onednn
+def test_the_draft_follows_the_cpu_choice_and_its_copies_follow_the_weights():
+    """A draft told to use oneDNN proposes what it proposes with F.linear; its copies are made again when the
+    weights change in place (quantization) or are replaced (a new head), and training keeps F.linear."""
+    from test_draft_quant import _fresh
+
+    from specee_compile.draft.eagle import EagleSource
+
+    model = make_tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (20,), generator=g).tolist()
+    hid = torch.randn(20, 64, generator=g)
+
+    def proposals(d):
+        src = EagleSource(d, k=4)
+        src.reset(ids[:8], hid[:8])
+        out = [src.propose().tolist()]
+        for t in range(8, 16):
+            src.observe(ids[t], hid[t - 1], 3)
+            out.append(src.propose().tolist())
+        return out
+
+    d = _fresh(model, torch.arange(128), scale=0.2)
+    want = proposals(d)
+    d.use_cpu_gemm("onednn")
+    with torch.no_grad():
+        assert proposals(d) == want
+        x = torch.randn(2, 64)
+        assert torch.allclose(d.logits(x), x @ d.head_rows.T, rtol=1e-5, atol=1e-5)
+        d.quantize("int8")  # in place: the copies must follow
+        fc_in = torch.randn(1, 2, 128)
+        assert torch.allclose(d.fc(fc_in), torch.nn.functional.linear(fc_in, d.fc.weight, d.fc.bias), atol=1e-5)
+        assert torch.allclose(d.logits(x), x @ d.head_rows.T, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # training: F.linear, gradients flow
+        y = d.fc(fc_in.requires_grad_())
+        assert y.requires_grad
+    d.use_cpu_gemm("mkl")
+    assert d.fc.gemm is None

@@ -62,6 +62,18 @@ class _RMSNorm(nn.Module):
         return self.weight * x.to(dt)
 
 
+class _Linear(nn.Linear):
+    """nn.Linear whose inference calls run in the CPU matmul library the target's backend chose, once the draft
+    is told to (`EagleDraft.use_cpu_gemm`): oneDNN copies of the weight, kept current by `OneDnnWeights`."""
+
+    gemm = None  # a backends.cpu_gemm.OneDnnWeights, or None (F.linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm is None or torch.is_grad_enabled():
+            return super().forward(x)
+        return self.gemm.linear(x, self.weight, self.bias)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -77,10 +89,10 @@ class DraftAttention(nn.Module):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or d // self.num_heads
         bias = bool(getattr(cfg, "attention_bias", False))
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.q_proj = _Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = _Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = _Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = _Linear(self.num_heads * self.head_dim, d, bias=bias)
 
     def _qkv(self, x, cos, sin):
         # x [B, T, D]; cos/sin [B, T, hd] -> q [B, H, T, hd], k, v [B, kvh, T, hd] (RoPE applied)
@@ -134,9 +146,9 @@ class DraftMLP(nn.Module):
         from transformers.activations import ACT2FN
 
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_proj = _Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = _Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = _Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act_fn = ACT2FN[getattr(cfg, "hidden_act", "silu")]
 
     def forward(self, x):
@@ -194,7 +206,7 @@ class EagleDraft(nn.Module):
         self.hidden_size = d
         self.vocab_size = head_w.shape[0]
         self.input_norm = bool(input_norm)
-        self.fc = nn.Linear(2 * d, d, bias=fc_bias)
+        self.fc = _Linear(2 * d, d, bias=fc_bias)
         self.layers = nn.ModuleList([DraftDecoderLayer(cfg, self.input_norm) for _ in range(num_layers)])
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -213,6 +225,7 @@ class EagleDraft(nn.Module):
         self.register_buffer("head_rows", _gather_rows(head_w, self.vocab_ids), persistent=False)
         self.to(device=head_w.device, dtype=head_w.dtype)
         self.quant = "none"  # `quantize`
+        self._gemm = None  # `use_cpu_gemm`
         self._fused_layers: list | None = None  # `fused_layers`
         self._int8: dict = {}  # quantize("int8"): "layers" (LayerWeights of int8 pairs), "fc", "head"
 
@@ -296,7 +309,20 @@ class EagleDraft(nn.Module):
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """Logits over the restricted vocabulary (index i <-> token vocab_ids[i])."""
+        if self._gemm is not None and not torch.is_grad_enabled():
+            return self._gemm.linear(g, self.head_rows)
         return g @ self.head_rows.T
+
+    def use_cpu_gemm(self, library: str) -> None:
+        """Run the draft's inference matmuls (its linears and head rows) in `library`, the CPU matmul library the
+        target's eager backend chose (`backends/cpu_gemm.py`): "onednn" over copies of the weights kept current
+        as they change (quantization, a new vocabulary), "mkl" = F.linear. Training is unaffected."""
+        from ..backends.cpu_gemm import OneDnnWeights
+
+        self._gemm = OneDnnWeights() if library == "onednn" else None
+        for m in self.modules():
+            if isinstance(m, _Linear):
+                m.gemm = self._gemm
 
     # ---------------------------------------------------------------- config / io
     def draft_config(self, **extra) -> dict[str, Any]:
