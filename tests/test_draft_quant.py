@@ -99,7 +99,7 @@ def test_device_step_of_an_int8_draft_equals_its_eager_propose(tiny_model, fused
     hid = torch.randn(40, 64, generator=g)
     want = _steps(EagleSource(d, k=4), ids, hid, 8, 24, device_path=None)
     dev = DeviceEagleSource(d, k=4, max_len=64, fused_ops=fused_ops)
-    assert dev._int8 == fused_ops and isinstance(dev._lw[0][1], tuple) == fused_ops  # wqkv
+    assert dev._w8 == fused_ops and isinstance(dev._lw[0][1], tuple) == fused_ops  # wqkv
     assert _steps(dev, ids, hid, 8, 24, device_path="ahead") == want
 
 
@@ -124,32 +124,27 @@ def test_greedy_tree_with_an_int8_draft_equals_dense(tiny_model_dir, program):
 
 
 def test_lossless_specee_with_an_int8_draft_equals_dense():
+    """Lossless SpecEE, on single tokens and on the tree, with the candidates of an int8 draft: dense greedy."""
     from test_tree import always_exit_program, dense, tree_dec
 
     from specee_compile.api import quantize_draft
+    from specee_compile.backends import make_segments
+    from specee_compile.draft.tree import EagleTreeSource
     from specee_compile.runtime.decoder import Decoder
 
     model = make_tiny_llama(num_hidden_layers=6)
     ref = dense(model, PROMPT, 30)
     src = EagleSource(_fresh(model), k=4)
-    s = Settings(max_new_tokens=30, specee=True, mode="lossless", kv_policy="backfill", min_exit_layer=2,
-                 draft_quant="int8", exit_cost_check=False)
+    lossless = {"specee": True, "mode": "lossless", "kv_policy": "backfill", "min_exit_layer": 2}
+    s = Settings(max_new_tokens=30, draft_quant="int8", exit_cost_check=False, **lossless)
     quantize_draft(src, s)
-    from specee_compile.backends import make_segments
-
     prog = always_exit_program(6, 4)
     res = Decoder(make_segments(model, s, prog), s, program=prog, draft=src).generate(PROMPT)
     assert res.token_ids == ref.token_ids and res.draft_quant == "int8"
     assert res.avg_layers < 6  # it exited
-    tree = tree_dec(model, src_tree(src), 30, program=prog, **{k: getattr(s, k) for k in (
-        "specee", "mode", "kv_policy", "min_exit_layer")}, tree_budget=14, tree_depth=4).generate(PROMPT)
+    tree = tree_dec(model, EagleTreeSource(src.draft, k=4), 30, program=prog, tree_budget=14, tree_depth=4,
+                    **lossless).generate(PROMPT)
     assert tree.token_ids == ref.token_ids
-
-
-def src_tree(src):
-    from specee_compile.draft.tree import EagleTreeSource
-
-    return EagleTreeSource(src.draft, k=src.k)
 
 
 def test_settings_and_cli_refuse_a_draft_quant_that_would_do_nothing(capsys, tiny_model_dir):

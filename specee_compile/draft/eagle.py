@@ -699,8 +699,8 @@ class DeviceEagleSource(EagleSource):
         from ..model_step import CUDA_FUSED, make_layer_fn, plain_linear, step_spec
 
         fused = self._dev.type == "cuda" if self._fused_ops is None else self._fused_ops
-        self._int8 = fused and d.quant == "int8"
-        layers, _fc, _head = d.matmul_weights(int8=self._int8)
+        self._w8 = fused and d.quant == "int8"  # stream the int8 pairs
+        layers, _fc, _head = d.matmul_weights(int8=self._w8)
         self._lw = [lw.as_tuple() for lw in layers]
         self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if fused else ())
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
@@ -836,10 +836,10 @@ class DeviceEagleSource(EagleSource):
         return x[0]
 
     def _fc_w(self):
-        return self.draft.matmul_weights(self._int8)[1]
+        return self.draft.matmul_weights(self._w8)[1]
 
     def _head_w(self):  # read per use: the head rows follow set_vocab_ids (and the bench's sharpening)
-        return self.draft.matmul_weights(self._int8)[2]
+        return self.draft.matmul_weights(self._w8)[2]
 
     def _device_add_context(self, tok: torch.Tensor, on: torch.Tensor | None) -> None:
         """The context vocabulary on the device: tok [1] joins it if new (and `on` [1] bool, if given)."""
