@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     for i, (b, d, k, look, first) in enumerate(shapes):
         tag = ("" if look is None else (":L" if look else ":N")) + ("" if first is None else f":F{first}")
         name = "tree" if i == 0 else f"tree[{b}:{d}:{k}{tag}]"
+        if i == 0:  # the default tree: the fields given, the rest the runtime's default (it depends on the backend)
+            b, d, k = args.tree_budget, args.tree_depth, args.tree_topk
         configs[name] = base.replace(speculate="tree", tree_budget=b, tree_depth=d, tree_topk=k, tree_lookup=look,
                                      tree_lookup_first=first)
     tree0 = configs["tree"]
@@ -200,9 +202,11 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "tree": {name: {**dict(zip(("budget", "depth", "topk"), s.tree_shape())), "lookup": s.tree_lookup_on(),
+        "tree": {name: {"budget": decoders[name].tree.budget, "depth": decoders[name].tree.depth,
+                        "topk": decoders[name].tree.topk, "lookup": s.tree_lookup_on(),
                         "lookup_first": s.tree_lookup_first_n(), "draft_quant": s.draft_quant}
                  for name, s in configs.items() if s.speculate == "tree"},
+        "gemm": getattr(decoders["dense"].seg, "gemm", None),
         "wall_s": time.time() - t_all,
         "summary": summary,
         "results": {

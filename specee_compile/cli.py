@@ -71,7 +71,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                                       ("--tree-depth", "levels below the last token"),
                                       ("--tree-topk", "children per expanded node, nodes expanded per level"))):
         p.add_argument(flag, type=int, default=None, help=f"tree: {what} (default: {TREE_SHAPES['cuda'][i]} on "
-                                                          f"CUDA, {TREE_SHAPES['cpu'][i]} on a CPU)")
+                                                          f"CUDA, {TREE_SHAPES['cpu'][i]} on a CPU, "
+                                                          f"{TREE_SHAPES['cpu-onednn'][i]} where oneDNN runs its "
+                                                          "matmuls)")
     p.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
                    help=f"tree: merge the prompt-lookup path into the tree (default: {TREE_LOOKUP['cuda']} on CUDA, "
                         f"{TREE_LOOKUP['cpu']} on a CPU)")

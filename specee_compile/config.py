@@ -22,8 +22,11 @@ TREE_GUARD_STEPS = 8  # verify steps the tree guard waits for before it judges t
 # (launch-bound); on a CPU, MKL's fp32 GEMM streams the weights once per 3 rows (the cost of 1-3 rows is one
 # weight pass, 4-6 two, 7-9 three), so the CPU tree is 2 nodes + the root = 3 rows, and both are draft nodes
 # (lookup off: its reserved rows are empty unless the text repeats). 2-core CPU, H200-trained head, 16
-# MT-Bench turns x 128 tokens: 2:2:2 without lookup 1.41x dense, 6:4:2 with lookup 1.21x (session 4's default)
-TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2)}
+# MT-Bench turns x 128 tokens: 2:2:2 without lookup 1.41x dense, 6:4:2 with lookup 1.21x (session 4's default).
+# "cpu-onednn": where the eager backend runs its matmuls in oneDNN (backends/cpu_gemm.py), 1 to 8 rows cost about
+# one row, so the tree takes 4 nodes over 3 levels (2026-12-05, 2-core AMD EPYC, 10 MT-Bench turns x 128 tokens,
+# lookup first: 4:3:2 1.73x dense, 2:2:2 1.61x; RESULTS.md session 19)
+TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2), "cpu-onednn": (4, 3, 2)}
 TREE_LOOKUP = {"cuda": True, "cpu": False}
 # lookup first (the host tree step): when the last n tokens recur, the step verifies the continuation that followed
 # them instead of the draft's tree (no draft expansion that step). 2-core CPU, 16 MT-Bench turns x 128 tokens,
@@ -187,10 +190,11 @@ class Settings:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.online_offsets = tuple(self.online_offsets)
 
-    def tree_shape(self) -> tuple[int, int, int]:
+    def tree_shape(self, gemm: str | None = None) -> tuple[int, int, int]:
         """(budget, depth, top-k) of the draft tree: the fields given, the device's default
-        (`TREE_SHAPES`) for those left None."""
-        dflt = TREE_SHAPES[self.device_kind]
+        (`TREE_SHAPES`) for those left None. gemm: the CPU matmul library the backend chose (its `gemm`)."""
+        kind = self.device_kind
+        dflt = TREE_SHAPES["cpu-onednn" if kind == "cpu" and gemm == "onednn" else kind]
         given = (self.tree_budget, self.tree_depth, self.tree_topk)
         return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
 

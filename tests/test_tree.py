@@ -351,8 +351,12 @@ def test_tree_shape_defaults_per_device_and_given_fields_win():
     assert Settings(device="cuda:1").tree_shape() == TREE_SHAPES["cuda"] == (24, 6, 8)
     assert Settings(device="cuda", tree_budget=10).tree_shape() == (10, 6, 8)
     assert Settings(tree_depth=3, tree_topk=5).tree_shape() == (2, 3, 5)
+    # a CPU whose eager backend runs its matmuls in oneDNN (rows cost about one row up to 8): a larger tree
+    assert Settings().tree_shape("onednn") == TREE_SHAPES["cpu-onednn"] == (4, 3, 2)
+    assert Settings(device="cuda").tree_shape("onednn") == TREE_SHAPES["cuda"]
+    assert Settings(tree_budget=3).tree_shape("onednn") == (3, 3, 2)
     dec = tree_dec(make_tiny_llama(), OracleTree(make_tiny_llama()), 4)
-    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == (2, 2, 2)
+    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == Settings().tree_shape(dec.seg.gemm)
     # prompt lookup: on by default on CUDA, off on a CPU; a given value wins
     assert Settings().tree_lookup_on() is False and Settings(device="cuda").tree_lookup_on() is True
     assert Settings(tree_lookup=True).tree_lookup_on() is True
