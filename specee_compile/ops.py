@@ -155,14 +155,9 @@ def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none", w_scale=None):
 def decode_attention_reference(q, k, v, valid, pos):
     """Attention of q rows over the cache prefix, as `model_step` writes it: row r attends to key j
     where valid[j] and j <= pos[r]. q [H, q, hd]; k, v [Hkv, S, hd] (views of the cache); valid [S]
-    bool; pos [q] int64 -> [H, q, hd]."""
-    H, Hkv, S = q.shape[0], k.shape[0], k.shape[1]
-    keys = torch.arange(S, device=q.device)
-    mask = valid[None, :] & (keys[None, :] <= pos[:, None])  # [q, S]
-    a = torch.nn.functional.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=H != Hkv
-    )
-    return a[0]
+    bool; pos [q] int64 -> [H, q, hd]. The tree rows' attention with the causal mask j <= pos[r]."""
+    keys = torch.arange(k.shape[1], device=q.device)
+    return tree_attention_reference(q, k, v, valid, keys[None, :] <= pos[:, None])
 
 
 @torch.library.custom_op("specee::decode_attention", mutates_args=())
