@@ -4,7 +4,9 @@ Why the CPU tree default is 3 rows (`config.TREE_SHAPES["cpu"]`): MKL's fp32 GEM
 per block of 3 rows, so 1-3 rows cost one weight pass, 4-6 two, and so on. Two tables:
   - the LM head [49152, 576] alone, M = 1..12 (cache-warm: one weight, repeated);
   - SmolLM2's 30 layers (qkv, o, gate|up, down), M = 1 and 3, the weights streamed from memory as in decode,
-    with MKL's packed weights (`mkl._mkl_linear`) and oneDNN (`mkldnn._linear_pointwise`) beside plain MKL.
+    with MKL's packed weights (`mkl._mkl_linear`) and oneDNN (`mkldnn._linear_pointwise`) beside plain MKL;
+  - the LM head by oneDNN weight layout, M = 1, 3, 8, 25: `to_mkldnn`'s default and the product's (reordered for
+    `cpu_gemm.ROWS_HINT` rows, `backends/cpu_gemm.py`), what the eager backend's CPU choice runs.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_gemm_rows.py [--threads 2]
 """
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
 
     packed = [[torch.ops.mkl._mkl_reorder_linear_weight(w, 3) for w in ws] for ws in layers]
     onednn = [[w.to_mkldnn() for w in ws] for ws in layers]
+    from specee_compile.backends.cpu_gemm import ROWS_HINT, linear_onednn, onednn_form
+
+    product = [[onednn_form(w) for w in ws] for ws in layers]
 
     def run(rows: int, how: str) -> float:
         xs = [torch.randn(rows, w.shape[1]) for w in layers[0]]
@@ -68,14 +73,26 @@ def main(argv=None) -> int:
                         F.linear(xs[j], w)
                     elif how == "mkl packed":
                         torch.ops.mkl._mkl_linear(xs[j], packed[i][j], w, None, 3)
+                    elif how == "onednn":
+                        linear_onednn(xs[j], onednn[i][j])
                     else:
-                        torch.ops.mkldnn._linear_pointwise(xs[j], onednn[i][j], None, "none", [], "")
+                        linear_onednn(xs[j], product[i][j])
         return timed(step)
 
+    hows = ("mkl", "mkl packed", "onednn", f"onednn, {ROWS_HINT} rows")
     print("\n30 layers' GEMMs, weights streamed (ms per pass):")
-    print("| rows | mkl | mkl packed | onednn |\n|---|---|---|---|")
+    print("| rows | " + " | ".join(hows) + " |\n|---|---|---|---|---|")
     for rows in (1, 3, 1, 3):  # twice: the first pass of each warms the allocator
-        print(f"| {rows} | " + " | ".join(f"{run(rows, how):.2f}" for how in ("mkl", "mkl packed", "onednn")) + " |")
+        print(f"| {rows} | " + " | ".join(f"{run(rows, how):.2f}" for how in hows) + " |")
+
+    layouts = {"to_mkldnn": head.to_mkldnn(), f"reordered for {ROWS_HINT} rows (the product's)": onednn_form(head)}
+    print("\nLM head by oneDNN weight layout, ms (MKL beside):")
+    print("| rows | mkl | " + " | ".join(layouts) + " |\n|---|---|---|---|")
+    for rows in (1, 3, 8, 25):
+        x = torch.randn(1, rows, head.shape[1])
+        cells = [timed(lambda x=x: F.linear(x, head))] + [timed(lambda x=x, w=w: linear_onednn(x, w))
+                                                           for w in layouts.values()]
+        print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return 0
 
 
