@@ -12,9 +12,9 @@ largest weight) at 1 and 3 rows each way and keeps the faster sum.
 oneDNN computes the same float32 sums in another order: outputs can differ from MKL's in the last bits (greedy
 tokens matched on the SmolLM2 prompts tried). The oneDNN copy costs one more copy of the matmul weights in memory,
 so it is skipped where that would not fit in a quarter of the available memory. The copy is reordered for a
-batch of ROWS_HINT rows (`mkldnn._reorder_linear_weight`): with `to_mkldnn`'s default layout 3 rows of the LM head
-took 6.5 ms against 3.9 for one; reordered for 8 rows, 1 to 8 rows all took 3.5-4.2 ms (and 25 rows 8.6 against 12.6),
-and a row's result does not depend on the other rows of its call.
+batch of ROWS_HINT rows (`mkldnn._reorder_linear_weight`, as Inductor's weight prepacking does): the LM head's 1 / 3 /
+8 / 25 rows took 4.0 / 5.3 / 7.0 / 11.0 ms in `to_mkldnn`'s default layout and 4.3 / 3.6 / 4.2 / 10.0 reordered for
+8 rows (`benchmarks/cpu_gemm_rows.py`, same host).
 `SPECEE_CPU_GEMM=mkl|onednn|auto` pins the choice (default auto).
 """
 
