@@ -115,9 +115,9 @@ class Settings:
     runs the host step (auto does not pick the fixed program; fixed refuses it)."""
     tree_program: str = "auto"
     """Tree: fixed = the whole tree step as one fixed-shape program (`FixedTree`: a CUDA graph per
-    attention bucket on CUDA; greedy, no exits on the tree); host = the step driven
-    from the host (any mode, sampling, SpecEE on the tree, prompt lookup); auto = fixed on CUDA where
-    it applies (greedy, an EAGLE draft on the device), else host."""
+    attention bucket on CUDA; greedy; SpecEE on the tree in approximate mode, its exits decided on the device);
+    host = the step driven from the host (any mode, sampling, SpecEE on the tree with lossless pruning, prompt
+    lookup); auto = fixed on CUDA where it applies (greedy, an EAGLE draft on the device), else host."""
     tree_guard: bool = True
     """Tree: never slower than dense. Where the fixed program runs beside a whole-step dense program (CUDA,
     inductor), both are timed on this device before the first token; their ratio is the tokens a verify step
@@ -158,8 +158,9 @@ class Settings:
         check("tree_program", TREE_PROGRAMS)
         if self.tree_program == "fixed" and self.temperature > 0:
             raise SpecEEError("--tree-program fixed decodes greedily; drop --temperature or use --tree-program host")
-        if self.tree_program == "fixed" and self.specee and self.speculate == "tree":
-            raise SpecEEError("--tree-program fixed runs no exits on the tree; drop --specee or use --tree-program host")
+        if self.tree_program == "fixed" and self.specee and self.speculate == "tree" and self.mode == "lossless":
+            raise SpecEEError("--tree-program fixed runs no lossless exits on the tree (their pruning saves rows, not "
+                              "layer passes); use --mode approximate, --tree-program host, or drop --specee")
         if self.tree_program == "fixed" and self.tree_lookup_first:
             raise SpecEEError("--tree-program fixed verifies the draft's tree; lookup first runs on the host step: "
                               "drop --tree-lookup-first or use --tree-program host")

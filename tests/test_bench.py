@@ -37,6 +37,12 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert R["specee232"]["draft_quant"] == R["tree35"]["draft_quant"] == "none"
     assert R["tree35_q8"]["accepted_per_step"] > 1.5
     assert R["draft_pass_MB"]["int8"] < 0.6 * R["draft_pass_MB"]["fp16"]
+    # SpecEE on the tree: the fixed program with its exits, the exit points chosen by the measured cost rule
+    # (the draft's step is not theirs to pay: the tree runs it anyway); its tree proposes the 4 candidates they score
+    ex = R["tree35_specee232"]
+    assert ex["tokens"] == 8 and ex["tree_program"] == "fixed" and int(ex["tree_shape"].split(":")[2]) >= 4
+    assert ex["exit_program"]["step_costs"]["source"].endswith("(the tree runs it anyway)")
+    assert R["tree35_specee232_vs_tree35"] == round(R["product_tree35_specee232_ratio"] / R["product_tree35_ratio"], 3)
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run the same day beside it: a record of its own, the first one untouched

@@ -531,13 +531,148 @@ def test_fixed_tree_program_refuses_what_it_cannot_run():
     model = make_tiny_llama()
     with pytest.raises(SpecEEError, match="--tree-program fixed decodes greedily"):
         Settings(max_new_tokens=8, speculate="tree", tree_program="fixed", temperature=0.7)
-    with pytest.raises(SpecEEError, match="--tree-program fixed runs no exits on the tree"):
-        Settings(speculate="tree", tree_program="fixed", specee=True)
+    with pytest.raises(SpecEEError, match="--tree-program fixed runs no lossless exits on the tree"):
+        Settings(speculate="tree", tree_program="fixed", specee=True, mode="lossless", kv_policy="backfill")
+    Settings(speculate="tree", tree_program="fixed", specee=True)  # approximate: exits inside the program
     s = Settings(max_new_tokens=8, speculate="tree", tree_program="fixed")
     with pytest.raises(SpecEEError, match="cannot run here: it needs the draft on the device"):
         Decoder(make_segments(model, s), s, draft=eagle_tree(model))  # a host-only tree source
+    s = Settings(max_new_tokens=8, speculate="tree", tree_program="fixed", tree_topk=2, specee=True)
+    prog = always_exit_program(model.config.num_hidden_layers, 4)
+    with pytest.raises(SpecEEError, match="its exits score the draft's 4 candidates per node, more than the tree's top-k"):
+        Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s))
     with pytest.raises(SpecEEError, match="tree_program='bogus' is not one of auto, fixed, host"):
         Settings(speculate="tree", tree_program="bogus")
+
+
+# ---------------------------------------------------------------- SpecEE on the fixed tree program
+def _device_tree(model, s, lookup=False, device="cpu"):
+    from specee_compile.draft.tree import DeviceEagleTreeSource
+
+    draft = EagleDraft(model)
+    _init_draft(draft, 0)
+    src = DeviceEagleTreeSource(draft.to(device).eval(), k=4, max_len=s.max_context, compile=device == "cuda")
+    src.lookup = lookup
+    return src
+
+
+def random_program(L, k, seed, offline=(2, 4, 6)):
+    """Random predictor MLPs at every layer: some rows exit at some layers, most do not."""
+    g = torch.Generator().manual_seed(seed)
+    return SpecEEProgram(num_layers=L, exit_points=[ExitPoint(i, 0.5) for i in range(L - 1)],
+                         predictors=Predictors(torch.randn(L, 8, 3 * k, generator=g), torch.randn(L, 8, generator=g),
+                                               torch.randn(L, 8, generator=g), torch.randn(L, 1, generator=g) + 1.0,
+                                               list(range(L - 1))),
+                         offline_layers=list(offline), num_candidates=k)
+
+
+def _exits_fixed_vs_host(model, prog, prompt, n, scheduled, device="cpu", backend="eager", **kw):
+    from specee_compile.predictors.schedule import OnlineScheduler
+
+    out = {}
+    for tp in ("host", "fixed"):
+        s = Settings(max_new_tokens=n, speculate="tree", tree_program=tp, specee=True, device=device, backend=backend,
+                     **kw)
+        src = _device_tree(model, s, s.tree_lookup, device) if tp == "fixed" else eagle_tree(model)
+        src.lookup = s.tree_lookup
+        sched = OnlineScheduler.from_settings(s, prog.offline_layers, prog.predictors.layers) if scheduled else None
+        dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=src, scheduler=sched)
+        res = dec.generate(prompt)
+        n_pos = len(prompt) + len(res.token_ids) - 1
+        out[tp] = (res, dec, dec.seg.cache.valid[:, :n_pos].cpu().clone())
+    return out
+
+
+@pytest.mark.parametrize("seed,shape,lookup,scheduled,min_exit", [(4, (12, 4, 4), False, False, 0),
+                                                                  (1, (30, 6, 8), True, True, 1),
+                                                                  (2, (5, 6, 4), False, True, 3),
+                                                                  (3, (12, 4, 4), True, False, 2)])
+def test_fixed_tree_program_with_exits_equals_the_host_step(seed, shape, lookup, scheduled, min_exit):
+    """SpecEE on the tree inside the fixed program (approximate: the path leaves at its exit layer, the paper's
+    check on its head argmax): the same tokens, exit layers, predictor and head calls, layer passes and KV
+    validity (the skip policy) as the host step, with random predictors, the online schedule, the lookup rows."""
+    L = 8
+    model = make_tiny_llama(num_hidden_layers=L)
+    prompt = PROMPT * 3 if lookup else PROMPT
+    out = _exits_fixed_vs_host(model, random_program(L, 4, seed), prompt, 40, scheduled, tree_budget=shape[0],
+                               tree_depth=shape[1], tree_topk=shape[2], min_exit_layer=min_exit, tree_lookup=lookup)
+    (host, _, hv), (fixed, dec, fv) = out["host"], out["fixed"]
+    assert dec.tree._fixed_on and dec.tree.fixed.gated and dec.tree.fixed.programs
+    assert fixed.token_ids == host.token_ids
+    assert fixed.exit_layers == host.exit_layers
+    assert (fixed.verify_steps, fixed.predictor_calls, fixed.head_calls, fixed.layer_passes) == (
+        host.verify_steps, host.predictor_calls, host.head_calls, host.layer_passes)
+    assert torch.equal(fv, hv)
+    assert min(fixed.exit_layers) < L - 1 and fixed.avg_layers < L  # it did leave early
+    assert dec.selection["exit_points_kept"] == list(range(L - 1))  # (no exit rates: every point kept)
+    assert dec.tree.fixed.gates == [i for i in range(L - 1) if i >= min_exit]
+
+
+def test_fixed_tree_program_with_exits_that_never_fire_is_the_tree():
+    """Predictors that never exit: the gated program emits dense greedy, every step through every layer."""
+    L = 6
+    model = make_tiny_llama(num_hidden_layers=L)
+    ref = dense(model, PROMPT, 30)
+    s = Settings(max_new_tokens=30, speculate="tree", tree_program="fixed", specee=True, tree_budget=12, tree_depth=4,
+                 tree_topk=4)
+    prog = always_exit_program(L, 4, -10.0)
+    dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s))
+    res = dec.generate(PROMPT)
+    assert dec.tree.fixed.gated
+    assert res.token_ids == ref.token_ids
+    assert set(res.exit_layers) == {L - 1} and res.avg_layers == L and res.head_calls == 0
+    assert res.predictor_calls == res.verify_steps * (L - 1)
+
+
+def test_fixed_tree_program_follows_an_exit_trace():
+    """The benchmark's replay: an acceptance trace picks the path, an exit trace the layer it leaves at (the
+    deepest of its tokens' trace layers: the merged mapping), at the first active exit point at or past it."""
+    from specee_compile.runtime.policies import trace_accepts, trace_exits
+
+    L = 8
+    model = make_tiny_llama(num_hidden_layers=L)
+    s = Settings(max_new_tokens=40, speculate="tree", tree_program="fixed", specee=True, tree_budget=12, tree_depth=6,
+                 tree_topk=4, min_exit_layer=2, tree_lookup=False, exit_cost_check=False)  # (every point kept)
+    src = _device_tree(model, s)
+    src.draft.head_rows = src.draft.head_rows * 50.0  # a confident draft: its tree is a deep chain
+    prog = always_exit_program(L, 4, -10.0)  # the predictors never exit: the trace decides
+    accepts, exits = [3, 1, 2, 4], [1, 5, 3, 7, 2, 4, 6, 0, 3]
+    dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=src, accept=trace_accepts(accepts),
+                  policy=trace_exits(exits))
+    res = dec.generate(PROMPT)
+    assert dec.tree.accepted_log[:4] == accepts
+    steps, cur = [], 0  # (tokens, exit layer) per verify step (the last one's tokens cut at max_new_tokens)
+    for n in (accepts[i % len(accepts)] for i in range(res.verify_steps)):
+        deepest = max(exits[(cur + j) % len(exits)] for j in range(n))
+        steps.append((n, L - 1 if deepest >= L - 1 else max(deepest, 2)))
+        cur += n
+    want = [L - 1] + [e for n, e in steps for _ in range(n)]  # (the first token comes from the prefill)
+    assert res.exit_layers == want[: len(res.exit_layers)]
+    assert res.head_calls == sum(e < L - 1 for _, e in steps) > 0  # one per path that left (no paper check)
+    # each step's rows (root p, accepted p + 1 .. p + n - 1) hold K/V up to its exit layer only
+    valid, p = dec.seg.cache.valid, len(PROMPT)
+    for n, e in steps[:-1]:
+        assert bool(valid[: e + 1, p : p + n].all()) and not bool(valid[e + 1 :, p : p + n].any())
+        p += n
+    with pytest.raises(SpecEEError, match="an exit trace on the tree needs an acceptance trace too"):
+        Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s), policy=trace_exits(exits))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_cuda_fixed_tree_program_with_exits_equals_the_host_step(backend):
+    """On CUDA the exits are IF nodes of the captured graph (the device decides): the same tokens, exits and KV
+    validity as the host step."""
+    L = 8
+    model = make_tiny_llama(num_hidden_layers=L)
+    out = _exits_fixed_vs_host(model, random_program(L, 4, 3), PROMPT * 3, 40, True, device="cuda", backend=backend,
+                               tree_budget=12, tree_depth=4, tree_topk=4, min_exit_layer=2, tree_lookup=True,
+                               exit_cost_check=False)
+    (host, _, hv), (fixed, dec, fv) = out["host"], out["fixed"]
+    assert dec.tree.fixed.gated and all(type(g).__name__ == "method" for g in dec.tree.fixed.programs.values())
+    assert fixed.token_ids == host.token_ids
+    assert fixed.exit_layers == host.exit_layers
+    assert torch.equal(fv, hv)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -145,12 +145,41 @@ class Segments:
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         reset()
-        with torch.cuda.graph(g, pool=self._capture_pool):
-            fn()
+        self._capturing = g
+        try:
+            with torch.cuda.graph(g, pool=self._capture_pool):
+                fn()
+        finally:
+            self._capturing = None
         reset()
         g.replay()
         torch.cuda.synchronize(self.device)
         return g.replay
+
+    def branches(self) -> str | None:
+        """runtime.contract.Captures: how `branch` decides ("host" off CUDA; on CUDA the IF-node backend,
+        "torch" or "ext", or None where neither is available)."""
+        if self.device.type != "cuda":
+            return "host"
+        if not hasattr(self, "_cond"):
+            from ..plugins.cuda_graph_if import cond_backend
+
+            self._cond = cond_backend()
+        return self._cond
+
+    def branch(self, fn, a: torch.Tensor, b: torch.Tensor | None = None):
+        """runtime.contract.Captures: fn() where the uint8 flags a[0] (and b[0]) are non-zero. Inside `capture`
+        on CUDA: an IF node of the graph (the device decides on every replay); in its warm-ups: always (they
+        compile what the node will hold); off CUDA: decided here, on the host."""
+        if self.device.type != "cuda":
+            return fn() if int(a[0]) and (b is None or int(b[0])) else None
+        g = getattr(self, "_capturing", None)
+        if g is None:
+            return fn()
+        from ..plugins.cuda_graph_if import if_node
+
+        with if_node(g, a, b, backend=self.branches(), pool=self._capture_pool):
+            return fn()
 
     def exit_score(self, i: int, h: torch.Tensor, rows: torch.Tensor, p_prev: torch.Tensor):
         # h [1, 1, D]; rows [k, D]; p_prev [k] -> (score [1], z [k], p [k]) float32

@@ -311,7 +311,9 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
     def fixed_expand(self, g0: torch.Tensor, p: torch.Tensor, S: int, topk: int, depth: int):
         """The EAGLE-2 expansion from the root's draft state g0 [D] at root position p [1] (device).
         Returns every generated node, level by level (M = K + (depth-1) K^2, K = `fixed_width(topk)`):
-        (tokens [M] int64, cumulative log-prob [M] float32, parent [M] int64 (-1 = root), depth [M])."""
+        (tokens [M] int64, cumulative log-prob [M] float32, parent [M] int64 (-1 = root), depth [M], first
+        child [M] int64: the node's K proposals, best first, are nodes first .. first + K - 1; -1 where the node
+        was not expanded). The root's proposals are nodes 0 .. K - 1."""
         return self._run(f"expand{topk},{depth}", lambda g0, p, keys: self._expand(g0, p, keys, topk, depth),
                          self.keys_for(S), g0, p)
 
@@ -325,11 +327,12 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
         score = torch.zeros(M, dtype=torch.float32, device=dev)
         parent = torch.full((M,), -1, dtype=torch.long, device=dev)
         dep = torch.ones(M, dtype=torch.long, device=dev)
+        kid0 = torch.full((M,), -1, dtype=torch.long, device=dev)
         v, ix = topk_rows(self.fixed_logprobs(g0[None])[0], K)
         tok[:K] = self.vocab_map[ix]
         score[:K] = v
         if R == 0:
-            return tok, score, parent, dep
+            return tok, score, parent, dep, kid0
         keys = torch.arange(S, device=dev)  # (the argument only carries S)
         rel = (keys - p).clamp(0, R - 1)
         in_tree = (keys >= p) & (keys < p + R)
@@ -357,8 +360,9 @@ class DeviceEagleTreeSource(EagleTreeSource, DeviceEagleSource):
             score[n0 : n0 + K * K] = (score[sel][:, None] + v).reshape(-1)
             parent[n0 : n0 + K * K] = sel.repeat_interleave(K)
             dep[n0 : n0 + K * K] = lev + 1
+            kid0.index_copy_(0, sel, n0 + ar * K)
             lo, feats_lvl = n0, g.repeat_interleave(K, dim=0)
-        return tok, score, parent, dep
+        return tok, score, parent, dep, kid0
 
     def fixed_catch_up(self, feats: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, a: torch.Tensor,
                        S: int) -> torch.Tensor:

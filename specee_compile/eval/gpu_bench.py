@@ -20,6 +20,9 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                 tree35, tree_smollm2trace  tree verification, the accepted length from a trace
                 specee232_q8, tree35_q8  the same with the draft's weights in int8 (--draft-quant int8;
                             a copy of the same draft): `product_*_q8_ratio`
+                tree35_specee232  tree35 with SpecEE on the tree (the fixed program's exits, approximate):
+                            each verify step leaves at the deepest trace layer of the tokens it emits (the
+                            merged mapping); `tree35_specee232_vs_tree35`
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back.
   HF eager    `generate` of the same 7B model, dynamic cache.
@@ -329,14 +332,20 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         decs["specee232_q8"] = build_decoder(loaded, spec.replace(draft_quant="int8"), segments=dense.seg,
                                              program=program, draft=q8, policy=trace_exits([e - 1 for e in trace]))
     shape_kw = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
-    tree_rows = [(name, tr, draft, "none") for name, tr in trees.items()]
+    tree_rows = [(name, tr, draft, "none", False) for name, tr in trees.items()]
     if q8 is not None and "tree35" in trees:
-        tree_rows.append(("tree35_q8", trees["tree35"], q8, "int8"))
-    for name, tr, src, quant in tree_rows:
+        tree_rows.append(("tree35_q8", trees["tree35"], q8, "int8", False))
+    if "tree35" in trees:  # SpecEE on the tree: each path leaves at the deepest of its tokens' trace layers
+        tree_rows.append(("tree35_specee232", trees["tree35"], draft, "none", True))
+    for name, tr, src, quant, exits in tree_rows:
         # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
-        decs[name] = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False,
-                                                    draft_quant=quant, **shape_kw), segments=dense.seg, draft=src,
-                                   accept=trace_accepts(tr))
+        ts = Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False, draft_quant=quant,
+                      specee=exits, **shape_kw)
+        b, d, k = ts.tree_shape(getattr(dense.seg, "gemm", None))
+        if exits and k < program.num_candidates:  # the exits score k candidates per row: the tree proposes them
+            ts = ts.replace(tree_budget=b, tree_depth=d, tree_topk=program.num_candidates)
+        decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
+                                   **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
     timed = time_interleaved(decs, prompt, args.runs)
     R_["dense"], dres = timed["dense"]
@@ -353,13 +362,17 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_["product_specee232_q8_ratio"] = R_["specee232_q8"]["paired_ratio"]
         R_["draft_pass_MB"] = {"fp16": round(draft_pass_bytes(draft.draft) / 1e6, 1),
                                "int8": round(draft_pass_bytes(q8.draft) / 1e6, 1)}
-    for name, tr, _src, _quant in tree_rows:
+    for name, tr, _src, _quant, _exits in tree_rows:
         R_[name], r = timed[name]
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(tr) / len(tr), 3),
                         avg_tree_nodes=r.stats()["avg_tree_nodes"],
                         tree_program="fixed" if decs[name].tree._fixed_on else "host", tree_guard=r.tree_guard,
+                        tree_shape=":".join(map(str, (decs[name].tree.budget, decs[name].tree.depth,
+                                                      decs[name].tree.topk))),
                         **replay_fidelity(decs[name].tree, tr))
         R_[f"product_{name}_ratio"] = R_[name]["paired_ratio"]
+    if "tree35_specee232" in R_:  # exits on the tree against the same tree without them, same rounds
+        R_["tree35_specee232_vs_tree35"] = round(R_["product_tree35_specee232_ratio"] / R_["product_tree35_ratio"], 3)
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
         res["draft_spread"]["after_timing"] = round(draft_spread(draft, dense.seg, prompt), 3)
         log("draft logit spread at the prompt's last pair", res["draft_spread"])
@@ -666,7 +679,8 @@ def plot_record(res: dict, path: str) -> str | None:
             ("7B shapes", "product_dense_tok_s",
              (("specee232", "SpecEE, 23.2 trace"), ("specee232_q8", "SpecEE, int8 draft"),
               ("specee_noexit", "SpecEE, never exits"), ("tree35", "tree, 3.5 trace"),
-              ("tree35_q8", "tree, int8 draft"), ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
+              ("tree35_q8", "tree, int8 draft"), ("tree35_specee232", "tree+SpecEE, 23.2"),
+              ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
             ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
                                                      ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
                                                      ("smollm2_tree_specee", "tree+SpecEE")),

@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -226,7 +226,7 @@ class Decoder:
         check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
         self._drain()
         t0 = time.perf_counter()
-        if s.specee and self.selection is None and self.tree is None:
+        if s.specee and self.selection is None and (self.tree is None or self.tree.selects_exits):
             self._select_exit_points()
         self.dev_schedule = self._device_schedule()
         if self.tree is not None:  # compile + capture before the first token
@@ -413,17 +413,24 @@ class Decoder:
         if rates is None:
             rates = self.program.exit_rates
         costs = whole_costs = None
+
+        def own(c):  # a tree step (the fixed program's exits) runs its draft anyway: not a cost of the exits
+            if c is None or self.tree is None or not c.draft_s:
+                return c
+            return replace(c, fixed_s=max(0.0, c.fixed_s - c.draft_s),
+                           source=c.source + "; the draft's step left out of the fixed cost (the tree runs it anyway)")
+
         if self.s.exit_cost_check and self.s.temperature <= 0 and rates:  # without rates nothing to weigh
             if self.whole is not None and hasattr(self.whole, "step_costs"):
-                costs = whole_costs = self.whole.step_costs(self._template_plan())  # None: it cannot run it
+                costs = whole_costs = own(self.whole.step_costs(self._template_plan()))  # None: it cannot run it
             if costs is None and self.composable and self.exit_layers:
-                costs = self._composed_costs()
+                costs = own(self._composed_costs())
         measured = [costs]
 
         def remeasure(kept):  # the whole step gates each kept point: fewer points, a smaller fixed cost
             self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}
             self.exit_layers = list(kept)
-            measured.append(self.whole.step_costs(self._template_plan()))
+            measured.append(own(self.whole.step_costs(self._template_plan())))
             return measured[-1]
 
         miss = 0.0

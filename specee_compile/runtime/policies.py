@@ -38,6 +38,14 @@ class ExitPolicy:
             return None
         return self.trace[step % len(self.trace)]
 
+    def forced_path_layer(self, start: int, n: int) -> int | None:
+        """Forced policies on a tree (runtime/tree.py `FixedTree`): a verify step that emits n tokens takes the
+        trace's entries start .. start + n - 1 and exits where the deepest of them does (SpecEE's merged
+        mapping: a path leaves at its last-to-exit token's layer). None for unforced policies."""
+        if not self.forced or not self.trace:
+            return None
+        return max(self.trace[(start + j) % len(self.trace)] for j in range(max(1, n)))
+
     def exit_rates(self, layers) -> dict[int, float] | None:
         """Forced policies know where tokens exit: the share of trace steps at each layer (for
         runtime/exit_costs.py); None for policies whose rates come from the artifacts."""

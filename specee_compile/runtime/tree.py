@@ -51,7 +51,12 @@ as one fixed-shape program with no host read (the draft's EAGLE-2 expansion, rer
 device, verification, acceptance, compaction, the draft's catch-up), which a CUDA backend captures as one
 graph per attention bucket; `auto` runs it on CUDA. Both build the same tree and emit the same tokens
 (tests/test_tree.py); on a CPU the host step is slightly faster (no capture to gain, and the fixed
-program computes its full fixed shapes).
+program computes its full fixed shapes). The fixed program also runs approximate SpecEE on the tree, with the
+same decisions as the host step but taken on the device: branches of the captured graph (`Captures.branch`,
+IF nodes on CUDA) gate the layers after each exit point, the batched decision, and the head on the path's rows
+(`FixedTree`'s docstring). Its exit points are the decoder's that pay for themselves (`Decoder._select_exit_points`,
+the draft's step not charged to them). Lossless pruning stays on the host step: on a device it saves rows, not
+layer passes.
 
 Never slower than dense (`Settings.tree_guard`, `TreeGuard`): where the fixed program runs beside a whole-step
 dense program (CUDA, inductor), one step of each is timed before the first token; once the decoder's verify steps
@@ -135,11 +140,16 @@ class TreeStep:
         self.fixed = self._fixed_program(dec)
         self._fixed_on = False  # this generation runs the fixed program (set in prepare)
         self.guard: TreeGuard | None = None  # measured in prepare where it applies (Settings.tree_guard)
-        if self.fixed is not None and s.specee:
+        self.exit_cursor = 0  # a forced exit trace's cursor (benchmark only): tokens emitted over the decoder's life
+        # the fixed program's exits (approximate mode) are the decoder's exit points that pay for themselves,
+        # chosen in Decoder.start like a one-token step's (exit_costs.py: a 25-row layer at 7B widths costs about
+        # a one-row layer); the fixed program gates only those (`FixedTree.prepare`)
+        self.selects_exits = self.fixed is not None and self.fixed.exits
+        if self.fixed is not None and s.specee and not self.fixed.exits:
             dec.selection = {"exit_points_kept": [], "exit_points_dropped": {
-                str(i): "the fixed tree program verifies every node through every layer (no exits on the tree; "
-                        "--tree-program host scores the tree with the predictors)" for i in dec.exit_layers},
-                "step_costs": None, "note": "tree speculation, fixed program"}
+                str(i): "lossless SpecEE on the tree prunes rows, not layer passes: the fixed tree program "
+                        "verifies every node through every layer (--tree-program host prunes)"
+                for i in dec.exit_layers}, "step_costs": None, "note": "tree speculation, fixed program"}
 
     def _fixed_program(self, dec) -> FixedTree | None:
         """The fixed tree program, where it applies (Settings.tree_program)."""
@@ -147,6 +157,7 @@ class TreeStep:
         from .contract import Captures
 
         s, seg = dec.s, dec.seg
+        exits = bool(s.specee and dec.program is not None and not dec.policy.needs_rollback)
         why = None
         if s.temperature > 0:
             why = "it decodes greedily (sampling runs the host tree step)"
@@ -154,6 +165,13 @@ class TreeStep:
             why = "it needs the draft on the device (api.tree_draft builds one)"
         elif not isinstance(seg, Captures):
             why = f"backend {seg.name!r} cannot capture it"
+        elif exits and dec.draft.fixed_width(self.topk) < dec.draft.k:
+            why = (f"its exits score the draft's {dec.draft.k} candidates per node, more than the tree's top-k "
+                   f"({self.topk}) proposes")
+        elif exits and seg.branches() is None:
+            why = "its exits need conditional nodes in the CUDA graph, unavailable here (plugins/cuda_graph_if.py)"
+        if exits and dec.policy.forced and not dec.accept.trace:
+            raise SpecEEError("an exit trace on the tree needs an acceptance trace too (benchmark only)")
         wanted = s.tree_program == "fixed" or (s.tree_program == "auto" and seg.device.type == "cuda")
         if why is not None and s.tree_program == "fixed":
             raise SpecEEError(f"--tree-program fixed cannot run here: {why}; use --tree-program host")
@@ -162,7 +180,7 @@ class TreeStep:
                               + (why or "set tree_program='fixed' (auto picks it on CUDA only)"))
         if why is not None or not wanted:
             return None
-        return FixedTree(dec, self.budget, self.depth, self.topk, self._layer)
+        return FixedTree(dec, self.budget, self.depth, self.topk, self._layer, exits)
 
     def prepare(self, prompt_len: int, max_new_tokens: int) -> None:
         """Before the prefill: capture the fixed program for every bucket this generation can reach (or
@@ -361,18 +379,29 @@ class TreeStep:
         p = len(dec.seq) - 1
         if res.verify_steps == 0:  # the first step of this generation: the root's draft state
             f.begin(dec.seq)
-        emitted = f.run(p, dec.accept.forced_tokens(self.trace_steps))
+        forced = dec.accept.forced_tokens(self.trace_steps)
+        active = forced_exit = None
+        if f.exits:
+            active = frozenset(i for i in dec._active_layers() if i >= dec.s.min_exit_layer)
+            forced_exit = dec.policy.forced_path_layer(self.exit_cursor, forced or 1)
+        emitted, layer, decisions, heads = f.run(p, forced, forced_exit, active)
+        layer = layer if f.gated else dec.L - 1
         self.trace_steps += 1
-        res.layer_passes += dec.L
-        res.layer_rows += dec.L * f.q
+        self.exit_cursor += len(emitted)
+        res.layer_passes += layer + 1
+        res.layer_rows += (layer + 1) * f.q
+        res.predictor_calls += decisions
+        res.head_calls += heads
         res.decode_steps += 1
         res.verify_steps += 1
         res.tree_nodes += f.N
+        if layer < dec.L - 1 and dec.scheduler is not None:
+            dec.scheduler.record_exit(layer)
         n_before = len(dec.seq)
         for tok in emitted:
             if dec._finished():
                 break
-            dec._append(tok, dec.L - 1)
+            dec._append(tok, layer)
         dec.draft.observe_fixed(emitted)
         self._count(len(dec.seq) - n_before)
 
@@ -442,20 +471,29 @@ class FixedTree:
     contract's `Captures`), so a tree step costs one replay and one read of its tokens, not hundreds of
     launches and a dozen host syncs.
 
-    Same algorithm as `TreeStep.step` (greedy, no exits): with root position p and token x_p on the
-    device, (1) the draft's `fixed_expand` builds every candidate node, (2) the `budget` best by cumulative
-    log-probability are kept (a child always ranks strictly below its parent: a depth penalty of 1e-4
-    breaks ties, so the kept set is a tree), ordered parents first, less the rows reserved for the
-    prompt-lookup path (`lookup_device` over the sequence kept on the device), which is merged in as the
-    host step merges it: it shares the kept nodes it agrees with, its other tokens become rows of their own,
-    and reserved rows it does not use are dead (verified, never accepted), (3) the tree is verified
-    in one forward (rows at slots p .. p + N, tree positions and ancestor mask), (4) the deepest node
-    whose path matches the target's argmax is accepted, plus the bonus token, (5) the accepted rows' K/V
-    move to p + 1 .., the rest of the tree's slots are invalidated, (6) the draft catches up over the
-    accepted pairs and leaves the next root's state; p and x_p advance on the device. Output: `out` =
-    [emitted tokens (C = min(depth, budget) + 1 slots), count]."""
+    Same algorithm as `TreeStep.step` (greedy): with root position p and token x_p on the device, (1) the
+    draft's `fixed_expand` builds every candidate node, (2) the `budget` best by cumulative log-probability
+    are kept (a child always ranks strictly below its parent: a depth penalty of 1e-4 breaks ties, so the
+    kept set is a tree), ordered parents first, less the rows reserved for the prompt-lookup path
+    (`lookup_device` over the sequence kept on the device), which is merged in as the host step merges it: it
+    shares the kept nodes it agrees with, its other tokens become rows of their own, and reserved rows it
+    does not use are dead (verified, never accepted), (3) the tree is verified in one forward (rows at slots
+    p .. p + N, tree positions and ancestor mask), (4) the deepest node whose path matches the target's
+    argmax is accepted, plus the bonus token, (5) the accepted rows' K/V move to p + 1 .., the rest of the
+    tree's slots are invalidated, (6) the draft catches up over the accepted pairs and leaves the next root's
+    state; p and x_p advance on the device. Output: `out` = [emitted tokens (C = min(depth, budget) + 1
+    slots), count, exit layer, predictor calls, head calls].
 
-    def __init__(self, dec, budget: int, depth: int, topk: int, layer):
+    With `exits` (SpecEE on the tree, approximate mode: the host step's merged mapping, module docstring) the
+    verification is gated like the whole decode step's (backends/cuda_step.py): the layers between two exit
+    points run inside a branch on `alive`; after an exit point, inside a branch on (alive, active[l]), one
+    batched call scores every row and walks the predicted path (`_decide`); where every row on it exited, a
+    branch on `proposed` runs the LM head on the path's rows and, where each row's argmax is one of its
+    candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones and the
+    deeper layers never hold its K/V (the skip KV policy). On CUDA the branches are IF nodes of the graph
+    (`Captures.branch`); on a CPU the host decides them, so the tests compare the two steps token for token."""
+
+    def __init__(self, dec, budget: int, depth: int, topk: int, layer, exits: bool = False):
         """layer: the tree-verify layer (`TreeStep._make_layer`), shared with the host step."""
         seg, draft = dec.seg, dec.draft
         self.dec, self.seg, self.draft = dec, seg, draft
@@ -467,13 +505,14 @@ class FixedTree:
         self.Dq = min(depth, self.N)
         self.C = self.Dq + 1
         self.q = self.N + 1
+        self.L = seg.spec.num_layers
         # slots a step needs past p: the verified rows, the draft's expansion rows, the catch-up pairs
         self.margin = max(self.N, (depth - 1) * self.K, self.C) + 1
         dev = seg.device
         self.p = torch.zeros(1, dtype=torch.long, device=dev)
         self.last = torch.zeros(1, dtype=torch.long, device=dev)
         self.g0 = torch.zeros(draft.draft.hidden_size, dtype=draft._dt, device=dev)
-        self.out = torch.zeros(self.C + 1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(self.C + 4, dtype=torch.long, device=dev)
         self.ids = torch.zeros(seg.max_len, dtype=torch.long, device=dev)  # the sequence (prompt lookup)
         self.eye = torch.eye(self.q, dtype=torch.bool, device=dev)
         self.layer = layer
@@ -486,6 +525,37 @@ class FixedTree:
         # benchmarks/GPU_NOTES.md session 12); S enters as the length of `keys`
         self.glue = CompiledFns("the tree step's glue", dev.type == "cuda" and seg.name == "inductor")
         self.jj = torch.arange(self.C, device=dev)
+        self.all_rows = torch.ones(self.q, dtype=torch.bool, device=dev)
+        self.exits = bool(exits)  # SpecEE on the tree wanted; it runs where `gates` holds exit points
+        self.gates: list[int] = []  # set in prepare, from the decoder's kept exit points
+        if self.exits:
+            self._init_exits(dec)
+
+    @property
+    def gated(self) -> bool:
+        return self.exits and bool(self.gates)
+
+    def _init_exits(self, dec) -> None:
+        seg, dev, L, q = self.seg, self.seg.device, self.L, self.q
+        self.kc = self.draft.k  # candidates per row the predictors score
+        self.forcing_exits = dec.policy.forced  # an exit trace decides (benchmark only; with an acceptance trace)
+        self.check = dec.policy.verify_in_candidates  # the paper's check on the path's head argmax
+        self.ctl = torch.zeros(2, dtype=torch.uint8, device=dev)  # [alive, proposed]
+        self.ctl0 = torch.tensor([1, 0], dtype=torch.uint8, device=dev)
+        self.act = torch.zeros(L, dtype=torch.uint8, device=dev)  # exit points active this step (the schedule)
+        self._act_set: frozenset | None = None
+        # per-layer constants as tensors of their own: the compiled glue takes them without recompiling
+        self.lids = [torch.full((1,), i, dtype=torch.long, device=dev) for i in range(L)]
+        self.ths = [torch.full((1,), float(dec.thresholds.get(i, float("inf"))), device=dev) for i in range(L)]
+        self.fexit = torch.full((1,), L, dtype=torch.long, device=dev)  # a forced exit layer (trace)
+        self.p_prev = torch.zeros(q, self.kc, dtype=torch.float32, device=dev)
+        self.path = torch.zeros(self.C, dtype=torch.long, device=dev)  # the predicted path's rows (padded)
+        self.plen = torch.ones(1, dtype=torch.long, device=dev)
+        self.top_b = torch.zeros(q, dtype=torch.long, device=dev)  # the target's token after each computed row
+        self.comp_b = torch.zeros(q, dtype=torch.bool, device=dev)  # rows whose token is known
+        self.hrows = torch.zeros(q, seg.spec.hidden, dtype=seg.dtype, device=dev)  # their final-normed states
+        self.exit_b = torch.full((1,), L - 1, dtype=torch.long, device=dev)
+        self.cnt = torch.zeros(2, dtype=torch.long, device=dev)  # [predictor calls, head calls]
 
     def fits(self, max_pos: int) -> bool:
         return max_pos + self.margin < min(self.seg.max_len, self.draft.max_len)
@@ -498,7 +568,11 @@ class FixedTree:
         the prefill: the warm-up runs write junk state that the caller's reset clears)."""
         from ..ops import multi_row_kernel
 
-        seg = self.seg
+        seg, dec = self.seg, self.dec
+        if self.exits and not self.programs:  # the exit points the decoder kept (Decoder.start selected them)
+            self.gates = sorted(i for i in dec.exit_layers if dec.s.min_exit_layer <= i < self.L - 1)
+            # the schedule's first active set, so that what the warm-ups and the tree guard time is a real step
+            self._set_active(frozenset(i for i in dec._active_layers() if i >= dec.s.min_exit_layer))
         todo = sorted({self.bucket(x) for x in range(first_pos, max_pos + 1)} - set(self.programs))
         for S in todo:  # warm-up / upload runs start where this bucket's last position would
             with multi_row_kernel():  # the verification rows and the draft's levels: the rows GEMV on CUDA
@@ -513,32 +587,50 @@ class FixedTree:
         self.last.fill_(token)
         self.g0.copy_(self.draft.fixed_begin())
 
-    def run(self, p: int, forced: int | None = None) -> list[int]:
-        """One step at root position p (the device holds the same p): the emitted tokens. `forced`: the
-        tokens an acceptance trace emits this step."""
+    def run(self, p: int, forced: int | None = None, forced_exit: int | None = None,
+            active: frozenset | None = None) -> tuple[list[int], int, int, int]:
+        """One step at root position p (the device holds the same p): (the emitted tokens, the exit layer (L - 1:
+        none), predictor calls, head calls). `forced`: the tokens an acceptance trace emits this step;
+        `forced_exit`: the layer an exit trace leaves at; `active`: the exit points the schedule evaluates."""
         if self.forcing:
             self.force.fill_(min(max(forced - 1, 0), self.Dq))
+        if self.gated:
+            if forced_exit is not None:
+                self.fexit.fill_(forced_exit)
+            self._set_active(active)
         self.programs[self.bucket(p)]()
         out = self.out.tolist()
-        return out[: out[-1]]
+        C = self.C
+        return out[: out[C]], out[C + 1], out[C + 2], out[C + 3]
+
+    def _set_active(self, active: frozenset) -> None:
+        if active != self._act_set:  # (the schedule changes rarely: one small copy when it does)
+            self.act.copy_(torch.tensor([i in active for i in range(self.L)], dtype=torch.uint8))
+            self._act_set = active
 
     @torch.no_grad()
     def body(self, S: int) -> None:
         seg, draft, dev = self.seg, self.draft, self.seg.device
         K, q, C, Dq = self.K, self.q, self.C, self.Dq
         p = self.p
-        tok, score, parent, dep = draft.fixed_expand(self.g0, p, S, K, self.depth)
-        rpar, rtok, rdep, anc, mask, live, rscore = self.glue("plan", self._plan, tok, score, parent, dep, p,
-                                                             self.last, self.ids, self.eye, keys=draft.keys_for(S))
+        tok, score, parent, dep, kid0 = draft.fixed_expand(self.g0, p, S, K, self.depth)
+        rpar, rtok, rdep, anc, mask, live, rscore, cands = self.glue(
+            "plan", self._plan, tok, score, parent, dep, kid0, p, self.last, self.ids, self.eye, keys=draft.keys_for(S))
         pos, slots = p + rdep, p + torch.arange(q, device=dev)
         h = seg.embed(rtok)
-        for i in range(seg.spec.num_layers):
-            h = self.layer(i, h, pos, S, slots, mask)
-        hn, logits = self.head(h)
+        if self.gated:
+            top, computed, hrows = self._verify_with_exits(h, pos, S, slots, mask, rtok, rpar, rdep, rscore, live,
+                                                           anc, cands)
+        else:
+            for i in range(self.L):
+                h = self.layer(i, h, pos, S, slots, mask)
+            hn, top = self.head(h)  # (the logits: the acceptance takes their argmax)
+            computed, hrows = self.all_rows, hn[0]
         jj = self.jj
-        a, prow, emit = self.glue("accept", self._accept, logits, rtok, rpar, rdep, rscore, live, anc, self.force, jj)
+        a, prow, emit = self.glue("accept", self._accept, top, computed, rtok, rpar, rdep, rscore, live, anc,
+                                  self.force, jj)
         self.out[:C].copy_(emit)
-        self.out[C:].copy_(a + 1)
+        self.out[C : C + 1].copy_(a + 1)
         # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
         cache = seg.cache
         src, dst = p + prow[1:], p + 1 + jj[:Dq]
@@ -546,15 +638,20 @@ class FixedTree:
         cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
         cache.valid.index_fill_(1, p + 1 + torch.arange(self.N, device=dev), False)
         cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
+        if self.gated:  # the skip KV policy: layers past the exit hold nothing for p .. p + a; the step's counts
+            self.glue("forget", self._forget_deep, cache.valid, self.exit_b, p, a, jj)
+            self.out[C + 1 : C + 2].copy_(self.exit_b)
+            self.out[C + 2 :].copy_(self.cnt)
         # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
-        self.g0.copy_(draft.fixed_catch_up(hn[0][prow], emit, p, a, S))
+        self.g0.copy_(draft.fixed_catch_up(hrows[prow], emit, p, a, S))
         self.last.copy_(emit.index_select(0, a))
         self.ids.index_copy_(0, p + 1 + jj, emit)  # (slots past the new end are rewritten before they are read)
         p.add_(a + 1)
 
-    def _plan(self, tok, score, parent, dep, p, last, ids, eye, keys):
+    def _plan(self, tok, score, parent, dep, kid0, p, last, ids, eye, keys):
         """The verified tree from the expansion: rows (root, the Nd best-scored nodes parents first, the lookup
-        rows), their parents, tokens, depths, ancestors and the [q, S] attention mask (S = len(keys))."""
+        rows), their parents, tokens, depths, ancestors, the [q, S] attention mask (S = len(keys)), and the
+        draft's candidates after each row ([q, k]; -1 where the draft proposed nothing there)."""
         dev, q, M = tok.device, self.q, tok.shape[0]
         keys = torch.arange(keys.shape[0], device=dev)  # (the argument only carries S)
         Nd, Dl = self.N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
@@ -577,29 +674,147 @@ class FixedTree:
             anc = eye | anc[rpar]  # ancestors (and self) of each row
         rel = (keys - p).clamp(0, q - 1)
         mask = (keys < p)[None] | (((keys >= p) & (keys < p + q))[None] & anc[:, rel])  # [q, S]
-        return rpar, rtok, rdep, anc, mask, live, rscore
+        kc = getattr(self, "kc", 1)
+        first = torch.cat([zero, kid0[kept], pad - 1])  # [q] first proposal of each row (the root's: node 0)
+        at = (first.clamp(min=0)[:, None] + torch.arange(kc, device=dev)).clamp(max=M - 1)
+        cands = torch.where((first >= 0)[:, None], tok[at], -1)
+        return rpar, rtok, rdep, anc, mask, live, rscore, cands
 
-    def _accept(self, logits, rtok, rpar, rdep, rscore, live, anc, force, jj):
+    def _forced_best(self, rdep, rscore, live, force):
+        """An acceptance trace's row: the best-scored at the trace's depth (or the deepest the tree has below it)."""
+        return torch.argmax(torch.where((rdep <= force) & live, rdep * 1000.0 + rscore + 500.0, -1.0)).view(1)
+
+    @staticmethod
+    def _path_of(best, anc, rdep, jj):
+        """Row `best`'s path: (its row at each depth [C], root past the end; its length [1], root included)."""
+        on_path = anc.index_select(0, best) & (rdep[None] == jj[:, None])  # [C, q]
+        return torch.argmax(on_path.long(), dim=1), rdep.index_select(0, best) + 1
+
+    def _accept(self, top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj):
         """The deepest row whose path the target confirms (or a trace's forced depth): (a [1] its depth,
-        prow [C] the path's row at each depth, emit [C] the tokens it emits, bonus included); jj = arange(C)."""
+        prow [C] the path's row at each depth, emit [C] the tokens it emits, bonus included); jj = arange(C).
+        top: the target's token after each row [q] (or the logits [1, q, V]); computed [q]: rows it holds."""
         q = self.q
-        top = torch.argmax(logits[0], dim=-1)  # [q]
+        if top.dim() == 3:
+            top = torch.argmax(top[0], dim=-1)  # [q]
         first = torch.arange(q, device=top.device) == 0
-        match = ((rtok == top[rpar]) & live) | first
+        match = ((rtok == top[rpar]) & live & computed) | first
         acc = match
         for _ in range(self.depth):
             acc = match & acc[rpar]
-        if self.forcing:  # the best-scored row at the trace's depth (or the deepest the tree has below it)
-            best = torch.argmax(torch.where((rdep <= force) & live, rdep * 1000.0 + rscore + 500.0, -1.0))
-        else:
-            best = torch.argmax(acc.long() * (rdep + 1))  # the deepest accepted row (unique: siblings differ)
-        best = best.view(1)  # (a 0-d index would read it on the host: no host read inside the program)
-        a = rdep.index_select(0, best)
-        on_path = anc.index_select(0, best) & (rdep[None] == jj[:, None])  # [C, q]
-        prow = torch.argmax(on_path.long(), dim=1)  # path row at each depth (root where the path ended)
+        if self.forcing:
+            best = self._forced_best(rdep, rscore, live, force)
+        else:  # the deepest accepted row (unique: siblings differ); a [1] index, not 0-d (a host read)
+            best = torch.argmax(acc.long() * (rdep + 1)).view(1)
+        prow, n = self._path_of(best, anc, rdep, jj)
+        a = n - 1
         bonus = top.index_select(0, best)
         emit = torch.where(jj < a, torch.cat([rtok[prow[1:]], bonus]), bonus)  # [C]
         return a, prow, emit
+
+    # ---------------------------------------------------------------- SpecEE on the tree (exits)
+    def _verify_with_exits(self, h, pos, S, slots, mask, rtok, rpar, rdep, rscore, live, anc, cands):
+        """The verification gated by the exit points (class docstring): (top [q], computed [q], hrows [q, D])."""
+        seg, L = self.seg, self.L
+        alive, proposed = self.ctl[0:1], self.ctl[1:2]
+        self.ctl.copy_(self.ctl0)
+        self.p_prev.zero_()
+        self.exit_b.fill_(L - 1)
+        self.cnt.zero_()
+        has = (cands >= 0).all(-1)
+        w_rows = seg.weights.head.index_select(0, cands.clamp(min=0).view(-1)).view(self.q, self.kc, -1)
+        rows = (rtok, rpar, rdep, rscore, live, anc)
+
+        def stretch(h, first, last):
+            for i in range(first, last + 1):
+                h = self.layer(i, h, pos, S, slots, mask)
+            return h
+
+        first = 0
+        for j, last in enumerate([*self.gates, L - 1]):
+            out = stretch(h, first, last) if j == 0 else seg.branch(lambda h=h, a=first, b=last: stretch(h, a, b),
+                                                                    alive)
+            h = h if out is None else out  # (None: a host-decided branch that did not run; nothing after it runs)
+            first = last + 1
+            if last == L - 1:
+                break
+            seg.branch(lambda h=h, i=last: self._decide_at(i, h, w_rows, cands, has, rows), alive, self.act[last:last + 1])
+            seg.branch(lambda h=h, i=last: self._check_at(i, h, cands), proposed)
+        seg.branch(lambda h=h: self._final(h), alive)
+        return self.top_b, self.comp_b, self.hrows
+
+    def _decide_at(self, i: int, h, w_rows, cands, has, rows) -> None:
+        P = self.seg.predictors
+        self.glue("decide", self._decide, h, self.seg.weights.norm, w_rows, self.p_prev, P.w1, P.b1, P.w2, P.b2,
+                  self.lids[i], self.ths[i], cands, has, *rows, self.force, self.fexit, self.jj, self.path, self.plen,
+                  self.ctl, self.cnt)
+
+    def _decide(self, h, norm_w, w_rows, p_prev, w1, b1, w2, b2, li, th, cands, has, rtok, rpar, rdep, rscore, live,
+                anc, force, fexit, jj, path_out, plen_out, ctl, cnt):
+        """At exit point li (while alive): score every row in one call (`tree_exit_scores`), then the predicted
+        path as the host step's `_predict_path` walks it: from the root, follow the row's best candidate while it
+        names a child and every row so far exited. Writes the path, its length, and `proposed` = the whole path
+        exited (under an exit trace: li has reached the trace's layer, on the acceptance trace's path)."""
+        pick = lambda w: w.index_select(0, li)[0]
+        score, z, p_new = tree_exit_scores(h[0], norm_w, w_rows, p_prev, pick(w1), pick(b1), pick(w2), pick(b2),
+                                           self.seg.spec.eps)
+        p_prev.copy_(p_new)
+        cnt[0:1].add_(1)
+        if self.forcing_exits:
+            path, plen = self._path_of(self._forced_best(rdep, rscore, live, force), anc, rdep, jj)
+            ok = li >= fexit
+        else:
+            exits = (score > th) & has
+            best = torch.gather(cands, 1, torch.argmax(z, dim=-1, keepdim=True))[:, 0]  # [q] (-1: no candidates)
+            nrows = torch.arange(self.q, device=h.device)
+            r = torch.zeros(1, dtype=torch.long, device=h.device)
+            ok, stopped, plen, cols = exits[0:1], torch.zeros_like(exits[0:1]), torch.ones_like(r), [r]
+            for _ in range(self.C - 1):
+                eq = (rpar == r) & (rtok == best.index_select(0, r)) & live & (nrows > 0)  # r's child holding it
+                stop = stopped | ~eq.any().view(1) | ~ok
+                r = torch.where(stop, r, torch.argmax(eq.long()).view(1))
+                ok = ok & (stop | exits.index_select(0, r))
+                plen = plen + (~stop).long()
+                stopped = stop
+                cols.append(r)
+            path = torch.cat(cols)  # (past its end: its last row again)
+        path_out.copy_(path)
+        plen_out.copy_(plen)
+        ctl[1:2].copy_(ok.to(torch.uint8))
+
+    def _check_at(self, i: int, h, cands) -> None:
+        hn, logits = self.head(h.index_select(1, self.path))
+        self.glue("commit", self._commit, logits, hn, self.path, self.plen, cands, self.top_b, self.comp_b, self.hrows,
+                  self.exit_b, self.lids[i], self.jj, self.ctl, self.cnt)
+
+    def _commit(self, logits, hn, path, plen, cands, top_b, comp_b, hrows, exit_b, li, jj, ctl, cnt):
+        """The path exited at li: its rows' argmax through the full head. Where each is one of its row's
+        candidates (the paper's check; an exit trace skips it) the path leaves here: its tokens, its rows and
+        their features become the step's, `alive` drops. Else the verification goes on."""
+        t = torch.argmax(logits[0], dim=-1)  # [C]
+        ok = torch.ones(1, dtype=torch.bool, device=t.device)
+        if self.check and not self.forcing_exits:
+            ok = ((cands.index_select(0, path) == t[:, None]).any(-1) | (jj >= plen)).all().view(1)
+        top_b.copy_(torch.where(ok, top_b.index_copy(0, path, t), top_b))
+        comp_b.copy_(torch.where(ok, torch.zeros_like(comp_b).index_fill(0, path, True), comp_b))
+        hrows.copy_(torch.where(ok[:, None], hrows.index_copy(0, path, hn[0]), hrows))
+        exit_b.copy_(torch.where(ok, li, exit_b))
+        ctl[0:1].copy_((~ok).to(torch.uint8))
+        ctl[1:2].zero_()
+        cnt[1:2].add_(1)
+
+    def _final(self, h) -> None:
+        """No path left early: the full head on every row."""
+        hn, logits = self.head(h)
+        self.top_b.copy_(torch.argmax(logits[0], dim=-1))
+        self.comp_b.fill_(True)
+        self.hrows.copy_(hn[0])
+
+    @staticmethod
+    def _forget_deep(valid, exit_b, p, a, jj):
+        cols = p + jj
+        deep = (torch.arange(valid.shape[0], device=valid.device) > exit_b)[:, None] & (jj <= a)[None]  # [L, C]
+        valid.index_copy_(1, cols, valid.index_select(1, cols) & ~deep)
 
     def _merge_lookup(self, ids, p, Nd: int, Dl: int, rpar, rtok, rdep, live) -> None:
         """Merge the prompt-lookup continuation into rows Nd + 1 .. Nd + Dl, in place: each of its tokens
