@@ -22,9 +22,11 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                             a copy of the same draft): `product_*_q8_ratio`
                 tree35_specee232  tree35 with SpecEE on the tree (the fixed program's exits, approximate):
                             each verify step leaves at the deepest trace layer of the tokens it emits (the
-                            merged mapping); `tree35_specee232_vs_tree35`
+                            merged mapping); `tree35_specee232_vs_tree35`; tree35_specee232_q8 with the int8 draft
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
-              dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back.
+              dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back; with
+              the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree) and tree_paper
+              (approximate on the tree: the fixed program's exits on CUDA; agreement with dense reported).
   HF eager    `generate` of the same 7B model, dynamic cache.
   yardstick   (--yardstick PATH) the plain compiled decoder, in its own process, first.
 
@@ -337,6 +339,8 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         tree_rows.append(("tree35_q8", trees["tree35"], q8, "int8", False))
     if "tree35" in trees:  # SpecEE on the tree: each path leaves at the deepest of its tokens' trace layers
         tree_rows.append(("tree35_specee232", trees["tree35"], draft, "none", True))
+        if q8 is not None:  # the three together: the tree, its exits, the int8 draft
+            tree_rows.append(("tree35_specee232_q8", trees["tree35"], q8, "int8", True))
     for name, tr, src, quant, exits in tree_rows:
         # no prompt lookup: random tokens do not repeat, its rows would be dead (the same row count)
         ts = Settings(**base, speculate="tree", tree_program="fixed", tree_lookup=False, draft_quant=quant,
@@ -498,7 +502,7 @@ def replay_fidelity(tree, trace: list[int]) -> dict:
 
 # besides dense (--smollm2-configs); tree = the tree alone (the t3 issue's measure, guard off), tree_guarded = the
 # product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard)
-SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee")
+SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee", "tree_paper")
 
 
 def bench_smollm2(args, res: dict, dev) -> None:
@@ -521,7 +525,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
     if "tree" not in args.skip:
         configs.update(tree=dict(speculate="tree", tree_guard=False), tree_guarded=dict(speculate="tree"),
-                       tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"))
+                       tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"),
+                       tree_paper=dict(speculate="tree", specee=True, mode="approximate", kv_policy="skip"))
     wanted = getattr(args, "smollm2_configs", None)
     if wanted:  # (names checked in main, before any work)
         keep = {"dense", *wanted.split(",")}
@@ -584,6 +589,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
         if "tree_specee" in configs:
             tt = [a / b for a, b in zip(speeds["tree_specee"], speeds["tree"])]
             R_["smollm2_tree_specee_vs_tree"] = round(statistics.median(tt), 3)
+        if "tree_paper" in configs:  # approximate SpecEE on the tree (the fixed program's exits on CUDA)
+            tt = [a / b for a, b in zip(speeds["tree_paper"], speeds["tree"])]
+            R_["smollm2_tree_paper_vs_tree"] = round(statistics.median(tt), 3)
         if accepted_trace:
             R_["smollm2_tree_accept_hist"] = {str(k): accepted_trace.count(k) for k in sorted(set(accepted_trace))}
             # the per-step sequence, for a later `bench --accept-trace FILE` (the 7B tree stage on SmolLM2's trace)
@@ -595,7 +603,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_["smollm2_tree_accept_trace_file"] = trace_path
     if "lossless" in configs:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
-    R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless") if n in configs}
+    R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless", "tree_paper") if n in configs}
     R_["smollm2_prompts"] = len(prompts)
 
 
@@ -680,10 +688,12 @@ def plot_record(res: dict, path: str) -> str | None:
              (("specee232", "SpecEE, 23.2 trace"), ("specee232_q8", "SpecEE, int8 draft"),
               ("specee_noexit", "SpecEE, never exits"), ("tree35", "tree, 3.5 trace"),
               ("tree35_q8", "tree, int8 draft"), ("tree35_specee232", "tree+SpecEE, 23.2"),
+              ("tree35_specee232_q8", "tree+SpecEE, int8 draft"),
               ("tree_smollm2trace", "tree, SmolLM2 trace")), "median"),
             ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
                                                      ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
-                                                     ("smollm2_tree_specee", "tree+SpecEE")),
+                                                     ("smollm2_tree_specee", "tree+SpecEE"),
+                                                     ("smollm2_tree_paper", "tree+SpecEE, paper")),
              "tok_s")):
         if dense_key not in R_:
             continue

@@ -167,7 +167,7 @@ class TreeStep:
             why = f"backend {seg.name!r} cannot capture it"
         elif exits and dec.draft.fixed_width(self.topk) < dec.draft.k:
             why = (f"its exits score the draft's {dec.draft.k} candidates per node, more than the tree's top-k "
-                   f"({self.topk}) proposes")
+                   f"({self.topk}) proposes (--tree-topk {dec.draft.k} or more would)")
         elif exits and seg.branches() is None:
             why = "its exits need conditional nodes in the CUDA graph, unavailable here (plugins/cuda_graph_if.py)"
         if exits and dec.policy.forced and not dec.accept.trace:
