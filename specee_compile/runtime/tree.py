@@ -488,9 +488,9 @@ class FixedTree:
     verification is gated like the whole decode step's (backends/cuda_step.py): the layers between two exit
     points run inside a branch on `alive`; after an exit point, inside a branch on (alive, active[l]), one
     batched call scores every row and walks the predicted path (`_decide`); where every row on it exited, a
-    branch on `proposed` runs the LM head on the path's rows and, where each row's argmax is one of its
-    candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones and the
-    deeper layers never hold its K/V (the skip KV policy). On CUDA the branches are IF nodes of the graph
+    branch on `proposed` (nested in the first) runs the LM head on the path's rows and, where each row's argmax is
+    one of its candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones
+    and the deeper layers never hold its K/V (the skip KV policy). On CUDA the branches are IF nodes of the graph
     (`Captures.branch`); on a CPU the host decides them, so the tests compare the two steps token for token."""
 
     def __init__(self, dec, budget: int, depth: int, topk: int, layer, exits: bool = False):
@@ -738,8 +738,10 @@ class FixedTree:
             first = last + 1
             if last == L - 1:
                 break
-            seg.branch(lambda h=h, i=last: self._decide_at(i, h, w_rows, cands, has, rows), alive, self.act[last:last + 1])
-            seg.branch(lambda h=h, i=last: self._check_at(i, h, cands), proposed)
+            # the check's branch sits inside the decision's: an inactive point costs one branch, not two
+            seg.branch(lambda h=h, i=last: (self._decide_at(i, h, w_rows, cands, has, rows),
+                                            seg.branch(lambda: self._check_at(i, h, cands), proposed)),
+                       alive, self.act[last:last + 1])
         seg.branch(lambda h=h: self._final(h), alive)
         return self.top_b, self.comp_b, self.hrows
 
