@@ -658,6 +658,32 @@ def test_fixed_tree_program_follows_an_exit_trace():
         Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s), policy=trace_exits(exits))
 
 
+def test_fixed_tree_program_exits_with_compiled_glue_equal_the_host_step():
+    """The exits' glue (the decision with its path walk, the commit, the deep layers' K/V) as Inductor-compiled
+    functions, as CUDA with the inductor backend runs them: one compile each serves every exit point (a
+    recompile fails the call and sets `glue.error`), and the step equals the host step."""
+    import torch._dynamo
+    import torch._inductor.config as ic
+
+    L = 8
+    model = make_tiny_llama(num_hidden_layers=L)
+    prog = random_program(L, 4, 3)
+    want = _exits_fixed_vs_host(model, prog, PROMPT, 24, False, tree_budget=12, tree_depth=4, tree_topk=4,
+                                min_exit_layer=2, tree_lookup=False)["host"][0]
+    s = Settings(max_new_tokens=24, speculate="tree", tree_program="fixed", specee=True, tree_budget=12, tree_depth=4,
+                 tree_topk=4, min_exit_layer=2, tree_lookup=False)
+    dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s))
+    f = dec.tree.fixed
+    f.glue.enabled = True
+    with ic.patch({"cpp.simdlen": 1}), torch._dynamo.config.patch(error_on_recompile=True):
+        torch._dynamo.reset()
+        got = dec.generate(PROMPT)
+    assert f.glue.error is None and sorted(f.glue.fns) == ["accept", "commit", "decide", "forget", "plan"]
+    assert got.token_ids == want.token_ids and got.exit_layers == want.exit_layers
+    assert min(got.exit_layers) < L - 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_cuda_fixed_tree_program_with_exits_equals_the_host_step(backend):
