@@ -17,6 +17,10 @@ DRAFT_QUANTS = ("none", "int8")  # the EAGLE draft's matmul weights (draft/eagle
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
 TREE_GUARD_STEPS = 8  # verify steps the tree guard waits for before it judges the tree (runtime/tree.py)
+# tokens a verify step is expected to emit, where nothing measured says (an acceptance trace does): what the exit
+# points of SpecEE on the tree are weighed with (a path leaves only where every token on it has;
+# runtime/exit_costs.py `path_rates`). 3: between SmolLM2's measured 2.57 (H200 head) and EAGLE-2's ~4 on 7B models.
+TREE_PATH_TOKENS = 3.0
 # the default tree (budget, depth, top-k) and prompt lookup per device type, measured with SmolLM2
 # (benchmarks/RESULTS.md, sessions 4 and 5): a GPU verifies 25 rows for about what it verifies 7
 # (launch-bound); on a CPU, MKL's fp32 GEMM streams the weights once per 3 rows (the cost of 1-3 rows is one

@@ -42,6 +42,7 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     ex = R["tree35_specee232"]
     assert ex["tokens"] == 8 and ex["tree_program"] == "fixed" and int(ex["tree_shape"].split(":")[2]) >= 4
     assert ex["exit_program"]["step_costs"]["source"].endswith("(the tree runs it anyway)")
+    assert ex["exit_program"]["path_tokens"] == 3.5  # its exit rates are a path's of the trace's 3.5 tokens
     assert R["tree35_specee232_vs_tree35"] == round(R["product_tree35_specee232_ratio"] / R["product_tree35_ratio"], 3)
     assert R["tree35_specee232_q8"]["draft_quant"] == "int8" and R["tree35_specee232_q8"]["tokens"] == 8
     png = rec.with_suffix(".png")

@@ -3,13 +3,14 @@ dense when none does, and says why."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_inductor import BASE, PROMPTS, L, RecentTokens, llama, random_program
 
 from specee_compile.backends.eager import EagerSegments
 from specee_compile.config import Settings
 from specee_compile.runtime.decoder import Decoder
-from specee_compile.runtime.exit_costs import StepCosts, select_exit_points
+from specee_compile.runtime.exit_costs import StepCosts, path_rates, select_exit_points
 
 US = 1e-6
 
@@ -91,3 +92,13 @@ def test_backfill_rows_and_lossless_rollbacks_are_costs():
     assert kept == [4]
     kept, dropped = select_exit_points([4], 32, costs, rates, miss=0.8)  # 660 us of rollbacks > 540 saved
     assert kept == [] and "costs 665.0 us/token" in dropped[4]
+
+
+def test_a_tree_path_leaves_where_every_token_on_it_has():
+    rates = {10: 0.25, 20: 0.25, 30: 0.25}  # a quarter of the tokens never exit
+    assert path_rates(rates, 1.0) == pytest.approx(rates)
+    two = path_rates(rates, 2.0)  # out by l: 0.25, 0.5, 0.75 -> squared 0.0625, 0.25, 0.5625
+    assert two == pytest.approx({10: 0.0625, 20: 0.1875, 30: 0.3125})
+    assert sum(two.values()) == pytest.approx(0.75**2)  # the path leaves at all only where every token does
+    deep = path_rates(rates, 3.5)
+    assert deep[10] < two[10] and deep[30] / sum(deep.values()) > two[30] / sum(two.values())  # later, rarer

@@ -45,7 +45,7 @@ from ..config import Settings
 from ..errors import InputError, SpecEEError
 from ..program import SpecEEProgram
 from .contract import Backend, DeviceSchedule, Launched, PipelinedStep, Segments, StepOut, StepPlan, WholeStep
-from .exit_costs import StepCosts, select_exit_points
+from .exit_costs import StepCosts, path_rates, select_exit_points
 from .policies import GREEDY_ACCEPT, AcceptPolicy, ExitPolicy, exit_policy, kv_policy
 from .sampling import select_token
 
@@ -412,6 +412,10 @@ class Decoder:
         rates = self.policy.exit_rates(self.exit_layers)  # a trace knows; else the artifacts' held-out rates
         if rates is None:
             rates = self.program.exit_rates
+        path_tokens = None
+        if rates and self.tree is not None:  # a tree's step leaves where every token on its path has
+            path_tokens = self.tree.tokens_per_path()
+            rates = path_rates(rates, path_tokens)
         costs = whole_costs = None
 
         def own(c):  # a tree step (the fixed program's exits) runs its draft anyway: not a cost of the exits
@@ -452,6 +456,8 @@ class Decoder:
             note = "no cost measurement on this backend/device: every exit point kept"
         self.selection = {"exit_points_kept": kept, "exit_points_dropped": {str(k): v for k, v in dropped.items()},
                           "step_costs": costs.as_dict() if costs is not None else None, "note": note}
+        if path_tokens is not None:
+            self.selection["path_tokens"] = round(path_tokens, 3)  # the exit rates above are a path's of this many
 
     def _composed_costs(self) -> StepCosts:
         """What the composed step's exit machinery costs on this backend and device (no whole step runs

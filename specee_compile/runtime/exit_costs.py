@@ -52,6 +52,19 @@ class StepCosts:
                 "draft_us": None if self.draft_s is None else round(self.draft_s * 1e6, 2), "source": self.source}
 
 
+def path_rates(rates: dict[int, float], tokens: float) -> dict[int, float]:
+    """SpecEE on a tree (the merged mapping): a verify step's path leaves at the deepest exit of its ~`tokens`
+    tokens. With each token exiting independently at layer l with rate[l], the path has left by layer l with
+    probability (share of tokens out by l) ** tokens; its rate at l is the step of that between exit layers."""
+    out, cdf, before = {}, 0.0, 0.0
+    for layer in sorted(rates):
+        cdf += float(rates[layer])
+        now = min(1.0, cdf) ** max(1.0, float(tokens))
+        out[layer] = now - before
+        before = now
+    return out
+
+
 def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
                        rates: dict[int, float] | None, evals: dict[int, float] | None = None,
                        remeasure=None, miss: float = 0.0) -> tuple[list[int], dict[int, str]]:
@@ -86,4 +99,4 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
     return kept, dropped
 
 
-__all__ = ["StepCosts", "select_exit_points"]
+__all__ = ["StepCosts", "path_rates", "select_exit_points"]

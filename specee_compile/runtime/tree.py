@@ -198,6 +198,14 @@ class TreeStep:
                 f.prepare(first, last)
             self._prepare_guard(first, last)
 
+    def tokens_per_path(self) -> float:
+        """Tokens a verify step is expected to emit, for weighing the exit points of SpecEE on the tree: an
+        acceptance trace's mean (the benchmark), else `TREE_PATH_TOKENS` (nothing measured before the first step)."""
+        from ..config import TREE_PATH_TOKENS
+
+        trace = self.dec.accept.trace
+        return sum(trace) / len(trace) if trace else TREE_PATH_TOKENS
+
     @property
     def on(self) -> bool:
         """Whether the decoder's steps are tree steps (False once the guard has declined the tree)."""
