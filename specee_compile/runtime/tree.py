@@ -494,11 +494,12 @@ class FixedTree:
 
     With `exits` (SpecEE on the tree, approximate mode: the host step's merged mapping, module docstring) the
     verification is gated like the whole decode step's (backends/cuda_step.py): the layers between two exit
-    points run inside a branch on `alive`; after an exit point, inside a branch on (alive, active[l]), one
+    points run inside a branch on `alive`; after an exit point, in a branch on active[l] nested in that one, one
     batched call scores every row and walks the predicted path (`_decide`); where every row on it exited, a
-    branch on `proposed` (nested in the first) runs the LM head on the path's rows and, where each row's argmax is
+    branch on `proposed` nested in that runs the LM head on the path's rows and, where each row's argmax is
     one of its candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones
-    and the deeper layers never hold its K/V (the skip KV policy). On CUDA the branches are IF nodes of the graph
+    and the deeper layers never hold its K/V (the skip KV policy). The full head at the end sits in the last
+    stretch's branch. On CUDA the branches are IF nodes of the graph
     (`Captures.branch`); on a CPU the host decides them, so the tests compare the two steps token for token."""
 
     def __init__(self, dec, budget: int, depth: int, topk: int, layer, exits: bool = False):
@@ -733,24 +734,26 @@ class FixedTree:
         w_rows = seg.weights.head.index_select(0, cands.clamp(min=0).view(-1)).view(self.q, self.kc, -1)
         rows = (rtok, rpar, rdep, rscore, live, anc)
 
-        def stretch(h, first, last):
+        def stretch(h, first: int, last: int):
+            """Layers first .. last, then (an exit point) the decision and, inside it, the check, or (the last
+            layer) the full head. Nested branches: past a path's exit nothing below `alive` is even evaluated."""
             for i in range(first, last + 1):
                 h = self.layer(i, h, pos, S, slots, mask)
+            if last == L - 1:
+                self._final(h)
+                return
+            seg.branch(lambda: (self._decide_at(last, h, w_rows, cands, has, rows),
+                                seg.branch(lambda: self._check_at(last, h, cands), proposed)), self.act[last:last + 1])
             return h
 
         first = 0
         for j, last in enumerate([*self.gates, L - 1]):
+            # (the first stretch runs while alive is still set: no branch; None: a host-decided branch that did not
+            # run, and nothing after it runs either)
             out = stretch(h, first, last) if j == 0 else seg.branch(lambda h=h, a=first, b=last: stretch(h, a, b),
                                                                     alive)
-            h = h if out is None else out  # (None: a host-decided branch that did not run; nothing after it runs)
+            h = h if out is None else out
             first = last + 1
-            if last == L - 1:
-                break
-            # the check's branch sits inside the decision's: an inactive point costs one branch, not two
-            seg.branch(lambda h=h, i=last: (self._decide_at(i, h, w_rows, cands, has, rows),
-                                            seg.branch(lambda: self._check_at(i, h, cands), proposed)),
-                       alive, self.act[last:last + 1])
-        seg.branch(lambda h=h: self._final(h), alive)
         return self.top_b, self.comp_b, self.hrows
 
     def _decide_at(self, i: int, h, w_rows, cands, has, rows) -> None:
