@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts")
     p.add_argument("--mtbench", type=int, default=80, help="MT-Bench first turns to run")
     p.add_argument("--squad", type=int, default=100, help="SQuAD v2 answerable questions to run")
-    p.add_argument("--configs", default="paper", help="comma list of: paper, backfill, lossless")
+    p.add_argument("--configs", default="paper",
+                   help="comma list of: paper, backfill, lossless, tree, tree_lossless, tree_paper (dense always runs: "
+                        "the reference)")
     p.add_argument("--out", default="benchmarks/results/eval", help="directory for JSON + PNG")
     p.add_argument("--threshold", type=float)
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES)

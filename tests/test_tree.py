@@ -658,6 +658,34 @@ def test_fixed_tree_program_follows_an_exit_trace():
         Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s), policy=trace_exits(exits))
 
 
+@pytest.mark.parametrize("program", ["host", "fixed"])
+def test_tree_exit_points_are_weighed_with_a_path_s_rates(program):
+    """Approximate SpecEE on the tree keeps only the exit points that pay, with a path's exit rates (a step leaves
+    where all its ~3 tokens have): rates that pay for one token do not for a path, and the step is the tree's."""
+    L = 6
+    model = make_tiny_llama(num_hidden_layers=L)
+    prog = always_exit_program(L, 4)
+    prog.exit_rates = {i: 0.15 for i in range(L - 1)}  # 75% of tokens out by layer 4, one by one
+    s = Settings(max_new_tokens=24, speculate="tree", tree_program=program, specee=True, tree_budget=12, tree_depth=4,
+                 tree_topk=4, min_exit_layer=2, tree_lookup=False)
+    src = _device_tree(model, s) if program == "fixed" else eagle_tree(model)
+    dec = Decoder(make_segments(model, s, prog), s, program=prog, draft=src)
+    from specee_compile.runtime.exit_costs import StepCosts, select_exit_points
+
+    costs = StepCosts(layer_s=100e-6, fixed_s=0.0, decision_s=40e-6, draft_s=0.0)
+    # one token: point l saves 0.15 x (5 - l) x 100 us, so 0, 1 and 2 pay their 40 us; a path of 3 tokens leaves
+    # by l with 0.15 (l + 1) cubed: at most 25 us saved at any point, so none pays
+    assert select_exit_points(list(range(L - 1)), L, costs, prog.exit_rates)[0] == [0, 1, 2]
+    dec._composed_costs = lambda: costs
+    dec._select_exit_points()  # (what the first generate's start does)
+    ep = dec.selection
+    assert ep["path_tokens"] == 3.0 and ep["exit_points_kept"] == [] and dec.exit_layers == []
+    assert all("us/verify step" in why for why in ep["exit_points_dropped"].values())
+    res = dec.generate(PROMPT)
+    assert res.token_ids == dense(model, PROMPT, 24).token_ids  # no point kept fires: the tree's own tokens
+    assert set(res.exit_layers) == {L - 1}
+
+
 def test_fixed_tree_program_exits_with_compiled_glue_equal_the_host_step():
     """The exits' glue (the decision with its path walk, the commit, the deep layers' K/V) as Inductor-compiled
     functions, as CUDA with the inductor backend runs them: one compile each serves every exit point (a

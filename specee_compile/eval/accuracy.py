@@ -29,6 +29,7 @@ CONFIGS = {
     "lossless": dict(specee=True, mode="lossless", kv_policy="backfill"),
     "tree": dict(specee=False, speculate="tree"),
     "tree_lossless": dict(specee=True, mode="lossless", kv_policy="backfill", speculate="tree"),
+    "tree_paper": dict(specee=True, mode="approximate", kv_policy="skip", speculate="tree"),  # trades accuracy
 }
 
 SQUAD_INSTRUCTION = (

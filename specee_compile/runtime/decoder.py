@@ -442,7 +442,8 @@ class Decoder:
             prec = self.program.exit_precision
             miss = 1.0 - prec if prec is not None else 0.0
         kept, dropped = select_exit_points(self.exit_layers, self.L, costs, rates, self.program.eval_share,
-                                           remeasure=remeasure if whole_costs is not None else None, miss=miss)
+                                           remeasure=remeasure if whole_costs is not None else None, miss=miss,
+                                           per="token" if path_tokens is None else "verify step")
         costs = measured[-1]
         self.exit_layers = kept
         self.thresholds = {layer: th for layer, th in self.thresholds.items() if layer in kept}

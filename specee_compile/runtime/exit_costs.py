@@ -67,10 +67,11 @@ def path_rates(rates: dict[int, float], tokens: float) -> dict[int, float]:
 
 def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | None,
                        rates: dict[int, float] | None, evals: dict[int, float] | None = None,
-                       remeasure=None, miss: float = 0.0) -> tuple[list[int], dict[int, str]]:
+                       remeasure=None, miss: float = 0.0, per: str = "token") -> tuple[list[int], dict[int, str]]:
     """(kept layers, {dropped layer: reason}). `evals[l]`: share of tokens on which point l is evaluated
     (scheduling), 1.0 where unknown. `remeasure(kept) -> StepCosts`: the fixed cost depends on how
-    many points the program gates (one IF node each), so it is measured again for the points kept."""
+    many points the program gates (one IF node each), so it is measured again for the points kept. `per`: what
+    the rates and costs count ("token"; a tree's "verify step", whose rates are a path's: `path_rates`)."""
     if costs is None:
         return list(layers), {}
     if not rates:
@@ -87,13 +88,13 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
             kept.append(layer)
             net += save - cost
         else:
-            dropped[layer] = (f"saves {save * 1e6:.1f} us/token (exit rate {r:.3f} x {L - 1 - layer} layers), "
-                              f"costs {cost * 1e6:.1f} us/token")
+            dropped[layer] = (f"saves {save * 1e6:.1f} us/{per} (exit rate {r:.3f} x {L - 1 - layer} layers), "
+                              f"costs {cost * 1e6:.1f} us/{per}")
     if kept and remeasure is not None and len(kept) < len(layers):
         costs = remeasure(kept)
     if kept and net <= costs.fixed_s:
-        reason = (f"all kept points together save {net * 1e6:.1f} us/token net, less than the exit program's "
-                  f"fixed cost {costs.fixed_s * 1e6:.1f} us/token (draft, gating): decoding as dense")
+        reason = (f"all kept points together save {net * 1e6:.1f} us/{per} net, less than the exit program's "
+                  f"fixed cost {costs.fixed_s * 1e6:.1f} us/{per} (draft, gating): decoding as dense")
         dropped.update({layer: reason for layer in kept})
         kept = []
     return kept, dropped

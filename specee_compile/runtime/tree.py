@@ -141,10 +141,12 @@ class TreeStep:
         self._fixed_on = False  # this generation runs the fixed program (set in prepare)
         self.guard: TreeGuard | None = None  # measured in prepare where it applies (Settings.tree_guard)
         self.exit_cursor = 0  # a forced exit trace's cursor (benchmark only): tokens emitted over the decoder's life
-        # the fixed program's exits (approximate mode) are the decoder's exit points that pay for themselves,
-        # chosen in Decoder.start like a one-token step's (exit_costs.py: a 25-row layer at 7B widths costs about
-        # a one-row layer); the fixed program gates only those (`FixedTree.prepare`)
-        self.selects_exits = self.fixed is not None and self.fixed.exits
+        # approximate SpecEE on the tree (either program) runs the decoder's exit points that pay for themselves,
+        # chosen in Decoder.start as a one-token step's are, with a path's exit rates (exit_costs.py; a 25-row layer
+        # at 7B widths costs about a one-row layer, on a CPU more: the rule errs towards dropping a point); the fixed
+        # program gates only those (`FixedTree.prepare`). Lossless pruning on the host step saves rows, not layer
+        # passes, and keeps every point.
+        self.selects_exits = bool(s.specee and dec.program is not None and not dec.policy.needs_rollback)
         if self.fixed is not None and s.specee and not self.fixed.exits:
             dec.selection = {"exit_points_kept": [], "exit_points_dropped": {
                 str(i): "lossless SpecEE on the tree prunes rows, not layer passes: the fixed tree program "
