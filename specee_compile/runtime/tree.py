@@ -501,8 +501,8 @@ class FixedTree:
     branch on `proposed` nested in that runs the LM head on the path's rows and, where each row's argmax is
     one of its candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones
     and the deeper layers never hold its K/V (the skip KV policy). The full head at the end sits in the last
-    stretch's branch. On CUDA the branches are IF nodes of the graph
-    (`Captures.branch`); on a CPU the host decides them, so the tests compare the two steps token for token."""
+    stretch's branch. On CUDA the branches are IF nodes of the graph (`Captures.branch`); on a CPU the host
+    decides them, so the tests compare the two steps token for token."""
 
     def __init__(self, dec, budget: int, depth: int, topk: int, layer, exits: bool = False):
         """layer: the tree-verify layer (`TreeStep._make_layer`), shared with the host step."""
