@@ -418,7 +418,7 @@ class Decoder:
             rates = path_rates(rates, path_tokens)
         costs = whole_costs = None
 
-        def own(c):  # a tree step (the fixed program's exits) runs its draft anyway: not a cost of the exits
+        def own(c):  # a tree step runs its draft anyway: not a cost of its exits
             if c is None or self.tree is None or not c.draft_s:
                 return c
             return replace(c, fixed_s=max(0.0, c.fixed_s - c.draft_s),
