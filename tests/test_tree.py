@@ -624,16 +624,21 @@ def test_fixed_tree_program_with_exits_that_never_fire_is_the_tree():
     assert res.predictor_calls == res.verify_steps * (L - 1)
 
 
-def test_fixed_tree_program_follows_an_exit_trace():
+@pytest.mark.parametrize("device,backend", [("cpu", "eager"),
+                                            pytest.param("cuda", "inductor", marks=pytest.mark.skipif(
+                                                not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_fixed_tree_program_follows_an_exit_trace(device, backend):
     """The benchmark's replay: an acceptance trace picks the path, an exit trace the layer it leaves at (the
-    deepest of its tokens' trace layers: the merged mapping), at the first active exit point at or past it."""
+    deepest of its tokens' trace layers: the merged mapping), at the first active exit point at or past it. On
+    CUDA as `bench`'s tree35_specee232 row runs it: captured, the branches IF nodes, the glue compiled."""
     from specee_compile.runtime.policies import trace_accepts, trace_exits
 
     L = 8
     model = make_tiny_llama(num_hidden_layers=L)
     s = Settings(max_new_tokens=40, speculate="tree", tree_program="fixed", specee=True, tree_budget=12, tree_depth=6,
-                 tree_topk=4, min_exit_layer=2, tree_lookup=False, exit_cost_check=False)  # (every point kept)
-    src = _device_tree(model, s)
+                 tree_topk=4, min_exit_layer=2, tree_lookup=False, exit_cost_check=False,  # (every point kept)
+                 device=device, backend=backend)
+    src = _device_tree(model, s, device=device)
     src.draft.head_rows = src.draft.head_rows * 50.0  # a confident draft: its tree is a deep chain
     prog = always_exit_program(L, 4, -10.0)  # the predictors never exit: the trace decides
     accepts, exits = [3, 1, 2, 4], [1, 5, 3, 7, 2, 4, 6, 0, 3]
@@ -654,8 +659,10 @@ def test_fixed_tree_program_follows_an_exit_trace():
     for n, e in steps[:-1]:
         assert bool(valid[: e + 1, p : p + n].all()) and not bool(valid[e + 1 :, p : p + n].any())
         p += n
+    assert dec.tree.fixed.glue.error is None
     with pytest.raises(SpecEEError, match="an exit trace on the tree needs an acceptance trace too"):
-        Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s), policy=trace_exits(exits))
+        Decoder(make_segments(model, s, prog), s, program=prog, draft=_device_tree(model, s, device=device),
+                policy=trace_exits(exits))
 
 
 @pytest.mark.parametrize("program", ["host", "fixed"])
