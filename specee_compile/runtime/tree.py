@@ -661,8 +661,8 @@ class FixedTree:
 
     def _plan(self, tok, score, parent, dep, kid0, p, last, ids, eye, keys):
         """The verified tree from the expansion: rows (root, the Nd best-scored nodes parents first, the lookup
-        rows), their parents, tokens, depths, ancestors, the [q, S] attention mask (S = len(keys)), and the
-        draft's candidates after each row ([q, k]; -1 where the draft proposed nothing there)."""
+        rows), their parents, tokens, depths, ancestors, the [q, S] attention mask (S = len(keys)), and, for the
+        exits, the draft's candidates after each row ([q, k]; -1 where the draft proposed nothing there)."""
         dev, q, M = tok.device, self.q, tok.shape[0]
         keys = torch.arange(keys.shape[0], device=dev)  # (the argument only carries S)
         Nd, Dl = self.N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
@@ -685,10 +685,11 @@ class FixedTree:
             anc = eye | anc[rpar]  # ancestors (and self) of each row
         rel = (keys - p).clamp(0, q - 1)
         mask = (keys < p)[None] | (((keys >= p) & (keys < p + q))[None] & anc[:, rel])  # [q, S]
-        kc = getattr(self, "kc", 1)
-        first = torch.cat([zero, kid0[kept], pad - 1])  # [q] first proposal of each row (the root's: node 0)
-        at = (first.clamp(min=0)[:, None] + torch.arange(kc, device=dev)).clamp(max=M - 1)
-        cands = torch.where((first >= 0)[:, None], tok[at], -1)
+        cands = None  # (only the exits score candidates)
+        if self.exits:
+            first = torch.cat([zero, kid0[kept], pad - 1])  # [q] first proposal of each row (the root's: node 0)
+            at = (first.clamp(min=0)[:, None] + torch.arange(self.kc, device=dev)).clamp(max=M - 1)
+            cands = torch.where((first >= 0)[:, None], tok[at], -1)
         return rpar, rtok, rdep, anc, mask, live, rscore, cands
 
     def _forced_best(self, rdep, rscore, live, force):
