@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specee_compile.cli import main
 
 
@@ -217,8 +219,6 @@ def test_graph_gap_probe_reads_an_aoti_packages_gemv_launches(tmp_path):
     import zipfile
     from pathlib import Path
 
-    import pytest
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_gap_probe.py"
     spec = importlib.util.spec_from_file_location("graph_gap_probe", path)
     mod = importlib.util.module_from_spec(spec)
@@ -258,8 +258,6 @@ def test_tree_gpu_profile_sums_kernel_time_by_category(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    import pytest
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_gpu_profile.py"
     spec = importlib.util.spec_from_file_location("tree_gpu_profile", path)
     mod = importlib.util.module_from_spec(spec)
@@ -285,3 +283,28 @@ def test_tree_gpu_profile_sums_kernel_time_by_category(tmp_path):
         mod.plot_categories([str(path.parents[0] / "results" / "2026-12-04-nvidia-h200-s18-7b.json")],
                             str(tmp_path / "x.png"))
     assert e.value.code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_an_optional_row_that_fails_is_recorded_and_the_others_timed():
+    """A bench row not yet run on a GPU (the exits on the tree) must not cost the call its other rows."""
+    from types import SimpleNamespace
+
+    from specee_compile.eval.gpu_bench import time_interleaved
+
+    class Dec:
+        def __init__(self, tok_s, fail=False):
+            self.tok_s, self.fail, self.draft = tok_s, fail, None
+
+        def generate(self, prompt):
+            if self.fail:
+                raise RuntimeError("capture failed\nsecond line")
+            return SimpleNamespace(compile_s=0.0, prefill_s=0.0, decode_tok_s=self.tok_s, avg_layers=1.0,
+                                   predictor_calls=0, head_calls=0, decode_steps=1, token_ids=[1], exit_program=None,
+                                   draft_quant=None)
+
+    decs = {"dense": Dec(100.0), "row": Dec(150.0), "new": Dec(1.0, fail=True)}
+    out = time_interleaved(decs, [1], 2, optional={"new"})
+    assert out["new"] == ({"error": "RuntimeError: capture failed"}, None)
+    assert out["row"][0]["paired_ratio"] == 1.5 and out["row"][0]["runs"] == [150.0, 150.0]
+    with pytest.raises(RuntimeError):
+        time_interleaved(decs, [1], 1)  # not optional: the failure stops the bench

@@ -233,14 +233,24 @@ def draft_pass_bytes(eagle) -> int:
 
 
 # ----------------------------------------------------------------------------------------- timing
-def time_interleaved(decs: dict, prompt: list[int], runs: int) -> dict:
+def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> dict:
     """name -> (figures, last result) of each decoder: its warm-up call (compile + capture, reported as
     `compile_s` and the first call's speed), then `runs` rounds in which every decoder decodes once, the order
     rotated per round. A variant and dense then run seconds apart, not minutes: a drift of the card's speed over
     the run (session 15 saw dense's timed call 5% under its own first call) moves both sides of a ratio, and
-    `paired_ratio` (the median over rounds of variant / first decoder in the same round) cancels it."""
-    names = list(decs)
-    first = {n: decs[n].generate(prompt) for n in names}
+    `paired_ratio` (the median over rounds of variant / first decoder in the same round) cancels it. A decoder
+    named in `optional` whose first call fails is left out of the rounds: ({"error": why}, None), the others
+    still timed (a row not yet run on a GPU must not cost the call its other rows)."""
+    names, first, failed = list(decs), {}, {}
+    for n in names:
+        try:
+            first[n] = decs[n].generate(prompt)
+        except Exception as e:  # noqa: BLE001 - recorded; only optional rows get here
+            if n not in optional:
+                raise
+            failed[n] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"
+            log(f"{n}: its first call failed, left out of the rounds: {failed[n]}")
+    names = [n for n in names if n not in failed]
     last, vals = dict(first), {n: [] for n in names}
     for r in range(runs):
         for n in names[r % len(names):] + names[: r % len(names)]:
@@ -260,6 +270,7 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int) -> dict:
         if n != ref:
             fig["paired_ratio"] = round(statistics.median(a / b for a, b in zip(vals[n], vals[ref])), 3)
         out[n] = (fig, res)
+    out.update({n: ({"error": why}, None) for n, why in failed.items()})
     return out
 
 
@@ -351,7 +362,8 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
                                    **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
-    timed = time_interleaved(decs, prompt, args.runs)
+    # the exits on the tree have not run on a GPU yet: their failure is recorded, the other rows still timed
+    timed = time_interleaved(decs, prompt, args.runs, optional={n for n, *_, exits in tree_rows if exits})
     R_["dense"], dres = timed["dense"]
     R_["product_dense_tok_s"] = R_["dense"]["median"]
     if "hf_tokens" in res:
@@ -368,6 +380,8 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
                                "int8": round(draft_pass_bytes(q8.draft) / 1e6, 1)}
     for name, tr, _src, _quant, _exits in tree_rows:
         R_[name], r = timed[name]
+        if r is None:  # (an optional row that failed: its error is the record)
+            continue
         R_[name].update(accepted_per_step=round(r.accepted_per_step, 3), trace_mean=round(sum(tr) / len(tr), 3),
                         avg_tree_nodes=r.stats()["avg_tree_nodes"],
                         tree_program="fixed" if decs[name].tree._fixed_on else "host", tree_guard=r.tree_guard,
@@ -375,7 +389,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
                                                       decs[name].tree.topk))),
                         **replay_fidelity(decs[name].tree, tr))
         R_[f"product_{name}_ratio"] = R_[name]["paired_ratio"]
-    if "tree35_specee232" in R_:  # exits on the tree against the same tree without them, same rounds
+    if "product_tree35_specee232_ratio" in R_:  # exits on the tree against the same tree without them, same rounds
         R_["tree35_specee232_vs_tree35"] = round(R_["product_tree35_specee232_ratio"] / R_["product_tree35_ratio"], 3)
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
         res["draft_spread"]["after_timing"] = round(draft_spread(draft, dense.seg, prompt), 3)
@@ -699,7 +713,8 @@ def plot_record(res: dict, path: str) -> str | None:
             continue
         dense = R_[dense_key]
         bars.append((panel, "dense", dense, None))
-        bars += [(panel, label, R_[k][speed], R_[k][speed] / dense) for k, label in variants if isinstance(R_.get(k), dict)]
+        bars += [(panel, label, R_[k][speed], R_[k][speed] / dense) for k, label in variants
+                 if isinstance(R_.get(k), dict) and speed in R_[k]]
         if panel == "7B shapes" and "yardstick_whole_tok_s" in R_:
             bars.append((panel, "yardstick", R_["yardstick_whole_tok_s"], None))
     if not bars:
@@ -733,6 +748,8 @@ def print_table(res: dict) -> None:
         if isinstance(r, dict) and "median" in r:
             log(f"{k:28s} {r['median']:8.1f} {r['min']:8.1f} {r['max']:8.1f} {r.get('avg_layers', ''):>7} "
                 f"{r.get('compile_s', ''):>9}")
+        elif isinstance(r, dict) and "error" in r:
+            log(f"{k:28s} failed: {r['error']}")
     log(" | ".join(f"{k}={v}" for k, v in R_.items() if not isinstance(v, dict)))
 
 
