@@ -605,7 +605,7 @@ def test_fixed_tree_program_with_exits_equals_the_host_step(seed, shape, lookup,
     assert torch.equal(fv, hv)
     assert min(fixed.exit_layers) < L - 1 and fixed.avg_layers < L  # it did leave early
     assert dec.selection["exit_points_kept"] == list(range(L - 1))  # (no exit rates: every point kept)
-    assert dec.tree.fixed.gates == [i for i in range(L - 1) if i >= min_exit]
+    assert dec.tree.fixed.ex.gates == [i for i in range(L - 1) if i >= min_exit]
 
 
 def test_fixed_tree_program_with_exits_that_never_fire_is_the_tree():

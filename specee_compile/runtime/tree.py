@@ -54,7 +54,7 @@ graph per attention bucket; `auto` runs it on CUDA. Both build the same tree and
 program computes its full fixed shapes). The fixed program also runs approximate SpecEE on the tree, with the
 same decisions as the host step but taken on the device: branches of the captured graph (`Captures.branch`,
 IF nodes on CUDA) gate the layers after each exit point, the batched decision, and the head on the path's rows
-(`FixedTree`'s docstring). Its exit points are the decoder's that pay for themselves (`Decoder._select_exit_points`,
+(runtime/tree_exits.py). Its exit points are the decoder's that pay for themselves (`Decoder._select_exit_points`,
 the draft's step not charged to them). Lossless pruning stays on the host step: on a device it saves rows, not
 layer passes.
 
@@ -75,6 +75,7 @@ from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn
 from .contract import StepPlan
+from .tree_exits import TreeExits, tree_exit_scores
 
 
 class TreeGuard:
@@ -494,15 +495,8 @@ class FixedTree:
     state; p and x_p advance on the device. Output: `out` = [emitted tokens (C = min(depth, budget) + 1
     slots), count, exit layer, predictor calls, head calls].
 
-    With `exits` (SpecEE on the tree, approximate mode: the host step's merged mapping, module docstring) the
-    verification is gated like the whole decode step's (backends/cuda_step.py): the layers between two exit
-    points run inside a branch on `alive`; after an exit point, in a branch on active[l] nested in that one, one
-    batched call scores every row and walks the predicted path (`_decide`); where every row on it exited, a
-    branch on `proposed` nested in that runs the LM head on the path's rows and, where each row's argmax is
-    one of its candidates (the paper's check), the path leaves there: its tokens and features are the layer-l ones
-    and the deeper layers never hold its K/V (the skip KV policy). The full head at the end sits in the last
-    stretch's branch. On CUDA the branches are IF nodes of the graph (`Captures.branch`); on a CPU the host
-    decides them, so the tests compare the two steps token for token."""
+    With `exits` (SpecEE on the tree, approximate mode: the host step's merged mapping) the verification is
+    gated by the kept exit points, decided on the device (`TreeExits`, runtime/tree_exits.py)."""
 
     def __init__(self, dec, budget: int, depth: int, topk: int, layer, exits: bool = False):
         """layer: the tree-verify layer (`TreeStep._make_layer`), shared with the host step."""
@@ -537,36 +531,13 @@ class FixedTree:
         self.glue = CompiledFns("the tree step's glue", dev.type == "cuda" and seg.name == "inductor")
         self.jj = torch.arange(self.C, device=dev)
         self.all_rows = torch.ones(self.q, dtype=torch.bool, device=dev)
-        self.exits = bool(exits)  # SpecEE on the tree wanted; it runs where `gates` holds exit points
-        self.gates: list[int] = []  # set in prepare, from the decoder's kept exit points
-        if self.exits:
-            self._init_exits(dec)
+        self.exits = bool(exits)  # SpecEE on the tree wanted (approximate mode: runtime/tree_exits.py)
+        self.ex: TreeExits | None = TreeExits(self, dec) if self.exits else None
 
     @property
     def gated(self) -> bool:
-        return self.exits and bool(self.gates)
-
-    def _init_exits(self, dec) -> None:
-        seg, dev, L, q = self.seg, self.seg.device, self.L, self.q
-        self.kc = self.draft.k  # candidates per row the predictors score
-        self.forcing_exits = dec.policy.forced  # an exit trace decides (benchmark only; with an acceptance trace)
-        self.check = dec.policy.verify_in_candidates  # the paper's check on the path's head argmax
-        self.ctl = torch.zeros(2, dtype=torch.uint8, device=dev)  # [alive, proposed]
-        self.ctl0 = torch.tensor([1, 0], dtype=torch.uint8, device=dev)
-        self.act = torch.zeros(L, dtype=torch.uint8, device=dev)  # exit points active this step (the schedule)
-        self._act_set: frozenset | None = None
-        # per-layer constants as tensors of their own: the compiled glue takes them without recompiling
-        self.lids = [torch.full((1,), i, dtype=torch.long, device=dev) for i in range(L)]
-        self.ths = [torch.full((1,), float(dec.thresholds.get(i, float("inf"))), device=dev) for i in range(L)]
-        self.fexit = torch.full((1,), L, dtype=torch.long, device=dev)  # a forced exit layer (trace)
-        self.p_prev = torch.zeros(q, self.kc, dtype=torch.float32, device=dev)
-        self.path = torch.zeros(self.C, dtype=torch.long, device=dev)  # the predicted path's rows (padded)
-        self.plen = torch.ones(1, dtype=torch.long, device=dev)
-        self.top_b = torch.zeros(q, dtype=torch.long, device=dev)  # the target's token after each computed row
-        self.comp_b = torch.zeros(q, dtype=torch.bool, device=dev)  # rows whose token is known
-        self.hrows = torch.zeros(q, seg.spec.hidden, dtype=seg.dtype, device=dev)  # their final-normed states
-        self.exit_b = torch.full((1,), L - 1, dtype=torch.long, device=dev)
-        self.cnt = torch.zeros(2, dtype=torch.long, device=dev)  # [predictor calls, head calls]
+        """The program gates its verification by exit points (wanted, and some point was kept)."""
+        return self.ex is not None and bool(self.ex.gates)
 
     def fits(self, max_pos: int) -> bool:
         return max_pos + self.margin < min(self.seg.max_len, self.draft.max_len)
@@ -579,11 +550,9 @@ class FixedTree:
         the prefill: the warm-up runs write junk state that the caller's reset clears)."""
         from ..ops import multi_row_kernel
 
-        seg, dec = self.seg, self.dec
-        if self.exits and not self.programs:  # the exit points the decoder kept (Decoder.start selected them)
-            self.gates = sorted(i for i in dec.exit_layers if dec.s.min_exit_layer <= i < self.L - 1)
-            # the schedule's first active set, so that what the warm-ups and the tree guard time is a real step
-            self._set_active(frozenset(i for i in dec._active_layers() if i >= dec.s.min_exit_layer))
+        seg = self.seg
+        if self.ex is not None and not self.programs:  # the exit points the decoder kept (Decoder.start chose them)
+            self.ex.bind(self.dec)
         todo = sorted({self.bucket(x) for x in range(first_pos, max_pos + 1)} - set(self.programs))
         for S in todo:  # warm-up / upload runs start where this bucket's last position would
             with multi_row_kernel():  # the verification rows and the draft's levels: the rows GEMV on CUDA
@@ -606,18 +575,11 @@ class FixedTree:
         if self.forcing:
             self.force.fill_(min(max(forced - 1, 0), self.Dq))
         if self.gated:
-            if forced_exit is not None:
-                self.fexit.fill_(forced_exit)
-            self._set_active(active)
+            self.ex.set_step(forced_exit, active)
         self.programs[self.bucket(p)]()
         out = self.out.tolist()
         C = self.C
         return out[: out[C]], out[C + 1], out[C + 2], out[C + 3]
-
-    def _set_active(self, active: frozenset) -> None:
-        if active != self._act_set:  # (the schedule changes rarely: one small copy when it does)
-            self.act.copy_(torch.tensor([i in active for i in range(self.L)], dtype=torch.uint8))
-            self._act_set = active
 
     @torch.no_grad()
     def body(self, S: int) -> None:
@@ -630,8 +592,7 @@ class FixedTree:
         pos, slots = p + rdep, p + torch.arange(q, device=dev)
         h = seg.embed(rtok)
         if self.gated:
-            top, computed, hrows = self._verify_with_exits(h, pos, S, slots, mask, rtok, rpar, rdep, rscore, live,
-                                                           anc, cands)
+            top, computed, hrows = self.ex.verify(h, pos, S, slots, mask, (rtok, rpar, rdep, rscore, live, anc), cands)
         else:
             for i in range(self.L):
                 h = self.layer(i, h, pos, S, slots, mask)
@@ -650,9 +611,7 @@ class FixedTree:
         cache.valid.index_fill_(1, p + 1 + torch.arange(self.N, device=dev), False)
         cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
         if self.gated:  # the skip KV policy: layers past the exit hold nothing for p .. p + a; the step's counts
-            self.glue("forget", self._forget_deep, cache.valid, self.exit_b, p, a, jj)
-            self.out[C + 1 : C + 2].copy_(self.exit_b)
-            self.out[C + 2 :].copy_(self.cnt)
+            self.ex.finish(cache.valid, p, a, self.out[C + 1 :])
         # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
         self.g0.copy_(draft.fixed_catch_up(hrows[prow], emit, p, a, S))
         self.last.copy_(emit.index_select(0, a))
@@ -688,7 +647,7 @@ class FixedTree:
         cands = None  # (only the exits score candidates)
         if self.exits:
             first = torch.cat([zero, kid0[kept], pad - 1])  # [q] first proposal of each row (the root's: node 0)
-            at = (first.clamp(min=0)[:, None] + torch.arange(self.kc, device=dev)).clamp(max=M - 1)
+            at = (first.clamp(min=0)[:, None] + torch.arange(self.ex.kc, device=dev)).clamp(max=M - 1)
             cands = torch.where((first >= 0)[:, None], tok[at], -1)
         return rpar, rtok, rdep, anc, mask, live, rscore, cands
 
@@ -724,114 +683,6 @@ class FixedTree:
         emit = torch.where(jj < a, torch.cat([rtok[prow[1:]], bonus]), bonus)  # [C]
         return a, prow, emit
 
-    # ---------------------------------------------------------------- SpecEE on the tree (exits)
-    def _verify_with_exits(self, h, pos, S, slots, mask, rtok, rpar, rdep, rscore, live, anc, cands):
-        """The verification gated by the exit points (class docstring): (top [q], computed [q], hrows [q, D])."""
-        seg, L = self.seg, self.L
-        alive, proposed = self.ctl[0:1], self.ctl[1:2]
-        self.ctl.copy_(self.ctl0)
-        self.p_prev.zero_()
-        self.exit_b.fill_(L - 1)
-        self.cnt.zero_()
-        has = (cands >= 0).all(-1)
-        w_rows = seg.weights.head.index_select(0, cands.clamp(min=0).view(-1)).view(self.q, self.kc, -1)
-        rows = (rtok, rpar, rdep, rscore, live, anc)
-
-        def stretch(h, first: int, last: int):
-            """Layers first .. last, then (an exit point) the decision and, inside it, the check, or (the last
-            layer) the full head. Nested branches: past a path's exit nothing below `alive` is even evaluated."""
-            for i in range(first, last + 1):
-                h = self.layer(i, h, pos, S, slots, mask)
-            if last == L - 1:
-                self._final(h)
-                return
-            seg.branch(lambda: (self._decide_at(last, h, w_rows, cands, has, rows),
-                                seg.branch(lambda: self._check_at(last, h, cands), proposed)), self.act[last:last + 1])
-            return h
-
-        first = 0
-        for j, last in enumerate([*self.gates, L - 1]):
-            # (the first stretch runs while alive is still set: no branch; None: a host-decided branch that did not
-            # run, and nothing after it runs either)
-            out = stretch(h, first, last) if j == 0 else seg.branch(lambda h=h, a=first, b=last: stretch(h, a, b),
-                                                                    alive)
-            h = h if out is None else out
-            first = last + 1
-        return self.top_b, self.comp_b, self.hrows
-
-    def _decide_at(self, i: int, h, w_rows, cands, has, rows) -> None:
-        P = self.seg.predictors
-        self.glue("decide", self._decide, h, self.seg.weights.norm, w_rows, self.p_prev, P.w1, P.b1, P.w2, P.b2,
-                  self.lids[i], self.ths[i], cands, has, *rows, self.force, self.fexit, self.jj, self.path, self.plen,
-                  self.ctl, self.cnt)
-
-    def _decide(self, h, norm_w, w_rows, p_prev, w1, b1, w2, b2, li, th, cands, has, rtok, rpar, rdep, rscore, live,
-                anc, force, fexit, jj, path_out, plen_out, ctl, cnt):
-        """At exit point li (while alive): score every row in one call (`tree_exit_scores`), then the predicted
-        path as the host step's `_predict_path` walks it: from the root, follow the row's best candidate while it
-        names a child and every row so far exited. Writes the path, its length, and `proposed` = the whole path
-        exited (under an exit trace: li has reached the trace's layer, on the acceptance trace's path)."""
-        pick = lambda w: w.index_select(0, li)[0]
-        score, z, p_new = tree_exit_scores(h[0], norm_w, w_rows, p_prev, pick(w1), pick(b1), pick(w2), pick(b2),
-                                           self.seg.spec.eps)
-        p_prev.copy_(p_new)
-        cnt[0:1].add_(1)
-        if self.forcing_exits:
-            path, plen = self._path_of(self._forced_best(rdep, rscore, live, force), anc, rdep, jj)
-            ok = li >= fexit
-        else:
-            exits = (score > th) & has
-            best = torch.gather(cands, 1, torch.argmax(z, dim=-1, keepdim=True))[:, 0]  # [q] (-1: no candidates)
-            nrows = torch.arange(self.q, device=h.device)
-            r = torch.zeros(1, dtype=torch.long, device=h.device)
-            ok, stopped, plen, cols = exits[0:1], torch.zeros_like(exits[0:1]), torch.ones_like(r), [r]
-            for _ in range(self.C - 1):
-                eq = (rpar == r) & (rtok == best.index_select(0, r)) & live & (nrows > 0)  # r's child holding it
-                stop = stopped | ~eq.any().view(1) | ~ok
-                r = torch.where(stop, r, torch.argmax(eq.long()).view(1))
-                ok = ok & (stop | exits.index_select(0, r))
-                plen = plen + (~stop).long()
-                stopped = stop
-                cols.append(r)
-            path = torch.cat(cols)  # (past its end: its last row again)
-        path_out.copy_(path)
-        plen_out.copy_(plen)
-        ctl[1:2].copy_(ok.to(torch.uint8))
-
-    def _check_at(self, i: int, h, cands) -> None:
-        hn, logits = self.head(h.index_select(1, self.path))
-        self.glue("commit", self._commit, logits, hn, self.path, self.plen, cands, self.top_b, self.comp_b, self.hrows,
-                  self.exit_b, self.lids[i], self.jj, self.ctl, self.cnt)
-
-    def _commit(self, logits, hn, path, plen, cands, top_b, comp_b, hrows, exit_b, li, jj, ctl, cnt):
-        """The path exited at li: its rows' argmax through the full head. Where each is one of its row's
-        candidates (the paper's check; an exit trace skips it) the path leaves here: its tokens, its rows and
-        their features become the step's, `alive` drops. Else the verification goes on."""
-        t = torch.argmax(logits[0], dim=-1)  # [C]
-        ok = torch.ones(1, dtype=torch.bool, device=t.device)
-        if self.check and not self.forcing_exits:
-            ok = ((cands.index_select(0, path) == t[:, None]).any(-1) | (jj >= plen)).all().view(1)
-        top_b.copy_(torch.where(ok, top_b.index_copy(0, path, t), top_b))
-        comp_b.copy_(torch.where(ok, torch.zeros_like(comp_b).index_fill(0, path, True), comp_b))
-        hrows.copy_(torch.where(ok[:, None], hrows.index_copy(0, path, hn[0]), hrows))
-        exit_b.copy_(torch.where(ok, li, exit_b))
-        ctl[0:1].copy_((~ok).to(torch.uint8))
-        ctl[1:2].zero_()
-        cnt[1:2].add_(1)
-
-    def _final(self, h) -> None:
-        """No path left early: the full head on every row."""
-        hn, logits = self.head(h)
-        self.top_b.copy_(torch.argmax(logits[0], dim=-1))
-        self.comp_b.fill_(True)
-        self.hrows.copy_(hn[0])
-
-    @staticmethod
-    def _forget_deep(valid, exit_b, p, a, jj):
-        cols = p + jj
-        deep = (torch.arange(valid.shape[0], device=valid.device) > exit_b)[:, None] & (jj <= a)[None]  # [L, C]
-        valid.index_copy_(1, cols, valid.index_select(1, cols) & ~deep)
-
     def _merge_lookup(self, ids, p, Nd: int, Dl: int, rpar, rtok, rdep, live) -> None:
         """Merge the prompt-lookup continuation into rows Nd + 1 .. Nd + Dl, in place: each of its tokens
         follows the kept child of the previous one that holds it, or takes its own (live) row."""
@@ -863,19 +714,6 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
         probs = torch.zeros_like(probs).scatter_(0, idx, torch.where(keep, sorted_p, torch.zeros_like(sorted_p)))
         probs = probs / probs.sum()
     return probs
-
-
-def tree_exit_scores(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float):
-    """Exit scores of q rows in one call: h [q, D], rows [q, k, D], p_prev [q, k] ->
-    (score [q], z [q, k], p [q, k]), float32; per row the math of `specee::exit_score`."""
-    from ..model_step import rms_norm
-    from ..predictors.features import exit_features
-
-    hn = rms_norm(h, norm_w, eps)  # [q, D]
-    x, z, p = exit_features(hn, rows, p_prev)  # x [q, 3k]
-    hidden = torch.relu(torch.nn.functional.linear(x, w1.float(), b1.float()))  # [q, Hm]
-    score = torch.sigmoid((hidden * w2.float()).sum(-1) + b2.float())  # [q]
-    return score, z, p
 
 
 __all__ = ["FixedTree", "TreeStep", "target_probs", "tree_exit_scores"]
