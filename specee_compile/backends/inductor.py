@@ -187,6 +187,18 @@ class InductorSegments(Segments):
         w = self._whole()
         return w.step_costs(plan) if w is not None else None
 
+    def dense_step_time(self, S: int) -> float | None:
+        """The tree guard's measure (runtime/tree.py): seconds per dense whole step at bucket S; None off CUDA."""
+        w = self._whole()
+        return w.dense_step_time(S) if w is not None else None
+
+    @staticmethod
+    def program_time(run, reps: int = 10) -> float:
+        """Seconds per call of `run`, a captured program's replay (the tree guard's other measure)."""
+        from .cuda_step import replay_time
+
+        return replay_time(run, reps)
+
     def layer_direct(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
         """The compiled layer without a per-layer graph (what the whole-step capture records)."""
         c = self.cache

@@ -221,7 +221,8 @@ class TreeStep:
         each at the first bucket. The runs leave junk state, which the decoder's start clears."""
         dec = self.dec
         whole = dec.whole
-        if not dec.s.tree_guard or whole is None or not hasattr(whole, "dense_step_time"):
+        if (not dec.s.tree_guard or whole is None or not hasattr(whole, "dense_step_time")
+                or not whole.can_run(StepPlan(token=0, pos=0))):  # (a whole dense step: CUDA, inductor)
             return
         # the dense step's plan, whatever the decoder's own template (with --specee it is the exit program's,
         # while a declined tree decodes plain dense steps: `Decoder._dense_step`)
