@@ -367,11 +367,6 @@ class CudaWholeStep:
         self.seg.cache.junk = True
         return t
 
-    @staticmethod
-    def program_time(run, reps: int = 10) -> float:
-        """Seconds per call of `run`, a captured program's replay (see `replay_time`)."""
-        return replay_time(run, reps)
-
     def _time(self, kind, S: int, active: frozenset, forced, reps: int = 20) -> float:
         g = self.graphs.get((kind, S))
         if g is None:

@@ -138,9 +138,6 @@ class TreeStep:
         # an acceptance trace's cursor: verify steps over this decoder's life, not per generation, so that a
         # trace recorded over many prompts is replayed whole (not its first prompt's steps on every call)
         self.trace_steps = 0
-        self.fixed = self._fixed_program(dec)
-        self._fixed_on = False  # this generation runs the fixed program (set in prepare)
-        self.guard: TreeGuard | None = None  # measured in prepare where it applies (Settings.tree_guard)
         self.exit_cursor = 0  # a forced exit trace's cursor (benchmark only): tokens emitted over the decoder's life
         # approximate SpecEE on the tree (either program) runs the decoder's exit points that pay for themselves,
         # chosen in Decoder.start as a one-token step's are, with a path's exit rates (exit_costs.py; a 25-row layer
@@ -148,6 +145,9 @@ class TreeStep:
         # program gates only those (`FixedTree.prepare`). Lossless pruning on the host step saves rows, not layer
         # passes, and keeps every point.
         self.selects_exits = bool(s.specee and dec.program is not None and not dec.policy.needs_rollback)
+        self.fixed = self._fixed_program(dec)
+        self._fixed_on = False  # this generation runs the fixed program (set in prepare)
+        self.guard: TreeGuard | None = None  # measured in prepare where it applies (Settings.tree_guard)
         if self.fixed is not None and s.specee and not self.fixed.exits:
             dec.selection = {"exit_points_kept": [], "exit_points_dropped": {
                 str(i): "lossless SpecEE on the tree prunes rows, not layer passes: the fixed tree program "
@@ -160,7 +160,7 @@ class TreeStep:
         from .contract import Captures
 
         s, seg = dec.s, dec.seg
-        exits = bool(s.specee and dec.program is not None and not dec.policy.needs_rollback)
+        exits = self.selects_exits  # (approximate SpecEE: the program gates its verification)
         why = None
         if s.temperature > 0:
             why = "it decodes greedily (sampling runs the host tree step)"
