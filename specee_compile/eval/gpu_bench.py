@@ -362,7 +362,8 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
                                    **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
-    # the exits on the tree have not run on a GPU yet: their failure is recorded, the other rows still timed
+    # the exits on the tree (the newest rows, first run on the H200 in session 20): a failure is recorded, the
+    # other rows still timed
     timed = time_interleaved(decs, prompt, args.runs, optional={n for n, *_, exits in tree_rows if exits})
     R_["dense"], dres = timed["dense"]
     R_["product_dense_tok_s"] = R_["dense"]["median"]
