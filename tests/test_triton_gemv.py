@@ -176,6 +176,65 @@ def test_rows_kernel_logic_in_triton_interpreter_on_cpu():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS)
 
 
+_INTERP_ROWS_T = textwrap.dedent(
+    """
+    import torch, triton
+    from specee_compile.ops import fused_linear_reference as ref, quantize_rows
+    from specee_compile.plugins.triton_gemv import PROLOGUES, _rows_launch, row_block, rows_args
+    torch.manual_seed(0)
+    dt = torch.float16
+    for pro, n, k, res in CASES:
+        kin = 2 * k if pro == "silu_mul" else k
+        for w8 in (False, True):
+            w = torch.randn(n, k) * 0.1
+            q, s = quantize_rows(w) if w8 else (w.to(dt), None)
+            nw = (1 + 0.1 * torch.randn(k)).to(dt)
+            for rows in (2, 5, 17):
+                x = (torch.randn(1, rows, kin) * 2).to(dt)
+                r = torch.randn(1, rows, n).to(dt) if res else None
+                e = ref(x, q, r, nw, 1e-5, pro, s)
+                tol = 2e-3 * float(e.float().abs().max())
+                for cfg in (("t", 16, 32, 1, 4, 1), ("t", 32, 16, 3, 4, 1), ("t", 16, 16, 2, 4, 1)):
+                    for rep in range(2):  # split-K leaves its scratch zeroed: a second call computes the same
+                        y, args, kw = rows_args(x, q, r, nw, 1e-5, PROLOGUES[pro], s)
+                        _rows_launch(args, kw, cfg)
+                        err = float((y.float() - e.float()).abs().max())
+                        assert err <= tol, (pro, n, k, res, w8, rows, cfg, rep, err)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
+    """The turned rows kernel (weight tile on the MMA's wide side, split-K through a self-zeroing scratch) against
+    the eager math: fp16 and int8 weights, every prologue, with and without the residual, 2 / 5 / 17 rows,
+    blocks that do not divide N or K, whole-K and split-K, two calls in a row."""
+    run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
+
+
+def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
+    """Compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: the dot is a warpgroup MMA
+    (wgmma) and the weight tiles stream through cp.async stages (the old rows kernel's dot is mma.sync)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins.triton_gemv import _rows_t_kernel
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    ptrs = {"x_ptr": "*fp16", "w_ptr": "*fp16", "s_ptr": "*fp32", "res_ptr": "*fp16", "nw_ptr": "*fp16",
+            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    consts = {"K": 4096, "XS": 4096, "PRO": 1, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 2,
+              "W8": False}
+    sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+    k = triton.compile(ASTSource(_rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 4})
+    assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"]
+
+
 def test_int8_rows_quantize_round_trip_and_reference():
     """`quantize_rows`: per-row symmetric int8, |q| <= 127 with 127 reached in every nonzero row, error at most half
     a step; a zero row keeps scale 1; stacking rows quantizes as the parts (a fused q|k|v). The reference's int8
@@ -385,7 +444,8 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
     e_ref = float((ref.double() - exact).norm() / exact.norm())
     with multi_row_kernel():  # the tuned path (a config, or cuBLAS where faster)
         outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
-    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3)):  # the kernel itself, two configs
+    turned = [("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else []
+    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned):  # the kernels themselves: two configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)
         outs.append(y)

@@ -92,6 +92,17 @@ ROW_CONFIGS = [
     (64, 64, 4, 4),
     (128, 64, 8, 3),
 ]
+# the turned-around rows kernel (`_rows_t_kernel`, 16-bit activations): ("t", BLOCK_N, BLOCK_K, SPLIT, num_warps,
+# num_stages); BLOCK_N >= 64 for a warpgroup MMA, split-K where N / BLOCK_N leaves too few programs
+ROW_T_CONFIGS = [
+    ("t", 64, 128, 1, 4, 4),
+    ("t", 64, 128, 2, 4, 4),
+    ("t", 64, 256, 1, 4, 3),
+    ("t", 64, 256, 2, 4, 3),
+    ("t", 64, 128, 4, 4, 4),
+    ("t", 128, 128, 1, 4, 3),
+    ("t", 128, 64, 2, 4, 4),
+]
 MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tiles are the better fit there
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
@@ -164,6 +175,36 @@ if HAVE_TRITON:
             tl.store(y_ptr + rows, y.to(DT), mask=rmask)
 
     @triton.jit
+    def _rows_stats(xrow, rm, eps, K: tl.constexpr, PRO: tl.constexpr, MP: tl.constexpr, BLOCK_K: tl.constexpr):
+        # the rows' 1/rms over all of K (RMSNorm's statistics, read before the main pass; x comes from L2)
+        rstd = tl.zeros([MP], dtype=tl.float32)
+        if PRO == 1:
+            sq = tl.zeros([MP], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(xrow + offs[None, :], mask=rm[:, None] & (offs < K)[None, :], other=0.0).to(tl.float32)
+                sq += tl.sum(xv * xv, axis=1)
+            rstd = 1.0 / tl.sqrt(sq / K + tl.cast(eps, tl.float32))
+        return rstd
+
+    @triton.jit
+    def _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K: tl.constexpr, PRO: tl.constexpr, DT: tl.constexpr):
+        # the [MP, BLOCK_K] activation tile at K offsets `offs`, the prologue rounded as the eager ops round it
+        # (rms_norm: w * round(x * rstd); silu_mul: round(round(silu(g)) * u))
+        xm = rm[:, None] & km[None, :]
+        if PRO == 0:
+            a = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+        elif PRO == 1:
+            xv = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
+            a = _round(nw[None, :] * _round(xv * rstd[:, None], DT), DT)
+        else:
+            g = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+            u = tl.load(xrow + K + offs[None, :], mask=xm, other=0.0).to(tl.float32)
+            a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
+        return a
+
+    @triton.jit
     def _rows_kernel(
         x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr,
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
@@ -171,37 +212,20 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W8: tl.constexpr,
     ):
         # M rows (<= MP, a power of two >= 16) of x [M, XS] against W [N, K]; program pid owns the output
-        # features pid * BLOCK_N ..; the prologue as the eager ops round it (rms_norm: w * round(x * rstd))
+        # features pid * BLOCK_N ..
         DT: tl.constexpr = y_ptr.dtype.element_ty
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = cols < N
         r = tl.arange(0, MP)
         rm = r < M
         xrow = x_ptr + r.to(tl.int64)[:, None] * XS
-        rstd = tl.zeros([MP], dtype=tl.float32)
-        if PRO == 1:  # the rows' RMSNorm statistics first (x is read again below, from L2)
-            sq = tl.zeros([MP], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(xrow + offs[None, :], mask=rm[:, None] & (offs < K)[None, :], other=0.0).to(tl.float32)
-                sq += tl.sum(xv * xv, axis=1)
-            rstd = 1.0 / tl.sqrt(sq / K + tl.cast(eps, tl.float32))
+        rstd = _rows_stats(xrow, rm, eps, K, PRO, MP, BLOCK_K)
         acc = tl.zeros([MP, BLOCK_N], dtype=tl.float32)
         wrow = w_ptr + cols.to(tl.int64)[:, None] * K
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             km = offs < K
-            xm = rm[:, None] & km[None, :]
-            if PRO == 0:
-                a = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-            elif PRO == 1:
-                xv = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
-                a = _round(nw[None, :] * _round(xv * rstd[:, None], DT), DT)
-            else:  # SiLU(gate) * up, rounded as the eager ops round
-                g = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(xrow + K + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-                a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
+            a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT)
             wt = tl.load(wrow + offs[None, :], mask=cm[:, None] & km[None, :], other=0.0)
             if IEEE:  # fp32 weights: full-precision products, as the eager fp32 matmul (no TF32); each K block
                 # summed apart, then added (an FMA chain over all of K = 11008 loses ~6x more bits); fma, not +:
@@ -218,6 +242,57 @@ if HAVE_TRITON:
         if HAS_RES:
             y = _round(y, DT) + tl.load(res_ptr + r[:, None] * N + cols[None, :], mask=om, other=0.0).to(tl.float32)
         tl.store(y_ptr + r[:, None] * N + cols[None, :], y.to(DT), mask=om)
+
+    @triton.jit
+    def _rows_t_kernel(
+        x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, eps, K: tl.constexpr, XS: tl.constexpr,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr,
+    ):
+        # The rows kernel turned around, for 16-bit activations: the weight tile is the dot's left operand
+        # (acc [BLOCK_N, MP] = W_tile . x_tile^T), so BLOCK_N >= 64 output features fill a Hopper warpgroup MMA
+        # whose narrow side is the rows, and the weight tiles stream through the software pipeline
+        # (num_stages). Split-K (SPLIT > 1) as the one-row kernel: fp32 partial tiles meet in a workspace
+        # [N, MP]; the split that arrives last (a counter per feature block) reads the total, leaves the
+        # workspace zeroed, and stores.
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        r = tl.arange(0, MP)
+        rm = r < M
+        xrow = x_ptr + r.to(tl.int64)[:, None] * XS
+        rstd = _rows_stats(xrow, rm, eps, K, PRO, MP, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+        wrow = w_ptr + cols.to(tl.int64)[:, None] * K
+        k_lo = tl.program_id(1) * KS
+        for k0 in range(0, KS, BLOCK_K):
+            offs = k_lo + k0 + tl.arange(0, BLOCK_K)
+            km = offs < K
+            a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT).to(DT)
+            wt = tl.load(wrow + offs[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+            acc = tl.dot(wt.to(DT), tl.trans(a), acc)
+        y = acc
+        om = cm[:, None] & rm[None, :]
+        wsp = ws_ptr + cols[:, None] * MP + r[None, :]
+        last = True
+        if SPLIT > 1:
+            tl.atomic_add(wsp, y, mask=om, sem="relaxed")
+            tl.debug_barrier()
+            last = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1
+            if last:  # the totals at L2 (an atomic add of 0), then the scratch back to zero
+                zero = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+                y = tl.atomic_add(wsp, zero, mask=om, sem="relaxed")
+                tl.store(wsp, zero, mask=om)
+                tl.store(cnt_ptr + pid, 0)
+        if last:
+            if W8:
+                y = y * tl.load(s_ptr + cols, mask=cm, other=1.0)[:, None]
+            if HAS_RES:
+                y = _round(y, DT) + tl.load(res_ptr + r[None, :] * N + cols[:, None], mask=om, other=0.0).to(tl.float32)
+            tl.store(y_ptr + r[None, :] * N + cols[:, None], y.to(DT), mask=om)
 
 
 def max_rows() -> int:
@@ -367,7 +442,8 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=Non
                 else:
                     _rows_launch(args, kw, c, wi)
 
-            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *ROW_CONFIGS])
+            turned = ROW_T_CONFIGS if x.dtype in (torch.float16, torch.bfloat16) else []
+            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *ROW_CONFIGS, *turned])
             w8 = " w8" if kw["W8"] else ""
             TUNED.setdefault((N, K, f"{name} x{kw['MP']}{w8}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
     if cfg == EAGER:
@@ -390,10 +466,31 @@ def rows_args(x, w, res, norm_w, eps: float, pro: int, w_scale=None):
 
 
 def _rows_launch(args, kw, cfg, w=None) -> None:
-    bn, bk, nwarps, ns = cfg
+    """One launch of a rows config: a ROW_CONFIGS entry (`_rows_kernel`) or a ROW_T_CONFIGS one (`_rows_t_kernel`)."""
     if w is not None:
         args = (args[0], w, *args[2:])
-    _rows_kernel[(triton.cdiv(args[7], bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
+    N = args[7]
+    if cfg[0] == "t":
+        _, bn, bk, sp, nwarps, ns = cfg
+        ws, cnt = _rows_workspace(args[0].device, N, kw["MP"])
+        kt = {k: v for k, v in kw.items() if k != "IEEE"}
+        _rows_t_kernel[(triton.cdiv(N, bn), sp)](*args[:6], ws, cnt, *args[6:], **kt, BLOCK_N=bn, BLOCK_K=bk,
+                                                  SPLIT=sp, num_warps=nwarps, num_stages=ns)
+        return
+    bn, bk, nwarps, ns = cfg
+    _rows_kernel[(triton.cdiv(N, bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
+
+
+def _rows_workspace(device, n: int, mp: int):
+    """The turned rows kernel's split-K scratch: fp32 partial tiles [n, mp] and arrival counters per feature block,
+    zero at rest like `_workspace` (the tuner's first launch of a shape allocates it, before any capture). The
+    fixed tree program runs its rows calls one after another on one stream, so one scratch per shape serves all."""
+    key = ("rows", device, n, mp)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = (torch.zeros(n * mp, dtype=torch.float32, device=device),
+                                 torch.zeros(n, dtype=torch.int32, device=device))
+    return ws
 
 
 def _graph_us(launch, n: int, reps: int = 5) -> float:

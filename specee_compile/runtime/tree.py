@@ -72,10 +72,28 @@ import torch
 
 from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
-from ..errors import SpecEEError
-from ..model_step import make_layer_fn
+from ..errors import SettingError, SpecEEError
+from ..model_step import CUDA_FUSED, make_layer_fn
 from .contract import StepPlan
 from .tree_exits import TreeExits, tree_exit_scores
+
+
+def tree_linears(dtype: torch.dtype) -> str:
+    """How the CUDA verification layer runs its linears: "plain" (Inductor's own matmuls, cuBLAS, with the norms
+    and SiLU fused around them) or "fused" (`specee::fused_linear`: the rows tuner's pick per shape). fp32 stays
+    plain (SmolLM2, H200: 2.32 ms plain vs 3.03 ms fused per 25-row verification, session 4).
+    SPECEE_TREE_LINEARS=plain|fused overrides it for 16-bit weights (A/B runs)."""
+    import os
+
+    v = os.environ.get("SPECEE_TREE_LINEARS", "")
+    if v not in ("", "plain", "fused"):
+        raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected plain or fused; unset it for the default")
+    if dtype == torch.float32:
+        return "plain"
+    return v or TREE_LINEARS_16BIT
+
+
+TREE_LINEARS_16BIT = "plain"
 
 
 class TreeGuard:
@@ -259,7 +277,12 @@ class TreeStep:
         # are one `rope_append` launch at the tree's slots, where Inductor's plain index_copy kernel took ~7 us
         # per 7B layer (session-13 profile), and the masked attention one `tree_attention` launch, where
         # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
-        fn = make_layer_fn(seg.spec, fused=("attn",) if seg.device.type == "cuda" else ())
+        # SPECEE_TREE_LINEARS=fused (16-bit weights): the linears through `specee::fused_linear`, whose rows
+        # tuner picks per shape among cuBLAS and the rows kernels (the turned one: warpgroup MMA, split-K)
+        fused = ("attn",) if seg.device.type == "cuda" else ()
+        if fused and tree_linears(seg.weights.embed.dtype) == "fused":
+            fused = CUDA_FUSED
+        fn = make_layer_fn(seg.spec, fused=fused)
         if seg.name == "inductor":
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
             fn = torch.compile(fn, fullgraph=True, dynamic=None)

@@ -1,0 +1,134 @@
+"""The tree's multi-row matmuls at Llama-2-7B widths (fp16) on a GPU: cuBLAS against the two rows kernels (issue t3).
+
+For each weight of the 7B tree step (the verification's 25 rows and the draft levels' 8 rows: q/k/v, o, gate/up,
+down, the LM head, the draft's fc and its 8704-row head), device time per call inside a CUDA graph, the weight
+rotated over enough copies that L2 never holds it (`plugins.triton_gemv._graph_us`, as the product's tuner times):
+  - `mm`: cuBLAS alone (F.linear, no prologue or residual): the floor a library gives;
+  - `eager`: the op's eager reference (the prologue's ops + cuBLAS + the residual add), the tuner's EAGER;
+  - every `ROW_CONFIGS` entry (`_rows_kernel`, mma.sync) and every turned config (`_rows_t_kernel`, warpgroup MMA,
+    split-K): the product's list, plus 24 more on the verification's four layer shapes with `--wide`;
+  - the tuner's pick (`triton_fused_linear` inside `multi_row_kernel()`).
+Prints one row per shape (us and GB/s of the weight stream) and writes JSON.
+
+    PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --out $OUT/rows_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+# (name, N, K, prologue, residual, rows)
+SHAPES = [
+    ("verify qkv", 12288, 4096, "rmsnorm", False, 25),
+    ("verify o", 4096, 4096, "none", True, 25),
+    ("verify gate_up", 22016, 4096, "rmsnorm", False, 25),
+    ("verify down", 4096, 11008, "silu_mul", True, 25),
+    ("verify head", 32000, 4096, "none", False, 25),
+    ("draft fc", 4096, 8192, "none", False, 8),
+    ("draft qkv", 12288, 4096, "rmsnorm", False, 8),
+    ("draft o", 4096, 4096, "none", True, 8),
+    ("draft gate_up", 22016, 4096, "rmsnorm", False, 8),
+    ("draft down", 4096, 11008, "silu_mul", True, 8),
+    ("draft head", 8704, 4096, "none", False, 8),
+]
+
+
+def wide_t_configs() -> list[tuple]:
+    return [("t", bn, bk, sp, 4, ns) for bn, bk in ((64, 128), (64, 256), (128, 64), (128, 128)) for sp in (1, 2, 4)
+            for ns in (3, 4)]
+
+
+def _us(launch, n: int):
+    from specee_compile.plugins import triton_gemv as T
+
+    try:
+        return round(T._graph_us(launch, n), 2)
+    except Exception as err:  # noqa: BLE001 - a config this card cannot run: recorded
+        torch.cuda.synchronize()
+        return repr(err)[:120]
+
+
+def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide: bool, g) -> dict:
+    """One shape: cuBLAS alone, the eager reference, every rows config, the tuner's pick; prints its table row."""
+    from specee_compile.ops import fused_linear_reference, multi_row_kernel
+    from specee_compile.plugins import triton_gemv as T
+
+    dev, dt = torch.device("cuda"), torch.float16
+    kin = 2 * K if pro == "silu_mul" else K
+    x = torch.randn(1, rows, kin, device=dev, generator=g, dtype=dt)
+    w = torch.randn(N, K, device=dev, generator=g, dtype=dt) * 0.02
+    r = torch.randn(1, rows, N, device=dev, generator=g, dtype=dt) if res else None
+    nw = torch.ones(K, device=dev, dtype=dt)
+    nbytes = w.numel() * w.element_size()
+    ws = [w] + [torch.empty_like(w) for _ in range(T.tune_copies(nbytes) - 1)]
+    n = max(16, len(ws))
+    xs = x if pro != "silu_mul" else x[..., :K].contiguous()
+    e = {"name": name, "N": N, "K": K, "prologue": pro, "residual": res, "rows": rows, "MB": round(nbytes / 1e6, 1)}
+    e["mm_us"] = _us(lambda i: torch.nn.functional.linear(xs, ws[i % len(ws)]), n)
+    e["eager_us"] = _us(lambda i: fused_linear_reference(x, ws[i % len(ws)], r, nw, 1e-5, pro), n)
+    y, a, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
+    ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
+    e["configs"] = {}
+    turned = dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS
+    for cfg in [*T.ROW_CONFIGS, *turned]:
+        t = _us(lambda i, c=cfg: T._rows_launch(a, kw, c, ws[i % len(ws)]), n)
+        if isinstance(t, float):  # the config computes the op (against the eager reference)
+            T._rows_launch(a, kw, cfg)
+            err = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+            if err > 1e-2:
+                t = f"wrong: max rel err {err:.3g}"
+        e["configs"][",".join(map(str, cfg))] = t
+    T._TUNE_CACHE.clear()
+    with multi_row_kernel():
+        T.triton_fused_linear(x, w, r, nw, 1e-5, pro)
+    pick = next(v for k, v in T._TUNE_CACHE.items() if k[0] == "rows" and k[2:4] == (N, K))
+    e["tuned_pick"] = pick if pick == T.EAGER else ",".join(map(str, pick))
+    ok = {c: t for c, t in e["configs"].items() if isinstance(t, float)}
+    old = {c: t for c, t in ok.items() if not c.startswith("t,")}
+    new = {c: t for c, t in ok.items() if c.startswith("t,")}
+    bo = min(old, key=old.get) if old else None
+    bt = min(new, key=new.get) if new else None
+    e["best_rows"], e["best_turned"] = bo, bt
+    e["turned_vs_mm"] = round(e["mm_us"] / new[bt], 3) if bt and isinstance(e["mm_us"], float) else None
+
+    def gbs(t):
+        return f"{t:.1f} ({nbytes / t / 1e3:.0f})" if isinstance(t, float) else str(t)
+
+    print(f"| {name} | {rows} | {gbs(e['mm_us'])} | {gbs(e['eager_us'])} | {bo}: {gbs(old.get(bo))} | "
+          f"{bt}: {gbs(new.get(bt))} | {e['tuned_pick']} | {e['turned_vs_mm']} |", flush=True)
+    return e
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--wide", action="store_true", help="sweep 24 turned configs on the verification's shapes")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("rows_gemm_sweep: a CUDA GPU is needed; run it on the device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": args.commit,
+           "command": " ".join(["python", *sys.argv]), "shapes": []}
+    print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | tuned pick | turned vs mm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        wide = args.wide and shape[0].startswith("verify") and shape[0] != "verify head"
+        e = sweep_shape(*shape, wide=wide, g=g)
+        out["shapes"].append(e)
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
