@@ -191,11 +191,38 @@ def split_qkv(y: torch.Tensor, H: int, Hkv: int, hd: int):
             v.view(q_rows, Hkv, hd).transpose(0, 1))
 
 
-FUSABLE = ("qkv", "o", "gate_up", "down", "attn")  # what the fused Triton ops can take over
+# what the fused Triton ops can take over; "matmul": the matmuls the others leave plain, as the op with no prologue
+# (the norms, SiLU and residual adds stay plain ops around it, for a compiler to fuse)
+FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul")
 # the CUDA Inductor path's choice (benchmarks/gemv_sweep.py, benchmarks/results: on the H100 the Triton
 # GEMVs match or beat Inductor's coordinate-descent-tuned reductions on every matmul, and the decode
 # attention kernel beats cuDNN's flash kernel plus its two mask kernels)
-CUDA_FUSED = FUSABLE
+CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
+
+
+ROWS_LINEARS = ("plain", "matmul", "fused")
+
+
+def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
+    """The fused ops of a CUDA layer that runs a few rows at once (the fixed tree program's verification and its
+    draft's levels): the attention op, and for 16-bit weights the matmuls as `specee::fused_linear` with no
+    prologue ("matmul"), where the rows tuner picks cuBLAS or a rows kernel per shape while the norms, SiLU and
+    residual adds stay plain ops for Inductor to fuse. A prologue inside the rows kernels costs more than it saves
+    at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us against cuBLAS's 28.7
+    without it). fp32 keeps plain matmuls (the tuner keeps cuBLAS for every fp32 rows shape).
+    SPECEE_TREE_LINEARS=plain|matmul|fused (fused: `CUDA_FUSED`, prologues inside the op) overrides the 16-bit
+    choice, for A/B runs."""
+    import os
+
+    v = os.environ.get("SPECEE_TREE_LINEARS", "")
+    if v and v not in ROWS_LINEARS:
+        from .errors import SettingError
+
+        raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected one of {', '.join(ROWS_LINEARS)}; unset it for "
+                           "the default")
+    if dtype == torch.float32 or v == "plain":
+        return ("attn",)
+    return CUDA_FUSED if v == "fused" else ("attn", "matmul")
 
 
 def _check_fused(fused) -> None:
@@ -231,22 +258,28 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
             return op(x, w[0], res, norm_w, eps_, pro, w[1])
         return op(x, w, res, norm_w, eps_, pro)
 
+    def mm(x, w, b=None):  # "matmul": the op with no prologue; else `plain_linear`
+        if not fuse["matmul"]:
+            return plain_linear(x, w, b)
+        y = lin(x, w)
+        return y if b is None else y + b
+
     def normed_linear(x, ln, w, b, fused_op: bool):
         if ln is None:  # no input norm (EAGLE-1's draft layer)
-            y = lin(x, w) if fused_op else plain_linear(x, w)
+            y = lin(x, w) if fused_op else mm(x, w)
             return y if b is None else y + b
         if fused_op:
             y = lin(x, w, None, ln, eps, "rmsnorm")
             return y if b is None else y + b
-        return plain_linear(rms_norm(x, ln, eps), w, b)
+        return mm(rms_norm(x, ln, eps), w, b)
 
     def out_mlp(h, a, wo, ln2, wgu, wd):
-        h = lin(a, wo, h) if fuse["o"] else h + plain_linear(a, wo)
+        h = lin(a, wo, h) if fuse["o"] else h + mm(a, wo)
         gu = normed_linear(h, ln2, wgu, None, fuse["gate_up"])
         if fuse["down"]:
             return lin(gu, wd, h, None, 0.0, "silu_mul")
         g, u = gu.chunk(2, dim=-1)
-        return h + plain_linear(F.silu(g) * u, wd)
+        return h + mm(F.silu(g) * u, wd)
 
     def qkv(h, ln1, wqkv, bqkv, split: bool = True):
         y = normed_linear(h, ln1, wqkv, bqkv, fuse["qkv"])  # [1, q, (H + 2Hkv) hd]

@@ -79,9 +79,10 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) if compiled else torch.equal(a, b)
 
 
-def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama):
+@pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul")])
+def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused):
     """Tree verification's call (slots + an explicit mask) through the fused-op layer computes what the plain
-    layer does (the draft's tree expansion on CUDA runs the fused-op layer with a mask)."""
+    layer does: every op fused, and the multi-row form (`rows_fused`: the matmuls as the op, norms plain)."""
     from specee_compile.model_step import extract_weights
 
     W = extract_weights(tiny_llama, 64)
@@ -94,7 +95,7 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama):
     mask = torch.rand(6, 32) < 0.5
     mask[torch.arange(6), slots] = True
     outs = []
-    for fn in (make_layer_fn(spec), make_layer_fn(spec, fused=FUSABLE)):
+    for fn in (make_layer_fn(spec), make_layer_fn(spec, fused=fused)):
         kc = torch.randn(L, Hkv, 64, hd, generator=torch.Generator().manual_seed(1))
         vc = torch.randn(L, Hkv, 64, hd, generator=torch.Generator().manual_seed(2))
         valid = torch.ones(L, 64, dtype=torch.bool)
@@ -105,6 +106,23 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama):
                        slots=slots, mask=mask)
         outs.append(x)
     assert torch.equal(*outs)
+
+
+def test_rows_fused_per_dtype_and_its_override(monkeypatch):
+    """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain; SPECEE_TREE_LINEARS picks
+    another form for 16-bit (A/B runs) and a bad value is refused in one line."""
+    from specee_compile.errors import SettingError
+    from specee_compile.model_step import CUDA_FUSED, rows_fused
+
+    monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
+    assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == ("attn", "matmul")
+    assert rows_fused(torch.float32) == ("attn",)
+    for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul"))):
+        monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
+        assert rows_fused(torch.float16) == want and rows_fused(torch.float32) == ("attn",)
+    monkeypatch.setenv("SPECEE_TREE_LINEARS", "cublas")
+    with pytest.raises(SettingError, match="expected one of plain, matmul, fused"):
+        rows_fused(torch.float16)
 
 
 _INTERP = textwrap.dedent(

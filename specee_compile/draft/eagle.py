@@ -696,13 +696,19 @@ class DeviceEagleSource(EagleSource):
         gate/up fused once per draft, its modules re-pointed at views (one copy in memory).
         `fused_ops` (default: on CUDA) runs the matmuls as `specee::fused_linear` ops, which take the int8 pairs of
         a quantized draft; without them the plain matmuls run its rounded float weights (a CPU's faster form)."""
-        from ..model_step import CUDA_FUSED, make_layer_fn, plain_linear, step_spec
+        from ..model_step import CUDA_FUSED, make_layer_fn, plain_linear, rows_fused, step_spec
 
         fused = self._dev.type == "cuda" if self._fused_ops is None else self._fused_ops
         self._w8 = fused and d.quant == "int8"  # stream the int8 pairs
         layers, _fc, _head = d.matmul_weights(int8=self._w8)
         self._lw = [lw.as_tuple() for lw in layers]
-        self._layer_fn = make_layer_fn(step_spec(d.base_config, self.max_len), fused=CUDA_FUSED if fused else ())
+        spec = step_spec(d.base_config, self.max_len)
+        self._layer_fn = make_layer_fn(spec, fused=CUDA_FUSED if fused else ())
+        # a tree's levels (rows with a mask): the multi-row ops (`model_step.rows_fused`); int8 pairs need the op
+        rows = rows_fused(self._dt) if fused and self._dev.type == "cuda" else None
+        if rows == ("attn",) and self._w8:
+            rows = ("attn", "matmul")
+        self._tree_layer_fn = make_layer_fn(spec, fused=rows) if rows is not None else self._layer_fn
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 
         self._linear = _op_linear if fused else plain_linear
@@ -830,9 +836,10 @@ class DeviceEagleSource(EagleSource):
         x = self._linear(torch.cat([emb, feats.to(self._dt)], dim=-1)[None], self._fc_w())  # [1, T, D]
         if d.fc.bias is not None:
             x = x + d.fc.bias
+        fn = self._layer_fn if mask is None else self._tree_layer_fn
         for i, lw in enumerate(self._lw):
-            x = self._layer_fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw,
-                               slots=slots, mask=mask)
+            x = fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw, slots=slots,
+                   mask=mask)
         return x[0]
 
     def _fc_w(self):

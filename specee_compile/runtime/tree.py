@@ -72,28 +72,10 @@ import torch
 
 from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
-from ..errors import SettingError, SpecEEError
-from ..model_step import CUDA_FUSED, make_layer_fn
+from ..errors import SpecEEError
+from ..model_step import make_layer_fn, rows_fused
 from .contract import StepPlan
 from .tree_exits import TreeExits, tree_exit_scores
-
-
-def tree_linears(dtype: torch.dtype) -> str:
-    """How the CUDA verification layer runs its linears: "plain" (Inductor's own matmuls, cuBLAS, with the norms
-    and SiLU fused around them) or "fused" (`specee::fused_linear`: the rows tuner's pick per shape). fp32 stays
-    plain (SmolLM2, H200: 2.32 ms plain vs 3.03 ms fused per 25-row verification, session 4).
-    SPECEE_TREE_LINEARS=plain|fused overrides it for 16-bit weights (A/B runs)."""
-    import os
-
-    v = os.environ.get("SPECEE_TREE_LINEARS", "")
-    if v not in ("", "plain", "fused"):
-        raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected plain or fused; unset it for the default")
-    if dtype == torch.float32:
-        return "plain"
-    return v or TREE_LINEARS_16BIT
-
-
-TREE_LINEARS_16BIT = "plain"
 
 
 class TreeGuard:
@@ -270,19 +252,14 @@ class TreeStep:
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
-        # plain linears: the fused GEMV ops take one row; on q rows they are opaque eager fallbacks, while
-        # Inductor fuses plain norms, SiLU and residuals itself (H200, SmolLM2 shapes, 25 rows x 30 layers:
-        # 2.32 ms plain vs 3.03 ms with the fused ops; Triton kernels for 2..64 rows, tried in session 4,
-        # were slower than cuBLAS still: benchmarks/GPU_NOTES.md). On CUDA the rows' RoPE and cache write
+        # `model_step.rows_fused`: the norms, SiLU and residuals plain, for Inductor to fuse (H200, SmolLM2 shapes,
+        # 25 rows x 30 layers: 2.32 ms plain vs 3.03 ms with the norms inside the fused ops, session 4); the
+        # 16-bit matmuls as `specee::fused_linear` with no prologue, where the rows tuner picks cuBLAS or the
+        # turned rows kernel per shape (benchmarks/rows_gemm_sweep.py). On CUDA the rows' RoPE and cache write
         # are one `rope_append` launch at the tree's slots, where Inductor's plain index_copy kernel took ~7 us
         # per 7B layer (session-13 profile), and the masked attention one `tree_attention` launch, where
         # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
-        # SPECEE_TREE_LINEARS=fused (16-bit weights): the linears through `specee::fused_linear`, whose rows
-        # tuner picks per shape among cuBLAS and the rows kernels (the turned one: warpgroup MMA, split-K)
-        fused = ("attn",) if seg.device.type == "cuda" else ()
-        if fused and tree_linears(seg.weights.embed.dtype) == "fused":
-            fused = CUDA_FUSED
-        fn = make_layer_fn(seg.spec, fused=fused)
+        fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
