@@ -100,7 +100,6 @@ class CudaWholeStep:
         self.hexit = torch.zeros(1, 1, self.D, dtype=dt, device=dev)
         self.hn = torch.zeros(self.D, dtype=dt, device=dev)
         self.score = torch.zeros(1, dtype=torch.float32, device=dev)
-        self._hbufs: list = []  # `_hbuf`
 
     # ------------------------------------------------------------------ which plans run here
     def kind(self, plan: StepPlan):
@@ -220,35 +219,14 @@ class CudaWholeStep:
             step_epilogue(self.out, self.tok, L)
             return
         _, _k, gates, ths, forced, verify, draft, sched = kind
+        from ..plugins.triton_exit_score import triton_exit_decide
+
         if draft is not None:  # the previous step's draft wrote this step's candidates
             self.cands.copy_(draft.next_cands)
         torch.index_select(W.head, 0, self.cands, out=self.rows)
         self.p_prev.zero_()
+        P = seg.predictors
         th = dict(zip(gates, ths))
-        if verify:
-            self._verified_exits(g, S, h, gates, th, forced)
-        else:
-            self._exits(g, S, h, gates, th, forced)
-        self.hn.copy_(seg.norm(self.hexit).view(-1))
-        self.out[1:2].copy_(c[EXIT:EXIT + 1])
-        self.out[2:3].copy_(c[HEADS:HEADS + 1])
-        if draft is not None:  # the next step's candidates, from this step's token and exit state
-            draft.device_step(self.out[0:1], self.hn, self.pos, S)
-        step_epilogue(self.out, self.tok, L, self._sched_bufs(sched) if sched is not None else None)
-
-    def _decide_args(self, h, i: int, th: dict, forced: bool):
-        W, P = self.seg.weights, self.seg.predictors
-        args = (h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], self.seg.spec.eps)
-        kw = {"layer": i, "ctrl": self.ctrl, "hexit": self.hexit.view(-1), "score": self.score, "z": self.z,
-              "threshold": th[i], "forced": forced, "forced_off": FORCED, "exit_off": EXIT}
-        return args, kw
-
-    def _exits(self, g, S: int, h, gates, th: dict, forced: bool) -> None:
-        """Exits without the full-head check: the exit kernel, predicated on (alive, active), clears `alive`;
-        the head then runs on the exit state."""
-        from ..plugins.triton_exit_score import triton_exit_decide
-
-        seg, L, c = self.seg, self.L, self.ctrl
         # `alive` can only drop at an exit point, so one IF(alive) per stretch of layers between two
         # exit points gates them all: one IF node per exit point, not one per layer
         ends = [*gates, L - 1]
@@ -260,63 +238,27 @@ class CudaWholeStep:
                 if end == L - 1:
                     self.hexit.copy_(h)
             start = end + 1
-            if end in th:  # the kernel is predicated on (alive, active): no IF node
-                args, kw = self._decide_args(h, end, th, forced)
-                triton_exit_decide(*args, **kw, alive_off=ALIVE, gate_off=ACT0 + end)
+            i = end
+            if i not in th:
+                continue
+            args = (h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], seg.spec.eps)
+            kw = {"layer": i, "ctrl": c, "hexit": self.hexit.view(-1), "score": self.score, "z": self.z, "threshold": th[i],
+                      "forced": forced, "forced_off": FORCED, "exit_off": EXIT}
+            if verify:  # the full-head check follows: decision and check inside IF(alive, active)
+                with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
+                    triton_exit_decide(*args, **kw, alive_off=PROPOSED)
+                    self._verify(g, i, h)
+            else:  # the kernel is predicated on (alive, active): no IF node
+                triton_exit_decide(*args, **kw, alive_off=ALIVE, gate_off=ACT0 + i)
         with self._if(g, c[NEEDHEAD:NEEDHEAD + 1]):
             _, logits = seg.head_direct(self.hexit)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
-
-    def _verified_exits(self, g, S: int, h, gates, th: dict, forced: bool) -> None:
-        """Exits with the paper's full-head check, one SWITCH node per exit point. The exit kernel, predicated
-        on (alive, active), lowers `proposed` when it proposes an exit; then the SWITCH on (alive, proposed)
-        runs case 0 (alive, no proposal): the layers up to the next point; case 1 (proposed): the check, then the
-        same layers inside IF(alive) (a rejected proposal continues); neither once an exit stood. The last
-        stretch ends with the final head (a token no exit emitted). Against an IF(alive) per stretch, an
-        IF(alive, active) per decision and an IF(proposed) per check, a token pays one conditional node per
-        point (~8 us each on the H200, benchmarks/GPU_NOTES.md)."""
-        from ..plugins.triton_exit_score import triton_exit_decide
-
-        seg, L, c = self.seg, self.L, self.ctrl
-        for i in range(gates[0] + 1):
-            h = seg.layer_direct(i, h, self.pos, S)
-        ends = [*gates, L - 1]
-        for j, i in enumerate(gates):
-            args, kw = self._decide_args(h, i, th, forced)
-            triton_exit_decide(*args, **kw, alive_off=PROPOSED, pred_off=ALIVE, gate_off=ACT0 + i)
-            hb = self._hbuf(j)
-
-            def stretch(hin, i=i, nxt=ends[j + 1], hb=hb):
-                for li in range(i + 1, nxt + 1):
-                    hin = seg.layer_direct(li, hin, self.pos, S)
-                hb.copy_(hin)
-                if nxt == L - 1:  # no exit emitted a token: the final head
-                    self.hexit.copy_(hin)
-                    _, logits = seg.head_direct(hin)
-                    self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))
-
-            sw = self._switch(g, c[ALIVE:ALIVE + 1], c[PROPOSED:PROPOSED + 1])
-            with sw.case(0):
-                stretch(h)
-            with sw.case(1):
-                self._check(i, h)
-                with self._if(g, c[ALIVE:ALIVE + 1]):
-                    stretch(h)
-            h = hb
-
-    def _hbuf(self, j: int):
-        """The hidden state after exit point j's stretch: one buffer both cases of its SWITCH write."""
-        bufs = self._hbufs
-        while len(bufs) <= j:
-            bufs.append(torch.zeros(1, 1, self.D, dtype=self.seg.dtype, device=self.dev))
-        return bufs[j]
-
-    def _switch(self, g, a, b):
-        from ..plugins.cuda_graph_if import switch_node
-
-        if g is None:  # warm-up: run every case
-            return _AllCases()
-        return switch_node(g, a, b, backend=self.cond, pool=self.pool)
+        self.hn.copy_(seg.norm(self.hexit).view(-1))
+        self.out[1:2].copy_(c[EXIT:EXIT + 1])
+        self.out[2:3].copy_(c[HEADS:HEADS + 1])
+        if draft is not None:  # the next step's candidates, from this step's token and exit state
+            draft.device_step(self.out[0:1], self.hn, self.pos, S)
+        step_epilogue(self.out, self.tok, L, self._sched_bufs(sched) if sched is not None else None)
 
     def _sched_bufs(self, sched):
         """Device buffers of an online schedule: history [window], base / eligible masks [L], offsets."""
@@ -332,19 +274,23 @@ class CudaWholeStep:
                                       ACT0)
         return b
 
-    def _check(self, i: int, h) -> None:
-        """The paper's check, on the device, where the kernel proposed an exit (wrote PROPOSED = 0): run the
+    def _verify(self, g, i: int, h) -> None:
+        """The paper's check, on the device: the kernel raised `proposed` (wrote PROPOSED = 0); run the
         full head; the exit stands (alive = 0, token emitted) only if its argmax is a candidate."""
         c = self.ctrl
-        _, logits = self.seg.head_direct(h)
-        t = torch.argmax(logits[0, -1], dim=-1, keepdim=True)  # [1]
-        ok = (self.cands == t).any().view(1)
-        c[HEADS:HEADS + 1].add_(1)
-        c[ALIVE:ALIVE + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
-        c[NEEDHEAD:NEEDHEAD + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
-        c[EXIT:EXIT + 1].copy_(torch.where(ok, i, self.L - 1).to(torch.uint8))
-        self.out[0:1].copy_(torch.where(ok, t, self.out[0:1]))
-        c[PROPOSED:PROPOSED + 1].fill_(1)
+        if not hasattr(self, "_chk"):
+            self._chk = torch.zeros(1, dtype=torch.uint8, device=self.dev)
+        self._chk.copy_(1 - c[PROPOSED:PROPOSED + 1])  # 1 where an exit was proposed
+        with self._if(g, self._chk):
+            _, logits = self.seg.head_direct(h)
+            t = torch.argmax(logits[0, -1], dim=-1, keepdim=True)  # [1]
+            ok = (self.cands == t).any().view(1)
+            c[HEADS:HEADS + 1].add_(1)
+            c[ALIVE:ALIVE + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
+            c[NEEDHEAD:NEEDHEAD + 1].copy_(torch.where(ok, 0, 1).to(torch.uint8))
+            c[EXIT:EXIT + 1].copy_(torch.where(ok, i, self.L - 1).to(torch.uint8))
+            self.out[0:1].copy_(torch.where(ok, t, self.out[0:1]))
+            c[PROPOSED:PROPOSED + 1].fill_(1)
 
     def _reset_ctrl(self, kind, active: frozenset, forced: int | None) -> None:
         hc = self.ctrl_np
@@ -489,13 +435,6 @@ class CudaWholeStep:
             heads += 1
         return StepOut(token=tok, exit_layer=layer, hn=self.hn_ring[slot], predictor_calls=calls, head_calls=heads,
                        draft_stepped=kind[6] is not None)
-
-
-class _AllCases:
-    """A SWITCH node's stand-in for warm-up runs (no graph): every case runs."""
-
-    def case(self, k: int):
-        return contextlib.nullcontext()
 
 
 def replay_time(run, reps: int) -> float:

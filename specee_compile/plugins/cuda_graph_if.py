@@ -38,7 +38,6 @@ COND_CPP = r"""
 #include <vector>
 
 void specee_launch_set_cond(cudaGraphConditionalHandle h, const void* a, const void* b, cudaStream_t s);
-void specee_launch_set_case(cudaGraphConditionalHandle h, const void* a, const void* b, cudaStream_t s);
 
 #define SPECEE_CK(x)                                                                  \
   do {                                                                                \
@@ -81,30 +80,25 @@ void init_streams(int64_t n) {
   }
 }
 
-// a conditional node of `size` bodies after the capture's current dependencies, its handle set by a 1-thread
-// kernel from the flags a, b (set_case: the SWITCH's case; else the IF's condition); returns the body graphs
-std::vector<cudaGraph_t> add_conditional(torch::Tensor a, c10::optional<torch::Tensor> b, bool set_case) {
-  TORCH_CHECK(a.is_cuda() && a.numel() == 1 && a.element_size() == 1, "conditional node: a must be a 1-byte CUDA scalar");
+void begin_if(torch::Tensor a, c10::optional<torch::Tensor> b, int64_t pool0, int64_t pool1) {
+  TORCH_CHECK(a.is_cuda() && a.numel() == 1 && a.element_size() == 1, "begin_if: a must be a 1-byte CUDA scalar");
+  auto dev = c10::cuda::current_device();
+  auto pool = pool_of(pool0, pool1);
   auto parent = c10::cuda::getCurrentCUDAStream();
   cudaStreamCaptureStatus st{};
   Id pid = 0;
   cudaGraph_t g{};
   SPECEE_CK(cudaStreamGetCaptureInfo(parent.stream(), &st, &pid, &g));
-  TORCH_CHECK(st == cudaStreamCaptureStatusActive, "conditional node: the current stream is not capturing");
+  TORCH_CHECK(st == cudaStreamCaptureStatusActive, "begin_if: the current stream is not capturing");
   if (frames.empty()) root_id = std::make_shared<Id>(pid);
   cudaGraphConditionalHandle h{};
   SPECEE_CK(cudaGraphConditionalHandleCreate(&h, g, 0, 0));
   const void* bp = nullptr;
   if (b.has_value()) {
-    TORCH_CHECK(b->is_cuda() && b->numel() == 1 && b->element_size() == 1, "conditional node: b must be a 1-byte CUDA scalar");
+    TORCH_CHECK(b->is_cuda() && b->numel() == 1 && b->element_size() == 1, "begin_if: b must be a 1-byte CUDA scalar");
     bp = b->data_ptr();
   }
-  if (set_case) {
-    TORCH_CHECK(bp != nullptr, "switch: needs both flags");
-    specee_launch_set_case(h, a.data_ptr(), bp, parent.stream());
-  } else {
-    specee_launch_set_cond(h, a.data_ptr(), bp, parent.stream());
-  }
+  specee_launch_set_cond(h, a.data_ptr(), bp, parent.stream());
   SPECEE_CK(cudaGetLastError());
   const cudaGraphNode_t* deps = nullptr;
   const cudaGraphEdgeData* edges = nullptr;
@@ -117,8 +111,8 @@ std::vector<cudaGraph_t> add_conditional(torch::Tensor a, c10::optional<torch::T
   cudaGraphNodeParams params{};
   params.type = cudaGraphNodeTypeConditional;
   params.conditional.handle = h;
-  params.conditional.type = set_case ? cudaGraphCondTypeSwitch : cudaGraphCondTypeIf;
-  params.conditional.size = set_case ? 2 : 1;
+  params.conditional.type = cudaGraphCondTypeIf;
+  params.conditional.size = 1;
   cudaGraphNode_t node{};
 #if CUDART_VERSION >= 13000
   SPECEE_CK(cudaGraphAddNode(&node, g, deps, edges, ndeps, &params));
@@ -127,14 +121,7 @@ std::vector<cudaGraph_t> add_conditional(torch::Tensor a, c10::optional<torch::T
   SPECEE_CK(cudaGraphAddNode_v2(&node, g, deps, edges, ndeps, &params));
   SPECEE_CK(cudaStreamUpdateCaptureDependencies_v2(parent.stream(), &node, nullptr, 1, cudaStreamSetCaptureDependencies));
 #endif
-  return std::vector<cudaGraph_t>(params.conditional.phGraph_out, params.conditional.phGraph_out + params.conditional.size);
-}
-// capture what follows into `body` (on a stream of our own), until end_if
-void begin_body(cudaGraph_t body, int64_t pool0, int64_t pool1) {
-  auto dev = c10::cuda::current_device();
-  auto pool = pool_of(pool0, pool1);
-  auto parent = c10::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus st{};
+  cudaGraph_t body = params.conditional.phGraph_out[0];
   TORCH_CHECK(frames.size() < own_streams.size(), "begin_if: call init_streams(depth) before capturing");
   auto child = c10::cuda::getStreamFromExternal(own_streams[frames.size()], dev);
   TORCH_CHECK(child.stream() != parent.stream(), "begin_if: body stream equals the capture stream");
@@ -147,26 +134,7 @@ void begin_body(cudaGraph_t body, int64_t pool0, int64_t pool1) {
   frames.push_back(Frame{parent, child, cid});
   c10::cuda::setCurrentCUDAStream(child);
 }
-void begin_if(torch::Tensor a, c10::optional<torch::Tensor> b, int64_t pool0, int64_t pool1) {
-  begin_body(add_conditional(a, b, false)[0], pool0, pool1);
-}
-// a SWITCH node of two cases: 0 when a != 0 and b != 0, 1 when a != 0 and b == 0, neither when a == 0; its
-// bodies are captured by begin_case(k) ... end_if() after this, in order
-std::vector<std::vector<cudaGraph_t>> pending_cases;  // per open SWITCH (a case body may hold another)
-void begin_switch(torch::Tensor a, torch::Tensor b) {
-  pending_cases.push_back(add_conditional(a, b, true));
-}
-void begin_case(int64_t k, int64_t pool0, int64_t pool1) {
-  TORCH_CHECK(!pending_cases.empty(), "begin_case: no open switch");
-  auto& top = pending_cases.back();
-  TORCH_CHECK(k >= 0 && k < static_cast<int64_t>(top.size()) && top[k] != nullptr, "begin_case: no such pending case");
-  cudaGraph_t body = top[k];
-  top[k] = nullptr;
-  bool done = true;
-  for (auto c : top) done = done && c == nullptr;
-  if (done) pending_cases.pop_back();
-  begin_body(body, pool0, pool1);
-}
+
 void end_if(int64_t pool0, int64_t pool1) {
   TORCH_CHECK(!frames.empty(), "end_if without begin_if");
   auto dev = c10::cuda::current_device();
@@ -183,8 +151,6 @@ void end_if(int64_t pool0, int64_t pool1) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("begin_if", &begin_if, "open an IF node (taken when a[0] != 0 and, if given, b[0] != 0)");
-  m.def("begin_switch", &begin_switch, "add a two-case SWITCH node (0: a, b != 0; 1: a != 0, b == 0; none: a == 0)");
-  m.def("begin_case", &begin_case, "capture case k of the last SWITCH node (close it with end_if)");
   m.def("end_if", &end_if, "close the innermost IF node");
   m.def("init_streams", &init_streams, "create the body-capture streams (one per nesting level)");
 }
@@ -199,12 +165,6 @@ __global__ void specee_set_cond_kernel(cudaGraphConditionalHandle h, const unsig
 }
 void specee_launch_set_cond(cudaGraphConditionalHandle h, const void* a, const void* b, cudaStream_t s) {
   specee_set_cond_kernel<<<1, 1, 0, s>>>(h, (const unsigned char*)a, (const unsigned char*)b);
-}
-__global__ void specee_set_case_kernel(cudaGraphConditionalHandle h, const unsigned char* a, const unsigned char* b) {
-  cudaGraphSetConditional(h, a[0] == 0 ? 2u : (b[0] != 0 ? 0u : 1u));  // 2: out of range, no case runs
-}
-void specee_launch_set_case(cudaGraphConditionalHandle h, const void* a, const void* b, cudaStream_t s) {
-  specee_set_case_kernel<<<1, 1, 0, s>>>(h, (const unsigned char*)a, (const unsigned char*)b);
 }
 """
 
@@ -260,42 +220,4 @@ def if_node(g, a, b=None, backend: str = "ext", pool=None):
         ext.end_if(p0, p1)
 
 
-class _Cases:
-    """The case bodies of one `switch_node`: `with sw.case(k):` captures case k (each case once)."""
-
-    def __init__(self, g, a, b, backend: str, pool):
-        self.g, self.backend, self.pool = g, backend, pool
-        if backend == "torch":  # no SWITCH in torch's API: two IF nodes on flags taken before either case runs
-            alive = a != 0
-            self.flags = (alive & (b != 0)).to(torch.uint8), (alive & (b == 0)).to(torch.uint8)
-        else:
-            cond_ext().begin_switch(a, b)
-
-    @contextlib.contextmanager
-    def case(self, k: int):
-        if self.backend == "torch":
-            with if_node(self.g, self.flags[k], backend="torch"):
-                yield
-            return
-        ext = cond_ext()
-        p0, p1 = self.pool if self.pool is not None else self.g.pool()
-        ext.begin_case(k, p0, p1)
-        try:
-            yield
-        finally:
-            ext.end_if(p0, p1)
-
-
-def switch_node(g, a, b, backend: str = "ext", pool=None) -> _Cases:
-    """A two-case SWITCH node of graph `g`: case 0 runs when a[0] != 0 and b[0] != 0, case 1 when a[0] != 0 and
-    b[0] == 0, neither when a[0] == 0 (one conditional node where IF(a and b) and IF(a and not b) would be two).
-    Capture both cases, in order, right after this call:
-
-        sw = switch_node(g, alive, not_proposed, pool=pool)
-        with sw.case(0): ...
-        with sw.case(1): ...
-    """
-    return _Cases(g, a, b, backend, pool)
-
-
-__all__ = ["cond_backend", "cond_ext", "if_node", "switch_node"]
+__all__ = ["cond_backend", "cond_ext", "if_node"]

@@ -48,10 +48,10 @@ if HAVE_TRITON:
         K: tl.constexpr, KP: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
         ROUND_X: tl.constexpr, ROUND_HN: tl.constexpr, HN_BF16: tl.constexpr,
-        MODE: tl.constexpr, GATE_OFF: tl.constexpr, PRED_OFF: tl.constexpr,
+        MODE: tl.constexpr, GATE_OFF: tl.constexpr,
     ):
-        if GATE_OFF >= 0:  # predicated: a no-op unless ctrl[PRED_OFF] (alive) and ctrl[GATE_OFF] (this layer active)
-            go = (tl.load(ctrl_ptr + PRED_OFF, volatile=True) != 0) & (tl.load(ctrl_ptr + GATE_OFF, volatile=True) != 0)
+        if GATE_OFF >= 0:  # predicated: a no-op unless ctrl[alive] and ctrl[GATE_OFF] (this layer active)
+            go = (tl.load(ctrl_ptr + ALIVE_OFF, volatile=True) != 0) & (tl.load(ctrl_ptr + GATE_OFF, volatile=True) != 0)
             if not go:
                 return
         offs_k = tl.arange(0, KP)
@@ -160,7 +160,7 @@ def _rounding(h, norm_w):
 
 
 def _launch(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps, score, z, p, ctrl, hexit, threshold, layer, mode, offs,
-            gate_off: int = -1, pred_off: int | None = None):
+            gate_off: int = -1):
     D, k, Hm = _check(h, norm_w, rows, p_prev, w1, b1, w2, b2)
     round_x, round_hn, hn_bf16 = _rounding(h, norm_w)
     kp = max(2, triton.next_power_of_2(k))
@@ -174,7 +174,7 @@ def _launch(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps, score, z, p, ctrl, hex
         ALIVE_OFF=offs[0], FORCED_OFF=offs[1], EXIT_OFF=offs[2],
         K=k, KP=kp, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H,
         ROUND_X=round_x, ROUND_HN=round_hn, HN_BF16=hn_bf16, MODE=mode, GATE_OFF=gate_off,
-        PRED_OFF=offs[0] if pred_off is None else pred_off, num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
 
 
@@ -195,7 +195,7 @@ def triton_exit_decide(
     h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float, *,
     layer: int, ctrl: torch.Tensor, hexit: torch.Tensor, score: torch.Tensor, z: torch.Tensor,
     threshold: float = 0.5, forced: bool = False, alive_off: int = 0, forced_off: int = 1, exit_off: int = 2,
-    gate_off: int = -1, pred_off: int | None = None,
+    gate_off: int = -1,
 ):
     """Exit scoring + the exit decision on the device, one launch (for CUDA-graph early exit).
 
@@ -208,14 +208,12 @@ def triton_exit_decide(
     (an exit trace; the score is still computed, so the work is the same).
     gate_off >= 0: the kernel does nothing unless ctrl[alive_off] and ctrl[gate_off] are set (this exit
     point is active and no earlier one fired): a predicated launch instead of a graph IF node around it.
-    pred_off: the flag the predicate reads in place of ctrl[alive_off] (the paper's check writes its proposal
-    to a flag of its own, `alive_off`, while the predicate still reads alive).
     """
     if ctrl.dtype != torch.uint8:
         raise ValueError("ctrl must be a uint8 tensor")
     mode = MODE_FORCED if forced else MODE_THRESHOLD
     _launch(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps, score, z, p_prev, ctrl, hexit, threshold, layer, mode,
-            (alive_off, forced_off, exit_off), gate_off, pred_off)
+            (alive_off, forced_off, exit_off), gate_off)
 
 
 def register_cuda_impl() -> bool:
@@ -255,7 +253,7 @@ def compile_aot(target=(90, 32), dtype: torch.dtype = torch.float16, k: int = 4,
         "D": hidden, "HM": predictor_hidden, "ALIVE_OFF": 0, "FORCED_OFF": 1, "EXIT_OFF": 2,
         "K": k, "KP": max(2, triton.next_power_of_2(k)), "BLOCK_D": BLOCK_D, "BLOCK_H": BLOCK_H,
         "ROUND_X": dtype != torch.float32, "ROUND_HN": hn_dtype != torch.float32,
-        "HN_BF16": hn_dtype == torch.bfloat16, "MODE": mode, "GATE_OFF": -1, "PRED_OFF": 0,
+        "HN_BF16": hn_dtype == torch.bfloat16, "MODE": mode, "GATE_OFF": -1,
     }
     for name in constexprs:
         sig[name] = "constexpr"
@@ -298,7 +296,7 @@ def torch_exit_decide(
     h, norm_w, rows, p_prev, w1, b1, w2, b2, eps: float, *,
     layer: int, ctrl: torch.Tensor, hexit: torch.Tensor, score: torch.Tensor, z: torch.Tensor,
     threshold: float = 0.5, forced: bool = False, alive_off: int = 0, forced_off: int = 1, exit_off: int = 2,
-    gate_off: int = -1, pred_off: int | None = None,
+    gate_off: int = -1,
 ):
     """`triton_exit_decide` in plain torch ops (any device): the reference for its semantics and the
     CPU path of the benchmark. No host sync either."""
@@ -307,7 +305,7 @@ def torch_exit_decide(
     s, zz, p = exit_score_reference(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps)
     go = torch.ones((), dtype=torch.bool, device=ctrl.device)
     if gate_off >= 0:  # predicated: nothing changes unless alive and this layer is active
-        go = (ctrl[alive_off if pred_off is None else pred_off] != 0) & (ctrl[gate_off] != 0)
+        go = (ctrl[alive_off] != 0) & (ctrl[gate_off] != 0)
     score.copy_(torch.where(go, s, score))
     z.copy_(torch.where(go, zz, z))
     p_prev.copy_(torch.where(go, p, p_prev))
