@@ -31,6 +31,24 @@ def test_points_that_save_less_than_they_cost_are_dropped():
     assert kept == [2, 6]
 
 
+def test_each_point_pays_its_share_of_the_gating():
+    """A point's gating (the layers after it run as one more conditional body) is its cost on every token, beside
+    its decisions: a point that saves more than its decisions but less than both is dropped. The kept points'
+    gating is paid once: the final check weighs the net against the rest of the fixed cost (the draft)."""
+    rates = {2: 0.3, 5: 0.04}  # layer 5 saves 0.04 * 2 * 100 = 8 us
+    plain = StepCosts(layer_s=100 * US, fixed_s=100 * US, decision_s=5 * US)
+    gated = StepCosts(layer_s=100 * US, fixed_s=100 * US, decision_s=5 * US, gate_s=20 * US)
+    assert select_exit_points([2, 5], 8, plain, rates)[0] == [2, 5]
+    kept, dropped = select_exit_points([2, 5], 8, gated, rates)
+    assert kept == [2] and "costs 25.0 us" in dropped[5]
+    # layer 2 nets 150 - 25 = 125 us; with its 20 us of gating added back, 145 us against a fixed cost of 140 us
+    # (its gating and 120 us of draft): kept; against 150 us: dense
+    assert select_exit_points([2], 8, StepCosts(layer_s=100 * US, fixed_s=140 * US, decision_s=5 * US,
+                                                 gate_s=20 * US), rates)[0] == [2]
+    assert select_exit_points([2], 8, StepCosts(layer_s=100 * US, fixed_s=150 * US, decision_s=5 * US,
+                                                gate_s=20 * US), rates)[0] == []
+
+
 def test_fixed_cost_above_all_savings_means_dense():
     costs = StepCosts(layer_s=30 * US, fixed_s=400 * US, decision_s=4 * US)
     kept, dropped = select_exit_points([5, 6], 8, costs, {5: 0.2, 6: 0.3})

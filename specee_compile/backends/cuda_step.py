@@ -342,8 +342,9 @@ class CudaWholeStep:
         t_draft = self._time_draft(kind[6], S) if kind[6] is not None else None
         self.seg.cache.reset()
         self.seg.cache.junk = True  # the timed replays ran on junk state (KVCache.junk)
-        return StepCosts(layer_s=layer_s, fixed_s=max(0.0, t_gate - t_dense),
-                         decision_s=max(0.0, (t_all - t_gate) / len(gates)),
+        fixed = max(0.0, t_gate - t_dense)
+        return StepCosts(layer_s=layer_s, fixed_s=fixed, decision_s=max(0.0, (t_all - t_gate) / len(gates)),
+                         gate_s=max(0.0, fixed - (t_draft or 0.0)) / len(gates),
                          check_s=check_s if kind[5] else 0.0, draft_s=t_draft,
                          source=f"CUDA graph replays at S={S}: dense {t_dense * 1e6:.0f} us, exit program with no "
                                 f"decision {t_gate * 1e6:.0f} us, with all {len(gates)} decisions {t_all * 1e6:.0f} us"

@@ -704,11 +704,11 @@ class DeviceEagleSource(EagleSource):
         self._lw = [lw.as_tuple() for lw in layers]
         spec = step_spec(d.base_config, self.max_len)
         self._layer_fn = make_layer_fn(spec, fused=CUDA_FUSED if fused else ())
-        # a tree's levels (rows with a mask): the multi-row ops (`model_step.rows_fused`); int8 pairs need the op
-        rows = rows_fused(self._dt) if fused and self._dev.type == "cuda" else None
-        if rows == ("attn",) and self._w8:
-            rows = ("attn", "matmul")
-        self._tree_layer_fn = make_layer_fn(spec, fused=rows) if rows is not None else self._layer_fn
+        # a tree's levels (rows with a mask), 16-bit: the multi-row ops (`model_step.rows_fused`); fp32 keeps the
+        # draft's own fused ops, opaque to Inductor (the host tree step's eager levels and the compiled program's
+        # then compute the same bits, which the host-vs-program parity tests compare)
+        rows = rows_fused(self._dt) if fused and self._dev.type == "cuda" else ()
+        self._tree_layer_fn = make_layer_fn(spec, fused=rows) if "matmul" in rows else self._layer_fn
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 
         self._linear = _op_linear if fused else plain_linear

@@ -16,6 +16,9 @@ nothing can be predicted: every point is kept (and the stats say why).
 Inputs, per token:  layer_s   one decoder layer
                     fixed_s   running the exit program at all (draft, gating), no decision, no exit
                     decision_s one predictor evaluation at an active point
+                    gate_s    one point's share of gating the layers (part of fixed_s: the whole step runs
+                              the layers between two points as one conditional body, ~15-20 us a body on the
+                              7B, H200, benchmarks/GPU_NOTES.md session 21; 0 where not measured)
                     check_s   the paper's full-head check when an exit is proposed (0 if none)
                     row_s     kv backfill: what one more row adds to a layer pass (the exited row is
                               pushed through the layers it skipped later, with another token's row)
@@ -24,9 +27,9 @@ Inputs, per token:  layer_s   one decoder layer
                               (1 - held-out exit precision); each costs a rollback of ~1 / (1 - exit
                               rate) steps (the exits in a row since the last full-depth step)
     point l saves   rate[l] * (L - 1 - l) * (layer_s - row_s)
-    point l costs   evals[l] * decision_s + rate[l] * check_s + rate[l] * miss * step_s / (1 - total rate)
-keep l iff it saves more than it costs; keep none if the kept savings minus costs <= fixed_s (measured
-again for the kept points: gating fewer points costs less).
+    point l costs   gate_s + evals[l] * decision_s + rate[l] * check_s + rate[l] * miss * step_s / (1 - total rate)
+keep l iff it saves more than it costs; keep none if the kept savings minus costs <= the rest of fixed_s
+(measured again for the kept points: gating fewer points costs less).
 """
 
 from __future__ import annotations
@@ -43,13 +46,15 @@ class StepCosts:
     row_s: float = 0.0
     step_s: float = 0.0
     draft_s: float | None = None  # the draft step alone (part of fixed_s; reported, not used to decide)
+    gate_s: float = 0.0  # one exit point's share of gating the layers (part of fixed_s)
     source: str = ""  # how they were measured
 
     def as_dict(self) -> dict:
         return {"layer_us": round(self.layer_s * 1e6, 2), "fixed_us": round(self.fixed_s * 1e6, 2),
                 "decision_us": round(self.decision_s * 1e6, 2), "check_us": round(self.check_s * 1e6, 2),
                 "row_us": round(self.row_s * 1e6, 2), "step_us": round(self.step_s * 1e6, 2),
-                "draft_us": None if self.draft_s is None else round(self.draft_s * 1e6, 2), "source": self.source}
+                "draft_us": None if self.draft_s is None else round(self.draft_s * 1e6, 2),
+                "gate_us": round(self.gate_s * 1e6, 2), "source": self.source}
 
 
 def path_rates(rates: dict[int, float], tokens: float) -> dict[int, float]:
@@ -83,7 +88,7 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
         r = float(rates.get(layer, 0.0))
         e = 1.0 if evals is None else float(evals.get(layer, 1.0))
         save = r * (L - 1 - layer) * max(0.0, costs.layer_s - costs.row_s)
-        cost = e * costs.decision_s + r * costs.check_s + r * miss * costs.step_s * run
+        cost = costs.gate_s + e * costs.decision_s + r * costs.check_s + r * miss * costs.step_s * run
         if save > cost:
             kept.append(layer)
             net += save - cost
@@ -92,7 +97,7 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
                               f"costs {cost * 1e6:.1f} us/{per}")
     if kept and remeasure is not None and len(kept) < len(layers):
         costs = remeasure(kept)
-    if kept and net <= costs.fixed_s:
+    if kept and net + len(kept) * costs.gate_s <= costs.fixed_s:  # (net already paid the kept points' gating)
         reason = (f"all kept points together save {net * 1e6:.1f} us/{per} net, less than the exit program's "
                   f"fixed cost {costs.fixed_s * 1e6:.1f} us/{per} (draft, gating): decoding as dense")
         dropped.update({layer: reason for layer in kept})
