@@ -726,9 +726,11 @@ def test_cuda_fixed_tree_program_with_exits_equals_the_host_step(backend):
     validity as the host step."""
     L = 8
     model = make_tiny_llama(num_hidden_layers=L)
+    # the guard off: on CUDA with inductor it times the tiny tree against dense and may decline it mid-generation
+    # (since 2db1a71 it arms there), and the dense steps then leave where the tree's paths would not
     out = _exits_fixed_vs_host(model, random_program(L, 4, 3), PROMPT * 3, 40, True, device="cuda", backend=backend,
                                tree_budget=12, tree_depth=4, tree_topk=4, min_exit_layer=2, tree_lookup=True,
-                               exit_cost_check=False)
+                               exit_cost_check=False, tree_guard=False)
     (host, _, hv), (fixed, dec, fv) = out["host"], out["fixed"]
     assert dec.tree.fixed.gated and all(type(g).__name__ == "method" for g in dec.tree.fixed.programs.values())
     assert fixed.token_ids == host.token_ids
