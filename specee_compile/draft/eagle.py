@@ -704,11 +704,12 @@ class DeviceEagleSource(EagleSource):
         self._lw = [lw.as_tuple() for lw in layers]
         spec = step_spec(d.base_config, self.max_len)
         self._layer_fn = make_layer_fn(spec, fused=CUDA_FUSED if fused else ())
-        # a tree's levels (rows with a mask), 16-bit: the multi-row ops (`model_step.rows_fused`); fp32 keeps the
-        # draft's own fused ops, opaque to Inductor (the host tree step's eager levels and the compiled program's
-        # then compute the same bits, which the host-vs-program parity tests compare)
+        # several rows at once (a tree's levels, the catch-up of a verify step's accepted tokens), 16-bit: the
+        # multi-row ops (`model_step.rows_fused`); fp32 keeps the draft's own fused ops, opaque to Inductor (the host
+        # tree step's eager levels and the compiled program's then compute the same bits, which the
+        # host-vs-program parity tests compare)
         rows = rows_fused(self._dt) if fused and self._dev.type == "cuda" else ()
-        self._tree_layer_fn = make_layer_fn(spec, fused=rows) if "matmul" in rows else self._layer_fn
+        self._rows_layer_fn = make_layer_fn(spec, fused=rows) if "matmul" in rows else self._layer_fn
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 
         self._linear = _op_linear if fused else plain_linear
@@ -836,7 +837,7 @@ class DeviceEagleSource(EagleSource):
         x = self._linear(torch.cat([emb, feats.to(self._dt)], dim=-1)[None], self._fc_w())  # [1, T, D]
         if d.fc.bias is not None:
             x = x + d.fc.bias
-        fn = self._layer_fn if mask is None else self._tree_layer_fn
+        fn = self._layer_fn if ids.numel() == 1 else self._rows_layer_fn
         for i, lw in enumerate(self._lw):
             x = fn(x, pos, self._valid, self._cos, self._sin, self._k[i][0], self._v[i][0], S, *lw, slots=slots,
                    mask=mask)
