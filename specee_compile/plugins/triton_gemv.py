@@ -43,6 +43,12 @@ weight tile), with the prologue applied exactly as the eager ops round (RMSNorm'
 over the row from L2). cuBLAS, used before for every multi-row call, runs the 7B tree's 25-row verification at
 ~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). The tuner times cuBLAS beside the
 configs and keeps it for a shape where it is faster. fp32 weights use full-precision dots (no TF32).
+For 16-bit activations the tuner also times `_rows_t_kernel`, the same op turned around: the weight tile is the
+dot's left operand, so 64-128 output features fill a Hopper warpgroup MMA (wgmma) whose narrow side is the rows,
+and the weight tiles stream through cp.async stages, with split-K through a self-zeroing scratch. Without a
+prologue it beats cuBLAS by 6-14% at 7B widths on the H200; with RMSNorm or SiLU inside, every rows kernel loses
+to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's layers call the op with no prologue
+(`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py).
 `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
