@@ -108,6 +108,19 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused)
     assert torch.equal(*outs)
 
 
+def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
+    """What the rows tuner times beside cuBLAS: fp32 the old kernel's configs (its IEEE dot); 16-bit with no prologue
+    the turned kernel's plus the old ones that won there; a prologue or int8 weights every config of both."""
+    pytest.importorskip("triton")
+    from specee_compile.plugins import triton_gemv as T
+
+    assert T.row_candidates(torch.float32, 1, False) == T.ROW_CONFIGS
+    plain16 = T.row_candidates(torch.bfloat16, 0, False)
+    assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
+    assert T.row_candidates(torch.float16, 1, False) == T.row_candidates(torch.float16, 0, True) == [
+        *T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
+
+
 def test_rows_fused_per_dtype_and_its_override(monkeypatch):
     """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain; SPECEE_TREE_LINEARS picks
     another form for 16-bit (A/B runs) and a bad value is refused in one line."""

@@ -109,6 +109,9 @@ ROW_T_CONFIGS = [
     ("t", 128, 128, 1, 4, 3),
     ("t", 64, 256, 1, 4, 4),
 ]
+# the old kernel's configs that won a 16-bit shape with no prologue on the H200 (session 21's sweep and bench: gate/up);
+# with the turned configs beside them, the others never did, and each costs a compile at the first start
+ROW_CONFIGS_16 = [(64, 128, 4, 3), (32, 256, 4, 3)]
 MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tiles are the better fit there
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
@@ -426,6 +429,17 @@ def row_block(rows: int) -> int:
 EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is the fastest for a shape
 
 
+def row_candidates(dtype: torch.dtype, pro: int, w8: bool) -> list:
+    """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
+    `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
+    every config of both kernels; fp32 the old kernel's (its IEEE dot)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return list(ROW_CONFIGS)
+    if pro == 0 and not w8:
+        return [*ROW_CONFIGS_16, *ROW_T_CONFIGS]
+    return [*ROW_CONFIGS, *ROW_T_CONFIGS]
+
+
 def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=None):
     """The rows kernel with the config tuned for (row block, shape), or the eager reference where the tuner
     timed cuBLAS faster than every config (so no shape gets slower than before the kernel)."""
@@ -448,8 +462,7 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=Non
                 else:
                     _rows_launch(args, kw, c, wi)
 
-            turned = ROW_T_CONFIGS if x.dtype in (torch.float16, torch.bfloat16) else []
-            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *ROW_CONFIGS, *turned])
+            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *row_candidates(x.dtype, pro, kw["W8"])])
             w8 = " w8" if kw["W8"] else ""
             TUNED.setdefault((N, K, f"{name} x{kw['MP']}{w8}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
     if cfg == EAGER:
