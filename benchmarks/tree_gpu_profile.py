@@ -118,7 +118,7 @@ def main() -> int:
     from specee_compile.draft.eagle import EagleDraft, EagleSource
     from specee_compile.backends.cuda_step import replay_time
     from specee_compile.ops import multi_row_kernel
-    from specee_compile.runtime.tree import tree_linears
+    from specee_compile.model_step import rows_fused
     from specee_compile.eval.gpu_bench import sharpen_draft, write_random_model
     from specee_compile.models import load_model
     from specee_compile.runtime.policies import trace_accepts
@@ -136,7 +136,7 @@ def main() -> int:
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-                 "tree_linears": tree_linears(dt),
+                 "rows_fused": list(rows_fused(dt)),  # the tree layers' fused ops (SPECEE_TREE_LINEARS)
                  "shape": shape,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
