@@ -17,8 +17,8 @@ Inputs, per token:  layer_s   one decoder layer
                     fixed_s   running the exit program at all (draft, gating), no decision, no exit
                     decision_s one predictor evaluation at an active point
                     gate_s    one point's share of gating the layers (part of fixed_s: the whole step runs
-                              the layers between two points as one conditional body, ~15-20 us a body on the
-                              7B, H200, benchmarks/GPU_NOTES.md session 21; 0 where not measured)
+                              the layers between two points as one conditional body, ~18-21 us a point on
+                              the 7B, H200, benchmarks/GPU_NOTES.md session 21; 0 where not measured)
                     check_s   the paper's full-head check when an exit is proposed (0 if none)
                     row_s     kv backfill: what one more row adds to a layer pass (the exited row is
                               pushed through the layers it skipped later, with another token's row)
