@@ -1,4 +1,5 @@
-"""The tree's multi-row matmuls at Llama-2-7B widths (fp16) on a GPU: cuBLAS against the two rows kernels (issue t3).
+"""The tree's multi-row matmuls at Llama-2-7B widths (fp16), or SmolLM2's (fp32, `--shape smollm2`), on a GPU:
+cuBLAS against the two rows kernels (issue t3).
 
 For each weight of the 7B tree step (the verification's 25 rows and the draft levels' 8 rows: q/k/v, o, gate/up,
 down, the LM head, the draft's fc and its 8704-row head), device time per call inside a CUDA graph, the weight
@@ -6,11 +7,13 @@ rotated over enough copies that L2 never holds it (`plugins.triton_gemv._graph_u
   - `mm`: cuBLAS alone (F.linear, no prologue or residual): the floor a library gives;
   - `eager`: the op's eager reference (the prologue's ops + cuBLAS + the residual add), the tuner's EAGER;
   - every `ROW_CONFIGS` entry (`_rows_kernel`, mma.sync) and every turned config (`_rows_t_kernel`, warpgroup MMA,
-    split-K): the product's list, plus 24 more on the verification's four layer shapes with `--wide`;
+    split-K; 3xTF32 for fp32): the product's list, plus 24 more on the 7B verification's four layer shapes with
+    `--wide`;
   - the tuner's pick (`triton_fused_linear` inside `multi_row_kernel()`).
 Prints one row per shape (us and GB/s of the weight stream) and writes JSON.
 
     PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --out $OUT/rows_sweep.json
+    PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --shape smollm2 --out $OUT/rows_sweep_smollm2.json
 """
 
 from __future__ import annotations
@@ -36,6 +39,19 @@ SHAPES = [
     ("draft down", 4096, 11008, "silu_mul", True, 8),
     ("draft head", 8704, 4096, "none", False, 8),
 ]
+# SmolLM2-135M in fp32, as the tree's layers call the op (`model_step.rows_fused`: the matmul, no prologue)
+SMOL_SHAPES = [
+    ("verify qkv", 960, 576, "none", False, 25),
+    ("verify o", 576, 576, "none", False, 25),
+    ("verify gate_up", 3072, 576, "none", False, 25),
+    ("verify down", 576, 1536, "none", False, 25),
+    ("verify head", 49152, 576, "none", False, 25),
+    ("draft fc", 576, 1152, "none", False, 8),
+    ("draft qkv", 960, 576, "none", False, 8),
+    ("draft gate_up", 3072, 576, "none", False, 8),
+    ("draft down", 576, 1536, "none", False, 8),
+    ("draft head", 8192, 576, "none", False, 8),
+]
 
 
 def wide_t_configs() -> list[tuple]:
@@ -53,12 +69,13 @@ def _us(launch, n: int):
         return repr(err)[:120]
 
 
-def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide: bool, g) -> dict:
+def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide: bool, g,
+                dt: torch.dtype = torch.float16) -> dict:
     """One shape: cuBLAS alone, the eager reference, every rows config, the tuner's pick; prints its table row."""
     from specee_compile.ops import fused_linear_reference, multi_row_kernel
     from specee_compile.plugins import triton_gemv as T
 
-    dev, dt = torch.device("cuda"), torch.float16
+    dev = torch.device("cuda")
     kin = 2 * K if pro == "silu_mul" else K
     x = torch.randn(1, rows, kin, device=dev, generator=g, dtype=dt)
     w = torch.randn(N, K, device=dev, generator=g, dtype=dt) * 0.02
@@ -74,13 +91,15 @@ def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide:
     y, a, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
     ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
     e["configs"] = {}
-    turned = dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS
-    for cfg in [*T.ROW_CONFIGS, *turned]:
+    cands = T.row_candidates(dt, T.PROLOGUES[pro], False)
+    if dt != torch.float32:  # every config of both kernels, not only the tuner's list
+        cands = [*T.ROW_CONFIGS, *(dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS)]
+    for cfg in cands:
         t = _us(lambda i, c=cfg: T._rows_launch(a, kw, c, ws[i % len(ws)]), n)
         if isinstance(t, float):  # the config computes the op (against the eager reference)
             T._rows_launch(a, kw, cfg)
             err = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
-            if err > 1e-2:
+            if err > (1e-2 if dt != torch.float32 else 1e-5):
                 t = f"wrong: max rel err {err:.3g}"
         e["configs"][",".join(map(str, cfg))] = t
     T._TUNE_CACHE.clear()
@@ -108,6 +127,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--wide", action="store_true", help="sweep 24 turned configs on the verification's shapes")
+    ap.add_argument("--shape", choices=("7b", "smollm2"), default="7b",
+                    help="7b: Llama-2-7B widths in fp16; smollm2: SmolLM2-135M's in fp32")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -119,9 +140,10 @@ def main() -> int:
            "command": " ".join(["python", *sys.argv]), "shapes": []}
     print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | tuned pick | turned vs mm |")
     print("|---|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
-        wide = args.wide and shape[0].startswith("verify") and shape[0] != "verify head"
-        e = sweep_shape(*shape, wide=wide, g=g)
+    out["shape"], out["dtype"] = args.shape, "float16" if args.shape == "7b" else "float32"
+    for shape in SHAPES if args.shape == "7b" else SMOL_SHAPES:
+        wide = args.wide and args.shape == "7b" and shape[0].startswith("verify") and shape[0] != "verify head"
+        e = sweep_shape(*shape, wide=wide, g=g, dt=getattr(torch, out["dtype"]))
         out["shapes"].append(e)
         torch.cuda.empty_cache()
     if args.out:

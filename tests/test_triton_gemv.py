@@ -109,33 +109,35 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused)
 
 
 def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
-    """What the rows tuner times beside cuBLAS: fp32 the old kernel's configs (its IEEE dot); 16-bit with no prologue
-    the turned kernel's plus the old ones that won there; a prologue or int8 weights every config of both."""
+    """What the rows tuner times beside cuBLAS: fp32 the old kernel's configs (its IEEE dot) and the turned kernel's
+    3xTF32 ones; 16-bit with no prologue the turned kernel's plus the old ones that won there; a prologue or int8
+    weights every config of both."""
     pytest.importorskip("triton")
     from specee_compile.plugins import triton_gemv as T
 
-    assert T.row_candidates(torch.float32, 1, False) == T.ROW_CONFIGS
+    assert T.row_candidates(torch.float32, 1, False) == T.row_candidates(torch.float32, 0, False) == [
+        *T.ROW_CONFIGS, *T.ROW_T_CONFIGS_F32]
+    assert all(len(c) == 7 and c[0] == "t" and c[-1] == "tf32x3" for c in T.ROW_T_CONFIGS_F32)
     plain16 = T.row_candidates(torch.bfloat16, 0, False)
     assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
     assert T.row_candidates(torch.float16, 1, False) == T.row_candidates(torch.float16, 0, True) == [
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
 
 
-def test_rows_fused_per_dtype_and_its_override(monkeypatch):
-    """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain; SPECEE_TREE_LINEARS picks
-    another form for 16-bit (A/B runs) and a bad value is refused in one line."""
+def test_rows_fused_and_its_override(monkeypatch):
+    """The multi-row layer's ops: the matmuls as the op with no prologue; SPECEE_TREE_LINEARS picks another form
+    (A/B runs) and a bad value is refused in one line."""
     from specee_compile.errors import SettingError
     from specee_compile.model_step import CUDA_FUSED, rows_fused
 
     monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
-    assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == ("attn", "matmul")
-    assert rows_fused(torch.float32) == ("attn",)
+    assert rows_fused() == ("attn", "matmul")
     for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul"))):
         monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
-        assert rows_fused(torch.float16) == want and rows_fused(torch.float32) == ("attn",)
+        assert rows_fused() == want
     monkeypatch.setenv("SPECEE_TREE_LINEARS", "cublas")
     with pytest.raises(SettingError, match="expected one of plain, matmul, fused"):
-        rows_fused(torch.float16)
+        rows_fused()
 
 
 _INTERP = textwrap.dedent(
@@ -213,19 +215,28 @@ _INTERP_ROWS_T = textwrap.dedent(
     from specee_compile.ops import fused_linear_reference as ref, quantize_rows
     from specee_compile.plugins.triton_gemv import PROLOGUES, _rows_launch, row_block, rows_args
     torch.manual_seed(0)
-    dt = torch.float16
+    CFGS = (("t", 16, 32, 1, 4, 1), ("t", 32, 16, 3, 4, 1), ("t", 16, 16, 2, 4, 1))
     for pro, n, k, res in CASES:
         kin = 2 * k if pro == "silu_mul" else k
-        for w8 in (False, True):
+        for dt, w8 in ((torch.float16, False), (torch.float16, True), (torch.float32, False)):
             w = torch.randn(n, k) * 0.1
             q, s = quantize_rows(w) if w8 else (w.to(dt), None)
             nw = (1 + 0.1 * torch.randn(k)).to(dt)
+            # fp32: the configs with a precision (3xTF32 as the GPU runs it, IEEE); a 16-bit config refused there
+            cfgs = CFGS if dt != torch.float32 else tuple(c + (p,) for c in CFGS for p in ("tf32x3", "ieee"))
             for rows in (2, 5, 17):
                 x = (torch.randn(1, rows, kin) * 2).to(dt)
                 r = torch.randn(1, rows, n).to(dt) if res else None
                 e = ref(x, q, r, nw, 1e-5, pro, s)
-                tol = 2e-3 * float(e.float().abs().max())
-                for cfg in (("t", 16, 32, 1, 4, 1), ("t", 32, 16, 3, 4, 1), ("t", 16, 16, 2, 4, 1)):
+                tol = (2e-3 if dt != torch.float32 else 1e-5) * float(e.float().abs().max())
+                if dt == torch.float32:
+                    y, args, kw = rows_args(x, q, r, nw, 1e-5, PROLOGUES[pro], s)
+                    try:
+                        _rows_launch(args, kw, CFGS[0])
+                        raise AssertionError("a 16-bit turned config ran fp32 rows")
+                    except ValueError as ex:
+                        assert "precision" in str(ex)
+                for cfg in cfgs:
                     for rep in range(2):  # split-K leaves its scratch zeroed: a second call computes the same
                         y, args, kw = rows_args(x, q, r, nw, 1e-5, PROLOGUES[pro], s)
                         _rows_launch(args, kw, cfg)
@@ -238,14 +249,15 @@ _INTERP_ROWS_T = textwrap.dedent(
 
 def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
     """The turned rows kernel (weight tile on the MMA's wide side, split-K through a self-zeroing scratch) against
-    the eager math: fp16 and int8 weights, every prologue, with and without the residual, 2 / 5 / 17 rows,
-    blocks that do not divide N or K, whole-K and split-K, two calls in a row."""
+    the eager math: fp16, int8 and fp32 weights (fp32 with each precision), every prologue, with and without the
+    residual, 2 / 5 / 17 rows, blocks that do not divide N or K, whole-K and split-K, two calls in a row."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
 
 
 def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
     """Compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: the dot is a warpgroup MMA
-    (wgmma) and the weight tiles stream through cp.async stages (the old rows kernel's dot is mma.sync)."""
+    (wgmma) and the weight tiles stream through cp.async stages (the old rows kernel's dot is mma.sync); fp32 with
+    3xTF32 too, on TF32 warpgroup MMAs (three per K block), where the IEEE dot is FMAs."""
     triton = pytest.importorskip("triton")
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -255,15 +267,21 @@ def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
 
     if "nvidia" not in backends:
         pytest.skip("this triton has no NVIDIA backend")
-    ptrs = {"x_ptr": "*fp16", "w_ptr": "*fp16", "s_ptr": "*fp32", "res_ptr": "*fp16", "nw_ptr": "*fp16",
-            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    consts = {"K": 4096, "XS": 4096, "PRO": 1, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 2,
-              "W8": False}
-    sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
-    k = triton.compile(ASTSource(_rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 4})
-    assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"]
+    def ptx(t: str, prec: str, bk: int) -> str:
+        ptrs = {"x_ptr": t, "w_ptr": t, "s_ptr": "*fp32", "res_ptr": t, "nw_ptr": t, "y_ptr": t, "ws_ptr": "*fp32",
+                "cnt_ptr": "*i32"}
+        consts = {"K": 4096, "XS": 4096, "PRO": 1, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": bk,
+                  "SPLIT": 2, "W8": False, "PREC": prec}
+        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+        return triton.compile(ASTSource(_rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+
+    p16 = ptx("*fp16", "", 128)
+    assert "wgmma" in p16 and "cp.async" in p16
+    p32 = ptx("*fp32", "tf32x3", 64)
+    assert "cp.async" in p32 and p32.count("wgmma.mma_async") == 3 * ptx("*fp32", "tf32", 64).count("wgmma.mma_async")
+    assert ".tf32" in p32 and "wgmma" not in ptx("*fp32", "ieee", 64)
 
 
 def test_int8_rows_quantize_round_trip_and_reference():
@@ -475,7 +493,8 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
     e_ref = float((ref.double() - exact).norm() / exact.norm())
     with multi_row_kernel():  # the tuned path (a config, or cuBLAS where faster)
         outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
-    turned = [("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else []
+    turned = ([("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else
+              [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3")])
     for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned):  # the kernels themselves: two configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)

@@ -43,12 +43,13 @@ weight tile), with the prologue applied exactly as the eager ops round (RMSNorm'
 over the row from L2). cuBLAS, used before for every multi-row call, runs the 7B tree's 25-row verification at
 ~1.27x the one-row step's time on the H200 (session 12's 7B tree profile). The tuner times cuBLAS beside the
 configs and keeps it for a shape where it is faster. fp32 weights use full-precision dots (no TF32).
-For 16-bit activations the tuner also times `_rows_t_kernel`, the same op turned around: the weight tile is the
+The tuner also times `_rows_t_kernel`, the same op turned around: the weight tile is the
 dot's left operand, so 64-128 output features fill a Hopper warpgroup MMA (wgmma) whose narrow side is the rows,
 and the weight tiles stream through cp.async stages, with split-K through a self-zeroing scratch. Without a
 prologue it beats cuBLAS by 6-14% at 7B widths on the H200; with RMSNorm or SiLU inside, every rows kernel loses
 to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's layers call the op with no prologue
-(`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py).
+(`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py). For fp32 its dot is 3xTF32 (three TF32 tensor-core
+products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units.
 `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
@@ -98,7 +99,7 @@ ROW_CONFIGS = [
     (64, 64, 4, 4),
     (128, 64, 8, 3),
 ]
-# the turned-around rows kernel (`_rows_t_kernel`, 16-bit activations): ("t", BLOCK_N, BLOCK_K, SPLIT, num_warps,
+# the turned-around rows kernel (`_rows_t_kernel`), 16-bit activations: ("t", BLOCK_N, BLOCK_K, SPLIT, num_warps,
 # num_stages); BLOCK_N >= 64 for a warpgroup MMA, split-K where N / BLOCK_N leaves too few programs
 ROW_T_CONFIGS = [
     ("t", 64, 128, 1, 4, 4),
@@ -108,6 +109,18 @@ ROW_T_CONFIGS = [
     ("t", 64, 128, 4, 4, 4),
     ("t", 128, 128, 1, 4, 3),
     ("t", 64, 256, 1, 4, 4),
+]
+# the turned kernel for fp32 activations and weights: ("t", BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages, precision)
+# with the dot in 3xTF32 (each operand split into a TF32 high and low part, three tensor-core products: fp32's
+# accuracy within a few ulps, where the IEEE dot runs on the FMA units); half the K tile of the 16-bit configs
+# (fp32 tiles are twice the bytes), and deeper split-K for SmolLM2's 576-wide outputs (9 feature blocks of 64)
+ROW_T_CONFIGS_F32 = [
+    ("t", 64, 64, 1, 4, 4, "tf32x3"),
+    ("t", 64, 64, 2, 4, 4, "tf32x3"),
+    ("t", 64, 64, 4, 4, 3, "tf32x3"),
+    ("t", 64, 32, 8, 4, 2, "tf32x3"),
+    ("t", 64, 128, 1, 4, 3, "tf32x3"),
+    ("t", 128, 64, 1, 8, 3, "tf32x3"),
 ]
 # the old kernel's configs that won a 16-bit shape with no prologue on the H200 (session 21's sweep and bench: gate/up);
 # with the turned configs beside them, the others never did, and each costs a compile at the first start
@@ -257,14 +270,16 @@ if HAVE_TRITON:
         x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr, PREC: tl.constexpr,
     ):
-        # The rows kernel turned around, for 16-bit activations: the weight tile is the dot's left operand
+        # The rows kernel turned around: the weight tile is the dot's left operand
         # (acc [BLOCK_N, MP] = W_tile . x_tile^T), so BLOCK_N >= 64 output features fill a Hopper warpgroup MMA
         # whose narrow side is the rows, and the weight tiles stream through the software pipeline
         # (num_stages). Split-K (SPLIT > 1) as the one-row kernel: fp32 partial tiles meet in a workspace
         # [N, MP]; the split that arrives last (a counter per feature block) reads the total, leaves the
-        # workspace zeroed, and stores.
+        # workspace zeroed, and stores. fp32 (PREC "tf32x3" or "ieee"): each K block's dot summed apart, then
+        # added, as the old kernel's IEEE dot (a short product chain per block; `fma`, since Triton folds
+        # `acc + dot` back into one chain).
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         pid = tl.program_id(0)
@@ -282,7 +297,10 @@ if HAVE_TRITON:
             km = offs < K
             a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT).to(DT)
             wt = tl.load(wrow + offs[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-            acc = tl.dot(wt.to(DT), tl.trans(a), acc)
+            if PREC == "":
+                acc = tl.dot(wt.to(DT), tl.trans(a), acc)
+            else:
+                acc = tl.fma(tl.dot(wt.to(DT), tl.trans(a), input_precision=PREC), 1.0, acc)
         y = acc
         om = cm[:, None] & rm[None, :]
         wsp = ws_ptr + cols[:, None] * MP + r[None, :]
@@ -432,9 +450,9 @@ EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is t
 def row_candidates(dtype: torch.dtype, pro: int, w8: bool) -> list:
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
-    every config of both kernels; fp32 the old kernel's (its IEEE dot)."""
+    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones."""
     if dtype not in (torch.float16, torch.bfloat16):
-        return list(ROW_CONFIGS)
+        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32]
     if pro == 0 and not w8:
         return [*ROW_CONFIGS_16, *ROW_T_CONFIGS]
     return [*ROW_CONFIGS, *ROW_T_CONFIGS]
@@ -485,16 +503,20 @@ def rows_args(x, w, res, norm_w, eps: float, pro: int, w_scale=None):
 
 
 def _rows_launch(args, kw, cfg, w=None) -> None:
-    """One launch of a rows config: a ROW_CONFIGS entry (`_rows_kernel`) or a ROW_T_CONFIGS one (`_rows_t_kernel`)."""
+    """One launch of a rows config: a ROW_CONFIGS entry (`_rows_kernel`) or a ROW_T_CONFIGS(_F32) one
+    (`_rows_t_kernel`)."""
     if w is not None:
         args = (args[0], w, *args[2:])
     N = args[7]
     if cfg[0] == "t":
-        _, bn, bk, sp, nwarps, ns = cfg
+        _, bn, bk, sp, nwarps, ns, *prec = cfg
+        if kw["IEEE"] != bool(prec):
+            raise ValueError(f"rows config {cfg}: a precision is given for fp32 activations, and only for them")
         ws, cnt = _rows_workspace(args[0].device, N, kw["MP"])
         kt = {k: v for k, v in kw.items() if k != "IEEE"}
         _rows_t_kernel[(triton.cdiv(N, bn), sp)](*args[:6], ws, cnt, *args[6:], **kt, BLOCK_N=bn, BLOCK_K=bk,
-                                                  SPLIT=sp, num_warps=nwarps, num_stages=ns)
+                                                  SPLIT=sp, PREC=prec[0] if prec else "", num_warps=nwarps,
+                                                  num_stages=ns)
         return
     bn, bk, nwarps, ns = cfg
     _rows_kernel[(triton.cdiv(N, bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
