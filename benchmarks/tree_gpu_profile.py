@@ -136,7 +136,7 @@ def main() -> int:
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-                 "rows_fused": list(rows_fused()),  # the tree layers' fused ops (SPECEE_TREE_LINEARS)
+                 "rows_fused": list(rows_fused(dt)),  # the tree layers' fused ops (SPECEE_TREE_LINEARS)
                  "shape": shape,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]

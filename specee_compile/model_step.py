@@ -203,16 +203,18 @@ CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
 ROWS_LINEARS = ("plain", "matmul", "fused")
 
 
-def rows_fused() -> tuple[str, ...]:
+def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     """The fused ops of a CUDA layer that runs a few rows at once (the fixed tree program's verification and its
-    draft's levels): the attention op, and the matmuls as `specee::fused_linear` with no prologue ("matmul"),
-    where the rows tuner picks cuBLAS or a rows kernel per shape while the norms, SiLU and residual adds stay
-    plain ops for Inductor to fuse. A prologue inside the rows kernels costs more than it saves at 7B widths
-    (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us against cuBLAS's 28.7 without it).
-    fp32 too: cuBLAS runs SmolLM2's 25-row fp32 matmuls on the FMA units (H200, session 22: 1.70 of the tree
-    step's 2.64 ms of kernel time), where the turned rows kernel's 3xTF32 dot uses the tensor cores.
-    SPECEE_TREE_LINEARS=plain|matmul|fused (fused: `CUDA_FUSED`, prologues inside the op) overrides the choice,
-    for A/B runs."""
+    draft's levels): the attention op, and for 16-bit weights the matmuls as `specee::fused_linear` with no
+    prologue ("matmul"), where the rows tuner picks cuBLAS or a rows kernel per shape while the norms, SiLU and
+    residual adds stay plain ops for Inductor to fuse. A prologue inside the rows kernels costs more than it saves
+    at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us against cuBLAS's 28.7
+    without it).
+    fp32 keeps plain matmuls by default, for now: cuBLAS runs SmolLM2's 25-row fp32 matmuls on the FMA units
+    (H200, session 22 profile: 1.70 of the tree step's 2.64 ms of kernel time), and the turned rows kernel's 3xTF32
+    configs are built for them, but their speed and the tree's identity to dense with them are not yet measured on a
+    GPU. SPECEE_TREE_LINEARS=plain|matmul|fused (fused: `CUDA_FUSED`, prologues inside the op) overrides the
+    choice for every dtype, for A/B runs."""
     import os
 
     v = os.environ.get("SPECEE_TREE_LINEARS", "")
@@ -221,7 +223,7 @@ def rows_fused() -> tuple[str, ...]:
 
         raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected one of {', '.join(ROWS_LINEARS)}; unset it for "
                            "the default")
-    if v == "plain":
+    if v == "plain" or (not v and dtype == torch.float32):
         return ("attn",)
     return CUDA_FUSED if v == "fused" else ("attn", "matmul")
 

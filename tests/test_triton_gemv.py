@@ -124,20 +124,21 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
 
 
-def test_rows_fused_and_its_override(monkeypatch):
-    """The multi-row layer's ops: the matmuls as the op with no prologue; SPECEE_TREE_LINEARS picks another form
-    (A/B runs) and a bad value is refused in one line."""
+def test_rows_fused_per_dtype_and_its_override(monkeypatch):
+    """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain by default;
+    SPECEE_TREE_LINEARS picks another form for every dtype (A/B runs) and a bad value is refused in one line."""
     from specee_compile.errors import SettingError
     from specee_compile.model_step import CUDA_FUSED, rows_fused
 
     monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
-    assert rows_fused() == ("attn", "matmul")
+    assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == ("attn", "matmul")
+    assert rows_fused(torch.float32) == ("attn",)
     for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul"))):
         monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
-        assert rows_fused() == want
+        assert rows_fused(torch.float16) == rows_fused(torch.float32) == want
     monkeypatch.setenv("SPECEE_TREE_LINEARS", "cublas")
     with pytest.raises(SettingError, match="expected one of plain, matmul, fused"):
-        rows_fused()
+        rows_fused(torch.float16)
 
 
 _INTERP = textwrap.dedent(

@@ -705,8 +705,8 @@ class DeviceEagleSource(EagleSource):
         spec = step_spec(d.base_config, self.max_len)
         self._layer_fn = make_layer_fn(spec, fused=CUDA_FUSED if fused else ())
         # several rows at once (a tree's levels, the catch-up of a verify step's accepted tokens): the multi-row
-        # ops (`model_step.rows_fused`), unless SPECEE_TREE_LINEARS=plain takes the matmul op out
-        rows = rows_fused() if fused and self._dev.type == "cuda" else ()
+        # ops (`model_step.rows_fused`); where those have no matmul op (fp32 by default), the draft's own fused ops
+        rows = rows_fused(self._dt) if fused and self._dev.type == "cuda" else ()
         self._rows_layer_fn = make_layer_fn(spec, fused=rows) if "matmul" in rows else self._layer_fn
         from .. import ops  # noqa: F401  # torch.ops.specee.fused_linear, .topk_rows
 

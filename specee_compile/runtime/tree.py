@@ -259,7 +259,7 @@ class TreeStep:
         # are one `rope_append` launch at the tree's slots, where Inductor's plain index_copy kernel took ~7 us
         # per 7B layer (session-13 profile), and the masked attention one `tree_attention` launch, where
         # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
-        fn = make_layer_fn(seg.spec, fused=rows_fused() if seg.device.type == "cuda" else ())
+        fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
             fn = torch.compile(fn, fullgraph=True, dynamic=None)
