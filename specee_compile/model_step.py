@@ -207,7 +207,8 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     """The fused ops of a CUDA layer that runs a few rows at once (the fixed tree program's verification and its
     draft's levels): the attention op, and for 16-bit weights the matmuls as `specee::fused_linear` with no
     prologue ("matmul"), where the rows tuner picks cuBLAS or a rows kernel per shape while the norms, SiLU and
-    residual adds stay plain ops for Inductor to fuse. A prologue inside the rows kernels costs more than it saves
+    the o-projection's residual add stay plain ops for Inductor to fuse (the down projection takes the layer's last
+    add as its epilogue: nothing after it in the layer would fuse it). A prologue inside the rows kernels costs more than it saves
     at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us against cuBLAS's 28.7
     without it).
     fp32 keeps plain matmuls by default, for now: cuBLAS runs SmolLM2's 25-row fp32 matmuls on the FMA units
@@ -282,6 +283,8 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
         if fuse["down"]:
             return lin(gu, wd, h, None, 0.0, "silu_mul")
         g, u = gu.chunk(2, dim=-1)
+        if fuse["matmul"]:  # the layer's last add in the op's epilogue (it rounds as `h + mm(...)` does): no
+            return lin(F.silu(g) * u, wd, h)  # launch of its own, where nothing after it in the layer fuses it
         return h + mm(F.silu(g) * u, wd)
 
     def qkv(h, ln1, wqkv, bqkv, split: bool = True):

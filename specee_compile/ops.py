@@ -187,18 +187,25 @@ def tree_attention_reference(q, k, v, valid, mask):
     return a[0]
 
 
+def rows_major(a: torch.Tensor) -> torch.Tensor:
+    """[H, q, hd] with the memory of a contiguous [q, H, hd] (`tree_attention`'s output): the layer's
+    `a.transpose(0, 1).reshape(1, q, H * hd)` for the o-projection is then a view, not a copy kernel."""
+    return a.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 @torch.library.custom_op("specee::tree_attention", mutates_args=())
 def tree_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Masked attention of a few rows over the layer's valid cache prefix (a tree's rows); one split-S Triton
-    kernel on CUDA (`plugins/triton_tree_attention.py`), where cuDNN's flash kernel and its mask kernel run."""
-    return tree_attention_reference(q, k, v, valid, mask).clone(memory_format=torch.contiguous_format)
+    kernel on CUDA (`plugins/triton_tree_attention.py`), where cuDNN's flash kernel and its mask kernel run.
+    The output [H, q, hd] is laid out rows-major (`rows_major`)."""
+    return rows_major(tree_attention_reference(q, k, v, valid, mask))
 
 
 @tree_attention.register_fake
 def _(q, k, v, valid, mask):
-    return q.new_empty(q.shape)
+    return rows_major(q.new_empty(q.shape))
 
 
 # ------------------------------------------------------------------------------------- rope_append

@@ -108,6 +108,39 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused)
     assert torch.equal(*outs)
 
 
+def test_compiled_rows_layer_launches_no_copy_and_no_trailing_add(tiny_llama):
+    """The tree's multi-row layer (`rows_fused`: attention, RoPE and the matmuls as ops) compiled by Inductor
+    generates three kernels of its own: RMSNorm, residual add + RMSNorm, SiLU * up. The attention output feeds
+    the o-projection as a view (`tree_attention` writes rows-major) and the last residual add is the down
+    projection's epilogue; each was one more launch per layer and tree step before (a copy and an add)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from specee_compile.model_step import extract_weights
+
+    W = extract_weights(tiny_llama, 64)
+    spec = step_spec(tiny_llama.config, 64)
+    Hkv, hd = spec.num_kv_heads, spec.head_dim
+    torch.manual_seed(3)
+    h0 = torch.randn(1, 6, spec.hidden)
+    pos = torch.tensor([20, 21, 21, 22, 22, 22])
+    slots = torch.arange(20, 26)
+    mask = torch.rand(6, 32) < 0.5
+    mask[torch.arange(6), slots] = True
+    kc, vc = torch.randn(Hkv, 64, hd), torch.randn(Hkv, 64, hd)
+    valid = torch.ones(64, dtype=torch.bool)
+    args = (h0, pos, valid, W.cos, W.sin, kc, vc, 32, *W.layers[0].as_tuple())
+    fn = torch.compile(make_layer_fn(spec, fused=("attn", "matmul")), fullgraph=True)
+    with torch.no_grad():
+        got, code = run_and_get_code(lambda: fn(*args, slots=slots, mask=mask))
+        want = make_layer_fn(spec)(*args, slots=slots, mask=mask)  # (the compiled call wrote its K/V already)
+    kernels = re.findall(r"^(?:cpp|triton)_\w+ = ", "\n".join(code), re.MULTILINE)
+    assert len(kernels) == 3, kernels
+    assert not any("clone" in k or "transpose" in k for k in kernels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
     """What the rows tuner times beside cuBLAS: fp32 the old kernel's configs (its IEEE dot) and the turned kernel's
     3xTF32 ones; 16-bit with no prologue the turned kernel's plus the old ones that won there; a prologue or int8

@@ -41,9 +41,19 @@ def test_reference_attends_to_valid_keys_the_mask_allows():
         assert torch.allclose(out[:, r : r + 1], want, atol=1e-5)
 
 
-def test_op_equals_the_reference_on_cpu():
+def test_op_equals_the_reference_on_cpu_laid_out_rows_major():
+    """The op's output [H, q, hd] sits in memory as [q, H, hd] (so is its fake's, which Inductor plans with):
+    the layer's `a.transpose(0, 1).reshape(1, q, H * hd)` is a view, no copy kernel."""
     a = _inputs(3, 1, 64, 7, 16, torch.float32, "cpu", 1)
-    assert torch.equal(torch.ops.specee.tree_attention(*a), tree_attention_reference(*a))
+    out = torch.ops.specee.tree_attention(*a)
+    assert torch.equal(out, tree_attention_reference(*a)) and out.transpose(0, 1).is_contiguous()
+    flat = out.transpose(0, 1).reshape(1, 7, 3 * 16)
+    assert flat.data_ptr() == out.data_ptr()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.specee.tree_attention(*(mode.from_tensor(t) for t in a))
+    assert fake.shape == out.shape and fake.stride() == out.stride()
 
 
 _INTERP = textwrap.dedent(
@@ -61,6 +71,7 @@ _INTERP = textwrap.dedent(
                 out = A.triton_tree_attention(*a)
                 e = float((out - ref(*a)).abs().max())
                 assert out.shape == (H, rows, hd) and e < 1e-5, (H, Hkv, S, rows, bs, e)
+                assert out.transpose(0, 1).is_contiguous()  # rows-major, as the op's fake
                 for ws, cnt in A._WORKSPACES.values():
                     assert int(cnt.abs().sum()) == 0
             # q as a transposed view (the layer's rope output may be one): read by strides

@@ -15,7 +15,8 @@ mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (f
     of (h, rb) that arrives last (a counter per (h, rb)) merges them, writes the rows and resets its
     counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
 
-Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real row must be
+The output [H, q, hd] is stored rows-major (a contiguous [q, H, hd], `ops.rows_major`), so the o-projection's
+input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real row must be
 allowed at least one valid key (its own slot, in the tree's use); padding rows are never written.
 
 The launch config (keys per block, most splits, warps, pipeline stages) is tuned on CUDA per shape at its first
@@ -91,7 +92,7 @@ if HAVE_TRITON:
                 pv = tl.dot(p.to(vt.dtype), vt)
             acc = acc * alpha[:, None] + pv
             m = m_new
-        out_rows = o_ptr + (h * R + r[:, None]) * HD + d[None, :]
+        out_rows = o_ptr + (r[:, None] * tl.num_programs(0) + h) * HD + d[None, :]  # rows-major [R, H, HD]
         if NSP == 1:
             tl.store(out_rows, (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=live_r[:, None])
         else:
@@ -143,7 +144,7 @@ def plan(rows: int, S: int, block_s: int | None = None, max_splits: int | None =
 
 
 def triton_tree_attention(q, k, v, valid, mask):
-    from ..ops import tree_attention_reference
+    from ..ops import rows_major, tree_attention_reference
 
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
@@ -153,12 +154,12 @@ def triton_tree_attention(q, k, v, valid, mask):
         and tuple(mask.shape) == (rows, S)
     )
     if not usable:
-        return tree_attention_reference(q, k, v, valid, mask).contiguous()
+        return rows_major(tree_attention_reference(q, k, v, valid, mask))
     cfg = (BLOCK_S, MAX_SPLITS, NUM_WARPS, NUM_STAGES)
     if q.is_cuda:
         cfg = _tuned(q, k, v, valid, mask) or cfg
     if cfg == EAGER:
-        return tree_attention_reference(q, k, v, valid, mask).contiguous()
+        return rows_major(tree_attention_reference(q, k, v, valid, mask))
     return _launch(cfg, q, k, v, valid, mask)
 
 
@@ -166,7 +167,7 @@ def _launch(cfg, q, k, v, valid, mask) -> torch.Tensor:
     block_s, max_splits, warps, stages = cfg
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
-    o = torch.empty(H, rows, hd, dtype=q.dtype, device=q.device)
+    o = torch.empty(rows, H, hd, dtype=q.dtype, device=q.device).transpose(0, 1)  # `ops.rows_major`
     br, nrb, nsp, per = plan(rows, S, block_s, max_splits)
     ws, cnt = _workspace(q.device, H * nrb, nsp, br, hd)
     _tree_attn_kernel[(H, nrb, nsp)](

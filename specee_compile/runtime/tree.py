@@ -252,13 +252,15 @@ class TreeStep:
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
-        # `model_step.rows_fused`: the norms, SiLU and residuals plain, for Inductor to fuse (H200, SmolLM2 shapes,
-        # 25 rows x 30 layers: 2.32 ms plain vs 3.03 ms with the norms inside the fused ops, session 4); the
-        # 16-bit matmuls as `specee::fused_linear` with no prologue, where the rows tuner picks cuBLAS or the
-        # turned rows kernel per shape (benchmarks/rows_gemm_sweep.py). On CUDA the rows' RoPE and cache write
-        # are one `rope_append` launch at the tree's slots, where Inductor's plain index_copy kernel took ~7 us
-        # per 7B layer (session-13 profile), and the masked attention one `tree_attention` launch, where
-        # cuDNN's flash kernel took 9.4 us and a mask kernel ran before it (session-18 profile).
+        # `model_step.rows_fused`: the norms, SiLU and the o-projection's residual plain, for Inductor to fuse
+        # (H200, SmolLM2 shapes, 25 rows x 30 layers: 2.32 ms plain vs 3.03 ms with the norms inside the fused
+        # ops, session 4); the 16-bit matmuls as `specee::fused_linear` with no prologue, where the rows tuner
+        # picks cuBLAS or the turned rows kernel per shape (benchmarks/rows_gemm_sweep.py), the down projection
+        # with the layer's last residual add. On CUDA the rows' RoPE and cache write are one `rope_append` launch
+        # at the tree's slots, where Inductor's plain index_copy kernel took ~7 us per 7B layer (session-13
+        # profile), and the masked attention one `tree_attention` launch, where cuDNN's flash kernel took 9.4 us
+        # and a mask kernel ran before it (session-18 profile); it writes rows-major, so the o-projection reads
+        # it as a view.
         fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
