@@ -503,6 +503,27 @@ def test_fixed_tree_program_equals_host_step_and_dense(budget, depth, topk, look
     assert dec.tree.accepted_log == out["host"][1].tree.accepted_log
 
 
+@pytest.mark.parametrize("lookup", [False, True])
+def test_fixed_tree_program_with_its_glue_compiled_equals_the_host_step(monkeypatch, lookup):
+    """The step's glue (the plan with the rows' positions, slots and embeddings; the acceptance with every index
+    the bookkeeping takes from it) compiled by Inductor, as on CUDA, here on the CPU: it compiles (no fallback to
+    eager) and the program gives the host step's tokens and accepted lengths."""
+    import specee_compile.runtime.tree as T
+
+    class Compiled(T.CompiledFns):
+        def __init__(self, what, enabled):
+            super().__init__(what, True)
+
+    monkeypatch.setattr(T, "CompiledFns", Compiled)
+    model = make_tiny_llama()
+    prompt = PROMPT * 3 if lookup else PROMPT
+    out = _fixed_vs_host(model, lookup=lookup, prompt=prompt, n=24, tree_budget=12, tree_depth=4, tree_topk=4)
+    (host, hdec), (fixed, dec) = out["host"], out["fixed"]
+    glue = dec.tree.fixed.glue
+    assert glue.error is None and set(glue.fns) == {"plan", "accept"}
+    assert fixed.token_ids == host.token_ids and dec.tree.accepted_log == hdec.tree.accepted_log
+
+
 def test_fixed_tree_program_follows_an_acceptance_trace():
     from specee_compile.draft.tree import DeviceEagleTreeSource
     from specee_compile.runtime.policies import trace_accepts

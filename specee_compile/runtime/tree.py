@@ -533,6 +533,7 @@ class FixedTree:
         # benchmarks/GPU_NOTES.md session 12); S enters as the length of `keys`
         self.glue = CompiledFns("the tree step's glue", dev.type == "cuda" and seg.name == "inductor")
         self.jj = torch.arange(self.C, device=dev)
+        self.rows_ar = torch.arange(self.q, device=dev)
         self.all_rows = torch.ones(self.q, dtype=torch.bool, device=dev)
         self.exits = bool(exits)  # SpecEE on the tree wanted (approximate mode: runtime/tree_exits.py)
         self.ex: TreeExits | None = TreeExits(self, dec) if self.exits else None
@@ -586,14 +587,11 @@ class FixedTree:
 
     @torch.no_grad()
     def body(self, S: int) -> None:
-        seg, draft, dev = self.seg, self.draft, self.seg.device
-        K, q, C, Dq = self.K, self.q, self.C, self.Dq
-        p = self.p
+        seg, draft, K, C, p = self.seg, self.draft, self.K, self.C, self.p
         tok, score, parent, dep, kid0 = draft.fixed_expand(self.g0, p, S, K, self.depth)
-        rpar, rtok, rdep, anc, mask, live, rscore, cands = self.glue(
-            "plan", self._plan, tok, score, parent, dep, kid0, p, self.last, self.ids, self.eye, keys=draft.keys_for(S))
-        pos, slots = p + rdep, p + torch.arange(q, device=dev)
-        h = seg.embed(rtok)
+        rpar, rtok, rdep, anc, mask, live, rscore, cands, pos, slots, h = self.glue(
+            "plan", self._plan, tok, score, parent, dep, kid0, p, self.last, self.ids, self.eye, self.rows_ar,
+            keys=draft.keys_for(S))
         if self.gated:
             top, computed, hrows = self.ex.verify(h, pos, S, slots, mask, (rtok, rpar, rdep, rscore, live, anc), cands)
         else:
@@ -601,30 +599,30 @@ class FixedTree:
                 h = self.layer(i, h, pos, S, slots, mask)
             hn, top = self.head(h)  # (the logits: the acceptance takes their argmax)
             computed, hrows = self.all_rows, hn[0]
-        jj = self.jj
-        a, prow, emit = self.glue("accept", self._accept, top, computed, rtok, rpar, rdep, rscore, live, anc,
-                                  self.force, jj)
-        self.out[:C].copy_(emit)
-        self.out[C : C + 1].copy_(a + 1)
-        # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
         cache = seg.cache
-        src, dst = p + prow[1:], p + 1 + jj[:Dq]
+        a, emit, out, feats, src, dst, kept, forget, ids_at, last, p_next = self.glue(
+            "accept", self._settle, top, computed, rtok, rpar, rdep, rscore, live, anc, self.force, self.jj, p, hrows,
+            self.rows_ar, cache.valid.shape[0])
+        self.out[: C + 1].copy_(out)
+        # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
         cache.k.index_copy_(2, dst, cache.k.index_select(2, src))
         cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
-        cache.valid.index_fill_(1, p + 1 + torch.arange(self.N, device=dev), False)
-        cache.valid.index_copy_(1, dst, (jj[:Dq] < a)[None].expand(cache.valid.shape[0], Dq).contiguous())
+        cache.valid.index_fill_(1, forget, False)
+        cache.valid.index_copy_(1, dst, kept)
         if self.gated:  # the skip KV policy: layers past the exit hold nothing for p .. p + a; the step's counts
             self.ex.finish(cache.valid, p, a, self.out[C + 1 :])
         # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
-        self.g0.copy_(draft.fixed_catch_up(hrows[prow], emit, p, a, S))
-        self.last.copy_(emit.index_select(0, a))
-        self.ids.index_copy_(0, p + 1 + jj, emit)  # (slots past the new end are rewritten before they are read)
-        p.add_(a + 1)
+        self.g0.copy_(draft.fixed_catch_up(feats, emit, p, a, S))
+        self.last.copy_(last)
+        self.ids.index_copy_(0, ids_at, emit)  # (slots past the new end are rewritten before they are read)
+        p.copy_(p_next)
 
-    def _plan(self, tok, score, parent, dep, kid0, p, last, ids, eye, keys):
+    def _plan(self, tok, score, parent, dep, kid0, p, last, ids, eye, rows_ar, keys):
         """The verified tree from the expansion: rows (root, the Nd best-scored nodes parents first, the lookup
-        rows), their parents, tokens, depths, ancestors, the [q, S] attention mask (S = len(keys)), and, for the
-        exits, the draft's candidates after each row ([q, k]; -1 where the draft proposed nothing there)."""
+        rows), their parents, tokens, depths, ancestors, the [q, S] attention mask (S = len(keys)), for the
+        exits the draft's candidates after each row ([q, k]; -1 where the draft proposed nothing there), and the
+        verification's inputs: positions, cache slots (rows_ar = arange(q)) and the rows' embeddings. One
+        compiled glue on CUDA, so the index math around it costs no launches of its own."""
         dev, q, M = tok.device, self.q, tok.shape[0]
         keys = torch.arange(keys.shape[0], device=dev)  # (the argument only carries S)
         Nd, Dl = self.N - self.Dl, self.Dl  # draft rows 1 .. Nd, lookup rows Nd + 1 .. N
@@ -652,7 +650,7 @@ class FixedTree:
             first = torch.cat([zero, kid0[kept], pad - 1])  # [q] first proposal of each row (the root's: node 0)
             at = (first.clamp(min=0)[:, None] + torch.arange(self.ex.kc, device=dev)).clamp(max=M - 1)
             cands = torch.where((first >= 0)[:, None], tok[at], -1)
-        return rpar, rtok, rdep, anc, mask, live, rscore, cands
+        return rpar, rtok, rdep, anc, mask, live, rscore, cands, p + rdep, p + rows_ar, self.seg.embed(rtok)
 
     def _forced_best(self, rdep, rscore, live, force):
         """An acceptance trace's row: the best-scored at the trace's depth (or the deepest the tree has below it)."""
@@ -663,6 +661,18 @@ class FixedTree:
         """Row `best`'s path: (its row at each depth [C], root past the end; its length [1], root included)."""
         on_path = anc.index_select(0, best) & (rdep[None] == jj[:, None])  # [C, q]
         return torch.argmax(on_path.long(), dim=1), rdep.index_select(0, best) + 1
+
+    def _settle(self, top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj, p, hrows, rows_ar,
+                n_layers: int):
+        """The acceptance (`_accept`) and every index the step's bookkeeping takes from it, in one compiled glue on
+        CUDA (each was a small eager kernel of its own): (a, emit, the output's head [emit, a + 1], the path's
+        features for the draft's catch-up, the K/V move's source and destination slots, the moved slots' validity
+        [n_layers, Dq], the tree's slots to forget, the slots of `ids` to write, the next root token, p + a + 1)."""
+        a, prow, emit = self._accept(top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj)
+        Dq = self.Dq
+        kept = (jj[:Dq] < a)[None].expand(n_layers, Dq).contiguous()
+        return (a, emit, torch.cat([emit, a + 1]), hrows.index_select(0, prow), p + prow[1:], p + 1 + jj[:Dq], kept,
+                p + rows_ar[1:], p + 1 + jj, emit.index_select(0, a), p + a + 1)
 
     def _accept(self, top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj):
         """The deepest row whose path the target confirms (or a trace's forced depth): (a [1] its depth,
