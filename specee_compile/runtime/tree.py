@@ -600,15 +600,14 @@ class FixedTree:
             hn, top = self.head(h)  # (the logits: the acceptance takes their argmax)
             computed, hrows = self.all_rows, hn[0]
         cache = seg.cache
-        a, emit, out, feats, src, dst, kept, forget, ids_at, last, p_next = self.glue(
+        a, emit, out, feats, src, dst, tree_slots, kept, ids_at, last, p_next = self.glue(
             "accept", self._settle, top, computed, rtok, rpar, rdep, rscore, live, anc, self.force, self.jj, p, hrows,
             self.rows_ar, cache.valid.shape[0])
         self.out[: C + 1].copy_(out)
         # compact: the path's K/V to p + 1 .. p + a; every other slot of the tree forgets its rows
         cache.k.index_copy_(2, dst, cache.k.index_select(2, src))
         cache.v.index_copy_(2, dst, cache.v.index_select(2, src))
-        cache.valid.index_fill_(1, forget, False)
-        cache.valid.index_copy_(1, dst, kept)
+        cache.valid.index_copy_(1, tree_slots, kept)
         if self.gated:  # the skip KV policy: layers past the exit hold nothing for p .. p + a; the step's counts
             self.ex.finish(cache.valid, p, a, self.out[C + 1 :])
         # the draft over the accepted pairs: (f_{p+j}, x_{p+j+1}), j = 0 .. a
@@ -666,13 +665,14 @@ class FixedTree:
                 n_layers: int):
         """The acceptance (`_accept`) and every index the step's bookkeeping takes from it, in one compiled glue on
         CUDA (each was a small eager kernel of its own): (a, emit, the output's head [emit, a + 1], the path's
-        features for the draft's catch-up, the K/V move's source and destination slots, the moved slots' validity
-        [n_layers, Dq], the tree's slots to forget, the slots of `ids` to write, the next root token, p + a + 1)."""
+        features for the draft's catch-up, the K/V move's source and destination slots, the tree's slots p + 1 ..
+        p + N and their validity [n_layers, N] (the moved path's first a, none of the rest), the slots of `ids` to
+        write, the next root token, p + a + 1)."""
         a, prow, emit = self._accept(top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj)
-        Dq = self.Dq
-        kept = (jj[:Dq] < a)[None].expand(n_layers, Dq).contiguous()
-        return (a, emit, torch.cat([emit, a + 1]), hrows.index_select(0, prow), p + prow[1:], p + 1 + jj[:Dq], kept,
-                p + rows_ar[1:], p + 1 + jj, emit.index_select(0, a), p + a + 1)
+        j = rows_ar[1:]  # the tree's slots p + j, j = 1 .. N
+        kept = (j <= a)[None].expand(n_layers, j.shape[0]).contiguous()
+        return (a, emit, torch.cat([emit, a + 1]), hrows.index_select(0, prow), p + prow[1:], p + 1 + jj[: self.Dq],
+                p + j, kept, p + 1 + jj, emit.index_select(0, a), p + a + 1)
 
     def _accept(self, top, computed, rtok, rpar, rdep, rscore, live, anc, force, jj):
         """The deepest row whose path the target confirms (or a trace's forced depth): (a [1] its depth,
