@@ -207,10 +207,10 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     """The fused ops of a CUDA layer that runs a few rows at once (the fixed tree program's verification and its
     draft's levels): the attention op, and for 16-bit weights the matmuls as `specee::fused_linear` with no
     prologue ("matmul"), where the rows tuner picks cuBLAS or a rows kernel per shape while the norms, SiLU and
-    the o-projection's residual add stay plain ops for Inductor to fuse (the down projection takes the layer's last
-    add as its epilogue: nothing after it in the layer would fuse it). A prologue inside the rows kernels costs more than it saves
-    at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us against cuBLAS's 28.7
-    without it).
+    the o-projection's residual add stay plain ops for Inductor to fuse (the down projection takes the layer's
+    last add as its epilogue: nothing after it in the layer would fuse it). A prologue inside the rows kernels
+    costs more than it saves at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us
+    against cuBLAS's 28.7 without it).
     fp32 keeps plain matmuls by default, for now: cuBLAS runs SmolLM2's 25-row fp32 matmuls on the FMA units
     (H200, session 22 profile: 1.70 of the tree step's 2.64 ms of kernel time), and the turned rows kernel's 3xTF32
     configs are built for them, but their speed and the tree's identity to dense with them are not yet measured on a

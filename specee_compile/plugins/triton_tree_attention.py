@@ -16,8 +16,8 @@ mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (f
     counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
 
 The output [H, q, hd] is stored rows-major (a contiguous [q, H, hd], `ops.rows_major`), so the o-projection's
-input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real row must be
-allowed at least one valid key (its own slot, in the tree's use); padding rows are never written.
+input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real
+row must be allowed at least one valid key (its own slot, in the tree's use); padding rows are never written.
 
 The launch config (keys per block, most splits, warps, pipeline stages) is tuned on CUDA per shape at its first
 call outside a capture (the warm-ups before a graph is captured), as the fused GEMV's: every config and the
