@@ -8,6 +8,7 @@ and the parts of one step captured alone (draft expansion, verification layers).
 JSON to --out.
 
     python benchmarks/tree_gpu_profile.py --out $OUT/tree_profile.json
+    python benchmarks/tree_gpu_profile.py --linears plain,matmul --profile   # same-process A/B of the tree's matmuls
     python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
 """
 
@@ -54,7 +55,8 @@ def kernel_categories(kernels: list[tuple[str, float, int]], steps: int) -> dict
 
 
 def plot_categories(paths: list[str], out: str) -> None:
-    """One stacked bar per `--profile` record (its commit, or file name): GPU us per tree step by category."""
+    """One stacked bar per `--profile` record (its commit, or file name), and per variant of a `--linears` A/B
+    (`profile_categories@VALUE`): GPU us per tree step by category."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,11 +66,14 @@ def plot_categories(paths: list[str], out: str) -> None:
     for p in paths:
         with open(p) as f:
             r = json.load(f)
-        if not r.get("profile_categories"):
+        keys = [k for k in r if k.startswith("profile_categories") and r[k]]
+        if not keys:
             print(f"{p}: no profile_categories; expected a record written with --profile", file=sys.stderr)
             raise SystemExit(2)
-        recs.append((r.get("commit") or p.rsplit("/", 1)[-1], r["profile_categories"],
-                     (r.get("results") or {}).get("tree_compiled", {}).get("step_us")))
+        for k in keys:
+            tag = k[len("profile_categories"):]
+            recs.append(((r.get("commit") or p.rsplit("/", 1)[-1]) + tag, r[k],
+                         (r.get("results") or {}).get("tree_compiled" + tag, {}).get("step_us")))
     cats = [c for c, _ in CATEGORIES] + ["other"]
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(recs)))
     for y, (label, pc, step) in enumerate(recs):
@@ -111,17 +116,26 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="also print the kernels of one tree step")
     ap.add_argument("--variants", default="tree_compiled", help="comma list of the timed variants")
+    ap.add_argument("--linears", default="",
+                    help="comma list of SPECEE_TREE_LINEARS values (plain, matmul, fused; default = unset) to run "
+                         "every variant (and --profile) under, in this one process; results keyed VARIANT@VALUE")
     args = ap.parse_args()
+    import os
+
+    from specee_compile.model_step import ROWS_LINEARS
+
+    linears = [v for v in args.linears.split(",") if v] or [os.environ.get("SPECEE_TREE_LINEARS", "")]
+    bad = sorted(set(linears) - {"", "default", *ROWS_LINEARS})
+    if bad:
+        print(f"--linears: unknown {bad}; expected a comma list of default, {', '.join(ROWS_LINEARS)}", file=sys.stderr)
+        return 2
 
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleDraft, EagleSource
-    from specee_compile.backends.cuda_step import replay_time
-    from specee_compile.ops import multi_row_kernel
-    from specee_compile.model_step import rows_fused
     from specee_compile.eval.gpu_bench import sharpen_draft, write_random_model
+    from specee_compile.model_step import rows_fused
     from specee_compile.models import load_model
-    from specee_compile.runtime.policies import trace_accepts
 
     dev = torch.device("cuda")
     args.dtype = args.dtype or ("float32" if args.shape == "smollm2" else "float16")
@@ -136,8 +150,7 @@ def main() -> int:
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-                 "rows_fused": list(rows_fused(dt)),  # the tree layers' fused ops (SPECEE_TREE_LINEARS)
-                 "shape": shape,
+                 "rows_fused": {}, "shape": shape,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
 
@@ -159,9 +172,41 @@ def main() -> int:
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     seg = dense.seg
     sharpen_draft(EagleSource(draft, k=4), seg, prompt, spread=4.0)  # a trained head's spread
-    for name, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
-        if name not in args.variants.split(","):
+    for lin in linears:
+        if lin in ("", "default"):
+            os.environ.pop("SPECEE_TREE_LINEARS", None)
+        else:
+            os.environ["SPECEE_TREE_LINEARS"] = lin
+        tag = f"@{lin}" if len(linears) > 1 else ""
+        out["rows_fused"][lin or "default"] = list(rows_fused(dt))  # the tree layers' fused ops under it
+        run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev)
+        if args.profile:
+            profile_step(tag, loaded, base, seg, draft, prompt, out)
+    R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
+    from specee_compile.plugins.triton_gemv import TUNED
+
+    out["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
+    print(json.dumps(R, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev) -> None:
+    """The timed variants (the fixed tree program with the draft compiled or eager) and their parts captured
+    alone (the draft's expansion, the verification), into R[VARIANT + tag]."""
+    from specee_compile.api import build_decoder
+    from specee_compile.backends.cuda_step import replay_time
+    from specee_compile.config import Settings
+    from specee_compile.draft.eagle import EagleSource
+    from specee_compile.ops import multi_row_kernel
+    from specee_compile.runtime.policies import trace_accepts
+
+    for variant, compiled_draft in (("tree_compiled", True), ("tree_eager_draft", False)):
+        if variant not in args.variants.split(","):
             continue
+        name = variant + tag
         t0 = time.time()
         dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
                             draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
@@ -177,15 +222,15 @@ def main() -> int:
         S = f.bucket(len(prompt) + 60)
         parts = {}
         with multi_row_kernel():  # as the program runs them (the rows kernels; cuBLAS outside it)
-            g = seg.capture(lambda: dec.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
-                            lambda: f.p.fill_(S - f.margin - 1))
+            g = seg.capture(lambda d=dec, f=f, S=S: d.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
+                            lambda f=f, S=S: f.p.fill_(S - f.margin - 1))
         parts["expand_us"] = round(replay_time(g, 50) * 1e6, 1)
         q = f.q
         h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
         pos = torch.arange(q, device=dev) + 100
         mask = torch.ones(q, S, dtype=torch.bool, device=dev)
 
-        def verify():
+        def verify(f=f, S=S, h0=h0, pos=pos, mask=mask):
             h = h0
             for i in range(seg.spec.num_layers):
                 h = f.layer(i, h, pos, S, pos, mask)
@@ -201,45 +246,45 @@ def main() -> int:
                    "setup_s": round(time.time() - t0, 1), **parts}
         print(name, R[name], flush=True)
         del dec
-    if args.profile:  # kernels of one fixed tree step, run eagerly (not replayed) under the profiler
-        from torch.profiler import ProfilerActivity, profile
 
-        dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
-                            draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
-        dec.generate(prompt)
-        f = dec.tree.fixed
-        S = f.bucket(len(prompt) + 60)
-        for _ in range(2):
+
+def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
+    """The kernels of one fixed tree step, run eagerly (not replayed) under the profiler: the table, and GPU us and
+    launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from specee_compile.api import build_decoder
+    from specee_compile.config import Settings
+    from specee_compile.draft.eagle import EagleSource
+    from specee_compile.runtime.policies import trace_accepts
+
+    dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
+                        draft=EagleSource(draft, k=4), accept=trace_accepts([3]))
+    dec.generate(prompt)
+    f = dec.tree.fixed
+    S = f.bucket(len(prompt) + 60)
+    for _ in range(2):
+        f.p.fill_(len(prompt) + 10)
+        f.body(S)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
             f.p.fill_(len(prompt) + 10)
             f.body(S)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                f.p.fill_(len(prompt) + 10)
-                f.body(S)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        print(table)
-        out["profile"] = table
-        kern = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
-        cats = kernel_categories(kern, steps=5)
-        busy = sum(c["us_per_step"] for c in cats.values())
-        print("| category | GPU us per tree step | launches per step |\n|---|---|---|")
-        for c, e in cats.items():
-            print(f"| {c} | {e['us_per_step']} | {e['launches_per_step']} |")
-        print(f"kernel time {busy:.1f} us per step (eager body under the profiler; the captured step's time is "
-              "step_us above, the difference is launch gaps)")
-        out["profile_categories"] = cats
-        seg.cache.reset()
-    R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
-    from specee_compile.plugins.triton_gemv import TUNED
-
-    out["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
-    print(json.dumps(R, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
-    return 0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    print(table)
+    out["profile" + tag] = table
+    kern = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+    cats = kernel_categories(kern, steps=5)
+    busy = sum(c["us_per_step"] for c in cats.values())
+    print(f"{tag or 'the tree step'}\n| category | GPU us per tree step | launches per step |\n|---|---|---|")
+    for c, e in cats.items():
+        print(f"| {c} | {e['us_per_step']} | {e['launches_per_step']} |")
+    print(f"kernel time {busy:.1f} us per step (eager body under the profiler; the captured step's time is "
+          "step_us above, the difference is launch gaps)")
+    out["profile_categories" + tag] = cats
+    seg.cache.reset()
 
 
 if __name__ == "__main__":

@@ -283,6 +283,14 @@ def test_tree_gpu_profile_sums_kernel_time_by_category(tmp_path):
         mod.plot_categories([str(path.parents[0] / "results" / "2026-12-04-nvidia-h200-s18-7b.json")],
                             str(tmp_path / "x.png"))
     assert e.value.code == 2 and not (tmp_path / "x.png").exists()
+    # a --linears A/B record: one bar per variant (profile_categories@VALUE)
+    import json
+
+    ab = {"commit": "abc1234", "results": {"tree_compiled@plain": {"step_us": 900.0}},
+          "profile_categories@plain": cats, "profile_categories@matmul": more}
+    (tmp_path / "ab.json").write_text(json.dumps(ab))
+    mod.plot_categories([str(tmp_path / "ab.json")], str(tmp_path / "ab.png"))
+    assert (tmp_path / "ab.png").stat().st_size > 10_000
 
 
 def test_an_optional_row_that_fails_is_recorded_and_the_others_timed():
