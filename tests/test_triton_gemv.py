@@ -79,11 +79,20 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) if compiled else torch.equal(a, b)
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul")])
-def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused):
+def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused, int8):
     """Tree verification's call (slots + an explicit mask) through the fused-op layer computes what the plain
-    layer does: every op fused, and the multi-row form (`rows_fused`: the matmuls as the op, norms plain)."""
+    layer does: every op fused, and the multi-row form (`rows_fused`: the matmuls as the op, norms plain, the
+    down projection with the residual); with float weights, and with int8 pairs as a quantized draft's layer."""
     from specee_compile.model_step import extract_weights
+    from specee_compile.ops import quantize_rows
+
+    def weights(i):
+        ln1, wqkv, bqkv, wo, ln2, wgu, wd = W.layers[i].as_tuple()
+        if not int8:
+            return ln1, wqkv, bqkv, wo, ln2, wgu, wd
+        return ln1, quantize_rows(wqkv), bqkv, quantize_rows(wo), ln2, quantize_rows(wgu), quantize_rows(wd)
 
     W = extract_weights(tiny_llama, 64)
     spec = step_spec(tiny_llama.config, 64)
@@ -102,8 +111,7 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused)
         x = h0
         with torch.no_grad():
             for i in range(L):
-                x = fn(x, pos, valid[i], W.cos, W.sin, kc[i], vc[i], 32, *W.layers[i].as_tuple(),
-                       slots=slots, mask=mask)
+                x = fn(x, pos, valid[i], W.cos, W.sin, kc[i], vc[i], 32, *weights(i), slots=slots, mask=mask)
         outs.append(x)
     assert torch.equal(*outs)
 
