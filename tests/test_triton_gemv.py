@@ -165,6 +165,21 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
 
 
+def test_one_row_tuner_times_wider_tiles_for_int8_weights():
+    """int8 weights (a quantized draft's one-row step) are also timed on CONFIGS_W8, whose tiles hold 16-32 KiB of
+    int8 (a CONFIGS tile holds half its fp16 bytes in int8: at most 16 KiB); float weights keep CONFIGS; the
+    whole-K list (the C++ runner's packages) keeps only unsplit configs."""
+    pytest.importorskip("triton")
+    from specee_compile.plugins import triton_gemv as T
+
+    assert T.gemv_candidates(False) == T.CONFIGS
+    assert T.gemv_candidates(True) == [*T.CONFIGS, *T.CONFIGS_W8] and not set(T.CONFIGS_W8) & set(T.CONFIGS)
+    assert all(c[2] == 1 for c in T.gemv_candidates(True, whole_k=True))
+    assert max(bn * bk for bn, bk, *_ in T.CONFIGS) == 16384  # int8 bytes of the widest CONFIGS tile
+    assert all(16384 <= bn * bk <= 32768 for bn, bk, *_ in T.CONFIGS_W8)
+    assert max(bn * bk for bn, bk, *_ in T.CONFIGS_W8) == max(bn * bk * 2 for bn, bk, *_ in T.CONFIGS)  # fp16's
+
+
 def test_rows_fused_per_dtype_and_its_override(monkeypatch):
     """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain by default;
     SPECEE_TREE_LINEARS picks another form for every dtype (A/B runs) and a bad value is refused in one line."""

@@ -88,6 +88,15 @@ CONFIGS = [
     (16, 512, 4, 4, 1),
     (8, 1024, 4, 8, 1),
 ]
+# int8 weights (a quantized draft) also try these: a tile of CONFIGS holds half the bytes in int8, so a program keeps
+# half as many in flight per iteration (H200, session 20: the int8 draft step streamed its 270 MB at ~1.8 TB/s
+# against the fp16 one's 539 MB at ~3.2); these hold as many bytes as the fp16 tiles that win there
+CONFIGS_W8 = [
+    (8, 2048, 1, 8, 1),
+    (8, 4096, 1, 16, 1),
+    (16, 1024, 2, 8, 1),
+    (16, 2048, 1, 16, 1),
+]
 
 # the rows kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N from 16 (more programs for N = 4096)
 ROW_CONFIGS = [
@@ -411,17 +420,24 @@ def pick_fastest(times: dict) -> tuple:
 
 
 def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
-    """The config for this call's shape (of all CONFIGS, or of the whole-K ones): `_tune`'s pick, cached per
-    shape; None inside a stream capture."""
+    """The config for this call's shape (of all CONFIGS, with CONFIGS_W8 for int8 weights, or of the whole-K
+    ones): `_tune`'s pick, cached per shape; None inside a stream capture."""
     w = args[1]
     key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k)  # int8: W8
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        cfg = _TUNE_CACHE[key] = _tune(w, lambda c, wi: _launch(args, kw, c, wi),
-                                       [c for c in CONFIGS if c[2] == 1] if whole_k else CONFIGS)
+        cands = gemv_candidates(kw["W8"], whole_k)
+        cfg = _TUNE_CACHE[key] = _tune(w, lambda c, wi: _launch(args, kw, c, wi), cands)
     return cfg
+
+
+def gemv_candidates(w8: bool, whole_k: bool = False) -> list:
+    """The one-row GEMV configs the tuner times: CONFIGS, and CONFIGS_W8 for int8 weights; only the whole-K ones
+    (SPLIT 1) with whole_k."""
+    cands = [*CONFIGS, *CONFIGS_W8] if w8 else list(CONFIGS)
+    return [c for c in cands if c[2] == 1] if whole_k else cands
 
 
 def _tune(w, launch, configs) -> tuple:
