@@ -47,6 +47,11 @@ def test_each_point_pays_its_share_of_the_gating():
                                                  gate_s=20 * US), rates)[0] == [2]
     assert select_exit_points([2], 8, StepCosts(layer_s=100 * US, fixed_s=150 * US, decision_s=5 * US,
                                                 gate_s=20 * US), rates)[0] == []
+    # remeasured for the kept point alone (its gate_s changes with the count): the gating added back is the one
+    # the net was charged (20 us: 145 us), weighed against the new fixed cost
+    again = StepCosts(layer_s=100 * US, fixed_s=144 * US, decision_s=5 * US, gate_s=2 * US)
+    wide = StepCosts(layer_s=100 * US, fixed_s=300 * US, decision_s=5 * US, gate_s=20 * US)
+    assert select_exit_points([2, 5], 8, wide, rates, remeasure=lambda kept: again)[0] == [2]
 
 
 def test_fixed_cost_above_all_savings_means_dense():

@@ -95,10 +95,11 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
         else:
             dropped[layer] = (f"saves {save * 1e6:.1f} us/{per} (exit rate {r:.3f} x {L - 1 - layer} layers), "
                               f"costs {cost * 1e6:.1f} us/{per}")
+    gross = net + len(kept) * costs.gate_s  # (net paid the kept points' gating, which fixed_s holds again)
     if kept and remeasure is not None and len(kept) < len(layers):
         costs = remeasure(kept)
-    if kept and net + len(kept) * costs.gate_s <= costs.fixed_s:  # (net already paid the kept points' gating)
-        reason = (f"all kept points together save {net * 1e6:.1f} us/{per} net, less than the exit program's "
+    if kept and gross <= costs.fixed_s:
+        reason = (f"all kept points together save {gross * 1e6:.1f} us/{per}, less than the exit program's "
                   f"fixed cost {costs.fixed_s * 1e6:.1f} us/{per} (draft, gating): decoding as dense")
         dropped.update({layer: reason for layer in kept})
         kept = []
