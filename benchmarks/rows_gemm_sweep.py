@@ -131,6 +131,15 @@ def main() -> int:
                     help="7b: Llama-2-7B widths in fp16; smollm2: SmolLM2-135M's in fp32")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
+    if args.out:  # before any GPU time: a result that cannot be written is found now, not after the sweep
+        from specee_compile.api import check_output_file
+        from specee_compile.errors import SpecEEError
+
+        try:
+            check_output_file(args.out, "--out")
+        except SpecEEError as e:
+            print(f"rows_gemm_sweep: {e}", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available():
         print("rows_gemm_sweep: a CUDA GPU is needed; run it on the device", file=sys.stderr)
         return 2
@@ -147,8 +156,10 @@ def main() -> int:
         out["shapes"].append(e)
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        from specee_compile.artifacts import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(json.dumps(out, indent=1))
     return 0
 
 

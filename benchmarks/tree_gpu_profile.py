@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -120,8 +121,6 @@ def main() -> int:
                     help="comma list of SPECEE_TREE_LINEARS values (plain, matmul, fused; default = unset) to run "
                          "every variant (and --profile) under, in this one process; results keyed VARIANT@VALUE")
     args = ap.parse_args()
-    import os
-
     from specee_compile.model_step import ROWS_LINEARS
 
     linears = [v for v in args.linears.split(",") if v] or [os.environ.get("SPECEE_TREE_LINEARS", "")]
@@ -129,6 +128,15 @@ def main() -> int:
     if bad:
         print(f"--linears: unknown {bad}; expected a comma list of default, {', '.join(ROWS_LINEARS)}", file=sys.stderr)
         return 2
+    if args.out:  # before any GPU time
+        from specee_compile.api import check_output_file
+        from specee_compile.errors import SpecEEError
+
+        try:
+            check_output_file(args.out, "--out")
+        except SpecEEError as e:
+            print(f"tree_gpu_profile: {e}", file=sys.stderr)
+            return 2
 
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
@@ -188,8 +196,10 @@ def main() -> int:
     out["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
     print(json.dumps(R, indent=1))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
+        from specee_compile.artifacts import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(json.dumps(out, indent=1))
     return 0
 
 
