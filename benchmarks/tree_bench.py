@@ -10,6 +10,8 @@ same segments and cache (`api.build_decoder(..., segments=)`), so their speeds c
     tree(fixed)  (with --fixed)   the same tree as the fixed program (runtime/tree.py FixedTree)
     tree(int8)   (with --int8)    the default tree with the draft's weights in int8 (--draft-quant int8), and
                                   tree(fixed,int8) with --fixed too
+    tree(D)      (with --draft-dtypes D,...) the default tree with its draft computing in D (--draft-dtype D), and
+                                  tree(fixed,D) with --fixed too
 
 Reported per configuration: decode tok/s (tokens after the first / decode time; the prefill is the
 same dense pass for all), ratio to dense, `accepted_per_step` (tokens per verify step, bonus included),
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed", action="store_true", help="also the default tree as the fixed program "
                     "(--tree-program fixed; `tree` is what auto picks on this device)")
     ap.add_argument("--int8", action="store_true", help="also the default tree with --draft-quant int8")
+    ap.add_argument("--draft-dtypes", default="", help="comma list (float16, bfloat16): also the default tree with its "
+                    "draft computing in each (--draft-dtype), and tree(fixed,DTYPE) with --fixed too")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--artifacts", help="artifact dir with the draft (+ predictors); default: shipped")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<date>-tree-<device>.json)")
@@ -113,6 +117,10 @@ def main(argv=None) -> int:
         configs["tree(int8)"] = tree0.replace(draft_quant="int8")
         if args.fixed:
             configs["tree(fixed,int8)"] = tree0.replace(tree_program="fixed", draft_quant="int8")
+    for dt in [v for v in args.draft_dtypes.split(",") if v]:  # each decoder casts its own draft, loaded afresh
+        configs[f"tree({dt})"] = tree0.replace(draft_dtype=dt)
+        if args.fixed:
+            configs[f"tree(fixed,{dt})"] = tree0.replace(tree_program="fixed", draft_dtype=dt)
 
     seg = None
     decoders = {}
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "tree": {name: {"budget": decoders[name].tree.budget, "depth": decoders[name].tree.depth,
                         "topk": decoders[name].tree.topk, "lookup": s.tree_lookup_on(),
-                        "lookup_first": s.tree_lookup_first_n(), "draft_quant": s.draft_quant}
+                        "lookup_first": s.tree_lookup_first_n(), "draft_quant": s.draft_quant,
+                        "draft_dtype": s.draft_dtype}
                  for name, s in configs.items() if s.speculate == "tree"},
         "gemm": getattr(decoders["dense"].seg, "gemm", None),
         "wall_s": time.time() - t_all,

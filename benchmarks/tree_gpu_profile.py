@@ -9,12 +9,14 @@ JSON to --out.
 
     python benchmarks/tree_gpu_profile.py --out $OUT/tree_profile.json
     python benchmarks/tree_gpu_profile.py --linears plain,matmul --profile   # same-process A/B of the tree's matmuls
+    python benchmarks/tree_gpu_profile.py --draft-dtypes auto,float16        # the draft in the model's dtype and fp16
     python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -120,8 +122,18 @@ def main() -> int:
     ap.add_argument("--linears", default="",
                     help="comma list of SPECEE_TREE_LINEARS values (plain, matmul, fused; default = unset) to run "
                          "every variant (and --profile) under, in this one process; results keyed VARIANT@VALUE")
+    ap.add_argument("--draft-dtypes", default="",
+                    help="comma list of Settings.draft_dtype values (auto, float16, bfloat16) to run every variant "
+                         "(and --profile) with, each on its own copy of the draft; results keyed VARIANT%%VALUE")
     args = ap.parse_args()
+    from specee_compile.config import DRAFT_DTYPES
     from specee_compile.model_step import ROWS_LINEARS
+
+    draft_dtypes = [v for v in args.draft_dtypes.split(",") if v] or ["auto"]
+    if sorted(set(draft_dtypes) - set(DRAFT_DTYPES)):
+        print(f"--draft-dtypes: unknown {sorted(set(draft_dtypes) - set(DRAFT_DTYPES))}; expected a comma list of "
+              f"{', '.join(DRAFT_DTYPES)}", file=sys.stderr)
+        return 2
 
     linears = [v for v in args.linears.split(",") if v] or [os.environ.get("SPECEE_TREE_LINEARS", "")]
     bad = sorted(set(linears) - {"", "default", *ROWS_LINEARS})
@@ -185,11 +197,14 @@ def main() -> int:
             os.environ.pop("SPECEE_TREE_LINEARS", None)
         else:
             os.environ["SPECEE_TREE_LINEARS"] = lin
-        tag = f"@{lin}" if len(linears) > 1 else ""
         out["rows_fused"][lin or "default"] = list(rows_fused(dt))  # the tree layers' fused ops under it
-        run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev)
-        if args.profile:
-            profile_step(tag, loaded, base, seg, draft, prompt, out)
+        for ddt in draft_dtypes:  # a cast changes the draft in place (EagleDraft.cast): each dtype casts a copy
+            tag = (f"@{lin}" if len(linears) > 1 else "") + (f"%{ddt}" if len(draft_dtypes) > 1 else "")
+            d = draft if ddt == "auto" else copy.deepcopy(draft)
+            tb = {**base, "draft_dtype": ddt}
+            run_variants(args, tag, loaded, tb, seg, d, prompt, tok_s, R, dt, dev)
+            if args.profile:
+                profile_step(tag, loaded, tb, seg, d, prompt, out)
     R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
     from specee_compile.plugins.triton_gemv import TUNED
 

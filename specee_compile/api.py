@@ -180,7 +180,7 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
-    quantize_draft(draft, settings)
+    prepare_draft(draft, settings)
     eagle = _eagle_head(draft)
     if eagle is not None and getattr(segments, "gemm", "default") in ("onednn", "mkl"):
         eagle.use_cpu_gemm(segments.gemm)  # the draft's host path in the target's CPU matmul library
@@ -197,19 +197,29 @@ def _eagle_head(draft):
     return eagle if isinstance(eagle, EagleDraft) else None
 
 
-def quantize_draft(draft, settings: Settings) -> None:
-    """settings.draft_quant on the EAGLE draft head behind `draft` (`EagleDraft.quantize`), before any source
-    binds its weights. A draft given in memory that is already quantized must be asked for as such."""
+def prepare_draft(draft, settings: Settings) -> None:
+    """settings.draft_dtype (`EagleDraft.cast`), then settings.draft_quant (`EagleDraft.quantize`), on the EAGLE
+    draft head behind `draft`; the host source then re-allocates its buffers in the draft's dtype (the device
+    sources are built after this). A draft given in memory that is already quantized must be asked for as such."""
     eagle = _eagle_head(draft)
     if eagle is None:
-        if settings.draft_quant != "none":
-            raise SpecEEError(f"--draft-quant {settings.draft_quant} quantizes an EAGLE draft head; this "
-                               f"decoder's candidates come from {type(draft).__name__}: drop --draft-quant")
+        for flag, v, off in (("--draft-quant", settings.draft_quant, "none"), ("--draft-dtype", settings.draft_dtype,
+                                                                               "auto")):
+            if v != off:
+                raise SpecEEError(f"{flag} {v} changes an EAGLE draft head; this decoder's candidates come from "
+                                   f"{type(draft).__name__}: drop {flag}")
         return
     if eagle.quant != settings.draft_quant and settings.draft_quant == "none":
         raise SpecEEError(f"this draft is already {eagle.quant}: pass draft_quant={eagle.quant!r}, or a draft loaded "
                            "afresh")
+    if settings.draft_dtype != "auto":
+        import torch
+
+        eagle.cast(getattr(torch, settings.draft_dtype))
     eagle.quantize(settings.draft_quant)
+    src = getattr(draft, "inner", draft)  # NgramAssist wraps the source it assists
+    if src._dt != eagle.dtype:
+        src.retype()
 
 
 def _device_draft(draft, segments, settings: Settings):

@@ -12,6 +12,7 @@ import time
 
 from .config import (
     BACKENDS,
+    DRAFT_DTYPES,
     DRAFT_QUANTS,
     DRAFT_SOURCES,
     FIELD_BOUNDS,
@@ -33,7 +34,7 @@ def _settings_from(args, **over) -> Settings:
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_context", "device", "dtype", "backend",
                  "specee", "mode", "kv_policy", "threshold", "draft_source", "max_pending", "artifacts",
                  "speculate", "tree_budget", "tree_depth", "tree_topk", "tree_program", "tree_lookup",
-                 "tree_lookup_first", "tree_guard", "draft_quant"):
+                 "tree_lookup_first", "tree_guard", "draft_quant", "draft_dtype"):
         if hasattr(args, name) and getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "no_chat_template", False):
@@ -64,6 +65,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quant", choices=DRAFT_QUANTS, default=None,
                    help="the EAGLE draft's weights: int8 (a scale per row) halves the bytes the CUDA kernels stream "
                         "per draft pass; only candidates can change, never the output's guarantees (default: none)")
+    p.add_argument("--draft-dtype", choices=DRAFT_DTYPES, default=None,
+                   help="what the EAGLE draft computes in: float16 / bfloat16 run an fp32 model's draft in 16 bits; "
+                        "only candidates can change, never the output's guarantees (default: auto, the model's)")
     p.add_argument("--max-pending", type=int, default=8)
     p.add_argument("--speculate", choices=SPECULATE, default="none",
                    help="tree: EAGLE-2 draft tree verified in one forward (needs a draft head; output = dense greedy)")

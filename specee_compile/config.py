@@ -14,6 +14,7 @@ KV_POLICIES = tuple(_KV_POLICIES)
 BACKENDS = backend_names()  # the one backend registry (backends/registry.py)
 DRAFT_SOURCES = ("eagle", "ngram", "shallow")
 DRAFT_QUANTS = ("none", "int8")  # the EAGLE draft's matmul weights (draft/eagle.py EagleDraft.quantize)
+DRAFT_DTYPES = ("auto", "float16", "bfloat16", "float32")  # what the EAGLE draft computes in (EagleDraft.cast)
 SPECULATE = ("none", "tree")  # tree: EAGLE-2 draft tree verified in one forward (runtime/tree.py)
 TREE_PROGRAMS = ("auto", "fixed", "host")  # how a tree step runs (runtime/tree.py)
 TREE_GUARD_STEPS = 8  # verify steps the tree guard waits for before it judges the tree (runtime/tree.py)
@@ -84,6 +85,10 @@ class Settings:
     draft_quant: str = "none"
     """The EAGLE draft's matmul weights: none = as trained; int8 = one int8 per weight with a scale per output
     row, which the CUDA kernels stream at half the bytes (the draft's cost per token and per tree level).
+    Only the candidates can change: the output is still the target's (lossless stays identical to dense)."""
+    draft_dtype: str = "auto"
+    """What the EAGLE draft computes in: auto = the target's dtype; float16 / bfloat16 run an fp32 target's draft
+    in 16 bits (tensor-core matmuls, half the bytes per draft pass and tree level; the rotary stays as built).
     Only the candidates can change: the output is still the target's (lossless stays identical to dense)."""
     max_pending: int = 8
     """backfill: at most this many exited tokens wait for K/V; one more forces a full-depth step."""
@@ -171,16 +176,18 @@ class Settings:
         if self.draft_source is not None:
             check("draft_source", DRAFT_SOURCES)
         check("draft_quant", DRAFT_QUANTS)
+        check("draft_dtype", DRAFT_DTYPES)
         if self.device_kind == "cpu":  # the CPU matmul library's pin, checked before any model is loaded
             from .backends.cpu_gemm import setting
 
             setting()
-        if self.draft_quant != "none" and not (self.specee or self.speculate == "tree"):
-            raise SpecEEError(f"--draft-quant {self.draft_quant} quantizes the draft, which runs only with --specee "
-                              "or --speculate tree: add one, or drop --draft-quant")
-        if self.draft_quant != "none" and get_backend(self.backend).kind == "artifact":
-            raise SpecEEError(f"--draft-quant {self.draft_quant}: the {self.backend} backend runs an exported "
-                              "directory's draft as exported; use --backend eager or inductor, or drop --draft-quant")
+        for flag, v, off in (("--draft-quant", self.draft_quant, "none"), ("--draft-dtype", self.draft_dtype, "auto")):
+            if v != off and not (self.specee or self.speculate == "tree"):
+                raise SpecEEError(f"{flag} {v} changes the draft, which runs only with --specee or --speculate tree: "
+                                  f"add one, or drop {flag}")
+            if v != off and get_backend(self.backend).kind == "artifact":
+                raise SpecEEError(f"{flag} {v}: the {self.backend} backend runs an exported directory's draft as "
+                                  f"exported; use --backend eager or inductor, or drop {flag}")
         needs_kv = EXIT_POLICIES[self.mode].needs_kv
         if needs_kv is not None and self.kv_policy != needs_kv:
             raise SpecEEError(
@@ -257,6 +264,7 @@ _FIELD_RULES: dict[str, tuple] = {
     "dtype": ("str",),
     "draft_source": ("str?",),
     "draft_quant": ("str",),
+    "draft_dtype": ("str",),
     "artifacts": ("path?",),
 }
 

@@ -127,7 +127,7 @@ def test_lossless_specee_with_an_int8_draft_equals_dense():
     """Lossless SpecEE, on single tokens and on the tree, with the candidates of an int8 draft: dense greedy."""
     from test_tree import always_exit_program, dense, tree_dec
 
-    from specee_compile.api import quantize_draft
+    from specee_compile.api import prepare_draft
     from specee_compile.backends import make_segments
     from specee_compile.draft.tree import EagleTreeSource
     from specee_compile.runtime.decoder import Decoder
@@ -137,7 +137,7 @@ def test_lossless_specee_with_an_int8_draft_equals_dense():
     src = EagleSource(_fresh(model), k=4)
     lossless = {"specee": True, "mode": "lossless", "kv_policy": "backfill", "min_exit_layer": 2}
     s = Settings(max_new_tokens=30, draft_quant="int8", exit_cost_check=False, **lossless)
-    quantize_draft(src, s)
+    prepare_draft(src, s)
     prog = always_exit_program(6, 4)
     res = Decoder(make_segments(model, s, prog), s, program=prog, draft=src).generate(PROMPT)
     assert res.token_ids == ref.token_ids and res.draft_quant == "int8"
@@ -159,4 +159,4 @@ def test_settings_and_cli_refuse_a_draft_quant_that_would_do_nothing(capsys, tin
         Settings(draft_quant="int8", specee=True, backend="onnx")
     rc = main(["generate", str(tiny_model_dir), "hi", "--draft-quant", "int8"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--draft-quant int8 quantizes the draft" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "--draft-quant int8 changes the draft" in err and len(err.strip().splitlines()) == 1

@@ -256,6 +256,24 @@ class EagleDraft(nn.Module):
         return self._fused_layers
 
     @torch.no_grad()
+    def cast(self, dtype: torch.dtype) -> None:
+        """Compute in `dtype` from now on (`Settings.draft_dtype`): the fc, the layers and the draft's copies of the
+        base model's embeddings and head rows are cast (the base model is untouched); the rotary embedding stays as
+        built, so its angles keep their precision. Before `quantize`, and before a source binds the buffers (a
+        source built earlier re-allocates them: `EagleSource.retype`)."""
+        if dtype == self.dtype:
+            return
+        if self.quant != "none":
+            raise SpecEEError(f"cast a draft before quantizing it; this one is already {self.quant}")
+        self._fused_layers = None  # the fused q/k/v and gate/up weights are fused again, in the new dtype
+        self.fc.to(dtype=dtype)
+        self.layers.to(dtype=dtype)
+        for name in ("embed_weight", "head_weight", "head_rows"):
+            setattr(self, name, getattr(self, name).to(dtype))
+        if self._gemm is not None:  # no oneDNN copies of the old weights (`use_cpu_gemm`)
+            self.use_cpu_gemm("onednn")
+
+    @torch.no_grad()
     def quantize(self, kind: str) -> None:
         """`--draft-quant`: "int8" rounds every matmul weight of the draft (fc, each layer's q/k/v/o/gate/up/down,
         the static vocabulary's head rows) to int8 with one scale per output row (`ops.quantize_rows`), in
@@ -316,10 +334,12 @@ class EagleDraft(nn.Module):
     def use_cpu_gemm(self, library: str) -> None:
         """Run the draft's inference matmuls (its linears and head rows) in `library`, the CPU matmul library the
         target's eager backend chose (`backends/cpu_gemm.py`): "onednn" over copies of the weights kept current
-        as they change (quantization, a new vocabulary), "mkl" = F.linear. Training is unaffected."""
+        as they change (quantization, a new vocabulary), "mkl" = F.linear. Training is unaffected. The choice was
+        timed in float32: a draft cast to 16 bits (`cast`) keeps F.linear (oneDNN's fp16 path needs CPU features
+        many hosts lack)."""
         from ..backends.cpu_gemm import OneDnnWeights
 
-        self._gemm = OneDnnWeights() if library == "onednn" else None
+        self._gemm = OneDnnWeights() if library == "onednn" and self.dtype == torch.float32 else None
         for m in self.modules():
             if isinstance(m, _Linear):
                 m.gemm = self._gemm
@@ -541,6 +561,14 @@ class EagleSource(CandidateSource):
         for new, old in zip(self._k + self._v, ks + vs):
             new[:, :, : old.shape[2]] = old
         self._cap = cap
+
+    def retype(self) -> None:
+        """Re-allocate the buffers in the draft's dtype, after `EagleDraft.cast`; before the first sequence."""
+        self._dt = self.draft.dtype
+        self._cap = 0
+        self._reset_buffers(64)
+        self._extra_rows = torch.zeros(64, self.draft.hidden_size, dtype=self._dt, device=self._dev)
+        self._clear_extra()
 
     # ---- context vocabulary
     def _clear_extra(self) -> None:

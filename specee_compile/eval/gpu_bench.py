@@ -25,8 +25,9 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                             merged mapping); `tree35_specee232_vs_tree35`; tree35_specee232_q8 with the int8 draft
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back; with
-              the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree) and tree_paper
-              (approximate on the tree: the fixed program's exits on CUDA; agreement with dense reported).
+              the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree), tree_paper
+              (approximate on the tree: the fixed program's exits on CUDA; agreement with dense reported)
+              and tree_draft16 (the tree with its draft computing in fp16: --draft-dtype float16).
   HF eager    `generate` of the same 7B model, dynamic cache.
   yardstick   (--yardstick PATH) the plain compiled decoder, in its own process, first.
 
@@ -516,8 +517,9 @@ def replay_fidelity(tree, trace: list[int]) -> dict:
 
 
 # besides dense (--smollm2-configs); tree = the tree alone (the t3 issue's measure, guard off), tree_guarded = the
-# product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard)
-SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee", "tree_paper")
+# product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard), tree_draft16
+# = the tree with its draft computing in fp16 (--draft-dtype float16; the fp32 target verifies)
+SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee", "tree_paper", "tree_draft16")
 
 
 def bench_smollm2(args, res: dict, dev) -> None:
@@ -541,7 +543,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
     if "tree" not in args.skip:
         configs.update(tree=dict(speculate="tree", tree_guard=False), tree_guarded=dict(speculate="tree"),
                        tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"),
-                       tree_paper=dict(speculate="tree", specee=True, mode="approximate", kv_policy="skip"))
+                       tree_paper=dict(speculate="tree", specee=True, mode="approximate", kv_policy="skip"),
+                       tree_draft16=dict(speculate="tree", tree_guard=False, draft_dtype="float16"))
     wanted = getattr(args, "smollm2_configs", None)
     if wanted:  # (names checked in main, before any work)
         keep = {"dense", *wanted.split(",")}
@@ -708,7 +711,8 @@ def plot_record(res: dict, path: str) -> str | None:
             ("SmolLM2-135M", "smollm2_dense_tok_s", (("smollm2_paper", "paper"), ("smollm2_lossless", "lossless"),
                                                      ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
                                                      ("smollm2_tree_specee", "tree+SpecEE"),
-                                                     ("smollm2_tree_paper", "tree+SpecEE, paper")),
+                                                     ("smollm2_tree_paper", "tree+SpecEE, paper"),
+                                                     ("smollm2_tree_draft16", "tree, fp16 draft")),
              "tok_s")):
         if dense_key not in R_:
             continue

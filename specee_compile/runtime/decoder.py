@@ -71,6 +71,7 @@ class GenerationResult:
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
     draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
+    draft_dtype: str | None = None  # what the EAGLE draft computes in ("float32", "float16", ...; None: no EAGLE draft)
     gemm: dict | None = None  # the CPU matmul library the eager backend timed and chose (backends/cpu_gemm.py)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -133,8 +134,14 @@ class GenerationResult:
             "avg_tree_nodes": self.tree_nodes / self.verify_steps if self.verify_steps else None,
             "tree_guard": self.tree_guard,
             "draft_quant": self.draft_quant,
+            "draft_dtype": self.draft_dtype,
             "gemm": self.gemm,
         }
+
+
+def _dtype_name(dtype) -> str | None:
+    """"float16" for torch.float16; None for None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def check_prompt(prompt_ids: list[int], max_new_tokens: int, max_len: int, remedy: str) -> None:
@@ -246,6 +253,7 @@ class Decoder:
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
                                compile_s=compile_s, exit_program=self.selection, tree_guard=guard,
                                draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None),
+                               draft_dtype=_dtype_name(getattr(getattr(self.draft, "draft", None), "dtype", None)),
                                gemm=({"choice": seg.gemm, **(seg.gemm_probe or {})}
                                      if getattr(seg, "gemm_probe", None) is not None else None))
         self.seq: list[int] = list(prompt_ids)
