@@ -169,8 +169,10 @@ def main() -> int:
         loaded = load_model(d, dtype=dt, device="cuda")
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
+    from specee_compile.plugins import pdl
+
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-                 "rows_fused": {}, "shape": shape,
+                 "rows_fused": {}, "shape": shape, "pdl": pdl.mode(),
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
 

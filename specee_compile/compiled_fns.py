@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from .plugins import pdl
+
 RECOMPILE_LIMIT = 64  # compiles of one code object per process (Dynamo's default: 8)
 
 
@@ -46,7 +48,8 @@ class CompiledFns:
             if f is None:
                 allow_recompiles()
                 f = self.fns[name] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                                   options={"coordinate_descent_tuning": tune})
+                                                   options={"coordinate_descent_tuning": tune,
+                                                            **pdl.inductor_options()})
             if keys is not None:
                 torch._dynamo.maybe_mark_dynamic(keys, 0)
             try:

@@ -181,6 +181,10 @@ class Settings:
             from .backends.cpu_gemm import setting
 
             setting()
+        if self.device_kind == "cuda":  # SPECEE_PDL (plugins/pdl.py), checked before any model is loaded
+            from .plugins import pdl
+
+            pdl.mode()
         for flag, v, off in (("--draft-quant", self.draft_quant, "none"), ("--draft-dtype", self.draft_dtype, "auto")):
             if v != off and not (self.specee or self.speculate == "tree"):
                 raise SpecEEError(f"{flag} {v} changes the draft, which runs only with --specee or --speculate tree: "

@@ -52,6 +52,7 @@ import torch
 
 from ..config import Settings
 from ..errors import SpecEEError
+from ..plugins import pdl
 from ..program import SpecEEProgram
 from .base import Segments
 
@@ -85,7 +86,7 @@ class InductorSegments(Segments):
             )
         # GPU: M=1 matmuls as Inductor's coordinate-descent-tuned Triton reductions (+12% over its
         # default cuBLAS calls on the H100, benchmarks/GPU_NOTES.md)
-        self._config = {"coordinate_descent_tuning": True} if on_cuda else {}
+        self._config = {"coordinate_descent_tuning": True, **pdl.inductor_options()} if on_cuda else {}
         self._compiles: dict[str, int] = {}
         self._compile_s: dict[str, float] = {}
         seg = self.segmented

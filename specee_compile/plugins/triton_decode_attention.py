@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 BLOCK_S = 64  # keys per block: a [64, hd] K tile and V tile per step
 MAX_SPLITS = 16  # a power of two (the merge reads all split slots as one vector)
@@ -89,13 +89,17 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr,
         S, sm_scale, stride_kh, stride_ks, stride_vh, stride_vs,
         HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
-        MAX_SPLITS: tl.constexpr,
+        MAX_SPLITS: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (plugins/pdl.py)
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         nsp = tl.num_programs(1)
         _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, tl.program_id(1), S, BLOCKS_PER_SPLIT,
                     sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS,
                     BLOCKS_PER_SPLIT)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == nsp - 1:  # last split of head h: merge
             _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)
@@ -172,6 +176,7 @@ def triton_decode_attention(q, k, v, valid, pos):
         q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, pos, o, ws, cnt,
         S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=per, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
+        **pdl.kernel_args(q.device),
     )
     return o
 

@@ -65,7 +65,7 @@ import os
 import torch
 
 from ..errors import SettingError
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 PROLOGUE_NAMES = {v: k for k, v in PROLOGUES.items()}
@@ -151,8 +151,12 @@ if HAVE_TRITON:
         N, eps, K: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
-        # W8: w is int8 and s_ptr its fp32 scale per row (else s_ptr is never read)
+        # W8: w is int8 and s_ptr its fp32 scale per row (else s_ptr is never read); PDL: launched with
+        # programmatic dependent launch (plugins/pdl.py: wait first, let the next kernel launch after the loop)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         pid = tl.program_id(0)
@@ -177,6 +181,8 @@ if HAVE_TRITON:
                 a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
             wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc += wt.to(tl.float32) * a[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         ss = tl.sum(sq, axis=0)
         last = True
@@ -240,10 +246,12 @@ if HAVE_TRITON:
         x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr,
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W8: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W8: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # M rows (<= MP, a power of two >= 16) of x [M, XS] against W [N, K]; program pid owns the output
-        # features pid * BLOCK_N ..
+        # features pid * BLOCK_N ..; PDL as the one-row kernel's
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = cols < N
@@ -266,6 +274,8 @@ if HAVE_TRITON:
                 acc = tl.dot(a.to(DT), tl.trans(wt.to(DT)), acc)
             else:
                 acc = tl.dot(a.to(wt.dtype), tl.trans(wt), acc)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = acc
         if W8:
             y = y * tl.load(s_ptr + cols, mask=cm, other=1.0)[None, :]
@@ -280,6 +290,7 @@ if HAVE_TRITON:
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr, PREC: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # The rows kernel turned around: the weight tile is the dot's left operand
         # (acc [BLOCK_N, MP] = W_tile . x_tile^T), so BLOCK_N >= 64 output features fill a Hopper warpgroup MMA
@@ -288,7 +299,9 @@ if HAVE_TRITON:
         # [N, MP]; the split that arrives last (a counter per feature block) reads the total, leaves the
         # workspace zeroed, and stores. fp32 (PREC "tf32x3" or "ieee"): each K block's dot summed apart, then
         # added, as the old kernel's IEEE dot (a short product chain per block; `fma`, since Triton folds
-        # `acc + dot` back into one chain).
+        # `acc + dot` back into one chain). PDL as the one-row kernel's.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         pid = tl.program_id(0)
@@ -310,6 +323,8 @@ if HAVE_TRITON:
                 acc = tl.dot(wt.to(DT), tl.trans(a), acc)
             else:
                 acc = tl.fma(tl.dot(wt.to(DT), tl.trans(a), input_precision=PREC), 1.0, acc)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = acc
         om = cm[:, None] & rm[None, :]
         wsp = ws_ptr + cols[:, None] * MP + r[None, :]
@@ -395,7 +410,8 @@ def _launch(args, kw, cfg, w=None):
     if w is not None:
         args = (args[0], w, *args[2:])
     return _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
-                                                          num_warps=nwarps, num_stages=ns)
+                                                          num_warps=nwarps, num_stages=ns,
+                                                          **pdl.kernel_args(args[0].device))
 
 
 # (N, K, PRO, HAS_RES, dtype, device, whole_k) -> `_tune`'s pick; ("rows", row block, N, K, ...) -> the rows
@@ -532,10 +548,11 @@ def _rows_launch(args, kw, cfg, w=None) -> None:
         kt = {k: v for k, v in kw.items() if k != "IEEE"}
         _rows_t_kernel[(triton.cdiv(N, bn), sp)](*args[:6], ws, cnt, *args[6:], **kt, BLOCK_N=bn, BLOCK_K=bk,
                                                   SPLIT=sp, PREC=prec[0] if prec else "", num_warps=nwarps,
-                                                  num_stages=ns)
+                                                  num_stages=ns, **pdl.kernel_args(args[0].device))
         return
     bn, bk, nwarps, ns = cfg
-    _rows_kernel[(triton.cdiv(N, bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns)
+    _rows_kernel[(triton.cdiv(N, bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns,
+                                        **pdl.kernel_args(args[0].device))
 
 
 def _rows_workspace(device, n: int, mp: int):

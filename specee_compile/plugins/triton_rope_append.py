@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 if HAVE_TRITON:
 
@@ -33,8 +33,10 @@ if HAVE_TRITON:
     def _rope_append_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, valid_ptr, q_out_ptr,
         stride_kh, stride_ks, stride_vh, stride_vs, rows, stride_pos, stride_slot,
-        H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+        H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (plugins/pdl.py)
+            tl.extra.cuda.gdc_wait()
         j = tl.program_id(0)
         r = tl.program_id(1)
         REP: tl.constexpr = H // HKV
@@ -57,21 +59,24 @@ if HAVE_TRITON:
         src = row + (H + j) * HD
         x = tl.load(src + d).to(tl.float32)
         xp = tl.load(src + partner).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(k_ptr + j * stride_kh + slot * stride_ks + d, (x * c + sign * xp * s).to(DT))
         tl.store(v_ptr + j * stride_vh + slot * stride_vs + d, tl.load(row + (H + HKV + j) * HD + d))
         if j == 0:
             tl.store(valid_ptr + slot, tl.full([], 1, valid_ptr.dtype.element_ty))
 
 
-def _launch(qkv, cos, sin, pos, slots, k_cache, v_cache, valid, launcher) -> torch.Tensor:
-    """q [H, rows, hd] of the kernel over qkv [1, rows, (H + 2 Hkv) hd] (contiguous), writing k, v at `slots`."""
+def _launch(qkv, cos, sin, pos, slots, k_cache, v_cache, valid, launcher, **pdl_kw) -> torch.Tensor:
+    """q [H, rows, hd] of the kernel over qkv [1, rows, (H + 2 Hkv) hd] (contiguous), writing k, v at `slots`;
+    pdl_kw: `pdl.kernel_args` (the Python op's launches only)."""
     Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
     H, rows = qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1]
     q = torch.empty(H, rows, hd, dtype=qkv.dtype, device=qkv.device)
     launcher[(Hkv, rows)](
         qkv, cos, sin, pos, slots, k_cache, v_cache, valid, q,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), rows, pos.stride(0), slots.stride(0),
-        H=H, HKV=Hkv, HD=hd, num_warps=1,
+        H=H, HKV=Hkv, HD=hd, num_warps=1, **pdl_kw,
     )
     return q
 
@@ -93,7 +98,8 @@ def triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     if not usable:
         return rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid, slots).contiguous()
     return _launch(qkv, cos, sin, pos, pos if slots is None else slots, k_cache, v_cache,
-                   valid.view(torch.uint8) if valid.dtype == torch.bool else valid, _rope_append_kernel)
+                   valid.view(torch.uint8) if valid.dtype == torch.bool else valid, _rope_append_kernel,
+                   **pdl.kernel_args(qkv.device))
 
 
 def _aoti_rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,

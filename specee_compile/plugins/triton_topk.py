@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 MAX_K = 16
 MAX_N = 32768  # the row in registers: 32K fp32 over 8 warps is 128 values per thread
@@ -33,11 +33,15 @@ CHUNK = 512  # longer rows are split into chunks of this many columns (one warp 
 if HAVE_TRITON:
 
     @triton.jit
-    def _topk_kernel(x_ptr, v_ptr, i_ptr, N, stride, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _topk_kernel(x_ptr, v_ptr, i_ptr, N, stride, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # programmatic dependent launch (plugins/pdl.py)
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         live = offs < N
         x = tl.load(x_ptr + r.to(tl.int64) * stride + offs, mask=live, other=float("-inf")).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         for j in tl.static_range(K):
             m = tl.max(tl.where(live, x, float("-inf")), axis=0)
             # a NaN row matches nothing: the clamp keeps its index inside the row
@@ -48,12 +52,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _topk_chunks_kernel(x_ptr, v_ptr, i_ptr, wv_ptr, wi_ptr, cnt_ptr, N, stride,
-                            K: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, MERGE: tl.constexpr):
+                            K: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, MERGE: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0)
         c = tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
         live = offs < N
         x = tl.load(x_ptr + r.to(tl.int64) * stride + offs, mask=live, other=float("-inf")).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         cand = (r * NCH + c) * K
         for j in tl.static_range(K):  # this chunk's top k; a spent chunk emits column N (no column)
             m = tl.max(tl.where(live, x, float("-inf")), axis=0)
@@ -106,10 +115,11 @@ def triton_topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         nch = triton.cdiv(n, CHUNK)
         wv, wi, cnt = _workspace(x.device, rows.shape[0], nch, k)
         _topk_chunks_kernel[(rows.shape[0], nch)](rows, v, i, wv, wi, cnt, n, rows.stride(0), K=k, CHUNK=CHUNK,
-                                                  NCH=nch, MERGE=triton.next_power_of_2(nch * k), num_warps=1)
+                                                  NCH=nch, MERGE=triton.next_power_of_2(nch * k), num_warps=1,
+                                                  **pdl.kernel_args(x.device))
     elif rows.shape[0]:
         _topk_kernel[(rows.shape[0],)](rows, v, i, n, rows.stride(0), K=k, BLOCK=block,
-                                       num_warps=8 if block >= 4096 else 4)
+                                       num_warps=8 if block >= 4096 else 4, **pdl.kernel_args(x.device))
     return v.view(*x.shape[:-1], k), i.view(*x.shape[:-1], k)
 
 

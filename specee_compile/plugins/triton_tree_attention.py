@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 BLOCK_S = 64  # keys per block (the untuned config: CPU, the interpreter, a first call inside a capture)
 MAX_SPLITS = 8  # splits of S per (head, row block)
@@ -52,8 +52,10 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, valid_ptr, mask_ptr, o_ptr, ws_ptr, cnt_ptr,
         R, S, sm_scale, stride_qh, stride_qr, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, stride_ms,
         HD: tl.constexpr, REP: tl.constexpr, BR: tl.constexpr, BLOCK_S: tl.constexpr, PER: tl.constexpr,
-        NSP: tl.constexpr, IEEE: tl.constexpr,
+        NSP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (plugins/pdl.py)
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         rb = tl.program_id(1)
         sp = tl.program_id(2)
@@ -92,6 +94,8 @@ if HAVE_TRITON:
                 pv = tl.dot(p.to(vt.dtype), vt)
             acc = acc * alpha[:, None] + pv
             m = m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out_rows = o_ptr + (r[:, None] * tl.num_programs(0) + h) * HD + d[None, :]  # rows-major [R, H, HD]
         if NSP == 1:
             tl.store(out_rows, (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=live_r[:, None])
@@ -176,7 +180,7 @@ def _launch(cfg, q, k, v, valid, mask) -> torch.Tensor:
         rows, S, 1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         mask.stride(0), mask.stride(1),
         HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **pdl.kernel_args(q.device),
     )
     return o
 

@@ -74,6 +74,7 @@ from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn, rows_fused
+from ..plugins import pdl
 from .contract import StepPlan
 from .tree_exits import TreeExits, tree_exit_scores
 
@@ -264,7 +265,7 @@ class TreeStep:
         fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
-            fn = torch.compile(fn, fullgraph=True, dynamic=None)
+            fn = torch.compile(fn, fullgraph=True, dynamic=None, options=pdl.inductor_options() or None)
         w, c = seg.weights, seg.cache
 
         def tree_layer(i, h, pos, S, slots, mask):

@@ -1,0 +1,58 @@
+"""Programmatic dependent launch (PDL, sm_90 and newer) for the plugin kernels, and optionally Inductor's: opt-in
+with SPECEE_PDL, for A/B runs on a GPU.
+
+Why: a decode step at SmolLM2's widths is bound by its launches (the H200's tree step: ~600 kernels of 2-6 us,
+benchmarks/GPU_NOTES.md session 22), and every kernel boundary of a captured graph idles while the next kernel
+launches and sets up. With PDL a kernel may be scheduled while the one before it in the stream still runs.
+
+The contract every plugin kernel keeps when launched with it (`kernel_args`):
+  - `gdc_wait()` first, before it reads or writes any global memory: it returns once the kernel before it has
+    completed and its writes are visible;
+  - `gdc_launch_dependents()` only after that wait, once its loads are issued (after its main loop), so the next
+    kernel may be scheduled during its tail, and waits in turn.
+So when a kernel passes its wait, every kernel before it in the stream has completed, launched with PDL or not (a
+launch without it is serialized as usual). Both instructions are no-ops where PDL is off.
+
+SPECEE_PDL:
+  unset / 0   off (the default: unmeasured on a GPU yet);
+  ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k);
+  all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), whose waits
+              Inductor places from its own dependency analysis.
+Stream capture records the launches as programmatic edges of the CUDA graph. The AOTInductor twins (`specee_aoti`
+ops) never use it: their package launches every kernel plainly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import SettingError
+
+MODES = ("0", "ops", "all")
+
+
+def mode() -> str:
+    v = os.environ.get("SPECEE_PDL", "0") or "0"
+    if v not in MODES:
+        raise SettingError(f"SPECEE_PDL={v!r}: expected one of {', '.join(MODES)}; unset it for 0 (off)")
+    return v
+
+
+def _capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def kernel_args(device: torch.device) -> dict:
+    """The launch keywords of a plugin kernel on `device`: the kernel's PDL constexpr and Triton's launch_pdl
+    option, both True where SPECEE_PDL is on and the device has PDL; {} otherwise (the kernel's default: off)."""
+    if mode() == "0" or not _capable(device):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+def inductor_options() -> dict:
+    """Inductor config patches: PDL in its own kernels where SPECEE_PDL=all (Inductor generates it only for CUDA
+    devices of sm_90 and newer, so the patch is harmless elsewhere)."""
+    return {"triton.enable_pdl": True} if mode() == "all" else {}
