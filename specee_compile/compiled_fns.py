@@ -14,8 +14,6 @@ import sys
 
 import torch
 
-from .plugins import pdl
-
 RECOMPILE_LIMIT = 64  # compiles of one code object per process (Dynamo's default: 8)
 
 
@@ -46,6 +44,8 @@ class CompiledFns:
         if self.enabled and self.error is None:
             f = self.fns.get(name)
             if f is None:
+                from .plugins import pdl
+
                 allow_recompiles()
                 f = self.fns[name] = torch.compile(fn, fullgraph=True, dynamic=False,
                                                    options={"coordinate_descent_tuning": tune,

@@ -147,16 +147,20 @@ def test_lossless_specee_with_an_int8_draft_equals_dense():
     assert tree.token_ids == ref.token_ids
 
 
-def test_settings_and_cli_refuse_a_draft_quant_that_would_do_nothing(capsys, tiny_model_dir):
+@pytest.mark.parametrize("field,value,choices", [("draft_quant", "int8", "none, int8"),
+                                                  ("draft_dtype", "float16", "auto, float16")])
+def test_settings_and_cli_refuse_a_draft_setting_that_would_do_nothing(capsys, tiny_model_dir, field, value, choices):
+    """--draft-quant and --draft-dtype (tests/test_draft_dtype.py) change the draft: refused where none runs."""
     from specee_compile.cli import main
 
+    flag = "--" + field.replace("_", "-")
     capsys.readouterr()  # the model directory fixture's progress bar
-    with pytest.raises(SpecEEError, match="draft_quant='int4' is not one of none, int8"):
-        Settings(draft_quant="int4", specee=True)
+    with pytest.raises(SpecEEError, match=f"{field}='int4' is not one of {choices}"):
+        Settings(**{field: "int4"}, specee=True)
     with pytest.raises(SpecEEError, match="runs only with --specee or --speculate tree"):
-        Settings(draft_quant="int8")
+        Settings(**{field: value})
     with pytest.raises(SpecEEError, match="runs an exported directory's draft as exported"):
-        Settings(draft_quant="int8", specee=True, backend="onnx")
-    rc = main(["generate", str(tiny_model_dir), "hi", "--draft-quant", "int8"])
+        Settings(**{field: value}, specee=True, backend="onnx")
+    rc = main(["generate", str(tiny_model_dir), "hi", flag, value])
     err = capsys.readouterr().err
-    assert rc == 2 and "--draft-quant int8 changes the draft" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and f"{flag} {value} changes the draft" in err and len(err.strip().splitlines()) == 1

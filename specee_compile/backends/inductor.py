@@ -52,7 +52,6 @@ import torch
 
 from ..config import Settings
 from ..errors import SpecEEError
-from ..plugins import pdl
 from ..program import SpecEEProgram
 from .base import Segments
 
@@ -86,7 +85,11 @@ class InductorSegments(Segments):
             )
         # GPU: M=1 matmuls as Inductor's coordinate-descent-tuned Triton reductions (+12% over its
         # default cuBLAS calls on the H100, benchmarks/GPU_NOTES.md)
-        self._config = {"coordinate_descent_tuning": True, **pdl.inductor_options()} if on_cuda else {}
+        self._config = {}
+        if on_cuda:
+            from ..plugins import pdl
+
+            self._config = {"coordinate_descent_tuning": True, **pdl.inductor_options()}
         self._compiles: dict[str, int] = {}
         self._compile_s: dict[str, float] = {}
         seg = self.segmented

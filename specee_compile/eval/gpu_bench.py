@@ -52,7 +52,6 @@ import time
 import torch
 
 from ..artifacts import free_suffix, write_file_atomic
-from ..plugins import pdl
 
 LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -636,6 +635,12 @@ def bench_out_dir(args) -> str:
     return args.out or os.environ.get("OUT") or "benchmarks/results"
 
 
+def _pdl_mode() -> str:
+    from ..plugins import pdl
+
+    return pdl.mode()
+
+
 def run_bench(args) -> dict:
     dev = torch.device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
@@ -648,7 +653,7 @@ def run_bench(args) -> dict:
         "model_shape": {**shape, "weights": "random, std 0.02"},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
-        "pdl": pdl.mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
+        "pdl": _pdl_mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
         "results": {}, "checks": {}, "notes": [],
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)

@@ -18,12 +18,14 @@ SPECEE_PDL:
   ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k);
   all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), whose waits
               Inductor places from its own dependency analysis.
-Stream capture records the launches as programmatic edges of the CUDA graph. The AOTInductor twins (`specee_aoti`
-ops) never use it: their package launches every kernel plainly.
+Stream capture should record such launches as programmatic edges of the CUDA graph; whether the bodies of the exits'
+conditional nodes take them is for the first GPU run to show. The AOTInductor twins (`specee_aoti` ops) never use
+it: their package launches every kernel plainly.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -40,6 +42,7 @@ def mode() -> str:
     return v
 
 
+@functools.cache
 def _capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -74,7 +74,6 @@ from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
 from ..model_step import make_layer_fn, rows_fused
-from ..plugins import pdl
 from .contract import StepPlan
 from .tree_exits import TreeExits, tree_exit_scores
 
@@ -264,6 +263,8 @@ class TreeStep:
         # it as a view.
         fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor":
+            from ..plugins import pdl
+
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
             fn = torch.compile(fn, fullgraph=True, dynamic=None, options=pdl.inductor_options() or None)
         w, c = seg.weights, seg.cache
