@@ -11,7 +11,7 @@ from test_draft import draft, tiny_model  # noqa: F401  # fixtures
 from test_draft_quant import PROMPT, _fresh
 
 from specee_compile.config import Settings
-from specee_compile.draft.eagle import EagleSource
+from specee_compile.draft.eagle import DeviceEagleSource, EagleSource
 from specee_compile.errors import SpecEEError
 
 
@@ -83,6 +83,25 @@ def test_lossless_specee_and_an_int8_draft_in_16_bits_equal_dense():
     res = Decoder(make_segments(model, s, prog), s, program=prog, draft=src).generate(PROMPT)
     assert res.token_ids == ref.token_ids and res.avg_layers < 6
     assert res.draft_dtype == "bfloat16" and res.draft_quant == "int8"
+
+
+def test_a_device_source_built_before_the_cast_proposes_as_one_built_after(tiny_model):  # noqa: F811
+    """`retype` on the device source (its buffers, bound weights and rotary tables follow the cast): the same
+    proposals, context vocabulary included, as a device source built on the cast draft."""
+    from test_device_draft import _steps
+
+    from specee_compile.api import prepare_draft
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 256, (40,), generator=g).tolist()
+    hid = torch.randn(40, 64, generator=g)
+    d = _fresh(tiny_model, torch.arange(128), scale=0.2)
+    early = DeviceEagleSource(d, k=4, max_len=64, fused_ops=False)
+    prepare_draft(early, Settings(speculate="tree", draft_dtype="bfloat16"))
+    assert early._dt == early._k[0].dtype == early._extra_rows.dtype == early._cos.dtype == torch.bfloat16
+    assert early._lw[0][1].dtype == torch.bfloat16  # wqkv
+    want = _steps(DeviceEagleSource(d, k=4, max_len=64, fused_ops=False), ids, hid, 8, 24, device_path="ahead")
+    assert _steps(early, ids, hid, 8, 24, device_path="ahead") == want
 
 
 def test_a_cast_after_quantizing_is_refused(tiny_model):  # noqa: F811

@@ -748,6 +748,12 @@ class DeviceEagleSource(EagleSource):
     def from_source(cls, src: EagleSource, max_len: int, compile: bool = False) -> DeviceEagleSource:
         return cls(src.draft, k=src.k, context_vocab=src.context_vocab, max_len=max_len, compile=compile)
 
+    def retype(self) -> None:
+        """`EagleSource.retype`, and the device step's bound weights, rotary tables and extra rows with it."""
+        super().retype()
+        self._extra_rows = torch.zeros(self.max_extra, self.draft.hidden_size, dtype=self._dt, device=self._dev)
+        self._bind_layer_fn(self.draft)
+
     # ---- static buffers: allocated once at full context, never moved (a graph holds their addresses)
     def _reset_buffers(self, cap: int) -> None:
         if getattr(self, "_cap", 0) >= self.max_len:
