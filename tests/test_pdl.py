@@ -87,22 +87,32 @@ def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(
         pytest.skip("this triton has no NVIDIA backend")
     _, kernel, sig, consts = next(k for k in _kernels() if k[0] == name)
 
-    def compile_(on: bool):
-        c = {**consts, "PDL": on}
+    def compile_(on: bool, **more):
+        c = {**consts, "PDL": on, **more}
         src = ASTSource(kernel, {**sig, **{k: "constexpr" for k in c}}, c, {})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "num_stages": 2, "launch_pdl": on})
 
     on, off = compile_(True), compile_(False)
-    ptx = on.asm["ptx"]
-    body = ptx[ptx.index(".entry"):]
+    body = _body(on)
     wait = body.index("griddepcontrol.wait")
-    first_access = min(m.start() for m in re.finditer(r"\b(ld|st|atom|red|cp\.async)\.(global|shared::cluster)",
-                                                       body))
-    assert wait < first_access, f"{name}: a global access before the wait"
+    assert wait < _first(body, r"(ld|st|atom|red|cp\.async)\.global"), f"{name}: a global access before the wait"
     assert wait < body.index("griddepcontrol.launch_dependents")
     assert on.metadata.launch_pdl and not off.metadata.launch_pdl
     assert "griddepcontrol" not in off.asm["ptx"]
+    if "EARLY_W" in kernel.arg_names:  # as launched with PDL: the first weight tile's loads come before the wait
+        early = _body(compile_(True, EARLY_W=True))
+        wait = early.index("griddepcontrol.wait")
+        assert _first(early, r"ld\.global") < wait < _first(early, r"(st|atom|red)\.global")
+
+
+def _body(kernel) -> str:
+    ptx = kernel.asm["ptx"]
+    return ptx[ptx.index(".entry"):]
+
+
+def _first(body: str, pattern: str) -> int:
+    return min(m.start() for m in re.finditer(r"\b" + pattern, body))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -131,3 +141,50 @@ def test_a_bad_setting_is_one_line_before_any_work(monkeypatch, capsys, tiny_mod
     rc = main(["generate", str(tiny_model_dir), "hi", "--device", "cuda"])
     err = capsys.readouterr().err
     assert rc == 2 and "SPECEE_PDL='yes': expected one of 0, ops, all" in err and len(err.strip().splitlines()) == 1
+
+
+_INTERP_EARLY = """
+import torch, triton
+from specee_compile.plugins.triton_gemv import PROLOGUES, _gemv_kernel, _rows_t_kernel, _rows_workspace, _workspace
+from specee_compile.plugins.triton_gemv import rows_args
+torch.manual_seed(0)
+for pro in ("none", "rmsnorm", "silu_mul"):
+    n, k = 40, 96
+    kin = 2 * k if pro == "silu_mul" else k
+    for dt in (torch.float16, torch.float32):
+        w = (torch.randn(n, k) * 0.1).to(dt)
+        nw = (1 + 0.1 * torch.randn(k)).to(dt)
+        r = torch.randn(1, 1, n).to(dt)
+        x = (torch.randn(1, 1, kin) * 2).to(dt)
+        for bn, bk, sp in ((16, 32, 1), (8, 16, 3)):  # several K blocks; split-K
+            ys = []
+            for early in (False, True):
+                y = torch.full((1, 1, n), float("nan"), dtype=dt)
+                _gemv_kernel[(triton.cdiv(n, bn), sp)](x, w, w, r, nw, y, *_workspace(torch.device("cpu"), n), n,
+                                                       1e-5, K=k, PRO=PROLOGUES[pro], HAS_RES=True, BLOCK_N=bn,
+                                                       BLOCK_K=bk, SPLIT=sp, W8=False, EARLY_W=early)
+                ys.append(y)
+            assert torch.equal(ys[0], ys[1]) and not ys[0].isnan().any(), ("gemv", pro, dt, bn, bk, sp)
+        xr = (torch.randn(1, 5, kin) * 2).to(dt)
+        for bn, bk, sp in ((16, 32, 1), (16, 16, 2)):
+            ys = []
+            for early in (False, True):
+                y, args, kw = rows_args(xr, w, None, nw, 1e-5, PROLOGUES[pro])
+                kw.pop("IEEE")
+                ws, cnt = _rows_workspace(xr.device, n, kw["MP"])
+                _rows_t_kernel[(triton.cdiv(n, bn), sp)](*args[:6], ws, cnt, *args[6:], **kw, BLOCK_N=bn, BLOCK_K=bk,
+                                                          SPLIT=sp, PREC="ieee" if dt == torch.float32 else "",
+                                                          EARLY_W=early)
+                ys.append(y)
+            assert torch.equal(ys[0], ys[1]) and not ys[0].isnan().any(), ("rows_t", pro, dt, bn, bk, sp)
+print("INTERP_OK")
+"""
+
+
+def test_the_first_weight_tile_early_sums_the_same_blocks_in_the_same_order():
+    """EARLY_W (what PDL launches run: the first K block's weight tile before the wait) gives the same bits as the
+    loop alone, in the Triton interpreter: the one-row kernel and the turned rows kernel, every prologue, fp16 and
+    fp32, several K blocks, whole-K and split-K."""
+    from conftest import run_in_triton_interpreter
+
+    run_in_triton_interpreter(_INTERP_EARLY)

@@ -146,19 +146,39 @@ if HAVE_TRITON:
         return x.to(DT, fp_downcast_rounding="rtne").to(tl.float32)
 
     @triton.jit
+    def _gemv_block(acc, sq, wt, x_ptr, nw_ptr, offs, km, K: tl.constexpr, PRO: tl.constexpr, DT: tl.constexpr):
+        # one K block of the one-row kernel: the activation tile (its prologue applied) times the weight tile wt
+        if PRO == 0:
+            a = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
+        elif PRO == 1:  # RMSNorm in one pass: norm_w * x now, the 1/rms scalar after the sum
+            xv = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
+            sq += xv * xv
+            a = xv * tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
+        else:  # SiLU(gate) * up, rounded as the eager ops round
+            g = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + offs, mask=km, other=0.0).to(tl.float32)
+            a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
+        acc += wt.to(tl.float32) * a[None, :]
+        return acc, sq
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, ss_ptr, cnt_ptr,
         N, eps, K: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False,
     ):
-        # W8: w is int8 and s_ptr its fp32 scale per row (else s_ptr is never read); PDL: launched with
-        # programmatic dependent launch (plugins/pdl.py: wait first, let the next kernel launch after the loop)
-        if PDL:
+        # W8: w is int8 and s_ptr its fp32 scale per row (else s_ptr is never read). PDL: launched with
+        # programmatic dependent launch (plugins/pdl.py): wait for the kernel before, let the next one launch after
+        # the loop. EARLY_W: the first K block's weight tile is loaded before anything else (before that wait, with
+        # PDL: the weights are never written by a step's kernels, so they stream in while the kernel before
+        # finishes); the blocks are summed in the same order either way.
+        if PDL and not EARLY_W:
             tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
+        K0: tl.constexpr = BLOCK_K if EARLY_W else 0  # where the loop starts
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -166,21 +186,18 @@ if HAVE_TRITON:
         k_lo = tl.program_id(1) * KS
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, KS, BLOCK_K):
+        if EARLY_W:
+            offs = k_lo + tl.arange(0, BLOCK_K)
+            km = offs < K
+            wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            acc, sq = _gemv_block(acc, sq, wt, x_ptr, nw_ptr, offs, km, K, PRO, DT)
+        for k0 in range(K0, KS, BLOCK_K):
             offs = k_lo + k0 + tl.arange(0, BLOCK_K)
             km = offs < K
-            if PRO == 0:
-                a = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
-            elif PRO == 1:  # RMSNorm in one pass: norm_w * x now, the 1/rms scalar after the sum
-                xv = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
-                sq += xv * xv
-                a = xv * tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
-            else:  # SiLU(gate) * up, rounded as the eager ops round
-                g = tl.load(x_ptr + offs, mask=km, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + K + offs, mask=km, other=0.0).to(tl.float32)
-                a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
             wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            acc += wt.to(tl.float32) * a[None, :]
+            acc, sq = _gemv_block(acc, sq, wt, x_ptr, nw_ptr, offs, km, K, PRO, DT)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
@@ -285,12 +302,21 @@ if HAVE_TRITON:
         tl.store(y_ptr + r[:, None] * N + cols[None, :], y.to(DT), mask=om)
 
     @triton.jit
+    def _rows_t_dot(acc, wt, a, DT: tl.constexpr, PREC: tl.constexpr):
+        # one K block of the turned kernel: acc + W_tile . a^T (fp32: the block's dot summed apart, then added)
+        if PREC == "":
+            acc = tl.dot(wt.to(DT), tl.trans(a), acc)
+        else:
+            acc = tl.fma(tl.dot(wt.to(DT), tl.trans(a), input_precision=PREC), 1.0, acc)
+        return acc
+
+    @triton.jit
     def _rows_t_kernel(
         x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, eps, K: tl.constexpr, XS: tl.constexpr,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, W8: tl.constexpr, PREC: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False,
     ):
         # The rows kernel turned around: the weight tile is the dot's left operand
         # (acc [BLOCK_N, MP] = W_tile . x_tile^T), so BLOCK_N >= 64 output features fill a Hopper warpgroup MMA
@@ -299,30 +325,36 @@ if HAVE_TRITON:
         # [N, MP]; the split that arrives last (a counter per feature block) reads the total, leaves the
         # workspace zeroed, and stores. fp32 (PREC "tf32x3" or "ieee"): each K block's dot summed apart, then
         # added, as the old kernel's IEEE dot (a short product chain per block; `fma`, since Triton folds
-        # `acc + dot` back into one chain). PDL as the one-row kernel's.
-        if PDL:
+        # `acc + dot` back into one chain). PDL and EARLY_W as the one-row kernel's.
+        if PDL and not EARLY_W:
             tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
+        K0: tl.constexpr = BLOCK_K if EARLY_W else 0  # where the loop starts
         pid = tl.program_id(0)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = cols < N
         r = tl.arange(0, MP)
         rm = r < M
         xrow = x_ptr + r.to(tl.int64)[:, None] * XS
-        rstd = _rows_stats(xrow, rm, eps, K, PRO, MP, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
         wrow = w_ptr + cols.to(tl.int64)[:, None] * K
         k_lo = tl.program_id(1) * KS
-        for k0 in range(0, KS, BLOCK_K):
+        if EARLY_W:  # the first block's weight tile before the rows' statistics (and, with PDL, before the wait)
+            offs0 = k_lo + tl.arange(0, BLOCK_K)
+            km0 = offs0 < K
+            wt0 = tl.load(wrow + offs0[None, :], mask=cm[:, None] & km0[None, :], other=0.0)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+        rstd = _rows_stats(xrow, rm, eps, K, PRO, MP, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+        if EARLY_W:
+            acc = _rows_t_dot(acc, wt0, _rows_act(xrow, nw_ptr, offs0, rm, km0, rstd, K, PRO, DT).to(DT), DT, PREC)
+        for k0 in range(K0, KS, BLOCK_K):
             offs = k_lo + k0 + tl.arange(0, BLOCK_K)
             km = offs < K
             a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT).to(DT)
             wt = tl.load(wrow + offs[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-            if PREC == "":
-                acc = tl.dot(wt.to(DT), tl.trans(a), acc)
-            else:
-                acc = tl.fma(tl.dot(wt.to(DT), tl.trans(a), input_precision=PREC), 1.0, acc)
+            acc = _rows_t_dot(acc, wt, a, DT, PREC)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         y = acc
@@ -411,7 +443,7 @@ def _launch(args, kw, cfg, w=None):
         args = (args[0], w, *args[2:])
     return _gemv_kernel[(triton.cdiv(args[-2], bn), sp)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp,
                                                           num_warps=nwarps, num_stages=ns,
-                                                          **pdl.kernel_args(args[0].device))
+                                                          **_pdl_early(args[0].device))
 
 
 # (N, K, PRO, HAS_RES, dtype, device, whole_k) -> `_tune`'s pick; ("rows", row block, N, K, ...) -> the rows
@@ -548,11 +580,17 @@ def _rows_launch(args, kw, cfg, w=None) -> None:
         kt = {k: v for k, v in kw.items() if k != "IEEE"}
         _rows_t_kernel[(triton.cdiv(N, bn), sp)](*args[:6], ws, cnt, *args[6:], **kt, BLOCK_N=bn, BLOCK_K=bk,
                                                   SPLIT=sp, PREC=prec[0] if prec else "", num_warps=nwarps,
-                                                  num_stages=ns, **pdl.kernel_args(args[0].device))
+                                                  num_stages=ns, **_pdl_early(args[0].device))
         return
     bn, bk, nwarps, ns = cfg
     _rows_kernel[(triton.cdiv(N, bn),)](*args, **kw, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps, num_stages=ns,
                                         **pdl.kernel_args(args[0].device))
+
+
+def _pdl_early(device) -> dict:
+    """`pdl.kernel_args`, with the first weight tile loaded before the wait (EARLY_W) where PDL is on."""
+    kw = pdl.kernel_args(device)
+    return {**kw, "EARLY_W": True} if kw else kw
 
 
 def _rows_workspace(device, n: int, mp: int):
