@@ -12,6 +12,9 @@ The contract every plugin kernel keeps when launched with it (`kernel_args`):
     kernel may be scheduled during its tail, and waits in turn.
 So when a kernel passes its wait, every kernel before it in the stream has completed, launched with PDL or not (a
 launch without it is serialized as usual). Both instructions are no-ops where PDL is off.
+One exception, by design: the one-row GEMV and the turned rows kernel load their first weight tile before the wait
+(`EARLY_W`), so the weights stream in during the previous kernel's tail. Weights are written only while a decoder
+is built (cast, quantization, a new vocabulary) by plain ATen kernels, which never let a dependent start early.
 
 SPECEE_PDL:
   unset / 0   off (the default: unmeasured on a GPU yet);
