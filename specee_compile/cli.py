@@ -26,7 +26,7 @@ from .config import (
     Settings,
     range_problem,
 )
-from .errors import SpecEEError
+from .errors import ArgParser, SpecEEError
 
 
 def _settings_from(args, **over) -> Settings:
@@ -345,7 +345,7 @@ _FORCE_HELP = ("write into an -o directory that holds other files (they are kept
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="specee-compile", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="specee-compile", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the model zoo").set_defaults(fn=cmd_models)

@@ -3,6 +3,8 @@
 The CLI prints `SpecEEError`s as one line on stderr and exits non-zero, with no traceback.
 """
 
+import argparse
+
 
 class SpecEEError(Exception):
     """A problem with the user's input or environment, explained for the user."""
@@ -39,3 +41,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad choice, a missing argument, an unknown flag) are one line on stderr,
+    with where the help is, and exit code 2; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")

@@ -412,3 +412,18 @@ def test_onnx_backend_on_a_model_says_export(tiny, capsys):
     rc, _, err = cli(capsys, "generate", model_dir, "hi", "--backend", "onnx")
     one_line_error(rc, err, f"specee-compile export {model_dir}")
     assert "train" not in err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["generate", "m", "p", "--draft-dtype", "float64"], "argument --draft-dtype: invalid choice: 'float64'"),
+    (["generate"], "the following arguments are required: model, prompt"),
+    (["bogus"], "argument command: invalid choice: 'bogus'"),
+    (["export", "m", "-o", "d", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_usage_errors_are_one_line_with_where_the_help_is(capsys, argv, says):
+    """argparse's own errors (bad choice, missing argument, unknown command or flag) as every other bad input: one
+    line, exit code 2, no usage dump."""
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and says in err and "--help`" in err and len(err.strip().splitlines()) == 1

@@ -766,7 +766,9 @@ def print_table(res: dict) -> None:
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="specee-compile bench", description=__doc__.split("\n")[0])
+    from ..errors import ArgParser
+
+    p = p or ArgParser(prog="specee-compile bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="small model shapes (a CPU dry run of the whole bench)")
     p.add_argument("--prompt-len", type=int, default=64)
