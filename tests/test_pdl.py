@@ -28,6 +28,14 @@ def test_setting_is_checked_and_off_by_default(monkeypatch):
         pdl.mode()
 
 
+def test_stats_say_whether_pdl_was_on(monkeypatch):
+    from conftest import make_tiny_llama
+    from test_tree import PROMPT, dense
+
+    monkeypatch.setenv("SPECEE_PDL", "all")
+    assert dense(make_tiny_llama(), PROMPT, 4).stats()["pdl"] is None  # off CUDA: no PDL whatever the setting
+
+
 def _kernels():
     """(name, kernel, signature, constexprs) of every kernel the plugin ops launch with PDL."""
     from specee_compile.plugins.triton_decode_attention import _decode_attn_kernel
@@ -128,6 +136,7 @@ def test_cuda_greedy_tree_and_dense_with_pdl_equal_dense_without(monkeypatch, mo
     monkeypatch.setenv("SPECEE_PDL", mode)
     got = dense(model, PROMPT * 3, 40, device="cuda", backend="inductor")
     assert got.token_ids == ref.token_ids
+    assert got.stats()["pdl"] == mode and ref.stats()["pdl"] == "0"
     out = _fixed_vs_host(model, device="cuda", backend="inductor", lookup=True, prompt=PROMPT * 3, tree_budget=12,
                          tree_depth=4, tree_topk=4)
     assert out["fixed"][0].token_ids == ref.token_ids and out["fixed"][0].verify_steps > 0

@@ -73,6 +73,7 @@ class GenerationResult:
     draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
     draft_dtype: str | None = None  # what the EAGLE draft computes in ("float32", "float16", ...; None: no EAGLE draft)
     gemm: dict | None = None  # the CPU matmul library the eager backend timed and chose (backends/cpu_gemm.py)
+    pdl: str | None = None  # SPECEE_PDL on CUDA (plugins/pdl.py: programmatic dependent launch); None off CUDA
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -136,7 +137,14 @@ class GenerationResult:
             "draft_quant": self.draft_quant,
             "draft_dtype": self.draft_dtype,
             "gemm": self.gemm,
+            "pdl": self.pdl,
         }
+
+
+def _pdl_mode() -> str:
+    from ..plugins import pdl
+
+    return pdl.mode()
 
 
 def _dtype_name(dtype) -> str | None:
@@ -255,7 +263,8 @@ class Decoder:
                                draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None),
                                draft_dtype=_dtype_name(getattr(getattr(self.draft, "draft", None), "dtype", None)),
                                gemm=({"choice": seg.gemm, **(seg.gemm_probe or {})}
-                                     if getattr(seg, "gemm_probe", None) is not None else None))
+                                     if getattr(seg, "gemm_probe", None) is not None else None),
+                               pdl=_pdl_mode() if seg.device.type == "cuda" else None)
         self.seq: list[int] = list(prompt_ids)
         self.pending: list[_Row] = []
         self.res = res
