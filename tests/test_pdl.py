@@ -39,6 +39,7 @@ def test_stats_say_whether_pdl_was_on(monkeypatch):
 def _kernels():
     """(name, kernel, signature, constexprs) of every kernel the plugin ops launch with PDL."""
     from specee_compile.plugins.triton_decode_attention import _decode_attn_kernel
+    from specee_compile.plugins.triton_exit_score import _exit_score_kernel
     from specee_compile.plugins.triton_gemv import _gemv_kernel, _rows_kernel, _rows_t_kernel
     from specee_compile.plugins.triton_rope_append import _rope_append_kernel
     from specee_compile.plugins.triton_topk import _topk_chunks_kernel, _topk_kernel
@@ -74,6 +75,12 @@ def _kernels():
           **{n: "i32" for n in ("stride_kh", "stride_ks", "stride_vh", "stride_vs", "rows", "stride_pos",
                                 "stride_slot")}},
          {"H": 9, "HKV": 3, "HD": 64}),
+        ("exit_score", _exit_score_kernel,
+         {"h_ptr": h, "nw_ptr": h, "rows_ptr": h, "pprev_ptr": "*fp32", "w1_ptr": "*fp32", "b1_ptr": "*fp32",
+          "w2_ptr": "*fp32", "b2_ptr": "*fp32", "score_ptr": "*fp32", "z_ptr": "*fp32", "p_ptr": "*fp32",
+          "ctrl_ptr": "*u8", "hexit_ptr": h, "eps": "fp32", "threshold": "fp32", "layer": "i32"},
+         {"D": 576, "HM": 512, "ALIVE_OFF": 0, "FORCED_OFF": 1, "EXIT_OFF": 2, "K": 4, "KP": 4, "BLOCK_D": 512,
+          "BLOCK_H": 128, "ROUND_X": True, "ROUND_HN": True, "HN_BF16": False, "MODE": 1, "GATE_OFF": 3}),
         ("topk", _topk_kernel, {"x_ptr": h, "v_ptr": h, "i_ptr": "*i64", "N": "i32", "stride": "i32"},
          {"K": 8, "BLOCK": 512}),
         ("topk_chunks", _topk_chunks_kernel,
@@ -84,7 +91,7 @@ def _kernels():
 
 
 @pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "tree_attention", "decode_attention", "rope_append",
-                                  "topk", "topk_chunks"])
+                                  "exit_score", "topk", "topk_chunks"])
 def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(name):
     triton = pytest.importorskip("triton")
     from triton.backends import backends

@@ -18,7 +18,8 @@ is built (cast, quantization, a new vocabulary) by plain ATen kernels, which nev
 
 SPECEE_PDL:
   unset / 0   off (the default: unmeasured on a GPU yet);
-  ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k);
+  ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k, the
+              exit score);
   all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), whose waits
               Inductor places from its own dependency analysis.
 Stream capture should record such launches as programmatic edges of the CUDA graph; whether the bodies of the exits'

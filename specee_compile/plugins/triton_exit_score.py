@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from . import HAVE_TRITON, register_kernel, tl, triton
+from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 BLOCK_D = 512  # D-chunk per loop iteration (4 warps x 32 lanes x 4 elements)
 BLOCK_H = 128  # predictor hidden units per loop iteration
@@ -48,8 +48,10 @@ if HAVE_TRITON:
         K: tl.constexpr, KP: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
         ROUND_X: tl.constexpr, ROUND_HN: tl.constexpr, HN_BF16: tl.constexpr,
-        MODE: tl.constexpr, GATE_OFF: tl.constexpr,
+        MODE: tl.constexpr, GATE_OFF: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (plugins/pdl.py): the wait before the gate's and every other read
+            tl.extra.cuda.gdc_wait()
         if GATE_OFF >= 0:  # predicated: a no-op unless ctrl[alive] and ctrl[GATE_OFF] (this layer active)
             go = (tl.load(ctrl_ptr + ALIVE_OFF, volatile=True) != 0) & (tl.load(ctrl_ptr + GATE_OFF, volatile=True) != 0)
             if not go:
@@ -112,6 +114,8 @@ if HAVE_TRITON:
             sacc += tl.where(hmask, hid * tl.load(w2_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32), 0.0)
         s = tl.sum(sacc, axis=0) + tl.load(b2_ptr).to(tl.float32)
         score = 1.0 / (1.0 + tl.exp(-s))
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
         tl.debug_barrier()  # p_prev may alias p_ptr (decide mode): every lane has read it by now
         tl.store(score_ptr, score)
@@ -174,7 +178,7 @@ def _launch(h, norm_w, rows, p_prev, w1, b1, w2, b2, eps, score, z, p, ctrl, hex
         ALIVE_OFF=offs[0], FORCED_OFF=offs[1], EXIT_OFF=offs[2],
         K=k, KP=kp, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H,
         ROUND_X=round_x, ROUND_HN=round_hn, HN_BF16=hn_bf16, MODE=mode, GATE_OFF=gate_off,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **pdl.kernel_args(h.device),
     )
 
 
