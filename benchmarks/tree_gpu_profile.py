@@ -10,6 +10,7 @@ JSON to --out.
     python benchmarks/tree_gpu_profile.py --out $OUT/tree_profile.json
     python benchmarks/tree_gpu_profile.py --linears plain,matmul --profile   # same-process A/B of the tree's matmuls
     python benchmarks/tree_gpu_profile.py --draft-dtypes auto,float16        # the draft in the model's dtype and fp16
+    python benchmarks/tree_gpu_profile.py --pdl 0,all                        # programmatic dependent launch off / on
     python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
 """
 
@@ -125,9 +126,19 @@ def main() -> int:
     ap.add_argument("--draft-dtypes", default="",
                     help="comma list of Settings.draft_dtype values (auto, float16, bfloat16) to run every variant "
                          "(and --profile) with, each on its own copy of the draft; results keyed VARIANT%%VALUE")
+    ap.add_argument("--pdl", default="",
+                    help="comma list of SPECEE_PDL values (0, ops, all) to run dense and every variant under, each "
+                         "with its own compiled segments; results keyed KEY#pdl=VALUE (default: the environment's)")
     args = ap.parse_args()
     from specee_compile.config import DRAFT_DTYPES
     from specee_compile.model_step import ROWS_LINEARS
+    from specee_compile.plugins import pdl
+
+    pdls = [v for v in args.pdl.split(",") if v] or [pdl.mode()]
+    if sorted(set(pdls) - set(pdl.MODES)):
+        print(f"--pdl: unknown {sorted(set(pdls) - set(pdl.MODES))}; expected a comma list of {', '.join(pdl.MODES)}",
+              file=sys.stderr)
+        return 2
 
     draft_dtypes = [v for v in args.draft_dtypes.split(",") if v] or ["auto"]
     if sorted(set(draft_dtypes) - set(DRAFT_DTYPES)):
@@ -169,10 +180,8 @@ def main() -> int:
         loaded = load_model(d, dtype=dt, device="cuda")
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
-    from specee_compile.plugins import pdl
-
     out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
-                 "rows_fused": {}, "shape": shape, "pdl": pdl.mode(),
+                 "rows_fused": {}, "shape": shape, "pdl": pdls,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
 
@@ -184,30 +193,34 @@ def main() -> int:
             vals.append(r.decode_tok_s)
         return statistics.median(vals), r
 
-    dense = build_decoder(loaded, Settings(**base))
-    R["dense_tok_s"], _ = tok_s(dense)
-    print("dense", R["dense_tok_s"], flush=True)
-
     draft = EagleDraft(loaded.model, vocab_ids=torch.arange(min(8192, V)))
     for p in draft.parameters():
         torch.nn.init.normal_(p, std=0.02)
     draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
-    seg = dense.seg
-    sharpen_draft(EagleSource(draft, k=4), seg, prompt, spread=4.0)  # a trained head's spread
-    for lin in linears:
-        if lin in ("", "default"):
-            os.environ.pop("SPECEE_TREE_LINEARS", None)
-        else:
-            os.environ["SPECEE_TREE_LINEARS"] = lin
-        out["rows_fused"][lin or "default"] = list(rows_fused(dt))  # the tree layers' fused ops under it
-        for ddt in draft_dtypes:  # a cast changes the draft in place (EagleDraft.cast): each dtype casts a copy
-            tag = (f"@{lin}" if len(linears) > 1 else "") + (f"%{ddt}" if len(draft_dtypes) > 1 else "")
-            d = draft if ddt == "auto" else copy.deepcopy(draft)
-            tb = {**base, "draft_dtype": ddt}
-            run_variants(args, tag, loaded, tb, seg, d, prompt, tok_s, R, dt, dev)
-            if args.profile:
-                profile_step(tag, loaded, tb, seg, d, prompt, out)
-    R["dense_step_us"] = round(1e6 / R["dense_tok_s"], 1)
+    for pm in pdls:  # PDL is decided when a kernel is compiled (Inductor) and captured (ours): segments per mode
+        os.environ["SPECEE_PDL"] = pm
+        ptag = f"#pdl={pm}" if len(pdls) > 1 else ""
+        dense = build_decoder(loaded, Settings(**base))
+        R["dense_tok_s" + ptag], _ = tok_s(dense)
+        R["dense_step_us" + ptag] = round(1e6 / R["dense_tok_s" + ptag], 1)
+        print("dense" + ptag, R["dense_tok_s" + ptag], flush=True)
+        seg = dense.seg
+        if pm == pdls[0]:
+            sharpen_draft(EagleSource(draft, k=4), seg, prompt, spread=4.0)  # a trained head's spread
+        for lin in linears:
+            if lin in ("", "default"):
+                os.environ.pop("SPECEE_TREE_LINEARS", None)
+            else:
+                os.environ["SPECEE_TREE_LINEARS"] = lin
+            out["rows_fused"][lin or "default"] = list(rows_fused(dt))  # the tree layers' fused ops under it
+            for ddt in draft_dtypes:  # a cast changes the draft in place (EagleDraft.cast): each dtype casts a copy
+                tag = (f"@{lin}" if len(linears) > 1 else "") + (f"%{ddt}" if len(draft_dtypes) > 1 else "") + ptag
+                d = draft if ddt == "auto" else copy.deepcopy(draft)
+                tb = {**base, "draft_dtype": ddt}
+                run_variants(args, tag, loaded, tb, seg, d, prompt, tok_s, R, dt, dev, R["dense_tok_s" + ptag])
+                if args.profile:
+                    profile_step(tag, loaded, tb, seg, d, prompt, out)
+        del dense, seg
     from specee_compile.plugins.triton_gemv import TUNED
 
     out["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
@@ -220,7 +233,7 @@ def main() -> int:
     return 0
 
 
-def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev) -> None:
+def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev, dense_tok_s: float) -> None:
     """The timed variants (the fixed tree program with the draft compiled or eager) and their parts captured
     alone (the draft's expansion, the verification), into R[VARIANT + tag]."""
     from specee_compile.api import build_decoder
@@ -267,7 +280,7 @@ def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev)
             g = seg.capture(verify, lambda: None)
         parts["verify_us"] = round(replay_time(g, 50) * 1e6, 1)
         seg.cache.reset()
-        R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / R["dense_tok_s"], 3),
+        R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / dense_tok_s, 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
                    "draft_mode": dec.draft.step_mode,
                    "setup_s": round(time.time() - t0, 1), **parts}
