@@ -4,15 +4,17 @@ the trace policy, the cost check of the composed path) runs end to end and write
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from specee_compile.cli import main
 
 
-def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
+def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPECEE_PDL", raising=False)
     rc = main(["bench", "--tiny", "--device", "cpu", "--runs", "1", "--skip-hf", "--new-tokens", "8",
-               "--out", str(tmp_path)])
+               "--pdl-ab", "ops", "--out", str(tmp_path)])
     assert rc in (0, None), capsys.readouterr().err[-2000:]
     (rec,) = tmp_path.glob("*-tiny.json")
     res = json.loads(rec.read_text())
@@ -47,6 +49,12 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys):
     assert ex["exit_program"]["path_tokens"] == 3.5  # its exit rates are a path's of the trace's 3.5 tokens
     assert R["tree35_specee232_vs_tree35"] == round(R["product_tree35_specee232_ratio"] / R["product_tree35_ratio"], 3)
     assert R["tree35_specee232_q8"]["draft_quant"] == "int8" and R["tree35_specee232_q8"]["tokens"] == 8
+    # --pdl-ab: the rows again on segments of their own, built and run under SPECEE_PDL (a no-op off CUDA)
+    assert "SPECEE_PDL" not in os.environ and res["pdl"] == "0"
+    for name in ("dense", "specee232", "tree35", "tree35_specee232"):
+        assert R[f"{name}_pdl"]["tokens"] == 8 and R[f"{name}_pdl"]["paired_ratio"] > 0
+        assert R[f"pdl_gain_{name}"] == round(R[f"{name}_pdl"]["paired_ratio"] / R[name].get("paired_ratio", 1.0), 3)
+    assert R["product_tree35_ratio_pdl"] == round(R["tree35_pdl"]["paired_ratio"] / R["dense_pdl"]["paired_ratio"], 3)
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run the same day beside it: a record of its own, the first one untouched

@@ -23,6 +23,8 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                 tree35_specee232  tree35 with SpecEE on the tree (the fixed program's exits, approximate):
                             each verify step leaves at the deepest trace layer of the tokens it emits (the
                             merged mapping); `tree35_specee232_vs_tree35`; tree35_specee232_q8 with the int8 draft
+                NAME_pdl    (--pdl-ab ops|all) dense, specee232, tree35 and tree35_specee232 again under
+                            SPECEE_PDL, on segments of their own: `pdl_gain_NAME`, `product_NAME_ratio_pdl`
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back; with
               the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree), tree_paper
@@ -38,6 +40,7 @@ overwritten) with "path": "runtime", its plot beside it, and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -234,6 +237,35 @@ def draft_pass_bytes(eagle) -> int:
 
 
 # ----------------------------------------------------------------------------------------- timing
+class UnderPdl:
+    """A decoder whose every build step and call run with SPECEE_PDL = mode (its kernels are compiled and captured
+    under it); the rest of the bench sees the decoder (attributes pass through)."""
+
+    def __init__(self, mode: str, build):
+        self.mode = mode
+        with self.env():
+            self.dec = build()
+
+    @contextlib.contextmanager
+    def env(self):
+        old = os.environ.get("SPECEE_PDL")
+        os.environ["SPECEE_PDL"] = self.mode
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("SPECEE_PDL", None)
+            else:
+                os.environ["SPECEE_PDL"] = old
+
+    def generate(self, *a, **kw):
+        with self.env():
+            return self.dec.generate(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.dec, name)
+
+
 def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> dict:
     """name -> (figures, last result) of each decoder: its warm-up call (compile + capture, reported as
     `compile_s` and the first call's speed), then `runs` rounds in which every decoder decodes once, the order
@@ -362,10 +394,12 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
             ts = ts.replace(tree_budget=b, tree_depth=d, tree_topk=program.num_candidates)
         decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
                                    **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
+    pdl_rows = pdl_variants(args, loaded, base, spec, program, draft, trace, trees, tree_rows, decs)
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
-    # the exits on the tree (the newest rows, first run on the H200 in session 20): a failure is recorded, the
-    # other rows still timed
-    timed = time_interleaved(decs, prompt, args.runs, optional={n for n, *_, exits in tree_rows if exits})
+    # the exits on the tree (the newest rows, first run on the H200 in session 20) and the PDL rows: a failure is
+    # recorded, the other rows still timed
+    timed = time_interleaved(decs, prompt, args.runs,
+                             optional={n for n, *_, exits in tree_rows if exits} | set(pdl_rows))
     R_["dense"], dres = timed["dense"]
     R_["product_dense_tok_s"] = R_["dense"]["median"]
     if "hf_tokens" in res:
@@ -391,6 +425,14 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
                                                       decs[name].tree.topk))),
                         **replay_fidelity(decs[name].tree, tr))
         R_[f"product_{name}_ratio"] = R_[name]["paired_ratio"]
+    for name in pdl_rows:  # each against its own row without PDL, and against dense with PDL, same rounds
+        R_[name] = timed[name][0]
+        if "paired_ratio" not in R_[name]:
+            continue
+        plain = name.removesuffix("_pdl")
+        R_[f"pdl_gain_{plain}"] = round(R_[name]["paired_ratio"] / R_[plain].get("paired_ratio", 1.0), 3)
+        if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
+            R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
     if "product_tree35_specee232_ratio" in R_:  # exits on the tree against the same tree without them, same rounds
         R_["tree35_specee232_vs_tree35"] = round(R_["product_tree35_specee232_ratio"] / R_["product_tree35_ratio"], 3)
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
@@ -415,6 +457,33 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     del dense, decs, timed, loaded
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def pdl_variants(args, loaded, base, spec, program, draft, trace, trees, tree_rows, decs) -> list[str]:
+    """--pdl-ab MODE: dense, specee232, tree35 and tree35_specee232 again, built and run under SPECEE_PDL=MODE on
+    segments of their own (PDL is decided when kernels compile and when graphs capture), added to `decs` as
+    NAME_pdl; returns their names."""
+    from ..api import build_decoder
+    from ..config import Settings
+    from ..runtime.policies import trace_accepts, trace_exits
+
+    mode = getattr(args, "pdl_ab", None)
+    if not mode:
+        return []
+    dense = UnderPdl(mode, lambda: build_decoder(loaded, Settings(**base)))
+    decs["dense_pdl"] = dense
+    decs["specee232_pdl"] = UnderPdl(mode, lambda: build_decoder(
+        loaded, spec, segments=dense.seg, program=program, draft=draft, policy=trace_exits([e - 1 for e in trace])))
+    plain = {name: (tr, exits) for name, tr, _src, quant, exits in tree_rows if quant == "none"}
+    for name in ("tree35", "tree35_specee232"):
+        if name not in plain:
+            continue
+        tr, exits = plain[name]
+        ts = decs[name].s  # the plain row's settings (its tree shape included)
+        kw = {"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}
+        decs[f"{name}_pdl"] = UnderPdl(mode, lambda ts=ts, tr=tr, kw=kw: build_decoder(
+            loaded, ts, segments=dense.seg, draft=draft, accept=trace_accepts(tr), **kw))
+    return [n for n in decs if n.endswith("_pdl")]
 
 
 def accept_trace(n: int, mean: float, seed: int = 5, longest: int = 7, block: int = 2) -> list[int]:
@@ -795,6 +864,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "a CPU dry run with 24:6:8 replays the traces as the H200 run does)")
     p.add_argument("--trace-spread", type=float, default=TRACE_SPREAD,
                    help="logit std the random draft head is scaled to for the tree trace replays")
+    p.add_argument("--pdl-ab", default=None, choices=("ops", "all"),
+                   help="also time dense, specee232, tree35 and tree35_specee232 with SPECEE_PDL set to this, each "
+                        "built, compiled and captured under it on segments of its own, in the same rounds: rows "
+                        "NAME_pdl, and pdl_gain_NAME = NAME_pdl / NAME (programmatic dependent launch, plugins/pdl.py)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="output dir (default $OUT or benchmarks/results)")
