@@ -54,6 +54,7 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
     for name in ("dense", "specee232", "tree35", "tree35_specee232"):
         assert R[f"{name}_pdl"]["tokens"] == 8 and R[f"{name}_pdl"]["paired_ratio"] > 0
         assert R[f"pdl_gain_{name}"] == round(R[f"{name}_pdl"]["paired_ratio"] / R[name].get("paired_ratio", 1.0), 3)
+        assert res["checks"][f"{name}_pdl_tokens_identical"] is True
     assert R["product_tree35_ratio_pdl"] == round(R["tree35_pdl"]["paired_ratio"] / R["dense_pdl"]["paired_ratio"], 3)
     png = rec.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

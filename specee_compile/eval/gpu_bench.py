@@ -430,6 +430,8 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         if "paired_ratio" not in R_[name]:
             continue
         plain = name.removesuffix("_pdl")
+        # the same kernels and math with PDL: a difference in the tokens would be a race
+        res["checks"][f"{name}_tokens_identical"] = timed[name][1].token_ids == timed[plain][1].token_ids
         R_[f"pdl_gain_{plain}"] = round(R_[name]["paired_ratio"] / R_[plain].get("paired_ratio", 1.0), 3)
         if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
             R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
