@@ -394,7 +394,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
             ts = ts.replace(tree_budget=b, tree_depth=d, tree_topk=program.num_candidates)
         decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
                                    **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
-    pdl_rows = pdl_variants(args, loaded, base, spec, program, draft, trace, trees, tree_rows, decs)
+    pdl_rows = pdl_variants(args, loaded, base, spec, program, draft, trace, tree_rows, decs)
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
     # the exits on the tree (the newest rows, first run on the H200 in session 20) and the PDL rows: a failure is
     # recorded, the other rows still timed
@@ -461,7 +461,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def pdl_variants(args, loaded, base, spec, program, draft, trace, trees, tree_rows, decs) -> list[str]:
+def pdl_variants(args, loaded, base, spec, program, draft, trace, tree_rows, decs) -> list[str]:
     """--pdl-ab MODE: dense, specee232, tree35 and tree35_specee232 again, built and run under SPECEE_PDL=MODE on
     segments of their own (PDL is decided when kernels compile and when graphs capture), added to `decs` as
     NAME_pdl; returns their names."""
