@@ -529,14 +529,10 @@ class EagleSource(CandidateSource):
         self.k = int(k)
         self.context_vocab = bool(context_vocab)
         self._dev = draft.fc.weight.device
-        self._dt = draft.dtype
         self._static = set(draft.vocab_ids.tolist())
         self._nstatic = draft.vocab_ids.numel()
         self.ids: list[int] = []
-        self._cap = 0
-        self._reset_buffers(64)
-        self._extra_rows = torch.zeros(64, draft.hidden_size, dtype=self._dt, device=self._dev)
-        self._clear_extra()
+        self.retype()
 
     # ---- buffers
     def _reset_buffers(self, cap: int) -> None:
@@ -563,7 +559,8 @@ class EagleSource(CandidateSource):
         self._cap = cap
 
     def retype(self) -> None:
-        """Re-allocate the buffers in the draft's dtype, after `EagleDraft.cast`; before the first sequence."""
+        """(Re)allocate the buffers in the draft's dtype: at construction, and after `EagleDraft.cast` (before the
+        first sequence)."""
         self._dt = self.draft.dtype
         self._cap = 0
         self._reset_buffers(64)
@@ -705,10 +702,8 @@ class DeviceEagleSource(EagleSource):
         self.max_extra = int(max_extra)
         self._fns = CompiledFns("the draft", compile)  # `_run`
         self._keys: dict[int, torch.Tensor] = {}
-        super().__init__(draft, k=k, context_vocab=context_vocab)
-        self._bind_layer_fn(draft)
+        super().__init__(draft, k=k, context_vocab=context_vocab)  # (`retype`: buffers, extra rows, bound layers)
         d, dev = draft, self._dev
-        self._extra_rows = torch.zeros(self.max_extra, d.hidden_size, dtype=self._dt, device=dev)
         nv = self._nstatic
         self.vocab_map = torch.zeros(nv + self.max_extra, dtype=torch.long, device=dev)
         self.vocab_map[:nv] = d.vocab_ids
@@ -749,7 +744,7 @@ class DeviceEagleSource(EagleSource):
         return cls(src.draft, k=src.k, context_vocab=src.context_vocab, max_len=max_len, compile=compile)
 
     def retype(self) -> None:
-        """`EagleSource.retype`, and the device step's bound weights, rotary tables and extra rows with it."""
+        """`EagleSource.retype`, with the device step's extra rows (`max_extra`), bound weights and rotary tables."""
         super().retype()
         self._extra_rows = torch.zeros(self.max_extra, self.draft.hidden_size, dtype=self._dt, device=self._dev)
         self._bind_layer_fn(self.draft)

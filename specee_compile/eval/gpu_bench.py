@@ -40,7 +40,6 @@ overwritten) with "path": "runtime", its plot beside it, and prints a table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -238,25 +237,15 @@ def draft_pass_bytes(eagle) -> int:
 
 # ----------------------------------------------------------------------------------------- timing
 class UnderPdl:
-    """A decoder whose every build step and call run with SPECEE_PDL = mode (its kernels are compiled and captured
-    under it); the rest of the bench sees the decoder (attributes pass through)."""
+    """A decoder whose every build step and call run with SPECEE_PDL = mode (`pdl.setting`: its kernels are
+    compiled and captured under it); the rest of the bench sees the decoder (attributes pass through)."""
 
     def __init__(self, mode: str, build):
-        self.mode = mode
+        from ..plugins import pdl
+
+        self.env = lambda: pdl.setting(mode)
         with self.env():
             self.dec = build()
-
-    @contextlib.contextmanager
-    def env(self):
-        old = os.environ.get("SPECEE_PDL")
-        os.environ["SPECEE_PDL"] = self.mode
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("SPECEE_PDL", None)
-            else:
-                os.environ["SPECEE_PDL"] = old
 
     def generate(self, *a, **kw):
         with self.env():
@@ -706,13 +695,9 @@ def bench_out_dir(args) -> str:
     return args.out or os.environ.get("OUT") or "benchmarks/results"
 
 
-def _pdl_mode() -> str:
+def run_bench(args) -> dict:
     from ..plugins import pdl
 
-    return pdl.mode()
-
-
-def run_bench(args) -> dict:
     dev = torch.device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
     res: dict = {
@@ -724,7 +709,7 @@ def run_bench(args) -> dict:
         "model_shape": {**shape, "weights": "random, std 0.02"},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
-        "pdl": _pdl_mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
+        "pdl": pdl.mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
         "results": {}, "checks": {}, "notes": [],
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)

@@ -29,6 +29,7 @@ it: their package launches every kernel plainly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -44,6 +45,21 @@ def mode() -> str:
     if v not in MODES:
         raise SettingError(f"SPECEE_PDL={v!r}: expected one of {', '.join(MODES)}; unset it for 0 (off)")
     return v
+
+
+@contextlib.contextmanager
+def setting(value: str):
+    """SPECEE_PDL = value inside the block (what a kernel compiled or captured there takes), restored after."""
+    old = os.environ.get("SPECEE_PDL")
+    os.environ["SPECEE_PDL"] = value
+    try:
+        mode()  # a bad value fails here, before any work
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPECEE_PDL", None)
+        else:
+            os.environ["SPECEE_PDL"] = old
 
 
 @functools.cache
