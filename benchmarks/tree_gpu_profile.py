@@ -12,6 +12,7 @@ JSON to --out.
     python benchmarks/tree_gpu_profile.py --draft-dtypes auto,float16        # the draft in the model's dtype and fp16
     python benchmarks/tree_gpu_profile.py --pdl 0,all                        # programmatic dependent launch off / on
     python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
+    python benchmarks/tree_gpu_profile.py --device cpu --layers 2 --new 8 --runs 1 ...  # a dry run before GPU time
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=("smollm2", "7b"), default="smollm2")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the same script at whatever size --layers gives, to check a command before GPU time "
+                         "(times are host wall clock, not comparable)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (7b: a cheaper build)")
     ap.add_argument("--dtype", default=None, help="default: float32 (smollm2), float16 (7b)")
     ap.add_argument("--new", type=int, default=128)
@@ -168,7 +172,11 @@ def main() -> int:
     from specee_compile.model_step import rows_fused
     from specee_compile.models import load_model
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("tree_gpu_profile: no CUDA device here; expected a GPU, or pass --device cpu for a dry run",
+              file=sys.stderr)
+        return 2
     args.dtype = args.dtype or ("float32" if args.shape == "smollm2" else "float16")
     dt = getattr(torch, args.dtype)
     shape = dict(SMOL if args.shape == "smollm2" else SEVEN)
@@ -177,10 +185,11 @@ def main() -> int:
     V = shape["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
         write_random_model(shape, dt, dev, d)
-        loaded = load_model(d, dtype=dt, device="cuda")
+        loaded = load_model(d, dtype=dt, device=args.device)
     prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    base = dict(device="cuda", dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
-    out: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
+    base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
+    out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
                  "rows_fused": {}, "shape": shape, "pdl": pdls,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]
@@ -237,7 +246,6 @@ def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev,
     """The timed variants (the fixed tree program with the draft compiled or eager) and their parts captured
     alone (the draft's expansion, the verification), into R[VARIANT + tag]."""
     from specee_compile.api import build_decoder
-    from specee_compile.backends.cuda_step import replay_time
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleSource
     from specee_compile.ops import multi_row_kernel
@@ -264,7 +272,7 @@ def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev,
         with multi_row_kernel():  # as the program runs them (the rows kernels; cuBLAS outside it)
             g = seg.capture(lambda d=dec, f=f, S=S: d.draft.fixed_expand(f.g0, f.p, S, f.K, f.depth),
                             lambda f=f, S=S: f.p.fill_(S - f.margin - 1))
-        parts["expand_us"] = round(replay_time(g, 50) * 1e6, 1)
+        parts["expand_us"] = round(call_time(g, 50, dev) * 1e6, 1)
         q = f.q
         h0 = torch.zeros(1, q, seg.spec.hidden, dtype=dt, device=dev)
         pos = torch.arange(q, device=dev) + 100
@@ -278,7 +286,7 @@ def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev,
 
         with multi_row_kernel():
             g = seg.capture(verify, lambda: None)
-        parts["verify_us"] = round(replay_time(g, 50) * 1e6, 1)
+        parts["verify_us"] = round(call_time(g, 50, dev) * 1e6, 1)
         seg.cache.reset()
         R[name] = {"tok_s": round(ts, 1), "vs_dense": round(ts / dense_tok_s, 3),
                    "accepted_per_step": round(r.accepted_per_step, 3), "step_us": round(step_us, 1),
@@ -288,9 +296,23 @@ def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev,
         del dec
 
 
+def call_time(run, reps: int, dev: torch.device) -> float:
+    """Seconds per call of a captured part: CUDA events on the GPU (`replay_time`), the wall clock elsewhere."""
+    if dev.type == "cuda":
+        from specee_compile.backends.cuda_step import replay_time
+
+        return replay_time(run, reps)
+    run()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run()
+    return (time.perf_counter() - t0) / reps
+
+
 def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
     """The kernels of one fixed tree step, run eagerly (not replayed) under the profiler: the table, and GPU us and
-    launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B)."""
+    launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B). On
+    the CPU (a dry run) the ops' self CPU time stands in for the kernels'."""
     from torch.profiler import ProfilerActivity, profile
 
     from specee_compile.api import build_decoder
@@ -303,22 +325,27 @@ def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
     dec.generate(prompt)
     f = dec.tree.fixed
     S = f.bucket(len(prompt) + 60)
+    gpu = f.p.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     for _ in range(2):
         f.p.fill_(len(prompt) + 10)
         f.body(S)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             f.p.fill_(len(prompt) + 10)
             f.body(S)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "self_cpu_time_total", row_limit=30,
+                                      max_name_column_width=70)
     print(table)
     out["profile" + tag] = table
-    kern = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+    own = "self_device_time_total" if gpu else "self_cpu_time_total"
+    kern = [(e.key, getattr(e, own), e.count) for e in prof.key_averages() if getattr(e, own) > 0]
     cats = kernel_categories(kern, steps=5)
     busy = sum(c["us_per_step"] for c in cats.values())
-    print(f"{tag or 'the tree step'}\n| category | GPU us per tree step | launches per step |\n|---|---|---|")
+    unit = "GPU us" if gpu else "CPU us (self)"
+    print(f"{tag or 'the tree step'}\n| category | {unit} per tree step | launches per step |\n|---|---|---|")
     for c, e in cats.items():
         print(f"| {c} | {e['us_per_step']} | {e['launches_per_step']} |")
     print(f"kernel time {busy:.1f} us per step (eager body under the profiler; the captured step's time is "
