@@ -160,7 +160,7 @@ struct Runtime::Impl {
   at::Tensor vocab_ids, head_rows_static;
   std::vector<int64_t> vocab_ids_host;
   // packages
-  // layer1: one row, fused kernels; head1: one row, static shapes (CUDA exports)
+  // layer1: one row (CUDA: fused kernels; CPU: GEMV reductions); head1: one row, static shapes
   Package layer_pkg, layer1_pkg, head_pkg, head1_pkg, exit_pkg, draft_pkg;
   // program
   std::vector<int> exit_layers;         // exit points < L-1

@@ -11,15 +11,19 @@ What lands in the artifact directory (exported/README.md, "C++ runner (AOTInduct
                      v_cache [Hkv,T,hd], ln1, wqkv, (bqkv), wo, ln2, wgu, wd) -> h [1,q,D];
                      writes K/V of its rows into the cache views and marks them valid (the KV
                      contract of `model_step`); `keys` only carries the attended length S.
-    layer1.pt2       (CUDA) the same for one row (the decode step), with the Python CUDA step's fused Triton
-                     kernels embedded (`specee_aoti::fused_linear` / `decode_attention` / `rope_append`, triton_op twins of
-                     the Python custom ops, which a package cannot call); the runner uses it for q = 1.
+    layer1.pt2       the same for one row (the decode step); the runner uses it for q = 1. On CUDA with the
+                     Python CUDA step's fused Triton kernels embedded (`specee_aoti::fused_linear` /
+                     `decode_attention` / `rope_append`, triton_op twins of the Python custom ops, which a
+                     package cannot call); on a CPU its static one row lets `plugins/inductor_cpu_gemv.py`
+                     turn the matmuls into Inductor's parallel vectorized reductions (the dynamic package
+                     calls a BLAS that runs a one-row product on one thread).
                      With the fused attention (`layer1_attn_counters`) two inputs follow v_cache, the
                      attention kernel's state: its per-head arrival counters (int32 [H], zero between
                      calls) and its split workspace (fp32 [`layer1_attn_workspace`], any contents)
     head.pt2         (h [1,q,D], sel [n], norm_w, head_w) -> (hn [1,q,D], logits [1,n,V]):
                      final norm of every row, full LM head of the rows `sel`
-    head1.pt2        (CUDA) the same for one row, static shapes: (h [1,1,D], norm_w, head_w) -> (hn, logits)
+    head1.pt2        the same for one row, static shapes: (h [1,1,D], norm_w, head_w) -> (hn, logits) (a CPU
+                     export's matmul a reduction, as in layer1.pt2)
     exit_score.pt2   (h [1,1,D], norm_w, rows [k,D], p_prev [k], w1, b1, w2, b2) -> (score [1],
                      z [k], p [k], hn [D]): `specee::exit_score`'s reference + the normed state
     draft.pt2        EAGLE draft step (feats [T,D], next_ids [T], positions [T], past_k, past_v
@@ -92,9 +96,9 @@ class HeadFn(torch.nn.Module):
 
 
 class Head1Fn(torch.nn.Module):
-    """`head1.pt2` (CUDA): the head of one row, traced with static shapes as the Python CUDA step compiles it
-    (a row-count-dynamic matmul is a cuBLAS call: 43 us against Inductor's 29 us for SmolLM2's head on
-    the H200, `benchmarks/one_row_kernels.py`)."""
+    """`head1.pt2`: the head of one row, traced with static shapes as the Python CUDA step compiles it (a
+    row-count-dynamic matmul is a cuBLAS call: 43 us against Inductor's 29 us for SmolLM2's head on the H200,
+    `benchmarks/one_row_kernels.py`; on a CPU, the one-row shape is what `inductor_cpu_gemv` rewrites)."""
 
     def __init__(self, spec):
         super().__init__()
@@ -186,7 +190,7 @@ class DraftFn(torch.nn.Module):
 def one_row_fused(spec, device: torch.device) -> tuple[str, ...]:
     """The fused ops of the one-row layer package (`layer1.pt2`): on CUDA with triton, the Python step's
     (`model_step.CUDA_FUSED`) as their `specee_aoti` twins; attention only for a power-of-two head_dim
-    (the kernel's tile). () = no one-row package (CPU: the plain layer is the CPU step)."""
+    (the kernel's tile). () elsewhere (a CPU's one-row package is the plain layer: `one_row_packages`)."""
     from ..model_step import CUDA_FUSED
     from ..plugins import HAVE_TRITON
 
@@ -231,9 +235,12 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
-        # the Python CUDA step's Inductor options (backends/inductor.py): M=1 matmuls and reductions tuned
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
-                                                 inductor_configs={"coordinate_descent_tuning": True} if cuda else None)
+        # the Python step's Inductor options (backends/inductor.py): on CUDA M=1 matmuls and reductions tuned; on
+        # a CPU one-row matmuls as reductions (`inductor_cpu_gemv`: the one-row packages)
+        from ..plugins.inductor_cpu_gemv import inductor_options
+
+        configs = {"coordinate_descent_tuning": True} if cuda else inductor_options(torch.device("cpu"))
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs or None)
     dt = time.perf_counter() - t0
     if progress:
         print(f"  {path.name}: {dt:.0f} s", file=sys.stderr)
@@ -253,37 +260,45 @@ def attended_dim(max_len: int, bucket: int):
 
 
 def one_row_packages(w, out: Path, info: dict, progress: bool = True, S=None) -> None:
-    """The CUDA one-row packages (nothing elsewhere): `layer1.pt2`, the decode step's layer with the Python
-    CUDA step's fused Triton kernels embedded, and `head1.pt2`, the head with static shapes. Adds them to
-    info["packages"] with their manifest facts and compile seconds. w: `extract_weights` output on the device;
-    S: the export's attended-length Dim (default: `attended_dim`)."""
+    """The one-row packages: `layer1.pt2`, the decode step's layer, and `head1.pt2`, the head with static shapes.
+    On CUDA the layer embeds the Python CUDA step's fused Triton kernels (where triton is present). On a CPU
+    (float32) both are the plain layer and head with one static row, whose matmuls `plugins/inductor_cpu_gemv.py`
+    compiles as parallel reductions (`mm` in the dynamic packages runs a one-row product on one BLAS thread, most
+    of a CPU decode step); none where that pass is off. Adds them to info["packages"] with their manifest facts
+    and compile seconds. w: `extract_weights` output on the device; S: the export's attended-length Dim
+    (default: `attended_dim`)."""
+    from ..plugins.inductor_cpu_gemv import inductor_options
+
     spec, dev, dtype = w.spec, w.head.device, w.head.dtype
-    if dev.type != "cuda":
+    cpu = dev.type != "cuda"
+    if cpu and not (dtype == torch.float32 and inductor_options(dev)):
         return
     D, Hkv, hd, T = spec.hidden, spec.num_kv_heads, spec.head_dim, info["cache_len"]
     S = S if S is not None else attended_dim(info["max_len"], info["attn_bucket"])
     lw = [t for t in w.layers[0].as_tuple() if t is not None]
+    has_bias = w.layers[0].bqkv is not None
     times, pk = info.setdefault("compile_s", {}), info.setdefault("packages", {})
     fused1 = one_row_fused(spec, dev)
-    if fused1:
+    if cpu or fused1:
         from ..plugins.triton_decode_attention import workspace_numel
 
         counters = "attn" in fused1  # the attention kernel's state (counters, workspace), after v_cache
-        n_ws = workspace_numel(spec.num_heads, hd)
+        n_ws = workspace_numel(spec.num_heads, hd) if counters else 0
         row_args = (torch.randn(1, 1, D, device=dev).to(dtype), torch.tensor([5], device=dev),
                     torch.arange(64, device=dev), torch.zeros(T, dtype=torch.bool, device=dev), w.cos, w.sin,
                     torch.zeros(Hkv, T, hd, dtype=dtype, device=dev), torch.zeros(Hkv, T, hd, dtype=dtype, device=dev),
                     *([torch.zeros(spec.num_heads, dtype=torch.int32, device=dev),
                        torch.empty(n_ws, dtype=torch.float32, device=dev)] if counters else []), *lw)
-        _tune_one_row(spec, fused1, lw)
+        if fused1:
+            _tune_one_row(spec, fused1, lw)
         ds1 = (None, None, {0: S}) + (None,) * (7 if counters else 5) + ((None,) * len(lw),)
-        has_bias = w.layers[0].bqkv is not None
-        times["layer1"] = _compile((RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti"),
-                                   row_args, ds1, out / "layer1.pt2", progress)
+        fn = (RowLayerFn if counters else LayerFn)(spec, has_bias, fused1, ops="specee_aoti" if fused1 else "specee")
+        times["layer1"] = _compile(fn, row_args, ds1, out / "layer1.pt2", progress)
         pk["layer1"] = "layer1.pt2"
         info["layer1_fused"] = list(fused1)
+        info["layer1_cpu_gemv"] = cpu
         info["layer1_attn_counters"] = counters
-        info["layer1_attn_workspace"] = n_ws if counters else 0
+        info["layer1_attn_workspace"] = n_ws
     times["head1"] = _compile(Head1Fn(spec), (torch.randn(1, 1, D, device=dev).to(dtype), w.norm, w.head), None,
                               out / "head1.pt2", progress)
     pk["head1"] = "head1.pt2"

@@ -85,7 +85,11 @@ class InductorSegments(Segments):
             )
         # GPU: M=1 matmuls as Inductor's coordinate-descent-tuned Triton reductions (+12% over its
         # default cuBLAS calls on the H100, benchmarks/GPU_NOTES.md)
-        self._config = {}
+        # CPU: one-row float32 matmuls as Inductor's parallel reductions, not one-thread BLAS calls
+        # (plugins/inductor_cpu_gemv.py; the q = 1 compiles, which Dynamo specializes)
+        from ..plugins import inductor_cpu_gemv
+
+        self._config = inductor_cpu_gemv.inductor_options(self.device)
         if on_cuda:
             from ..plugins import pdl
 
@@ -160,16 +164,25 @@ class InductorSegments(Segments):
         return w is not None and w.can_run(plan)
 
     def prepare(self, plan, max_pos: int) -> None:
-        """On CUDA: compile and capture everything a generate call will run, before its prefill (the
-        prefill shape, the whole decode step per attention bucket). On CPU segments compile on first
-        use, as before. Leaves the cache empty."""
+        """Compile everything a generate call will run before its prefill, so neither the prefill nor the first
+        decode step waits for Inductor: the prefill shape (q >= 2: one dynamic kernel set) and, on CUDA, the
+        whole decode step captured per attention bucket; on a CPU the one-row layer and head (Dynamo
+        specializes q = 1; their matmuls are `inductor_cpu_gemv`'s reductions), run once through every layer so
+        the first token does not also wait for the weights' first touch (mapped from the safetensors file).
+        Leaves the cache empty."""
         w = self._whole()
         if w is not None and w.can_run(plan):
             w.prepare(plan, max_pos)
-        if not self._warm and w is not None:  # CUDA: the prefill shape too (q >= 2: one dynamic kernel set)
+        if not self._warm:
             pos = torch.tensor([0, 1], device=self.device)  # slots the reset below frees again
             h = self.embed(torch.zeros(2, dtype=torch.long, device=self.device))
-            self.head(self.layer(0, h, pos, self.attn_len(1))[:, -1:])
+            S = self.attn_len(1)
+            self.head(self.layer(0, h, pos, S)[:, -1:])
+            if w is None:  # (CUDA: the whole step's capture compiled the one-row shapes)
+                x, pos1 = self.embed(pos[:1]), pos[1:].clone()  # (a view of pos: another compile, guarded on its base)
+                for i in range(self.spec.num_layers):
+                    x = self.layer(i, x, pos1, S)
+                self.head(x)
             self._warm = True
         self.cache.reset()
 

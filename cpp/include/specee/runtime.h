@@ -73,7 +73,7 @@ struct Result {
   // the chain on copies of the weights: cloned, written by a kernel, packed in one allocation
   double graph_layers_wclone_us = 0, graph_layers_wkernel_us = 0, graph_layers_wpack_us = 0;
   bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
-  bool one_row_package = false;                                     // one-row steps ran layer1.pt2 (fused kernels)
+  bool one_row_package = false;                                     // one-row steps ran layer1.pt2
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
   // runner at its first generate); none kept = SpecEE decodes as dense. Empty `step_costs`: no check ran
   std::vector<int> exit_points_kept;
