@@ -3,6 +3,7 @@
     python benchmarks/cpp_bench.py                      # SmolLM2, CPU, dense + paper + lossless
     python benchmarks/cpp_bench.py --device cuda --py-backend inductor --model smollm2.gguf   # the GPU box
     python benchmarks/cpp_bench.py --device cuda --py-backend inductor --random-weights --modes dense  # no GGUF
+    python benchmarks/cpp_bench.py --plot "before=A.json" "after=B.json" --out cpp.png   # --json records, plotted
 
 Exports `smollm2-135m` with `--format aoti` (or reuses --export DIR), then per mode and prompt runs the
 Python runtime (`api.build_decoder`, --py-backend, default eager) and the C++ runner (`--backend cpp`),
@@ -52,7 +53,49 @@ MODES = {"dense": {}, "paper": {"specee": True},
          "lossless": {"specee": True, "mode": "lossless", "kv_policy": "backfill"}}
 
 
+def plot_records(specs: list[str], out: str) -> None:
+    """`--plot LABEL=RECORD ...`: decode tok/s of both sides per record (a `--json` file), one panel per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from specee_compile.artifacts import atomic_file
+
+    recs = []
+    for spec in specs:
+        label, _, path = spec.rpartition("=")
+        runs = [r for r in json.loads(Path(path).read_text()) if r.get("mode") in MODES]
+        recs.append((label or Path(path).stem, runs))
+    modes = [m for m in MODES if any(r["mode"] == m for _, runs in recs for r in runs)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for j, side in enumerate(("python", "cpp")):
+            vals = [statistics.mean(r[side]["decode_tokens_per_s"] for r in runs if r["mode"] == mode)
+                    for _, runs in recs]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(recs))]
+            bars = ax.bar(xs, vals, width=0.38, color=f"C{j}", label={"python": "Python runtime", "cpp": "C++ runner"}[side])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(recs)), [label for label, _ in recs], fontsize=7, rotation=15)
+        ax.set_title(mode)
+    axes[0][0].set_ylabel("decode tok/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plot" in argv:  # no model: plot --json records
+        pp = argparse.ArgumentParser(description="plot cpp_bench --json records")
+        pp.add_argument("--plot", nargs="+", required=True, metavar="LABEL=RECORD")
+        pp.add_argument("--out", required=True, help="PNG path")
+        pa = pp.parse_args(argv)
+        plot_records(pa.plot, pa.out)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--random-weights", action="store_true",

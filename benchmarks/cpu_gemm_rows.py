@@ -6,7 +6,10 @@ per block of 3 rows, so 1-3 rows cost one weight pass, 4-6 two, and so on. Two t
   - SmolLM2's 30 layers (qkv, o, gate|up, down), M = 1 and 3, the weights streamed from memory as in decode,
     with MKL's packed weights (`mkl._mkl_linear`) and oneDNN (`mkldnn._linear_pointwise`) beside plain MKL;
   - the LM head by oneDNN weight layout, M = 1, 3, 8, 25: `to_mkldnn`'s default and the product's (reordered for
-    `cpu_gemm.ROWS_HINT` rows, `backends/cpu_gemm.py`), what the eager backend's CPU choice runs.
+    `cpu_gemm.ROWS_HINT` rows, `backends/cpu_gemm.py`), what the eager backend's CPU choice runs;
+  and in the layers' table and the head's, `F.linear` compiled by Inductor with our CPU options: one row becomes a
+    parallel reduction (`plugins/inductor_cpu_gemv.py`: the Inductor backend's and the C++ runner's one-row step),
+    several rows stay an MKL call.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_gemm_rows.py [--threads 2]
 """
@@ -62,6 +65,15 @@ def main(argv=None) -> int:
     from specee_compile.backends.cpu_gemm import ROWS_HINT, linear_onednn, onednn_form
 
     product = [[onednn_form(w) for w in ws] for ws in layers]
+    from specee_compile.plugins.inductor_cpu_gemv import inductor_options
+
+    torch._dynamo.config.recompile_limit = 64  # one compile per (rows, weight shape): 20
+    with torch._inductor.config.patch(inductor_options(torch.device("cpu"))):
+        compiled = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, dynamic=False)
+        for ws in ([*layers[0], head],):  # compile every shape now (the pass is read at compile time)
+            for w in ws:
+                for rows in (1, 3, 8, 25):
+                    compiled(torch.randn(rows, w.shape[1]), w)
 
     def run(rows: int, how: str) -> float:
         xs = [torch.randn(rows, w.shape[1]) for w in layers[0]]
@@ -75,23 +87,26 @@ def main(argv=None) -> int:
                         torch.ops.mkl._mkl_linear(xs[j], packed[i][j], w, None, 3)
                     elif how == "onednn":
                         linear_onednn(xs[j], onednn[i][j])
+                    elif how == "inductor":
+                        compiled(xs[j], w)
                     else:
                         linear_onednn(xs[j], product[i][j])
         return timed(step)
 
-    hows = ("mkl", "mkl packed", "onednn", f"onednn, {ROWS_HINT} rows")
+    hows = ("mkl", "mkl packed", "onednn", f"onednn, {ROWS_HINT} rows", "inductor")
     print("\n30 layers' GEMMs, weights streamed (ms per pass):")
-    print("| rows | " + " | ".join(hows) + " |\n|---|---|---|---|---|")
+    print("| rows | " + " | ".join(hows) + " |\n|---|---|---|---|---|---|")
     for rows in (1, 3, 1, 3):  # twice: the first pass of each warms the allocator
         print(f"| {rows} | " + " | ".join(f"{run(rows, how):.2f}" for how in hows) + " |")
 
     layouts = {"to_mkldnn": head.to_mkldnn(), f"reordered for {ROWS_HINT} rows (the product's)": onednn_form(head)}
-    print("\nLM head by oneDNN weight layout, ms (MKL beside):")
-    print("| rows | mkl | " + " | ".join(layouts) + " |\n|---|---|---|---|")
+    print("\nLM head by oneDNN weight layout, ms (MKL and Inductor beside):")
+    print("| rows | mkl | " + " | ".join(layouts) + " | inductor |\n|---|---|---|---|---|")
     for rows in (1, 3, 8, 25):
         x = torch.randn(1, rows, head.shape[1])
         cells = [timed(lambda x=x: F.linear(x, head))] + [timed(lambda x=x, w=w: linear_onednn(x, w))
                                                            for w in layouts.values()]
+        cells.append(timed(lambda x=x: compiled(x[0], head)))
         print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return 0
 
