@@ -5,9 +5,10 @@ Why: a decode step multiplies one row by every weight, and Inductor hands `aten.
 transposed weight (`F.linear`'s layout) on one thread, below the memory's speed. Written as a multiply and a sum
 over K, the same product is a reduction Inductor's C++ code generator compiles into one vectorized loop, parallel
 over the output columns (OpenMP), and fuses with the norm or activation before it. On the 2-core AMD EPYC of
-2026-12-05, SmolLM2-135M's one-row step (30 layers and the LM head, compiled, 2 threads) took 22.2 ms this way
-against 52.7 ms through `mm`; the C++ runner's decode went from 22.1 to 56.0 tok/s (benchmarks/RESULTS.md,
-session 24).
+2026-12-05, 2 threads: SmolLM2-135M's 30 layers' one-row matmuls took 16.0-18.7 ms this way against 36.8-39.5
+through MKL (and 19.0-20.3 in the eager backend's oneDNN), its LM head 2.9 ms against 9.7
+(`benchmarks/cpu_gemm_rows.py`), and the C++ runner's dense decode went from 21.8 to 57.6 tok/s
+(`benchmarks/cpp_bench.py`; benchmarks/RESULTS.md, session 24).
 
 What it rewrites: `mm(a, b)` and `addmm(bias, a, b)` whose `a` has exactly one row (a static 1, not a symbol:
 Dynamo's q = 1 specialization, a one-row AOTI package), float32, on the CPU, into
