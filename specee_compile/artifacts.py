@@ -719,6 +719,16 @@ def write_file_atomic(path, text: str) -> None:
         tmp.write_text(text)
 
 
+def save_tensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written through `atomic_file`: whole or absent, and readable as our other outputs are
+    (safetensors' `save_file` alone leaves a file of mode 0600, so an exported directory copied to a deployment
+    that runs as another user could not be read there)."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
 def check_fingerprint(manifest: dict, fingerprint: str, directory) -> None:
     if manifest.get("fingerprint") != fingerprint:
         raise ArtifactError(

@@ -158,3 +158,25 @@ def test_result_files_never_replace_an_earlier_run(tmp_path):
         raise RuntimeError("the plot failed")
     assert not (tmp_path / "exit_histogram-3.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-3.json", "eval.md", "exit_histogram-2.png"]
+
+
+def test_safetensors_outputs_are_whole_and_readable_by_others(tmp_path):
+    """Every safetensors file we write (weights of an AOTI export, a draft, predictors, caches) goes through
+    `save_tensors`: safetensors' own `save_file` leaves mode 0600, which a deployment running as another user
+    cannot read; a failed write leaves neither the file nor its temporary."""
+    import stat
+
+    from safetensors.torch import load_file
+
+    from specee_compile.artifacts import save_tensors
+    from specee_compile.draft import EagleDraft
+
+    save_tensors({"w": torch.arange(6.0).view(2, 3)}, tmp_path / "w.safetensors", metadata={"format": "x"})
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(6.0).view(2, 3))
+    with pytest.raises((TypeError, ValueError, AttributeError)):
+        save_tensors({"w": "not a tensor"}, tmp_path / "bad.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    EagleDraft(make_tiny_llama()).save(tmp_path / "draft")
+    (weights,) = (tmp_path / "draft").glob("*.safetensors")
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644

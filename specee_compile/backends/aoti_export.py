@@ -307,7 +307,7 @@ def one_row_packages(w, out: Path, info: dict, progress: bool = True, S=None) ->
 def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, device: str = "cpu",
                 progress: bool = True, eos_ids=()) -> dict:
     """Write the packages and weights.safetensors into `out_dir`; return the manifest's `cpp` info."""
-    from safetensors.torch import save_file
+    from ..artifacts import save_tensors
 
     out = Path(out_dir)
     dtype = torch_dtype(settings.dtype)
@@ -391,8 +391,8 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
                          "num_vocab_ids": int(draft.vocab_ids.numel()), "vocab_size": int(draft.vocab_size),
                          "context_vocab": True}
     # safetensors refuses shared storage (tied embeddings): every tensor gets its own copy
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              str(out / "weights.safetensors"), metadata={"format": AOTI_FORMAT})
+    save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                 out / "weights.safetensors", metadata={"format": AOTI_FORMAT})
     info["weights"] = "weights.safetensors"
     return info
 

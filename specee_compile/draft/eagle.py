@@ -371,7 +371,7 @@ class EagleDraft(nn.Module):
 
     def save(self, out_dir: str | os.PathLike, **extra_config) -> dict[str, Any]:
         """Write draft.safetensors (fp16 weights, int64 vocab_ids) + draft_config.json; return the config."""
-        from safetensors.torch import save_file
+        from ..artifacts import save_tensors
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +380,7 @@ class EagleDraft(nn.Module):
             v = v.detach().cpu()
             tensors[k] = v.contiguous() if k == "vocab_ids" else v.to(torch.float16).contiguous()
         config = self.draft_config(**extra_config)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": DRAFT_FORMAT})
+        save_tensors(tensors, out / WEIGHTS_NAME, metadata={"format": DRAFT_FORMAT})
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return config
 

@@ -118,13 +118,13 @@ class FeatureDataset:
         return self.subset(~is_val), self.subset(is_val)
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
+        from ..artifacts import save_tensors
 
         tensors = {}
         for name in self._TENSORS:
             t = getattr(self, name)
             tensors[name] = (t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous()
-        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta)})
+        save_tensors(tensors, path, metadata={"meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path) -> "FeatureDataset":
@@ -346,9 +346,9 @@ class _LabelCache:
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return
-        from safetensors.torch import save_file
+        from ..artifacts import save_tensors
 
-        save_file(self.entries, self.path, metadata={"fingerprint": self.fingerprint, "k": str(self.k)})
+        save_tensors(self.entries, self.path, metadata={"fingerprint": self.fingerprint, "k": str(self.k)})
 
 
 @torch.no_grad()

@@ -188,9 +188,9 @@ class PredictorBank:
     def save(self, weights_path, config_path=None, extra_config: dict | None = None) -> dict:
         """Write `predictors.safetensors` (+ `predictors_config.json` when config_path is given).
         Returns the config dict written."""
-        from safetensors.torch import save_file
+        from ..artifacts import save_tensors
 
-        save_file(self.to_state_dict(), str(weights_path), metadata={"format": "specee-predictors"})
+        save_tensors(self.to_state_dict(), weights_path, metadata={"format": "specee-predictors"})
         config = dict(self.config())
         config.update(extra_config or {})
         if config_path is not None:
