@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .artifacts import (
@@ -351,11 +352,14 @@ def generate_from_artifact(directory, prompt: str, settings: Settings, on_text=N
     """`specee-compile generate DIR PROMPT --backend onnx`: the runtime loop over an exported directory
     (manifest, ONNX graphs, predictors, tokenizer). `on_text` streams text as tokens become final.
     Returns (GenerationResult, generated text)."""
-    run = open_exported(directory, settings)
+    t0 = time.perf_counter()
+    run = open_exported(directory, settings)  # the manifest's checks; ONNX Runtime's sessions
     tokenizer = run.tokenizer
+    load_s = time.perf_counter() - t0
     ids = encode_prompt(tokenizer, prompt, settings.chat_template)
     if not hasattr(run, "decoder"):  # a deployment runner with its own loop (the C++ runner, cpp/)
         res = run.generate(ids)
+        res.load_s += load_s  # (the runner's own: its packages and weights)
         text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
         if on_text is not None:
             on_text(text + "\n")
@@ -374,6 +378,7 @@ def generate_from_artifact(directory, prompt: str, settings: Settings, on_text=N
             printed[0] = len(text)
 
     res = dec.generate(ids, on_token=stream)
+    res.load_s = load_s
     text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
     if on_text is not None and len(text) > printed[0]:
         on_text(text[printed[0] :] + "\n")

@@ -218,6 +218,10 @@ def test_cli_generate_backend_cpp(exported, tmp_path):
     ref = python_run(model, prog, draft, s, ids)
     assert got["token_ids"] == ref.token_ids and got["exit_layers"] == ref.exit_layers
     assert r.stdout.strip() == tok.decode(ref.token_ids, skip_special_tokens=True).strip()
+    # the runner's own load (packages, weights) and its cost check's outcome reach the stats, as the Python
+    # runtime's do; no CUDA graphs captured on a CPU
+    assert got["load_s"] > 0 and got["compile_s"] == 0
+    assert isinstance(got["exit_points_kept"], list) and isinstance(got["exit_points_dropped"], dict)
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ def test_export_then_generate_matches_eager(tiny_artifacts, tmp_path, capsys):
     assert manifest["fingerprint"] == load_model(str(model_dir)).fingerprint
     s = Settings(specee=True, max_new_tokens=16, max_context=128, threshold=0.45, artifacts=str(arts))
     res, _ = generate_from_artifact(out, "hello there", s)
+    assert res.load_s > 0  # the manifest's checks and ONNX Runtime's sessions
     loaded = load_model(str(model_dir))
     ref = build_decoder(loaded, s).generate(encode_prompt(loaded.tokenizer, "hello there"))
     assert res.token_ids == ref.token_ids

@@ -140,13 +140,20 @@ def run_runner(directory, prompt_ids: list[int], settings: Settings, extra: tupl
 
 
 def result_from_json(data: dict):
+    """The runner's JSON as the Python runtime's `GenerationResult`: its load (packages and weights) as load_s, its
+    CUDA graph capture as compile_s, its cost check's outcome as exit_program, as `generate --stats-json` reports
+    them for every backend."""
     from ..runtime.decoder import GenerationResult
 
+    exit_program = None
+    if "exit_points_kept" in data:  # the runner ran the cost check (runtime/exit_costs.py's rule)
+        exit_program = {k: data[k] for k in ("exit_points_kept", "exit_points_dropped", "step_costs")}
     return GenerationResult(
         prompt_len=data["prompt_len"], token_ids=list(data["token_ids"]), num_layers=data["num_layers"],
         exit_layers=list(data["exit_layers"]), layer_passes=data["layer_passes"], layer_rows=data["layer_rows"],
         decode_steps=data["decode_steps"], rollbacks=data["rollbacks"], predictor_calls=data["predictor_calls"],
-        head_calls=data["head_calls"], prefill_s=data["prefill_s"], decode_s=data["decode_s"])
+        head_calls=data["head_calls"], prefill_s=data["prefill_s"], decode_s=data["decode_s"],
+        load_s=data["load_s"], compile_s=data.get("capture_s", 0.0), exit_program=exit_program)
 
 
 class CppArtifact:
@@ -193,18 +200,5 @@ def open_artifact(directory, settings: Settings) -> CppArtifact:
     return CppArtifact(directory, settings)
 
 
-def generate_from_artifact(directory, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None):
-    """`specee-compile generate DIR PROMPT --backend cpp` -> (GenerationResult, text)."""
-    from ..api import encode_prompt
-
-    art = CppArtifact(directory, settings)
-    ids = encode_prompt(art.tokenizer, prompt, settings.chat_template)
-    res = art.generate(ids)
-    text = art.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-    if on_text is not None:
-        on_text(text + "\n")
-    return res, text
-
-
-__all__ = ["CppArtifact", "build_runner", "generate_from_artifact", "open_artifact", "run_runner",
+__all__ = ["CppArtifact", "build_runner", "open_artifact", "run_runner",
            "toolchain_missing"]
