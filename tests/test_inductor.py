@@ -120,6 +120,22 @@ def test_dense_tokens_equal_eager(arch):
     assert stats["compiles"] == {"layer": 2, "head": 1}, stats
 
 
+def test_cpu_rows_run_over_the_onednn_weights(monkeypatch):
+    """Where the CPU probe picks oneDNN (pinned here), calls of several rows (the prefill) run the eager function over
+    the oneDNN weights, as the eager backend does (Inductor would call MKL for them); one row stays compiled, with
+    its matmuls as reductions (`inductor_cpu_gemv`). The tokens equal eager's; only the one-row shapes compile,
+    before the prefill."""
+    monkeypatch.setenv("SPECEE_CPU_GEMM", "onednn")
+    model = llama()
+    s = Settings(**BASE)
+    eager = make_segments(model, s)
+    seg = make_segments(model, s.replace(backend="inductor"))
+    assert seg.gemm == eager.gemm == "onednn"
+    for ids in PROMPTS:
+        assert dense_tokens(seg, s, ids) == dense_tokens(eager, s, ids)
+    assert seg.compile_stats()["compiles"] == {"layer": 1, "head": 1}
+
+
 @pytest.mark.parametrize("kv_policy", ["skip", "backfill"])
 def test_scripted_exits_equal_eager_tokens_and_cache(kv_policy):
     model = llama()

@@ -459,13 +459,20 @@ def test_train_draft_command_refuses_cuda_without_cuda(tmp_path):
         train_draft_command("smollm2-135m", tmp_path / "d", device="cuda", progress=False)
 
 
-def test_inductor_backend_tree_equals_dense():
-    """--backend inductor: the tree layer is model_step's layer compiled by torch.compile."""
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+def test_inductor_backend_tree_equals_dense(gemm, monkeypatch):
+    """--backend inductor on a CPU: the tree layer is model_step's layer over the backend's CPU matmul weights, run
+    eagerly there (with oneDNN's, which Inductor cannot take; compiled by torch.compile on CUDA), and the dense
+    one-row steps compiled. Either library the probe may pick (pinned here) gives the dense tokens."""
+    monkeypatch.setenv("SPECEE_CPU_GEMM", gemm)
     model = make_tiny_llama()
     ref = dense(model, PROMPT, 16)
-    res = tree_dec(model, OracleTree(model), 16, backend="inductor", tree_budget=6, tree_depth=3).generate(PROMPT)
+    dec = tree_dec(model, OracleTree(model), 16, backend="inductor", tree_budget=6, tree_depth=3)
+    assert dec.seg.gemm == gemm
+    res = dec.generate(PROMPT)
     assert res.token_ids == ref.token_ids
     assert res.accepted_per_step > 2.0
+    assert res.compile_s > 0  # the one-row segments compiled before the prefill (there is no whole step to capture)
 
 
 # ---------------------------------------------------------------- the fixed tree program (FixedTree)

@@ -70,12 +70,13 @@ class Segments:
         self.predictors = program.predictors.to(self.device) if program is not None else None
         self._layer = make_layer_fn(self.spec)
         self._head = make_head_fn(self.spec)
-        # the matmul weights as the layer and head functions take them: on a CPU (eager, float32) in the
-        # library the probe timed faster here (`cpu_gemm.py`: MKL as they are, or a oneDNN-layout copy)
+        # the matmul weights as the layer and head functions take them: on a CPU (float32) in the library the
+        # probe timed faster here (`cpu_gemm.py`: MKL as they are, or a oneDNN-layout copy). The Inductor backend
+        # runs its calls of several rows this way on a CPU (inductor.py)
         self.gemm, self.gemm_probe = "default", None
         self._mm_layers: list[tuple] | None = None
         self._mm_head: torch.Tensor | None = None
-        if self.device.type == "cpu" and self.name == "eager" and dtype == torch.float32:
+        if self.device.type == "cpu" and self.name in ("eager", "inductor") and dtype == torch.float32:
             from . import cpu_gemm
 
             self.gemm, self.gemm_probe = cpu_gemm.pick(self.weights)

@@ -42,6 +42,12 @@ rows' RoPE, K/V cache writes and validity mark before it as `specee::rope_append
 where Inductor made four; a mutating op that Inductor calls in place on the cache inputs); the exit
 op runs the fused Triton exit kernel; Inductor compiles the rest with coordinate-descent tuning. Rows
 q > 1 fall back to cuBLAS / SDPA / the plain cache writes inside the ops.
+
+On a CPU (float32) the one-row calls are compiled with their matmuls as reductions
+(`plugins/inductor_cpu_gemv.py`: Inductor's parallel vectorized loops, where MKL runs a one-row product
+on one thread), and compiled before the prefill (`prepare`). Calls of several rows (the prefill, pending
+rows, a tree's verification) run as the eager backend runs them where its probe picks oneDNN
+(`backends/cpu_gemm.py`, `_rows_eager`): Inductor would call MKL for them.
 """
 
 from __future__ import annotations
@@ -177,7 +183,7 @@ class InductorSegments(Segments):
             pos = torch.tensor([0, 1], device=self.device)  # slots the reset below frees again
             h = self.embed(torch.zeros(2, dtype=torch.long, device=self.device))
             S = self.attn_len(1)
-            self.head(self.layer(0, h, pos, S)[:, -1:])
+            self.head(self.layer(0, h, pos, S)[:, -1:])  # (a CPU's oneDNN rows compile nothing: `_rows_eager`)
             if w is None:  # (CUDA: the whole step's capture compiled the one-row shapes)
                 x, pos1 = self.embed(pos[:1]), pos[1:].clone()  # (a view of pos: another compile, guarded on its base)
                 for i in range(self.spec.num_layers):
@@ -229,8 +235,18 @@ class InductorSegments(Segments):
         return self._head_c(h, self.weights.norm, self.weights.head)
 
     # ---- the segment calls the runtime makes ----
+    def _rows_eager(self, h: torch.Tensor) -> bool:
+        """A call of several rows on a CPU whose probe chose oneDNN (`cpu_gemm.py`): the eager function over the
+        oneDNN weights runs it, as in the eager backend. Inductor hands several-row matmuls to MKL, which took
+        76 ms for SmolLM2's 30 layers at 3 rows against oneDNN's 17 on the 2-core AMD EPYC (2026-12-05,
+        benchmarks/cpu_gemm_rows.py), and oneDNN's weights are opaque to it. One row stays compiled
+        (`inductor_cpu_gemv`)."""
+        return self._mm_layers is not None and h.shape[1] > 1
+
     def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
         # h [1, q, D], pos [q] -> h [1, q, D]; writes layer i's K/V and validity at pos
+        if self._rows_eager(h):
+            return super().layer(i, h, pos, S)
         c = self.cache
         args = self.segmented.layer_args(
             self.weights, i, h, pos, self._keys_for(S), c.valid[i], c.k[i], c.v[i]
@@ -240,6 +256,8 @@ class InductorSegments(Segments):
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # h [1, q, D] -> (hn [1, q, D], logits [1, q, V])
+        if self._rows_eager(h):
+            return super().head(h)
         q = h.shape[1]
         return self._call(
             ("head", q), self._head_c, (h, self.weights.norm, self.weights.head), (0,), ((0, 1),), q

@@ -244,10 +244,15 @@ class Decoder:
         if s.specee and self.selection is None and (self.tree is None or self.tree.selects_exits):
             self._select_exit_points()
         self.dev_schedule = self._device_schedule()
+        last_pos = len(prompt_ids) + s.max_new_tokens - 1
         if self.tree is not None:  # compile + capture before the first token
             self.tree.prepare(len(prompt_ids), s.max_new_tokens)
         elif self.whole is not None and s.temperature <= 0:
-            self.whole.prepare(self._template_plan(), len(prompt_ids) + s.max_new_tokens - 1)
+            self.whole.prepare(self._template_plan(), last_pos)
+        if self.whole is not None and (self.tree is not None or s.temperature > 0):
+            dense = StepPlan(token=0, pos=0)
+            if not self.whole.can_run(dense):  # no whole step to capture (a CPU): its segments still compile now
+                self.whole.prepare(dense, last_pos)
         if s.specee and self.tree is None and not self.as_dense and not self._draft_warm:
             self._warm_draft(prompt_ids)
         if getattr(seg.cache, "junk", False):  # warm-ups / captures / cost replays ran on junk state

@@ -248,7 +248,7 @@ class TreeStep:
     def _make_layer(seg):
         """`model_step`'s layer, called with tree slots and mask. A backend may bring its own
         (`tree_layer(i, h, pos, S, slots, mask)`); otherwise the eager function, compiled by
-        torch.compile for the inductor backend (its traced segment has no mask input)."""
+        torch.compile for the inductor backend on CUDA (its traced segment has no mask input)."""
         own = getattr(seg, "tree_layer", None)
         if own is not None:
             return own
@@ -261,8 +261,11 @@ class TreeStep:
         # profile), and the masked attention one `tree_attention` launch, where cuDNN's flash kernel took 9.4 us
         # and a mask kernel ran before it (session-18 profile); it writes rows-major, so the o-projection reads
         # it as a view.
+        # On a CPU the layer stays eager for the inductor backend too: its matmuls take the backend's oneDNN
+        # weights (`Segments.layer_weights`), which Inductor cannot compile, and MKL, which it would call for
+        # several rows, runs them several times slower there (`InductorSegments._rows_eager`).
         fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
-        if seg.name == "inductor":
+        if seg.name == "inductor" and seg.device.type == "cuda":
             from ..plugins import pdl
 
             allow_recompiles()  # every tree decoder of the process compiles this same layer code
