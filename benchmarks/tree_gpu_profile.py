@@ -177,6 +177,8 @@ def main() -> int:
         print("tree_gpu_profile: no CUDA device here; expected a GPU, or pass --device cpu for a dry run",
               file=sys.stderr)
         return 2
+    if dev.type == "cpu":  # the weights as the GPU holds them (plain), not the CPU probe's oneDNN copies
+        os.environ["SPECEE_CPU_GEMM"] = "mkl"  # (which Inductor cannot compile, nor copy.deepcopy copy)
     args.dtype = args.dtype or ("float32" if args.shape == "smollm2" else "float16")
     dt = getattr(torch, args.dtype)
     shape = dict(SMOL if args.shape == "smollm2" else SEVEN)

@@ -325,3 +325,30 @@ def test_an_optional_row_that_fails_is_recorded_and_the_others_timed():
     assert out["row"][0]["paired_ratio"] == 1.5 and out["row"][0]["runs"] == [150.0, 150.0]
     with pytest.raises(RuntimeError):
         time_interleaved(decs, [1], 1)  # not optional: the failure stops the bench
+
+
+def test_tree_gpu_profile_dry_run_on_the_cpu(tmp_path):
+    """`tree_gpu_profile.py --device cpu`: the GPU profile's whole script (a draft-dtype and a PDL loop, --profile)
+    on the CPU at one layer, so a Python error in a loop costs no GPU time; its record is keyed as on the GPU. The
+    script refuses --device cuda where there is none, in one line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "tree_gpu_profile.py"), "--layers", "1", "--new", "4",
+           "--runs", "1", "--draft-dtypes", "auto,float16", "--pdl", "0,all", "--profile"]
+    r = subprocess.run([*cmd, "--device", "cpu", "--out", str(out)], capture_output=True, text=True, check=False,
+                       cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["card"] == "cpu (dry run)" and rec["shape"]["num_hidden_layers"] == 1
+    for key in ("tree_compiled%auto#pdl=0", "tree_compiled%float16#pdl=all"):
+        assert rec["results"][key]["step_us"] > 0 and rec["results"][key]["draft_mode"] == "compiled", key
+    assert rec["profile_categories%float16#pdl=all"]
+    if not torch.cuda.is_available():
+        r = subprocess.run([*cmd, "--device", "cuda"], capture_output=True, text=True, check=False, cwd=root)
+        assert r.returncode == 2 and "pass --device cpu" in r.stderr and "Traceback" not in r.stderr
