@@ -72,7 +72,7 @@ class GenerationResult:
     tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
     draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
     draft_dtype: str | None = None  # what the EAGLE draft computes in ("float32", "float16", ...; None: no EAGLE draft)
-    gemm: dict | None = None  # the CPU matmul library the eager backend timed and chose (backends/cpu_gemm.py)
+    gemm: dict | None = None  # the CPU matmul library the backend timed and chose (eager, inductor; backends/cpu_gemm.py)
     pdl: str | None = None  # SPECEE_PDL on CUDA (plugins/pdl.py: programmatic dependent launch); None off CUDA
     prefill_s: float = 0.0
     decode_s: float = 0.0
