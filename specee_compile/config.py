@@ -177,10 +177,12 @@ class Settings:
             check("draft_source", DRAFT_SOURCES)
         check("draft_quant", DRAFT_QUANTS)
         check("draft_dtype", DRAFT_DTYPES)
-        if self.device_kind == "cpu":  # the CPU matmul library's pin, checked before any model is loaded
+        if self.device_kind == "cpu":  # the CPU matmul settings, checked before any model is loaded
             from .backends.cpu_gemm import setting
+            from .plugins.inductor_cpu_gemv import enabled
 
             setting()
+            enabled()
         if self.device_kind == "cuda":  # SPECEE_PDL (plugins/pdl.py), checked before any model is loaded
             from .plugins import pdl
 

@@ -85,3 +85,7 @@ def test_setting(monkeypatch):
     monkeypatch.setenv("SPECEE_CPU_GEMV", "yes")
     with pytest.raises(SettingError, match="SPECEE_CPU_GEMV"):
         inductor_options(cpu)
+    from specee_compile.config import Settings
+
+    with pytest.raises(SettingError, match="SPECEE_CPU_GEMV"):  # checked with the settings, before a model loads
+        Settings(backend="inductor")
