@@ -177,8 +177,10 @@ def summary_line(res) -> str:
     """generate's closing line: tokens, times, decode tokens per second (a tree step emits several), layers, and
     for a tree the tokens per verify step and whether its guard declined it."""
     guard = (res.tree_guard or {}).get("declined")
-    return (f"\n[{len(res.token_ids)} tokens | load {res.load_s:.1f} s, compile {res.compile_s:.1f} s, prefill "
-            f"{res.prefill_s:.2f} s, decode {res.decode_tok_s:.1f} tok/s | avg layers {res.avg_layers:.2f}"
+    state = (res.compile_cache or {}).get("state")
+    cached = f" (cache {state})" if state and state != "none" else ""
+    return (f"\n[{len(res.token_ids)} tokens | load {res.load_s:.1f} s, compile {res.compile_s:.1f} s{cached}, "
+            f"prefill {res.prefill_s:.2f} s, decode {res.decode_tok_s:.1f} tok/s | avg layers {res.avg_layers:.2f}"
             f"/{res.num_layers}" + (f", rollbacks {res.rollbacks}" if res.rollbacks else "")
             + (f", {res.accepted_per_step:.2f} tokens/verify step" if res.verify_steps else "")
             + (f" | tree declined: {guard}" if guard else "") + "]")

@@ -183,10 +183,11 @@ class Settings:
 
             setting()
             enabled()
-        if self.device_kind == "cuda":  # SPECEE_PDL (plugins/pdl.py), checked before any model is loaded
-            from .plugins import pdl
+        if self.device_kind == "cuda":  # SPECEE_PDL and SPECEE_TUNE_CACHE, checked before any model is loaded
+            from .plugins import compile_cache, pdl
 
             pdl.mode()
+            compile_cache.enabled()
         for flag, v, off in (("--draft-quant", self.draft_quant, "none"), ("--draft-dtype", self.draft_dtype, "auto")):
             if v != off and not (self.specee or self.speculate == "tree"):
                 raise SpecEEError(f"{flag} {v} changes the draft, which runs only with --specee or --speculate tree: "

@@ -65,7 +65,7 @@ import os
 import torch
 
 from ..errors import SettingError
-from . import HAVE_TRITON, pdl, register_kernel, tl, triton
+from . import HAVE_TRITON, compile_cache, pdl, register_kernel, tl, triton
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 PROLOGUE_NAMES = {v: k for k, v in PROLOGUES.items()}
@@ -477,7 +477,8 @@ def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
         if torch.cuda.is_current_stream_capturing():
             return None
         cands = gemv_candidates(kw["W8"], whole_k)
-        cfg = _TUNE_CACHE[key] = _tune(w, lambda c, wi: _launch(args, kw, c, wi), cands)
+        cfg = _TUNE_CACHE[key] = compile_cache.pick(
+            "gemv", key, w.device, cands, lambda: _tune(w, lambda c, wi: _launch(args, kw, c, wi), cands))
     return cfg
 
 
@@ -544,7 +545,8 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=Non
                 else:
                     _rows_launch(args, kw, c, wi)
 
-            cfg = _TUNE_CACHE[key] = _tune(w, launch, [EAGER, *row_candidates(x.dtype, pro, kw["W8"])])
+            cands = [EAGER, *row_candidates(x.dtype, pro, kw["W8"])]
+            cfg = _TUNE_CACHE[key] = compile_cache.pick("rows", key, w.device, cands, lambda: _tune(w, launch, cands))
             w8 = " w8" if kw["W8"] else ""
             TUNED.setdefault((N, K, f"{name} x{kw['MP']}{w8}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
     if cfg == EAGER:

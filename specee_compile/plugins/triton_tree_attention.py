@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, pdl, register_kernel, tl, triton
+from . import HAVE_TRITON, compile_cache, pdl, register_kernel, tl, triton
 
 BLOCK_S = 64  # keys per block (the untuned config: CPU, the interpreter, a first call inside a capture)
 MAX_SPLITS = 8  # splits of S per (head, row block)
@@ -204,7 +204,9 @@ def _tuned(q, k, v, valid, mask):
         else:
             _launch(c, q, kv[0], kv[1], valid, mask)
 
-    cfg = _TUNE_CACHE[key] = _tune(torch.stack([k, v]), launch, [EAGER, *CONFIGS])
+    cands = [EAGER, *CONFIGS]
+    cfg = _TUNE_CACHE[key] = compile_cache.pick("tree_attention", key, q.device, cands,
+                                                lambda: _tune(torch.stack([k, v]), launch, cands))
     TUNED[(H, Hkv, rows, S, hd, str(q.dtype).removeprefix("torch."))] = (
         cfg if cfg == EAGER else ",".join(map(str, cfg)))
     return cfg

@@ -68,6 +68,7 @@ class GenerationResult:
     tree_nodes: int = 0  # draft-tree nodes verified, over all tree steps
     load_s: float = 0.0  # loading the model (set by whoever loaded it: the CLI)
     compile_s: float = 0.0  # compile + graph capture before the prefill (0 when everything was ready)
+    compile_cache: dict | None = None  # what that compile found on disk (plugins/compile_cache.py `report`)
     exit_program: dict | None = None  # exit points kept / dropped (with reasons) and the measured costs
     tree_guard: dict | None = None  # the tree's costs and whether it was declined (runtime/tree.py TreeGuard)
     draft_quant: str | None = None  # the EAGLE draft's weights ("none", "int8"; None: no EAGLE draft)
@@ -117,6 +118,7 @@ class GenerationResult:
             "decode_tokens_per_s": self.decode_tok_s,
             "load_s": self.load_s,
             "compile_s": self.compile_s,
+            "compile_cache": self.compile_cache,
             "exit_points_kept": (self.exit_program or {}).get("exit_points_kept"),
             "exit_points_dropped": (self.exit_program or {}).get("exit_points_dropped"),
             "exit_program": self.exit_program,
@@ -239,7 +241,10 @@ class Decoder:
         """Dense prefill of the prompt; returns the first generated token."""
         s, seg = self.s, self.seg
         check_prompt(prompt_ids, s.max_new_tokens, seg.max_len, "raise --max-context")
+        from ..plugins import compile_cache
+
         self._drain()
+        cache0 = compile_cache.counts()
         t0 = time.perf_counter()
         if s.specee and self.selection is None and (self.tree is None or self.tree.selects_exits):
             self._select_exit_points()
@@ -260,11 +265,13 @@ class Decoder:
             if self.draft is not None and hasattr(self.draft, "clear"):
                 self.draft.clear()
         compile_s = time.perf_counter() - t0
+        cache = compile_cache.report(cache0, compile_cache.counts())
         seg.cache.reset()
         self.gen = torch.Generator().manual_seed(s.seed)
         guard = None if self.tree is None or self.tree.guard is None else self.tree.guard.record()
         res = GenerationResult(prompt_len=len(prompt_ids), token_ids=[], num_layers=self.L, exit_layers=[],
-                               compile_s=compile_s, exit_program=self.selection, tree_guard=guard,
+                               compile_s=compile_s, compile_cache=cache, exit_program=self.selection,
+                               tree_guard=guard,
                                draft_quant=getattr(getattr(self.draft, "draft", None), "quant", None),
                                draft_dtype=_dtype_name(getattr(getattr(self.draft, "draft", None), "dtype", None)),
                                gemm=({"choice": seg.gemm, **(seg.gemm_probe or {})}
