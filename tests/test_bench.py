@@ -315,8 +315,8 @@ def test_an_optional_row_that_fails_is_recorded_and_the_others_timed():
         def generate(self, prompt):
             if self.fail:
                 raise RuntimeError("capture failed\nsecond line")
-            return SimpleNamespace(compile_s=0.0, prefill_s=0.0, decode_tok_s=self.tok_s, avg_layers=1.0,
-                                   predictor_calls=0, head_calls=0, decode_steps=1, token_ids=[1], exit_program=None,
+            return SimpleNamespace(compile_s=0.0, compile_cache=None, prefill_s=0.0, decode_tok_s=self.tok_s,
+                                   avg_layers=1.0, predictor_calls=0, head_calls=0, decode_steps=1, token_ids=[1], exit_program=None,
                                    draft_quant=None)
 
     decs = {"dense": Dec(100.0), "row": Dec(150.0), "new": Dec(1.0, fail=True)}

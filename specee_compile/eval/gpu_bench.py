@@ -281,7 +281,7 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> d
     out, ref = {}, names[0]
     for n in names:
         f, res, fig = first[n], last[n], summarize(vals[n])
-        fig.update(compile_s=round(f.compile_s, 1), first_prefill_s=round(f.prefill_s, 2),
+        fig.update(compile_s=round(f.compile_s, 1), compile_cache=f.compile_cache, first_prefill_s=round(f.prefill_s, 2),
                    first_call_decode_tok_s=round(f.decode_tok_s, 1),
                    first_call_vs_steady=round(f.decode_tok_s / fig["median"], 3) if fig["median"] else None,
                    prefill_s=round(res.prefill_s, 4), avg_layers=round(res.avg_layers, 2),
