@@ -183,11 +183,15 @@ class Settings:
 
             setting()
             enabled()
-        if self.device_kind == "cuda":  # SPECEE_PDL and SPECEE_TUNE_CACHE, checked before any model is loaded
-            from .plugins import compile_cache, pdl
+        if self.device_kind == "cuda":  # the CUDA kernels' variables (README), checked before any model is loaded
+            from .model_step import tree_linears
+            from .plugins import compile_cache, pdl, triton_gemv
 
             pdl.mode()
             compile_cache.enabled()
+            tree_linears()
+            triton_gemv.max_rows()
+            triton_gemv.fixed_config()
         for flag, v, off in (("--draft-quant", self.draft_quant, "none"), ("--draft-dtype", self.draft_dtype, "auto")):
             if v != off and not (self.specee or self.speculate == "tree"):
                 raise SpecEEError(f"{flag} {v} changes the draft, which runs only with --specee or --speculate tree: "

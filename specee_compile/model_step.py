@@ -203,6 +203,19 @@ CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
 ROWS_LINEARS = ("plain", "matmul", "fused")
 
 
+def tree_linears() -> str:
+    """SPECEE_TREE_LINEARS, checked: one of ROWS_LINEARS, or "" (unset: the choice by dtype, `rows_fused`)."""
+    import os
+
+    v = os.environ.get("SPECEE_TREE_LINEARS", "")
+    if v and v not in ROWS_LINEARS:
+        from .errors import SettingError
+
+        raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected one of {', '.join(ROWS_LINEARS)}; unset it for "
+                           "the default")
+    return v
+
+
 def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     """The fused ops of a CUDA layer that runs a few rows at once (the fixed tree program's verification and its
     draft's levels): the attention op, and for 16-bit weights the matmuls as `specee::fused_linear` with no
@@ -216,14 +229,7 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     configs are built for them, but their speed and the tree's identity to dense with them are not yet measured on a
     GPU. SPECEE_TREE_LINEARS=plain|matmul|fused (fused: `CUDA_FUSED`, prologues inside the op) overrides the
     choice for every dtype, for A/B runs."""
-    import os
-
-    v = os.environ.get("SPECEE_TREE_LINEARS", "")
-    if v and v not in ROWS_LINEARS:
-        from .errors import SettingError
-
-        raise SettingError(f"SPECEE_TREE_LINEARS={v!r}: expected one of {', '.join(ROWS_LINEARS)}; unset it for "
-                           "the default")
+    v = tree_linears()
     if v == "plain" or (not v and dtype == torch.float32):
         return ("attn",)
     return CUDA_FUSED if v == "fused" else ("attn", "matmul")

@@ -123,13 +123,17 @@ def test_off_times_every_shape_and_writes_nothing(store, monkeypatch):
         cc.enabled()
 
 
-def test_settings_check_the_variable_before_a_model_loads(monkeypatch):
+@pytest.mark.parametrize("var,bad", [(cc.ENV, "2"), ("SPECEE_PDL", "1"), ("SPECEE_TREE_LINEARS", "cublas"),
+                                     ("SPECEE_GEMV_MAX_ROWS", "64"), ("SPECEE_GEMV_CONFIG", "4,1024")])
+def test_settings_check_the_cuda_variables_before_a_model_loads(monkeypatch, var, bad):
+    """Every variable of README's table that the CUDA kernels read is refused in one line by the settings, before
+    any model loads (not at its first use, minutes into a start)."""
     from specee_compile.config import Settings
 
-    monkeypatch.setenv(cc.ENV, "2")
-    with pytest.raises(SettingError, match="SPECEE_TUNE_CACHE"):
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(SettingError, match=f"{var}={bad!r}: expected"):
         Settings(device="cuda")
-    Settings(device="cpu")  # no tuner runs on the CPU
+    Settings(device="cpu")  # none of them is read on the CPU
 
 
 def test_an_unwritable_cache_costs_only_the_time(store, capsys):

@@ -422,7 +422,7 @@ def triton_fused_linear(x, w, res=None, norm_w=None, eps: float = 0.0, prologue:
     nw = norm_w.contiguous() if norm_w is not None else x
     args = (x, w, w_scale.contiguous() if w8 else w, res_t, nw, y, *_workspace(x.device, N), N, float(eps))
     kw = {"K": K, "PRO": pro, "HAS_RES": res is not None, "W8": w8}
-    cfg = _fixed_config()
+    cfg = fixed_config()
     if cfg is None:
         cfg = _tuned(args, kw)
         if cfg is None:  # first use inside a stream capture: untuned, not remembered
@@ -650,7 +650,7 @@ def tune_for_aoti(x, w, res=None, norm_w=None, eps: float = 0.0, prologue: str =
 
 
 def _aoti_config(key) -> tuple:
-    fixed = _fixed_config()
+    fixed = fixed_config()
     if fixed is not None and fixed[2] == 1:
         return fixed
     picked = PICKED.get(key, AOTI_DEFAULT)
@@ -701,7 +701,7 @@ def _workspace(device, n: int):
     return ws
 
 
-def _fixed_config():
+def fixed_config():
     """SPECEE_GEMV_CONFIG="BLOCK_N,BLOCK_K,SPLIT,num_warps,num_stages" skips tuning (tests,
     reproductions)."""
     v = os.environ.get("SPECEE_GEMV_CONFIG")
@@ -719,5 +719,5 @@ def register_cuda_impl() -> bool:
     """Make the kernel the CUDA implementation of `specee::fused_linear` (idempotent; False where triton is
     missing). Its SPECEE_GEMV_* settings are checked here, before any decoding, not at their first use."""
     max_rows()
-    _fixed_config()
+    fixed_config()
     return register_kernel("specee::fused_linear", triton_fused_linear)
