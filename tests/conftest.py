@@ -36,6 +36,13 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _tuners_time_every_shape(monkeypatch):
+    """Tests never read or write the CUDA tuners' picks under the user's cache (`plugins/compile_cache.py`):
+    a kept pick would skip the timing a test drives. tests/test_compile_cache.py turns the store on itself."""
+    monkeypatch.setenv("SPECEE_TUNE_CACHE", "0")
+
+
 def make_tiny_llama(**overrides: Any) -> Any:
     """A random-weight LlamaForCausalLM (seed 0, float32, eval); kwargs override the config."""
     from transformers import LlamaConfig, LlamaForCausalLM

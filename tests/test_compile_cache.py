@@ -202,7 +202,7 @@ def test_cuda_a_second_process_reads_the_rows_tuners_picks(tmp_path):
             "y = torch.ops.specee.fused_linear(x, w, None, None, 0.0, 'none')\n"
             "ref = x @ w.T\n"
             "print(json.dumps({'counts': cc.COUNTS, 'err': float((y - ref).abs().max() / ref.abs().max())}))\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPECEE_CACHE": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPECEE_CACHE": str(tmp_path), cc.ENV: "1"}
     out = []
     for _ in range(2):
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,

@@ -644,8 +644,8 @@ def test_rows_tuner_keeps_cublas_where_it_is_faster(monkeypatch):
         assert y.shape == (1, rows, 40)
         if us == 1.0:  # the reference's own result
             assert torch.equal(y, fused_linear_reference(x, w, r, nw, 1e-5, "rmsnorm")) and not launched
-    assert T._TUNE_CACHE[("rows", 16, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.EAGER
-    assert T._TUNE_CACHE[("rows", 32, 40, 64, 1, True, torch.float32, torch.device("cpu"))] == T.ROW_CONFIGS[0]
+    assert T._TUNE_CACHE[("rows", 16, 40, 64, 1, True, torch.float32, torch.device("cpu"), "0")] == T.EAGER
+    assert T._TUNE_CACHE[("rows", 32, 40, 64, 1, True, torch.float32, torch.device("cpu"), "0")] == T.ROW_CONFIGS[0]
     assert launched == [(T.ROW_CONFIGS[0], 32)]  # the 20-row call ran the kernel's pick
     T._TUNE_CACHE.clear()
 

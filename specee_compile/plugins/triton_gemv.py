@@ -471,7 +471,9 @@ def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
     """The config for this call's shape (of all CONFIGS, with CONFIGS_W8 for int8 weights, or of the whole-K
     ones): `_tune`'s pick, cached per shape; None inside a stream capture."""
     w = args[1]
-    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k)  # int8: W8
+    # int8: W8; PDL: a kernel launched with it is another kernel (EARLY_W holds one more weight tile in shared
+    # memory), so a pick made without it may not even fit (H100, session 25: OutOfResources)
+    key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k, pdl.mode())
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():
@@ -531,7 +533,7 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=Non
     N, K = w.shape
     x, w = x.contiguous(), w.contiguous()
     y, args, kw = rows_args(x, w, res, norm_w, eps, pro, w_scale)
-    key = ("rows", kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device)
+    key = ("rows", kw["MP"], N, K, pro, kw["HAS_RES"], w.dtype, w.device, pdl.mode())  # PDL: as in `_tuned`
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():  # first use inside a capture: untuned, not remembered

@@ -193,7 +193,7 @@ def _tuned(q, k, v, valid, mask):
 
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
-    key = (H, Hkv, rows, S, hd, q.dtype, q.device)
+    key = (H, Hkv, rows, S, hd, q.dtype, q.device, pdl.mode())  # PDL: timed as it is launched
     cfg = _TUNE_CACHE.get(key)
     if cfg is not None or torch.cuda.is_current_stream_capturing():
         return cfg
