@@ -224,13 +224,15 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     last add as its epilogue: nothing after it in the layer would fuse it). A prologue inside the rows kernels
     costs more than it saves at 7B widths (H200, benchmarks/rows_gemm_sweep.py: 25-row q/k/v with RMSNorm 50.7 us
     against cuBLAS's 28.7 without it).
-    fp32 keeps plain matmuls by default, for now: cuBLAS runs SmolLM2's 25-row fp32 matmuls on the FMA units
-    (H200, session 22 profile: 1.70 of the tree step's 2.64 ms of kernel time), and the turned rows kernel's 3xTF32
-    configs are built for them, but their speed and the tree's identity to dense with them are not yet measured on a
-    GPU. SPECEE_TREE_LINEARS=plain|matmul|fused (fused: `CUDA_FUSED`, prologues inside the op) overrides the
-    choice for every dtype, for A/B runs."""
+    fp32 takes the same form: there the tuner also times the turned rows kernel's 3xTF32 configs against cuBLAS,
+    which runs SmolLM2's 25-row fp32 matmuls on the FMA units (H200, session 22 profile: 1.70 of the tree step's
+    2.64 ms of kernel time). On the real SmolLM2 (H100, session 25, benchmarks/RESULTS.md) the tree went from
+    0.739x to 0.800x dense with it, identical to dense greedy on 20/20 MT-Bench turns.
+    SPECEE_TREE_LINEARS=plain|matmul|fused (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues inside
+    the op) overrides the choice, for A/B runs. `dtype` is kept for callers and a future per-dtype choice."""
+    del dtype  # every dtype takes the same form today (see above)
     v = tree_linears()
-    if v == "plain" or (not v and dtype == torch.float32):
+    if v == "plain":
         return ("attn",)
     return CUDA_FUSED if v == "fused" else ("attn", "matmul")
 

@@ -181,14 +181,14 @@ def test_one_row_tuner_times_wider_tiles_for_int8_weights():
 
 
 def test_rows_fused_per_dtype_and_its_override(monkeypatch):
-    """The multi-row layer's ops: 16-bit matmuls as the op with no prologue, fp32 plain by default;
-    SPECEE_TREE_LINEARS picks another form for every dtype (A/B runs) and a bad value is refused in one line."""
+    """The multi-row layer's ops: the matmuls as the op with no prologue, for every dtype (fp32 too since session
+    25: the tuner's 3xTF32 configs); SPECEE_TREE_LINEARS picks another form (A/B runs) and a bad value is refused in
+    one line."""
     from specee_compile.errors import SettingError
     from specee_compile.model_step import CUDA_FUSED, rows_fused
 
     monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
-    assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == ("attn", "matmul")
-    assert rows_fused(torch.float32) == ("attn",)
+    assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == rows_fused(torch.float32) == ("attn", "matmul")
     for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul"))):
         monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
         assert rows_fused(torch.float16) == rows_fused(torch.float32) == want
