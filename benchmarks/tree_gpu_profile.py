@@ -13,6 +13,12 @@ JSON to --out.
     python benchmarks/tree_gpu_profile.py --pdl 0,all                        # programmatic dependent launch off / on
     python benchmarks/tree_gpu_profile.py --plot A.json B.json --out cats.png   # no GPU: records' categories
     python benchmarks/tree_gpu_profile.py --device cpu --layers 2 --new 8 --runs 1 ...  # a dry run before GPU time
+    python benchmarks/tree_gpu_profile.py --model /tmp/s/smollm2.gguf --draft-dtypes auto,float16 --profile
+
+--model profiles a real model (a Hugging Face directory, a .gguf, or a zoo alias) with its trained draft head (the
+shipped artifacts, or --artifacts DIR) and a chat prompt (--prompt) in place of the random weights, draft and ids:
+what a real head's tree and a real prompt's buckets cost, where random weights may not show it (session 25: the
+fp16 draft was faster on random weights and slower on the real SmolLM2). The accepted length stays forced.
 """
 
 from __future__ import annotations
@@ -118,6 +124,12 @@ def main() -> int:
                     help="cpu: the same script at whatever size --layers gives, to check a command before GPU time "
                          "(times are host wall clock, not comparable)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (7b: a cheaper build)")
+    ap.add_argument("--model", default=None,
+                    help="a real model (HF directory, .gguf or zoo alias) with its trained draft, instead of --shape")
+    ap.add_argument("--artifacts", default=None,
+                    help="with --model: the directory holding draft.safetensors (default: the model's shipped one)")
+    ap.add_argument("--prompt", default="Give three tips for learning a new language.",
+                    help="with --model: the prompt, in the model's chat template")
     ap.add_argument("--dtype", default=None, help="default: float32 (smollm2), float16 (7b)")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
@@ -155,6 +167,13 @@ def main() -> int:
     if bad:
         print(f"--linears: unknown {bad}; expected a comma list of default, {', '.join(ROWS_LINEARS)}", file=sys.stderr)
         return 2
+    if args.model is None and args.artifacts is not None:
+        print("--artifacts names a real model's draft: pass --model too", file=sys.stderr)
+        return 2
+    if args.model is not None and args.layers:
+        print("--layers builds a random model of --shape: drop it with --model (a real model keeps its layers)",
+              file=sys.stderr)
+        return 2
     if args.out:  # before any GPU time
         from specee_compile.api import check_output_file
         from specee_compile.errors import SpecEEError
@@ -168,6 +187,7 @@ def main() -> int:
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleDraft, EagleSource
+    from specee_compile.errors import SpecEEError
     from specee_compile.eval.gpu_bench import sharpen_draft, write_random_model
     from specee_compile.model_step import rows_fused
     from specee_compile.models import load_model
@@ -184,11 +204,23 @@ def main() -> int:
     shape = dict(SMOL if args.shape == "smollm2" else SEVEN)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
-    V = shape["vocab_size"]
-    with tempfile.TemporaryDirectory() as d:
-        write_random_model(shape, dt, dev, d)
-        loaded = load_model(d, dtype=dt, device=args.device)
-    prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.model is not None:
+        try:
+            loaded, draft, prompt = real_model(args, dt)
+        except SpecEEError as e:
+            print(f"tree_gpu_profile: {e}", file=sys.stderr)
+            return 2
+        shape = {k: getattr(loaded.model.config, k, None) for k in SMOL}  # (transformers 5 keeps rope_theta elsewhere)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            write_random_model(shape, dt, dev, d)
+            loaded = load_model(d, dtype=dt, device=args.device)
+        V = shape["vocab_size"]
+        prompt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+        draft = EagleDraft(loaded.model, vocab_ids=torch.arange(min(8192, V)))
+        for p in draft.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
     out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
@@ -204,10 +236,7 @@ def main() -> int:
             vals.append(r.decode_tok_s)
         return statistics.median(vals), r
 
-    draft = EagleDraft(loaded.model, vocab_ids=torch.arange(min(8192, V)))
-    for p in draft.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
+    out["model"] = args.model or "random"
     for pm in pdls:  # PDL is decided when a kernel is compiled (Inductor) and captured (ours): segments per mode
         os.environ["SPECEE_PDL"] = pm
         ptag = f"#pdl={pm}" if len(pdls) > 1 else ""
@@ -216,7 +245,7 @@ def main() -> int:
         R["dense_step_us" + ptag] = round(1e6 / R["dense_tok_s" + ptag], 1)
         print("dense" + ptag, R["dense_tok_s" + ptag], flush=True)
         seg = dense.seg
-        if pm == pdls[0]:
+        if pm == pdls[0] and args.model is None:
             sharpen_draft(EagleSource(draft, k=4), seg, prompt, spread=4.0)  # a trained head's spread
         for lin in linears:
             if lin in ("", "default"):
@@ -242,6 +271,23 @@ def main() -> int:
         with atomic_file(args.out) as tmp:
             tmp.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def real_model(args, dt: torch.dtype):
+    """(loaded model on args.device in dt, its trained EAGLE draft, the chat prompt's ids) for --model."""
+    from specee_compile.api import default_artifacts_dir, encode_prompt
+    from specee_compile.draft.eagle import EagleDraft
+    from specee_compile.errors import ArtifactError
+    from specee_compile.models import load_model
+
+    loaded = load_model(args.model, dtype=dt, device=args.device)
+    directory = args.artifacts or default_artifacts_dir(loaded)
+    if directory is None or not os.path.isfile(os.path.join(directory, "draft.safetensors")):
+        raise ArtifactError(f"no draft head for {args.model}"
+                            + (f" in {directory}" if directory else " shipped") + ": pass --artifacts DIR "
+                            "(a directory with draft.safetensors, as `specee-compile train-draft` writes)")
+    draft = EagleDraft.load(directory, loaded.model).requires_grad_(False).eval()
+    return loaded, draft, encode_prompt(loaded.tokenizer, args.prompt)
 
 
 def run_variants(args, tag, loaded, base, seg, draft, prompt, tok_s, R, dt, dev, dense_tok_s: float) -> None:

@@ -352,3 +352,33 @@ def test_tree_gpu_profile_dry_run_on_the_cpu(tmp_path):
     if not torch.cuda.is_available():
         r = subprocess.run([*cmd, "--device", "cuda"], capture_output=True, text=True, check=False, cwd=root)
         assert r.returncode == 2 and "pass --device cpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tree_gpu_profile_of_a_real_model_dry_run(tmp_path, tiny_model_dir, tiny_llama):
+    """`tree_gpu_profile.py --model DIR --artifacts DRAFT`: the profile of a model from disk with its trained draft
+    and a chat prompt (the tiny model here, on the CPU); a model without a draft, or --layers with --model, is one
+    line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from specee_compile.draft.eagle import EagleDraft
+
+    root = Path(__file__).resolve().parents[1]
+    arts = tmp_path / "arts"
+    EagleDraft(tiny_llama, vocab_ids=torch.arange(64)).save(arts)
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "tree_gpu_profile.py"), "--device", "cpu", "--new", "4",
+           "--runs", "1", "--model", str(tiny_model_dir)]
+    r = subprocess.run([*cmd, "--artifacts", str(arts), "--draft-dtypes", "auto,float16", "--out", str(out)],
+                       capture_output=True, text=True, check=False, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["model"] == str(tiny_model_dir) and rec["shape"]["num_hidden_layers"] == 4
+    for key in ("tree_compiled%auto", "tree_compiled%float16"):
+        assert rec["results"][key]["step_us"] > 0, key
+    for extra, words in ((["--artifacts", str(tmp_path)], "no draft head for"), (["--layers", "2"], "drop it with --model")):
+        r = subprocess.run([*cmd, *extra], capture_output=True, text=True, check=False, cwd=root, timeout=600)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
