@@ -204,7 +204,7 @@ ROWS_LINEARS = ("plain", "matmul", "fused")
 
 
 def tree_linears() -> str:
-    """SPECEE_TREE_LINEARS, checked: one of ROWS_LINEARS, or "" (unset: the choice by dtype, `rows_fused`)."""
+    """SPECEE_TREE_LINEARS, checked: one of ROWS_LINEARS, or "" (unset: `rows_fused`'s default form)."""
     import os
 
     v = os.environ.get("SPECEE_TREE_LINEARS", "")
