@@ -110,6 +110,23 @@ def test_bench_refuses_bad_trace_and_prompt_files_before_work(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
+    """The SmolLM2 stage with --pdl-ab (a no-op off CUDA, so the rows must agree): dense_pdl and tree_pdl are timed
+    in the same rounds, dense_pdl's tokens checked against dense, the tree under PDL against dense under PDL."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["Give three tips for learning a new language."]))
+    out = tmp_path / "out"
+    assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
+                 "--prompts", str(prompts), "--smollm2-n", "1", "--smollm2-new", "4", "--smollm2-configs", "tree",
+                 "--pdl-ab", "all", "--out", str(out)]) == 0
+    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
+    r = rec["results"]
+    assert r["smollm2_dense_pdl"]["identical"] == "1/1" and r["smollm2_tree_pdl"]["identical"] == "1/1"
+    assert r["smollm2_dense_pdl_ratio"] > 0 and r["smollm2_tree_pdl_vs_dense_pdl"] > 0
+    assert r["smollm2_tree_pdl"]["accepted_per_step"] == r["smollm2_tree"]["accepted_per_step"]
+
+
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
                "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])

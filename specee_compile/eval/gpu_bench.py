@@ -29,7 +29,9 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back; with
               the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree), tree_paper
               (approximate on the tree: the fixed program's exits on CUDA; agreement with dense reported)
-              and tree_draft16 (the tree with its draft computing in fp16: --draft-dtype float16).
+              and tree_draft16 (the tree with its draft computing in fp16: --draft-dtype float16); with
+              --pdl-ab, dense_pdl (`smollm2_dense_pdl_ratio` is PDL's gain, its identity PDL's token check)
+              and tree_pdl (`smollm2_tree_pdl_vs_dense_pdl`).
   HF eager    `generate` of the same 7B model, dynamic cache.
   yardstick   (--yardstick PATH) the plain compiled decoder, in its own process, first.
 
@@ -613,6 +615,12 @@ def bench_smollm2(args, res: dict, dev) -> None:
     for name, over in configs.items():
         decs[name] = build_decoder(loaded, Settings(**base, **over), segments=shared)
         shared = shared or decs[name].seg
+    mode = getattr(args, "pdl_ab", None)
+    if mode:  # dense (and the tree) again under SPECEE_PDL=mode, on segments of their own, in the same rounds
+        dense_pdl = decs["dense_pdl"] = UnderPdl(mode, lambda: build_decoder(loaded, Settings(**base)))
+        if "tree" in configs:
+            decs["tree_pdl"] = UnderPdl(mode, lambda: build_decoder(loaded, Settings(**base, **configs["tree"]),
+                                                                    segments=dense_pdl.seg))
     t = time.time()
     for dec in decs.values():
         dec.generate(prompts[0])
@@ -627,9 +635,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
                                                             "agreement": round(agreement(got.token_ids, want.token_ids), 4),
                                                             "exit_layers_identical": got.exit_layers == want.exit_layers}
         del eager
-    speeds = {n: [] for n in configs}
+    speeds = {n: [] for n in decs}
     guards: dict = {}  # name -> the last call's tree guard record (None: no guard)
-    stats = {n: {"layers": [], "agree": [], "identical": 0, "accepted": [0, 0]} for n in configs}
+    stats = {n: {"layers": [], "agree": [], "identical": 0, "accepted": [0, 0]} for n in decs}
     accepted_trace: list[int] = []
     for ids in prompts:
         ref = None
@@ -649,7 +657,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
                 stats[name]["identical"] += int(r.token_ids == ref)
     d = statistics.median(speeds["dense"])
     R_["smollm2_dense_tok_s"] = round(d, 1)
-    for name in [n for n in configs if n != "dense"]:
+    for name in [n for n in decs if n != "dense"]:  # (dense_pdl's ratio is PDL's gain; its identity, PDL's check)
         ratios = [a / b for a, b in zip(speeds[name], speeds["dense"])]
         R_[f"smollm2_{name}_ratio"] = round(statistics.median(ratios), 3)
         R_[f"smollm2_{name}"] = {"tok_s": round(statistics.median(speeds[name]), 1),
@@ -679,6 +687,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
             trace_path = os.path.join(bench_out_dir(args), stem + ".json")
             write_file_atomic(trace_path, json.dumps(accepted_trace))
             R_["smollm2_tree_accept_trace_file"] = trace_path
+    if "tree_pdl" in decs:  # the tree under PDL against dense under PDL, same rounds
+        tt = [a / b for a, b in zip(speeds["tree_pdl"], speeds["dense_pdl"])]
+        R_["smollm2_tree_pdl_vs_dense_pdl"] = round(statistics.median(tt), 3)
     if "lossless" in configs:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
     R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless", "tree_paper") if n in configs}
@@ -852,9 +863,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--trace-spread", type=float, default=TRACE_SPREAD,
                    help="logit std the random draft head is scaled to for the tree trace replays")
     p.add_argument("--pdl-ab", default=None, choices=("ops", "all"),
-                   help="also time dense, specee232, tree35 and tree35_specee232 with SPECEE_PDL set to this, each "
-                        "built, compiled and captured under it on segments of its own, in the same rounds: rows "
-                        "NAME_pdl, and pdl_gain_NAME = NAME_pdl / NAME (programmatic dependent launch, plugins/pdl.py)")
+                   help="also time dense, specee232, tree35 and tree35_specee232 (SmolLM2: dense and the tree) with "
+                        "SPECEE_PDL set to this, each built, compiled and captured under it on segments of its own, in "
+                        "the same rounds: rows NAME_pdl, and pdl_gain_NAME = NAME_pdl / NAME (programmatic dependent "
+                        "launch, plugins/pdl.py)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="output dir (default $OUT or benchmarks/results)")
