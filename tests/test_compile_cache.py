@@ -182,6 +182,9 @@ def test_a_second_start_reads_inductors_cache_and_says_so(tiny_model_dir, tmp_pa
     assert c2["state"] == "hit" and c2["inductor"]["hits"] == c1["inductor"]["misses"], c2
     assert "(cache miss)" in err1 and "(cache hit)" in err2
     assert first["token_ids"] == second["token_ids"]
+    for stats in (first, second):  # the engine issue's timing fields, each its own phase
+        assert all(stats[k] > 0 for k in ("load_s", "compile_s", "prefill_s", "decode_tokens_per_s")), stats
+    assert second["compile_s"] < first["compile_s"]  # read back, not compiled
 
 
 def test_eager_compiles_nothing(tiny_llama):
