@@ -338,7 +338,9 @@ def test_an_optional_row_that_fails_is_recorded_and_the_others_timed():
 
     decs = {"dense": Dec(100.0), "row": Dec(150.0), "new": Dec(1.0, fail=True)}
     out = time_interleaved(decs, [1], 2, optional={"new"})
-    assert out["new"] == ({"error": "RuntimeError: capture failed"}, None)
+    rec, res = out["new"]
+    assert res is None and rec["error"] == "RuntimeError: capture failed"
+    assert rec["where"][-1].endswith(" generate") and "test_bench.py:" in rec["where"][-1]  # where it was raised
     assert out["row"][0]["paired_ratio"] == 1.5 and out["row"][0]["runs"] == [150.0, 150.0]
     with pytest.raises(RuntimeError):
         time_interleaved(decs, [1], 1)  # not optional: the failure stops the bench

@@ -272,8 +272,10 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> d
         except Exception as e:  # noqa: BLE001 - recorded; only optional rows get here
             if n not in optional:
                 raise
-            failed[n] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"
-            log(f"{n}: its first call failed, left out of the rounds: {failed[n]}")
+            failed[n] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}",
+                         "where": failure_frames(e)}
+            log(f"{n}: its first call failed, left out of the rounds: {failed[n]['error']} "
+                f"(at {' <- '.join(reversed(failed[n]['where'][-3:]))})")
     names = [n for n in names if n not in failed]
     last, vals = dict(first), {n: [] for n in names}
     for r in range(runs):
@@ -294,7 +296,24 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> d
         if n != ref:
             fig["paired_ratio"] = round(statistics.median(a / b for a, b in zip(vals[n], vals[ref])), 3)
         out[n] = (fig, res)
-    out.update({n: ({"error": why}, None) for n, why in failed.items()})
+    out.update({n: (why, None) for n, why in failed.items()})
+    return out
+
+
+def failure_frames(e: BaseException, n: int = 8) -> list[str]:
+    """The innermost n frames of an exception's traceback as "file:line function" (the package's and Triton's
+    paths shortened): which kernel launch or capture failed, not only the message (session 25's OutOfResources
+    named no kernel)."""
+    import traceback
+
+    out = []
+    for fr in traceback.extract_tb(e.__traceback__)[-n:]:
+        path = fr.filename
+        for mark in ("specee_compile/", "triton/", "torch/"):
+            if mark in path:
+                path = mark + path.split(mark, 1)[1]
+                break
+        out.append(f"{path}:{fr.lineno} {fr.name}")
     return out
 
 

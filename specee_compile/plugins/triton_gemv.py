@@ -471,8 +471,8 @@ def _tuned(args, kw, whole_k: bool = False) -> tuple | None:
     """The config for this call's shape (of all CONFIGS, with CONFIGS_W8 for int8 weights, or of the whole-K
     ones): `_tune`'s pick, cached per shape; None inside a stream capture."""
     w = args[1]
-    # int8: W8; PDL: a kernel launched with it is another kernel (EARLY_W holds one more weight tile in shared
-    # memory), so a pick made without it may not even fit (H100, session 25: OutOfResources)
+    # int8: W8; PDL: a kernel launched with it is compiled as another kernel (PDL, EARLY_W constexprs), so its pick
+    # is timed as it will run
     key = (args[-2], kw["K"], kw["PRO"], kw["HAS_RES"], w.dtype, w.device, whole_k, pdl.mode())
     cfg = _TUNE_CACHE.get(key)
     if cfg is None:
