@@ -10,8 +10,9 @@ decide whether a second process does that in seconds:
     ~/.cache/specee-compile), so a later process reads it instead of timing again.
 
 The fingerprint names what a pick is valid for: the device's name and compute capability, the torch, triton and
-CUDA versions, SPECEE_PDL (a kernel launched with PDL times differently), and a digest of the kernels' sources (a
-change to a kernel or to its candidate configs starts a new file). A pick read back is used only if it is one of the
+CUDA versions, and a digest of the kernels' sources (a change to a kernel or to its candidate configs starts a new
+file). The callers' shape keys carry the rest, SPECEE_PDL included (a kernel launched with PDL is compiled as
+another kernel). A pick read back is used only if it is one of the
 candidates the caller would time now; otherwise the shape is timed again and the pick replaced.
 
 SPECEE_TUNE_CACHE:
@@ -75,8 +76,6 @@ def _sources_digest() -> str:
 
 def fingerprint_parts(device: torch.device) -> dict:
     """What the picks made on `device` are valid for (see the module's docstring)."""
-    from . import pdl
-
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         dev = {"name": props.name, "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
@@ -88,8 +87,8 @@ def fingerprint_parts(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {**dev, "torch": torch.__version__, "triton": triton_version, "pdl": pdl.mode(),
-            "kernels": _sources_digest(), "version": VERSION}
+    return {**dev, "torch": torch.__version__, "triton": triton_version, "kernels": _sources_digest(),
+            "version": VERSION}
 
 
 def _fingerprint(parts: dict) -> str:
