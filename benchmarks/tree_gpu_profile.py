@@ -142,6 +142,9 @@ def main() -> int:
     ap.add_argument("--draft-dtypes", default="",
                     help="comma list of Settings.draft_dtype values (auto, float16, bfloat16) to run every variant "
                          "(and --profile) with, each on its own copy of the draft; results keyed VARIANT%%VALUE")
+    ap.add_argument("--draft-quant", default="none", choices=("none", "int8", "auto"),
+                    help="Settings.draft_quant of every variant (default none: the draft's weights as the dtype "
+                         "gives them; auto, the product's, takes int8 for a 16-bit draft on CUDA)")
     ap.add_argument("--pdl", default="",
                     help="comma list of SPECEE_PDL values (0, ops, all) to run dense and every variant under, each "
                          "with its own compiled segments; results keyed KEY#pdl=VALUE (default: the environment's)")
@@ -221,7 +224,8 @@ def main() -> int:
         for p in draft.parameters():
             torch.nn.init.normal_(p, std=0.02)
         draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
-    base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new)
+    base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new,
+                draft_quant=args.draft_quant)
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
     out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
                  "rows_fused": {}, "shape": shape, "pdl": pdls,
@@ -240,7 +244,7 @@ def main() -> int:
     for pm in pdls:  # PDL is decided when a kernel is compiled (Inductor) and captured (ours): segments per mode
         os.environ["SPECEE_PDL"] = pm
         ptag = f"#pdl={pm}" if len(pdls) > 1 else ""
-        dense = build_decoder(loaded, Settings(**base))
+        dense = build_decoder(loaded, Settings(**{**base, "draft_quant": "auto"}))  # (no draft runs)
         R["dense_tok_s" + ptag], _ = tok_s(dense)
         R["dense_step_us" + ptag] = round(1e6 / R["dense_tok_s" + ptag], 1)
         print("dense" + ptag, R["dense_tok_s" + ptag], flush=True)

@@ -204,20 +204,21 @@ def prepare_draft(draft, settings: Settings) -> None:
     sources are built after this). A draft given in memory that is already quantized must be asked for as such."""
     eagle = _eagle_head(draft)
     if eagle is None:
-        for flag, v, off in (("--draft-quant", settings.draft_quant, "none"), ("--draft-dtype", settings.draft_dtype,
-                                                                               "auto")):
-            if v != off:
+        for flag, v, off in (("--draft-quant", settings.draft_quant, ("auto", "none")),
+                             ("--draft-dtype", settings.draft_dtype, ("auto",))):
+            if v not in off:
                 raise SpecEEError(f"{flag} {v} changes an EAGLE draft head; this decoder's candidates come from "
                                    f"{type(draft).__name__}: drop {flag}")
         return
-    if eagle.quant != settings.draft_quant and settings.draft_quant == "none":
+    if eagle.quant != "none" and settings.draft_quant == "none":
         raise SpecEEError(f"this draft is already {eagle.quant}: pass draft_quant={eagle.quant!r}, or a draft loaded "
                            "afresh")
     if settings.draft_dtype != "auto":
         import torch
 
         eagle.cast(getattr(torch, settings.draft_dtype))
-    eagle.quantize(settings.draft_quant)
+    if eagle.quant == "none":  # (auto keeps a draft given in memory already quantized)
+        eagle.quantize(settings.draft_quant_for(eagle.fc.weight.device.type, eagle.dtype))
     src = getattr(draft, "inner", draft)  # NgramAssist wraps the source it assists
     if src._dt != eagle.dtype:
         src.retype()

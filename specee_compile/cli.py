@@ -64,7 +64,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="candidate source (default: the one the artifacts were trained with)")
     p.add_argument("--draft-quant", choices=DRAFT_QUANTS, default=None,
                    help="the EAGLE draft's weights: int8 (a scale per row) halves the bytes the CUDA kernels stream "
-                        "per draft pass; only candidates can change, never the output's guarantees (default: none)")
+                        "per draft pass; only candidates can change, never the output's guarantees (default: auto, "
+                        "int8 for a tree's 16-bit draft on CUDA, none elsewhere)")
     p.add_argument("--draft-dtype", choices=DRAFT_DTYPES, default=None,
                    help="what the EAGLE draft computes in: float16 / bfloat16 run an fp32 model's draft in 16 bits; "
                         "only candidates can change, never the output's guarantees (default: auto, the model's)")

@@ -43,10 +43,11 @@ def test_greedy_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, program, d
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("quant", ["none", "int8"])
+@pytest.mark.parametrize("quant", ["none", "int8", "auto"])
 def test_cuda_fixed_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, quant):
     """On CUDA the fp32 target verifies in the captured fixed program while its draft's levels run the 16-bit
-    rows ops (and, with int8, the int8 pairs): dense greedy's tokens."""
+    rows ops (and, with int8, the int8 pairs): dense greedy's tokens. auto (the default) takes int8 here: a
+    tree's 16-bit draft on CUDA (`Settings.draft_quant_for`)."""
     from specee_compile.api import build_decoder
     from specee_compile.models import load_model
 
@@ -60,7 +61,7 @@ def test_cuda_fixed_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, quant)
     for _ in range(2):  # the second call replays the captured graphs
         res = dec.generate(PROMPT * 3)
         assert res.token_ids == dense.token_ids and res.verify_steps > 0 and res.draft_dtype == "float16"
-        assert dec.tree._fixed_on
+        assert dec.tree._fixed_on and res.draft_quant == ("none" if quant == "none" else "int8")
 
 
 def test_lossless_specee_and_an_int8_draft_in_16_bits_equal_dense():

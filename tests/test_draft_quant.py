@@ -147,7 +147,7 @@ def test_lossless_specee_with_an_int8_draft_equals_dense():
     assert tree.token_ids == ref.token_ids
 
 
-@pytest.mark.parametrize("field,value,choices", [("draft_quant", "int8", "none, int8"),
+@pytest.mark.parametrize("field,value,choices", [("draft_quant", "int8", "auto, none, int8"),
                                                   ("draft_dtype", "float16", "auto, float16")])
 def test_settings_and_cli_refuse_a_draft_setting_that_would_do_nothing(capsys, tiny_model_dir, field, value, choices):
     """--draft-quant and --draft-dtype (tests/test_draft_dtype.py) change the draft: refused where none runs."""
@@ -164,3 +164,35 @@ def test_settings_and_cli_refuse_a_draft_setting_that_would_do_nothing(capsys, t
     rc = main(["generate", str(tiny_model_dir), "hi", flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and f"{flag} {value} changes the draft" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("device,speculate,dtype,want", [
+    ("cuda", "tree", torch.float16, "int8"), ("cuda", "tree", torch.bfloat16, "int8"),
+    ("cuda", "tree", torch.float32, "none"),  # no int8 path with fp32 activations
+    ("cuda", "none", torch.float16, "none"),  # the one-token SpecEE draft: its candidates feed the exits
+    ("cpu", "tree", torch.float16, "none"),  # no int8 kernels on a CPU
+])
+def test_auto_draft_quant_takes_int8_only_for_a_16_bit_tree_draft_on_cuda(device, speculate, dtype, want):
+    s = Settings(speculate=speculate, specee=speculate == "none")
+    assert s.draft_quant == "auto" and s.draft_quant_for(device, dtype) == want
+    for explicit in ("none", "int8"):  # an explicit choice is kept everywhere
+        assert s.replace(draft_quant=explicit).draft_quant_for(device, dtype) == explicit
+
+
+def test_auto_keeps_the_draft_as_it_comes_and_none_is_never_refused(tiny_model_dir):
+    """auto on the CPU leaves a float draft as trained and an int8 draft given in memory int8 (no refusal);
+    --draft-quant none on a decoder without a draft is a no-op, not an error (only int8 changes a draft)."""
+    from specee_compile.api import build_decoder, prepare_draft
+    from specee_compile.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    s = Settings(max_new_tokens=8, speculate="tree", tree_budget=6, tree_depth=3, tree_topk=2)
+    fresh = EagleSource(_fresh(loaded.model), k=4)
+    prepare_draft(fresh, s)
+    assert fresh.draft.quant == "none"
+    q = EagleSource(_fresh(loaded.model), k=4)
+    q.draft.quantize("int8")
+    res = build_decoder(loaded, s, draft=q).generate(PROMPT)
+    assert res.stats()["draft_quant"] == "int8"
+    Settings(draft_quant="none")  # no draft runs: nothing to refuse
+

@@ -445,6 +445,10 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_[f"pdl_gain_{plain}"] = round(R_[name]["paired_ratio"] / R_[plain].get("paired_ratio", 1.0), 3)
         if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
             R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
+    if tree_rows:  # which rows are the product's default draft (Settings.draft_quant auto): the _q8 ones, or not
+        default_quant = Settings(**base, speculate="tree").draft_quant_for(dev.type, draft.draft.dtype)
+        R_["tree_default_draft_quant"] = default_quant
+        R_["tree_default_rows"] = [n for n, _tr, _src, quant, _exits in tree_rows if quant == default_quant]
     if "product_tree35_specee232_ratio" in R_:  # exits on the tree against the same tree without them, same rounds
         R_["tree35_specee232_vs_tree35"] = round(R_["product_tree35_specee232_ratio"] / R_["product_tree35_ratio"], 3)
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
@@ -599,7 +603,8 @@ def replay_fidelity(tree, trace: list[int]) -> dict:
 
 # besides dense (--smollm2-configs); tree = the tree alone (the t3 issue's measure, guard off), tree_guarded = the
 # product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard), tree_draft16
-# = the tree with its draft computing in fp16 (--draft-dtype float16; the fp32 target verifies)
+# = the tree with its draft computing in fp16 (--draft-dtype float16; the fp32 target verifies; weights kept fp16,
+# where the product's draft_quant=auto would take int8: the row measures the dtype alone, as in session 25)
 SMOLLM2_CONFIGS = ("paper", "lossless", "tree", "tree_guarded", "tree_specee", "tree_paper", "tree_draft16")
 
 
@@ -625,7 +630,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
         configs.update(tree=dict(speculate="tree", tree_guard=False), tree_guarded=dict(speculate="tree"),
                        tree_specee=dict(speculate="tree", specee=True, mode="lossless", kv_policy="backfill"),
                        tree_paper=dict(speculate="tree", specee=True, mode="approximate", kv_policy="skip"),
-                       tree_draft16=dict(speculate="tree", tree_guard=False, draft_dtype="float16"))
+                       tree_draft16=dict(speculate="tree", tree_guard=False, draft_dtype="float16",
+                                         draft_quant="none"))
     wanted = getattr(args, "smollm2_configs", None)
     if wanted:  # (names checked in main, before any work)
         keep = {"dense", *wanted.split(",")}
