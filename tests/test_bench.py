@@ -404,3 +404,35 @@ def test_tree_gpu_profile_of_a_real_model_dry_run(tmp_path, tiny_model_dir, tiny
     for extra, words in ((["--artifacts", str(tmp_path)], "no draft head for"), (["--layers", "2"], "drop it with --model")):
         r = subprocess.run([*cmd, *extra], capture_output=True, text=True, check=False, cwd=root, timeout=600)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+
+
+def test_a_failed_rows_record_names_the_triton_kernels_on_its_stack():
+    """Triton's OutOfResources names no kernel (session 25): the record takes it from the stack, an Inductor
+    kernel's (its autotuner's inductor_meta) and a compiled kernel's (CompiledKernel.name, metadata)."""
+    from types import SimpleNamespace
+
+    from specee_compile.eval.gpu_bench import failure_frames, failure_kernels
+
+    class Autotuner:  # as Inductor's CachingAutotuner carries it
+        def __init__(self):
+            self.inductor_meta = {"kernel_name": "triton_per_fused_sort_7"}
+
+        def run(self):
+            CompiledKernel().init_handles()
+
+    class CompiledKernel:
+        name = "triton_per_fused_sort_7_compiled"
+        metadata = SimpleNamespace(shared=245760)
+
+        def init_handles(self):
+            raise RuntimeError("out of resource: shared memory, Required: 245760, Hardware limit: 232448")
+
+    try:
+        Autotuner().run()
+    except RuntimeError as e:
+        assert failure_kernels(e) == ["triton_per_fused_sort_7", "triton_per_fused_sort_7_compiled"]
+        assert failure_frames(e)[-1] == "kernel: triton_per_fused_sort_7_compiled"
+    try:
+        raise ValueError("no kernel here")
+    except ValueError as e:
+        assert failure_kernels(e) == []

@@ -314,7 +314,31 @@ def failure_frames(e: BaseException, n: int = 8) -> list[str]:
                 path = mark + path.split(mark, 1)[1]
                 break
         out.append(f"{path}:{fr.lineno} {fr.name}")
+    out += [f"kernel: {k}" for k in failure_kernels(e)]
     return out
+
+
+def failure_kernels(e: BaseException) -> list[str]:
+    """The Triton kernels on an exception's stack, innermost last: a compiled kernel's name (Triton's
+    OutOfResources is raised in `CompiledKernel._init_handles`, its message without the name), a JIT function's or an
+    Inductor kernel's (its `CachingAutotuner`)."""
+    names: list[str] = []
+    tb = e.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        name = None
+        if obj is not None:
+            meta = getattr(obj, "inductor_meta", None)
+            if isinstance(meta, dict) and meta.get("kernel_name"):
+                name = meta["kernel_name"]
+            elif hasattr(obj, "metadata") and isinstance(getattr(obj, "name", None), str):
+                name = obj.name
+            elif callable(getattr(obj, "fn", None)) and hasattr(obj, "run"):
+                name = getattr(obj.fn, "__name__", None)
+        if name and name not in names:
+            names.append(name)
+        tb = tb.tb_next
+    return names
 
 
 def agreement(a: list[int], b: list[int]) -> float:
