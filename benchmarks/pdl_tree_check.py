@@ -59,6 +59,14 @@ def main(argv=None) -> int:
     bad = sorted(set(modes) - set(pdl.MODES)) + sorted(set(args.quants.split(",")) - {"none", "int8"})
     if bad:  # before the model is written
         ap.error(f"unknown {bad}: --modes takes {', '.join(pdl.MODES)}, --quants none, int8")
+    if args.out:
+        from specee_compile.api import check_output_file
+        from specee_compile.errors import SpecEEError
+
+        try:
+            check_output_file(args.out, "--out")
+        except SpecEEError as e:
+            ap.error(str(e))
     dev = torch.device(args.device)
     dt = torch.float16 if dev.type == "cuda" else torch.float32
     shape = TINY if args.tiny else LLAMA2_7B
