@@ -436,3 +436,25 @@ def test_a_failed_rows_record_names_the_triton_kernels_on_its_stack():
         raise ValueError("no kernel here")
     except ValueError as e:
         assert failure_kernels(e) == []
+
+
+def test_pdl_tree_check_runs_every_row_and_compares_its_tokens_with_pdl_off(tmp_path, capsys):
+    """`benchmarks/pdl_tree_check.py` as a CPU dry run (PDL is a no-op there): every (mode, quantization) row runs,
+    and its tokens match the PDL-off row's; a bad mode is one line and exit 2, before any model is written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pdl_tree_check.py"
+    spec = importlib.util.spec_from_file_location("pdl_tree_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--device", "cpu", "--modes", "ops,sometimes"])
+    assert e.value.code == 2 and "unknown ['sometimes']" in capsys.readouterr().err
+    out = tmp_path / "pdl.json"
+    assert mod.main(["--tiny", "--device", "cpu", "--new", "4", "--prompt-len", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == [f"tree35{q}@pdl={m}" for m in ("0", "ops", "all") for q in ("", "_q8")]
+    assert all(r["ok"] and r["identical_to_pdl_off"] and r["tok_s"] > 0 for r in rows.values())
+    assert rows["tree35_q8@pdl=0"]["draft_quant"] == "int8" and rows["tree35@pdl=0"]["draft_quant"] == "none"
