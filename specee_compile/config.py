@@ -244,8 +244,8 @@ class Settings:
         SpecEE) on an H100 (session 25, the turned int8 rows kernel), and the tree stays lossless whatever the
         draft proposes; an int8 head accepted 2.44 tokens per verify step on SmolLM2 against 2.46 (session 22).
         Not for the one-token SpecEE draft (its candidates feed the exit decisions, whose accuracy with an int8
-        draft is unmeasured, for +1.6%), fp32 drafts (no int8 path with fp32 activations) or the CPU (no int8
-        kernels: the rounded weights run as floats)."""
+        draft is unmeasured, for +1.6%), fp32 drafts (their int8 rows, widened to fp32, were never timed on a GPU) or
+        the CPU (no int8 kernels: the rounded weights run as floats)."""
         import torch
 
         if self.draft_quant != "auto":

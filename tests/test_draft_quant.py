@@ -168,7 +168,7 @@ def test_settings_and_cli_refuse_a_draft_setting_that_would_do_nothing(capsys, t
 
 @pytest.mark.parametrize("device,speculate,dtype,want", [
     ("cuda", "tree", torch.float16, "int8"), ("cuda", "tree", torch.bfloat16, "int8"),
-    ("cuda", "tree", torch.float32, "none"),  # no int8 path with fp32 activations
+    ("cuda", "tree", torch.float32, "none"),  # an fp32 draft's int8 rows: never timed on a GPU
     ("cuda", "none", torch.float16, "none"),  # the one-token SpecEE draft: its candidates feed the exits
     ("cpu", "tree", torch.float16, "none"),  # no int8 kernels on a CPU
 ])
