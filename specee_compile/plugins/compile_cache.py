@@ -171,8 +171,7 @@ def pick(kernel: str, key: tuple, device: torch.device, candidates: list, tune: 
         return _as_pick(kept)
     COUNTS["misses"] += 1
     value = tune()
-    store["picks"].setdefault(kernel, {})[text] = value
-    _write(fp, kernel, text, value)
+    _write(fp, kernel, text, value)  # (the process's store too, written to disk or not)
     return value
 
 
