@@ -438,23 +438,23 @@ def test_a_failed_rows_record_names_the_triton_kernels_on_its_stack():
         assert failure_kernels(e) == []
 
 
-def test_pdl_tree_check_runs_every_row_and_compares_its_tokens_with_pdl_off(tmp_path, capsys):
-    """`benchmarks/pdl_tree_check.py` as a CPU dry run (PDL is a no-op there): every (mode, quantization) row runs,
-    and its tokens match the PDL-off row's; a bad mode is one line and exit 2, before any model is written."""
-    import importlib.util
-    import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pdl_tree_check.py"
-    spec = importlib.util.spec_from_file_location("pdl_tree_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_tiny_bench_skips_the_exit_rows_for_a_short_pdl_tree_check(tmp_path, capsys, monkeypatch):
+    """--skip specee (with smollm2, q8): only dense and the tree rows, each also under --pdl-ab, their tokens checked
+    against the rows without PDL: the short call that decides PDL's default. A --skip typo is one line, exit 2."""
+    monkeypatch.delenv("SPECEE_PDL", raising=False)
     with pytest.raises(SystemExit) as e:
-        mod.main(["--device", "cpu", "--modes", "ops,sometimes"])
-    assert e.value.code == 2 and "unknown ['sometimes']" in capsys.readouterr().err
-    out = tmp_path / "pdl.json"
-    assert mod.main(["--tiny", "--device", "cpu", "--new", "4", "--prompt-len", "8", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == [f"tree35{q}@pdl={m}" for m in ("0", "ops", "all") for q in ("", "_q8")]
-    assert all(r["ok"] and r["identical_to_pdl_off"] and r["tok_s"] > 0 for r in rows.values())
-    assert rows["tree35_q8@pdl=0"]["draft_quant"] == "int8" and rows["tree35@pdl=0"]["draft_quant"] == "none"
+        main(["bench", "--tiny", "--device", "cpu", "--skip", "smollm2,specee,sevenb"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown sevenb" in err and len(err.strip().splitlines()) == 1
+    rc = main(["bench", "--tiny", "--device", "cpu", "--runs", "1", "--skip-hf", "--new-tokens", "8",
+               "--skip", "smollm2,specee,q8", "--pdl-ab", "all", "--out", str(tmp_path)])
+    assert rc in (0, None), capsys.readouterr().err[-2000:]
+    (rec,) = tmp_path.glob("*-tiny.json")
+    res = json.loads(rec.read_text())
+    R = res["results"]
+    rows = {n for n, v in R.items() if isinstance(v, dict) and "median" in v}
+    assert rows == {"dense", "tree35", "dense_pdl", "tree35_pdl"}
+    assert "product_specee232_ratio" not in R and R["product_tree35_ratio"] > 0
+    assert res["checks"]["tree35_pdl_tokens_identical"] and res["checks"]["dense_pdl_tokens_identical"]

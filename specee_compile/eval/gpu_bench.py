@@ -402,20 +402,22 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         res["draft_spread"] = {"before": round(sharpen_draft(draft, dense.seg, prompt, spread=args.trace_spread), 3),
                                "target": args.trace_spread,
                                "after_sharpening": round(draft_spread(draft, dense.seg, prompt), 3)}
-    decs = {"dense": dense,
-            "specee232": build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                                       policy=trace_exits([e - 1 for e in trace])),
-            "specee_noexit": build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
-                                           policy=trace_exits([L]))}
+    exits_on = "specee" not in args.skip
+    decs = {"dense": dense}
+    if exits_on:
+        decs["specee232"] = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
+                                          policy=trace_exits([e - 1 for e in trace]))
+        decs["specee_noexit"] = build_decoder(loaded, spec, segments=dense.seg, program=program, draft=draft,
+                                              policy=trace_exits([L]))
     q8 = None if "q8" in args.skip else int8_copy(draft, loaded.model)
-    if q8 is not None:
+    if q8 is not None and exits_on:
         decs["specee232_q8"] = build_decoder(loaded, spec.replace(draft_quant="int8"), segments=dense.seg,
                                              program=program, draft=q8, policy=trace_exits([e - 1 for e in trace]))
     shape_kw = dict(zip(("tree_budget", "tree_depth", "tree_topk"), args.tree_shape or ()))
     tree_rows = [(name, tr, draft, "none", False) for name, tr in trees.items()]
     if q8 is not None and "tree35" in trees:
         tree_rows.append(("tree35_q8", trees["tree35"], q8, "int8", False))
-    if "tree35" in trees:  # SpecEE on the tree: each path leaves at the deepest of its tokens' trace layers
+    if "tree35" in trees and exits_on:  # SpecEE on the tree: each path leaves at the deepest of its tokens' trace layers
         tree_rows.append(("tree35_specee232", trees["tree35"], draft, "none", True))
         if q8 is not None:  # the three together: the tree, its exits, the int8 draft
             tree_rows.append(("tree35_specee232_q8", trees["tree35"], q8, "int8", True))
@@ -438,14 +440,16 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
     R_["product_dense_tok_s"] = R_["dense"]["median"]
     if "hf_tokens" in res:
         res["checks"]["dense_vs_hf_first_divergence"] = first_divergence(dres.token_ids, res["hf_tokens"])
-    R_["specee232"] = timed["specee232"][0]
-    R_["specee232"]["trace_mean_layers"] = round(sum(trace[: N]) / len(trace[: N]), 2)
-    R_["product_specee232_ratio"] = R_["specee232"]["paired_ratio"]
-    R_["specee_noexit"] = timed["specee_noexit"][0]
-    R_["specee_noexit_ratio"] = R_["specee_noexit"]["paired_ratio"]
+    if exits_on:
+        R_["specee232"] = timed["specee232"][0]
+        R_["specee232"]["trace_mean_layers"] = round(sum(trace[: N]) / len(trace[: N]), 2)
+        R_["product_specee232_ratio"] = R_["specee232"]["paired_ratio"]
+        R_["specee_noexit"] = timed["specee_noexit"][0]
+        R_["specee_noexit_ratio"] = R_["specee_noexit"]["paired_ratio"]
     if q8 is not None:
-        R_["specee232_q8"] = timed["specee232_q8"][0]
-        R_["product_specee232_q8_ratio"] = R_["specee232_q8"]["paired_ratio"]
+        if exits_on:
+            R_["specee232_q8"] = timed["specee232_q8"][0]
+            R_["product_specee232_q8_ratio"] = R_["specee232_q8"]["paired_ratio"]
         R_["draft_pass_MB"] = {"fp16": round(draft_pass_bytes(draft.draft) / 1e6, 1),
                                "int8": round(draft_pass_bytes(q8.draft) / 1e6, 1)}
     for name, tr, _src, _quant, _exits in tree_rows:
@@ -512,8 +516,9 @@ def pdl_variants(args, loaded, base, spec, program, draft, trace, tree_rows, dec
         return []
     dense = UnderPdl(mode, lambda: build_decoder(loaded, Settings(**base)))
     decs["dense_pdl"] = dense
-    decs["specee232_pdl"] = UnderPdl(mode, lambda: build_decoder(
-        loaded, spec, segments=dense.seg, program=program, draft=draft, policy=trace_exits([e - 1 for e in trace])))
+    if "specee232" in decs:
+        decs["specee232_pdl"] = UnderPdl(mode, lambda: build_decoder(
+            loaded, spec, segments=dense.seg, program=program, draft=draft, policy=trace_exits([e - 1 for e in trace])))
     plain = {name: (tr, exits) for name, tr, _src, quant, exits in tree_rows if quant == "none"}
     for name in ("tree35", "tree35_specee232"):
         if name not in plain:
@@ -881,6 +886,17 @@ def print_table(res: dict) -> None:
     log(" | ".join(f"{k}={v}" for k, v in R_.items() if not isinstance(v, dict)))
 
 
+SKIPS = ("7b", "smollm2", "tree", "q8", "specee")
+
+
+def _skips(text: str) -> str:
+    """--skip, checked: a typo would otherwise skip nothing, silently, on the GPU's time."""
+    bad = sorted({v for v in text.split(",") if v} - set(SKIPS))
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; expected a comma list of {', '.join(SKIPS)}")
+    return text
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     from ..errors import ArgParser
 
@@ -903,7 +919,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         + ", ".join(SMOLLM2_CONFIGS) + ")")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma list of stages to skip: 7b, smollm2, tree, q8 (the int8-draft rows)")
+    p.add_argument("--skip", default="", type=_skips,
+                   help="comma list of stages to skip: 7b, smollm2, tree, q8 (the int8-draft rows), specee (the 7B "
+                        "rows with exits: specee232, specee_noexit, tree35_specee232; e.g. a short tree-only PDL "
+                        "check with --skip smollm2,specee,q8 --pdl-ab all)")
     p.add_argument("--accept-trace", default=None,
                    help="JSON list of tokens per verify step (e.g. recorded from SmolLM2) for a second 7B tree run")
     p.add_argument("--tree-shape", default=None, metavar="B:D:K",
