@@ -65,7 +65,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quant", choices=DRAFT_QUANTS, default=None,
                    help="the EAGLE draft's weights: int8 (a scale per row) halves the bytes the CUDA kernels stream "
                         "per draft pass; only candidates can change, never the output's guarantees (default: auto, "
-                        "int8 for a tree's 16-bit draft on CUDA, none elsewhere)")
+                        "int8 for a 16-bit draft on CUDA, none elsewhere)")
     p.add_argument("--draft-dtype", choices=DRAFT_DTYPES, default=None,
                    help="what the EAGLE draft computes in: float16 / bfloat16 run an fp32 model's draft in 16 bits; "
                         "only candidates can change, never the output's guarantees (default: auto, the model's)")
@@ -411,14 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtbench", type=int, default=80, help="MT-Bench first turns to run")
     p.add_argument("--squad", type=int, default=100, help="SQuAD v2 answerable questions to run")
     p.add_argument("--configs", default="paper",
-                   help="comma list of: paper, backfill, lossless, tree, tree_lossless, tree_paper (dense always runs: "
-                        "the reference)")
+                   help="comma list of: paper, backfill, lossless, tree, tree_lossless, tree_paper, and paper_q8, "
+                        "lossless_q8, tree_q8 (their draft rounded to int8) (dense always runs: the reference)")
     p.add_argument("--out", default="benchmarks/results/eval", help="directory for JSON + PNG")
     p.add_argument("--threshold", type=float)
     p.add_argument("--draft", dest="draft_source", choices=DRAFT_SOURCES)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", default="eager", choices=["eager", "inductor"],
                    help="inductor: compiled segments (+ CUDA graphs and the fused Triton kernels on CUDA)")
+    p.add_argument("--every-exit-point", action="store_true",
+                   help="keep every exit point the artifacts schedule: measures the predictors' decisions, not this "
+                        "device's speed (by default the build-time cost check drops the points that do not pay here)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="export the conditional ONNX decode graph (+ TensorRT engines)")

@@ -86,8 +86,8 @@ class Settings:
     """The EAGLE draft's matmul weights: none = as trained; int8 = one int8 per weight with a scale per output
     row, which the CUDA kernels stream at half the bytes (the draft's cost per token and per tree level).
     Only the candidates can change: the output is still the target's (lossless stays identical to dense).
-    auto = int8 where it was measured to pay (`draft_quant_for`): a tree's draft computing in 16 bits on CUDA;
-    none elsewhere."""
+    auto = int8 where it was measured to pay (`draft_quant_for`): a draft computing in 16 bits on CUDA (the tree's
+    and SpecEE's one-token draft); none elsewhere."""
     draft_dtype: str = "auto"
     """What the EAGLE draft computes in: auto = the target's dtype; float16 / bfloat16 run an fp32 target's draft
     in 16 bits (tensor-core matmuls, half the bytes per draft pass and tree level; the rotary stays as built).
@@ -239,19 +239,21 @@ class Settings:
 
     def draft_quant_for(self, device_type: str, draft_dtype) -> str:
         """What draft_quant asks of an EAGLE draft computing in `draft_dtype` (a torch dtype) on `device_type`:
-        "none" or "int8"; auto = int8 for a tree's 16-bit draft on CUDA, none elsewhere.
-        Why there: the int8 draft rows of the 7B bench beat the 16-bit ones by 5.3% (tree) and 5.7% (tree +
-        SpecEE) on an H100 (session 25, the turned int8 rows kernel), and the tree stays lossless whatever the
-        draft proposes; an int8 head accepted 2.44 tokens per verify step on SmolLM2 against 2.46 (session 22).
-        Not for the one-token SpecEE draft (its candidates feed the exit decisions, whose accuracy with an int8
-        draft is unmeasured, for +1.6%), fp32 drafts (their int8 rows, widened to fp32, were never timed on a GPU) or
-        the CPU (no int8 kernels: the rounded weights run as floats)."""
+        "none" or "int8"; auto = int8 for a 16-bit draft on CUDA, none elsewhere.
+        Why there: the int8 draft rows of the 7B bench beat the 16-bit ones by 5.3% (tree), 5.7% (tree + SpecEE)
+        and 1.6% (SpecEE's one-token draft) on an H100 (session 25, the turned int8 rows kernel), 0.6% (SpecEE) on
+        the H200 (session 20). The tree stays lossless whatever the draft proposes, and an int8 head accepted 2.44
+        tokens per verify step on SmolLM2 against 2.46 (session 22). The exit decisions fed by an int8 draft's
+        candidates were as good as the float draft's on SmolLM2 (session 27, `eval --configs paper,paper_q8,
+        lossless,lossless_q8 --every-exit-point`: 27.32 / 27.44 layers, the same first divergence from dense, 6.82 /
+        6.86 lossless rollbacks per 100 tokens on MT-Bench). Not for fp32 drafts (their int8 rows, widened to fp32,
+        were never timed on a GPU) or the CPU (no int8 kernels: the rounded weights run as floats)."""
         import torch
 
         if self.draft_quant != "auto":
             return self.draft_quant
         sixteen = draft_dtype in (torch.float16, torch.bfloat16)
-        return "int8" if device_type == "cuda" and self.speculate == "tree" and sixteen else "none"
+        return "int8" if device_type == "cuda" and sixteen else "none"
 
     @property
     def device_kind(self) -> str:

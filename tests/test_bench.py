@@ -39,9 +39,10 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
     for name in ("specee232_q8", "tree35_q8"):
         assert R[name]["draft_quant"] == "int8" and R[name]["tokens"] == 8 and R[name]["paired_ratio"] > 0
     assert R["specee232"]["draft_quant"] == R["tree35"]["draft_quant"] == "none"
-    # which tree rows the product's default draft is (Settings.draft_quant auto: int8 only for 16 bits on CUDA)
-    assert R["tree_default_draft_quant"] == "none" and "tree35" in R["tree_default_rows"]
-    assert not any(n.endswith("_q8") for n in R["tree_default_rows"])
+    # which rows run the product's default draft (Settings.draft_quant auto: int8 only for 16 bits on CUDA)
+    assert R["default_draft_quant"] == "none"
+    assert {"specee232", "tree35", "tree35_specee232"} <= set(R["default_rows"])
+    assert not any(n.endswith("_q8") for n in R["default_rows"])
     assert R["tree35_q8"]["accepted_per_step"] > 1.5
     assert R["draft_pass_MB"]["int8"] < 0.6 * R["draft_pass_MB"]["fp16"]
     # SpecEE on the tree: the fixed program with its exits, the exit points chosen by the measured cost rule

@@ -47,7 +47,7 @@ def test_greedy_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, program, d
 def test_cuda_fixed_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, quant):
     """On CUDA the fp32 target verifies in the captured fixed program while its draft's levels run the 16-bit
     rows ops (and, with int8, the int8 pairs): dense greedy's tokens. auto (the default) takes int8 here: a
-    tree's 16-bit draft on CUDA (`Settings.draft_quant_for`)."""
+    16-bit draft on CUDA (`Settings.draft_quant_for`)."""
     from specee_compile.api import build_decoder
     from specee_compile.models import load_model
 

@@ -169,10 +169,12 @@ def test_settings_and_cli_refuse_a_draft_setting_that_would_do_nothing(capsys, t
 @pytest.mark.parametrize("device,speculate,dtype,want", [
     ("cuda", "tree", torch.float16, "int8"), ("cuda", "tree", torch.bfloat16, "int8"),
     ("cuda", "tree", torch.float32, "none"),  # an fp32 draft's int8 rows: never timed on a GPU
-    ("cuda", "none", torch.float16, "none"),  # the one-token SpecEE draft: its candidates feed the exits
+    ("cuda", "none", torch.float16, "int8"),  # the one-token SpecEE draft (its exits: eval's paper_q8 rows)
+    ("cuda", "none", torch.float32, "none"),
     ("cpu", "tree", torch.float16, "none"),  # no int8 kernels on a CPU
+    ("cpu", "none", torch.bfloat16, "none"),
 ])
-def test_auto_draft_quant_takes_int8_only_for_a_16_bit_tree_draft_on_cuda(device, speculate, dtype, want):
+def test_auto_draft_quant_takes_int8_only_for_a_16_bit_draft_on_cuda(device, speculate, dtype, want):
     s = Settings(speculate=speculate, specee=speculate == "none")
     assert s.draft_quant == "auto" and s.draft_quant_for(device, dtype) == want
     for explicit in ("none", "int8"):  # an explicit choice is kept everywhere
@@ -196,3 +198,23 @@ def test_auto_keeps_the_draft_as_it_comes_and_none_is_never_refused(tiny_model_d
     assert res.stats()["draft_quant"] == "int8"
     Settings(draft_quant="none")  # no draft runs: nothing to refuse
 
+
+
+def test_eval_q8_configs_run_an_int8_draft_and_every_exit_point_keeps_the_exits(smollm2, tmp_path, capsys):
+    """`eval --configs paper,paper_q8 --every-exit-point`: the _q8 row runs the shipped draft rounded to int8,
+    the plain row the draft as shipped, both with every scheduled exit point (on this CPU the cost check
+    drops them all): what the int8 draft does to the exit decisions, measured in one run."""
+    import json
+
+    from specee_compile.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(["eval", "smollm2-135m", "--mtbench", "1", "--squad", "0", "--configs", "paper,paper_q8",
+               "--every-exit-point", "--out", str(out)])
+    capsys.readouterr()
+    assert rc == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert data["meta"]["draft_quant"] == {"dense": None, "paper": "none", "paper_q8": "int8"}
+    assert data["meta"]["exit_cost_check"] is False
+    for name in ("paper", "paper_q8"):
+        assert data["summary"][name]["mtbench"]["avg_layers"] < 30  # the points were kept: tokens exited

@@ -30,6 +30,11 @@ CONFIGS = {
     "tree": dict(specee=False, speculate="tree"),
     "tree_lossless": dict(specee=True, mode="lossless", kv_policy="backfill", speculate="tree"),
     "tree_paper": dict(specee=True, mode="approximate", kv_policy="skip", speculate="tree"),  # trades accuracy
+    # the same with the draft's weights rounded to int8 (Settings.draft_quant): what the int8 draft does to the
+    # exit decisions (paper) and to the tree's acceptance, against the float draft's rows of the same run
+    "paper_q8": dict(specee=True, mode="approximate", kv_policy="skip", draft_quant="int8"),
+    "lossless_q8": dict(specee=True, mode="lossless", kv_policy="backfill", draft_quant="int8"),
+    "tree_q8": dict(specee=False, speculate="tree", draft_quant="int8"),
 }
 
 SQUAD_INSTRUCTION = (
@@ -200,11 +205,13 @@ def eval_command(args) -> dict:
     for name in configs:
         s = Settings(max_context=2048, threshold=args.threshold, draft_source=args.draft_source,
                      artifacts=args.artifacts, device=getattr(args, "device", "cpu"),
-                     backend=getattr(args, "backend", "eager"), **CONFIGS[name])
+                     backend=getattr(args, "backend", "eager"),
+                     exit_cost_check=not getattr(args, "every_exit_point", False), **CONFIGS[name])
         dec = build_decoder(loaded, s, segments=shared)
         shared = shared or dec.seg
         decoders[name] = dec
     reports = {name: ConfigReport(name) for name in configs}
+    quants: dict = {}  # config -> its EAGLE draft's weights as run (None: no EAGLE draft)
     for suite, (prompts, max_new, _) in suites.items():
         for name in configs:
             reports[name].runs[suite] = []
@@ -216,6 +223,7 @@ def eval_command(args) -> dict:
                 dec.s.max_new_tokens = max_new
                 with torch.no_grad():
                     r = dec.generate(ids)
+                quants[name] = r.draft_quant
                 reports[name].runs[suite].append(RunRecord(
                     token_ids=r.token_ids, exit_layers=r.exit_layers, layer_passes=r.layer_passes, layer_rows=r.layer_rows,
                     decode_steps=r.decode_steps, rollbacks=r.rollbacks, decode_s=r.decode_s,
@@ -235,6 +243,7 @@ def eval_command(args) -> dict:
         "model": loaded.name, "fingerprint": loaded.fingerprint, "dtype": "float32", "commit": git_commit(),
         "command": "specee-compile eval " + " ".join(getattr(args, "argv", []) or [args.model]),
         "threshold": args.threshold, "draft": args.draft_source, "wall_s": round(time.time() - t_start, 1),
+        "exit_cost_check": not getattr(args, "every_exit_point", False), "draft_quant": quants,
     }
     result = {"meta": meta, "summary": summary,
               "samples": {n: {s: [r.text for r in recs[:5]] for s, recs in reports[n].runs.items()} for n in configs},

@@ -391,7 +391,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         log("hf_eager", R_["hf_eager"])
 
     trace = [min(L, max(1, round(e * L / 32))) for e in paper_trace(4096, args.trace_mean)]
-    spec = Settings(**base, specee=True)
+    spec = Settings(**base, specee=True, draft_quant="none")  # the draft as built; the _q8 rows round it to int8
     program, draft, offline = random_artifacts(loaded, trace)
     res["offline_layers"] = offline
     log("== build the decoders: dense; SpecEE on the paper trace (draft + predictors running); the same with a "
@@ -473,10 +473,11 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         R_[f"pdl_gain_{plain}"] = round(R_[name]["paired_ratio"] / R_[plain].get("paired_ratio", 1.0), 3)
         if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
             R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
-    if tree_rows:  # which rows are the product's default draft (Settings.draft_quant auto): the _q8 ones, or not
-        default_quant = Settings(**base, speculate="tree").draft_quant_for(dev.type, draft.draft.dtype)
-        R_["tree_default_draft_quant"] = default_quant
-        R_["tree_default_rows"] = [n for n, _tr, _src, quant, _exits in tree_rows if quant == default_quant]
+    # which rows run the product's default draft (Settings.draft_quant auto): the _q8 ones, or the others
+    default_quant = Settings(**base, specee=True).draft_quant_for(dev.type, draft.draft.dtype)
+    quants = {"specee232": "none", "specee232_q8": "int8", **{n: q for n, _tr, _src, q, _exits in tree_rows}}
+    R_["default_draft_quant"] = default_quant
+    R_["default_rows"] = [n for n, q in quants.items() if n in decs and q == default_quant]
     if "product_tree35_specee232_ratio" in R_:  # exits on the tree against the same tree without them, same rounds
         R_["tree35_specee232_vs_tree35"] = round(R_["product_tree35_specee232_ratio"] / R_["product_tree35_ratio"], 3)
     if trees:  # still the sharpened head after every variant ran? (a replay falls short where it is not)
