@@ -440,6 +440,31 @@ def test_a_failed_rows_record_names_the_triton_kernels_on_its_stack():
 
 
 
+def test_token_divergence_says_where_two_runs_part_and_by_what_margin():
+    """A PDL row whose tokens differ from its plain twin's: the record says where, and how much the eager forward
+    prefers the plain row's token there (a near-tie, or a wrong token). At greedy's own token the margin over any
+    other is at least the top-2 gap, and both are measured in the context of the tokens before it."""
+    import torch
+    from conftest import make_tiny_llama
+
+    from specee_compile.eval.gpu_bench import token_divergence
+
+    model = make_tiny_llama().eval()
+    prompt = [1, 5, 9, 33]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    a = out[0, len(prompt):].tolist()
+    assert token_divergence(model, prompt, a, list(a)) == {"identical": True}
+    b = list(a)
+    b[3] = (a[3] + 1) % model.config.vocab_size
+    d = token_divergence(model, prompt, a, b)
+    assert d["identical"] is False and d["first_divergence"] == 3 and d["tokens"] == 8
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:3]])).logits[0, -1]
+    assert abs(d["margin"] - float(logits[a[3]] - logits[b[3]])) < 1e-3
+    assert d["top2_gap"] >= 0 and d["margin"] >= d["top2_gap"] - 1e-3
+    assert "margin" not in token_divergence(model, prompt, a, b, margin=False)
+
+
 def test_tiny_bench_skips_the_exit_rows_for_a_short_pdl_tree_check(tmp_path, capsys, monkeypatch):
     """--skip specee (with smollm2, q8): only dense and the tree rows, each also under --pdl-ab, their tokens checked
     against the rows without PDL: the short call that decides PDL's default. A --skip typo is one line, exit 2."""

@@ -468,8 +468,13 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         if "paired_ratio" not in R_[name]:
             continue
         plain = name.removesuffix("_pdl")
-        # the same kernels and math with PDL: a difference in the tokens would be a race
-        res["checks"][f"{name}_tokens_identical"] = timed[name][1].token_ids == timed[plain][1].token_ids
+        # the same kernels and math with PDL: a difference in the tokens is a race, or a near-tie that another
+        # kernel config (the tuners pick per PDL mode) rounded the other way: the divergence record tells which
+        same = timed[name][1].token_ids == timed[plain][1].token_ids
+        res["checks"][f"{name}_tokens_identical"] = same
+        if not same:
+            res["checks"][f"{name}_divergence"] = token_divergence(
+                loaded.model, prompt, timed[plain][1].token_ids, timed[name][1].token_ids, margin=not decs[plain].s.specee)
         R_[f"pdl_gain_{plain}"] = round(R_[name]["paired_ratio"] / R_[plain].get("paired_ratio", 1.0), 3)
         if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
             R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
@@ -615,6 +620,29 @@ def tree_traces(args) -> dict[str, list[int]]:
         random.Random(0).shuffle(trace)
         traces["tree_smollm2trace"] = trace
     return traces
+
+
+def token_divergence(model, prompt: list[int], a: list[int], b: list[int], margin: bool = True) -> dict:
+    """Where two greedy runs of one prompt part (a: a row's tokens, b: its twin's, e.g. under PDL) and, with
+    `margin`, how much the model's own eager forward prefers a's token to b's there ("margin") beside the gap
+    between its two best logits ("top2_gap"). A gap near zero is a near-tie that any change of rounding flips
+    (another kernel config, another reduction order: random weights make many); a large margin at a large gap
+    would be a wrong token, e.g. a race. `margin` only where the row's tokens are the full model's (no exits)."""
+    from .accuracy import first_divergence
+
+    i = first_divergence(a, b)
+    out: dict = {"identical": i is None}
+    if i is None:
+        return out
+    out.update(first_divergence=i, tokens=len(a))
+    if margin and i < min(len(a), len(b)):
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt) + list(a[:i])], device=dev)).logits[0, -1].float()
+        top = torch.topk(logits, 2).values
+        out.update(margin=round(float(logits[a[i]] - logits[b[i]]), 4), top2_gap=round(float(top[0] - top[1]), 4),
+                   logit_scale=round(float(logits.abs().max()), 3))
+    return out
 
 
 def replay_fidelity(tree, trace: list[int]) -> dict:
