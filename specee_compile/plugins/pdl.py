@@ -17,11 +17,15 @@ One exception, by design: the one-row GEMV and the turned rows kernel load their
 is built (cast, quantization, a new vocabulary) by plain ATen kernels, which never let a dependent start early.
 
 SPECEE_PDL:
-  unset / 0   off (the default: unmeasured on a GPU yet);
+  unset / 0   off (the default: `all` sped the 7B rows up 0.7-3.2% and SmolLM2's dense step 24.6% on an H100 in
+              session 27, but the 7B rows' tokens differed under it: near-ties or a race, see `all`);
   ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k, the
               exit score);
   all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), whose waits
-              Inductor places from its own dependency analysis.
+              Inductor places from its own dependency analysis: a kernel waits only if the kernel just before it
+              wrote what it reads, and lets its dependents launch after a wait that follows its loads. A kernel
+              with no loads has neither, so the kernel after it may read before an earlier one has finished: not
+              the contract above, and a possible cause of session 27's 7B token differences.
 Stream capture should record such launches as programmatic edges of the CUDA graph; whether the bodies of the exits'
 conditional nodes take them is for the first GPU run to show. The AOTInductor twins (`specee_aoti` ops) never use
 it: their package launches every kernel plainly.
