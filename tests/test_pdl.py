@@ -6,6 +6,7 @@ decode give the same tokens with it on."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -119,6 +120,68 @@ def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(
         early = _body(compile_(True, EARLY_W=True))
         wait = early.index("griddepcontrol.wait")
         assert _first(early, r"ld\.global") < wait < _first(early, r"(st|atom|red)\.global")
+
+
+def _inductor_pdl_sources(monkeypatch, fn, *args) -> list[str]:
+    """The Triton kernels Inductor generates for fn(*args) with its PDL codegen on, on the CPU: Inductor's Triton
+    backend for the CPU writes them (its PDL codegen forced on, as it is for sm_90+); compiling them then fails here
+    (no Triton CPU backend), after their source was kept."""
+    pytest.importorskip("triton")
+    import torch._dynamo
+    import torch._inductor.config as cfg
+    import torch.utils._triton as tu
+    from torch._inductor.codegen import triton as it
+
+    monkeypatch.setattr(cfg, "cpu_backend", "triton")
+    monkeypatch.setattr(cfg, "compile_threads", 1)
+    monkeypatch.setattr(cfg.triton, "enable_pdl", True)
+    monkeypatch.setattr(it.TritonKernel, "_enable_pdl_codegen", staticmethod(lambda: True))
+    for mod in (tu, it):  # (it asks the active GPU driver for a hash; there is none)
+        monkeypatch.setattr(mod, "triton_hash_with_backend", lambda: "cpu-test", raising=False)
+    sources: list[str] = []
+    codegen = it.TritonKernel.codegen_kernel
+
+    def keep(self, *a, **k):
+        src = codegen(self, *a, **k)
+        sources.append(src)
+        return src
+
+    monkeypatch.setattr(it.TritonKernel, "codegen_kernel", keep)
+    torch._dynamo.reset()
+    with contextlib.suppress(Exception):
+        torch.compile(fn)(*args)
+    torch._dynamo.reset()
+    return sources
+
+
+def test_inductor_kernels_wait_before_any_memory_access_under_all(monkeypatch):
+    """SPECEE_PDL=all holds Inductor's kernels to the plugin kernels' contract: `gdc_wait` before the first global
+    load or store, `gdc_launch_dependents` only after it. Inductor's own placement leaves a kernel that only stores
+    (here `torch.ones`) with neither, so the kernel after it could read ahead of an earlier one still running."""
+
+    def f(x, y, z):  # a reduction in one block, one in a loop (its wait is hoisted before the loop), a fill
+        return (x + 1).sum(-1) * y, (z * z).sum(), torch.ones(4)
+
+    def check(src: str) -> bool:
+        body = src[re.search(r"^def ", src, re.MULTILINE).start():].splitlines()  # (named later: def KERNEL_NAME)
+        first = next(i for i, ln in enumerate(body) if re.search(r"tl\.(load|store|atomic)", ln))
+        waits = [i for i, ln in enumerate(body) if "gdc_wait" in ln]
+        launches = [i for i, ln in enumerate(body) if "gdc_launch_dependents" in ln]
+        return bool(waits) and waits[0] < first and all(i > waits[0] for i in launches)
+
+    from torch._inductor.codegen.triton import TritonKernel
+
+    inductors = getattr(TritonKernel, "_specee_inductor_placement", TritonKernel._handle_pdl_before_access)
+    monkeypatch.setattr(TritonKernel, "_handle_pdl_before_access", inductors)
+    args = (torch.randn(8, 64), torch.randn(8), torch.randn(1 << 18))
+    plain = _inductor_pdl_sources(monkeypatch, f, *args)
+    assert len(plain) >= 3 and any("for r0_offset in" in src for src in plain) and not all(map(check, plain))  # Inductor's placement: the store-only kernel waits not
+    monkeypatch.setenv("SPECEE_PDL", "all")
+    pdl._inductor_waits_first.cache_clear()
+    assert pdl.inductor_options() == {"triton.enable_pdl": True}  # installs the wait-first placement
+    assert TritonKernel._handle_pdl_before_access is pdl.wait_before_access
+    held = _inductor_pdl_sources(monkeypatch, f, *args)
+    assert len(held) >= 3 and all(map(check, held)), "\n\n".join(held)
 
 
 def _body(kernel) -> str:

@@ -21,11 +21,12 @@ SPECEE_PDL:
               session 27, but the 7B rows' tokens differed under it: near-ties or a race, see `all`);
   ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k, the
               exit score);
-  all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), whose waits
-              Inductor places from its own dependency analysis: a kernel waits only if the kernel just before it
-              wrote what it reads, and lets its dependents launch after a wait that follows its loads. A kernel
-              with no loads has neither, so the kernel after it may read before an earlier one has finished: not
-              the contract above, and a possible cause of session 27's 7B token differences.
+  all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), held to the
+              contract above: each waits before its first global access (`_inductor_waits_first`). Inductor's
+              own placement waits only where the kernel just before wrote what a kernel reads; a kernel with no
+              loads then neither waits nor holds its dependents back, so the next kernel may read ahead of an
+              earlier one still writing (a possible cause of session 27's 7B token differences, measured with
+              that placement).
 Stream capture should record such launches as programmatic edges of the CUDA graph; whether the bodies of the exits'
 conditional nodes take them is for the first GPU run to show. The AOTInductor twins (`specee_aoti` ops) never use
 it: their package launches every kernel plainly.
@@ -81,5 +82,38 @@ def kernel_args(device: torch.device) -> dict:
 
 def inductor_options() -> dict:
     """Inductor config patches: PDL in its own kernels where SPECEE_PDL=all (Inductor generates it only for CUDA
-    devices of sm_90 and newer, so the patch is harmless elsewhere)."""
-    return {"triton.enable_pdl": True} if mode() == "all" else {}
+    devices of sm_90 and newer, so the patch is harmless elsewhere), each kernel waiting first."""
+    if mode() != "all":
+        return {}
+    _inductor_waits_first()
+    return {"triton.enable_pdl": True}
+
+
+@functools.cache
+def _inductor_waits_first() -> None:
+    """Every Inductor kernel generated with PDL waits (`gdc_wait`) before each global load or store, of which
+    Inductor's codegen keeps the first: so before any access, as the plugin kernels do. Then a kernel that passes
+    its wait knows every kernel before it has completed, whatever it reads, and its own `gdc_launch_dependents`
+    (which Inductor places after a wait) cannot release the next kernel early either. The cost: nothing of a kernel
+    runs before its wait but its launch and index math. Replaces `TritonKernel._handle_pdl_before_access`, which
+    waits only where the scheduler's previous node wrote (or, for stores, read) the buffer; only kernels compiled
+    with `triton.enable_pdl` call it. A torch whose Inductor has no such method is refused (its PDL codegen is
+    unknown to us)."""
+    from torch._inductor.codegen import triton as inductor_triton
+
+    kernel = inductor_triton.TritonKernel
+    if not hasattr(kernel, "_handle_pdl_before_access"):
+        raise SettingError(f"SPECEE_PDL=all: this torch's Inductor ({torch.__version__}) places its PDL waits in a "
+                           "way this plugin does not know; use SPECEE_PDL=ops (the plugin kernels only)")
+    if not hasattr(kernel, "_specee_inductor_placement"):  # Inductor's own, kept for the tests
+        kernel._specee_inductor_placement = kernel._handle_pdl_before_access
+    kernel._handle_pdl_before_access = wait_before_access
+
+
+def wait_before_access(self, wait_buffer, *dependencies, consider_reads=False):
+    """`TritonKernel._handle_pdl_before_access` under SPECEE_PDL=all: a wait before every access (see above)."""
+    if not self._enable_pdl_codegen():
+        return
+    if self.inside_reduction and self.range_trees[-1].is_loop:
+        wait_buffer = self.body  # before the loop, as Inductor hoists it
+    wait_buffer.writeline(self.GDC_WAIT)
