@@ -189,7 +189,7 @@ class Settings:
             from .model_step import tree_linears
             from .plugins import compile_cache, pdl, triton_gemv
 
-            pdl.mode()
+            pdl.inductor_options()  # the mode, and under `all` whether this torch's Inductor can be held to it
             compile_cache.enabled()
             tree_linears()
             triton_gemv.max_rows()

@@ -222,6 +222,24 @@ def test_a_bad_setting_is_one_line_before_any_work(monkeypatch, capsys, tiny_mod
     assert rc == 2 and "SPECEE_PDL='yes': expected one of 0, ops, all" in err and len(err.strip().splitlines()) == 1
 
 
+def test_all_on_a_torch_whose_inductor_pdl_is_unknown_is_refused_in_one_line(monkeypatch, capsys, tiny_model_dir):
+    """Under `all` the plugin replaces how Inductor places its waits; a torch without that method is refused
+    before any work, not run with Inductor's unknown placement."""
+    from torch._inductor.codegen.triton import TritonKernel
+
+    from specee_compile.cli import main
+
+    monkeypatch.delattr(TritonKernel, "_handle_pdl_before_access")
+    pdl._inductor_waits_first.cache_clear()
+    monkeypatch.setenv("SPECEE_PDL", "all")
+    capsys.readouterr()
+    rc = main(["generate", str(tiny_model_dir), "hi", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "places its PDL waits in a way this plugin does not know" in err and "SPECEE_PDL=ops" in err
+    assert len(err.strip().splitlines()) == 1
+    pdl._inductor_waits_first.cache_clear()
+
+
 _INTERP_EARLY = """
 import torch, triton
 from specee_compile.plugins.triton_gemv import PROLOGUES, _gemv_kernel, _rows_t_kernel, _rows_workspace, _workspace
