@@ -132,9 +132,6 @@ def _inductor_pdl_sources(monkeypatch, fn, *args) -> list[str]:
     import torch.utils._triton as tu
     from torch._inductor.codegen import triton as it
 
-    monkeypatch.setattr(cfg, "cpu_backend", "triton")
-    monkeypatch.setattr(cfg, "compile_threads", 1)
-    monkeypatch.setattr(cfg.triton, "enable_pdl", True)
     monkeypatch.setattr(it.TritonKernel, "_enable_pdl_codegen", staticmethod(lambda: True))
     for mod in (tu, it):  # (it asks the active GPU driver for a hash; there is none)
         monkeypatch.setattr(mod, "triton_hash_with_backend", lambda: "cpu-test", raising=False)
@@ -148,7 +145,9 @@ def _inductor_pdl_sources(monkeypatch, fn, *args) -> list[str]:
 
     monkeypatch.setattr(it.TritonKernel, "codegen_kernel", keep)
     torch._dynamo.reset()
-    with contextlib.suppress(Exception):
+    # (Inductor's own patch: its config module is not restored correctly by monkeypatch)
+    with cfg.patch({"cpu_backend": "triton", "compile_threads": 1, "triton.enable_pdl": True}), \
+            contextlib.suppress(Exception):
         torch.compile(fn)(*args)
     torch._dynamo.reset()
     return sources
