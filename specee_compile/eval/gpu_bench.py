@@ -479,7 +479,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         if plain != "dense" and "paired_ratio" in R_.get("dense_pdl", {}):
             R_[f"product_{plain}_ratio_pdl"] = round(R_[name]["paired_ratio"] / R_["dense_pdl"]["paired_ratio"], 3)
     # which rows run the product's default draft (Settings.draft_quant auto): the _q8 ones, or the others
-    default_quant = Settings(**base, specee=True).draft_quant_for(dev.type, draft.draft.dtype)
+    default_quant = Settings(**base).draft_quant_for(dev.type, draft.draft.dtype)  # (the same for every mode)
     quants = {"specee232": "none", "specee232_q8": "int8", **{n: q for n, _tr, _src, q, _exits in tree_rows}}
     R_["default_draft_quant"] = default_quant
     R_["default_rows"] = [n for n, q in quants.items() if n in decs and q == default_quant]
