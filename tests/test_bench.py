@@ -131,6 +131,21 @@ def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
     assert r["smollm2_tree_pdl"]["accepted_per_step"] == r["smollm2_tree"]["accepted_per_step"]
 
 
+@pytest.mark.slow
+def test_bench_smollm2_stage_in_bfloat16(tmp_path, smollm2):
+    """--smollm2-dtype: every row of the stage computes in it, dense included, so the lossless tree is checked against
+    dense in the same dtype; the record names the dtype."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["What is the capital of France?"]))
+    out = tmp_path / "out"
+    assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
+                 "--prompts", str(prompts), "--smollm2-n", "1", "--smollm2-new", "6", "--smollm2-configs", "tree",
+                 "--smollm2-dtype", "bfloat16", "--out", str(out)]) == 0
+    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
+    r = rec["results"]
+    assert r["smollm2_dtype"] == "bfloat16" and r["smollm2_tree_identical"] == 1.0 and r["smollm2_tree_ratio"] > 0
+
+
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
     rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json",
                "--smollm2-configs", "tree,bogus", "--out", str(tmp_path)])

@@ -678,10 +678,11 @@ def bench_smollm2(args, res: dict, dev) -> None:
     prompts = [encode_prompt(loaded.tokenizer, p) for p in args.prompt_texts[: args.smollm2_n]]  # (read in main)
     from ..artifacts import shipped_dir
 
-    base = dict(device=str(dev), dtype="float32", backend="inductor", max_context=1024,
+    base = dict(device=str(dev), dtype=getattr(args, "smollm2_dtype", "float32"), backend="inductor", max_context=1024,
                 max_new_tokens=args.smollm2_new,
                 artifacts=str(getattr(args, "smollm2_artifacts", None) or shipped_dir("smollm2-135m")))
     R_["smollm2_artifacts"] = base["artifacts"]
+    R_["smollm2_dtype"] = base["dtype"]  # every row's, dense included: each ratio compares one dtype with itself
     configs = {"dense": dict(), "paper": dict(specee=True, mode="approximate", kv_policy="skip"),
                "lossless": dict(specee=True, mode="lossless", kv_policy="backfill")}
     if "tree" not in args.skip:
@@ -946,6 +947,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--smollm2-configs", default=None,
                    help="comma list of the SmolLM2 configs to run besides dense (default: all: "
                         + ", ".join(SMOLLM2_CONFIGS) + ")")
+    p.add_argument("--smollm2-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the SmolLM2 stage's compute dtype, every row's (dense included; the weights load in float32, "
+                        "as the artifacts' fingerprint was made, and are cast)")
     p.add_argument("--smollm2-n", type=int, default=20)
     p.add_argument("--smollm2-new", type=int, default=128)
     p.add_argument("--skip", default="", type=_skips,
