@@ -6,6 +6,7 @@ Errors the user can fix (SpecEEError) print as one line on stderr with exit code
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -452,14 +453,16 @@ def main(argv: list[str] | None = None) -> int:
             from .api import bench_main
 
             _check_bench(argv[1:])
-            return bench_main(argv[1:])
-        args = build_parser().parse_args(argv)
-        _check_numbers(args)
+            run = functools.partial(bench_main, argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            _check_numbers(args)
+            run = functools.partial(args.fn, args)
         from .api import raise_on_signals
 
         state: dict = {}
         with raise_on_signals(state):  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files and dirs are removed
-            rc = args.fn(args)
+            rc = run()
         if state.get("seen"):  # an interrupt swallowed on its way out (raised inside a finalizer)
             from .errors import Interrupted
 

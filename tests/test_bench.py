@@ -499,3 +499,34 @@ def test_tiny_bench_skips_the_exit_rows_for_a_short_pdl_tree_check(tmp_path, cap
     assert rows == {"dense", "tree35", "dense_pdl", "tree35_pdl"}
     assert "product_specee232_ratio" not in R and R["product_tree35_ratio"] > 0
     assert res["checks"]["tree35_pdl_tokens_identical"] and res["checks"]["dense_pdl_tokens_identical"]
+
+
+@pytest.mark.slow
+def test_bench_cut_by_sigterm_keeps_the_record_so_far(tmp_path):
+    """A `timeout` (SIGTERM) in the middle of the 7B stage: the bench writes the record so far, saying where it
+    stopped (`interrupted`, `phases`) with the rounds measured until then (`progress_7b`), and exits 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "specee_compile.cli", "bench", "--tiny", "--device", "cpu",
+                             "--skip-hf", "--skip", "tree,specee,q8", "--runs", "100000", "--new-tokens", "4",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    seen, t0 = [], time.time()
+    for line in proc.stderr:  # the rounds start: the decoder is built; its warm-up (compile) may still run
+        seen.append(line)
+        if line.startswith("== timing") or time.time() - t0 > 300:
+            break
+    time.sleep(20)
+    proc.send_signal(signal.SIGTERM)
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err[-2000:]
+    assert "specee-compile: interrupted (SIGTERM)" in err and "Traceback" not in err
+    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
+    assert rec["interrupted"] == {"signal": signal.SIGTERM, "stage": "7b"}
+    labels = [p[0] for p in rec["phases"]]
+    assert labels[:2] == ["7b: random model written", "7b: 1 decoders built"] and labels[-1].startswith("interrupted")
+    dense = rec["progress_7b"]["dense"]  # the warm-up and some rounds ran in 20 s on the tiny model
+    assert dense["compile_s"] >= 0 and dense["tok_s"] and min(dense["tok_s"]) > 0

@@ -36,7 +36,11 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
   yardstick   (--yardstick PATH) the plain compiled decoder, in its own process, first.
 
 Writes benchmarks/results/<date>-<card>.json (or --out DIR; `-2`, `-3`, ... where that record exists: nothing is
-overwritten) with "path": "runtime", its plot beside it, and prints a table.
+overwritten) with "path": "runtime", its plot beside it, and prints a table. The record is written after the yardstick
+and after each stage; `phases` says when each part ended (seconds from the start). Cut short by SIGTERM (a `timeout`),
+SIGHUP or Ctrl-C, it is written once more with `interrupted` (the signal, the stage) and the stage's rounds so far
+(`progress_7b`: each decoder's compile_s and tok/s per round; `progress_smollm2`: tok/s per prompt), then the run
+exits with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -66,6 +70,12 @@ TINY = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key
 YARD_CHOICES = [18, 20, 22, 23, 24, 25, 26, 28, 32]
 YARD_PROBS = [0.08, 0.12, 0.16, 0.16, 0.14, 0.12, 0.08, 0.06, 0.08]
 DRAFT_ROWS = 8192  # the 7B draft head's vocabulary (as the shipped SmolLM2 draft)
+
+
+def phase(res: dict, label: str) -> None:
+    """res["phases"]: the seconds since the run began at each named point, so a record shows where a call's time
+    went, also when it was cut short (the GPU's calls have a hard limit)."""
+    res.setdefault("phases", []).append([label, round(time.time() - res["started"], 1)])
 
 
 def log(*a):
@@ -257,18 +267,21 @@ class UnderPdl:
         return getattr(self.dec, name)
 
 
-def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> dict:
+def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=(), progress: dict | None = None) -> dict:
     """name -> (figures, last result) of each decoder: its warm-up call (compile + capture, reported as
     `compile_s` and the first call's speed), then `runs` rounds in which every decoder decodes once, the order
     rotated per round. A variant and dense then run seconds apart, not minutes: a drift of the card's speed over
     the run (session 15 saw dense's timed call 5% under its own first call) moves both sides of a ratio, and
     `paired_ratio` (the median over rounds of variant / first decoder in the same round) cancels it. A decoder
     named in `optional` whose first call fails is left out of the rounds: ({"error": why}, None), the others
-    still timed (a row not yet run on a GPU must not cost the call its other rows)."""
+    still timed (a row not yet run on a GPU must not cost the call its other rows). `progress`, where given,
+    holds what is measured so far (each warm-up's compile_s, each round's tok/s), for a run cut short."""
     names, first, failed = list(decs), {}, {}
+    progress = {} if progress is None else progress
     for n in names:
         try:
             first[n] = decs[n].generate(prompt)
+            progress[n] = {"compile_s": round(first[n].compile_s, 1), "tok_s": []}
         except Exception as e:  # noqa: BLE001 - recorded; only optional rows get here
             if n not in optional:
                 raise
@@ -282,6 +295,7 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=()) -> d
         for n in names[r % len(names):] + names[: r % len(names)]:
             last[n] = decs[n].generate(prompt)
             vals[n].append(last[n].decode_tok_s)
+            progress[n]["tok_s"].append(round(last[n].decode_tok_s, 1))
     out, ref = {}, names[0]
     for n in names:
         f, res, fig = first[n], last[n], summarize(vals[n])
@@ -364,6 +378,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         t = time.time()
         write_random_model(shape, dt, dev, d)
         res["write_s"] = round(time.time() - t, 1)
+        phase(res, "7b: random model written")
         t = time.time()
         loaded = load_model(d, dtype=dt, device=str(dev))
         R_["load_s"] = round(time.time() - t, 1)
@@ -431,11 +446,15 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         decs[name] = build_decoder(loaded, ts, segments=dense.seg, draft=src, accept=trace_accepts(tr),
                                    **({"program": program, "policy": trace_exits([e - 1 for e in trace])} if exits else {}))
     pdl_rows = pdl_variants(args, loaded, base, spec, program, draft, trace, tree_rows, decs)
+    phase(res, f"7b: {len(decs)} decoders built")
     log(f"== timing, interleaved: one warm-up call each, then {args.runs} round(s) of {', '.join(decs)}")
     # the exits on the tree (the newest rows, first run on the H200 in session 20) and the PDL rows: a failure is
     # recorded, the other rows still timed
     timed = time_interleaved(decs, prompt, args.runs,
-                             optional={n for n, *_, exits in tree_rows if exits} | set(pdl_rows))
+                             optional={n for n, *_, exits in tree_rows if exits} | set(pdl_rows),
+                             progress=res.setdefault("progress_7b", {}))
+    del res["progress_7b"]  # (the figures below supersede it)
+    phase(res, "7b: timed")
     R_["dense"], dres = timed["dense"]
     R_["product_dense_tok_s"] = R_["dense"]["median"]
     if "hf_tokens" in res:
@@ -709,6 +728,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
     for dec in decs.values():
         dec.generate(prompts[0])
     R_["smollm2_compile_s"] = round(time.time() - t, 1)
+    phase(res, f"smollm2: {len(decs)} decoders built and compiled")
     if "paper" in configs:
         # parity with the exits on (the cost check may turn them off in the timed decoders)
         eager = build_decoder(loaded, Settings(**{**base, "backend": "eager"}, **configs["paper"]))
@@ -719,7 +739,7 @@ def bench_smollm2(args, res: dict, dev) -> None:
                                                             "agreement": round(agreement(got.token_ids, want.token_ids), 4),
                                                             "exit_layers_identical": got.exit_layers == want.exit_layers}
         del eager
-    speeds = {n: [] for n in decs}
+    speeds = res["progress_smollm2"] = {n: [] for n in decs}  # (in the record while it grows: a run cut short)
     guards: dict = {}  # name -> the last call's tree guard record (None: no guard)
     stats = {n: {"layers": [], "agree": [], "identical": 0, "accepted": [0, 0]} for n in decs}
     accepted_trace: list[int] = []
@@ -739,6 +759,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
             else:
                 stats[name]["agree"].append(agreement(r.token_ids, ref))
                 stats[name]["identical"] += int(r.token_ids == ref)
+    del res["progress_smollm2"]
+    phase(res, "smollm2: timed")
     d = statistics.median(speeds["dense"])
     R_["smollm2_dense_tok_s"] = round(d, 1)
     for name in [n for n in decs if n != "dense"]:  # (dense_pdl's ratio is PDL's gain; its identity, PDL's check)
@@ -805,7 +827,7 @@ def run_bench(args) -> dict:
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
         "pdl": pdl.mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
-        "results": {}, "checks": {}, "notes": [],
+        "results": {}, "checks": {}, "notes": [], "started": time.time(),
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)
     stem = f"{res['date']}-{card_slug(res['card'])}{'-tiny' if args.tiny else ''}"
@@ -815,30 +837,42 @@ def run_bench(args) -> dict:
     def save():  # the record so far: a run cut short keeps what it measured
         write_file_atomic(out_path, json.dumps(res, indent=1, default=str))
 
-    if args.yardstick and dev.type == "cuda":
-        log("== yardstick")
-        try:
-            y = run_yardstick(args.yardstick, timeout=300)
-        except Exception as ex:  # noqa: BLE001  # recorded; the run goes on
-            y = {"error": repr(ex)}
-        res["yardstick"] = y
-        if "whole_tok_s" in y:
-            res["results"]["yardstick_whole_tok_s"] = y["whole_tok_s"][0]
-        save()
     stages = [("7b", lambda: bench_7b(args, res, dev, shape))]
     if args.smollm2:
         stages.append(("smollm2", lambda: bench_smollm2(args, res, dev)))
-    for name, fn in stages:
-        if name in args.skip:
-            continue
-        try:
-            fn()
-        except Exception:  # noqa: BLE001  # recorded; the other stages still run
-            import traceback
+    stage = "yardstick"
+    try:
+        if args.yardstick and dev.type == "cuda":
+            log("== yardstick")
+            try:
+                y = run_yardstick(args.yardstick, timeout=300)
+            except Exception as ex:  # noqa: BLE001  # recorded; the run goes on
+                y = {"error": repr(ex)}
+            res["yardstick"] = y
+            if "whole_tok_s" in y:
+                res["results"]["yardstick_whole_tok_s"] = y["whole_tok_s"][0]
+            phase(res, "yardstick")
+            save()
+        for stage, fn in stages:
+            if stage in args.skip:
+                continue
+            try:
+                fn()
+            except Exception:  # noqa: BLE001  # recorded; the other stages still run
+                import traceback
 
-            res["checks"][f"{name}_error"] = traceback.format_exc()[-3000:]
-            log(res["checks"][f"{name}_error"])
+                res["checks"][f"{stage}_error"] = traceback.format_exc()[-3000:]
+                log(res["checks"][f"{stage}_error"])
+            phase(res, f"{stage} stage")
+            save()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (a `timeout`) under the CLI's raise_on_signals
+        # the record keeps what was measured (progress_7b / progress_smollm2: the rounds so far) and where it stopped
+        res["interrupted"] = {"signal": getattr(e, "signum", 2), "stage": stage}
+        phase(res, f"interrupted in the {stage} stage")
         save()
+        print_table(res)
+        log(f"interrupted in the {stage} stage; the record so far: {out_path}")
+        raise
     res["gpu_state_end"] = gpu_state() if dev.type == "cuda" else None
     save()
     print_table(res)
@@ -1009,5 +1043,8 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # (`specee-compile bench` is the product's way in: one line for bad input, 128 + signum)
+    from ..artifacts import raise_on_signals
+
+    with raise_on_signals():  # SIGTERM (a `timeout`) unwinds: the record so far is written, temp dirs removed
+        sys.exit(main())
