@@ -134,16 +134,26 @@ def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
 @pytest.mark.slow
 def test_bench_smollm2_stage_in_bfloat16(tmp_path, smollm2):
     """--smollm2-dtype: every row of the stage computes in it, dense included, so the lossless tree is checked against
-    dense in the same dtype; the record names the dtype."""
+    dense in the same dtype; the record names the dtype, and each prompt where a lossless row parts from dense."""
     prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps(["What is the capital of France?"]))
+    hawaii = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences "
+              "and must-see attractions.")  # (MT-Bench's first turn)
+    prompts.write_text(json.dumps(["What is the capital of France?", hawaii]))
     out = tmp_path / "out"
     assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
-                 "--prompts", str(prompts), "--smollm2-n", "1", "--smollm2-new", "6", "--smollm2-configs", "tree",
+                 "--prompts", str(prompts), "--smollm2-n", "2", "--smollm2-new", "10", "--smollm2-configs", "tree",
                  "--smollm2-dtype", "bfloat16", "--out", str(out)]) == 0
     (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
     r = rec["results"]
-    assert r["smollm2_dtype"] == "bfloat16" and r["smollm2_tree_identical"] == 1.0 and r["smollm2_tree_ratio"] > 0
+    assert r["smollm2_dtype"] == "bfloat16" and r["smollm2_tree_ratio"] > 0
+    # In bf16 the 25-row verification rounds otherwise than the one-row dense step; the second prompt meets a
+    # near-tie at its 7th token (session 28). A lossless row that parts from dense says where and by how much.
+    parted = int(r["smollm2_tree"]["identical"].split("/")[0])
+    divs = r["smollm2_tree"].get("divergences", [])
+    assert parted < 2 and len(divs) == 2 - parted
+    for d in divs:
+        # the two tokens' logits in the eager forward there: within two bf16 steps at the logits' scale (a near-tie)
+        assert 0 <= d["first_divergence"] < 10 and abs(d["margin"]) <= d["logit_scale"] / 64
 
 
 def test_bench_refuses_unknown_smollm2_configs_before_work(tmp_path, capsys):
