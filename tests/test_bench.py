@@ -114,18 +114,23 @@ def test_bench_refuses_bad_trace_and_prompt_files_before_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def _smollm2_tree_stage(tmp_path, texts: list[str], new: int, *flags: str) -> dict:
+    """The bench's SmolLM2 stage alone on the CPU (dense and the tree besides `flags`): the record's results."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(texts))
+    out = tmp_path / "out"
+    assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
+                 "--prompts", str(prompts), "--smollm2-n", str(len(texts)), "--smollm2-new", str(new),
+                 "--smollm2-configs", "tree", *flags, "--out", str(out)]) == 0
+    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
+    return rec["results"]
+
+
 @pytest.mark.slow
 def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
     """The SmolLM2 stage with --pdl-ab (a no-op off CUDA, so the rows must agree): dense_pdl and tree_pdl are timed
     in the same rounds, dense_pdl's tokens checked against dense, the tree under PDL against dense under PDL."""
-    prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps(["Give three tips for learning a new language."]))
-    out = tmp_path / "out"
-    assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
-                 "--prompts", str(prompts), "--smollm2-n", "1", "--smollm2-new", "4", "--smollm2-configs", "tree",
-                 "--pdl-ab", "all", "--out", str(out)]) == 0
-    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
-    r = rec["results"]
+    r = _smollm2_tree_stage(tmp_path, ["Give three tips for learning a new language."], 4, "--pdl-ab", "all")
     assert r["smollm2_dense_pdl"]["identical"] == "1/1" and r["smollm2_tree_pdl"]["identical"] == "1/1"
     assert r["smollm2_dense_pdl_ratio"] > 0 and r["smollm2_tree_pdl_vs_dense_pdl"] > 0
     assert r["smollm2_tree_pdl"]["accepted_per_step"] == r["smollm2_tree"]["accepted_per_step"]
@@ -135,22 +140,15 @@ def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
 def test_bench_smollm2_stage_in_bfloat16(tmp_path, smollm2):
     """--smollm2-dtype: every row of the stage computes in it, dense included, so the lossless tree is checked against
     dense in the same dtype; the record names the dtype, and each prompt where a lossless row parts from dense."""
-    prompts = tmp_path / "p.json"
     hawaii = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences "
               "and must-see attractions.")  # (MT-Bench's first turn)
-    prompts.write_text(json.dumps(["What is the capital of France?", hawaii]))
-    out = tmp_path / "out"
-    assert main(["bench", "--tiny", "--device", "cpu", "--skip", "7b", "--skip-hf", "--smollm2", "smollm2-135m",
-                 "--prompts", str(prompts), "--smollm2-n", "2", "--smollm2-new", "10", "--smollm2-configs", "tree",
-                 "--smollm2-dtype", "bfloat16", "--out", str(out)]) == 0
-    (rec,) = [json.loads(f.read_text()) for f in out.glob("*-tiny.json")]
-    r = rec["results"]
+    r = _smollm2_tree_stage(tmp_path, ["What is the capital of France?", hawaii], 10, "--smollm2-dtype", "bfloat16")
     assert r["smollm2_dtype"] == "bfloat16" and r["smollm2_tree_ratio"] > 0
-    # In bf16 the 25-row verification rounds otherwise than the one-row dense step; the second prompt meets a
+    # In bf16 the verification's rows round otherwise than the one-row dense step; the second prompt meets a
     # near-tie at its 7th token (session 28). A lossless row that parts from dense says where and by how much.
-    parted = int(r["smollm2_tree"]["identical"].split("/")[0])
+    same = int(r["smollm2_tree"]["identical"].split("/")[0])
     divs = r["smollm2_tree"].get("divergences", [])
-    assert parted < 2 and len(divs) == 2 - parted
+    assert same < 2 and len(divs) == 2 - same
     for d in divs:
         # the two tokens' logits in the eager forward there: within two bf16 steps at the logits' scale (a near-tie)
         assert 0 <= d["first_divergence"] < 10 and abs(d["margin"]) <= d["logit_scale"] / 64
