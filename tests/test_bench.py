@@ -516,18 +516,16 @@ def test_bench_cut_by_sigterm_keeps_the_record_so_far(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "specee_compile.cli", "bench", "--tiny", "--device", "cpu",
                              "--skip-hf", "--skip", "tree,specee,q8", "--runs", "100000", "--new-tokens", "4",
                              "--out", str(out)], stderr=subprocess.PIPE, text=True)
-    seen, t0 = [], time.time()
-    for line in proc.stderr:  # the rounds start: the decoder is built; its warm-up (compile) may still run
+    seen = []
+    for line in proc.stderr:  # the first timed round has ended
         seen.append(line)
-        if line.startswith("== timing") or time.time() - t0 > 300:
+        if line.startswith("round 1/"):
             break
-    time.sleep(20)
     proc.send_signal(signal.SIGTERM)
     err = "".join(seen) + proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err[-2000:]
@@ -536,5 +534,5 @@ def test_bench_cut_by_sigterm_keeps_the_record_so_far(tmp_path):
     assert rec["interrupted"] == {"signal": signal.SIGTERM, "stage": "7b"}
     labels = [p[0] for p in rec["phases"]]
     assert labels[:2] == ["7b: random model written", "7b: 1 decoders built"] and labels[-1].startswith("interrupted")
-    dense = rec["progress_7b"]["dense"]  # the warm-up and some rounds ran in 20 s on the tiny model
+    dense = rec["progress_7b"]["dense"]  # its warm-up and at least one round
     assert dense["compile_s"] >= 0 and dense["tok_s"] and min(dense["tok_s"]) > 0

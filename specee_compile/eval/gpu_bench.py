@@ -296,6 +296,7 @@ def time_interleaved(decs: dict, prompt: list[int], runs: int, optional=(), prog
             last[n] = decs[n].generate(prompt)
             vals[n].append(last[n].decode_tok_s)
             progress[n]["tok_s"].append(round(last[n].decode_tok_s, 1))
+        log(f"round {r + 1}/{runs}: " + ", ".join(f"{n} {vals[n][-1]:.1f}" for n in names) + " tok/s")
     out, ref = {}, names[0]
     for n in names:
         f, res, fig = first[n], last[n], summarize(vals[n])
