@@ -1054,5 +1054,8 @@ def main(argv=None) -> int:
 if __name__ == "__main__":  # (`specee-compile bench` is the product's way in: one line for bad input, 128 + signum)
     from ..artifacts import raise_on_signals
 
-    with raise_on_signals():  # SIGTERM (a `timeout`) unwinds: the record so far is written, temp dirs removed
-        sys.exit(main())
+    try:
+        with raise_on_signals():  # SIGTERM (a `timeout`) unwinds: the record so far is written, temp dirs removed
+            sys.exit(main())
+    except KeyboardInterrupt as e:  # (the record's path was logged; no traceback)
+        sys.exit(128 + getattr(e, "signum", 2))
