@@ -127,10 +127,9 @@ def _smollm2_tree_stage(tmp_path, texts: list[str], new: int, *flags: str) -> di
 
 
 @pytest.mark.slow
-def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2, monkeypatch):
+def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
     """The SmolLM2 stage with --pdl-ab (a no-op off CUDA, so the rows must agree): dense_pdl and tree_pdl are timed
     in the same rounds, dense_pdl's tokens checked against dense, the tree under PDL against dense under PDL."""
-    monkeypatch.setenv("SPECEE_CPU_GEMM", "mkl")  # (see the next test)
     r = _smollm2_tree_stage(tmp_path, ["Give three tips for learning a new language."], 4, "--pdl-ab", "all")
     assert r["smollm2_dense_pdl"]["identical"] == "1/1" and r["smollm2_tree_pdl"]["identical"] == "1/1"
     assert r["smollm2_dense_pdl_ratio"] > 0 and r["smollm2_tree_pdl_vs_dense_pdl"] > 0
@@ -493,10 +492,6 @@ def test_tiny_bench_skips_the_exit_rows_for_a_short_pdl_tree_check(tmp_path, cap
     """--skip specee (with smollm2, q8): only dense and the tree rows, each also under --pdl-ab, their tokens checked
     against the rows without PDL: the short call that decides PDL's default. A --skip typo is one line, exit 2."""
     monkeypatch.delenv("SPECEE_PDL", raising=False)
-    # each PDL twin is built on segments of its own, whose CPU matmul library (for the tree's rows) is picked by timing
-    # (cpu_gemm.py): on a loaded CPU the twins may pick differently and round apart at random weights' near-ties (the
-    # likely cause of this test's one failure, in a full suite run beside another CPU job, session 28)
-    monkeypatch.setenv("SPECEE_CPU_GEMM", "mkl")
     with pytest.raises(SystemExit) as e:
         main(["bench", "--tiny", "--device", "cpu", "--skip", "smollm2,specee,sevenb"])
     assert e.value.code == 2

@@ -46,6 +46,9 @@ def test_pick_follows_the_setting_and_times_both_on_auto(monkeypatch):
     ms = info["lm_head_ms"]
     assert set(ms) == {"mkl_1", "mkl_3", "onednn_1", "onednn_3"} and all(v > 0 for v in ms.values())
     assert choice == ("onednn" if ms["onednn_1"] + ms["onednn_3"] < ms["mkl_1"] + ms["mkl_3"] else "mkl")
+    timed = []  # a second decoder of the same shape in this process: the same times, not timed again
+    monkeypatch.setattr(cpu_gemm, "_best_ms", lambda fn, reps=5: timed.append(fn) or 1.0)
+    assert cpu_gemm.pick(seg.weights) == (choice, info) and not timed
     monkeypatch.setattr(cpu_gemm, "_available_bytes", lambda: 1000)  # the copy would not fit: MKL, no timing
     choice, info = cpu_gemm.pick(seg.weights)
     assert choice == "mkl" and "would not fit" in info["reason"]

@@ -15,7 +15,8 @@ so it is skipped where that would not fit in a quarter of the available memory. 
 batch of ROWS_HINT rows (`mkldnn._reorder_linear_weight`, as Inductor's weight prepacking does): the LM head's 1 / 3 /
 8 / 25 rows took 4.0 / 5.3 / 7.0 / 11.0 ms in `to_mkldnn`'s default layout and 4.3 / 3.6 / 4.2 / 10.0 reordered for
 8 rows (`benchmarks/cpu_gemm_rows.py`, same host).
-`SPECEE_CPU_GEMM=mkl|onednn|auto` pins the choice (default auto).
+`SPECEE_CPU_GEMM=mkl|onednn|auto` pins the choice (default auto). The probe runs once per process and LM-head shape
+(`_TIMED`): every decoder built in one process runs the same library, so their outputs round alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 from ..errors import SettingError
 
 CHOICES = ("auto", "mkl", "onednn")
+# (LM head shape, dtype) -> the probe's times: decoders built in one process (the bench's rows, a PDL twin) would
+# otherwise each time it again, and under a loaded CPU pick differently, rounding their outputs apart
+_TIMED: dict[tuple, dict] = {}
 ROWS_HINT = 8  # the batch the oneDNN weights are laid out for: a decode row, the CPU tree's 3, up to 8 pending rows
 
 
@@ -85,14 +89,17 @@ def pick(weights) -> tuple[str, dict]:
     if want == "onednn":
         return "onednn", info
     head = weights.head
-    packed = onednn_form(head)
-    ms = {}
-    with torch.no_grad():
-        for rows in (1, 3):
-            x = torch.randn(1, rows, head.shape[1], dtype=head.dtype)
-            ms[f"mkl_{rows}"] = round(_best_ms(lambda x=x: torch.nn.functional.linear(x, head)), 3)
-            ms[f"onednn_{rows}"] = round(_best_ms(lambda x=x: linear_onednn(x, packed)), 3)
-    info["lm_head_ms"] = ms
+    key = (tuple(head.shape), head.dtype)
+    if key not in _TIMED:  # once per process and shape: every decoder built here then runs the same library
+        packed = onednn_form(head)
+        ms = {}
+        with torch.no_grad():
+            for rows in (1, 3):
+                x = torch.randn(1, rows, head.shape[1], dtype=head.dtype)
+                ms[f"mkl_{rows}"] = round(_best_ms(lambda x=x: torch.nn.functional.linear(x, head)), 3)
+                ms[f"onednn_{rows}"] = round(_best_ms(lambda x=x: linear_onednn(x, packed)), 3)
+        _TIMED[key] = ms
+    ms = info["lm_head_ms"] = dict(_TIMED[key])
     onednn = ms["onednn_1"] + ms["onednn_3"] < ms["mkl_1"] + ms["mkl_3"]
     return ("onednn" if onednn else "mkl"), info
 
