@@ -54,7 +54,7 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
     assert R["tree35_specee232_vs_tree35"] == round(R["product_tree35_specee232_ratio"] / R["product_tree35_ratio"], 3)
     assert R["tree35_specee232_q8"]["draft_quant"] == "int8" and R["tree35_specee232_q8"]["tokens"] == 8
     # --pdl-ab: the rows again on segments of their own, built and run under SPECEE_PDL (a no-op off CUDA)
-    assert "SPECEE_PDL" not in os.environ and res["pdl"] == "0"
+    assert "SPECEE_PDL" not in os.environ and res["pdl"] is None  # (the record's mode: None off CUDA)
     for name in ("dense", "specee232", "tree35", "tree35_specee232"):
         assert R[f"{name}_pdl"]["tokens"] == 8 and R[f"{name}_pdl"]["paired_ratio"] > 0
         assert R[f"pdl_gain_{name}"] == round(R[f"{name}_pdl"]["paired_ratio"] / R[name].get("paired_ratio", 1.0), 3)

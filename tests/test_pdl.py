@@ -1,8 +1,8 @@
 """Programmatic dependent launch for the plugin kernels (`plugins/pdl.py`, SPECEE_PDL): the setting, and each
 kernel compiled for sm_90 on the CPU with PDL on: it waits for the kernel before it (griddepcontrol.wait) before any
 global load, store or atomic, lets the next one launch only after that wait, and carries Triton's launch_pdl
-option; with PDL off (every default) neither instruction is there. On CUDA (sm_90+) the greedy tree and dense
-decode give the same tokens with it on."""
+option; with PDL off neither instruction is there. Unset, the setting is `all` on sm_90+ and `0` elsewhere. On
+CUDA (sm_90+) the greedy tree and dense decode give the same tokens with it on as with it off."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from specee_compile.errors import SettingError
 from specee_compile.plugins import pdl
 
 
-def test_setting_is_checked_and_off_by_default(monkeypatch):
-    monkeypatch.delenv("SPECEE_PDL", raising=False)
+def test_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("SPECEE_PDL", "0")
     assert pdl.mode() == "0" and pdl.kernel_args(torch.device("cuda")) == {} and pdl.inductor_options() == {}
     monkeypatch.setenv("SPECEE_PDL", "all")
     assert pdl.inductor_options() == {"triton.enable_pdl": True}
@@ -26,6 +26,42 @@ def test_setting_is_checked_and_off_by_default(monkeypatch):
     assert pdl.inductor_options() == {}
     monkeypatch.setenv("SPECEE_PDL", "1")
     with pytest.raises(SettingError, match=r"SPECEE_PDL='1': expected one of 0, ops, all"):
+        pdl.mode()
+
+
+@pytest.fixture
+def fresh_default():
+    pdl.default.cache_clear()
+    pdl._capable.cache_clear()
+    yield
+    pdl.default.cache_clear()
+    pdl._capable.cache_clear()
+
+
+@pytest.mark.parametrize("cuda,capability,inductor_known,want", [
+    (False, None, True, "0"),     # a CPU-only process
+    (True, (8, 0), True, "0"),    # no PDL before sm_90
+    (True, (9, 0), True, "all"),  # Hopper: the plugin kernels and Inductor's
+    (True, (10, 0), False, "ops"),  # an Inductor whose PDL waits we do not know: the plugin kernels only
+])
+def test_unset_means_the_devices_default(monkeypatch, fresh_default, cuda, capability, inductor_known, want):
+    """Unset, SPECEE_PDL is `all` on an sm_90+ card (measured: RESULTS.md, session 29), `0` elsewhere."""
+    from torch._inductor.codegen.triton import TritonKernel
+
+    monkeypatch.delenv("SPECEE_PDL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    if not inductor_known:
+        monkeypatch.delattr(TritonKernel, "_handle_pdl_before_access")
+    assert pdl.default() == want and pdl.mode() == want
+    assert (pdl.kernel_args(torch.device("cuda", 0)) != {}) == (want != "0")
+    assert pdl.kernel_args(torch.device("cpu")) == {}
+    monkeypatch.setenv("SPECEE_PDL", "0")  # the setting wins over the default
+    assert pdl.mode() == "0" and pdl.kernel_args(torch.device("cuda", 0)) == {}
+    monkeypatch.setenv("SPECEE_PDL", "sometimes")
+    with pytest.raises(SettingError, match=rf"unset it for the default \({want} here\)"):
         pdl.mode()
 
 
@@ -200,7 +236,7 @@ def test_cuda_greedy_tree_and_dense_with_pdl_equal_dense_without(monkeypatch, mo
     from test_tree import PROMPT, _fixed_vs_host, dense
 
     model = make_tiny_llama()
-    monkeypatch.delenv("SPECEE_PDL", raising=False)
+    monkeypatch.setenv("SPECEE_PDL", "0")
     ref = dense(model, PROMPT * 3, 40, device="cuda", backend="inductor")
     monkeypatch.setenv("SPECEE_PDL", mode)
     got = dense(model, PROMPT * 3, 40, device="cuda", backend="inductor")

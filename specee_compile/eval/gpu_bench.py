@@ -23,8 +23,8 @@ median of the per-round ratios to dense (`paired_ratio`), so a drift of the card
                 tree35_specee232  tree35 with SpecEE on the tree (the fixed program's exits, approximate):
                             each verify step leaves at the deepest trace layer of the tokens it emits (the
                             merged mapping); `tree35_specee232_vs_tree35`; tree35_specee232_q8 with the int8 draft
-                NAME_pdl    (--pdl-ab ops|all) dense, specee232, tree35 and tree35_specee232 again under
-                            SPECEE_PDL, on segments of their own: `pdl_gain_NAME`, `product_NAME_ratio_pdl`
+                NAME_pdl    (--pdl-ab 0|ops|all) dense, specee232, tree35 and tree35_specee232 again under
+                            SPECEE_PDL=MODE, on segments of their own: `pdl_gain_NAME`, `product_NAME_ratio_pdl`
   SmolLM2     (--smollm2 PATH.gguf --prompts P.json) real weights, shipped artifacts, MT-Bench turns:
               dense, paper (approximate + skip), lossless (backfill), ratios per prompt back to back; with
               the tree: tree, tree_guarded, tree_specee (lossless on the tree, vs tree), tree_paper
@@ -60,6 +60,7 @@ import time
 import torch
 
 from ..artifacts import free_suffix, write_file_atomic
+from ..plugins.pdl import MODES as PDL_MODES
 
 LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -834,7 +835,8 @@ def run_bench(args) -> dict:
         "model_shape": {**shape, "weights": "random, std 0.02"},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
-        "pdl": pdl.mode(),  # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, off by default
+        # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, `all` by default on sm_90+; None off CUDA
+        "pdl": pdl.mode() if dev.type == "cuda" else None,
         "results": {}, "checks": {}, "notes": [], "started": time.time(),
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)
@@ -1005,11 +1007,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "a CPU dry run with 24:6:8 replays the traces as the H200 run does)")
     p.add_argument("--trace-spread", type=float, default=TRACE_SPREAD,
                    help="logit std the random draft head is scaled to for the tree trace replays")
-    p.add_argument("--pdl-ab", default=None, choices=("ops", "all"),
+    p.add_argument("--pdl-ab", default=None, choices=PDL_MODES,
                    help="also time dense, specee232, tree35 and tree35_specee232 (SmolLM2: dense and the tree) with "
                         "SPECEE_PDL set to this, each built, compiled and captured under it on segments of its own, in "
                         "the same rounds: rows NAME_pdl, and pdl_gain_NAME = NAME_pdl / NAME (programmatic dependent "
-                        "launch, plugins/pdl.py)")
+                        "launch, plugins/pdl.py; the main rows run the default, `all` on sm_90+, so `0` measures "
+                        "what it gains)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="output dir (default $OUT or benchmarks/results)")

@@ -1,5 +1,5 @@
-"""Programmatic dependent launch (PDL, sm_90 and newer) for the plugin kernels, and optionally Inductor's: opt-in
-with SPECEE_PDL, for A/B runs on a GPU.
+"""Programmatic dependent launch (PDL, sm_90 and newer) for the plugin kernels and Inductor's: on by default on
+such a CUDA device (`all`), set with SPECEE_PDL.
 
 Why: a decode step at SmolLM2's widths is bound by its launches (the H200's tree step: ~600 kernels of 2-6 us,
 benchmarks/GPU_NOTES.md session 22), and every kernel boundary of a captured graph idles while the next kernel
@@ -17,8 +17,14 @@ One exception, by design: the one-row GEMV and the turned rows kernel load their
 is built (cast, quantization, a new vocabulary) by plain ATen kernels, which never let a dependent start early.
 
 SPECEE_PDL:
-  unset / 0   off (the default: `all` sped the 7B rows up 0.7-3.2% and SmolLM2's dense step 24.6% on an H100 in
-              session 27, but the 7B rows' tokens differed under it: near-ties or a race, see `all`);
+  unset       the default: `all` where the current CUDA device is sm_90+ and this torch's Inductor can be held to
+              the contract (`ops` where it cannot), `0` anywhere else (`default()`). Measured on an H100 (sessions
+              27-29): `all` +3.8% on 7B dense, +28% on SmolLM2's dense step (fp32 and bf16, 20/20 turns identical
+              to dense without it), +7% on its tree; the CUDA parity tests pass under it. The 7B fp16 dense
+              twin's tokens part once from the row's without it, at a near-tie (a top-2 gap of 0.02 at a logit
+              scale of 5.3): the tuners pick configs per mode, so the twins round apart, as two compiled kernels
+              do (our dense and HF's eager part at the first token on those random weights).
+  0           off;
   ops         the plugin kernels (GEMV, rows GEMMs, decode and tree attention, RoPE + cache write, top-k, the
               exit score);
   all         also the kernels Inductor generates (`torch._inductor.config.triton.enable_pdl`), held to the
@@ -27,9 +33,8 @@ SPECEE_PDL:
               loads then neither waits nor holds its dependents back, so the next kernel may read ahead of an
               earlier one still writing (a possible cause of session 27's 7B token differences, measured with
               that placement).
-Stream capture should record such launches as programmatic edges of the CUDA graph; whether the bodies of the exits'
-conditional nodes take them is for the first GPU run to show. The AOTInductor twins (`specee_aoti` ops) never use
-it: their package launches every kernel plainly.
+Stream capture records such launches as programmatic edges of the CUDA graph. The AOTInductor twins (`specee_aoti`
+ops) and the C++ runner never use it: their package launches every kernel plainly.
 """
 
 from __future__ import annotations
@@ -46,10 +51,24 @@ MODES = ("0", "ops", "all")
 
 
 def mode() -> str:
-    v = os.environ.get("SPECEE_PDL", "0") or "0"
+    """SPECEE_PDL, or `default()` where it is unset."""
+    v = os.environ.get("SPECEE_PDL") or default()
     if v not in MODES:
-        raise SettingError(f"SPECEE_PDL={v!r}: expected one of {', '.join(MODES)}; unset it for 0 (off)")
+        raise SettingError(f"SPECEE_PDL={v!r}: expected one of {', '.join(MODES)}; unset it for the default "
+                           f"({default()} here)")
     return v
+
+
+@functools.cache
+def default() -> str:
+    """The mode where SPECEE_PDL is unset: `all` on a current CUDA device of sm_90+ whose Inductor places its
+    PDL waits in the way `_inductor_waits_first` replaces (`ops` where it does not: the plugin kernels only), `0`
+    elsewhere (a CPU-only process, ROCm, an older card). Called only where CUDA work is set up."""
+    if not torch.cuda.is_available() or not _capable(torch.device("cuda", torch.cuda.current_device())):
+        return "0"
+    from torch._inductor.codegen import triton as inductor_triton
+
+    return "all" if hasattr(inductor_triton.TritonKernel, "_handle_pdl_before_access") else "ops"
 
 
 @contextlib.contextmanager
