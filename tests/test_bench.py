@@ -134,6 +134,9 @@ def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
     assert r["smollm2_dense_pdl"]["identical"] == "1/1" and r["smollm2_tree_pdl"]["identical"] == "1/1"
     assert r["smollm2_dense_pdl_ratio"] > 0 and r["smollm2_tree_pdl_vs_dense_pdl"] > 0
     assert r["smollm2_tree_pdl"]["accepted_per_step"] == r["smollm2_tree"]["accepted_per_step"]
+    # each row's speed per turn stays in the record, one figure per turn
+    assert sorted(r["smollm2_per_turn_tok_s"]) == ["dense", "dense_pdl", "tree", "tree_pdl"]
+    assert all(len(v) == 1 and v[0] > 0 for v in r["smollm2_per_turn_tok_s"].values())
 
 
 @pytest.mark.slow

@@ -766,7 +766,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
                     # and the logit gap there (a near-tie within the dtype's rounding, or a wrong token)
                     stats[name].setdefault("divergences", []).append(
                         token_divergence(loaded.model, ids, r.token_ids, ref))
-    del res["progress_smollm2"]
+    # each row's tok/s per turn stays in the record (`smollm2_per_turn_tok_s`): a row slower than its twin says
+    # whether every turn was, or a few (session 29's bf16 tree without PDL ran at half its PDL twin's median)
+    R_["smollm2_per_turn_tok_s"] = {n: [round(v, 1) for v in vs] for n, vs in res.pop("progress_smollm2").items()}
     phase(res, "smollm2: timed")
     d = statistics.median(speeds["dense"])
     R_["smollm2_dense_tok_s"] = round(d, 1)
