@@ -325,3 +325,38 @@ def test_smollm2_resolves_to_cached_dir(smollm2):
     directory = Path(resolve("smollm2-135m"))
     assert (directory / ".complete").is_file()
     assert load_config("smollm2-135m").architectures == ["LlamaForCausalLM"]
+
+
+def test_gguf_read_once_shares_one_reader_per_file_and_restores_gguf(tmp_path: Path):
+    """Loading one GGUF model, transformers parses the file three times and rebuilds gguf's tensor-name map per
+    tensor; inside `gguf_read_once` each file gets one reader and the map is built once per (arch, layers).
+    Nested use leaves the outer patch in place; on exit (an error included) gguf's own names are back."""
+    import gguf
+    import numpy as np
+
+    paths = []
+    for name in ("a.gguf", "b.gguf"):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_block_count(2)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths.append(tmp_path / name)
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with loader.gguf_read_once():
+        first = gguf.GGUFReader(paths[0])
+        assert gguf.GGUFReader(str(paths[0])) is first  # str or Path: one file, one reader
+        assert gguf.GGUFReader(paths[1]) is not first
+        assert first.fields["llama.block_count"].contents() == 2 and len(first.tensors) == 1
+        m = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is m
+        with loader.gguf_read_once():  # nested: the outer readers stay
+            assert gguf.GGUFReader(paths[0]) is first
+        assert gguf.GGUFReader(paths[0]) is first
+    assert gguf.GGUFReader is reader_cls and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])  # plain gguf again
+    with pytest.raises(RuntimeError), loader.gguf_read_once():
+        raise RuntimeError("a failed load")
+    assert gguf.GGUFReader is reader_cls and gguf.get_tensor_name_map is name_map

@@ -13,6 +13,8 @@ fails in a second instead of after a multi-GB load.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -240,6 +242,47 @@ def load_config(name: str) -> Any:
 # Weights
 
 
+_GGUF_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def gguf_read_once():
+    """Inside: every `gguf.GGUFReader(path)` of one file returns the same reader, and `gguf.get_tensor_name_map`
+    is memoized; both restored after (re-entrant: a nested use leaves the outer one in place).
+
+    Why: loading one GGUF model, transformers parses the file three times (config, weights, tokenizer: a
+    `GGUFReader` each time, ~3 s apiece for SmolLM2's 49K-token vocabulary and merges) and rebuilds gguf's tensor
+    name map once per tensor (397 times for SmolLM2). transformers imports both names from `gguf` inside its
+    functions, so it takes these. A reader only maps the file and reads it, and transformers only looks names
+    up in the map, so sharing them changes no value. SmolLM2's GGUF: 14.9 -> 6.0 s on a 2-core CPU (same weights,
+    same fingerprint). Without the `gguf` package (or with one that lacks either name) nothing is patched."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_cls = getattr(gguf, "GGUFReader", None)
+    name_map = getattr(gguf, "get_tensor_name_map", None)
+    if reader_cls is None or name_map is None or getattr(reader_cls, "specee_read_once", False):
+        yield
+        return
+    readers: dict = {}
+
+    def read_once(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    read_once.specee_read_once = True
+    with _GGUF_LOCK:
+        gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
 def load_gguf(path: str | Path, config: Any | None = None) -> tuple[Any, Any]:
     """(float32 model, tokenizer) from a `.gguf` file, de-quantized into a plain model.
 
@@ -249,6 +292,11 @@ def load_gguf(path: str | Path, config: Any | None = None) -> tuple[Any, Any]:
     conversion (`load_gguf_checkpoint`, which also undoes llama.cpp's Q/K permutation) gives an
     ordinary dense model.
     """
+    with gguf_read_once():
+        return _load_gguf(path, config)
+
+
+def _load_gguf(path: str | Path, config: Any | None) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -332,13 +380,18 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     Raises ModelNotFound (nothing loadable under that name) or UnsupportedArchitecture (found,
     but not a Llama-family causal LM), each with a one-line message saying what to do.
     """
-    from transformers import AutoTokenizer
-
     from ..config import check_device
 
     check_device(str(device))  # before any weights load
     source = _locate(str(name_or_path))
-    config, local_only = _config_for(source)
+    with gguf_read_once() if source.kind == "gguf" else contextlib.nullcontext():  # the config's parse too
+        config, local_only = _config_for(source)
+        return _load_located(source, config, local_only, dtype, device)
+
+
+def _load_located(source: _Source, config: Any, local_only: bool, dtype: torch.dtype, device) -> LoadedModel:
+    from transformers import AutoTokenizer
+
     try:
         if source.kind == "gguf":
             model, tokenizer = load_gguf(source.location, config)
