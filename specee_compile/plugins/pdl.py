@@ -66,9 +66,16 @@ def default() -> str:
     elsewhere (a CPU-only process, ROCm, an older card). Called only where CUDA work is set up."""
     if not torch.cuda.is_available() or not _capable(torch.device("cuda", torch.cuda.current_device())):
         return "0"
+    return "all" if _inductor_kernel() is not None else "ops"
+
+
+def _inductor_kernel():
+    """Inductor's `TritonKernel` class where it places its PDL waits in the method `_inductor_waits_first`
+    replaces (`_handle_pdl_before_access`), else None (a torch whose PDL codegen we do not know)."""
     from torch._inductor.codegen import triton as inductor_triton
 
-    return "all" if hasattr(inductor_triton.TritonKernel, "_handle_pdl_before_access") else "ops"
+    kernel = inductor_triton.TritonKernel
+    return kernel if hasattr(kernel, "_handle_pdl_before_access") else None
 
 
 @contextlib.contextmanager
@@ -118,10 +125,8 @@ def _inductor_waits_first() -> None:
     waits only where the scheduler's previous node wrote (or, for stores, read) the buffer; only kernels compiled
     with `triton.enable_pdl` call it. A torch whose Inductor has no such method is refused (its PDL codegen is
     unknown to us)."""
-    from torch._inductor.codegen import triton as inductor_triton
-
-    kernel = inductor_triton.TritonKernel
-    if not hasattr(kernel, "_handle_pdl_before_access"):
+    kernel = _inductor_kernel()
+    if kernel is None:
         raise SettingError(f"SPECEE_PDL=all: this torch's Inductor ({torch.__version__}) places its PDL waits in a "
                            "way this plugin does not know; use SPECEE_PDL=ops (the plugin kernels only)")
     if not hasattr(kernel, "_specee_inductor_placement"):  # Inductor's own, kept for the tests
