@@ -44,6 +44,11 @@ class ScriptedInductor(InductorSegments):
         _, z, p = super().exit_score(i, h, rows, p_prev)
         return torch.tensor([1.0 if self.plan(self.step) == i else 0.0]), z, p
 
+    def can_run(self, plan):
+        """The script decides on the host, so on CUDA a step with exits composes (per-layer graphs; the whole
+        step would decide on the device, past the script). Dense steps still run whole."""
+        return plan.candidates is None and super().can_run(plan)
+
 
 class RecentTokens:
     """Candidates: the k most recent distinct tokens (deterministic; often holds the argmax)."""

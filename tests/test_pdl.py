@@ -320,3 +320,42 @@ def test_the_first_weight_tile_early_sums_the_same_blocks_in_the_same_order():
     from conftest import run_in_triton_interpreter
 
     run_in_triton_interpreter(_INTERP_EARLY)
+
+
+@pytest.mark.parametrize("S", [64, 64 * 16 + 1])  # the twin's two kernels: one block per split, and the fixed grid
+def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S):
+    """An AOTInductor package's launch of a user kernel counts its arguments: one short by a defaulted constexpr
+    (PDL, EARLY_W) fails Inductor's autotuning block on the GPU ("launcher() missing ... '_grid_1'"). Each twin's
+    launch, recorded here on the CPU, names every argument of its kernel, with PDL off."""
+    from specee_compile.plugins import triton_decode_attention as att
+    from specee_compile.plugins import triton_gemv as gemv
+    from specee_compile.plugins import triton_rope_append as rope
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                options = {"num_warps", "num_stages", "launch_pdl"}
+                launches.append((self.kernel.fn.__name__, self.kernel.arg_names[: len(args)]
+                                 + [k for k in kw if k not in options], kw.get("PDL")))
+            return launch
+
+    for mod in (att, gemv, rope):
+        monkeypatch.setattr(mod, "wrap_triton", Recorded)
+    H, Hkv, hd, K, N = 4, 2, 16, 32, 48
+    gemv._aoti_fused_linear(torch.randn(1, K), torch.randn(N, K))
+    cache = lambda: torch.zeros(Hkv, S, hd)  # noqa: E731
+    rope._aoti_rope_append(torch.randn(1, 1, (H + 2 * Hkv) * hd), torch.randn(S, hd), torch.randn(S, hd),
+                           torch.tensor([3]), cache(), cache(), torch.zeros(S, dtype=torch.bool))
+    att._aoti_attention(torch.randn(H, 1, hd), cache(), cache(), torch.ones(S, dtype=torch.bool), torch.tensor([3]),
+                        torch.zeros(H, dtype=torch.int32), torch.zeros(att.workspace_numel(H, hd)))
+    kernels = {att._decode_attn_kernel, att._aoti_attn_kernel, gemv._gemv_kernel, rope._rope_append_kernel}
+    names = {k.fn.__name__: list(k.arg_names) for k in kernels}
+    assert len(launches) == 3
+    for name, passed, pdl_on in launches:
+        assert sorted(passed) == sorted(names[name]), name
+        assert pdl_on in (False, None), name  # packages launch without PDL

@@ -106,6 +106,13 @@ def kernel_args(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
+# The AOTInductor twins' launches (`wrap_triton`, which a package embeds) name every constexpr, the defaulted
+# ones included: Inductor's launcher for a user kernel counts its arguments, and one short by a defaulted
+# constexpr fails its autotuning block ("launcher() missing ... '_grid_1'"). Packages launch without PDL
+# (AOTInductor's C++ wrapper sets no launch attributes), so the twins' kernels never wait.
+TWIN_ARGS = {"PDL": False}
+
+
 def inductor_options() -> dict:
     """Inductor config patches: PDL in its own kernels where SPECEE_PDL=all (Inductor generates it only for CUDA
     devices of sm_90 and newer, so the patch is harmless elsewhere), each kernel waiting first."""
