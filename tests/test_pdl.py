@@ -348,7 +348,7 @@ def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S):
         monkeypatch.setattr(mod, "wrap_triton", Recorded)
     H, Hkv, hd, K, N = 4, 2, 16, 32, 48
     gemv._aoti_fused_linear(torch.randn(1, K), torch.randn(N, K))
-    cache = lambda: torch.zeros(Hkv, S, hd)  # noqa: E731
+    cache = lambda: torch.zeros(Hkv, S, hd)
     rope._aoti_rope_append(torch.randn(1, 1, (H + 2 * Hkv) * hd), torch.randn(S, hd), torch.randn(S, hd),
                            torch.tensor([3]), cache(), cache(), torch.zeros(S, dtype=torch.bool))
     att._aoti_attention(torch.randn(H, 1, hd), cache(), cache(), torch.ones(S, dtype=torch.bool), torch.tensor([3]),
