@@ -19,6 +19,9 @@ On CUDA with `--py-backend inductor` the dense step's parts (whole step, one lay
 head) are timed on both sides. `SPECEE_PROFILE_DIR=DIR` adds each part's kernels over 10 replays
 (`<side>_<part>_kernels.json`: {name: [launches, device us]}, the runner's from the CUDA profiler it links)
 and prints the chain's table: a chain's replay time minus its kernels' device time is idle time.
+PDL: the Python step runs `SPECEE_PDL`'s mode (the default: `all` on sm_90+); the packages are exported with PDL's waits
+only where `SPECEE_PDL=all` is set (plugins/pdl.py `package_mode`), and the runner then makes its captured step's
+edges into them programmatic; the header line says both sides' modes and the edges changed.
 `SPECEE_GRAPH_ATTRS=DIR` writes the chain's kernel nodes with their launch and function attributes on both
 sides (`<side>_layers_attrs.json`, `graph_census.py`) and prints where they differ.
 """
@@ -184,9 +187,17 @@ def main(argv=None) -> int:
         nog_col = f" {statistics.mean(nog_tps):.1f} | {step_us:.0f} / {1e6 / cc:.0f} |" if cuda else ""
         rows.append(f"| {mode} | {statistics.mean(layers):.2f} | {py:.1f} | {cc:.1f} |{nog_col} {cc / py:.2f}x | "
                     f"{same}/{len(PROMPTS)} |")
-    print(f"\n{a.model}, device {a.device}, {a.threads} thread(s), Python backend {a.py_backend}, "
-          f"max_new_tokens {a.max_new_tokens}, {len(PROMPTS)} prompts, commit {commit}\n")
     cuda = a.device.startswith("cuda")
+    pdl_note = ""
+    if cuda:  # PDL on each side: the Python step's mode, the packages' (exported under SPECEE_PDL=all or not)
+        from specee_compile.artifacts import read_manifest
+        from specee_compile.plugins import pdl
+
+        edges = sorted({r["cpp"].get("pdl_edges", 0) for r in raw if "cpp" in r})
+        pdl_note = (f", PDL: Python {pdl.mode()}, packages {read_manifest(directory)['cpp'].get('pdl', '0')} "
+                    f"({'/'.join(map(str, edges))} programmatic edges per captured step)")
+    print(f"\n{a.model}, device {a.device}, {a.threads} thread(s), Python backend {a.py_backend}, "
+          f"max_new_tokens {a.max_new_tokens}, {len(PROMPTS)} prompts, commit {commit}{pdl_note}\n")
     print("| mode | avg layers | Python decode tok/s | C++ decode tok/s |"
           + (" C++ without graphs | C++ graph step / loop, us per token |" if cuda else "")
           + " C++/Python | identical ids + exits |")

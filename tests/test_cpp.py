@@ -114,6 +114,9 @@ def test_parity_with_python_runtime(exported, mode):
         got = run_runner(out, ids, s)
         assert got["token_ids"] == ref.token_ids, (mode, ids)
         assert got["exit_layers"] == ref.exit_layers, (mode, ids)
+        assert got["pdl_edges"] == 0  # a CPU: no PDL (and --no-pdl is accepted, changing nothing)
+        if mode == "dense":
+            assert run_runner(out, ids, s, extra=("--no-pdl",))["token_ids"] == ref.token_ids
         assert (got["layer_passes"], got["layer_rows"], got["decode_steps"], got["predictor_calls"],
                 got["head_calls"], got["rollbacks"]) == (ref.layer_passes, ref.layer_rows, ref.decode_steps,
                                                          ref.predictor_calls, ref.head_calls, ref.rollbacks)
@@ -126,6 +129,18 @@ def test_parity_with_python_runtime(exported, mode):
         dense = Settings(max_new_tokens=24, max_context=MAX_CONTEXT)
         for ids in PROMPTS:  # lossless = dense greedy
             assert run_runner(out, ids, s)["token_ids"] == run_runner(out, ids, dense)["token_ids"]
+
+
+def test_runner_pdl_follows_specee_pdl(monkeypatch):
+    """SPECEE_PDL=0 turns PDL off for the runner's captured step too; otherwise the packages decide."""
+    from specee_compile.backends.cpp_runner import runner_args
+
+    for env, off in ((None, False), ("all", False), ("ops", False), ("0", True)):
+        if env is None:
+            monkeypatch.delenv("SPECEE_PDL", raising=False)
+        else:
+            monkeypatch.setenv("SPECEE_PDL", env)
+        assert ("--no-pdl" in runner_args("d", [1, 2], Settings())) == off, env
 
 
 def _runner_exe(runner) -> str:
@@ -299,11 +314,16 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the
 
 
 @CUDA
-def test_cuda_graph_dense_steps_match_python(tmp_path):
+@pytest.mark.parametrize("pdl", ["0", "all"])
+def test_cuda_graph_dense_steps_match_python(tmp_path, monkeypatch, pdl):
     """On CUDA the runner's dense steps replay captured graphs (one per attention length, the token fed forward
     on the device, run ahead by one step): the same tokens as its per-layer calls and as the Python runtime,
     across an attention-length boundary (64) and with an early stop. (A dense export: no exit or draft package,
-    so the check is quick on the device.)"""
+    so the check is quick on the device.) Exported and run under SPECEE_PDL=all (sm_90+), the packages' kernels
+    wait and the runner's captured step has programmatic edges: the same tokens, with them and without."""
+    if pdl == "all" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs sm_90 or newer")
+    monkeypatch.setenv("SPECEE_PDL", pdl)
     model = tiny_model()
     out = tmp_path / "tiny-cuda-dense"
     export_aoti_dir(model, None, out, Settings(max_context=MAX_CONTEXT, device="cuda"), None, model_name="tiny",
@@ -311,6 +331,7 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
     # the decode step's one-row package embeds the Python CUDA step's Triton kernels (triton_op twins); the
     # one-row head is traced with static shapes, as the Python step compiles it
     info = read_manifest(out)["cpp"]
+    assert info["pdl"] == pdl and ("pdl_waiting_kernels" in info) == (pdl == "all")
     assert info["packages"]["layer1"] == "layer1.pt2" and info["packages"]["head1"] == "head1.pt2"
     assert info["layer1_attn_counters"] is True
     assert info["layer1_attn_workspace"] == workspace_numel(CFG["num_attention_heads"],
@@ -322,6 +343,10 @@ def test_cuda_graph_dense_steps_match_python(tmp_path):
         got = run_runner(out, ids, dense)
         assert got["cuda_graphs"] is True and got["capture_s"] > 0 and got["one_row_package"] is True
         assert got["token_ids"] == ref.token_ids, ids
+        assert (got["pdl_edges"] > 0) == (pdl == "all"), got["pdl_edges"]
+        if pdl == "all":
+            plain = run_runner(out, ids, dense, extra=("--no-pdl",))
+            assert plain["pdl_edges"] == 0 and plain["token_ids"] == ref.token_ids
         assert run_runner(out, ids, dense, extra=("--no-cuda-graphs",))["token_ids"] == ref.token_ids
         short = run_runner(out, ids, dense, extra=("--max-new-tokens", "5"))
         assert short["token_ids"] == ref.token_ids[:5] and short["decode_steps"] == 4

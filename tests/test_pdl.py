@@ -322,11 +322,32 @@ def test_the_first_weight_tile_early_sums_the_same_blocks_in_the_same_order():
     run_in_triton_interpreter(_INTERP_EARLY)
 
 
+@pytest.mark.parametrize("env, capable, want", [(None, True, "0"), ("0", True, "0"), ("ops", True, "0"),
+                                                 ("all", True, "all"), ("all", False, "0")])
+def test_packages_take_pdl_only_where_all_is_set_explicitly(monkeypatch, env, capable, want):
+    """Packages are compiled with PDL's waits only where SPECEE_PDL=all is set (not the unset default: the runner's
+    programmatic edges are opt-in until measured) and the device has PDL; the manifest then names the kernels that
+    wait, and the export's Inductor options carry the wait-first placement."""
+    if env is None:
+        monkeypatch.delenv("SPECEE_PDL", raising=False)
+    else:
+        monkeypatch.setenv("SPECEE_PDL", env)
+    monkeypatch.setattr(pdl, "_capable", lambda device: capable)
+    dev = torch.device("cuda")
+    assert pdl.package_mode(dev) == want
+    assert pdl.twin_args(dev, early_w=True) == {"PDL": want == "all", "EARLY_W": want == "all"}
+    assert pdl.package_inductor_options(dev) == ({"triton.enable_pdl": True} if want == "all" else {})
+
+
 @pytest.mark.parametrize("S", [64, 64 * 16 + 1])  # the twin's two kernels: one block per split, and the fixed grid
-def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S):
+@pytest.mark.parametrize("mode", ["0", "all"])
+def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S, mode):
     """An AOTInductor package's launch of a user kernel counts its arguments: one short by a defaulted constexpr
     (PDL, EARLY_W) fails Inductor's autotuning block on the GPU ("launcher() missing ... '_grid_1'"). Each twin's
-    launch, recorded here on the CPU, names every argument of its kernel, with PDL off."""
+    launch, recorded here on the CPU, names every argument of its kernel, with PDL as the package asks (the
+    device patched to have it), and each kernel that takes PDL is one the manifest names as waiting."""
+    monkeypatch.setenv("SPECEE_PDL", mode)
+    monkeypatch.setattr(pdl, "_capable", lambda device: True)
     from specee_compile.plugins import triton_decode_attention as att
     from specee_compile.plugins import triton_gemv as gemv
     from specee_compile.plugins import triton_rope_append as rope
@@ -358,4 +379,6 @@ def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S):
     assert len(launches) == 3
     for name, passed, pdl_on in launches:
         assert sorted(passed) == sorted(names[name]), name
-        assert pdl_on in (False, None), name  # packages launch without PDL
+        takes_pdl = "PDL" in names[name]
+        assert pdl_on == (mode == "all" if takes_pdl else None), name
+        assert takes_pdl == any(p in name for p in pdl.PACKAGE_WAITING_KERNELS), name

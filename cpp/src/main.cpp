@@ -5,6 +5,7 @@
 //                 [--no-schedule] [--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda]
 //                 [--no-verify] [--threads N] [--eos ID,...] [--no-manifest-eos] [--repeat N]
 //                 [--no-exit-cost-check] [--step-costs ...] [--no-cuda-graphs] [--time-parts]
+//                 [--no-pdl]
 //   specee_runner DIR --ids-json FILE        (FILE: {"prompt_ids": [...]} or a bare [...] list)
 //
 // Prints one JSON object on stdout: token ids, per-token exit layers, timing. Errors are one line on
@@ -94,6 +95,7 @@ int main(int argc, char** argv) {
       else if (a == "--no-manifest-eos") opt.use_manifest_eos = false;
       else if (a == "--no-exit-cost-check") opt.exit_cost_check = false;
       else if (a == "--no-cuda-graphs") opt.cuda_graphs = false;
+      else if (a == "--no-pdl") opt.pdl = false;
       else if (a == "--time-parts") opt.time_parts = true;
       else if (a == "--step-costs") {  // layer_us=X,decision_us=X,draft_us=X,check_us=X[,row_us=X]
         std::string v = val(), item;
@@ -118,7 +120,7 @@ int main(int argc, char** argv) {
                      "[--max-new-tokens N] [--threshold X] [--max-pending N] [--min-exit-layer N] [--no-schedule] "
                      "[--online-window N] [--online-offsets -2,0,2] [--device cpu|cuda] [--no-verify] [--threads N] [--eos IDS] "
                      "[--no-manifest-eos] [--no-exit-cost-check] [--step-costs layer_us=X,decision_us=X,draft_us=X,check_us=X] "
-                     "[--no-cuda-graphs] [--time-parts] "
+                     "[--no-cuda-graphs] [--time-parts] [--no-pdl] "
                      "[--repeat N]\n";
         return 0;
       }

@@ -150,6 +150,9 @@ struct Runtime::Impl {
   int L = 0, D = 0, Hkv = 0, hd = 0, V = 0, max_len = 0, T = 0, bucket = 64, k = 0;
   bool specee = false, lossless = false, backfill = false;
   std::set<int64_t> eos;
+  // the manifest's `pdl_waiting_kernels` (packages exported under SPECEE_PDL=all): name patterns of the kernels
+  // that wait for the kernel before them before any global access (plugins/pdl.py); empty: none does
+  std::vector<std::string> pdl_waiting;
   // weights (on dev)
   at::Tensor embed, norm, head, cos, sin, keys;
   at::Tensor attn_cnt;  // layer1's fused attention: per-head arrival counters (int32 [H], zero between calls)
@@ -314,6 +317,8 @@ struct Runtime::Impl {
     if (pdev != (dev.is_cuda() ? "cuda" : "cpu"))
       throw Error("the packages were compiled for " + pdev + ", not " + opt.device +
                   "; re-export with --device " + (dev.is_cuda() ? "cuda" : "cpu") + " or pass --device " + pdev);
+    if (c.has("pdl") && c.at("pdl").string() == "all" && c.has("pdl_waiting_kernels"))
+      for (const auto& p : c.at("pdl_waiting_kernels").arr) pdl_waiting.push_back(p.string());
     if (opt.use_manifest_eos)
       for (const auto& e : c.at("eos_ids").arr) eos.insert(e.integer());
     for (auto e : opt.eos_ids) eos.insert(e);
@@ -685,6 +690,7 @@ struct Runtime::Impl {
     sync();
     c10::cuda::CUDAStreamGuard guard(*g.stream);
     at::cuda::MempoolId_t pool{0, 0};
+    const bool pdl = pdl_capture();
     for (int64_t p = 0; p < max_len; p += bucket) {
       const int S = attn_len(p);
       if (g.by_len.count(S)) continue;
@@ -694,17 +700,96 @@ struct Runtime::Impl {
       auto& pair = g.by_len[S];
       for (auto& graph : pair) {
         g.pos.fill_(S - 1);
-        graph = std::make_unique<at::cuda::CUDAGraph>();
+        graph = std::make_unique<at::cuda::CUDAGraph>(/*keep_graph=*/pdl);  // kept: its edges change first
         graph->capture_begin(pool, cudaStreamCaptureModeRelaxed);
         dense_body(S);
         graph->capture_end();
+        if (pdl) captured.pdl_edges = programmatic_edges(graph->raw_cuda_graph(), pdl_waiting);
         pool = graph->pool();
-        graph->replay();  // the first launch uploads the graph: not on a token's time
+        graph->replay();  // the first launch instantiates (a kept graph) and uploads it: not on a token's time
       }
     }
     g.stream->synchronize();
     time_graph_step();
     captured.capture_s = seconds_since(t0);
+  }
+
+  // PDL in the captured step (--no-pdl: off): where the packages' kernels were compiled to wait (the manifest's
+  // `pdl_waiting_kernels`) and the device has PDL (sm_90+). AOTInductor launches every kernel plainly, so the
+  // edges come out of capture full; `programmatic_edges` then does what stream capture does with a PDL launch.
+  bool pdl_capture() const {
+    return opt.pdl && !pdl_waiting.empty() && at::cuda::getDeviceProperties(dev.index())->major >= 9;
+  }
+
+  // Turns each edge of `graph` from a kernel node into a kernel node whose function name holds one of `waiting`
+  // into a programmatic edge (from the upstream kernel's programmatic port): the downstream kernel may then launch
+  // before the upstream one completes, and its griddepcontrol.wait, before any global access, holds it until the
+  // upstream kernel has completed with its writes visible. So a waiting kernel that passes its wait knows every
+  // node before it has completed (by induction over the edges: an edge into a kernel that does not wait, or from
+  // or to any other node, stays a full dependency). The driver API through dlopen, as `write_graph_attrs`.
+  // Returns the number of edges changed; -1 where the driver lacks the edge API (the graph is left as captured).
+  static int programmatic_edges(cudaGraph_t graph, const std::vector<std::string>& waiting) {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return -1;
+    using GetEdges = int (*)(cudaGraph_t, void**, void**, void*, size_t*);  // CUDA >= 12.3: with edge data
+    using EditDeps = int (*)(cudaGraph_t, void* const*, void* const*, const void*, size_t);
+    using NodeType = int (*)(void*, int*);
+    using NodeParams = int (*)(void*, void*);
+    using FuncName = int (*)(const char**, void*);
+    auto get_edges = reinterpret_cast<GetEdges>(dlsym(lib, "cuGraphGetEdges_v2"));
+    auto remove = reinterpret_cast<EditDeps>(dlsym(lib, "cuGraphRemoveDependencies_v2"));
+    auto add = reinterpret_cast<EditDeps>(dlsym(lib, "cuGraphAddDependencies_v2"));
+    auto node_type = reinterpret_cast<NodeType>(dlsym(lib, "cuGraphNodeGetType"));
+    void* params_sym = dlsym(lib, "cuGraphKernelNodeGetParams_v2");
+    auto node_params = reinterpret_cast<NodeParams>(params_sym ? params_sym : dlsym(lib, "cuGraphKernelNodeGetParams"));
+    auto func_name = reinterpret_cast<FuncName>(dlsym(lib, "cuFuncGetName"));
+    size_t n = 0;
+    if (!get_edges || !remove || !add || !node_type || !node_params || !func_name ||
+        get_edges(graph, nullptr, nullptr, nullptr, &n) != 0) {
+      dlclose(lib);
+      return -1;
+    }
+    std::vector<void*> from(n), to(n);
+    std::vector<std::array<unsigned char, 8>> data(n);  // CUgraphEdgeData: from port, to port, type, 5 reserved
+    if (n > 0 && get_edges(graph, from.data(), to.data(), data.data(), &n) != 0) {
+      dlclose(lib);
+      return -1;
+    }
+    std::map<void*, int> kind;  // 0: not a kernel, 1: a kernel that does not wait, 2: a kernel that waits
+    auto classify = [&](void* node) {
+      auto it = kind.find(node);
+      if (it != kind.end()) return it->second;
+      int type = -1, k = 0;
+      alignas(8) unsigned char params[128] = {};  // CUDA_KERNEL_NODE_PARAMS: the function handle first
+      if (node_type(node, &type) == 0 && type == 0 && node_params(node, params) == 0) {
+        void* func = nullptr;
+        std::memcpy(&func, params, sizeof func);
+        const char* name = nullptr;
+        k = 1;
+        if (func && func_name(&name, func) == 0 && name)
+          for (const auto& w : waiting)
+            if (std::strstr(name, w.c_str())) k = 2;
+      }
+      return kind[node] = k;
+    };
+    constexpr unsigned char kProgrammaticPort = 1, kProgrammaticType = 1;  // CU_GRAPH_*_PROGRAMMATIC
+    int changed = 0;
+    for (size_t e = 0; e < n; ++e) {
+      if (data[e][2] != 0 || classify(from[e]) == 0 || classify(to[e]) != 2) continue;
+      std::array<unsigned char, 8> prog{};
+      prog[0] = kProgrammaticPort;
+      prog[2] = kProgrammaticType;
+      if (remove(graph, &from[e], &to[e], data[e].data(), 1) != 0) continue;
+      if (add(graph, &from[e], &to[e], prog.data(), 1) == 0) {
+        ++changed;
+      } else if (add(graph, &from[e], &to[e], data[e].data(), 1) != 0) {  // put the full edge back
+        dlclose(lib);
+        throw Error("PDL: a graph edge could not be restored after the driver refused a programmatic one; "
+                    "rerun with --no-pdl");
+      }
+    }
+    dlclose(lib);
+    return changed;
   }
 
   // One dense step's own device time: replays of the first length's graph back to back (positions 0..n-1 of
@@ -937,11 +1022,13 @@ struct Runtime::Impl {
     // SPECEE_GRAPH_ATTRS=DIR writes the chain's kernel nodes with their attributes as DIR/cpp_layers_attrs.json
     const char* attrs = std::getenv("SPECEE_GRAPH_ATTRS");
     auto part = [&](const char* name, auto body) {
-      const bool census = attrs != nullptr && std::string(name) == "layers";
-      at::cuda::CUDAGraph graph(/*keep_graph=*/dump != nullptr || census);  // a kept graph can be printed, read
+      const bool census = attrs != nullptr && std::string(name) == "layers", pdl = pdl_capture();
+      // a kept graph can be printed, read, and have its edges changed (PDL, as the step's graphs)
+      at::cuda::CUDAGraph graph(/*keep_graph=*/dump != nullptr || census || pdl);
       graph.capture_begin({0, 0}, cudaStreamCaptureModeRelaxed);
       body();
       graph.capture_end();
+      if (pdl) programmatic_edges(graph.raw_cuda_graph(), pdl_waiting);
       if (census) write_graph_attrs(graph.raw_cuda_graph(), std::string(attrs) + "/cpp_layers_attrs.json");
       if (dump) {
         const std::string path = std::string(dump) + "/cpp_" + name + ".dot";
@@ -1340,6 +1427,7 @@ std::string Result::to_json() const {
     << ", \"decode_steps\": " << decode_steps << ", \"rollbacks\": " << rollbacks
     << ", \"predictor_calls\": " << predictor_calls << ", \"head_calls\": " << head_calls
     << ", \"capture_s\": " << capture_s << ", \"cuda_graphs\": " << (cuda_graphs ? "true" : "false")
+    << ", \"pdl_edges\": " << pdl_edges
     << ", \"one_row_package\": " << (one_row_package ? "true" : "false") << ", \"graph_step_us\": " << graph_step_us
     << ", \"graph_step_one_us\": " << graph_step_one_us << ", \"graph_layer_us\": " << graph_layer_us
     << ", \"graph_layers_us\": " << graph_layers_us << ", \"graph_head_us\": " << graph_head_us

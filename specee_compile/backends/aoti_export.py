@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..config import Settings, torch_dtype
 from ..errors import SpecEEError
 from ..model_step import extract_weights, make_head_fn, make_layer_fn, rms_norm
+from ..plugins import pdl
 
 AOTI_FORMAT = "specee-aoti"
 AOTI_VERSION = 1
@@ -231,15 +232,17 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     # On CUDA (torch 2.11, the H200 machine) the attention's GQA strides give guards on the attended length
     # S that hold for every S >= 0 but that export's solver cannot prove (min(64*S, 192*S) == 64*S): there
     # they become run-time asserts instead of an error; SDPA's math formulation keeps the shape checks simple
-    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    cuda = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
     with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
-        # the Python step's Inductor options (backends/inductor.py): on CUDA M=1 matmuls and reductions tuned; on
-        # a CPU one-row matmuls as reductions (`inductor_cpu_gemv`: the one-row packages)
+        # the Python step's Inductor options (backends/inductor.py): on CUDA M=1 matmuls and reductions tuned, and
+        # PDL's waits where the export asks for them (`pdl.package_mode`); on a CPU one-row matmuls as reductions
+        # (`inductor_cpu_gemv`: the one-row packages)
         from ..plugins.inductor_cpu_gemv import inductor_options
 
-        configs = {"coordinate_descent_tuning": True} if cuda else inductor_options(torch.device("cpu"))
+        configs = ({"coordinate_descent_tuning": True, **pdl.package_inductor_options(cuda)} if cuda else
+                   inductor_options(torch.device("cpu")))
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs or None)
     dt = time.perf_counter() - t0
     if progress:
@@ -328,7 +331,10 @@ def export_aoti(model, program, out_dir, settings: Settings, draft=None, *, devi
     info: dict = {"format": AOTI_FORMAT, "version": AOTI_VERSION, "device": dev.type, "dtype": settings.dtype,
                   "num_layers": L, "hidden": D, "num_heads": spec.num_heads, "num_kv_heads": Hkv, "head_dim": hd,
                   "vocab": V, "eps": spec.eps, "max_len": max_len, "cache_len": T, "qkv_bias": has_bias,
-                  "eos_ids": sorted(int(t) for t in eos_ids), "attn_bucket": 64, "packages": {}, "compile_s": {}}
+                  "eos_ids": sorted(int(t) for t in eos_ids), "attn_bucket": 64, "packages": {}, "compile_s": {},
+                  "pdl": pdl.package_mode(dev)}
+    if info["pdl"] == "all":  # the kernels the runner may let launch before the one before them completes
+        info["pdl_waiting_kernels"] = list(pdl.PACKAGE_WAITING_KERNELS)
     times = info["compile_s"]
     if progress:
         print(f"AOTInductor packages ({dev.type}, {settings.dtype}, max_len {max_len}):", file=sys.stderr)

@@ -116,6 +116,8 @@ def runner_args(directory, prompt_ids: list[int], settings: Settings) -> list[st
         args.append("--no-schedule")
     if not s.exit_cost_check:
         args.append("--no-exit-cost-check")
+    if os.environ.get("SPECEE_PDL") == "0":  # off for the Python step: off for the runner's captured step too
+        args.append("--no-pdl")
     import torch
 
     return args + ["--threads", str(torch.get_num_threads())]  # the same CPU threads as this process

@@ -33,8 +33,15 @@ SPECEE_PDL:
               loads then neither waits nor holds its dependents back, so the next kernel may read ahead of an
               earlier one still writing (a possible cause of session 27's 7B token differences, measured with
               that placement).
-Stream capture records such launches as programmatic edges of the CUDA graph. The AOTInductor twins (`specee_aoti`
-ops) and the C++ runner never use it: their package launches every kernel plainly.
+Stream capture records such launches as programmatic edges of the CUDA graph.
+
+AOTInductor packages (the C++ runner, backends/aoti_export.py) launch every kernel plainly: AOTInductor's C++
+wrapper sets no launch attributes. Where SPECEE_PDL=all is *set* at export (`package_mode`), their kernels are
+compiled to the same contract (Inductor's with `triton.enable_pdl` and the wait-first placement, the twins with
+their PDL constexpr), and the manifest names them (`PACKAGE_WAITING_KERNELS`); the runner then turns the edges of
+its captured graph that lead into those kernels into programmatic ones after capture, which is what stream capture
+makes of a PDL launch. Opt-in until it has run on a GPU (benchmarks/GPU_NOTES.md, session 30): unset, packages are
+compiled without it.
 """
 
 from __future__ import annotations
@@ -106,11 +113,35 @@ def kernel_args(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
-# The AOTInductor twins' launches (`wrap_triton`, which a package embeds) name every constexpr, the defaulted
-# ones included: Inductor's launcher for a user kernel counts its arguments, and one short by a defaulted
-# constexpr fails its autotuning block ("launcher() missing ... '_grid_1'"). Packages launch without PDL
-# (AOTInductor's C++ wrapper sets no launch attributes), so the twins' kernels never wait.
-TWIN_ARGS = {"PDL": False}
+# The kernels of a package compiled under `package_mode() == "all"` that wait before any global access, by name
+# (the runner matches substrings): Inductor's pointwise, persistent-reduction and reduction kernels (its templates
+# get no PDL codegen), and the twins that take the PDL constexpr (`_aoti_attn_kernel` does not).
+PACKAGE_WAITING_KERNELS = ("triton_poi_", "triton_per_", "triton_red_", "gemv_kernel", "rope_append_kernel",
+                           "decode_attn_kernel")
+
+
+def package_mode(device: torch.device) -> str:
+    """The PDL mode AOTInductor packages for `device` are compiled with: `all` only where SPECEE_PDL=all is set
+    explicitly and the device has PDL, else `0` (see the module docstring: opt-in until measured)."""
+    return "all" if os.environ.get("SPECEE_PDL") == "all" and _capable(device) else "0"
+
+
+def twin_args(device: torch.device, early_w: bool = False) -> dict:
+    """The PDL constexprs of an AOTInductor twin's launch (`wrap_triton`, which a package embeds). Every constexpr
+    is named, the defaulted ones included: Inductor's launcher for a user kernel counts its arguments, and one
+    short by a defaulted constexpr fails its autotuning block ("launcher() missing ... '_grid_1'"). early_w: the
+    GEMV's EARLY_W, on with PDL as in `kernel_args`' callers."""
+    on = package_mode(device) == "all"
+    return {"PDL": on, **({"EARLY_W": on} if early_w else {})}
+
+
+def package_inductor_options(device: torch.device) -> dict:
+    """Inductor config patches for a package's compile: `triton.enable_pdl` with the wait-first placement where
+    `package_mode` is `all`, else none."""
+    if package_mode(device) != "all":
+        return {}
+    _inductor_waits_first()
+    return {"triton.enable_pdl": True}
 
 
 def inductor_options() -> dict:

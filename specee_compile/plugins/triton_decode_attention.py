@@ -214,7 +214,7 @@ def _aoti_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
         wrap_triton(_decode_attn_kernel)[(H, (S + BLOCK_S - 1) // BLOCK_S)](
             q, k, v, valid, pos, o, ws, counters, S, 1.0 / math.sqrt(hd), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), HD=hd, REP=H // Hkv, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=1, MAX_SPLITS=MAX_SPLITS,
-            num_warps=NUM_WARPS, **pdl.TWIN_ARGS,
+            num_warps=NUM_WARPS, **pdl.twin_args(q.device),
         )
         return o
     wrap_triton(_aoti_attn_kernel)[(H, MAX_SPLITS)](

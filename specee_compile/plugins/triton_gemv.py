@@ -674,7 +674,7 @@ def _aoti_fused_linear(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | Non
     wrap_triton(_gemv_kernel)[(triton.cdiv(N, bn), 1)](  # the split-K scratch pointers are never touched
         x, w, w, res.contiguous() if res is not None else y, norm_w if norm_w is not None else x, y, y, y, y, N,
         float(eps), K=K, PRO=pro, HAS_RES=res is not None, BLOCK_N=bn, BLOCK_K=bk, SPLIT=1, W8=False,
-        EARLY_W=False, num_warps=nwarps, num_stages=ns, **pdl.TWIN_ARGS)
+        num_warps=nwarps, num_stages=ns, **pdl.twin_args(x.device, early_w=True))
     return y
 
 

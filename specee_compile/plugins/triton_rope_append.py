@@ -112,7 +112,7 @@ def _aoti_rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
                          f"{tuple(qkv.shape)} with a cache of {tuple(k_cache.shape)}")
     # bool validity as it is (as the attention twin); the slots are the positions
     return _launch(qkv.contiguous(), cos, sin, pos, pos, k_cache, v_cache, valid, wrap_triton(_rope_append_kernel),
-                   **pdl.TWIN_ARGS)
+                   **pdl.twin_args(qkv.device))
 
 
 if HAVE_TRITON:

@@ -55,6 +55,10 @@ struct Options {
   // CUDA: time the dense step's parts at capture (graph_layer_us, graph_layers_us, graph_head_us), each after
   // 0.2 s of warm-up replays: ~1 s more start-up, so only on request (--time-parts, cpp_bench)
   bool time_parts = false;
+  // CUDA (sm_90+): where the packages were compiled to wait (exported under SPECEE_PDL=all; the manifest names the
+  // kernels), the captured dense step lets each such kernel launch before the one it follows completes
+  // (programmatic dependent launch; Result::pdl_edges); false: every edge stays a full dependency
+  bool pdl = true;
 };
 
 struct Result {
@@ -73,6 +77,7 @@ struct Result {
   // the chain on copies of the weights: cloned, written by a kernel, packed in one allocation
   double graph_layers_wclone_us = 0, graph_layers_wkernel_us = 0, graph_layers_wpack_us = 0;
   bool cuda_graphs = false;                                         // this generate's dense steps replayed graphs
+  int pdl_edges = 0;  // edges of a captured dense step made programmatic (0: no PDL; -1: the driver cannot)
   bool one_row_package = false;                                     // one-row steps ran layer1.pt2
   // the exit points that pay for themselves on this device (runtime/exit_costs.py's rule, measured by this
   // runner at its first generate); none kept = SpecEE decodes as dense. Empty `step_costs`: no check ran
