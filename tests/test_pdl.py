@@ -337,6 +337,9 @@ def test_packages_take_pdl_only_where_all_is_set_explicitly(monkeypatch, env, ca
     assert pdl.package_mode(dev) == want
     assert pdl.twin_args(dev, early_w=True) == {"PDL": want == "all", "EARLY_W": want == "all"}
     assert pdl.package_inductor_options(dev) == ({"triton.enable_pdl": True} if want == "all" else {})
+    monkeypatch.setenv("SPECEE_PDL", "1")
+    with pytest.raises(SettingError, match="SPECEE_PDL='1'"):
+        pdl.package_mode(dev)
 
 
 @pytest.mark.parametrize("S", [64, 64 * 16 + 1])  # the twin's two kernels: one block per split, and the fixed grid

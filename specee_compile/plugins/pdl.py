@@ -123,7 +123,8 @@ PACKAGE_WAITING_KERNELS = ("triton_poi_", "triton_per_", "triton_red_", "gemv_ke
 def package_mode(device: torch.device) -> str:
     """The PDL mode AOTInductor packages for `device` are compiled with: `all` only where SPECEE_PDL=all is set
     explicitly and the device has PDL, else `0` (see the module docstring: opt-in until measured)."""
-    return "all" if os.environ.get("SPECEE_PDL") == "all" and _capable(device) else "0"
+    explicit = os.environ.get("SPECEE_PDL")
+    return "all" if explicit and mode() == "all" and _capable(device) else "0"  # (mode(): a bad value is refused)
 
 
 def twin_args(device: torch.device, early_w: bool = False) -> dict:
