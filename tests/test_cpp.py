@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from specee_compile.backends.cpp_runner import RUNNER, build_runner, run_runner, toolchain_missing
+from specee_compile.backends.cpp_runner import (
+    RUNNER,
+    build_runner,
+    result_from_json,
+    run_runner,
+    toolchain_missing,
+)
 
 pytestmark = pytest.mark.skipif(toolchain_missing() is not None,
                                 reason=f"the C++ runner needs {toolchain_missing()} (not on PATH)")
@@ -234,8 +240,8 @@ def test_cli_generate_backend_cpp(exported, tmp_path):
     assert got["token_ids"] == ref.token_ids and got["exit_layers"] == ref.exit_layers
     assert r.stdout.strip() == tok.decode(ref.token_ids, skip_special_tokens=True).strip()
     # the runner's own load (packages, weights) and its cost check's outcome reach the stats, as the Python
-    # runtime's do; no CUDA graphs captured on a CPU
-    assert got["load_s"] > 0 and got["compile_s"] == 0
+    # runtime's do; no CUDA graphs captured on a CPU, and no PDL
+    assert got["load_s"] > 0 and got["compile_s"] == 0 and got["pdl"] is None
     assert isinstance(got["exit_points_kept"], list) and isinstance(got["exit_points_dropped"], dict)
 
 
@@ -344,6 +350,7 @@ def test_cuda_graph_dense_steps_match_python(tmp_path, monkeypatch, pdl):
         assert got["cuda_graphs"] is True and got["capture_s"] > 0 and got["one_row_package"] is True
         assert got["token_ids"] == ref.token_ids, ids
         assert (got["pdl_edges"] > 0) == (pdl == "all"), got["pdl_edges"]
+        assert result_from_json(got, "cuda").pdl == pdl  # what `generate --backend cpp --stats-json` reports
         if pdl == "all":
             plain = run_runner(out, ids, dense, extra=("--no-pdl",))
             assert plain["pdl_edges"] == 0 and plain["token_ids"] == ref.token_ids

@@ -141,10 +141,11 @@ def run_runner(directory, prompt_ids: list[int], settings: Settings, extra: tupl
     return json.loads(r.stdout)
 
 
-def result_from_json(data: dict):
+def result_from_json(data: dict, device: str = "cpu"):
     """The runner's JSON as the Python runtime's `GenerationResult`: its load (packages and weights) as load_s, its
-    CUDA graph capture as compile_s, its cost check's outcome as exit_program, as `generate --stats-json` reports
-    them for every backend."""
+    CUDA graph capture as compile_s, its cost check's outcome as exit_program, and on CUDA whether its captured steps
+    ran with PDL (`all`: programmatic edges into the packages' waiting kernels; `0`: none), as `generate
+    --stats-json` reports them for every backend."""
     from ..runtime.decoder import GenerationResult
 
     exit_program = None
@@ -155,7 +156,8 @@ def result_from_json(data: dict):
         exit_layers=list(data["exit_layers"]), layer_passes=data["layer_passes"], layer_rows=data["layer_rows"],
         decode_steps=data["decode_steps"], rollbacks=data["rollbacks"], predictor_calls=data["predictor_calls"],
         head_calls=data["head_calls"], prefill_s=data["prefill_s"], decode_s=data["decode_s"],
-        load_s=data["load_s"], compile_s=data.get("capture_s", 0.0), exit_program=exit_program)
+        load_s=data["load_s"], compile_s=data.get("capture_s", 0.0), exit_program=exit_program,
+        pdl=None if not device.startswith("cuda") else "all" if data.get("pdl_edges", 0) > 0 else "0")
 
 
 class CppArtifact:
@@ -190,7 +192,8 @@ class CppArtifact:
 
     def generate(self, prompt_ids: list[int], on_token: Callable[[int], None] | None = None):
         # the runner checks sizes itself; read_manifest verified sha256 already
-        res = result_from_json(run_runner(self.directory, prompt_ids, self.settings, extra=("--no-verify",)))
+        res = result_from_json(run_runner(self.directory, prompt_ids, self.settings, extra=("--no-verify",)),
+                               self.settings.device)
         if on_token is not None:
             for t in res.token_ids:
                 on_token(t)
