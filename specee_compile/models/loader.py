@@ -254,8 +254,9 @@ def gguf_read_once():
     `GGUFReader` each time, ~3 s apiece for SmolLM2's 49K-token vocabulary and merges) and rebuilds gguf's tensor
     name map once per tensor (397 times for SmolLM2). transformers imports both names from `gguf` inside its
     functions, so it takes these. A reader only maps the file and reads it, and transformers only looks names
-    up in the map, so sharing them changes no value. SmolLM2's GGUF: 14.9 -> 6.0 s on a 2-core CPU (same weights,
-    same fingerprint). Without the `gguf` package (or with one that lacks either name) nothing is patched."""
+    up in the map, so sharing them changes no value. SmolLM2's GGUF through `generate`: load_s 14.5 -> 6.7 s on a
+    2-core CPU, the same fingerprint (benchmarks/RESULTS.md, session 29). Without the `gguf` package (or with one
+    that lacks either name) nothing is patched."""
     try:
         import gguf
     except ImportError:

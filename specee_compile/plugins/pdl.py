@@ -138,11 +138,8 @@ def twin_args(device: torch.device, early_w: bool = False) -> dict:
 
 def package_inductor_options(device: torch.device) -> dict:
     """Inductor config patches for a package's compile: `triton.enable_pdl` with the wait-first placement where
-    `package_mode` is `all`, else none."""
-    if package_mode(device) != "all":
-        return {}
-    _inductor_waits_first()
-    return {"triton.enable_pdl": True}
+    `package_mode` is `all` (the Python step's `inductor_options` then), else none."""
+    return inductor_options() if package_mode(device) == "all" else {}
 
 
 def inductor_options() -> dict:
