@@ -342,14 +342,12 @@ def test_packages_take_pdl_only_where_all_is_set_explicitly(monkeypatch, env, ca
         pdl.package_mode(dev)
 
 
-@pytest.mark.parametrize("S", [64, 64 * 16 + 1])  # the twin's two kernels: one block per split, and the fixed grid
-@pytest.mark.parametrize("mode", ["0", "all"])
-def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S, mode):
-    """An AOTInductor package's launch of a user kernel counts its arguments: one short by a defaulted constexpr
-    (PDL, EARLY_W) fails Inductor's autotuning block on the GPU ("launcher() missing ... '_grid_1'"). Each twin's
-    launch, recorded here on the CPU, names every argument of its kernel, with PDL as the package asks (the
-    device patched to have it), and each kernel that takes PDL is one the manifest names as waiting."""
-    monkeypatch.setenv("SPECEE_PDL", mode)
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "launch_pdl"}
+
+
+def _twin_launches(monkeypatch, S: int) -> list:
+    """(kernel, {argument: value}) of each AOTI twin's launch on small CPU tensors, recorded at `wrap_triton`,
+    with PDL as the package asks (the device patched to have it)."""
     monkeypatch.setattr(pdl, "_capable", lambda device: True)
     from specee_compile.plugins import triton_decode_attention as att
     from specee_compile.plugins import triton_gemv as gemv
@@ -363,9 +361,8 @@ def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S, mo
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                options = {"num_warps", "num_stages", "launch_pdl"}
-                launches.append((self.kernel.fn.__name__, self.kernel.arg_names[: len(args)]
-                                 + [k for k in kw if k not in options], kw.get("PDL")))
+                launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)),
+                                               **{k: v for k, v in kw.items() if k not in LAUNCH_OPTIONS}}))
             return launch
 
     for mod in (att, gemv, rope):
@@ -377,11 +374,56 @@ def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S, mo
                            torch.tensor([3]), cache(), cache(), torch.zeros(S, dtype=torch.bool))
     att._aoti_attention(torch.randn(H, 1, hd), cache(), cache(), torch.ones(S, dtype=torch.bool), torch.tensor([3]),
                         torch.zeros(H, dtype=torch.int32), torch.zeros(att.workspace_numel(H, hd)))
-    kernels = {att._decode_attn_kernel, att._aoti_attn_kernel, gemv._gemv_kernel, rope._rope_append_kernel}
-    names = {k.fn.__name__: list(k.arg_names) for k in kernels}
+    return launches
+
+
+@pytest.mark.parametrize("S", [64, 64 * 16 + 1])  # the twin's two kernels: one block per split, and the fixed grid
+@pytest.mark.parametrize("mode", ["0", "all"])
+def test_the_aoti_twins_name_every_constexpr_of_their_kernels(monkeypatch, S, mode):
+    """An AOTInductor package's launch of a user kernel counts its arguments: one short by a defaulted constexpr
+    (PDL, EARLY_W) fails Inductor's autotuning block on the GPU ("launcher() missing ... '_grid_1'"). Each twin's
+    launch, recorded here on the CPU, names every argument of its kernel, with PDL as the package asks, and each
+    kernel that takes PDL is one the manifest names as waiting."""
+    monkeypatch.setenv("SPECEE_PDL", mode)
+    launches = _twin_launches(monkeypatch, S)
     assert len(launches) == 3
-    for name, passed, pdl_on in launches:
-        assert sorted(passed) == sorted(names[name]), name
-        takes_pdl = "PDL" in names[name]
-        assert pdl_on == (mode == "all" if takes_pdl else None), name
+    for kernel, args in launches:
+        name = kernel.fn.__name__
+        assert sorted(args) == sorted(kernel.arg_names), name
+        takes_pdl = "PDL" in kernel.arg_names
+        assert args.get("PDL") == (mode == "all" if takes_pdl else None), name
         assert takes_pdl == any(p in name for p in pdl.PACKAGE_WAITING_KERNELS), name
+
+
+def test_inductor_reads_what_each_twin_writes_under_pdl(monkeypatch):
+    """Inductor functionalizes a package's Triton launch by reading the kernel's TTIR for the tensors it writes.
+    Where it cannot (an asm statement with side effects, as Triton's `gdc_wait`) it assumes the launch writes every
+    input, and the package clones each one per call, the weights and the cache included: session 31's H100 run,
+    the runner at 0.40x Python. Under PDL each twin's launch reads as writing just what it writes without PDL
+    (its kernels wait through `pdl.wait_token`). Torch's own analysis, on the CPU: a stand-in driver names sm_90."""
+    triton = pytest.importorskip("triton")
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
+    written = {}
+    for mode in ("0", "all"):
+        monkeypatch.setenv("SPECEE_PDL", mode)
+        for kernel, args in _twin_launches(monkeypatch, 64):
+            tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
+            consts = {k: v for k, v in args.items() if k not in tensors}
+            idx, cidx = tkw.kernel_side_table.add_kernel(kernel), tkw.kernel_side_table.add_constant_args(consts)
+            written[mode, kernel.fn.__name__] = sorted(tkw.get_mutated_tensors(idx, cidx, tensors, {}))
+    assert written["0", "_gemv_kernel"] == ["y_ptr"]
+    assert written["0", "_rope_append_kernel"] == sorted(["k_ptr", "v_ptr", "valid_ptr", "q_out_ptr"])
+    assert written["0", "_decode_attn_kernel"] == sorted(["o_ptr", "ws_ptr", "cnt_ptr"])
+    for name in ("_gemv_kernel", "_rope_append_kernel", "_decode_attn_kernel"):
+        assert written["all", name] == written["0", name], name

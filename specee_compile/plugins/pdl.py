@@ -12,6 +12,13 @@ The contract every plugin kernel keeps when launched with it (`kernel_args`):
     kernel may be scheduled during its tail, and waits in turn.
 So when a kernel passes its wait, every kernel before it in the stream has completed, launched with PDL or not (a
 launch without it is serialized as usual). Both instructions are no-ops where PDL is off.
+The kernels an AOTInductor package embeds (the one-row GEMV, RoPE + cache write, decode attention) wait through
+`wait_token()` instead: the same `griddepcontrol.wait`, as a value every later global access of the kernel takes
+into its address. Inductor functionalizes a package's Triton launch by reading the kernel's TTIR for the tensors it
+writes, and it cannot read through an asm statement with side effects (Triton's `gdc_wait`): it then assumes the
+launch writes every input and clones each one per call, the weights and the cache included (session 31: the runner
+at 0.40x Python). The token's asm is pure, so the analysis passes it, and the data dependence keeps the compiler
+from moving any access above it.
 One exception, by design: the one-row GEMV and the turned rows kernel load their first weight tile before the wait
 (`EARLY_W`), so the weights stream in during the previous kernel's tail. Weights are written only while a decoder
 is built (cast, quantization, a new vocabulary) by plain ATen kernels, which never let a dependent start early.
@@ -53,6 +60,7 @@ import os
 import torch
 
 from ..errors import SettingError
+from . import HAVE_TRITON, tl, triton
 
 MODES = ("0", "ops", "all")
 
@@ -177,3 +185,22 @@ def wait_before_access(self, wait_buffer, *dependencies, consider_reads=False):
     if self.inside_reduction and self.range_trees[-1].is_loop:
         wait_buffer = self.body  # before the loop, as Inductor hoists it
     wait_buffer.writeline(self.GDC_WAIT)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def wait_token():
+        # PDL's wait as a value (see the module docstring): zero, known to the compiler only as a multiple of 16,
+        # so a pointer plus it keeps the 16-element alignment Triton specializes on (vector loads stay vector)
+        t = tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=True,
+                                      pack=1)
+        return t * 16
+
+    @triton.jit
+    def launch_token(after):
+        # `gdc_launch_dependents` as a value (Triton's has side effects too): after `after` (the wait's token), kept
+        # by the kernel taking it into an address it stores to
+        t = tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r,r", [after],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+        return t * 16

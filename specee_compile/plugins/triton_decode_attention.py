@@ -33,6 +33,7 @@ MAX_SPLITS = 16  # a power of two (the merge reads all split slots as one vector
 NUM_WARPS = 4
 
 if HAVE_TRITON:
+    from .pdl import launch_token, wait_token
 
     @triton.jit
     def _attn_split(
@@ -91,15 +92,17 @@ if HAVE_TRITON:
         HD: tl.constexpr, REP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
         MAX_SPLITS: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        if PDL:  # programmatic dependent launch (plugins/pdl.py)
-            tl.extra.cuda.gdc_wait()
+        if PDL:  # programmatic dependent launch: the wait as a token every later access takes (plugins/pdl.py)
+            t = wait_token()
+            q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr = q_ptr + t, k_ptr + t, v_ptr + t, valid_ptr + t, pos_ptr + t
+            o_ptr, ws_ptr, cnt_ptr = o_ptr + t, ws_ptr + t, cnt_ptr + t
         h = tl.program_id(0)
         nsp = tl.num_programs(1)
         _attn_split(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, ws_ptr, h, tl.program_id(1), S, BLOCKS_PER_SPLIT,
                     sm_scale, stride_kh, stride_ks, stride_vh, stride_vs, HD, REP, BLOCK_S, MAX_SPLITS,
                     BLOCKS_PER_SPLIT)
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+            cnt_ptr += launch_token(t)
         tl.debug_barrier()
         if tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel") == nsp - 1:  # last split of head h: merge
             _attn_merge(ws_ptr, o_ptr, h, nsp, HD, MAX_SPLITS)

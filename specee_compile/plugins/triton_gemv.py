@@ -139,6 +139,7 @@ MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tile
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
 
 if HAVE_TRITON:
+    from .pdl import launch_token, wait_token
 
     @triton.jit
     def _round(x, DT: tl.constexpr):
@@ -174,8 +175,6 @@ if HAVE_TRITON:
         # the loop. EARLY_W: the first K block's weight tile is loaded before anything else (before that wait, with
         # PDL: the weights are never written by a step's kernels, so they stream in while the kernel before
         # finishes); the blocks are summed in the same order either way.
-        if PDL and not EARLY_W:
-            tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
         KS: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # K range of one split
         K0: tl.constexpr = BLOCK_K if EARLY_W else 0  # where the loop starts
@@ -184,14 +183,18 @@ if HAVE_TRITON:
         rmask = rows < N
         wrow = w_ptr + rows.to(tl.int64)[:, None] * K
         k_lo = tl.program_id(1) * KS
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         if EARLY_W:
             offs = k_lo + tl.arange(0, BLOCK_K)
             km = offs < K
             wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            if PDL:
-                tl.extra.cuda.gdc_wait()
+        if PDL:  # the wait as a value (pdl.wait_token), taken into every pointer a step's kernels write (the
+            # weights, their scales and the norm weights are written only while a decoder is built)
+            t = wait_token()
+            x_ptr, res_ptr, y_ptr = x_ptr + t, res_ptr + t, y_ptr + t
+            ws_ptr, ss_ptr, cnt_ptr = ws_ptr + t, ss_ptr + t, cnt_ptr + t
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if EARLY_W:
             acc, sq = _gemv_block(acc, sq, wt, x_ptr, nw_ptr, offs, km, K, PRO, DT)
         for k0 in range(K0, KS, BLOCK_K):
             offs = k_lo + k0 + tl.arange(0, BLOCK_K)
@@ -199,7 +202,7 @@ if HAVE_TRITON:
             wt = tl.load(wrow + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc, sq = _gemv_block(acc, sq, wt, x_ptr, nw_ptr, offs, km, K, PRO, DT)
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+            y_ptr += launch_token(t)
         y = tl.sum(acc, axis=1)
         ss = tl.sum(sq, axis=0)
         last = True

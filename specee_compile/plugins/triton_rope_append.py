@@ -28,6 +28,7 @@ import torch
 from . import HAVE_TRITON, pdl, register_kernel, tl, triton
 
 if HAVE_TRITON:
+    from .pdl import launch_token, wait_token
 
     @triton.jit
     def _rope_append_kernel(
@@ -35,8 +36,10 @@ if HAVE_TRITON:
         stride_kh, stride_ks, stride_vh, stride_vs, rows, stride_pos, stride_slot,
         H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        if PDL:  # programmatic dependent launch (plugins/pdl.py)
-            tl.extra.cuda.gdc_wait()
+        if PDL:  # programmatic dependent launch: the wait as a token every later access takes (plugins/pdl.py)
+            t = wait_token()
+            qkv_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr = qkv_ptr + t, pos_ptr + t, slot_ptr + t, k_ptr + t, v_ptr + t
+            valid_ptr, q_out_ptr = valid_ptr + t, q_out_ptr + t  # (cos and sin are written only at build time)
         j = tl.program_id(0)
         r = tl.program_id(1)
         REP: tl.constexpr = H // HKV
@@ -60,7 +63,8 @@ if HAVE_TRITON:
         x = tl.load(src + d).to(tl.float32)
         xp = tl.load(src + partner).to(tl.float32)
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+            t = launch_token(t)
+            k_ptr, v_ptr = k_ptr + t, v_ptr + t
         tl.store(k_ptr + j * stride_kh + slot * stride_ks + d, (x * c + sign * xp * s).to(DT))
         tl.store(v_ptr + j * stride_vh + slot * stride_vs + d, tl.load(row + (H + HKV + j) * HD + d))
         if j == 0:
