@@ -19,9 +19,9 @@ On CUDA with `--py-backend inductor` the dense step's parts (whole step, one lay
 head) are timed on both sides. `SPECEE_PROFILE_DIR=DIR` adds each part's kernels over 10 replays
 (`<side>_<part>_kernels.json`: {name: [launches, device us]}, the runner's from the CUDA profiler it links)
 and prints the chain's table: a chain's replay time minus its kernels' device time is idle time.
-PDL: the Python step runs `SPECEE_PDL`'s mode (the default: `all` on sm_90+); the packages are exported with PDL's waits
-only where `SPECEE_PDL=all` is set (plugins/pdl.py `package_mode`), and the runner then makes its captured step's
-edges into them programmatic; the header line says both sides' modes and the edges changed.
+PDL: both sides follow `SPECEE_PDL` (the default: `all` on sm_90+): the Python step launches with it, the packages are
+exported with PDL's waits (plugins/pdl.py `package_mode`) and the runner makes its captured step's edges into them
+programmatic; the header line says both sides' modes and the edges changed.
 `SPECEE_GRAPH_ATTRS=DIR` writes the chain's kernel nodes with their launch and function attributes on both
 sides (`<side>_layers_attrs.json`, `graph_census.py`) and prints where they differ.
 """

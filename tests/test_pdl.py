@@ -322,14 +322,15 @@ def test_the_first_weight_tile_early_sums_the_same_blocks_in_the_same_order():
     run_in_triton_interpreter(_INTERP_EARLY)
 
 
-@pytest.mark.parametrize("env, capable, want", [(None, True, "0"), ("0", True, "0"), ("ops", True, "0"),
+@pytest.mark.parametrize("env, capable, want", [(None, True, "all"), ("0", True, "0"), ("ops", True, "0"),
                                                  ("all", True, "all"), ("all", False, "0")])
-def test_packages_take_pdl_only_where_all_is_set_explicitly(monkeypatch, env, capable, want):
-    """Packages are compiled with PDL's waits only where SPECEE_PDL=all is set (not the unset default: the runner's
-    programmatic edges are opt-in until measured) and the device has PDL; the manifest then names the kernels that
-    wait, and the export's Inductor options carry the wait-first placement."""
+def test_packages_take_pdl_where_the_mode_is_all(monkeypatch, env, capable, want):
+    """Packages are compiled with PDL's waits where the mode is `all` (set, or the default of an sm_90+ machine) and
+    the device has PDL; the manifest then names the kernels that wait, and the export's Inductor options carry the
+    wait-first placement."""
     if env is None:
         monkeypatch.delenv("SPECEE_PDL", raising=False)
+        monkeypatch.setattr(pdl, "default", lambda: "all")  # an sm_90+ machine's
     else:
         monkeypatch.setenv("SPECEE_PDL", env)
     monkeypatch.setattr(pdl, "_capable", lambda device: capable)

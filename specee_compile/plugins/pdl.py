@@ -43,12 +43,12 @@ SPECEE_PDL:
 Stream capture records such launches as programmatic edges of the CUDA graph.
 
 AOTInductor packages (the C++ runner, backends/aoti_export.py) launch every kernel plainly: AOTInductor's C++
-wrapper sets no launch attributes. Where SPECEE_PDL=all is *set* at export (`package_mode`), their kernels are
-compiled to the same contract (Inductor's with `triton.enable_pdl` and the wait-first placement, the twins with
-their PDL constexpr), and the manifest names them (`PACKAGE_WAITING_KERNELS`); the runner then turns the edges of
-its captured graph that lead into those kernels into programmatic ones after capture, which is what stream capture
-makes of a PDL launch. Opt-in until it has run on a GPU (benchmarks/GPU_NOTES.md, session 30): unset, packages are
-compiled without it.
+wrapper sets no launch attributes. Where the export runs under `all` (the default on sm_90+; `package_mode`), their
+kernels are compiled to the same contract (Inductor's with `triton.enable_pdl` and the wait-first placement, the
+twins with their PDL constexpr), and the manifest names them (`PACKAGE_WAITING_KERNELS`); the runner then turns the
+edges of its captured graph that lead into those kernels into programmatic ones after capture, which is what stream
+capture makes of a PDL launch. Measured on an H100 (session 31, SmolLM2's shapes, fp32, dense): the runner 1849.9
+tok/s against the Python step's 1820.6 under PDL (1.02x; 0.78x with packages compiled without it), the same ids.
 """
 
 from __future__ import annotations
@@ -129,10 +129,9 @@ PACKAGE_WAITING_KERNELS = ("triton_poi_", "triton_per_", "triton_red_", "gemv_ke
 
 
 def package_mode(device: torch.device) -> str:
-    """The PDL mode AOTInductor packages for `device` are compiled with: `all` only where SPECEE_PDL=all is set
-    explicitly and the device has PDL, else `0` (see the module docstring: opt-in until measured)."""
-    explicit = os.environ.get("SPECEE_PDL")
-    return "all" if explicit and mode() == "all" and _capable(device) else "0"  # (mode(): a bad value is refused)
+    """The PDL mode AOTInductor packages for `device` are compiled with: `all` where `mode()` is `all` (set, or the
+    default on sm_90+) and `device` has PDL, else `0` (`ops` too: the runner's edges follow the package)."""
+    return "all" if mode() == "all" and _capable(device) else "0"  # (mode(): a bad value is refused)
 
 
 def twin_args(device: torch.device, early_w: bool = False) -> dict:
