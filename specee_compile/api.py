@@ -181,8 +181,10 @@ def build_decoder(loaded, settings: Settings, artifacts_dir=None, segments=None,
         segments = make_segments(loaded.model, settings, program)
     elif program is not None and segments.predictors is None:
         segments.predictors = program.predictors.to(segments.device)
+    eagle, dev = _eagle_head(draft), getattr(segments, "device", None)
+    if eagle is not None and dev is not None and eagle.fc.weight.device.type != dev.type:
+        getattr(draft, "inner", draft).to(dev)  # a model loaded on the host: the segments moved it, the draft follows
     prepare_draft(draft, settings)
-    eagle = _eagle_head(draft)
     if eagle is not None and getattr(segments, "gemm", "default") in ("onednn", "mkl"):
         eagle.use_cpu_gemm(segments.gemm)  # the draft's host path in the target's CPU matmul library
     draft = _device_draft(draft, segments, settings)

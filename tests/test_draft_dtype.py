@@ -64,6 +64,31 @@ def test_cuda_fixed_tree_with_a_16_bit_draft_equals_dense(tiny_model_dir, quant)
         assert dec.tree._fixed_on and res.draft_quant == ("none" if quant == "none" else "int8")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_draft_of_a_model_loaded_on_the_host_follows_it_to_the_device(tiny_model_dir):
+    """`build_decoder` on a model loaded on the host with Settings(device="cuda"), as the API's docstring shows: the
+    segments move the model and the EAGLE draft follows, head and buffers (session 31: `cpp_bench`'s paper mode
+    failed on an index across devices in the draft's device step). The same tokens and exits as the model and
+    draft loaded on the device, and lossless: dense greedy's."""
+    from test_tree import always_exit_program
+
+    from specee_compile.api import build_decoder
+    from specee_compile.models import load_model
+
+    s = Settings(max_new_tokens=30, device="cuda", backend="inductor", specee=True, mode="lossless",
+                 kv_policy="backfill", min_exit_layer=1, exit_cost_check=False)
+    runs = []
+    for device in ("cpu", "cuda"):
+        loaded = load_model(str(tiny_model_dir), device=device)
+        L = loaded.config.num_hidden_layers
+        dec = build_decoder(loaded, s, program=always_exit_program(L, 4), draft=EagleSource(_fresh(loaded.model), k=4))
+        assert dec.draft.draft.fc.weight.device.type == "cuda"
+        runs.append(dec.generate(PROMPT))
+    dense = build_decoder(loaded, s.replace(specee=False)).generate(PROMPT)
+    assert (runs[0].token_ids, runs[0].exit_layers) == (runs[1].token_ids, runs[1].exit_layers)
+    assert runs[0].token_ids == dense.token_ids and runs[0].avg_layers < L
+
+
 def test_lossless_specee_and_an_int8_draft_in_16_bits_equal_dense():
     """The host SpecEE source (built before the cast) re-allocates its buffers; int8 rounds the cast weights."""
     from test_tree import always_exit_program, dense

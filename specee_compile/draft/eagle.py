@@ -534,6 +534,14 @@ class EagleSource(CandidateSource):
         self.ids: list[int] = []
         self.retype()
 
+    def to(self, device) -> EagleSource:
+        """The head and this source's buffers onto `device` (before the first sequence): the draft of a model
+        loaded on the host follows the decoder onto its device (`api.build_decoder`)."""
+        self.draft.to(device)
+        self._dev = self.draft.fc.weight.device
+        self.retype()
+        return self
+
     # ---- buffers
     def _reset_buffers(self, cap: int) -> None:
         d = self.draft
