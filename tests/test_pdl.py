@@ -150,6 +150,11 @@ def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(
     wait = body.index("griddepcontrol.wait")
     assert wait < _first(body, r"(ld|st|atom|red|cp\.async)\.global"), f"{name}: a global access before the wait"
     assert wait < body.index("griddepcontrol.launch_dependents")
+    sass = _sass(on)  # and as ptxas left it: the kernels a package embeds wait through a pure asm value
+    if sass is not None:  # (pdl.wait_token), which only the data dependence keeps ahead of the accesses
+        wait = sass.index("ACQBULK")
+        assert wait < _first(sass, r"(LDG|STG|ATOMG?|RED|LDGSTS)\b"), f"{name}: a global access before the wait"
+        assert wait < sass.index("PREEXIT")
     assert on.metadata.launch_pdl and not off.metadata.launch_pdl
     assert "griddepcontrol" not in off.asm["ptx"]
     if "EARLY_W" in kernel.arg_names:  # as launched with PDL: the first weight tile's loads come before the wait
@@ -222,6 +227,25 @@ def test_inductor_kernels_wait_before_any_memory_access_under_all(monkeypatch):
 def _body(kernel) -> str:
     ptx = kernel.asm["ptx"]
     return ptx[ptx.index(".entry"):]
+
+
+def _sass(kernel) -> str | None:
+    """The kernel's SASS instructions, one per line, through the cuobjdump Triton ships (None without it)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return "\n".join(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z]\S*)", out))
 
 
 def _first(body: str, pattern: str) -> int:
