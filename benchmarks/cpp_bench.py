@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                     f"{same}/{len(PROMPTS)} |")
     cuda = a.device.startswith("cuda")
     pdl_note = ""
-    if cuda:  # PDL on each side: the Python step's mode, the packages' (exported under SPECEE_PDL=all or not)
+    if cuda:  # PDL on each side: the Python step's mode, the packages' (`all` where exported under it)
         from specee_compile.artifacts import read_manifest
         from specee_compile.plugins import pdl
 

@@ -150,8 +150,8 @@ struct Runtime::Impl {
   int L = 0, D = 0, Hkv = 0, hd = 0, V = 0, max_len = 0, T = 0, bucket = 64, k = 0;
   bool specee = false, lossless = false, backfill = false;
   std::set<int64_t> eos;
-  // the manifest's `pdl_waiting_kernels` (packages exported under SPECEE_PDL=all): name patterns of the kernels
-  // that wait for the kernel before them before any global access (plugins/pdl.py); empty: none does
+  // the manifest's `pdl_waiting_kernels` (packages exported under PDL `all`, the default on sm_90+): name patterns
+  // of the kernels that wait for the kernel before them before any global access (plugins/pdl.py); empty: none does
   std::vector<std::string> pdl_waiting;
   // weights (on dev)
   at::Tensor embed, norm, head, cos, sin, keys;

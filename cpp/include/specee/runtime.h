@@ -55,9 +55,9 @@ struct Options {
   // CUDA: time the dense step's parts at capture (graph_layer_us, graph_layers_us, graph_head_us), each after
   // 0.2 s of warm-up replays: ~1 s more start-up, so only on request (--time-parts, cpp_bench)
   bool time_parts = false;
-  // CUDA (sm_90+): where the packages were compiled to wait (exported under SPECEE_PDL=all; the manifest names the
-  // kernels), the captured dense step lets each such kernel launch before the one it follows completes
-  // (programmatic dependent launch; Result::pdl_edges); false: every edge stays a full dependency
+  // CUDA (sm_90+): where the packages were compiled to wait (exported under PDL `all`, the default on sm_90+; the
+  // manifest names the kernels), the captured dense step lets each such kernel launch before the one it follows
+  // completes (programmatic dependent launch; Result::pdl_edges); false: every edge stays a full dependency
   bool pdl = true;
 };
 
