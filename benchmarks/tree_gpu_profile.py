@@ -362,14 +362,15 @@ def call_time(run, reps: int, dev: torch.device) -> float:
 
 
 def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
-    """The kernels of one fixed tree step, run eagerly (not replayed) under the profiler: the table, and GPU us and
-    launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B). On
+    """The kernels of one fixed tree step, run eagerly (not replayed, but with the kernels the replay runs) under the
+    profiler: the table, and GPU us and launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B). On
     the CPU (a dry run) the ops' self CPU time stands in for the kernels'."""
     from torch.profiler import ProfilerActivity, profile
 
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleSource
+    from specee_compile.ops import multi_row_kernel
     from specee_compile.runtime.policies import trace_accepts
 
     dec = build_decoder(loaded, Settings(**base, speculate="tree", tree_program="fixed", tree_guard=False), segments=seg,
@@ -379,15 +380,18 @@ def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
     S = f.bucket(len(prompt) + 60)
     gpu = f.p.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    for _ in range(2):
-        f.p.fill_(len(prompt) + 10)
-        f.body(S)
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
+    # inside `multi_row_kernel` as the program is captured (`FixedTree.prepare`): the rows kernels the tuner picked,
+    # not cuBLAS for every few-row matmul (session 32's profile, run outside it, showed cuBLAS's SIMT GEMMs instead)
+    with multi_row_kernel():
+        for _ in range(2):
             f.p.fill_(len(prompt) + 10)
             f.body(S)
         sync()
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                f.p.fill_(len(prompt) + 10)
+                f.body(S)
+            sync()
     table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "self_cpu_time_total", row_limit=30,
                                       max_name_column_width=70)
     print(table)
