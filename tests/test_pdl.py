@@ -95,10 +95,6 @@ def _kernels():
                                     "eps": "fp32"},
          {"K": 4096, "XS": 4096, "PRO": 0, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 2,
           "W8": False, "PREC": ""}),
-        ("rows_t_fma", _rows_t_kernel, {**{n: "*fp32" for n in lin}, "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-                                        "M": "i32", "N": "i32", "eps": "fp32"},
-         {"K": 576, "XS": 576, "PRO": 0, "HAS_RES": True, "MP": 32, "BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 2,
-          "W8": False, "PREC": "fma"}),
         ("tree_attention", _tree_attn_kernel,
          {"q_ptr": h, "k_ptr": h, "v_ptr": h, "valid_ptr": "*u8", "mask_ptr": "*u8", "o_ptr": h, "ws_ptr": "*fp32",
           "cnt_ptr": "*i32", **{n: "i32" for n in ("R", "S")}, "sm_scale": "fp32",
@@ -131,7 +127,7 @@ def _kernels():
     ]
 
 
-@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "rows_t_fma", "tree_attention", "decode_attention", "rope_append",
+@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "tree_attention", "decode_attention", "rope_append",
                                   "exit_score", "topk", "topk_chunks"])
 def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(name):
     triton = pytest.importorskip("triton")

@@ -158,8 +158,7 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
 
     assert T.row_candidates(torch.float32, 1, False) == T.row_candidates(torch.float32, 0, False) == [
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS_F32]
-    assert all(len(c) == 7 and c[0] == "t" and c[-1] in ("tf32x3", "fma") for c in T.ROW_T_CONFIGS_F32)
-    assert {c[-1] for c in T.ROW_T_CONFIGS_F32} == {"tf32x3", "fma"}
+    assert all(len(c) == 7 and c[0] == "t" and c[-1] == "tf32x3" for c in T.ROW_T_CONFIGS_F32)
     plain16 = T.row_candidates(torch.bfloat16, 0, False)
     assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
     assert T.row_candidates(torch.float16, 1, False) == T.row_candidates(torch.float16, 0, True) == [
@@ -281,7 +280,7 @@ _INTERP_ROWS_T = textwrap.dedent(
             q, s = quantize_rows(w) if w8 else (w.to(dt), None)
             nw = (1 + 0.1 * torch.randn(k)).to(dt)
             # fp32: the configs with a precision (3xTF32 as the GPU runs it, IEEE); a 16-bit config refused there
-            cfgs = CFGS if dt != torch.float32 else tuple(c + (p,) for c in CFGS for p in ("tf32x3", "ieee", "fma"))
+            cfgs = CFGS if dt != torch.float32 else tuple(c + (p,) for c in CFGS for p in ("tf32x3", "ieee"))
             for rows in (2, 5, 17):
                 x = (torch.randn(1, rows, kin) * 2).to(dt)
                 r = torch.randn(1, rows, n).to(dt) if res else None
@@ -307,9 +306,8 @@ _INTERP_ROWS_T = textwrap.dedent(
 
 def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
     """The turned rows kernel (weight tile on the MMA's wide side, split-K through a self-zeroing scratch) against
-    the eager math: fp16, int8 and fp32 weights (fp32 with each precision, the FMA form too), every prologue, with
-    and without the residual, 2 / 5 / 17 rows, blocks that do not divide N or K, whole-K and split-K, two calls in
-    a row."""
+    the eager math: fp16, int8 and fp32 weights (fp32 with each precision), every prologue, with and without the
+    residual, 2 / 5 / 17 rows, blocks that do not divide N or K, whole-K and split-K, two calls in a row."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
 
 
@@ -553,7 +551,7 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
     with multi_row_kernel():  # the tuned path (a config, or cuBLAS where faster)
         outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
     turned = ([("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else
-              [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3"), ("t", 8, 32, 2, 4, 2, "fma")])
+              [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3")])
     for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned):  # the kernels themselves: two configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)

@@ -49,9 +49,7 @@ and the weight tiles stream through cp.async stages, with split-K through a self
 prologue it beats cuBLAS by 6-14% at 7B widths on the H200; with RMSNorm or SiLU inside, every rows kernel loses
 to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's layers call the op with no prologue
 (`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py). For fp32 its dot is 3xTF32 (three TF32 tensor-core
-products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units; or,
-for fp32, no MMA at all ("fma": each program sums a few output features on the FMA units, as the one-row kernel,
-for matmuls too narrow to fill the SMs with 64-feature MMA tiles).
+products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units.
 `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
@@ -132,15 +130,6 @@ ROW_T_CONFIGS_F32 = [
     ("t", 64, 32, 8, 4, 2, "tf32x3"),
     ("t", 64, 128, 1, 4, 3, "tf32x3"),
     ("t", 128, 64, 1, 8, 3, "tf32x3"),
-    # the FMA form ("fma"): narrow feature tiles, so SmolLM2's 576-960-wide matmuls run on 72-240 programs, where
-    # a 64-feature MMA tile leaves 9-15 (H100, session 32, benchmarks/rows_gemm_sweep.py --shape smollm2: every
-    # 25-row fp32 matmul 7-11 us through cuBLAS or 3xTF32, streaming 150-670 GB/s of weights)
-    ("t", 8, 32, 1, 4, 2, "fma"),
-    ("t", 4, 64, 1, 4, 2, "fma"),
-    ("t", 16, 32, 1, 8, 2, "fma"),
-    ("t", 8, 32, 2, 4, 2, "fma"),
-    ("t", 4, 32, 1, 2, 2, "fma"),
-    ("t", 8, 64, 1, 8, 2, "fma"),
 ]
 # the old kernel's configs that won a 16-bit shape with no prologue on the H200 (session 21's sweep and bench: gate/up);
 # with the turned configs beside them, the others never did, and each costs a compile at the first start
@@ -317,12 +306,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rows_t_dot(acc, wt, a, DT: tl.constexpr, PREC: tl.constexpr):
-        # one K block of the turned kernel: acc + W_tile . a^T (fp32: the block's dot summed apart, then added);
-        # "fma": no MMA, acc [BLOCK_N, MP, BLOCK_K] gathers the products, summed over K once after the loop
+        # one K block of the turned kernel: acc + W_tile . a^T (fp32: the block's dot summed apart, then added)
         if PREC == "":
             acc = tl.dot(wt.to(DT), tl.trans(a), acc)
-        elif PREC == "fma":
-            acc += wt.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :]
         else:
             acc = tl.fma(tl.dot(wt.to(DT), tl.trans(a), input_precision=PREC), 1.0, acc)
         return acc
@@ -342,9 +328,7 @@ if HAVE_TRITON:
         # [N, MP]; the split that arrives last (a counter per feature block) reads the total, leaves the
         # workspace zeroed, and stores. fp32 (PREC "tf32x3" or "ieee"): each K block's dot summed apart, then
         # added, as the old kernel's IEEE dot (a short product chain per block; `fma`, since Triton folds
-        # `acc + dot` back into one chain). PREC "fma" (fp32) takes no MMA at all: the FMA units sum the products
-        # per K offset as the one-row kernel does, a tile of 4-16 output features per program, so a narrow
-        # matmul (SmolLM2's) spreads over every SM. PDL and EARLY_W as the one-row kernel's.
+        # `acc + dot` back into one chain). PDL and EARLY_W as the one-row kernel's.
         if PDL and not EARLY_W:
             tl.extra.cuda.gdc_wait()
         DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -365,10 +349,7 @@ if HAVE_TRITON:
             if PDL:
                 tl.extra.cuda.gdc_wait()
         rstd = _rows_stats(xrow, rm, eps, K, PRO, MP, BLOCK_K)
-        if PREC == "fma":
-            acc = tl.zeros([BLOCK_N, MP, BLOCK_K], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
         if EARLY_W:
             acc = _rows_t_dot(acc, wt0, _rows_act(xrow, nw_ptr, offs0, rm, km0, rstd, K, PRO, DT).to(DT), DT, PREC)
         for k0 in range(K0, KS, BLOCK_K):
@@ -379,10 +360,7 @@ if HAVE_TRITON:
             acc = _rows_t_dot(acc, wt, a, DT, PREC)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        if PREC == "fma":
-            y = tl.sum(acc, axis=2)
-        else:
-            y = acc
+        y = acc
         om = cm[:, None] & rm[None, :]
         wsp = ws_ptr + cols[:, None] * MP + r[None, :]
         last = True
@@ -542,7 +520,7 @@ EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is t
 def row_candidates(dtype: torch.dtype, pro: int, w8: bool) -> list:
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
-    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 and FMA ones."""
+    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones."""
     if dtype not in (torch.float16, torch.bfloat16):
         return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32]
     if pro == 0 and not w8:
