@@ -9,6 +9,8 @@ rotated over enough copies that L2 never holds it (`plugins.triton_gemv._graph_u
   - every `ROW_CONFIGS` entry (`_rows_kernel`, mma.sync) and every turned config (`_rows_t_kernel`, warpgroup MMA,
     split-K; 3xTF32 for fp32): the product's list, plus 24 more on the 7B verification's four layer shapes with
     `--wide`;
+  - where K <= `WHOLE_K_MAX` (SmolLM2's shapes), every whole-K config (`_rows_k_kernel`: whole weight rows in
+    registers, the rows a few at a time on the FMA units);
   - the tuner's pick (`triton_fused_linear` inside `multi_row_kernel()`).
 Prints one row per shape (us and GB/s of the weight stream) and writes JSON.
 
@@ -95,9 +97,10 @@ def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide:
     y, a, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
     ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
     e["configs"] = {}
-    cands = T.row_candidates(dt, T.PROLOGUES[pro], False)
-    if dt != torch.float32:  # every config of both kernels, not only the tuner's list
-        cands = [*T.ROW_CONFIGS, *(dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS)]
+    cands = T.row_candidates(dt, T.PROLOGUES[pro], False, K)
+    if dt != torch.float32:  # every config of the kernels, not only the tuner's list
+        cands = [*T.ROW_CONFIGS, *(dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS),
+                 *(T.ROW_K_CONFIGS if K <= T.WHOLE_K_MAX else [])]
     for cfg in cands:
         t = _us(lambda i, c=cfg: T._rows_launch(a, kw, c, ws[i % len(ws)]), n)
         if isinstance(t, float):  # the config computes the op (against the eager reference)
@@ -112,18 +115,21 @@ def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide:
     pick = next(v for k, v in T._TUNE_CACHE.items() if k[0] == "rows" and k[2:4] == (N, K))
     e["tuned_pick"] = pick if pick == T.EAGER else ",".join(map(str, pick))
     ok = {c: t for c, t in e["configs"].items() if isinstance(t, float)}
-    old = {c: t for c, t in ok.items() if not c.startswith("t,")}
+    old = {c: t for c, t in ok.items() if not c.startswith(("t,", "k,"))}
     new = {c: t for c, t in ok.items() if c.startswith("t,")}
+    whole = {c: t for c, t in ok.items() if c.startswith("k,")}
     bo = min(old, key=old.get) if old else None
     bt = min(new, key=new.get) if new else None
-    e["best_rows"], e["best_turned"] = bo, bt
+    bk = min(whole, key=whole.get) if whole else None
+    e["best_rows"], e["best_turned"], e["best_whole_k"] = bo, bt, bk
     e["turned_vs_mm"] = round(e["mm_us"] / new[bt], 3) if bt and isinstance(e["mm_us"], float) else None
 
     def gbs(t):
         return f"{t:.1f} ({nbytes / t / 1e3:.0f})" if isinstance(t, float) else str(t)
 
     print(f"| {name} | {rows} | {gbs(e['mm_us'])} | {gbs(e['eager_us'])} | {bo}: {gbs(old.get(bo))} | "
-          f"{bt}: {gbs(new.get(bt))} | {e['tuned_pick']} | {e['turned_vs_mm']} |", flush=True)
+          f"{bt}: {gbs(new.get(bt))} | {bk}: {gbs(whole.get(bk))} | {e['tuned_pick']} | {e['turned_vs_mm']} |",
+          flush=True)
     return e
 
 
@@ -151,8 +157,8 @@ def main() -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     out = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": args.commit,
            "command": " ".join(["python", *sys.argv]), "shapes": []}
-    print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | tuned pick | turned vs mm |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | best whole-K | tuned pick | turned vs mm |")
+    print("|---|---|---|---|---|---|---|---|---|")
     out["shape"], out["dtype"] = args.shape, "float16" if args.shape == "7b" else "float32"
     for shape in SHAPES if args.shape == "7b" else SMOL_SHAPES:
         wide = args.wide and args.shape == "7b" and shape[0].startswith("verify") and shape[0] != "verify head"

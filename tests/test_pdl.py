@@ -77,7 +77,7 @@ def _kernels():
     """(name, kernel, signature, constexprs) of every kernel the plugin ops launch with PDL."""
     from specee_compile.plugins.triton_decode_attention import _decode_attn_kernel
     from specee_compile.plugins.triton_exit_score import _exit_score_kernel
-    from specee_compile.plugins.triton_gemv import _gemv_kernel, _rows_kernel, _rows_t_kernel
+    from specee_compile.plugins.triton_gemv import _gemv_kernel, _rows_k_kernel, _rows_kernel, _rows_t_kernel
     from specee_compile.plugins.triton_rope_append import _rope_append_kernel
     from specee_compile.plugins.triton_topk import _topk_chunks_kernel, _topk_kernel
     from specee_compile.plugins.triton_tree_attention import _tree_attn_kernel
@@ -95,6 +95,9 @@ def _kernels():
                                     "eps": "fp32"},
          {"K": 4096, "XS": 4096, "PRO": 0, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 2,
           "W8": False, "PREC": ""}),
+        ("rows_k", _rows_k_kernel, {**lin, "M": "i32", "N": "i32", "eps": "fp32"},
+         {"K": 576, "XS": 1152, "PRO": 2, "HAS_RES": True, "MP": 32, "BLOCK_N": 4, "BLOCK_K": 1024, "RB": 4,
+          "W8": False}),
         ("tree_attention", _tree_attn_kernel,
          {"q_ptr": h, "k_ptr": h, "v_ptr": h, "valid_ptr": "*u8", "mask_ptr": "*u8", "o_ptr": h, "ws_ptr": "*fp32",
           "cnt_ptr": "*i32", **{n: "i32" for n in ("R", "S")}, "sm_scale": "fp32",
@@ -127,7 +130,7 @@ def _kernels():
     ]
 
 
-@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "tree_attention", "decode_attention", "rope_append",
+@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "rows_k", "tree_attention", "decode_attention", "rope_append",
                                   "exit_score", "topk", "topk_chunks"])
 def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(name):
     triton = pytest.importorskip("triton")

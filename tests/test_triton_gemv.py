@@ -158,6 +158,11 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
 
     assert T.row_candidates(torch.float32, 1, False) == T.row_candidates(torch.float32, 0, False) == [
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS_F32]
+    # the whole-K kernel where its weight rows fit a program's registers: SmolLM2's K (576 .. 1536), not 7B's
+    for dt, pro, w8 in ((torch.float32, 0, False), (torch.bfloat16, 0, False), (torch.float16, 1, True)):
+        assert T.row_candidates(dt, pro, w8, 1536) == [*T.row_candidates(dt, pro, w8), *T.ROW_K_CONFIGS]
+        assert T.row_candidates(dt, pro, w8, 4096) == T.row_candidates(dt, pro, w8)
+    assert all(c[0] == "k" and len(c) == 4 for c in T.ROW_K_CONFIGS) and T.WHOLE_K_MAX == 2048
     assert all(len(c) == 7 and c[0] == "t" and c[-1] == "tf32x3" for c in T.ROW_T_CONFIGS_F32)
     plain16 = T.row_candidates(torch.bfloat16, 0, False)
     assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
@@ -281,6 +286,7 @@ _INTERP_ROWS_T = textwrap.dedent(
             nw = (1 + 0.1 * torch.randn(k)).to(dt)
             # fp32: the configs with a precision (3xTF32 as the GPU runs it, IEEE); a 16-bit config refused there
             cfgs = CFGS if dt != torch.float32 else tuple(c + (p,) for c in CFGS for p in ("tf32x3", "ieee"))
+            cfgs += (("k", 4, 4, 4), ("k", 2, 8, 2), ("k", 8, 16, 4))  # the whole-K kernel (RB 16: 17 rows, 2 blocks)
             for rows in (2, 5, 17):
                 x = (torch.randn(1, rows, kin) * 2).to(dt)
                 r = torch.randn(1, rows, n).to(dt) if res else None
@@ -305,9 +311,10 @@ _INTERP_ROWS_T = textwrap.dedent(
 
 
 def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
-    """The turned rows kernel (weight tile on the MMA's wide side, split-K through a self-zeroing scratch) against
-    the eager math: fp16, int8 and fp32 weights (fp32 with each precision), every prologue, with and without the
-    residual, 2 / 5 / 17 rows, blocks that do not divide N or K, whole-K and split-K, two calls in a row."""
+    """The turned rows kernel (weight tile on the MMA's wide side, split-K through a self-zeroing scratch) and the
+    whole-K rows kernel against the eager math: fp16, int8 and fp32 weights (fp32 with each precision), every
+    prologue, with and without the residual, 2 / 5 / 17 rows, blocks that do not divide N or K, whole-K and split-K,
+    two calls in a row."""
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
 
 
@@ -552,7 +559,8 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
         outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
     turned = ([("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else
               [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3")])
-    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned):  # the kernels themselves: two configs each
+    whole = [("k", 4, 4, 8), ("k", 2, 8, 8)] if k <= T.WHOLE_K_MAX else []
+    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned, *whole):  # the kernels themselves: two configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)
         outs.append(y)
@@ -633,7 +641,7 @@ def test_rows_tuner_keeps_cublas_where_it_is_faster(monkeypatch):
         launch(0)
         if len(launched) == before:  # the eager reference ran
             return eager_us["now"]
-        return 2.0 + T.row_candidates(torch.float32, 1, False).index(launched.pop()[0])  # the first is the fastest
+        return 2.0 + T.row_candidates(torch.float32, 1, False, 64).index(launched.pop()[0])  # the first: fastest
 
     monkeypatch.setattr(T, "_graph_us", fake_graph_us)
     T._TUNE_CACHE.clear()

@@ -131,6 +131,17 @@ ROW_T_CONFIGS_F32 = [
     ("t", 64, 128, 1, 4, 3, "tf32x3"),
     ("t", 128, 64, 1, 8, 3, "tf32x3"),
 ]
+# the whole-K rows kernel (`_rows_k_kernel`): ("k", BLOCK_N, RB rows at a time, num_warps), for K up to WHOLE_K_MAX
+# (a program holds BLOCK_N x next_power_of_2(K) weights in registers: SmolLM2's widths, not 7B's)
+ROW_K_CONFIGS = [
+    ("k", 4, 4, 8),
+    ("k", 2, 4, 4),
+    ("k", 4, 2, 4),
+    ("k", 2, 8, 8),
+    ("k", 8, 2, 8),
+    ("k", 1, 8, 4),
+]
+WHOLE_K_MAX = 2048
 # the old kernel's configs that won a 16-bit shape with no prologue on the H200 (session 21's sweep and bench: gate/up);
 # with the turned configs beside them, the others never did, and each costs a compile at the first start
 ROW_CONFIGS_16 = [(64, 128, 4, 3), (32, 256, 4, 3)]
@@ -374,11 +385,55 @@ if HAVE_TRITON:
                 tl.store(wsp, zero, mask=om)
                 tl.store(cnt_ptr + pid, 0)
         if last:
-            if W8:
-                y = y * tl.load(s_ptr + cols, mask=cm, other=1.0)[:, None]
-            if HAS_RES:
-                y = _round(y, DT) + tl.load(res_ptr + r[None, :] * N + cols[:, None], mask=om, other=0.0).to(tl.float32)
-            tl.store(y_ptr + r[None, :] * N + cols[:, None], y.to(DT), mask=om)
+            _rows_t_store(y, s_ptr, res_ptr, y_ptr, cols, cm, r, om, N, HAS_RES, W8, DT)
+
+    @triton.jit
+    def _rows_t_store(y, s_ptr, res_ptr, y_ptr, cols, cm, r, om, N, HAS_RES: tl.constexpr, W8: tl.constexpr,
+                      DT: tl.constexpr):
+        # the turned kernels' epilogue: y [features, rows] (fp32 sums) -> the int8 weights' row scale, the residual
+        # (rounded as the eager `h + mm` rounds), the output rows [rows, N] in the activation dtype
+        if W8:
+            y = y * tl.load(s_ptr + cols, mask=cm, other=1.0)[:, None]
+        if HAS_RES:
+            y = _round(y, DT) + tl.load(res_ptr + r[None, :] * N + cols[:, None], mask=om, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r[None, :] * N + cols[:, None], y.to(DT), mask=om)
+
+    @triton.jit
+    def _rows_k_kernel(
+        x_ptr, w_ptr, s_ptr, res_ptr, nw_ptr, y_ptr,
+        M, N, eps, K: tl.constexpr, XS: tl.constexpr,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, MP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RB: tl.constexpr, W8: tl.constexpr,
+        PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False,
+    ):
+        # The one-row kernel's shape for a few rows (whole K, BLOCK_K >= K): a program loads its BLOCK_N weight rows
+        # whole, in one round of loads, then takes the rows RB at a time (their tile from L2, the prologue applied as
+        # `_rows_act` rounds it), each output the FMA units' sum over all of K. The tiled kernels loop over K blocks
+        # one memory round trip after another: at SmolLM2's widths (K 576-1536) each of their 25-row calls took 7-11
+        # us on the H100 (session 32) where the one-row kernel streams the same weight in 2-4.5 (H200, session 13).
+        # PDL and EARLY_W as the one-row kernel's (the weights are written only while a decoder is built).
+        if PDL and not EARLY_W:
+            tl.extra.cuda.gdc_wait()
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = cols < N
+        offs = tl.arange(0, BLOCK_K)
+        km = offs < K
+        wt = tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + offs[None, :], mask=cm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
+        if PDL and EARLY_W:
+            tl.extra.cuda.gdc_wait()
+        if PDL:  # (the dependent kernel still waits for this one's end; after the last store ptxas drops the call)
+            tl.extra.cuda.gdc_launch_dependents()
+        for g in tl.static_range(MP // RB):
+            if g * RB < M:  # (the row block's padding past M: no work)
+                r = g * RB + tl.arange(0, RB)
+                rm = r < M
+                xrow = x_ptr + r.to(tl.int64)[:, None] * XS
+                rstd = _rows_stats(xrow, rm, eps, K, PRO, RB, BLOCK_K)
+                a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT).to(DT).to(tl.float32)
+                y = tl.sum(wt[:, None, :] * a[None, :, :], axis=2)  # [BLOCK_N, RB]
+                _rows_t_store(y, s_ptr, res_ptr, y_ptr, cols, cm, r, cm[:, None] & rm[None, :], N, HAS_RES, W8, DT)
 
 
 def max_rows() -> int:
@@ -517,15 +572,17 @@ def row_block(rows: int) -> int:
 EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is the fastest for a shape
 
 
-def row_candidates(dtype: torch.dtype, pro: int, w8: bool) -> list:
+def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None) -> list:
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
-    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones."""
+    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones. Where
+    the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too."""
+    whole_k = ROW_K_CONFIGS if k is not None and k <= WHOLE_K_MAX else []
     if dtype not in (torch.float16, torch.bfloat16):
-        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32]
+        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32, *whole_k]
     if pro == 0 and not w8:
-        return [*ROW_CONFIGS_16, *ROW_T_CONFIGS]
-    return [*ROW_CONFIGS, *ROW_T_CONFIGS]
+        return [*ROW_CONFIGS_16, *ROW_T_CONFIGS, *whole_k]
+    return [*ROW_CONFIGS, *ROW_T_CONFIGS, *whole_k]
 
 
 def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=None):
@@ -550,7 +607,7 @@ def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=Non
                 else:
                     _rows_launch(args, kw, c, wi)
 
-            cands = [EAGER, *row_candidates(x.dtype, pro, kw["W8"])]
+            cands = [EAGER, *row_candidates(x.dtype, pro, kw["W8"], K)]
             cfg = _TUNE_CACHE[key] = compile_cache.pick("rows", key, w.device, cands, lambda: _tune(w, launch, cands))
             w8 = " w8" if kw["W8"] else ""
             TUNED.setdefault((N, K, f"{name} x{kw['MP']}{w8}"), cfg if cfg == EAGER else ",".join(map(str, cfg)))
@@ -574,11 +631,18 @@ def rows_args(x, w, res, norm_w, eps: float, pro: int, w_scale=None):
 
 
 def _rows_launch(args, kw, cfg, w=None) -> None:
-    """One launch of a rows config: a ROW_CONFIGS entry (`_rows_kernel`) or a ROW_T_CONFIGS(_F32) one
-    (`_rows_t_kernel`)."""
+    """One launch of a rows config: a ROW_CONFIGS entry (`_rows_kernel`), a ROW_T_CONFIGS(_F32) one
+    (`_rows_t_kernel`) or a ROW_K_CONFIGS one (`_rows_k_kernel`)."""
     if w is not None:
         args = (args[0], w, *args[2:])
     N = args[7]
+    if cfg[0] == "k":
+        _, bn, rb, nwarps = cfg
+        kk = {k: v for k, v in kw.items() if k != "IEEE"}
+        _rows_k_kernel[(triton.cdiv(N, bn),)](*args, **kk, BLOCK_N=bn, BLOCK_K=triton.next_power_of_2(kw["K"]),
+                                              RB=min(rb, kw["MP"]), num_warps=nwarps, num_stages=1,
+                                              **_pdl_early(args[0].device))
+        return
     if cfg[0] == "t":
         _, bn, bk, sp, nwarps, ns, *prec = cfg
         if kw["IEEE"] != bool(prec):
