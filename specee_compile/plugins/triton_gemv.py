@@ -264,13 +264,18 @@ if HAVE_TRITON:
             a = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
         elif PRO == 1:
             xv = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
-            nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
-            a = _round(nw[None, :] * _round(xv * rstd[:, None], DT), DT)
+            a = _rows_norm(xv, nw_ptr, offs, km, rstd, DT)
         else:
             g = tl.load(xrow + offs[None, :], mask=xm, other=0.0).to(tl.float32)
             u = tl.load(xrow + K + offs[None, :], mask=xm, other=0.0).to(tl.float32)
             a = _round(_round(g / (1.0 + tl.exp(-g)), DT) * u, DT)
         return a
+
+    @triton.jit
+    def _rows_norm(xv, nw_ptr, offs, km, rstd, DT: tl.constexpr):
+        # RMSNorm of the rows' tile xv [rows, BLOCK_K] (fp32) with their 1/rms: w * round(x * rstd), rounded
+        nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
+        return _round(nw[None, :] * _round(xv * rstd[:, None], DT), DT)
 
     @triton.jit
     def _rows_kernel(
@@ -430,8 +435,13 @@ if HAVE_TRITON:
                 r = g * RB + tl.arange(0, RB)
                 rm = r < M
                 xrow = x_ptr + r.to(tl.int64)[:, None] * XS
-                rstd = _rows_stats(xrow, rm, eps, K, PRO, RB, BLOCK_K)
-                a = _rows_act(xrow, nw_ptr, offs, rm, km, rstd, K, PRO, DT).to(DT).to(tl.float32)
+                if PRO == 1:  # the statistics from the tile itself (whole K: `_rows_stats`'s one block, same bits)
+                    xv = tl.load(xrow + offs[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+                    rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / K + tl.cast(eps, tl.float32))
+                    a = _rows_norm(xv, nw_ptr, offs, km, rstd, DT)
+                else:
+                    a = _rows_act(xrow, nw_ptr, offs, rm, km, tl.zeros([RB], dtype=tl.float32), K, PRO, DT)
+                a = a.to(DT).to(tl.float32)
                 y = tl.sum(wt[:, None, :] * a[None, :, :], axis=2)  # [BLOCK_N, RB]
                 _rows_t_store(y, s_ptr, res_ptr, y_ptr, cols, cm, r, cm[:, None] & rm[None, :], N, HAS_RES, W8, DT)
 
