@@ -419,11 +419,11 @@ if HAVE_TRITON:
         # PDL and EARLY_W as the one-row kernel's (the weights are written only while a decoder is built).
         if PDL and not EARLY_W:
             tl.extra.cuda.gdc_wait()
-        DT: tl.constexpr = y_ptr.dtype.element_ty
+        offs = tl.arange(0, BLOCK_K)  # all of K
+        km = offs < K
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = cols < N
-        offs = tl.arange(0, BLOCK_K)
-        km = offs < K
+        DT: tl.constexpr = y_ptr.dtype.element_ty
         wt = tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + offs[None, :], mask=cm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
         if PDL and EARLY_W:
