@@ -157,7 +157,8 @@ def main() -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     out = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": args.commit,
            "command": " ".join(["python", *sys.argv]), "shapes": []}
-    print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | best whole-K | tuned pick | turned vs mm |")
+    print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | best whole-K | tuned pick | "
+          "turned vs mm |")
     print("|---|---|---|---|---|---|---|---|---|")
     out["shape"], out["dtype"] = args.shape, "float16" if args.shape == "7b" else "float32"
     for shape in SHAPES if args.shape == "7b" else SMOL_SHAPES:

@@ -364,8 +364,8 @@ def call_time(run, reps: int, dev: torch.device) -> float:
 
 def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
     """The kernels of one fixed tree step, run eagerly (not replayed, but with the kernels the replay runs) under the
-    profiler: the table, and GPU us and launches per step by category (`profile_categories`, or `profile_categories` + tag under a --linears A/B). On
-    the CPU (a dry run) the ops' self CPU time stands in for the kernels'."""
+    profiler: the table, and GPU us and launches per step by category (`profile_categories`, or `profile_categories`
+    + tag under a --linears A/B). On the CPU (a dry run) the ops' self CPU time stands in for the kernels'."""
     from torch.profiler import ProfilerActivity, profile
 
     from specee_compile.api import build_decoder

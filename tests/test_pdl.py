@@ -130,8 +130,8 @@ def _kernels():
     ]
 
 
-@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "rows_k", "tree_attention", "decode_attention", "rope_append",
-                                  "exit_score", "topk", "topk_chunks"])
+@pytest.mark.parametrize("name", ["gemv", "rows", "rows_t", "rows_k", "tree_attention", "decode_attention",
+                                  "rope_append", "exit_score", "topk", "topk_chunks"])
 def test_each_kernel_waits_before_any_memory_access_and_launches_pdl_for_hopper(name):
     triton = pytest.importorskip("triton")
     from triton.backends import backends

@@ -50,6 +50,10 @@ prologue it beats cuBLAS by 6-14% at 7B widths on the H200; with RMSNorm or SiLU
 to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's layers call the op with no prologue
 (`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py). For fp32 its dot is 3xTF32 (three TF32 tensor-core
 products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units.
+Where K is at most WHOLE_K_MAX (SmolLM2's widths) the tuner also times `_rows_k_kernel`, the one-row kernel's shape
+for a few rows: a program loads its weight rows whole, in one round of loads, and takes the rows a few at a time on
+the FMA units, where the tiled kernels walk K one memory round trip after another (at those widths every 25-row call
+of theirs, or cuBLAS's, took 7-13 us on the H100; the one-row kernel streams the same weight in 2-4.5).
 `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
 
 `specee_aoti::fused_linear` is the same kernel for AOTInductor packages (the C++ runner's one-row layer,
