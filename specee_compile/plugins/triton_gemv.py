@@ -443,9 +443,8 @@ if HAVE_TRITON:
                     xv = tl.load(xrow + offs[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
                     rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / K + tl.cast(eps, tl.float32))
                     a = _rows_norm(xv, nw_ptr, offs, km, rstd, DT)
-                else:
+                else:  # (every prologue's tile holds values of the activation dtype already: no rounding left)
                     a = _rows_act(xrow, nw_ptr, offs, rm, km, tl.zeros([RB], dtype=tl.float32), K, PRO, DT)
-                a = a.to(DT).to(tl.float32)
                 y = tl.sum(wt[:, None, :] * a[None, :, :], axis=2)  # [BLOCK_N, RB]
                 _rows_t_store(y, s_ptr, res_ptr, y_ptr, cols, cm, r, cm[:, None] & rm[None, :], N, HAS_RES, W8, DT)
 
