@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--commit", default=None, help="the checkout's commit, recorded in --out's JSON")
     ap.add_argument("--profile", action="store_true", help="also print the kernels of one tree step")
     ap.add_argument("--variants", default="tree_compiled", help="comma list of the timed variants")
     ap.add_argument("--linears", default="",
@@ -228,7 +229,7 @@ def main() -> int:
     base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new,
                 draft_quant=args.draft_quant)
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
-    out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
+    out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "dtype": args.dtype,
                  "rows_fused": {}, "shape": shape, "pdl": pdls,
                  "command": " ".join(["python", *sys.argv]), "results": {}}
     R = out["results"]

@@ -390,11 +390,11 @@ def test_tree_gpu_profile_dry_run_on_the_cpu(tmp_path):
     out = tmp_path / "p.json"
     cmd = [sys.executable, str(root / "benchmarks" / "tree_gpu_profile.py"), "--layers", "1", "--new", "4",
            "--runs", "1", "--draft-dtypes", "auto,float16", "--pdl", "0,all", "--profile"]
-    r = subprocess.run([*cmd, "--device", "cpu", "--out", str(out)], capture_output=True, text=True, check=False,
-                       cwd=root, timeout=600)
+    r = subprocess.run([*cmd, "--device", "cpu", "--out", str(out), "--commit", "abc1234"], capture_output=True,
+                       text=True, check=False, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
-    assert rec["card"] == "cpu (dry run)" and rec["shape"]["num_hidden_layers"] == 1
+    assert rec["card"] == "cpu (dry run)" and rec["shape"]["num_hidden_layers"] == 1 and rec["commit"] == "abc1234"
     for key in ("tree_compiled%auto#pdl=0", "tree_compiled%float16#pdl=all"):
         assert rec["results"][key]["step_us"] > 0 and rec["results"][key]["draft_mode"] == "compiled", key
     assert rec["profile_categories%float16#pdl=all"]
