@@ -158,12 +158,16 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
 
     assert T.row_candidates(torch.float32, 1, False) == T.row_candidates(torch.float32, 0, False) == [
         *T.ROW_CONFIGS, *T.ROW_T_CONFIGS_F32]
-    # the whole-K kernel where its weight rows fit a program's registers: SmolLM2's K (576 .. 1536), not 7B's
+    # the whole-K kernel where its weight rows fit a program's registers: SmolLM2's K (576 .. 1536), not 7B's; in
+    # fp32 there also the turned kernel's deep-pipeline configs
     for dt, pro, w8 in ((torch.float32, 0, False), (torch.bfloat16, 0, False), (torch.float16, 1, True)):
-        assert T.row_candidates(dt, pro, w8, 1536) == [*T.row_candidates(dt, pro, w8), *T.ROW_K_CONFIGS]
+        deep = T.ROW_T_CONFIGS_F32_DEEP if dt == torch.float32 else []
+        assert T.row_candidates(dt, pro, w8, 1536) == [*T.row_candidates(dt, pro, w8), *deep, *T.ROW_K_CONFIGS]
         assert T.row_candidates(dt, pro, w8, 4096) == T.row_candidates(dt, pro, w8)
     assert all(c[0] == "k" and len(c) == 4 for c in T.ROW_K_CONFIGS) and T.WHOLE_K_MAX == 2048
-    assert all(len(c) == 7 and c[0] == "t" and c[-1] == "tf32x3" for c in T.ROW_T_CONFIGS_F32)
+    for c in (*T.ROW_T_CONFIGS_F32, *T.ROW_T_CONFIGS_F32_DEEP):
+        assert len(c) == 7 and c[0] == "t" and c[-1] == "tf32x3"
+    assert not set(T.ROW_T_CONFIGS_F32) & set(T.ROW_T_CONFIGS_F32_DEEP)
     plain16 = T.row_candidates(torch.bfloat16, 0, False)
     assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
     assert T.row_candidates(torch.float16, 1, False) == T.row_candidates(torch.float16, 0, True) == [
@@ -346,6 +350,33 @@ def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
     p32 = ptx("*fp32", "tf32x3", 64)
     assert "cp.async" in p32 and p32.count("wgmma.mma_async") == 3 * ptx("*fp32", "tf32", 64).count("wgmma.mma_async")
     assert ".tf32" in p32 and "wgmma" not in ptx("*fp32", "ieee", 64)
+
+
+def test_deep_fp32_turned_configs_fit_hopper_shared_memory():
+    """The fp32 deep-pipeline configs (every K block in flight), compiled for sm_90 on the CPU at 32 rows: each fits
+    a Hopper program's shared memory (227 KB), streams its tiles through cp.async, and takes a warpgroup MMA where
+    its feature block is 64 wide, mma.sync where narrower."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins import triton_gemv as T
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32", "res_ptr": "*fp32", "nw_ptr": "*fp32",
+            "y_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for _, bn, bk, sp, nwarps, ns, prec in T.ROW_T_CONFIGS_F32_DEEP:
+        consts = {"K": 1536, "XS": 1536, "PRO": 0, "HAS_RES": True, "MP": 32, "BLOCK_N": bn, "BLOCK_K": bk,
+                  "SPLIT": sp, "W8": False, "PREC": prec, "PDL": True, "EARLY_W": True}
+        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+        c = triton.compile(ASTSource(T._rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": nwarps, "num_stages": ns})
+        ptx = c.asm["ptx"]
+        assert c.metadata.shared <= 227 * 1024, (bn, bk, sp, ns, c.metadata.shared)
+        assert "cp.async" in ptx and ("wgmma" in ptx) == (bn >= 64) and ("mma.sync" in ptx) == (bn < 64)
 
 
 def test_int8_rows_quantize_round_trip_and_reference():
@@ -558,7 +589,8 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
     with multi_row_kernel():  # the tuned path (a config, or cuBLAS where faster)
         outs = [T.triton_fused_linear(x, w, r, nw, 1e-5, pro)]
     turned = ([("t", 64, 128, 1, 4, 4), ("t", 64, 128, 4, 4, 4)] if dtype != torch.float32 else
-              [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3")])
+              [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3"),
+               *(T.ROW_T_CONFIGS_F32_DEEP[i] for i in (0, 3, 6) if k <= T.WHOLE_K_MAX)])
     whole = [("k", 4, 4, 8), ("k", 2, 8, 8)] if k <= T.WHOLE_K_MAX else []
     for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned, *whole):  # the kernels themselves: two configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])

@@ -137,6 +137,19 @@ ROW_T_CONFIGS_F32 = [
     ("t", 64, 128, 1, 4, 3, "tf32x3"),
     ("t", 128, 64, 1, 8, 3, "tf32x3"),
 ]
+# the turned kernel in fp32 with every K block in flight at once, for K up to WHOLE_K_MAX (SmolLM2's widths): narrow
+# feature blocks (16-32: mma.sync, more programs) and as many pipeline stages as the K loop has blocks, so a program
+# issues its weight loads in one round rather than walking K a few blocks at a time; no split-K, or a short one
+# (its scratch epilogue costs L2 round trips of its own). 64-213 KB of shared memory each at 25 rows (sm_90: 227)
+ROW_T_CONFIGS_F32_DEEP = [
+    ("t", 16, 64, 1, 4, 9, "tf32x3"),
+    ("t", 32, 64, 1, 4, 9, "tf32x3"),
+    ("t", 16, 128, 1, 4, 5, "tf32x3"),
+    ("t", 64, 64, 1, 4, 9, "tf32x3"),
+    ("t", 16, 64, 2, 4, 8, "tf32x3"),
+    ("t", 32, 64, 2, 4, 5, "tf32x3"),
+    ("t", 16, 64, 4, 4, 6, "tf32x3"),
+]
 # the whole-K rows kernel (`_rows_k_kernel`): ("k", BLOCK_N, RB rows at a time, num_warps), for K up to WHOLE_K_MAX
 # (a program holds BLOCK_N x next_power_of_2(K) weights in registers: SmolLM2's widths, not 7B's)
 ROW_K_CONFIGS = [
@@ -591,10 +604,12 @@ def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None)
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
     every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones. Where
-    the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too."""
-    whole_k = ROW_K_CONFIGS if k is not None and k <= WHOLE_K_MAX else []
+    the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too, and in fp32 the turned kernel's
+    deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
+    narrow = k is not None and k <= WHOLE_K_MAX
+    whole_k = ROW_K_CONFIGS if narrow else []
     if dtype not in (torch.float16, torch.bfloat16):
-        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32, *whole_k]
+        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32, *(ROW_T_CONFIGS_F32_DEEP if narrow else []), *whole_k]
     if pro == 0 and not w8:
         return [*ROW_CONFIGS_16, *ROW_T_CONFIGS, *whole_k]
     return [*ROW_CONFIGS, *ROW_T_CONFIGS, *whole_k]
