@@ -8,7 +8,7 @@ rotated over enough copies that L2 never holds it (`plugins.triton_gemv._graph_u
   - `eager`: the op's eager reference (the prologue's ops + cuBLAS + the residual add), the tuner's EAGER;
   - every `ROW_CONFIGS` entry (`_rows_kernel`, mma.sync) and every turned config (`_rows_t_kernel`, warpgroup MMA,
     split-K; 3xTF32 for fp32): the product's list, plus 24 more on the 7B verification's four layer shapes with
-    `--wide`;
+    `--wide`; in fp32 (`--shape smollm2`) the tuner's own list (`row_candidates`);
   - where K <= `WHOLE_K_MAX` (SmolLM2's shapes), every whole-K config (`_rows_k_kernel`: whole weight rows in
     registers, the rows a few at a time on the FMA units);
   - the tuner's pick (`triton_fused_linear` inside `multi_row_kernel()`).

@@ -128,27 +128,30 @@ ROW_T_CONFIGS = [
 # the turned kernel for fp32 activations and weights: ("t", BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages, precision)
 # with the dot in 3xTF32 (each operand split into a TF32 high and low part, three tensor-core products: fp32's
 # accuracy within a few ulps, where the IEEE dot runs on the FMA units); half the K tile of the 16-bit configs
-# (fp32 tiles are twice the bytes), and deeper split-K for SmolLM2's 576-wide outputs (9 feature blocks of 64)
+# (fp32 tiles are twice the bytes), and deeper split-K for SmolLM2's 576-wide outputs (9 feature blocks of 64). The
+# H100 sweeps of SmolLM2's shapes (sessions 33-34) kept these: the heads' pick, the draft's gate/up pick, one near
+# miss; the old kernel's IEEE configs lost every fp32 shape to cuBLAS by 2-4x and are not timed for fp32
 ROW_T_CONFIGS_F32 = [
     ("t", 64, 64, 1, 4, 4, "tf32x3"),
-    ("t", 64, 64, 2, 4, 4, "tf32x3"),
     ("t", 64, 64, 4, 4, 3, "tf32x3"),
     ("t", 64, 32, 8, 4, 2, "tf32x3"),
-    ("t", 64, 128, 1, 4, 3, "tf32x3"),
     ("t", 128, 64, 1, 8, 3, "tf32x3"),
 ]
-# the turned kernel in fp32 with every K block in flight at once, for K up to WHOLE_K_MAX (SmolLM2's widths): narrow
-# feature blocks (16-32: mma.sync, more programs) and as many pipeline stages as the K loop has blocks, so a program
-# issues its weight loads in one round rather than walking K a few blocks at a time; no split-K, or a short one
-# (its scratch epilogue costs L2 round trips of its own). 64-213 KB of shared memory each at 25 rows (sm_90: 227)
+# the turned kernel in fp32 with narrow feature blocks (16: mma.sync, more programs) and every K block of a split in
+# flight at once (as many pipeline stages as its K loop has blocks), for K up to WHOLE_K_MAX (SmolLM2's widths): a
+# program issues its weight loads in one round rather than walking K a few blocks at a time. Session 34's H100
+# sweep: (16, 64, 4, 4, 6) took the verification's qkv, o and down (6.1-8.3 us against the 3xTF32 configs'
+# 7.3-10.6), (16, 64, 1, 4, 9) its gate/up (9.7 against 10.6); the others explore around them
 ROW_T_CONFIGS_F32_DEEP = [
     ("t", 16, 64, 1, 4, 9, "tf32x3"),
-    ("t", 32, 64, 1, 4, 9, "tf32x3"),
-    ("t", 16, 128, 1, 4, 5, "tf32x3"),
-    ("t", 64, 64, 1, 4, 9, "tf32x3"),
     ("t", 16, 64, 2, 4, 8, "tf32x3"),
-    ("t", 32, 64, 2, 4, 5, "tf32x3"),
     ("t", 16, 64, 4, 4, 6, "tf32x3"),
+    ("t", 16, 64, 4, 2, 6, "tf32x3"),
+    ("t", 16, 64, 8, 4, 3, "tf32x3"),
+    ("t", 16, 32, 8, 4, 3, "tf32x3"),
+    ("t", 16, 128, 4, 4, 3, "tf32x3"),
+    ("t", 16, 32, 1, 4, 18, "tf32x3"),
+    ("t", 16, 64, 1, 2, 9, "tf32x3"),
 ]
 # the whole-K rows kernel (`_rows_k_kernel`): ("k", BLOCK_N, RB rows at a time, num_warps), for K up to WHOLE_K_MAX
 # (a program holds BLOCK_N x next_power_of_2(K) weights in registers: SmolLM2's widths, not 7B's)
@@ -603,13 +606,14 @@ EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is t
 def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None) -> list:
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
-    every config of both kernels; fp32 the old kernel's (its IEEE dot) and the turned kernel's 3xTF32 ones. Where
+    every config of both kernels; fp32 the turned kernel's 3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on
+    every fp32 shape the sweeps timed). Where
     the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too, and in fp32 the turned kernel's
     deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
     narrow = k is not None and k <= WHOLE_K_MAX
     whole_k = ROW_K_CONFIGS if narrow else []
     if dtype not in (torch.float16, torch.bfloat16):
-        return [*ROW_CONFIGS, *ROW_T_CONFIGS_F32, *(ROW_T_CONFIGS_F32_DEEP if narrow else []), *whole_k]
+        return [*ROW_T_CONFIGS_F32, *(ROW_T_CONFIGS_F32_DEEP if narrow else []), *whole_k]
     if pro == 0 and not w8:
         return [*ROW_CONFIGS_16, *ROW_T_CONFIGS, *whole_k]
     return [*ROW_CONFIGS, *ROW_T_CONFIGS, *whole_k]
