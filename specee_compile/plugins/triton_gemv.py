@@ -49,7 +49,10 @@ and the weight tiles stream through cp.async stages, with split-K through a self
 prologue it beats cuBLAS by 6-14% at 7B widths on the H200; with RMSNorm or SiLU inside, every rows kernel loses
 to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's layers call the op with no prologue
 (`model_step.rows_fused`; benchmarks/rows_gemm_sweep.py). For fp32 its dot is 3xTF32 (three TF32 tensor-core
-products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units.
+products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units. At
+SmolLM2's widths (K <= WHOLE_K_MAX) fp32 also times narrow-block configs with every K block of a split in flight at
+once (ROW_T_CONFIGS_F32_DEEP): they took the tree verification's four layer matmuls from 7.3-10.7 us to 5.3-9.7 on the
+H100, and the product's SmolLM2 tree from 0.661x to 0.755x dense (session 34, benchmarks/RESULTS.md).
 Where K is at most WHOLE_K_MAX (SmolLM2's widths) the tuner also times `_rows_k_kernel`, the one-row kernel's shape
 for a few rows: a program loads its weight rows whole, in one round of loads, and takes the rows a few at a time on
 the FMA units, where the tiled kernels walk K one memory round trip after another (at those widths every 25-row call
@@ -129,8 +132,8 @@ ROW_T_CONFIGS = [
 # with the dot in 3xTF32 (each operand split into a TF32 high and low part, three tensor-core products: fp32's
 # accuracy within a few ulps, where the IEEE dot runs on the FMA units); half the K tile of the 16-bit configs
 # (fp32 tiles are twice the bytes), and deeper split-K for SmolLM2's 576-wide outputs (9 feature blocks of 64). The
-# H100 sweeps of SmolLM2's shapes (sessions 33-34) kept these: the heads' pick, the draft's gate/up pick, one near
-# miss; the old kernel's IEEE configs lost every fp32 shape to cuBLAS by 2-4x and are not timed for fp32
+# old kernel's IEEE configs lost every fp32 shape of the H100 sweeps (sessions 33-34) to cuBLAS by 2-4x and are not
+# timed for fp32; of these, the first two still win SmolLM2's heads and the draft's gate/up there
 ROW_T_CONFIGS_F32 = [
     ("t", 64, 64, 1, 4, 4, "tf32x3"),
     ("t", 64, 64, 4, 4, 3, "tf32x3"),
@@ -139,19 +142,14 @@ ROW_T_CONFIGS_F32 = [
 ]
 # the turned kernel in fp32 with narrow feature blocks (16: mma.sync, more programs) and every K block of a split in
 # flight at once (as many pipeline stages as its K loop has blocks), for K up to WHOLE_K_MAX (SmolLM2's widths): a
-# program issues its weight loads in one round rather than walking K a few blocks at a time. Session 34's H100
-# sweep: (16, 64, 4, 4, 6) took the verification's qkv, o and down (6.1-8.3 us against the 3xTF32 configs'
-# 7.3-10.6), (16, 64, 1, 4, 9) its gate/up (9.7 against 10.6); the others explore around them
+# program issues its weight loads in one round rather than walking K a few blocks at a time. Session 34's two H100
+# sweeps of 13 such configs kept the four that won a shape: the verification's qkv 6.4 us, o 5.3, gate/up 9.7 and
+# down 7.1 against 8.0 / 7.3 / 10.7 / 10.6 for the configs above (cuBLAS 8.5 / 8.9 / 11.9 / 12.7), and the draft's qkv
 ROW_T_CONFIGS_F32_DEEP = [
     ("t", 16, 64, 1, 4, 9, "tf32x3"),
-    ("t", 16, 64, 2, 4, 8, "tf32x3"),
-    ("t", 16, 64, 4, 4, 6, "tf32x3"),
     ("t", 16, 64, 4, 2, 6, "tf32x3"),
     ("t", 16, 64, 8, 4, 3, "tf32x3"),
     ("t", 16, 32, 8, 4, 3, "tf32x3"),
-    ("t", 16, 128, 4, 4, 3, "tf32x3"),
-    ("t", 16, 32, 1, 4, 18, "tf32x3"),
-    ("t", 16, 64, 1, 2, 9, "tf32x3"),
 ]
 # the whole-K rows kernel (`_rows_k_kernel`): ("k", BLOCK_N, RB rows at a time, num_warps), for K up to WHOLE_K_MAX
 # (a program holds BLOCK_N x next_power_of_2(K) weights in registers: SmolLM2's widths, not 7B's)
