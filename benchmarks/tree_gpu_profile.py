@@ -44,7 +44,7 @@ SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_ke
 # kernel-name patterns per category of the tree step's GPU time (first match wins; the rest is "other")
 CATEGORIES = (
     ("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "splitkreduce", "sgemm", "hgemm", "_rows_kernel",
-                "_rows_t_kernel")),
+                "_rows_t_kernel", "_rows_k_kernel")),
     ("attention", ("sdpa", "attention", "attn", "flash", "fmha")),
     ("top-k", ("topk", "sort")),
     ("rope + cache write", ("rope", "index_copy", "index_fill", "scatter")),

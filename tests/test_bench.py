@@ -330,6 +330,8 @@ def test_tree_gpu_profile_sums_kernel_time_by_category(tmp_path):
     # the new kernels land in their categories; --plot draws records' categories (no GPU) and refuses others
     more = mod.kernel_categories([("_tree_attn_kernel", 10.0, 1), ("_topk_chunks_kernel", 5.0, 1)], steps=1)
     assert set(more) == {"attention", "top-k"}
+    rows = mod.kernel_categories([(k, 6.0, 1) for k in ("_rows_kernel", "_rows_t_kernel", "_rows_k_kernel")], steps=1)
+    assert rows == {"matmul": {"us_per_step": 18.0, "launches_per_step": 3.0}}  # every rows kernel is a matmul
     recs = sorted(str(p) for p in (path.parents[0] / "results").glob("*-tree7b-profile-s18*.json"))
     assert len(recs) == 2
     pytest.importorskip("matplotlib")
