@@ -592,7 +592,7 @@ def test_cuda_rows_kernel_matches_eager(dtype, pro, n, k, res, rows, monkeypatch
               [("t", 64, 64, 1, 4, 4, "tf32x3"), ("t", 64, 32, 8, 4, 2, "tf32x3"),
                *(T.ROW_T_CONFIGS_F32_DEEP if k <= T.WHOLE_K_MAX else [])])
     whole = [("k", 4, 4, 8), ("k", 2, 8, 8)] if k <= T.WHOLE_K_MAX else []
-    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned, *whole):  # the kernels themselves: two configs each
+    for cfg in ((32, 128, 4, 3), (16, 256, 4, 3), *turned, *whole):  # the kernels themselves: two or more configs each
         y, args, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
         T._rows_launch(args, kw, cfg)
         outs.append(y)

@@ -52,7 +52,7 @@ to cuBLAS's plain matmul (each program re-normalizes the rows), so the tree's la
 products of split operands, within a few ulps of fp32), where cuBLAS's fp32 GEMM runs on the FMA units. At
 SmolLM2's widths (K <= WHOLE_K_MAX) fp32 also times narrow-block configs with every K block of a split in flight at
 once (ROW_T_CONFIGS_F32_DEEP): they took the tree verification's four layer matmuls from 7.3-10.7 us to 5.3-9.7 on the
-H100, and the product's SmolLM2 tree from 0.661x to 0.755x dense (session 34, benchmarks/RESULTS.md).
+H100, and the product's SmolLM2 tree from 0.661x to 0.753x dense (session 34, benchmarks/RESULTS.md).
 Where K is at most WHOLE_K_MAX (SmolLM2's widths) the tuner also times `_rows_k_kernel`, the one-row kernel's shape
 for a few rows: a program loads its weight rows whole, in one round of loads, and takes the rows a few at a time on
 the FMA units, where the tiled kernels walk K one memory round trip after another (at those widths every 25-row call
@@ -133,7 +133,8 @@ ROW_T_CONFIGS = [
 # accuracy within a few ulps, where the IEEE dot runs on the FMA units); half the K tile of the 16-bit configs
 # (fp32 tiles are twice the bytes), and deeper split-K for SmolLM2's 576-wide outputs (9 feature blocks of 64). The
 # old kernel's IEEE configs lost every fp32 shape of the H100 sweeps (sessions 33-34) to cuBLAS by 2-4x and are not
-# timed for fp32; of these, the first two still win SmolLM2's heads and the draft's gate/up there
+# timed for fp32; of these, the first two win SmolLM2's heads and the draft's gate/up there, the other two came
+# within 6% of a shape's best in session 33's sweep (two more, never close, went in session 34)
 ROW_T_CONFIGS_F32 = [
     ("t", 64, 64, 1, 4, 4, "tf32x3"),
     ("t", 64, 64, 4, 4, 3, "tf32x3"),
@@ -605,9 +606,8 @@ def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None)
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
     every config of both kernels; fp32 the turned kernel's 3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on
-    every fp32 shape the sweeps timed). Where
-    the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too, and in fp32 the turned kernel's
-    deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
+    every fp32 shape the sweeps timed). Where the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's
+    configs too, and in fp32 the turned kernel's deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
     narrow = k is not None and k <= WHOLE_K_MAX
     whole_k = ROW_K_CONFIGS if narrow else []
     if dtype not in (torch.float16, torch.bfloat16):
