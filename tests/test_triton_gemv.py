@@ -322,10 +322,9 @@ def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
 
 
-def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
-    """Compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: the dot is a warpgroup MMA
-    (wgmma) and the weight tiles stream through cp.async stages (the old rows kernel's dot is mma.sync); fp32 with
-    3xTF32 too, on TF32 warpgroup MMAs (three per K block), where the IEEE dot is FMAs."""
+def _rows_t_for_hopper(t: str, consts: dict, num_warps: int, num_stages: int):
+    """`_rows_t_kernel` compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: activations and
+    weights of Triton type t, the other constexprs from consts (skips without triton's NVIDIA backend)."""
     triton = pytest.importorskip("triton")
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -335,15 +334,22 @@ def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
 
     if "nvidia" not in backends:
         pytest.skip("this triton has no NVIDIA backend")
+    ptrs = {"x_ptr": t, "w_ptr": t, "s_ptr": "*fp32", "res_ptr": t, "nw_ptr": t, "y_ptr": t, "ws_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
+    sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+    return triton.compile(ASTSource(_rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def test_turned_rows_kernel_compiles_to_a_pipelined_warpgroup_mma_for_hopper():
+    """Compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: the dot is a warpgroup MMA
+    (wgmma) and the weight tiles stream through cp.async stages (the old rows kernel's dot is mma.sync); fp32 with
+    3xTF32 too, on TF32 warpgroup MMAs (three per K block), where the IEEE dot is FMAs."""
     def ptx(t: str, prec: str, bk: int) -> str:
-        ptrs = {"x_ptr": t, "w_ptr": t, "s_ptr": "*fp32", "res_ptr": t, "nw_ptr": t, "y_ptr": t, "ws_ptr": "*fp32",
-                "cnt_ptr": "*i32"}
         consts = {"K": 4096, "XS": 4096, "PRO": 1, "HAS_RES": True, "MP": 32, "BLOCK_N": 64, "BLOCK_K": bk,
                   "SPLIT": 2, "W8": False, "PREC": prec}
-        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
-        return triton.compile(ASTSource(_rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+        return _rows_t_for_hopper(t, consts, 4, 3).asm["ptx"]
 
     p16 = ptx("*fp16", "", 128)
     assert "wgmma" in p16 and "cp.async" in p16
@@ -356,24 +362,13 @@ def test_deep_fp32_turned_configs_fit_hopper_shared_memory():
     """The fp32 deep-pipeline configs (every K block in flight), compiled for sm_90 on the CPU at 32 rows: each fits
     a Hopper program's shared memory (227 KB), streams its tiles through cp.async, and takes a warpgroup MMA where
     its feature block is 64 wide, mma.sync where narrower."""
-    triton = pytest.importorskip("triton")
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    pytest.importorskip("triton")
     from specee_compile.plugins import triton_gemv as T
 
-    if "nvidia" not in backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32", "res_ptr": "*fp32", "nw_ptr": "*fp32",
-            "y_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for _, bn, bk, sp, nwarps, ns, prec in T.ROW_T_CONFIGS_F32_DEEP:
         consts = {"K": 1536, "XS": 1536, "PRO": 0, "HAS_RES": True, "MP": 32, "BLOCK_N": bn, "BLOCK_K": bk,
                   "SPLIT": sp, "W8": False, "PREC": prec, "PDL": True, "EARLY_W": True}
-        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
-        c = triton.compile(ASTSource(T._rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": nwarps, "num_stages": ns})
+        c = _rows_t_for_hopper("*fp32", consts, nwarps, ns)
         ptx = c.asm["ptx"]
         assert c.metadata.shared <= 227 * 1024, (bn, bk, sp, ns, c.metadata.shared)
         assert "cp.async" in ptx and ("wgmma" in ptx) == (bn >= 64) and ("mma.sync" in ptx) == (bn < 64)

@@ -55,8 +55,9 @@ once (ROW_T_CONFIGS_F32_DEEP): they took the tree verification's four layer matm
 H100, and the product's SmolLM2 tree from 0.661x to 0.753x dense (session 34, benchmarks/RESULTS.md).
 Where K is at most WHOLE_K_MAX (SmolLM2's widths) the tuner also times `_rows_k_kernel`, the one-row kernel's shape
 for a few rows: a program loads its weight rows whole, in one round of loads, and takes the rows a few at a time on
-the FMA units, where the tiled kernels walk K one memory round trip after another (at those widths every 25-row call
-of theirs, or cuBLAS's, took 7-13 us on the H100; the one-row kernel streams the same weight in 2-4.5). Measured
+the FMA units, where the tiled kernels walked K one memory round trip after another (at those widths every 25-row call
+of theirs, or cuBLAS's, took 7-13 us on the H100 before the deep configs above; the one-row kernel streams the same
+weight in 2-4.5). Measured
 (H100, session 33, benchmarks/RESULTS.md): it wins three of the draft's 8-row matmuls by 0.3-1.4 us and loses every
 25-row one by 1.5-3.5x (25 rows of FMA sums cost more than the loads it saves), so the tuner picks it for the former.
 `SPECEE_GEMV_MAX_ROWS=1` sends every multi-row call back to the eager reference (A/B runs).
