@@ -75,7 +75,10 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
 def test_bench_refuses_a_bad_tree_shape_before_work(tmp_path, capsys):
     for bad in ("24:6", "24:x:8", "0:6:8"):
         assert main(["bench", "--tiny", "--device", "cpu", "--tree-shape", bad, "--out", str(tmp_path)]) == 2
-        assert "--tree-shape: expected budget:depth:topk" in capsys.readouterr().err
+        assert f"--tree-shape {bad}: expected budget:depth:topk" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--device", "cpu", "--smollm2-tree-shapes", "16:4:8,16:4", "--out",
+                 str(tmp_path)]) == 2
+    assert "--smollm2-tree-shapes 16:4: expected budget:depth:topk" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -137,6 +140,19 @@ def test_bench_smollm2_stage_with_pdl_rows_on_the_cpu(tmp_path, smollm2):
     # each row's speed per turn stays in the record, one figure per turn
     assert sorted(r["smollm2_per_turn_tok_s"]) == ["dense", "dense_pdl", "tree", "tree_pdl"]
     assert all(len(v) == 1 and v[0] > 0 for v in r["smollm2_per_turn_tok_s"].values())
+
+
+@pytest.mark.slow
+def test_bench_smollm2_stage_times_other_tree_shapes(tmp_path, smollm2):
+    """--smollm2-tree-shapes: a tree row per shape (guard off) in the same rounds, with its own shape, its tokens
+    checked against dense and its accepted tokens per step."""
+    r = _smollm2_tree_stage(tmp_path, ["Give three tips for learning a new language."], 6,
+                            "--smollm2-tree-shapes", "3:3:2,2:1:2")
+    assert sorted(r["smollm2_per_turn_tok_s"]) == ["dense", "tree", "tree_2_1_2", "tree_3_3_2"]
+    for name in ("tree_2_1_2", "tree_3_3_2"):
+        assert r[f"smollm2_{name}"]["identical"] == "1/1" and r[f"smollm2_{name}_ratio"] > 0
+    # depth 1: one draft level, so at most one draft token and the bonus per verify step
+    assert 1 <= r["smollm2_tree_2_1_2"]["accepted_per_step"] <= 2
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def _kernels():
           "cnt_ptr": "*i32", **{n: "i32" for n in ("R", "S")}, "sm_scale": "fp32",
           **{n: "i32" for n in ("stride_qh", "stride_qr", "stride_kh", "stride_ks", "stride_vh", "stride_vs",
                                 "stride_mr", "stride_ms")}},
-         {"HD": 64, "REP": 3, "BR": 32, "BLOCK_S": 64, "PER": 2, "NSP": 4, "IEEE": False}),
+         {"HD": 64, "REP": 3, "BR": 32, "BLOCK_S": 64, "PER": 2, "NSP": 4, "PREC": ""}),
         ("decode_attention", _decode_attn_kernel,
          {"q_ptr": h, "k_ptr": h, "v_ptr": h, "valid_ptr": "*u8", "pos_ptr": "*i64", "o_ptr": h, "ws_ptr": "*fp32",
           "cnt_ptr": "*i32", "S": "i32", "sm_scale": "fp32",

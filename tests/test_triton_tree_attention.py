@@ -78,6 +78,9 @@ _INTERP = textwrap.dedent(
             q, k, v, valid, mask = a
             qt = q.transpose(0, 1).contiguous().transpose(0, 1)
             assert torch.equal(A.triton_tree_attention(qt, k, v, valid, mask), out)
+            # fp32's 3xTF32 configs take the same path (the interpreter's dot is exact whatever the precision)
+            got = A._launch((bs, maxs, 4, 1, "tf32x3"), *a)
+            assert float((got - ref(*a)).abs().max()) < 1e-5
     print("INTERP_OK")
     """
 )
@@ -89,6 +92,46 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
     import inspect
 
     run_in_triton_interpreter(inspect.getsource(_inputs) + _INTERP)
+
+
+def test_fp32_tf32x3_configs_compile_to_tensor_core_mma_for_hopper():
+    """Compiled for sm_90 on the CPU at SmolLM2's tree shape (9 heads over 3, 25 rows in a block of 32, hd 64):
+    every 3xTF32 config fits a Hopper program's shared memory and takes TF32 MMAs, three per product where one
+    TF32 pass takes one; the IEEE configs take none (CUDA-core FMAs)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins import triton_tree_attention as A
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    f = "*fp32"
+    ptrs = {"q_ptr": f, "k_ptr": f, "v_ptr": f, "valid_ptr": "*u8", "mask_ptr": "*u8", "o_ptr": f, "ws_ptr": f,
+            "cnt_ptr": "*i32"}
+    ints = ("R", "S", "sm_scale", "stride_qh", "stride_qr", "stride_kh", "stride_ks", "stride_vh", "stride_vs",
+            "stride_mr", "stride_ms")
+
+    def compiled(block_s, splits, warps, stages, prec):
+        br, _, nsp, per = A.plan(25, 256, block_s, splits)
+        consts = {"HD": 64, "REP": 3, "BR": br, "BLOCK_S": block_s, "PER": per, "NSP": nsp, "PREC": prec,
+                  "PDL": True}
+        sig = {**ptrs, **{n: "fp32" if n == "sm_scale" else "i32" for n in ints}, **{k: "constexpr" for k in consts}}
+        return triton.compile(ASTSource(A._tree_attn_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+
+    def mmas(ptx: str) -> int:
+        return ptx.count("mma.sync") + ptx.count("wgmma.mma_async")
+
+    for *cfg, prec in A.CONFIGS_F32_TF32X3:
+        c = compiled(*cfg, prec)
+        one = mmas(compiled(*cfg, "tf32").asm["ptx"])
+        assert c.metadata.shared <= 227 * 1024 and ".tf32" in c.asm["ptx"], cfg
+        assert one > 0 and mmas(c.asm["ptx"]) == 3 * one, (cfg, one)
+    assert A.configs(torch.float32)[: len(A.CONFIGS)] == list(A.CONFIGS)
+    assert set(A.configs(torch.float16)) == set(A.CONFIGS)
+    assert mmas(compiled(*A.CONFIGS[0], "ieee").asm["ptx"]) == 0
 
 
 @cuda
@@ -130,7 +173,7 @@ def test_cuda_every_tuner_config_matches_sdpa(dtype):
     from triton.runtime.errors import OutOfResources
 
     ran = 0
-    for cfg in A.CONFIGS:
+    for cfg in A.configs(dtype):
         for _ in range(2):  # the counters reset themselves
             try:
                 got = A._launch(cfg, *a)
@@ -140,6 +183,6 @@ def test_cuda_every_tuner_config_matches_sdpa(dtype):
             ran += 1
     assert ran >= len(A.CONFIGS), ran  # at least half the configs ran (twice each)
     got = A.triton_tree_attention(*a)
-    pick = A._TUNE_CACHE[(32, 32, 25, 320, 128, dtype, a[0].device)]
-    assert pick == A.EAGER or pick in A.CONFIGS
+    pick = A._TUNE_CACHE[(32, 32, 25, 320, 128, dtype, a[0].device, A.pdl.mode())]
+    assert pick == A.EAGER or pick in A.configs(dtype)
     assert float((got.float() - want).abs().max()) < tol

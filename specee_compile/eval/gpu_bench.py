@@ -717,6 +717,9 @@ def bench_smollm2(args, res: dict, dev) -> None:
     if wanted:  # (names checked in main, before any work)
         keep = {"dense", *wanted.split(",")}
         configs = {n: c for n, c in configs.items() if n in keep}
+    for b, d, k in getattr(args, "smollm2_tree_shapes", None) or ():  # the tree alone at other shapes
+        configs[f"tree_{b}_{d}_{k}"] = {"speculate": "tree", "tree_guard": False, "tree_budget": b,
+                                        "tree_depth": d, "tree_topk": k}
     decs, shared = {}, None
     for name, over in configs.items():
         decs[name] = build_decoder(loaded, Settings(**base, **over), segments=shared)
@@ -993,6 +996,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--smollm2-configs", default=None,
                    help="comma list of the SmolLM2 configs to run besides dense (default: all: "
                         + ", ".join(SMOLLM2_CONFIGS) + ")")
+    p.add_argument("--smollm2-tree-shapes", default=None, metavar="B:D:K,...",
+                   help="also time the SmolLM2 tree (guard off) with these budget:depth:topk shapes besides the "
+                        "device's default, in the same rounds: rows tree_B_D_K")
     p.add_argument("--smollm2-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the SmolLM2 stage's compute dtype, every row's (dense included; the weights load in float32, "
                         "as the artifacts' fingerprint was made, and are cast)")
@@ -1021,6 +1027,19 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
+def tree_shape_arg(text: str, flag: str) -> tuple[int, int, int]:
+    """budget:depth:topk from a flag's text; SpecEEError (one line) where it is not three positive integers."""
+    from ..errors import SpecEEError
+
+    try:
+        shape = tuple(int(t) for t in text.split(":"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise SpecEEError(f"{flag} {text}: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
+    return shape
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -1038,12 +1057,9 @@ def main(argv=None) -> int:
     if unknown:
         raise SpecEEError(f"--smollm2-configs: unknown {unknown}; expected a comma list of {', '.join(SMOLLM2_CONFIGS)}")
     if args.tree_shape:
-        try:
-            args.tree_shape = tuple(int(t) for t in args.tree_shape.split(":"))
-        except ValueError:
-            args.tree_shape = ()
-        if len(args.tree_shape) != 3 or min(args.tree_shape) < 1:
-            raise SpecEEError("--tree-shape: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
+        args.tree_shape = tree_shape_arg(args.tree_shape, "--tree-shape")
+    args.smollm2_tree_shapes = [tree_shape_arg(t, "--smollm2-tree-shapes")
+                                for t in (args.smollm2_tree_shapes or "").split(",") if t]
     from ..api import check_output_directory
 
     check_output_directory(bench_out_dir(args), "--out")

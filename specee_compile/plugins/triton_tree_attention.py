@@ -16,8 +16,9 @@ mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (f
     counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
 
 The output [H, q, hd] is stored rows-major (a contiguous [q, H, hd], `ops.rows_major`), so the o-projection's
-input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE dot products (no TF32). Every real
-row must be allowed at least one valid key (its own slot, in the tree's use); padding rows are never written.
+input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE or 3xTF32 dot products, the tuner's
+pick (never plain TF32). Every real row must be allowed at least one valid key (its own slot, in the tree's use);
+padding rows are never written.
 
 The launch config (keys per block, most splits, warps, pipeline stages) is tuned on CUDA per shape at its first
 call outside a capture (the warm-ups before a graph is captured), as the fused GEMV's: every config and the
@@ -40,8 +41,14 @@ MAX_ROWS = 64  # more rows than this take the reference (SDPA): a tree budget pa
 NUM_WARPS = 4
 NUM_STAGES = 1
 EAGER = "eager"  # the tuner's pick where the reference (cuDNN through SDPA) is the fastest for a shape
-# (BLOCK_S, MAX_SPLITS, num_warps, num_stages): split-S with a merge, and unsplit loops that Triton pipelines
+# (BLOCK_S, MAX_SPLITS, num_warps, num_stages): split-S with a merge, and unsplit loops that Triton pipelines.
+# fp32 takes these with IEEE dot products (CUDA-core FMAs)...
 CONFIGS = ((64, 8, 4, 1), (64, 4, 4, 2), (64, 1, 4, 2), (32, 8, 4, 1), (128, 2, 8, 2), (128, 1, 8, 3))
+# ...and these, fp32 only, with 3xTF32 dot products (three tensor-core passes, hi*hi + hi*lo + lo*hi: fp32's
+# accuracy to ~1e-6, as the fp32 verification's matmuls already run, `triton_gemv.ROW_T_CONFIGS_F32`). An IEEE
+# split of SmolLM2's 25 verification rows x 64 keys is ~2k FMAs per thread for the two products: the step's
+# attention took 8.1 us per call on the H100 (session 34), most of it in those FMAs.
+CONFIGS_F32_TF32X3 = tuple((*c, "tf32x3") for c in ((64, 8, 4, 1), (64, 4, 4, 2), (32, 8, 4, 1), (64, 8, 8, 1)))
 TUNED: dict = {}  # (heads, kv heads, rows, S, hd, dtype) -> the pick as a string, filled on first use (the bench)
 _TUNE_CACHE: dict = {}
 
@@ -52,7 +59,7 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, valid_ptr, mask_ptr, o_ptr, ws_ptr, cnt_ptr,
         R, S, sm_scale, stride_qh, stride_qr, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, stride_ms,
         HD: tl.constexpr, REP: tl.constexpr, BR: tl.constexpr, BLOCK_S: tl.constexpr, PER: tl.constexpr,
-        NSP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
+        NSP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
     ):
         if PDL:  # programmatic dependent launch (plugins/pdl.py)
             tl.extra.cuda.gdc_wait()
@@ -73,8 +80,8 @@ if HAVE_TRITON:
             offs = base + b * BLOCK_S + tl.arange(0, BLOCK_S)
             inb = offs < S
             kt = tl.load(k_ptr + kvh * stride_kh + offs[None, :] * stride_ks + d[:, None], mask=inb[None, :], other=0.0)
-            if IEEE:
-                sc = tl.dot(q, kt, input_precision="ieee")
+            if PREC != "":  # fp32: "ieee" or "tf32x3"
+                sc = tl.dot(q, kt, input_precision=PREC)
             else:
                 sc = tl.dot(q, kt)
             sc = sc * tl.cast(sm_scale, tl.float32)  # [BR, BLOCK_S]
@@ -88,8 +95,8 @@ if HAVE_TRITON:
             p = tl.exp(sc - m_ref[:, None])
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            if PREC != "":
+                pv = tl.dot(p, vt.to(tl.float32), input_precision=PREC)
             else:
                 pv = tl.dot(p.to(vt.dtype), vt)
             acc = acc * alpha[:, None] + pv
@@ -167,8 +174,15 @@ def triton_tree_attention(q, k, v, valid, mask):
     return _launch(cfg, q, k, v, valid, mask)
 
 
+def configs(dtype: torch.dtype) -> list:
+    """The launch configs the tuner times for q's dtype (besides the reference): CONFIGS, and for fp32 also
+    CONFIGS_F32_TF32X3."""
+    return [*CONFIGS, *CONFIGS_F32_TF32X3] if dtype == torch.float32 else list(CONFIGS)
+
+
 def _launch(cfg, q, k, v, valid, mask) -> torch.Tensor:
-    block_s, max_splits, warps, stages = cfg
+    block_s, max_splits, warps, stages = cfg[:4]
+    prec = (cfg[4] if len(cfg) > 4 else "ieee") if q.dtype == torch.float32 else ""  # "": the dtype's own dot
     H, rows, hd = q.shape
     Hkv, S, _ = k.shape
     o = torch.empty(rows, H, hd, dtype=q.dtype, device=q.device).transpose(0, 1)  # `ops.rows_major`
@@ -179,7 +193,7 @@ def _launch(cfg, q, k, v, valid, mask) -> torch.Tensor:
         mask.view(torch.uint8) if mask.dtype == torch.bool else mask, o, ws, cnt,
         rows, S, 1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         mask.stride(0), mask.stride(1),
-        HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, IEEE=q.dtype == torch.float32,
+        HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, PREC=prec,
         num_warps=warps, num_stages=stages, **pdl.kernel_args(q.device),
     )
     return o
@@ -204,7 +218,7 @@ def _tuned(q, k, v, valid, mask):
         else:
             _launch(c, q, kv[0], kv[1], valid, mask)
 
-    cands = [EAGER, *CONFIGS]
+    cands = [EAGER, *configs(q.dtype)]
     cfg = _TUNE_CACHE[key] = compile_cache.pick("tree_attention", key, q.device, cands,
                                                 lambda: _tune(torch.stack([k, v]), launch, cands))
     TUNED[(H, Hkv, rows, S, hd, str(q.dtype).removeprefix("torch."))] = (
