@@ -513,13 +513,7 @@ def bench_7b(args, res: dict, dev, shape: dict) -> None:
         log(name, R_[name])
 
     if dev.type == "cuda":
-        from ..plugins import triton_tree_attention
-        from ..plugins.triton_gemv import TUNED
-
-        # what every GEMV shape ran: a kernel config, or "eager" (cuBLAS) where the rows tuner timed it faster
-        res["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
-        # the same for the tree rows' attention: (BLOCK_S, splits, warps, stages), or "eager" (cuDNN)
-        res["tree_attention_tuned"] = {str(k): v for k, v in triton_tree_attention.TUNED.items()}
+        record_tuned(res)
         bw = copy_bandwidth(dev)
         wbytes = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if "embed" not in n)
         R_["copy_TBps"] = round(bw / 1e12, 3)
@@ -680,6 +674,17 @@ def replay_fidelity(tree, trace: list[int]) -> dict:
             "short_steps": sum(a < f for a, f in zip(got[:-1], forced[:-1]))}
 
 
+def record_tuned(res: dict) -> None:
+    """The tuners' picks so far (this process's, every stage's shapes) into the record."""
+    from ..plugins import triton_tree_attention
+    from ..plugins.triton_gemv import TUNED
+
+    # what every GEMV shape ran: a kernel config, or "eager" (cuBLAS) where the rows tuner timed it faster
+    res["gemv_tuned"] = {str(k): v for k, v in TUNED.items()}
+    # the same for the tree rows' attention: (BLOCK_S, splits, warps, stages[, fp32 precision]), or "eager" (cuDNN)
+    res["tree_attention_tuned"] = {str(k): v for k, v in triton_tree_attention.TUNED.items()}
+
+
 # besides dense (--smollm2-configs); tree = the tree alone (the t3 issue's measure, guard off), tree_guarded = the
 # product's default (the guard may decline the tree where it does not pay: runtime/tree.py TreeGuard), tree_draft16
 # = the tree with its draft computing in fp16 (--draft-dtype float16; the fp32 target verifies; weights kept fp16,
@@ -773,6 +778,8 @@ def bench_smollm2(args, res: dict, dev) -> None:
     # whether every turn was, or a few (session 29's bf16 tree without PDL ran at half its PDL twin's median)
     R_["smollm2_per_turn_tok_s"] = {n: [round(v, 1) for v in vs] for n, vs in res.pop("progress_smollm2").items()}
     phase(res, "smollm2: timed")
+    if dev.type == "cuda":
+        record_tuned(res)
     d = statistics.median(speeds["dense"])
     R_["smollm2_dense_tok_s"] = round(d, 1)
     for name in [n for n in decs if n != "dense"]:  # (dense_pdl's ratio is PDL's gain; its identity, PDL's check)
