@@ -163,11 +163,13 @@ def test_bench_smollm2_stage_in_bfloat16(tmp_path, smollm2):
               "and must-see attractions.")  # (MT-Bench's first turn)
     r = _smollm2_tree_stage(tmp_path, ["What is the capital of France?", hawaii], 10, "--smollm2-dtype", "bfloat16")
     assert r["smollm2_dtype"] == "bfloat16" and r["smollm2_tree_ratio"] > 0
-    # In bf16 the verification's rows round otherwise than the one-row dense step; the second prompt meets a
-    # near-tie at its 7th token (session 28). A lossless row that parts from dense says where and by how much.
+    # In bf16 the verification's rows may round otherwise than the one-row dense step, depending on the CPU's bf16
+    # kernels: on session 28's CPU the second prompt met a near-tie at its 7th token; on session 35's (an AMD EPYC
+    # with avx512_bf16) both stayed identical. A lossless row that parts from dense says where and by how much
+    # (`test_token_divergence_says_where_two_runs_part_and_by_what_margin` covers the record itself).
     same = int(r["smollm2_tree"]["identical"].split("/")[0])
     divs = r["smollm2_tree"].get("divergences", [])
-    assert same < 2 and len(divs) == 2 - same
+    assert len(divs) == 2 - same
     for d in divs:
         # the two tokens' logits in the eager forward there: within two bf16 steps at the logits' scale (a near-tie)
         assert 0 <= d["first_divergence"] < 10 and abs(d["margin"]) <= d["logit_scale"] / 64
