@@ -30,7 +30,9 @@ TREE_PATH_TOKENS = 3.0
 # MT-Bench turns x 128 tokens: 2:2:2 without lookup 1.41x dense, 6:4:2 with lookup 1.21x (session 4's default).
 # "cpu-onednn": where the eager backend runs its matmuls in oneDNN (backends/cpu_gemm.py), 1 to 8 rows cost about
 # one row, so the tree takes 4 nodes over 3 levels (2026-12-05, 2-core AMD EPYC, 10 MT-Bench turns x 128 tokens,
-# lookup first: 4:3:2 1.73x dense, 2:2:2 1.61x; RESULTS.md session 19)
+# lookup first: 4:3:2 1.73x dense, 2:2:2 1.61x; RESULTS.md session 19). A draft head may carry the shape measured
+# best with it (draft_config.json `tree_shapes`), which replaces these: the shipped SmolLM2 head's CUDA shape is
+# 31:4:8 (H100, session 35: 0.905x dense against 24:6:8's 0.766x, the same rounds; 32 rows, 2.891 tokens a step).
 TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2), "cpu-onednn": (4, 3, 2)}
 TREE_LOOKUP = {"cuda": True, "cpu": False}
 # lookup first (the host tree step): when the last n tokens recur, the step verifies the continuation that followed
@@ -109,13 +111,14 @@ class Settings:
     distribution). With --specee the exit predictors score every node (merged mapping)."""
     tree_budget: int | None = None
     """Tree: at most this many draft nodes verified per step (the root, the last token, not counted).
-    None = the device's default (`TREE_SHAPES`, see `tree_shape()`)."""
+    None = the shape measured with the draft head on this device kind where its draft_config.json has one,
+    else the device's default (`TREE_SHAPES`, see `tree_shape()`)."""
     tree_depth: int | None = None
     """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside).
-    None = the device's default."""
+    None = as tree_budget."""
     tree_topk: int | None = None
     """Tree: children proposed per expanded node, and nodes expanded per level (EAGLE-2's top-k).
-    None = the device's default."""
+    None = as tree_budget."""
     tree_lookup: bool | None = None
     """Tree: merge the prompt-lookup continuation (the tokens that followed the last n-gram's earlier
     occurrence) into the tree, on rows reserved for it. None = the device's default (`TREE_LOOKUP`)."""
@@ -216,11 +219,12 @@ class Settings:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.online_offsets = tuple(self.online_offsets)
 
-    def tree_shape(self, gemm: str | None = None) -> tuple[int, int, int]:
-        """(budget, depth, top-k) of the draft tree: the fields given, the device's default
-        (`TREE_SHAPES`) for those left None. gemm: the CPU matmul library the backend chose (its `gemm`)."""
+    def tree_shape(self, gemm: str | None = None, measured: dict | None = None) -> tuple[int, int, int]:
+        """(budget, depth, top-k) of the draft tree: the fields given; for those left None, the shape measured
+        best with the draft head on this device kind (`measured`, its draft_config.json's `tree_shapes`), else
+        the device's default (`TREE_SHAPES`). gemm: the CPU matmul library the backend chose (its `gemm`)."""
         kind = self.device_kind
-        dflt = TREE_SHAPES["cpu-onednn" if kind == "cpu" and gemm == "onednn" else kind]
+        dflt = (measured or {}).get(kind) or TREE_SHAPES["cpu-onednn" if kind == "cpu" and gemm == "onednn" else kind]
         given = (self.tree_budget, self.tree_depth, self.tree_topk)
         return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
 

@@ -262,6 +262,33 @@ def test_eagle_checkpoint_with_input_layernorm_and_errors(tiny_model):
         load_eagle_state_dict({"foo": torch.zeros(1)}, tiny_model)
 
 
+def test_measured_tree_shapes_round_trip_and_bad_ones_are_refused(tiny_model, draft, tmp_path):
+    """draft_config.json's `tree_shapes` (the tree shape measured best with the head, per device kind) is saved
+    when set, read back as tuples, absent by default; anything but {kind: [3 positive ints]} is one clear error.
+    The shipped SmolLM2 head carries its CUDA shape."""
+    from specee_compile.artifacts import read_manifest, shipped_dir
+    from specee_compile.draft.eagle import tree_shapes_from_config
+
+    assert "tree_shapes" not in draft.draft_config() and draft.tree_shapes == {}
+    draft.tree_shapes = {"cuda": (31, 4, 8)}
+    try:
+        assert draft.save(tmp_path / "d")["tree_shapes"] == {"cuda": [31, 4, 8]}
+    finally:
+        draft.tree_shapes = {}  # (the module's fixture)
+    assert EagleDraft.load(tmp_path / "d", tiny_model).tree_shapes == {"cuda": (31, 4, 8)}
+    for bad in ({"cuda": [31, 4]}, {"tpu": [31, 4, 8]}, {"cuda": [0, 4, 8]}, {"cuda": [31, 4.0, 8]}, [31, 4, 8],
+                {"cuda": [True, 4, 8]}):
+        cfg = json.loads((tmp_path / "d" / "draft_config.json").read_text())
+        (tmp_path / "d" / "draft_config.json").write_text(json.dumps({**cfg, "tree_shapes": bad}))
+        with pytest.raises(ArtifactError, match="tree_shapes .* expected an object mapping a device kind"):
+            EagleDraft.load(tmp_path / "d", tiny_model)
+    shipped = shipped_dir("smollm2-135m")
+    manifest = read_manifest(shipped)  # its files' checksums hold
+    cfg = json.loads((shipped / "draft_config.json").read_text())
+    assert tree_shapes_from_config(cfg["tree_shapes"], "shipped") == {"cuda": (31, 4, 8)}
+    assert manifest["draft"]["config"] == cfg
+
+
 def test_safetensors_round_trip(tiny_model, draft, tmp_path):
     config = draft.save(tmp_path / "d", note="x")
     files = sorted(p.name for p in (tmp_path / "d").iterdir())

@@ -228,6 +228,9 @@ class EagleDraft(nn.Module):
         self._gemm = None  # `use_cpu_gemm`
         self._fused_layers: list | None = None  # `fused_layers`
         self._int8: dict = {}  # quantize("int8"): "layers" (LayerWeights of int8 pairs), "fc", "head"
+        # the draft tree shape measured best with this head, per device kind ("cuda": (budget, depth, top-k));
+        # draft_config.json's `tree_shapes`; `Settings.tree_shape` takes it over the device's default
+        self.tree_shapes: dict[str, tuple[int, int, int]] = {}
 
     # ---------------------------------------------------------------- compute
     @property
@@ -366,6 +369,8 @@ class EagleDraft(nn.Module):
             "weights": WEIGHTS_NAME,
             "weights_dtype": "float16",
         }
+        if self.tree_shapes:
+            out["tree_shapes"] = {kind: list(shape) for kind, shape in self.tree_shapes.items()}
         out.update(extra)
         return out
 
@@ -422,6 +427,7 @@ class EagleDraft(nn.Module):
                 f"{source}: draft made for a vocabulary of {config['base_vocab_size']}, "
                 f"this model has {draft.vocab_size}"
             )
+        draft.tree_shapes = tree_shapes_from_config(config.get("tree_shapes"), source)
         sd = {k: (v if k == "vocab_ids" else v.to(draft.dtype)) for k, v in sd.items()}
         draft.load_state_dict(sd, strict=True)
         draft.set_vocab_ids(draft.vocab_ids, head_w)
@@ -445,6 +451,22 @@ class EagleDraft(nn.Module):
             raise ArtifactError(f"cannot read draft weights {weights}: {e}") from None
         config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
         return cls.from_state_dict(model, sd, config, source=str(weights))
+
+
+def tree_shapes_from_config(value, source: str) -> dict[str, tuple[int, int, int]]:
+    """draft_config.json's optional `tree_shapes` ({device kind: [budget, depth, top-k]}, the shapes measured best
+    with this head) as a dict of tuples; ArtifactError (one line) where it is anything else."""
+    if value is None:
+        return {}
+    kinds = ("cuda", "cpu")
+    ok = isinstance(value, dict) and all(
+        k in kinds and isinstance(v, list) and len(v) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v) for k, v in value.items())
+    if not ok:
+        raise ArtifactError(f"{source}: draft_config.json's tree_shapes is {value!r}, expected an object mapping "
+                            f"a device kind ({' or '.join(kinds)}) to [budget, depth, top-k], three positive "
+                            "integers; fix or remove the entry")
+    return {k: tuple(v) for k, v in value.items()}
 
 
 # ------------------------------------------------------------------ public EAGLE-1 checkpoints

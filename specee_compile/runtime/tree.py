@@ -132,7 +132,8 @@ class TreeStep:
             raise SpecEEError(f"backend {seg.name!r} cannot verify a tree; use --backend eager or inductor")
         if not isinstance(dec.draft, EagleTreeSource):
             raise SpecEEError("--speculate tree needs an EAGLE draft head (artifacts with draft.safetensors)")
-        self.budget, self.depth, self.topk = s.tree_shape(getattr(seg, "gemm", None))
+        # the flags, else the shape measured best with this head (its draft_config.json), else the device's
+        self.budget, self.depth, self.topk = s.tree_shape(getattr(seg, "gemm", None), dec.draft.draft.tree_shapes)
         self._layer = self._make_layer(seg)
         self.accepted_log: list[int] = []
         # an acceptance trace's cursor: verify steps over this decoder's life, not per generation, so that a
