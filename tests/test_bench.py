@@ -153,6 +153,8 @@ def test_bench_smollm2_stage_times_other_tree_shapes(tmp_path, smollm2):
         assert r[f"smollm2_{name}"]["identical"] == "1/1" and r[f"smollm2_{name}_ratio"] > 0
     # depth 1: one draft level, so at most one draft token and the bonus per verify step
     assert 1 <= r["smollm2_tree_2_1_2"]["accepted_per_step"] <= 2
+    # each tree row names its shape (the plain row: the CPU's default, 2:2:2 or oneDNN's 4:3:2)
+    assert r["smollm2_tree_2_1_2"]["tree_shape"] == "2:1:2" and r["smollm2_tree"]["tree_shape"] in ("2:2:2", "4:3:2")
 
 
 @pytest.mark.slow

@@ -793,9 +793,10 @@ def bench_smollm2(args, res: dict, dev) -> None:
             R_[f"smollm2_{name}"]["divergences"] = stats[name]["divergences"]
         acc, steps = stats[name]["accepted"]
         if steps:
+            tr = decs[name].tree
             R_[f"smollm2_{name}"].update(accepted_per_step=round(acc / steps, 3),
-                                         tree_program="fixed" if decs[name].tree._fixed_on else "host",
-                                         tree_guard=guards[name])
+                                         tree_program="fixed" if tr._fixed_on else "host",
+                                         tree_shape=f"{tr.budget}:{tr.depth}:{tr.topk}", tree_guard=guards[name])
     if "tree" in configs:
         R_["smollm2_tree_accepted"] = R_["smollm2_tree"]["accepted_per_step"]
         R_["smollm2_tree_identical"] = stats["tree"]["identical"] / len(prompts)
@@ -926,7 +927,9 @@ def plot_record(res: dict, path: str) -> str | None:
                                                      ("smollm2_tree", "tree"), ("smollm2_tree_guarded", "tree, guarded"),
                                                      ("smollm2_tree_specee", "tree+SpecEE"),
                                                      ("smollm2_tree_paper", "tree+SpecEE, paper"),
-                                                     ("smollm2_tree_draft16", "tree, fp16 draft")),
+                                                     ("smollm2_tree_draft16", "tree, fp16 draft"),
+                                                     *[(k, "tree " + k[len("smollm2_tree_"):].replace("_", ":"))
+                                                       for k in R_ if re.fullmatch(r"smollm2_tree_\d+_\d+_\d+", k)]),
              "tok_s")):
         if dense_key not in R_:
             continue
