@@ -76,10 +76,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     for i, (flag, what) in enumerate((("--tree-budget", "draft nodes verified per step"),
                                       ("--tree-depth", "levels below the last token"),
                                       ("--tree-topk", "children per expanded node, nodes expanded per level"))):
-        p.add_argument(flag, type=int, default=None, help=f"tree: {what} (default: {TREE_SHAPES['cuda'][i]} on "
-                                                          f"CUDA, {TREE_SHAPES['cpu'][i]} on a CPU, "
-                                                          f"{TREE_SHAPES['cpu-onednn'][i]} where oneDNN runs its "
-                                                          "matmuls)")
+        p.add_argument(flag, type=int, default=None, help=f"tree: {what} (default: the draft head's measured "
+                                                          "shape where its draft_config.json has one, else "
+                                                          f"{TREE_SHAPES['cuda'][i]} on CUDA, {TREE_SHAPES['cpu'][i]} "
+                                                          f"on a CPU, {TREE_SHAPES['cpu-onednn'][i]} where oneDNN "
+                                                          "runs its matmuls)")
     p.add_argument("--tree-lookup", action=argparse.BooleanOptionalAction, default=None,
                    help=f"tree: merge the prompt-lookup path into the tree (default: {TREE_LOOKUP['cuda']} on CUDA, "
                         f"{TREE_LOOKUP['cpu']} on a CPU)")
