@@ -430,6 +430,13 @@ def train_draft_command(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def tune_tree_command(*args, **kwargs):
+    """`tune-tree`: the draft tree's shapes timed with a head on this device; the fastest written with it."""
+    from .draft.tree_tune import tune_tree_command as run
+
+    return run(*args, **kwargs)
+
+
 def eval_command(args):
     from .eval.accuracy import eval_command as run
 

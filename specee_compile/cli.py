@@ -264,6 +264,20 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_tune_tree(args) -> int:
+    from .api import check_output_directory, tune_tree_command
+    from .config import parse_tree_shape
+
+    shapes = [parse_tree_shape(t, "--shapes") for t in args.shapes.split(",") if t] if args.shapes else None
+    check_output_directory(args.output, "-o")
+    report = tune_tree_command(args.model, args.output, artifacts=args.artifacts, shapes=shapes,
+                               prompts=args.prompts, max_new_tokens=args.max_new_tokens, device=args.device,
+                               backend=args.backend, dtype=args.dtype, force=args.force)
+    print(f"wrote {args.output}: tree shape {report['best']} for {report['device_kind']} "
+          f"({report['shapes'][report['best']]['ratio']:.3f}x dense here)", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .api import check_output_directory, eval_command
 
@@ -406,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
                    "draft.safetensors and draft_config.json are written)")
     p.set_defaults(fn=cmd_train_draft)
+
+    p = sub.add_parser("tune-tree", help="time draft-tree shapes with a draft head on this device; write the "
+                       "artifacts with the fastest (used by --speculate tree unless --tree-* flags are given)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the new artifact directory")
+    p.add_argument("--artifacts", help="the artifacts whose draft head is timed (default: the model's shipped ones)")
+    p.add_argument("--shapes", help="comma list of budget:depth:topk (default: a few per device kind, the "
+                   "device's default among them)")
+    p.add_argument("--prompts", type=int, default=8, help="MT-Bench first turns decoded per shape")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the shapes are measured for this device kind")
+    p.add_argument("--backend", choices=["eager", "inductor"], default=None,
+                   help="default: inductor on CUDA, eager on a CPU")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    p.set_defaults(fn=cmd_tune_tree)
 
     p = sub.add_parser("eval", help="dense vs SpecEE on MT-Bench and SQuAD v2: layers, agreement, EM/F1, speed")
     p.add_argument("model")

@@ -1037,23 +1037,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def tree_shape_arg(text: str, flag: str) -> tuple[int, int, int]:
-    """budget:depth:topk from a flag's text; SpecEEError (one line) where it is not three positive integers."""
-    from ..errors import SpecEEError
-
-    try:
-        shape = tuple(int(t) for t in text.split(":"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise SpecEEError(f"{flag} {text}: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
-    return shape
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the record's `command`
+    from ..config import parse_tree_shape
     from ..errors import SpecEEError
 
     for flag in ("runs", "hf_runs", "new_tokens", "prompt_len"):
@@ -1067,8 +1055,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SpecEEError(f"--smollm2-configs: unknown {unknown}; expected a comma list of {', '.join(SMOLLM2_CONFIGS)}")
     if args.tree_shape:
-        args.tree_shape = tree_shape_arg(args.tree_shape, "--tree-shape")
-    args.smollm2_tree_shapes = [tree_shape_arg(t, "--smollm2-tree-shapes")
+        args.tree_shape = parse_tree_shape(args.tree_shape, "--tree-shape")
+    args.smollm2_tree_shapes = [parse_tree_shape(t, "--smollm2-tree-shapes")
                                 for t in (args.smollm2_tree_shapes or "").split(",") if t]
     from ..api import check_output_directory
 
