@@ -36,6 +36,12 @@ TREE_PATH_TOKENS = 3.0
 TREE_SHAPES = {"cuda": (24, 6, 8), "cpu": (2, 2, 2), "cpu-onednn": (4, 3, 2)}
 TREE_LOOKUP = {"cuda": True, "cpu": False}
 
+# lookup first (the host tree step): when the last n tokens recur, the step verifies the continuation that followed
+# them instead of the draft's tree (no draft expansion that step). 2-core CPU, 16 MT-Bench turns x 128 tokens,
+# 2:2:2, same run: 1.83 -> 1.90 tokens per verify step, 1.50x -> 1.56x dense at n = 3 (benchmarks/RESULTS.md,
+# session 10). 0 on CUDA: the fixed tree program verifies the draft's tree.
+TREE_LOOKUP_FIRST = {"cuda": 0, "cpu": 3}
+
 
 def parse_tree_shape(text: str, flag: str) -> tuple[int, int, int]:
     """budget:depth:topk from a flag's text; SpecEEError (one line) where it is not three positive integers."""
@@ -48,12 +54,6 @@ def parse_tree_shape(text: str, flag: str) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 1:
         raise SpecEEError(f"{flag} {text}: expected budget:depth:topk, three positive integers (e.g. 24:6:8)")
     return shape  # type: ignore[return-value]
-
-# lookup first (the host tree step): when the last n tokens recur, the step verifies the continuation that followed
-# them instead of the draft's tree (no draft expansion that step). 2-core CPU, 16 MT-Bench turns x 128 tokens,
-# 2:2:2, same run: 1.83 -> 1.90 tokens per verify step, 1.50x -> 1.56x dense at n = 3 (benchmarks/RESULTS.md,
-# session 10). 0 on CUDA: the fixed tree program verifies the draft's tree.
-TREE_LOOKUP_FIRST = {"cuda": 0, "cpu": 3}
 
 
 @dataclass
