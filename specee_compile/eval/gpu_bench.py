@@ -1008,7 +1008,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         + ", ".join(SMOLLM2_CONFIGS) + ")")
     p.add_argument("--smollm2-tree-shapes", default=None, metavar="B:D:K,...",
                    help="also time the SmolLM2 tree (guard off) with these budget:depth:topk shapes besides the "
-                        "device's default, in the same rounds: rows tree_B_D_K")
+                        "default tree (the head's measured shape, else the device's), in the same rounds: rows "
+                        "tree_B_D_K")
     p.add_argument("--smollm2-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the SmolLM2 stage's compute dtype, every row's (dense included; the weights load in float32, "
                         "as the artifacts' fingerprint was made, and are cast)")
