@@ -273,7 +273,7 @@ def cmd_tune_tree(args) -> int:
     report = tune_tree_command(args.model, args.output, artifacts=args.artifacts, shapes=shapes,
                                prompts=args.prompts, max_new_tokens=args.max_new_tokens, device=args.device,
                                backend=args.backend, dtype=args.dtype, force=args.force)
-    print(f"wrote {args.output}: tree shape {report['best']} for {report['device_kind']} "
+    print(f"wrote {args.output}: tree shape {report['best']} for {report['shape_key']} "
           f"({report['shapes'][report['best']]['ratio']:.3f}x dense here)", file=sys.stderr)
     return 0
 

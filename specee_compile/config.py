@@ -233,12 +233,18 @@ class Settings:
             raise SpecEEError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.online_offsets = tuple(self.online_offsets)
 
+    def tree_shape_key(self, gemm: str | None = None) -> str:
+        """The key of this device's tree shape (`TREE_SHAPES`, a head's `tree_shapes`): "cuda", "cpu", or
+        "cpu-onednn" where the backend's CPU matmul library (its `gemm`) is oneDNN."""
+        kind = self.device_kind
+        return "cpu-onednn" if kind == "cpu" and gemm == "onednn" else kind
+
     def tree_shape(self, gemm: str | None = None, measured: dict | None = None) -> tuple[int, int, int]:
         """(budget, depth, top-k) of the draft tree: the fields given; for those left None, the shape measured
-        best with the draft head on this device kind (`measured`, its draft_config.json's `tree_shapes`), else
-        the device's default (`TREE_SHAPES`). gemm: the CPU matmul library the backend chose (its `gemm`)."""
-        kind = self.device_kind
-        dflt = (measured or {}).get(kind) or TREE_SHAPES["cpu-onednn" if kind == "cpu" and gemm == "onednn" else kind]
+        best with the draft head on this device (`measured`, its draft_config.json's `tree_shapes`), else the
+        device's default (`TREE_SHAPES`), both under `tree_shape_key(gemm)`."""
+        key = self.tree_shape_key(gemm)
+        dflt = (measured or {}).get(key) or TREE_SHAPES[key]
         given = (self.tree_budget, self.tree_depth, self.tree_topk)
         return tuple(d if v is None else v for v, d in zip(given, dflt))  # type: ignore[return-value]
 

@@ -357,11 +357,14 @@ def test_tree_shape_defaults_per_device_and_given_fields_win():
     assert Settings(tree_budget=3).tree_shape("onednn") == (3, 3, 2)
     # a draft head's measured shape (draft_config.json `tree_shapes`) replaces its device kind's default; the
     # fields given still win, and another kind's shape is not taken
-    measured = {"cuda": (31, 4, 8)}
+    measured = {"cuda": (31, 4, 8), "cpu-onednn": (6, 3, 2)}
     assert Settings(device="cuda").tree_shape(None, measured) == (31, 4, 8)
     assert Settings(device="cuda", tree_depth=6).tree_shape(None, measured) == (31, 6, 8)
-    assert Settings().tree_shape("onednn", measured) == TREE_SHAPES["cpu-onednn"]
+    assert Settings().tree_shape("onednn", measured) == (6, 3, 2)  # keyed as the defaults: the CPU's matmul library
+    assert Settings().tree_shape("mkl", measured) == TREE_SHAPES["cpu"]
     assert Settings().tree_shape(None, {"cpu": (3, 2, 2)}) == (3, 2, 2)
+    assert [Settings(device=d).tree_shape_key(g) for d, g in (("cuda", None), ("cpu", "mkl"), ("cpu", "onednn"))] == [
+        "cuda", "cpu", "cpu-onednn"]
     dec = tree_dec(make_tiny_llama(), OracleTree(make_tiny_llama()), 4)
     assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == Settings().tree_shape(dec.seg.gemm)
     # prompt lookup: on by default on CUDA, off on a CPU; a given value wins

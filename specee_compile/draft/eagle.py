@@ -228,8 +228,9 @@ class EagleDraft(nn.Module):
         self._gemm = None  # `use_cpu_gemm`
         self._fused_layers: list | None = None  # `fused_layers`
         self._int8: dict = {}  # quantize("int8"): "layers" (LayerWeights of int8 pairs), "fc", "head"
-        # the draft tree shape measured best with this head, per device kind ("cuda": (budget, depth, top-k));
-        # draft_config.json's `tree_shapes`; `Settings.tree_shape` takes it over the device's default
+        # the draft tree shape measured best with this head, per device (key: `Settings.tree_shape_key`, "cuda",
+        # "cpu" or "cpu-onednn"; value: (budget, depth, top-k)): draft_config.json's `tree_shapes`, which
+        # `Settings.tree_shape` takes over the device's default
         self.tree_shapes: dict[str, tuple[int, int, int]] = {}
 
     # ---------------------------------------------------------------- compute
@@ -454,17 +455,18 @@ class EagleDraft(nn.Module):
 
 
 def tree_shapes_from_config(value, source: str) -> dict[str, tuple[int, int, int]]:
-    """draft_config.json's optional `tree_shapes` ({device kind: [budget, depth, top-k]}, the shapes measured best
-    with this head) as a dict of tuples; ArtifactError (one line) where it is anything else."""
+    """draft_config.json's optional `tree_shapes` ({device key: [budget, depth, top-k]}, the shapes measured best
+    with this head; keys as `Settings.tree_shape_key`) as a dict of tuples; ArtifactError (one line) where it is
+    anything else."""
     if value is None:
         return {}
-    kinds = ("cuda", "cpu")
+    kinds = ("cuda", "cpu", "cpu-onednn")  # `Settings.tree_shape_key`
     ok = isinstance(value, dict) and all(
         k in kinds and isinstance(v, list) and len(v) == 3
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v) for k, v in value.items())
     if not ok:
         raise ArtifactError(f"{source}: draft_config.json's tree_shapes is {value!r}, expected an object mapping "
-                            f"a device kind ({' or '.join(kinds)}) to [budget, depth, top-k], three positive "
+                            f"a device ({', '.join(kinds)}) to [budget, depth, top-k], three positive "
                             "integers; fix or remove the entry")
     return {k: tuple(v) for k, v in value.items()}
 

@@ -1,6 +1,6 @@
 """`specee-compile tune-tree`: measure draft-tree shapes with one draft head on this device, and write a copy of the
-artifacts whose draft_config.json carries the fastest (`tree_shapes`, per device kind, which `Settings.tree_shape`
-takes over the device's default).
+artifacts whose draft_config.json carries the fastest (`tree_shapes`, per device: "cuda", "cpu" or "cpu-onednn" as
+`Settings.tree_shape_key`, which `Settings.tree_shape` takes over the device's default).
 
 Why per head and device: a shape's cost is its draft levels (one draft pass each) and its verified rows (on a GPU,
 blocks of 32 rows cost about the same), its worth the tokens a verify step accepts, which depend on how often the
@@ -12,7 +12,7 @@ rounds, through `Decoder.generate()`, after one warm-up call each (compiles, cap
 A shape is eligible only where every prompt gave dense's tokens (greedy, lossless); the eligible shape with the
 highest median tok/s ratio to dense wins, even below 1 (the tree guard still decides per generation whether the tree
 pays). The output is a new artifact directory (`-o`, written atomically; never over files specee-compile did not
-write): every file of the source, draft_config.json's `tree_shapes` set for this device kind, tree_tune.json (every
+write): every file of the source, draft_config.json's `tree_shapes` set for this device, tree_tune.json (every
 shape's figures) and tree_tune.png, and a manifest over all of them.
 """
 
@@ -40,10 +40,11 @@ def _name(shape) -> str:
     return ":".join(map(str, shape))
 
 
-def measure_shapes(loaded, base: dict, shapes, prompts: list[list[int]], log=print) -> dict:
+def measure_shapes(loaded, base: dict, shapes, prompts: list[list[int]], log=print) -> tuple[dict, str]:
     """Every shape's figures against dense on `prompts` (token ids), the same rounds: {shape name: {ratio,
-    tok_s, accepted_per_step, identical}} plus "dense": {tok_s}. `base`: the Settings fields every decoder
-    shares (device, dtype, backend, max_new_tokens, artifacts)."""
+    tok_s, accepted_per_step, identical}} plus "dense": {tok_s}; and the key the figures belong under
+    (`Settings.tree_shape_key`: the device, and on a CPU the matmul library the backend chose). `base`: the
+    Settings fields every decoder shares (device, dtype, backend, max_new_tokens, artifacts)."""
     from ..api import build_decoder
     from ..config import Settings
 
@@ -79,7 +80,7 @@ def measure_shapes(loaded, base: dict, shapes, prompts: list[list[int]], log=pri
         out[name] = {"ratio": round(statistics.median(ratios), 3), "tok_s": round(statistics.median(speeds[name]), 1),
                      "accepted_per_step": round(acc[name][0] / max(acc[name][1], 1), 3),
                      "identical": f"{acc[name][2]}/{len(prompts)}"}
-    return out
+    return out, Settings(**base).tree_shape_key(getattr(dense.seg, "gemm", None))
 
 
 def best_shape(figures: dict) -> tuple[int, int, int]:
@@ -161,9 +162,9 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
             "artifacts": str(src)}
     progress(f"timing {len(shapes)} tree shapes against dense on {len(ids)} MT-Bench turns x {max_new_tokens} "
              f"tokens ({backend} on {device})")
-    figures = measure_shapes(loaded, base, shapes, ids, log=progress)
+    figures, key = measure_shapes(loaded, base, shapes, ids, log=progress)
     best = best_shape(figures)
-    report = {"model": loaded.name, "device": device, "device_kind": kind, "backend": backend, "dtype": dtype,
+    report = {"model": loaded.name, "device": device, "shape_key": key, "backend": backend, "dtype": dtype,
               "prompts": len(ids), "max_new_tokens": max_new_tokens, "source_artifacts": str(src),
               "date": time.strftime("%Y-%m-%d"), "best": _name(best), "shapes": figures}
     if kind == "cuda":
@@ -175,14 +176,14 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, tmp / rel)
         cfg = json.loads((tmp / "draft_config.json").read_text())
-        cfg["tree_shapes"] = {**cfg.get("tree_shapes", {}), kind: list(best)}
+        cfg["tree_shapes"] = {**cfg.get("tree_shapes", {}), key: list(best)}
         (tmp / "draft_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
         plot(figures, _name(best), f"{loaded.name}, {report.get('card', device)}, {report['date']}", tmp / PLOT)
         info = {k: v for k, v in manifest.items()
                 if k not in ("format_version", "tool", "model", "fingerprint", "created", "files")}
         info["draft"] = {**info.get("draft", {}), "config": cfg}
-        info["tree_tune"] = {"best": report["best"], "device_kind": kind, "report": REPORT}
+        info["tree_tune"] = {"best": report["best"], "shape_key": key, "report": REPORT}
         write_manifest(tmp, model=manifest["model"], fingerprint=manifest["fingerprint"], info=info)
     for name, f in figures.items():
         if name != "dense":
