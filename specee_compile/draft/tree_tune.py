@@ -144,6 +144,7 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
     backend = backend or ("inductor" if str(device).startswith("cuda") else "eager")
     kind = Settings(device=device).device_kind
     shapes = [tuple(s) for s in (shapes or DEFAULT_SHAPES[kind])]
+
     def with_draft(src: Path | None, where: str) -> Path:
         if src is None or not (src / "draft.safetensors").is_file():
             raise ArtifactError(f"tune-tree needs an EAGLE draft head, and there is none {where}: train one with "
@@ -175,9 +176,10 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
         for rel in manifest["files"]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, tmp / rel)
-        cfg = json.loads((tmp / "draft_config.json").read_text())
+        cfg_path = tmp / "draft_config.json"  # (a bare draft.safetensors loads without one: then it holds this alone)
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         cfg["tree_shapes"] = {**cfg.get("tree_shapes", {}), key: list(best)}
-        (tmp / "draft_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
         plot(figures, _name(best), f"{loaded.name}, {report.get('card', device)}, {report['date']}", tmp / PLOT)
         info = {k: v for k, v in manifest.items()
