@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 
@@ -41,6 +42,20 @@ def test_tune_tree_writes_the_fastest_identical_shape_with_the_head(tmp_path, sm
     dec = build_decoder(smollm2, Settings(speculate="tree", artifacts=str(out)))
     assert f"{dec.tree.budget}:{dec.tree.depth}:{dec.tree.topk}" == best
     assert _digests(shipped) == before  # the source artifacts are untouched
+    # a head with no draft_config.json (a bare draft.safetensors loads without one): the copy gets one, holding the
+    # shape alone, and the head loads with it
+    bare = tmp_path / "bare"
+    shutil.copytree(shipped, bare)
+    (bare / "draft_config.json").unlink()
+    mb = json.loads((bare / "manifest.json").read_text())
+    del mb["files"]["draft_config.json"]
+    (bare / "manifest.json").write_text(json.dumps(mb))
+    assert main(["tune-tree", "smollm2-135m", "--artifacts", str(bare), "-o", str(tmp_path / "t2"), "--shapes",
+                 "2:1:2", "--prompts", "1", "--max-new-tokens", "4"]) == 0
+    key = rep["shape_key"]
+    assert json.loads((tmp_path / "t2" / "draft_config.json").read_text()) == {"tree_shapes": {key: [2, 1, 2]}}
+    dec = build_decoder(smollm2, Settings(speculate="tree", artifacts=str(tmp_path / "t2")))
+    assert (dec.tree.budget, dec.tree.depth, dec.tree.topk) == (2, 1, 2)
 
 
 def test_tune_tree_refuses_bad_input_before_work(tmp_path, tiny_model_dir, capsys):
