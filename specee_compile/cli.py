@@ -265,11 +265,10 @@ def cmd_train_draft(args) -> int:
 
 
 def cmd_tune_tree(args) -> int:
-    from .api import check_output_directory, tune_tree_command
+    from .api import tune_tree_command
     from .config import parse_tree_shape
 
     shapes = [parse_tree_shape(t, "--shapes") for t in args.shapes.split(",") if t] if args.shapes else None
-    check_output_directory(args.output, "-o")
     report = tune_tree_command(args.model, args.output, artifacts=args.artifacts, shapes=shapes,
                                prompts=args.prompts, max_new_tokens=args.max_new_tokens, device=args.device,
                                backend=args.backend, dtype=args.dtype, force=args.force)

@@ -125,8 +125,8 @@ class Settings:
     distribution). With --specee the exit predictors score every node (merged mapping)."""
     tree_budget: int | None = None
     """Tree: at most this many draft nodes verified per step (the root, the last token, not counted).
-    None = the shape measured with the draft head on this device kind where its draft_config.json has one,
-    else the device's default (`TREE_SHAPES`, see `tree_shape()`)."""
+    None = the shape measured with the draft head on this device where its draft_config.json has one (keyed
+    as `TREE_SHAPES`), else the device's default (`TREE_SHAPES`, see `tree_shape()`)."""
     tree_depth: int | None = None
     """Tree: at most this many levels below the root (the most tokens one step can accept, bonus aside).
     None = as tree_budget."""

@@ -77,5 +77,5 @@ def test_tune_tree_refuses_bad_input_before_work(tmp_path, tiny_model_dir, capsy
     f = tmp_path / "mine.txt"
     f.write_text("mine")
     assert main(["tune-tree", str(tiny_model_dir), "-o", str(f)]) == 2
-    assert "is a file" in capsys.readouterr().err and f.read_text() == "mine"
+    assert "is an existing file" in capsys.readouterr().err and f.read_text() == "mine"
     assert not out.exists()

@@ -460,7 +460,9 @@ def tree_shapes_from_config(value, source: str) -> dict[str, tuple[int, int, int
     anything else."""
     if value is None:
         return {}
-    kinds = ("cuda", "cpu", "cpu-onednn")  # `Settings.tree_shape_key`
+    from ..config import TREE_SHAPES
+
+    kinds = tuple(TREE_SHAPES)  # the keys `Settings.tree_shape_key` gives
     ok = isinstance(value, dict) and all(
         k in kinds and isinstance(v, list) and len(v) == 3
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v) for k, v in value.items())
