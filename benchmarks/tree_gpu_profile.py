@@ -147,6 +147,9 @@ def main() -> int:
     ap.add_argument("--draft-quant", default="none", choices=("none", "int8", "auto"),
                     help="Settings.draft_quant of every variant (default none: the draft's weights as the dtype "
                          "gives them; auto, the product's, takes int8 for a 16-bit draft on CUDA)")
+    ap.add_argument("--tree-shape", default=None, metavar="B:D:K",
+                    help="the tree's budget:depth:topk (default: the real model's head's measured shape, else the "
+                         "device's default)")
     ap.add_argument("--pdl", default="",
                     help="comma list of SPECEE_PDL values (0, ops, all) to run dense and every variant under, each "
                          "with its own compiled segments; results keyed KEY#pdl=VALUE (default: the environment's)")
@@ -179,9 +182,16 @@ def main() -> int:
         print("--layers builds a random model of --shape: drop it with --model (a real model keeps its layers)",
               file=sys.stderr)
         return 2
+    from specee_compile.config import parse_tree_shape
+    from specee_compile.errors import SpecEEError
+
+    try:
+        tree_shape = parse_tree_shape(args.tree_shape, "--tree-shape") if args.tree_shape else None
+    except SpecEEError as e:
+        print(f"tree_gpu_profile: {e}", file=sys.stderr)
+        return 2
     if args.out:  # before any GPU time
         from specee_compile.api import check_output_file
-        from specee_compile.errors import SpecEEError
 
         try:
             check_output_file(args.out, "--out")
@@ -192,7 +202,6 @@ def main() -> int:
     from specee_compile.api import build_decoder
     from specee_compile.config import Settings
     from specee_compile.draft.eagle import EagleDraft, EagleSource
-    from specee_compile.errors import SpecEEError
     from specee_compile.eval.gpu_bench import sharpen_draft, write_random_model
     from specee_compile.model_step import rows_fused
     from specee_compile.models import load_model
@@ -228,6 +237,8 @@ def main() -> int:
         draft.to(device=dev, dtype=dt).requires_grad_(False).eval()
     base = dict(device=args.device, dtype=args.dtype, backend="inductor", max_context=1024, max_new_tokens=args.new,
                 draft_quant=args.draft_quant)
+    if tree_shape is not None:
+        base.update(zip(("tree_budget", "tree_depth", "tree_topk"), tree_shape))
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
     out: dict = {"card": card, "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "dtype": args.dtype,
                  "rows_fused": {}, "shape": shape, "pdl": pdls,
@@ -394,7 +405,7 @@ def profile_step(tag, loaded, base, seg, draft, prompt, out) -> None:
                 f.p.fill_(len(prompt) + 10)
                 f.body(S)
             sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "self_cpu_time_total", row_limit=30,
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "self_cpu_time_total", row_limit=50,
                                       max_name_column_width=70)
     print(table)
     out["profile" + tag] = table
