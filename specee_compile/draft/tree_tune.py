@@ -123,9 +123,10 @@ def plot(figures: dict, best: str, title: str, path: Path) -> bool:
 
 def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: int = 8, max_new_tokens: int = 64,
                       device: str = "cpu", backend: str | None = None, dtype: str = "float32",
-                      force: bool = False) -> dict:
+                      force: bool = False, prompt_file: str | None = None) -> dict:
     """Measure `shapes` (default: DEFAULT_SHAPES of the device kind) with the draft head of `artifacts` (default:
-    the model's shipped ones) and write the artifacts with the fastest to `out`; return tree_tune.json's content."""
+    the model's shipped ones) on the first `prompts` MT-Bench turns (or of `prompt_file`'s JSON list of prompt
+    strings) and write the artifacts with the fastest to `out`; return tree_tune.json's content."""
     from ..api import default_artifacts_dir, encode_prompt, load_model
     from ..artifacts import (
         atomic_directory,
@@ -135,12 +136,13 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
         write_manifest,
     )
     from ..config import Settings
-    from ..data import mtbench_first_turns
+    from ..data import mtbench_first_turns, read_json_list
     from ..models.pypi import progress
 
     if prompts < 1 or max_new_tokens < 1:
         raise SpecEEError(f"--prompts {prompts} / --max-new-tokens {max_new_tokens}: expected positive integers")
     plan_output(out, force=force)  # before the model loads and the shapes are timed
+    given = read_json_list(prompt_file, "--prompt-file", str, "prompt strings") if prompt_file else None
     backend = backend or ("inductor" if str(device).startswith("cuda") else "eager")
     kind = Settings(device=device).device_kind
     shapes = [tuple(s) for s in (shapes or DEFAULT_SHAPES[kind])]
@@ -157,16 +159,17 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
     src = Path(artifacts) if artifacts else with_draft(default_artifacts_dir(loaded), f"for {loaded.name}")
     manifest = read_manifest(src)  # every file's checksum, before it is timed or copied
     check_fingerprint(manifest, loaded.fingerprint, src)
-    texts = mtbench_first_turns()[:prompts]
+    texts = (given or mtbench_first_turns())[:prompts]
     ids = [encode_prompt(loaded.tokenizer, t) for t in texts]
     base = {"device": device, "dtype": dtype, "backend": backend, "max_new_tokens": max_new_tokens,
             "artifacts": str(src)}
-    progress(f"timing {len(shapes)} tree shapes against dense on {len(ids)} MT-Bench turns x {max_new_tokens} "
+    progress(f"timing {len(shapes)} tree shapes against dense on {len(ids)} "
+             f"{'prompts of ' + str(prompt_file) if prompt_file else 'MT-Bench turns'} x {max_new_tokens} "
              f"tokens ({backend} on {device})")
     figures, key = measure_shapes(loaded, base, shapes, ids, log=progress)
     best = best_shape(figures)
     report = {"model": loaded.name, "device": device, "shape_key": key, "backend": backend, "dtype": dtype,
-              "prompts": len(ids), "max_new_tokens": max_new_tokens, "source_artifacts": str(src),
+              "prompts": len(ids), "prompt_source": prompt_file or "MT-Bench first turns", "max_new_tokens": max_new_tokens, "source_artifacts": str(src),
               "date": time.strftime("%Y-%m-%d"), "best": _name(best), "shapes": figures}
     if kind == "cuda":
         import torch

@@ -605,24 +605,6 @@ def sharpen_draft(eagle, seg, prompt: list[int], spread: float) -> float:
 TRACE_SPREAD = 32.0
 
 
-def read_json_list(path: str, flag: str, kind: type, what: str) -> list:
-    """A non-empty JSON list of `kind` values (int: each >= 1) from `path`, or a SpecEEError naming `flag`."""
-    from ..errors import SpecEEError
-
-    try:
-        with open(path) as f:
-            vals = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SpecEEError(f"{flag} {path}: cannot read it as JSON ({type(e).__name__}); expected a JSON list of "
-                          f"{what}") from None
-    ok = isinstance(vals, list) and vals and all(
-        isinstance(v, kind) and not isinstance(v, bool) and (kind is not int or v >= 1) for v in vals)
-    if not ok:
-        raise SpecEEError(f"{flag} {path}: expected a non-empty JSON list of {what}"
-                          + (" (integers >= 1)" if kind is int else ""))
-    return vals
-
-
 def tree_traces(args) -> dict[str, list[int]]:
     """The 7B tree rows' acceptance traces (random weights accept nothing): tree35 (mean 3.5) and, with
     --accept-trace, one recorded from SmolLM2. The random draft head is sharpened (TRACE_SPREAD) so that its
@@ -1063,6 +1045,8 @@ def main(argv=None) -> int:
 
     check_output_directory(bench_out_dir(args), "--out")
     # the input files are read here, once, before any work: a bad one would otherwise cost a whole stage
+    from ..data import read_json_list
+
     args.accept_trace_ids = (read_json_list(args.accept_trace, "--accept-trace", int, "accepted tokens per verify step")
                              if args.accept_trace else None)
     args.prompt_texts = (read_json_list(args.prompts, "--prompts", str, "prompt strings")
