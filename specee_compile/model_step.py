@@ -401,16 +401,28 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     return layer
 
 
-def make_head_fn(spec: StepSpec, fused: bool = False):
+def make_head_fn(spec: StepSpec, fused: bool = False, matmul: bool = False):
     """Return `head(h, norm_w, head_w) -> (hn, logits)`: final norm and full LM head.
-    fused: the LM head as one `specee::fused_linear` GEMV with the norm folded in."""
+    fused: the LM head as one `specee::fused_linear` GEMV with the norm folded in.
+    matmul: the norm plain and the LM head as `specee::fused_linear` with no prologue, as a rows layer's "matmul"
+    (`rows_fused`): for a few rows inside `ops.multi_row_kernel()` the rows tuner picks cuBLAS or a rows kernel (the
+    tree's verification head: 32 rows x SmolLM2's 49152 x 576 fp32 took 66 us in cuBLAS's fp32 GEMM on the H100,
+    ~1.7 TB/s, where the 3xTF32 rows kernel streams the draft's 8192-row head at ~2.7, session 36's profile)."""
     eps = spec.eps
 
-    if fused:
+    if fused or matmul:
         from . import ops  # noqa: F401
 
+    if fused:
         def head(h, norm_w, head_w):
             return rms_norm(h, norm_w, eps), torch.ops.specee.fused_linear(h, head_w, None, norm_w, eps, "rmsnorm")
+
+        return head
+
+    if matmul:
+        def head(h, norm_w, head_w):
+            hn = rms_norm(h, norm_w, eps)
+            return hn, torch.ops.specee.fused_linear(hn, head_w, None, None, 0.0, "none")
 
         return head
 

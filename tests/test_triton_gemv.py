@@ -77,6 +77,14 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
             outs.append((x, *head(x, W.norm, W.head), kc.clone()))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) if compiled else torch.equal(a, b)
+    # the tree verification's head: the norm plain, the LM head as the op with no prologue (several rows)
+    hm = make_head_fn(spec, matmul=True)
+    if compiled:
+        hm = torch.compile(hm, fullgraph=True, dynamic=False)
+    rows = torch.randn(1, 7, spec.hidden)
+    with torch.no_grad():
+        for a, b in zip(hp(rows, W.norm, W.head), hm(rows, W.norm, W.head)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5) if compiled else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -47,8 +47,12 @@ CONFIGS = ((64, 8, 4, 1), (64, 4, 4, 2), (64, 1, 4, 2), (32, 8, 4, 1), (128, 2, 
 # ...and these, fp32 only, with 3xTF32 dot products (three tensor-core passes, hi*hi + hi*lo + lo*hi: fp32's
 # accuracy to ~1e-6, as the fp32 verification's matmuls already run, `triton_gemv.ROW_T_CONFIGS_F32`). An IEEE
 # split of SmolLM2's 25 verification rows x 64 keys is ~2k FMAs per thread for the two products: the step's
-# attention took 8.1 us per call on the H100 (session 34), most of it in those FMAs.
-CONFIGS_F32_TF32X3 = tuple((*c, "tf32x3") for c in ((64, 8, 4, 1), (64, 4, 4, 2), (32, 8, 4, 1), (64, 8, 8, 1)))
+# attention took 8.1 us per call on the H100 (session 34), most of it in those FMAs. The split ones won every
+# SmolLM2 shape there (session 35) at 6.8 us per call (session 36's profile: 33 calls, 13% of a tree step's kernel
+# time); the last three, unsplit or split in two, skip the merge (a workspace round trip and a counter) that a
+# split pays at S <= 256, where one program's K/V (~130 KB in fp32) is a short loop.
+CONFIGS_F32_TF32X3 = tuple((*c, "tf32x3") for c in ((64, 8, 4, 1), (64, 4, 4, 2), (32, 8, 4, 1), (64, 8, 8, 1),
+                                                     (64, 1, 4, 2), (128, 1, 8, 2), (64, 2, 4, 2)))
 TUNED: dict = {}  # (heads, kv heads, rows, S, hd, dtype) -> the pick as a string, filled on first use (the bench)
 _TUNE_CACHE: dict = {}
 

@@ -73,7 +73,7 @@ import torch
 from ..compiled_fns import CompiledFns, allow_recompiles
 from ..config import TREE_GUARD_STEPS
 from ..errors import SpecEEError
-from ..model_step import make_layer_fn, rows_fused
+from ..model_step import make_head_fn, make_layer_fn, rows_fused
 from .contract import StepPlan
 from .tree_exits import TreeExits, tree_exit_scores
 
@@ -278,6 +278,25 @@ class TreeStep:
                       mask=mask)
 
         return tree_layer
+
+    @staticmethod
+    def _make_head(seg):
+        """The verification's final norm and LM head, `head(h) -> (hn, logits)`: the backend's own, except with the
+        inductor backend on CUDA, where the LM head takes the layers' form (`rows_fused`'s "matmul": the rows tuner
+        picks cuBLAS or a rows kernel for the tree's rows) and is compiled like the tree layer."""
+        if seg.name != "inductor" or seg.device.type != "cuda" or "matmul" not in rows_fused(seg.dtype):
+            return getattr(seg, "head_direct", seg.head)
+        from ..plugins import pdl
+
+        allow_recompiles()
+        fn = torch.compile(make_head_fn(seg.spec, matmul=True), fullgraph=True, dynamic=None,
+                           options=pdl.inductor_options() or None)
+        w = seg.weights
+
+        def tree_head(h):
+            return fn(h, w.norm, w.head)
+
+        return tree_head
 
     # ---------------------------------------------------------------- one step
     @torch.no_grad()
@@ -530,7 +549,7 @@ class FixedTree:
         self.ids = torch.zeros(seg.max_len, dtype=torch.long, device=dev)  # the sequence (prompt lookup)
         self.eye = torch.eye(self.q, dtype=torch.bool, device=dev)
         self.layer = layer
-        self.head = getattr(seg, "head_direct", seg.head)
+        self.head = TreeStep._make_head(seg)  # (the gated path, `tree_exits`, calls it too)
         self.programs: dict[int, object] = {}  # attention bucket S -> replayable program
         self.forcing = bool(dec.accept.trace)  # an acceptance trace decides the path (benchmark only)
         self.force = torch.zeros(1, dtype=torch.long, device=dev)  # its accepted length this step
