@@ -200,7 +200,10 @@ FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul")
 CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
 
 
-ROWS_LINEARS = ("plain", "matmul", "fused")
+ROWS_LINEARS = ("plain", "matmul", "fused", "silu")
+# "silu": "matmul", with the down projection's SiLU x up inside the op as its prologue (no SiLU kernel of its own:
+# 30 launches of 1.3 us in a SmolLM2 tree step, session 36's profile), the norms still plain
+ROWS_SILU = ("attn", "matmul", "down")
 
 
 def tree_linears() -> str:
@@ -228,13 +231,14 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     which runs SmolLM2's 25-row fp32 matmuls on the FMA units (H200, session 22 profile: 1.70 of the tree step's
     2.64 ms of kernel time). On the real SmolLM2 (H100, session 25, benchmarks/RESULTS.md) the tree went from
     0.739x to 0.800x dense with it, identical to dense greedy on 20/20 MT-Bench turns.
-    SPECEE_TREE_LINEARS=plain|matmul|fused (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues inside
-    the op) overrides the choice, for A/B runs. `dtype` is kept for callers and a future per-dtype choice."""
+    SPECEE_TREE_LINEARS=plain|matmul|fused|silu (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues inside
+    the op; silu: `ROWS_SILU`) overrides the choice, for A/B runs. `dtype` is kept for callers and a future
+    per-dtype choice."""
     del dtype  # every dtype takes the same form today (see above)
     v = tree_linears()
     if v == "plain":
         return ("attn",)
-    return CUDA_FUSED if v == "fused" else ("attn", "matmul")
+    return {"fused": CUDA_FUSED, "silu": ROWS_SILU}.get(v, ("attn", "matmul"))
 
 
 def _check_fused(fused) -> None:

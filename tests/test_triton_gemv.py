@@ -88,7 +88,7 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul")])
+@pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul"), ("attn", "matmul", "down")])
 def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused, int8):
     """Tree verification's call (slots + an explicit mask) through the fused-op layer computes what the plain
     layer does: every op fused, and the multi-row form (`rows_fused`: the matmuls as the op, norms plain, the
@@ -202,15 +202,15 @@ def test_rows_fused_per_dtype_and_its_override(monkeypatch):
     25: the tuner's 3xTF32 configs); SPECEE_TREE_LINEARS picks another form (A/B runs) and a bad value is refused in
     one line."""
     from specee_compile.errors import SettingError
-    from specee_compile.model_step import CUDA_FUSED, rows_fused
+    from specee_compile.model_step import CUDA_FUSED, ROWS_SILU, rows_fused
 
     monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
     assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == rows_fused(torch.float32) == ("attn", "matmul")
-    for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul"))):
+    for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul")), ("silu", ROWS_SILU)):
         monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
         assert rows_fused(torch.float16) == rows_fused(torch.float32) == want
     monkeypatch.setenv("SPECEE_TREE_LINEARS", "cublas")
-    with pytest.raises(SettingError, match="expected one of plain, matmul, fused"):
+    with pytest.raises(SettingError, match="expected one of plain, matmul, fused, silu"):
         rows_fused(torch.float16)
 
 
