@@ -171,7 +171,8 @@ def tune_tree_command(model: str, out, *, artifacts=None, shapes=None, prompts: 
     figures, key = measure_shapes(loaded, base, shapes, ids, log=progress)
     best = best_shape(figures)
     report = {"model": loaded.name, "device": device, "shape_key": key, "backend": backend, "dtype": dtype,
-              "prompts": len(ids), "prompt_source": prompt_file or "MT-Bench first turns", "max_new_tokens": max_new_tokens, "source_artifacts": str(src),
+              "prompts": len(ids), "prompt_source": prompt_file or "MT-Bench first turns",
+              "max_new_tokens": max_new_tokens, "source_artifacts": str(src),
               "date": time.strftime("%Y-%m-%d"), "best": _name(best), "shapes": figures}
     if kind == "cuda":
         import torch
