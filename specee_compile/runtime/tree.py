@@ -293,7 +293,8 @@ class TreeStep:
                            options=pdl.inductor_options() or None)
         w = seg.weights
 
-        def tree_head(h):
+        def tree_head(h):  # the rows dynamic, as `head_direct`'s: all q rows, and a path's rows in `tree_exits`
+            torch._dynamo.maybe_mark_dynamic(h, 1)
             return fn(h, w.norm, w.head)
 
         return tree_head
