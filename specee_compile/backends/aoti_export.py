@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -233,7 +234,12 @@ def _compile(module, args, dynamic_shapes, path: Path, progress: bool) -> float:
     # S that hold for every S >= 0 but that export's solver cannot prove (min(64*S, 192*S) == 64*S): there
     # they become run-time asserts instead of an error; SDPA's math formulation keeps the shape checks simple
     cuda = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
-    with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()):
+    with torch.no_grad(), (sdpa_kernel([SDPBackend.MATH]) if cuda else contextlib.nullcontext()), \
+            warnings.catch_warnings():
+        # torch 2.13's own pytree deprecation, printed once per package while it pickles the export's specs: not the
+        # user's to act on (every other warning still shows)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
                                  **({"prefer_deferred_runtime_asserts_over_guards": True} if cuda else {}))
         # the Python step's Inductor options (backends/inductor.py): on CUDA M=1 matmuls and reductions tuned, and
