@@ -267,10 +267,7 @@ class TreeStep:
         # several rows, runs them several times slower there (`InductorSegments._rows_eager`).
         fn = make_layer_fn(seg.spec, fused=rows_fused(seg.dtype) if seg.device.type == "cuda" else ())
         if seg.name == "inductor" and seg.device.type == "cuda":
-            from ..plugins import pdl
-
-            allow_recompiles()  # every tree decoder of the process compiles this same layer code
-            fn = torch.compile(fn, fullgraph=True, dynamic=None, options=pdl.inductor_options() or None)
+            fn = TreeStep._compile(fn)
         w, c = seg.weights, seg.cache
 
         def tree_layer(i, h, pos, S, slots, mask):
@@ -280,17 +277,21 @@ class TreeStep:
         return tree_layer
 
     @staticmethod
+    def _compile(fn):
+        """The tree verification's functions (its layer, its head) as Inductor compiles them on CUDA."""
+        from ..plugins import pdl
+
+        allow_recompiles()  # every tree decoder of the process compiles this same code
+        return torch.compile(fn, fullgraph=True, dynamic=None, options=pdl.inductor_options() or None)
+
+    @staticmethod
     def _make_head(seg):
         """The verification's final norm and LM head, `head(h) -> (hn, logits)`: the backend's own, except with the
         inductor backend on CUDA, where the LM head takes the layers' form (`rows_fused`'s "matmul": the rows tuner
         picks cuBLAS or a rows kernel for the tree's rows) and is compiled like the tree layer."""
         if seg.name != "inductor" or seg.device.type != "cuda" or "matmul" not in rows_fused(seg.dtype):
             return getattr(seg, "head_direct", seg.head)
-        from ..plugins import pdl
-
-        allow_recompiles()
-        fn = torch.compile(make_head_fn(seg.spec, matmul=True), fullgraph=True, dynamic=None,
-                           options=pdl.inductor_options() or None)
+        fn = TreeStep._compile(make_head_fn(seg.spec, matmul=True))
         w = seg.weights
 
         def tree_head(h):  # the rows dynamic, as `head_direct`'s: all q rows, and a path's rows in `tree_exits`
