@@ -110,7 +110,7 @@ def test_fp32_tf32x3_configs_compile_to_tensor_core_mma_for_hopper():
     f = "*fp32"
     ptrs = {"q_ptr": f, "k_ptr": f, "v_ptr": f, "valid_ptr": "*u8", "mask_ptr": "*u8", "o_ptr": f, "ws_ptr": f,
             "cnt_ptr": "*i32"}
-    rope_ptrs = {"cos_ptr": f, "sin_ptr": f, "pos_ptr": "*i64", "slot_ptr": "*i64"}
+    rope_ptrs = {"cos_ptr": f, "sin_ptr": f, "pos_ptr": "*i64", "slot_ptr": "*i64", "stride_pos": "i32"}
     ints = ("R", "S", "sm_scale", "stride_qh", "stride_qr", "stride_kh", "stride_ks", "stride_vh", "stride_vs",
             "stride_mr", "stride_ms")
 
@@ -150,6 +150,8 @@ def _rope_inputs(H, Hkv, S, rows, hd, seed, shuffle: bool):
     p = S - rows - 3
     slots = p + (torch.randperm(rows, generator=g) if shuffle else torch.arange(rows))
     pos = p + torch.randint(0, 4, (rows,), generator=g)
+    if shuffle:  # a draft level's rows: one position, expanded (stride 0)
+        pos = pos[:1].expand(rows)
     kc, vc = torch.randn(Hkv, T, hd, generator=g), torch.randn(Hkv, T, hd, generator=g)
     valid = torch.rand(T, generator=g) < 0.8
     valid[p : p + rows] = True  # stale: the kernel must read these rows from the projection
@@ -166,8 +168,8 @@ _INTERP_ROPE = textwrap.dedent(
     from specee_compile.ops import rope_tree_attention
     from specee_compile.plugins import triton_tree_attention as A
 
-    def copies(a):
-        return [t.clone() for t in a]
+    def copies(a):  # of what the op writes (the cache, valid); the rest as given (pos may be stride 0)
+        return [t.clone() if i in (4, 5, 6) else t for i, t in enumerate(a)]
 
     for H, Hkv, S, rows, hd in ((4, 2, 96, 5, 16), (9, 3, 200, 25, 32), (2, 2, 40, 1, 16)):
         for shuffle in (False, True):
@@ -187,6 +189,7 @@ _INTERP_ROPE = textwrap.dedent(
                     assert int(cnt.abs().sum()) == 0
             got_in = copies(a)  # the op's CUDA implementation, run here by the interpreter
             assert float((A.triton_rope_tree_attention(*got_in) - want).abs().max()) < 1e-5
+            assert rows == 1 or a[3].stride(0) == (0 if shuffle else 1)
     # more rows than one block: the two ops, as before
     a = _rope_inputs(4, 2, 120, 40, 16, 3, False)
     ref, got_in = copies(a), copies(a)

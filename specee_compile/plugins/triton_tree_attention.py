@@ -81,7 +81,7 @@ if HAVE_TRITON:
     def _tree_attn_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, mask_ptr, o_ptr, ws_ptr, cnt_ptr,
         R, S, sm_scale, stride_qh, stride_qr, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, stride_ms,
-        cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+        cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_pos,
         HD: tl.constexpr, REP: tl.constexpr, BR: tl.constexpr, BLOCK_S: tl.constexpr, PER: tl.constexpr,
         NSP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False, ROPE: tl.constexpr = False,
     ):
@@ -106,7 +106,7 @@ if HAVE_TRITON:
             DT: tl.constexpr = o_ptr.dtype.element_ty
             partner = (d + HD // 2) % HD  # rotate_half: [-x[HD/2:], x[:HD/2]], as `_rope_append_kernel`
             sign = tl.where(d < HD // 2, -1.0, 1.0)
-            pos = tl.load(pos_ptr + r, mask=live_r, other=0)
+            pos = tl.load(pos_ptr + r * stride_pos, mask=live_r, other=0)  # (stride 0: a draft level's one position)
             slot = tl.load(slot_ptr + r, mask=live_r, other=-1)  # (-1: a padding row's, never a key)
             c = tl.load(cos_ptr + pos[:, None] * HD + d[None, :]).to(tl.float32)
             s = tl.load(sin_ptr + pos[:, None] * HD + d[None, :]).to(tl.float32)
@@ -219,7 +219,7 @@ def triton_tree_attention(q, k, v, valid, mask):
 def triton_rope_tree_attention(qkv, cos, sin, pos, k_cache, v_cache, valid, slots, mask):
     """`specee::rope_tree_attention` on CUDA: one launch of the kernel in its ROPE form, with the tree attention's
     tuned config for the shape; where that pick is the reference, or the call is not the kernel's case (more than
-    one row block, a position shared by every row), `rope_append` and `tree_attention` as two ops."""
+    one row block), `rope_append` and `tree_attention` as two ops."""
     from .triton_rope_append import triton_rope_append
 
     Hkv, T, hd = k_cache.shape
@@ -231,7 +231,7 @@ def triton_rope_tree_attention(qkv, cos, sin, pos, k_cache, v_cache, valid, slot
         and cos.is_contiguous() and sin.is_contiguous() and tuple(cos.shape[1:]) == (hd,)
         and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and valid.is_contiguous()
         and qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
-        and tuple(pos.shape) == tuple(slots.shape) == (rows,) and pos.stride(0) == slots.stride(0) == 1
+        and tuple(pos.shape) == tuple(slots.shape) == (rows,) and slots.stride(0) == 1
     )
     cfg = (BLOCK_S, MAX_SPLITS, NUM_WARPS, NUM_STAGES)
     if usable and qkv.is_cuda:  # (q only gives the tuner its shape: the timings read whatever it holds)
@@ -270,7 +270,7 @@ def _launch(cfg, q, k, v, valid, mask, rope=None) -> torch.Tensor:
     _tree_attn_kernel[(H, nrb, nsp)](
         q, k, v, valid, mask.view(torch.uint8) if mask.dtype == torch.bool else mask, o, ws, cnt,
         rows, S, 1.0 / math.sqrt(hd), sqh, sqr, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        mask.stride(0), mask.stride(1), cos, sin, pos, slots,
+        mask.stride(0), mask.stride(1), cos, sin, pos, slots, pos.stride(0),
         HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, PREC=prec, ROPE=rope is not None,
         num_warps=warps, num_stages=stages, **pdl.kernel_args(q.device),
     )
