@@ -15,6 +15,14 @@ mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (f
     of (h, rb) that arrives last (a counter per (h, rb)) merges them, writes the rows and resets its
     counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
 
+The ROPE form (`specee::rope_tree_attention`, `triton_rope_tree_attention`) starts from the rows' QKV
+projection instead of q: each program rotates its head's q rows, and its KV head's k rows, at the rows'
+positions, leaves the rows' own cache slots out of its key loop (they may hold a rejected branch's rows), and
+the last split adds those rows' keys as one more block from the projection; the first head of each KV group
+writes them into the cache (`rope_append`'s write), head 0 marks them valid. So a tree layer launches one kernel
+where `rope_append` and the attention took two (33 launches of ~2.4 us fewer in a SmolLM2 tree step, session
+36's profile: a candidate for `SPECEE_TREE_LINEARS=rope`, not yet timed).
+
 The output [H, q, hd] is stored rows-major (a contiguous [q, H, hd], `ops.rows_major`), so the o-projection's
 input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE or 3xTF32 dot products, the tuner's
 pick (never plain TF32). Every real row must be allowed at least one valid key (its own slot, in the tree's use);
