@@ -235,8 +235,8 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     2.64 ms of kernel time). On the real SmolLM2 (H100, session 25, benchmarks/RESULTS.md) the tree went from
     0.739x to 0.800x dense with it, identical to dense greedy on 20/20 MT-Bench turns.
     SPECEE_TREE_LINEARS=plain|matmul|fused|silu|rope|silu_rope (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`,
-    prologues inside the op; silu: `ROWS_SILU`; rope: `ROWS_ROPE`) overrides the choice, for A/B runs. `dtype` is kept for callers and a future
-    per-dtype choice."""
+    prologues inside the op; silu: `ROWS_SILU`; rope: `ROWS_ROPE`) overrides the choice, for A/B runs. `dtype` is
+    kept for callers and a future per-dtype choice."""
     del dtype  # every dtype takes the same form today (see above)
     v = tree_linears()
     if v == "plain":

@@ -179,9 +179,11 @@ _INTERP_ROPE = textwrap.dedent(
             for cfg in ((16, 4, 4, 1), (64, 8, 4, 1), (64, 1, 4, 2), (32, 8, 4, 1, "tf32x3")):
                 A._WORKSPACES.clear()
                 got_in = copies(a)
-                got = A._launch(cfg, got_in[0], got_in[4], got_in[5], got_in[6], got_in[8], rope=tuple(got_in[1:4]) + (got_in[7],))
+                qkv, cos, sin, pos, kc, vc, valid, slots, mask = got_in
+                got = A._launch(cfg, qkv, kc, vc, valid, mask, rope=(cos, sin, pos, slots))
                 e = float((got - want).abs().max())
-                assert got.shape == (H, rows, hd) and got.transpose(0, 1).is_contiguous() and e < 1e-5, (H, rows, cfg, e)
+                assert got.shape == (H, rows, hd) and got.transpose(0, 1).is_contiguous(), (H, rows, cfg)
+                assert e < 1e-5, (H, rows, cfg, e)
                 for i in (4, 5):  # the cache: the rows' k (rotated) and v at their slots, nothing else touched
                     assert float((got_in[i] - ref[i]).abs().max()) < 1e-6, (i, cfg)
                 assert torch.equal(got_in[6], ref[6])
