@@ -10,8 +10,8 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
 - `specee::rope_tree_attention`: `rope_append` and `tree_attention` in one op (one kernel on CUDA).
 - `specee::topk_rows`: torch.topk(x, k) along the last dim, for the fixed draft tree's few short rows.
-fused_linear, decode_attention, tree_attention and rope_append appear only where `model_step` is asked for them
-(`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
+fused_linear, decode_attention, tree_attention, rope_append and rope_tree_attention appear only where `model_step` is
+asked for them (`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
 

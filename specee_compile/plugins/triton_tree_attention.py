@@ -242,8 +242,8 @@ def triton_rope_tree_attention(qkv, cos, sin, pos, k_cache, v_cache, valid, slot
         and tuple(pos.shape) == tuple(slots.shape) == (rows,) and slots.stride(0) == 1
     )
     cfg = (BLOCK_S, MAX_SPLITS, NUM_WARPS, NUM_STAGES)
-    if usable and qkv.is_cuda:  # (q only gives the tuner its shape: the timings read whatever it holds)
-        q = torch.empty(H, rows, hd, dtype=qkv.dtype, device=qkv.device)
+    if usable and qkv.is_cuda:  # the shape's pick; q unrotated, a view of the projection (the tuner only times it)
+        q = qkv[0, :, : H * hd].view(rows, H, hd).transpose(0, 1)
         cfg = _tuned(q, k_cache[:, :S], v_cache[:, :S], valid[:S], mask) or cfg
     if not usable or cfg == EAGER:
         q = triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid, slots)
