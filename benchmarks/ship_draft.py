@@ -6,8 +6,10 @@ The new head is loaded through ``EagleDraft.load`` against the base model (so it
 and written back with ``EagleDraft.save`` (the shipped config format: no training report); the
 predictor files are carried over unchanged; the manifest is rewritten by ``artifacts.write_manifest``
 (checksums and sizes of every file) inside ``artifacts.atomic_directory``, so the directory changes in
-one step and only when complete. Everything else in the old manifest (thresholds, schedule, ...) is kept;
-``draft.config`` becomes the new head's config and ``training`` records the new head's origin.
+one step and only when complete. A new head with no ``tree_shapes`` of its own keeps the previous head's
+(the shapes ``tune-tree`` measured with it; re-run ``tune-tree`` for the new head). Everything else in the old
+manifest (thresholds, schedule, ...) is kept; ``draft.config`` becomes the new head's config and ``training``
+records the new head's origin.
 
 The predictors were calibrated with the previous head's candidates: check SpecEE after shipping.
 """
@@ -23,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specee_compile.artifacts import MANIFEST, atomic_directory, read_manifest, write_manifest  # noqa: E402
-from specee_compile.draft import EagleDraft  # noqa: E402
-from specee_compile.draft.eagle import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from specee_compile.artifacts import MANIFEST, atomic_directory, read_manifest, write_manifest
+from specee_compile.draft import EagleDraft
+from specee_compile.draft.eagle import CONFIG_NAME, WEIGHTS_NAME
 
 SHIPPED = ROOT / "specee_compile" / "shipped" / "smollm2-135m"
 MAX_DRAFT_BYTES = 20 * 1000 * 1000
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     draft = EagleDraft.load(args.draft, loaded.model)
+    if not draft.tree_shapes:  # the shapes measured with the previous head stand until `tune-tree` re-measures
+        draft.tree_shapes = EagleDraft.load(target, loaded.model).tree_shapes
     new_cfg = json.loads((Path(args.draft) / CONFIG_NAME).read_text())
     train = new_cfg.get("train", {})
 
