@@ -139,9 +139,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also print the kernels of one tree step")
     ap.add_argument("--variants", default="tree_compiled", help="comma list of the timed variants")
     ap.add_argument("--linears", default="",
-                    help="comma list of SPECEE_TREE_LINEARS values (plain, matmul, fused, silu, rope, silu_rope; "
-                         "default = unset) to run every variant (and --profile) under, in this one process; results "
-                         "keyed VARIANT@VALUE")
+                    help="comma list of SPECEE_TREE_LINEARS values (plain, matmul, fused, silu; default = unset) "
+                         "to run every variant (and --profile) under, in this one process; results keyed "
+                         "VARIANT@VALUE")
     ap.add_argument("--draft-dtypes", default="",
                     help="comma list of Settings.draft_dtype values (auto, float16, bfloat16) to run every variant "
                          "(and --profile) with, each on its own copy of the draft; results keyed VARIANT%%VALUE")

@@ -193,20 +193,20 @@ def split_qkv(y: torch.Tensor, H: int, Hkv: int, hd: int):
 
 # what the fused Triton ops can take over; "matmul": the matmuls the others leave plain, as the op with no prologue
 # (the norms, SiLU and residual adds stay plain ops around it, for a compiler to fuse)
-FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul", "rope_attn")
+FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul")
 # the CUDA Inductor path's choice (benchmarks/gemv_sweep.py, benchmarks/results: on the H100 the Triton
 # GEMVs match or beat Inductor's coordinate-descent-tuned reductions on every matmul, and the decode
 # attention kernel beats cuDNN's flash kernel plus its two mask kernels)
 CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
 
 
-ROWS_LINEARS = ("plain", "matmul", "fused", "silu", "rope", "silu_rope")
+ROWS_LINEARS = ("plain", "matmul", "fused", "silu")
 # "silu": "matmul", with the down projection's SiLU x up inside the op as its prologue (no SiLU kernel of its own:
-# 30 launches of 1.3 us in a SmolLM2 tree step, session 36's profile), the norms still plain
+# 30 launches of 1.3 us in a SmolLM2 tree step, session 36's profile), the norms still plain. Measured on the
+# product (H100, session 38, real SmolLM2 at 31:4:8): 0.861x dense against the default's 0.868x, so not the default.
+# (Session 37's ROPE form, rotary + cache write inside the tree attention's launch, measured 0.820x there and was
+# removed: each split's program re-read the rotation's inputs, more than its own keys' bytes.)
 ROWS_SILU = ("attn", "matmul", "down")
-# "rope": "matmul", with the rows' rotary embedding and cache write inside the tree attention's launch
-# (`specee::rope_tree_attention`: 33 launches of 2.4 us fewer in that step); "silu_rope": both
-ROWS_ROPE = ("attn", "matmul", "rope_attn")
 
 
 def tree_linears() -> str:
@@ -234,15 +234,14 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     which runs SmolLM2's 25-row fp32 matmuls on the FMA units (H200, session 22 profile: 1.70 of the tree step's
     2.64 ms of kernel time). On the real SmolLM2 (H100, session 25, benchmarks/RESULTS.md) the tree went from
     0.739x to 0.800x dense with it, identical to dense greedy on 20/20 MT-Bench turns.
-    SPECEE_TREE_LINEARS=plain|matmul|fused|silu|rope|silu_rope (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`,
-    prologues inside the op; silu: `ROWS_SILU`; rope: `ROWS_ROPE`) overrides the choice, for A/B runs. `dtype` is
-    kept for callers and a future per-dtype choice."""
+    SPECEE_TREE_LINEARS=plain|matmul|fused|silu (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues inside
+    the op; silu: `ROWS_SILU`) overrides the choice, for A/B runs. `dtype` is kept for callers and a future
+    per-dtype choice."""
     del dtype  # every dtype takes the same form today (see above)
     v = tree_linears()
     if v == "plain":
         return ("attn",)
-    return {"fused": CUDA_FUSED, "silu": ROWS_SILU, "rope": ROWS_ROPE,
-            "silu_rope": (*ROWS_SILU, "rope_attn")}.get(v, ("attn", "matmul"))
+    return {"fused": CUDA_FUSED, "silu": ROWS_SILU}.get(v, ("attn", "matmul"))
 
 
 def _check_fused(fused) -> None:
@@ -350,20 +349,17 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
     `specee::decode_attention` op (a split-S Triton kernel on CUDA, `plugins/triton_decode_attention.py`),
     or, with a mask given, one `specee::tree_attention` op (`plugins/triton_tree_attention.py`); and the
     rows' rotary embedding, K/V writes and validity mark before it are one `rope_append` op (one Triton
-    kernel on CUDA for one row, and for rows at slots of their own, the tree's; `plugins/triton_rope_append.py`);
-    with "rope_attn" too, tree rows take both in one `specee::rope_tree_attention` op (one launch on CUDA).
+    kernel on CUDA for one row, and for rows at slots of their own, the tree's; `plugins/triton_rope_append.py`).
     """
     H, Hkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rep = H // Hkv
     qkv, rope_qk, out_mlp = make_layer_parts(spec, fused=fused, ops=ops)
-    append = tree_attend = rope_tree_attend = None
+    append = tree_attend = None
     if "attn" in fused:
         attend = _fused_op(ops, "decode_attention")
         append = _fused_op(ops, "rope_append")
         if ops == "specee":  # the AOTI packages decode one row: no twin
             tree_attend = _fused_op(ops, "tree_attention")
-            if "rope_attn" in fused:
-                rope_tree_attend = _fused_op(ops, "rope_tree_attention")
 
     def layer(h, pos, valid, cos, sin, k_cache, v_cache, S: int, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
               slots=None, mask=None, attn_state=()):
@@ -376,10 +372,6 @@ def make_layer_fn(spec: StepSpec, native_gqa: bool = True, fused: tuple[str, ...
         # fp32 workspace), which an AOTI package takes as inputs since it owns no state; required with
         # ops="specee_aoti".
         q_rows = h.shape[1]
-        if rope_tree_attend is not None and mask is not None and slots is not None:  # tree rows, one op to attention
-            a = rope_tree_attend(qkv(h, ln1, wqkv, bqkv, split=False), cos, sin, pos, k_cache, v_cache, valid, slots,
-                                 mask)  # [H, q, hd]
-            return out_mlp(h, a.transpose(0, 1).reshape(1, q_rows, H * hd), wo, ln2, wgu, wd)
         # the fused op writes the cache in place: the decode step's rows, and (the Python op only; the AOTI
         # twin takes no slots) rows at slots of their own
         if append is not None and (ops == "specee" or (mask is None and slots is None)):

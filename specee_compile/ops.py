@@ -8,10 +8,9 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::decode_attention`: attention over a layer's valid cache prefix (the KV contract's mask).
 - `specee::tree_attention`: the same for a few rows under an explicit [q, S] mask (a tree's rows).
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
-- `specee::rope_tree_attention`: `rope_append` and `tree_attention` in one op (one kernel on CUDA).
 - `specee::topk_rows`: torch.topk(x, k) along the last dim, for the fixed draft tree's few short rows.
-fused_linear, decode_attention, tree_attention, rope_append and rope_tree_attention appear only where `model_step` is
-asked for them (`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
+fused_linear, decode_attention, tree_attention and rope_append appear only where `model_step` is asked for them
+(`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
 
@@ -240,27 +239,6 @@ def rope_append(
 def _(qkv, cos, sin, pos, k_cache, v_cache, valid, slots=None):
     Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
     return qkv.new_empty(qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1], hd)
-
-
-# ------------------------------------------------------------------------------------ rope_tree_attention
-@torch.library.custom_op("specee::rope_tree_attention", mutates_args=("k_cache", "v_cache", "valid"))
-def rope_tree_attention(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-) -> torch.Tensor:
-    """`rope_append` at `slots`, then `tree_attention` over the cache's first S = mask.shape[1] slots: a tree's
-    rows from their QKV projection to their attention output [H, q, hd] (rows-major), writing the cache as
-    `rope_append` does. On CUDA one Triton launch (`plugins/triton_tree_attention.py`, the kernel's ROPE form)
-    where the two ops take two, for up to 32 rows."""
-    S = mask.shape[1]
-    q = rope_append_reference(qkv, cos, sin, pos, k_cache, v_cache, valid, slots)
-    return rows_major(tree_attention_reference(q, k_cache[:, :S], v_cache[:, :S], valid[:S], mask))
-
-
-@rope_tree_attention.register_fake
-def _(qkv, cos, sin, pos, k_cache, v_cache, valid, slots, mask):
-    Hkv, hd = k_cache.shape[0], k_cache.shape[-1]
-    return rows_major(qkv.new_empty(qkv.shape[-1] // hd - 2 * Hkv, qkv.shape[1], hd))
 
 
 # --------------------------------------------------------------------------------------- topk_rows

@@ -88,13 +88,11 @@ def test_fused_layer_equals_plain_layer_on_cpu(compiled, tiny_llama):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul"), ("attn", "matmul", "down"),
-                                   ("attn", "matmul", "rope_attn")])
+@pytest.mark.parametrize("fused", [FUSABLE, ("attn", "matmul"), ("attn", "matmul", "down")])
 def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused, int8):
     """Tree verification's call (slots + an explicit mask) through the fused-op layer computes what the plain
     layer does: every op fused, and the multi-row form (`rows_fused`: the matmuls as the op, norms plain, the
-    down projection with the residual; with the rotary and cache write inside the attention's op); with float
-    weights, and with int8 pairs as a quantized draft's layer."""
+    down projection with the residual); with float weights, and with int8 pairs as a quantized draft's layer."""
     from specee_compile.model_step import extract_weights
     from specee_compile.ops import quantize_rows
 
@@ -126,8 +124,7 @@ def test_fused_layer_with_tree_mask_equals_plain_layer_on_cpu(tiny_llama, fused,
     assert torch.equal(*outs)
 
 
-@pytest.mark.parametrize("fused", [("attn", "matmul"), ("attn", "matmul", "rope_attn")])
-def test_compiled_rows_layer_launches_no_copy_and_no_trailing_add(tiny_llama, fused):
+def test_compiled_rows_layer_launches_no_copy_and_no_trailing_add(tiny_llama):
     """The tree's multi-row layer (`rows_fused`: attention, RoPE and the matmuls as ops) compiled by Inductor
     generates three kernels of its own: RMSNorm, residual add + RMSNorm, SiLU * up. The attention output feeds
     the o-projection as a view (`tree_attention` writes rows-major) and the last residual add is the down
@@ -150,13 +147,10 @@ def test_compiled_rows_layer_launches_no_copy_and_no_trailing_add(tiny_llama, fu
     kc, vc = torch.randn(Hkv, 64, hd), torch.randn(Hkv, 64, hd)
     valid = torch.ones(64, dtype=torch.bool)
     args = (h0, pos, valid, W.cos, W.sin, kc, vc, 32, *W.layers[0].as_tuple())
-    fn = torch.compile(make_layer_fn(spec, fused=fused), fullgraph=True)
+    fn = torch.compile(make_layer_fn(spec, fused=("attn", "matmul")), fullgraph=True)
     with torch.no_grad():
         got, code = run_and_get_code(lambda: fn(*args, slots=slots, mask=mask))
-        kc2, vc2 = kc.clone(), vc.clone()  # (the compiled call wrote its K/V: the plain one writes them again)
-        want = make_layer_fn(spec)(*args, slots=slots, mask=mask)
-    for a, b in ((kc, kc2), (vc, vc2)):  # the compiled call's cache write, as the plain one's
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        want = make_layer_fn(spec)(*args, slots=slots, mask=mask)  # (the compiled call wrote its K/V already)
     kernels = re.findall(r"^(?:cpp|triton)_\w+ = ", "\n".join(code), re.MULTILINE)
     assert len(kernels) == 3, kernels
     assert not any("clone" in k or "transpose" in k for k in kernels)
@@ -208,12 +202,11 @@ def test_rows_fused_per_dtype_and_its_override(monkeypatch):
     25: the tuner's 3xTF32 configs); SPECEE_TREE_LINEARS picks another form (A/B runs) and a bad value is refused in
     one line."""
     from specee_compile.errors import SettingError
-    from specee_compile.model_step import CUDA_FUSED, ROWS_ROPE, ROWS_SILU, rows_fused
+    from specee_compile.model_step import CUDA_FUSED, ROWS_SILU, rows_fused
 
     monkeypatch.delenv("SPECEE_TREE_LINEARS", raising=False)
     assert rows_fused(torch.float16) == rows_fused(torch.bfloat16) == rows_fused(torch.float32) == ("attn", "matmul")
-    for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul")), ("silu", ROWS_SILU),
-                    ("rope", ROWS_ROPE), ("silu_rope", (*ROWS_SILU, "rope_attn"))):
+    for v, want in (("plain", ("attn",)), ("fused", CUDA_FUSED), ("matmul", ("attn", "matmul")), ("silu", ROWS_SILU)):
         monkeypatch.setenv("SPECEE_TREE_LINEARS", v)
         assert rows_fused(torch.float16) == rows_fused(torch.float32) == want
     monkeypatch.setenv("SPECEE_TREE_LINEARS", "cublas")

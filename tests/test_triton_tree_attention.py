@@ -97,7 +97,7 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
 def test_fp32_tf32x3_configs_compile_to_tensor_core_mma_for_hopper():
     """Compiled for sm_90 on the CPU at SmolLM2's tree shape (9 heads over 3, 25 rows in a block of 32, hd 64):
     every 3xTF32 config fits a Hopper program's shared memory and takes TF32 MMAs, three per product where one
-    TF32 pass takes one; the IEEE configs take none (CUDA-core FMAs). The ROPE form compiles and fits too."""
+    TF32 pass takes one; the IEEE configs take none (CUDA-core FMAs)."""
     triton = pytest.importorskip("triton")
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -110,16 +110,14 @@ def test_fp32_tf32x3_configs_compile_to_tensor_core_mma_for_hopper():
     f = "*fp32"
     ptrs = {"q_ptr": f, "k_ptr": f, "v_ptr": f, "valid_ptr": "*u8", "mask_ptr": "*u8", "o_ptr": f, "ws_ptr": f,
             "cnt_ptr": "*i32"}
-    rope_ptrs = {"cos_ptr": f, "sin_ptr": f, "pos_ptr": "*i64", "slot_ptr": "*i64", "stride_pos": "i32"}
     ints = ("R", "S", "sm_scale", "stride_qh", "stride_qr", "stride_kh", "stride_ks", "stride_vh", "stride_vs",
             "stride_mr", "stride_ms")
 
-    def compiled(block_s, splits, warps, stages, prec, rope=False):
+    def compiled(block_s, splits, warps, stages, prec):
         br, _, nsp, per = A.plan(25, 256, block_s, splits)
         consts = {"HD": 64, "REP": 3, "BR": br, "BLOCK_S": block_s, "PER": per, "NSP": nsp, "PREC": prec,
-                  "PDL": True, "ROPE": rope}
-        sig = {**ptrs, **{n: "fp32" if n == "sm_scale" else "i32" for n in ints}, **rope_ptrs,
-               **{k: "constexpr" for k in consts}}
+                  "PDL": True}
+        sig = {**ptrs, **{n: "fp32" if n == "sm_scale" else "i32" for n in ints}, **{k: "constexpr" for k in consts}}
         return triton.compile(ASTSource(A._tree_attn_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
 
@@ -131,103 +129,9 @@ def test_fp32_tf32x3_configs_compile_to_tensor_core_mma_for_hopper():
         one = mmas(compiled(*cfg, "tf32").asm["ptx"])
         assert c.metadata.shared <= 227 * 1024 and ".tf32" in c.asm["ptx"], cfg
         assert one > 0 and mmas(c.asm["ptx"]) == 3 * one, (cfg, one)
-        r = compiled(*cfg, prec, rope=True)  # the ROPE form: one more block of keys (the rows' own), same precision
-        assert r.metadata.shared <= 227 * 1024 and mmas(r.asm["ptx"]) > mmas(c.asm["ptx"]), cfg
     assert A.configs(torch.float32)[: len(A.CONFIGS)] == list(A.CONFIGS)
     assert set(A.configs(torch.float16)) == set(A.CONFIGS)
     assert mmas(compiled(*A.CONFIGS[0], "ieee").asm["ptx"]) == 0
-
-
-def _rope_inputs(H, Hkv, S, rows, hd, seed, shuffle: bool):
-    """`rope_tree_attention`'s inputs: the projection [1, rows, (H + 2 Hkv) hd], cos/sin tables, positions, the
-    rows' slots (consecutive after a committed prefix, or shuffled within the tree's range), a cache [Hkv, S + 8,
-    hd] whose tree slots hold stale rows marked valid, validity with holes, and a tree mask."""
-    g = torch.Generator().manual_seed(seed)
-    T = S + 8
-    qkv = torch.randn(1, rows, (H + 2 * Hkv) * hd, generator=g)
-    ang = torch.rand(T, hd // 2, generator=g) * 6.0
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
-    p = S - rows - 3
-    slots = p + (torch.randperm(rows, generator=g) if shuffle else torch.arange(rows))
-    pos = p + torch.randint(0, 4, (rows,), generator=g)
-    if shuffle:  # a draft level's rows: one position, expanded (stride 0)
-        pos = pos[:1].expand(rows)
-    kc, vc = torch.randn(Hkv, T, hd, generator=g), torch.randn(Hkv, T, hd, generator=g)
-    valid = torch.rand(T, generator=g) < 0.8
-    valid[p : p + rows] = True  # stale: the kernel must read these rows from the projection
-    mask = torch.zeros(rows, S, dtype=torch.bool)
-    mask[:, :p] = True
-    mask[:, p : p + rows] = torch.rand(rows, rows, generator=g) < 0.4
-    mask[torch.arange(rows), slots] = True
-    return qkv, cos, sin, pos, kc, vc, valid, slots, mask
-
-
-_INTERP_ROPE = textwrap.dedent(
-    """
-    import torch
-    from specee_compile.ops import rope_tree_attention
-    from specee_compile.plugins import triton_tree_attention as A
-
-    def copies(a):  # of what the op writes (the cache, valid); the rest as given (pos may be stride 0)
-        return [t.clone() if i in (4, 5, 6) else t for i, t in enumerate(a)]
-
-    for H, Hkv, S, rows, hd in ((4, 2, 96, 5, 16), (9, 3, 200, 25, 32), (2, 2, 40, 1, 16)):
-        for shuffle in (False, True):
-            a = _rope_inputs(H, Hkv, S, rows, hd, rows, shuffle)
-            ref = copies(a)
-            want = rope_tree_attention(*ref)  # the CPU op: rope_append, then tree_attention
-            for cfg in ((16, 4, 4, 1), (64, 8, 4, 1), (64, 1, 4, 2), (32, 8, 4, 1, "tf32x3")):
-                A._WORKSPACES.clear()
-                got_in = copies(a)
-                qkv, cos, sin, pos, kc, vc, valid, slots, mask = got_in
-                got = A._launch(cfg, qkv, kc, vc, valid, mask, rope=(cos, sin, pos, slots))
-                e = float((got - want).abs().max())
-                assert got.shape == (H, rows, hd) and got.transpose(0, 1).is_contiguous(), (H, rows, cfg)
-                assert e < 1e-5, (H, rows, cfg, e)
-                for i in (4, 5):  # the cache: the rows' k (rotated) and v at their slots, nothing else touched
-                    assert float((got_in[i] - ref[i]).abs().max()) < 1e-6, (i, cfg)
-                assert torch.equal(got_in[6], ref[6])
-                for ws, cnt in A._WORKSPACES.values():
-                    assert int(cnt.abs().sum()) == 0
-            got_in = copies(a)  # the op's CUDA implementation, run here by the interpreter
-            assert float((A.triton_rope_tree_attention(*got_in) - want).abs().max()) < 1e-5
-            assert rows == 1 or a[3].stride(0) == (0 if shuffle else 1)
-    # more rows than one block: the two ops, as before
-    a = _rope_inputs(4, 2, 120, 40, 16, 3, False)
-    ref, got_in = copies(a), copies(a)
-    assert float((A.triton_rope_tree_attention(*got_in) - rope_tree_attention(*ref)).abs().max()) < 1e-5
-    assert float((got_in[4] - ref[4]).abs().max()) < 1e-6 and torch.equal(got_in[6], ref[6])
-    print("INTERP_OK")
-    """
-)
-
-
-def test_rope_form_in_triton_interpreter_on_cpu():
-    """The kernel's ROPE form (`rope_tree_attention`: the rotary, the cache write and the attention in one launch)
-    against `rope_append` then `tree_attention`: consecutive and shuffled slots, stale rows at them, one split and
-    several, IEEE and 3xTF32; the cache written exactly where `rope_append` writes; >32 rows fall back to both ops."""
-    import inspect
-
-    run_in_triton_interpreter(inspect.getsource(_rope_inputs) + _INTERP_ROPE)
-
-
-def test_rope_tree_attention_op_is_rope_append_then_tree_attention():
-    """The op (CPU: its reference) equals the two ops it replaces, in its output and in the cache it writes; its
-    fake has the real output's rows-major layout."""
-    from specee_compile.ops import rope_append, tree_attention
-
-    a = _rope_inputs(6, 2, 64, 9, 16, 5, True)
-    mine, theirs = [t.clone() for t in a], [t.clone() for t in a]
-    out = torch.ops.specee.rope_tree_attention(*mine)
-    qkv, cos, sin, pos, kc, vc, valid, slots, mask = theirs
-    q = rope_append(qkv, cos, sin, pos, kc, vc, valid, slots)
-    want = tree_attention(q, kc[:, :64], vc[:, :64], valid[:64], mask)
-    assert torch.equal(out, want) and all(torch.equal(x, y) for x, y in zip(mine, theirs))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        fake = torch.ops.specee.rope_tree_attention(*(mode.from_tensor(t) for t in a))
-    assert fake.shape == out.shape and fake.stride() == out.stride()
 
 
 @cuda
@@ -282,40 +186,3 @@ def test_cuda_every_tuner_config_matches_sdpa(dtype):
     pick = A._TUNE_CACHE[(32, 32, 25, 320, 128, dtype, a[0].device, A.pdl.mode())]
     assert pick == A.EAGER or pick in A.configs(dtype)
     assert float((got.float() - want).abs().max()) < tol
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("H,Hkv,S,rows,hd,shuffle", [(9, 3, 128, 25, 64, False), (9, 3, 256, 32, 64, True),
-                                                      (32, 32, 256, 25, 128, False), (8, 2, 96, 5, 64, True)])
-def test_cuda_rope_form_every_config_matches_the_two_ops(dtype, H, Hkv, S, rows, hd, shuffle):
-    """On the GPU, every config's ROPE form (and the op through its tuned pick) gives what `rope_append` then
-    `tree_attention` give, the cache written the same; twice each (the merge counters reset themselves)."""
-    from triton.runtime.errors import OutOfResources
-
-    from specee_compile.ops import register_cuda_kernels, rope_tree_attention
-    from specee_compile.plugins import triton_tree_attention as A
-
-    assert register_cuda_kernels()
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    a = [t.to(dtype) if t.is_floating_point() else t for t in _rope_inputs(H, Hkv, S, rows, hd, 7, shuffle)]
-    a = [t.cuda() for t in a]
-    cpu = [t.float().cpu() if t.is_floating_point() else t.cpu() for t in a]
-    want = rope_tree_attention(*cpu)  # the CPU op (its reference) in fp32; it writes cpu's cache
-    ran = 0
-    for cfg in A.configs(dtype):
-        for _ in range(2):
-            mine = [t.clone() for t in a]
-            try:
-                got = A._launch(cfg, mine[0], mine[4], mine[5], mine[6], mine[8], rope=(*mine[1:4], mine[7]))
-            except OutOfResources:
-                break
-            assert float((got.float().cpu() - want).abs().max()) < tol, cfg
-            for i in (4, 5):
-                assert float((mine[i].float().cpu() - cpu[i]).abs().max()) < tol, (cfg, i)
-            assert torch.equal(mine[6].cpu(), cpu[6])
-            ran += 1
-    assert ran >= len(A.CONFIGS), ran
-    mine = [t.clone() for t in a]
-    got = torch.ops.specee.rope_tree_attention(*mine)
-    assert float((got.float().cpu() - want).abs().max()) < tol and torch.equal(mine[6].cpu(), cpu[6])

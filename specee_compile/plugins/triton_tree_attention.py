@@ -15,14 +15,6 @@ mask) and layout copies of q in front of it. At S = 256 a layer's K/V is 4 MB (f
     of (h, rb) that arrives last (a counter per (h, rb)) merges them, writes the rows and resets its
     counter, so the workspace serves every call and graph replay (as `triton_decode_attention`).
 
-The ROPE form (`specee::rope_tree_attention`, `triton_rope_tree_attention`) starts from the rows' QKV
-projection instead of q: each program rotates its head's q rows, and its KV head's k rows, at the rows'
-positions, leaves the rows' own cache slots out of its key loop (they may hold a rejected branch's rows), and
-the last split adds those rows' keys as one more block from the projection; the first head of each KV group
-writes them into the cache (`rope_append`'s write), head 0 marks them valid. So a tree layer launches one kernel
-where `rope_append` and the attention took two (33 launches of ~2.4 us fewer in a SmolLM2 tree step, session
-36's profile: a candidate for `SPECEE_TREE_LINEARS=rope`, not yet timed).
-
 The output [H, q, hd] is stored rows-major (a contiguous [q, H, hd], `ops.rows_major`), so the o-projection's
 input is a view of it. Scale 1/sqrt(hd), SDPA's default. fp32 inputs take IEEE or 3xTF32 dot products, the tuner's
 pick (never plain TF32). Every real row must be allowed at least one valid key (its own slot, in the tree's use);
@@ -67,37 +59,12 @@ _TUNE_CACHE: dict = {}
 if HAVE_TRITON:
 
     @triton.jit
-    def _attn_block(q, kt, vt, ok, m, l_sum, acc, sm_scale, PREC: tl.constexpr):
-        """One block of keys into the online softmax: scores q . kt [BR, keys] where `ok`, then P . vt."""
-        if PREC != "":  # fp32: "ieee" or "tf32x3"
-            sc = tl.dot(q, kt, input_precision=PREC)
-        else:
-            sc = tl.dot(q, kt)
-        sc = tl.where(ok, sc * tl.cast(sm_scale, tl.float32), -float("inf"))  # [BR, keys]
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing allowed yet: exp() finite
-        alpha = tl.exp(m - m_ref)
-        p = tl.exp(sc - m_ref[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if PREC != "":
-            pv = tl.dot(p, vt.to(tl.float32), input_precision=PREC)
-        else:
-            pv = tl.dot(p.to(vt.dtype), vt)
-        return m_new, l_sum, acc * alpha[:, None] + pv
-
-    @triton.jit
     def _tree_attn_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, mask_ptr, o_ptr, ws_ptr, cnt_ptr,
         R, S, sm_scale, stride_qh, stride_qr, stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, stride_ms,
-        cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_pos,
         HD: tl.constexpr, REP: tl.constexpr, BR: tl.constexpr, BLOCK_S: tl.constexpr, PER: tl.constexpr,
-        NSP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False, ROPE: tl.constexpr = False,
+        NSP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        # ROPE (`rope_tree_attention`): q_ptr is the QKV projection [R, (H + 2 Hkv) HD] (stride_qh = HD, stride_qr
-        # its row); the rows' q and k are rotated here at pos_ptr's positions, their keys come from the
-        # projection (the cache's slots slot_ptr[r] are left out of the key loop: they hold stale rows), and the
-        # first head of each KV group writes them (k rotated, v) into the cache at those slots, head 0 marking
-        # `valid`: `rope_append` and the attention in one launch. All R rows in one row block (R <= BR).
         if PDL:  # programmatic dependent launch (plugins/pdl.py)
             tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
@@ -108,23 +75,7 @@ if HAVE_TRITON:
         d = tl.arange(0, HD)
         r = rb * BR + tl.arange(0, BR)
         live_r = r < R
-        q_rows = q_ptr + h * stride_qh + r[:, None] * stride_qr
-        q = tl.load(q_rows + d[None, :], mask=live_r[:, None], other=0.0)
-        if ROPE:
-            DT: tl.constexpr = o_ptr.dtype.element_ty
-            partner = (d + HD // 2) % HD  # rotate_half: [-x[HD/2:], x[:HD/2]], as `_rope_append_kernel`
-            sign = tl.where(d < HD // 2, -1.0, 1.0)
-            pos = tl.load(pos_ptr + r * stride_pos, mask=live_r, other=0)  # (stride 0: a draft level's one position)
-            slot = tl.load(slot_ptr + r, mask=live_r, other=-1)  # (-1: a padding row's, never a key)
-            c = tl.load(cos_ptr + pos[:, None] * HD + d[None, :]).to(tl.float32)
-            s = tl.load(sin_ptr + pos[:, None] * HD + d[None, :]).to(tl.float32)
-            xp = tl.load(q_rows + partner[None, :], mask=live_r[:, None], other=0.0).to(tl.float32)
-            q = (q.to(tl.float32) * c + sign * xp * s).to(DT)
-            k_rows = q_ptr + (tl.num_programs(0) + kvh) * HD + r[:, None] * stride_qr
-            x = tl.load(k_rows + d[None, :], mask=live_r[:, None], other=0.0).to(tl.float32)
-            xp = tl.load(k_rows + partner[None, :], mask=live_r[:, None], other=0.0).to(tl.float32)
-            k_own = (x * c + sign * xp * s).to(DT)  # [BR, HD]
-            v_own = tl.load(k_rows + (tl.num_programs(0) // REP) * HD + d[None, :], mask=live_r[:, None], other=0.0)
+        q = tl.load(q_ptr + h * stride_qh + r[:, None] * stride_qr + d[None, :], mask=live_r[:, None], other=0.0)
         m = tl.full([BR], -float("inf"), tl.float32)
         l_sum = tl.zeros([BR], dtype=tl.float32)
         acc = tl.zeros([BR, HD], dtype=tl.float32)
@@ -133,34 +84,37 @@ if HAVE_TRITON:
             offs = base + b * BLOCK_S + tl.arange(0, BLOCK_S)
             inb = offs < S
             kt = tl.load(k_ptr + kvh * stride_kh + offs[None, :] * stride_ks + d[:, None], mask=inb[None, :], other=0.0)
+            if PREC != "":  # fp32: "ieee" or "tf32x3"
+                sc = tl.dot(q, kt, input_precision=PREC)
+            else:
+                sc = tl.dot(q, kt)
+            sc = sc * tl.cast(sm_scale, tl.float32)  # [BR, BLOCK_S]
             ok_k = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0)
-            if ROPE:  # the rows' own slots: their keys are the projection's (below), not the cache's
-                ok_k = ok_k & (tl.max((slot[:, None] == offs[None, :]).to(tl.int32), axis=0) == 0)
             ok = tl.load(mask_ptr + r[:, None] * stride_mr + offs[None, :] * stride_ms,
                          mask=live_r[:, None] & ok_k[None, :], other=0) != 0
+            sc = tl.where(ok, sc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with nothing allowed yet: exp() finite
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(sc - m_ref[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_ptr + kvh * stride_vh + offs[:, None] * stride_vs + d[None, :], mask=inb[:, None], other=0.0)
-            m, l_sum, acc = _attn_block(q, kt, vt, ok, m, l_sum, acc, sm_scale, PREC)
-        if ROPE:
-            if sp == NSP - 1:  # the rows' own keys, once per (head, row block): the last split's
-                own = live_r & (slot < S)
-                ok = tl.load(mask_ptr + r[:, None] * stride_mr + slot[None, :] * stride_ms,
-                             mask=live_r[:, None] & own[None, :], other=0) != 0
-                m, l_sum, acc = _attn_block(q, tl.trans(k_own), v_own, ok, m, l_sum, acc, sm_scale, PREC)
-            if sp == 0 and h % REP == 0:  # the cache write (no program of this launch reads those slots)
-                tl.store(k_ptr + kvh * stride_kh + slot[:, None] * stride_ks + d[None, :], k_own, mask=live_r[:, None])
-                tl.store(v_ptr + kvh * stride_vh + slot[:, None] * stride_vs + d[None, :], v_own, mask=live_r[:, None])
-                if h == 0:
-                    tl.store(valid_ptr + slot, tl.full([BR], 1, valid_ptr.dtype.element_ty), mask=live_r)
+            if PREC != "":
+                pv = tl.dot(p, vt.to(tl.float32), input_precision=PREC)
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         out_rows = o_ptr + (r[:, None] * tl.num_programs(0) + h) * HD + d[None, :]  # rows-major [R, H, HD]
         if NSP == 1:
             tl.store(out_rows, (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=live_r[:, None])
         else:
-            wrow = ((h * nrb + rb) * NSP + sp) * BR + tl.arange(0, BR)  # this split's rows in the workspace
-            tl.store(ws_ptr + wrow[:, None] * (HD + 2) + d[None, :], acc)
-            tl.store(ws_ptr + wrow * (HD + 2) + HD, m)
-            tl.store(ws_ptr + wrow * (HD + 2) + HD + 1, l_sum)
+            slot = ((h * nrb + rb) * NSP + sp) * BR + tl.arange(0, BR)  # this split's rows in the workspace
+            tl.store(ws_ptr + slot[:, None] * (HD + 2) + d[None, :], acc)
+            tl.store(ws_ptr + slot * (HD + 2) + HD, m)
+            tl.store(ws_ptr + slot * (HD + 2) + HD + 1, l_sum)
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + h * nrb + rb, 1, sem="acq_rel") == NSP - 1:  # last split: merge
                 mx = tl.full([BR], -float("inf"), tl.float32)
@@ -224,62 +178,26 @@ def triton_tree_attention(q, k, v, valid, mask):
     return _launch(cfg, q, k, v, valid, mask)
 
 
-def triton_rope_tree_attention(qkv, cos, sin, pos, k_cache, v_cache, valid, slots, mask):
-    """`specee::rope_tree_attention` on CUDA: one launch of the kernel in its ROPE form, with the tree attention's
-    tuned config for the shape; where that pick is the reference, or the call is not the kernel's case (more than
-    one row block), `rope_append` and `tree_attention` as two ops."""
-    from .triton_rope_append import triton_rope_append
-
-    Hkv, T, hd = k_cache.shape
-    rows, S = mask.shape
-    H = qkv.shape[-1] // hd - 2 * Hkv
-    usable = (
-        HAVE_TRITON and 1 <= rows <= 32 and qkv.dim() == 3 and qkv.shape[1] == rows and qkv.is_contiguous()
-        and 16 <= hd == triton.next_power_of_2(hd) and H > 0 and H % Hkv == 0 and S <= T
-        and cos.is_contiguous() and sin.is_contiguous() and tuple(cos.shape[1:]) == (hd,)
-        and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and valid.is_contiguous()
-        and qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
-        and tuple(pos.shape) == tuple(slots.shape) == (rows,) and slots.stride(0) == 1
-    )
-    cfg = (BLOCK_S, MAX_SPLITS, NUM_WARPS, NUM_STAGES)
-    if usable and qkv.is_cuda:  # the shape's pick; q unrotated, a view of the projection (the tuner only times it)
-        q = qkv[0, :, : H * hd].view(rows, H, hd).transpose(0, 1)
-        cfg = _tuned(q, k_cache[:, :S], v_cache[:, :S], valid[:S], mask) or cfg
-    if not usable or cfg == EAGER:
-        q = triton_rope_append(qkv, cos, sin, pos, k_cache, v_cache, valid, slots)
-        return triton_tree_attention(q, k_cache[:, :S], v_cache[:, :S], valid[:S], mask)
-    return _launch(cfg, qkv, k_cache, v_cache, valid, mask, rope=(cos, sin, pos, slots))
-
-
 def configs(dtype: torch.dtype) -> list:
     """The launch configs the tuner times for q's dtype (besides the reference): CONFIGS, and for fp32 also
     CONFIGS_F32_TF32X3."""
     return [*CONFIGS, *CONFIGS_F32_TF32X3] if dtype == torch.float32 else list(CONFIGS)
 
 
-def _launch(cfg, q, k, v, valid, mask, rope=None) -> torch.Tensor:
-    """The kernel over q [H, rows, hd]; with rope = (cos, sin, pos, slots), `rope_tree_attention`'s form: q is the
-    QKV projection [1, rows, (H + 2 Hkv) hd] and k, v the whole cache [Hkv, T, hd] (S = mask's width)."""
+def _launch(cfg, q, k, v, valid, mask) -> torch.Tensor:
     block_s, max_splits, warps, stages = cfg[:4]
     prec = (cfg[4] if len(cfg) > 4 else "ieee") if q.dtype == torch.float32 else ""  # "": the dtype's own dot
-    Hkv, _, hd = k.shape
-    rows, S = mask.shape
-    valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
-    if rope is None:  # (the rotary's pointers unused)
-        H, sqh, sqr = q.shape[0], q.stride(0), q.stride(1)
-        cos = sin = q
-        pos = slots = valid
-    else:
-        H, sqh, sqr = q.shape[-1] // hd - 2 * Hkv, hd, q.shape[-1]
-        cos, sin, pos, slots = rope
+    H, rows, hd = q.shape
+    Hkv, S, _ = k.shape
     o = torch.empty(rows, H, hd, dtype=q.dtype, device=q.device).transpose(0, 1)  # `ops.rows_major`
     br, nrb, nsp, per = plan(rows, S, block_s, max_splits)
     ws, cnt = _workspace(q.device, H * nrb, nsp, br, hd)
     _tree_attn_kernel[(H, nrb, nsp)](
-        q, k, v, valid, mask.view(torch.uint8) if mask.dtype == torch.bool else mask, o, ws, cnt,
-        rows, S, 1.0 / math.sqrt(hd), sqh, sqr, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        mask.stride(0), mask.stride(1), cos, sin, pos, slots, pos.stride(0),
-        HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, PREC=prec, ROPE=rope is not None,
+        q, k, v, valid.view(torch.uint8) if valid.dtype == torch.bool else valid,
+        mask.view(torch.uint8) if mask.dtype == torch.bool else mask, o, ws, cnt,
+        rows, S, 1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        mask.stride(0), mask.stride(1),
+        HD=hd, REP=H // Hkv, BR=br, BLOCK_S=block_s, PER=per, NSP=nsp, PREC=prec,
         num_warps=warps, num_stages=stages, **pdl.kernel_args(q.device),
     )
     return o
@@ -313,7 +231,5 @@ def _tuned(q, k, v, valid, mask):
 
 
 def register_cuda_impl() -> bool:
-    """Make the kernel the CUDA implementation of `specee::tree_attention` and `specee::rope_tree_attention`
-    (idempotent; False where triton is missing)."""
-    return (register_kernel("specee::tree_attention", triton_tree_attention)
-            & register_kernel("specee::rope_tree_attention", triton_rope_tree_attention))
+    """Make the kernel the CUDA implementation of `specee::tree_attention` (idempotent; False where triton is missing)."""
+    return register_kernel("specee::tree_attention", triton_tree_attention)
