@@ -64,11 +64,15 @@ def test_tiny_bench_writes_record_and_plot(tmp_path, capsys, monkeypatch):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run the same day beside it: a record of its own, the first one untouched
     first = rec.read_bytes()
+    assert res["env"] == {k: v for k, v in os.environ.items() if k.startswith("SPECEE_")}
+    monkeypatch.setenv("SPECEE_TREE_LINEARS", "silu")  # an A/B form: the record names it (the CPU reads none)
     assert main(["bench", "--tiny", "--device", "cpu", "--runs", "1", "--skip-hf", "--new-tokens", "4",
                  "--skip", "tree", "--out", str(tmp_path)]) in (0, None)
     assert rec.read_bytes() == first
     second = rec.with_name(rec.stem + "-2.json")
-    assert json.loads(second.read_text())["new_tokens"] == 4 and second.with_suffix(".png").is_file()
+    res2 = json.loads(second.read_text())
+    assert res2["new_tokens"] == 4 and second.with_suffix(".png").is_file()
+    assert res2["env"]["SPECEE_TREE_LINEARS"] == "silu" and "SPECEE_TREE_LINEARS" not in res["env"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 

@@ -832,6 +832,8 @@ def run_bench(args) -> dict:
         "command": " ".join(["specee-compile bench", *getattr(args, "argv", [])]),
         # SPECEE_PDL (plugins/pdl.py): programmatic dependent launch, `all` by default on sm_90+; None off CUDA
         "pdl": pdl.mode() if dev.type == "cuda" else None,
+        # every SPECEE_* variable of this run (an A/B form such as SPECEE_TREE_LINEARS changes the product's path)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECEE_")},
         "results": {}, "checks": {}, "notes": [], "started": time.time(),
     }
     os.makedirs(bench_out_dir(args), exist_ok=True)
