@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from specee_compile.artifacts import MANIFEST, atomic_directory, read_manifest, write_manifest
 from specee_compile.draft import EagleDraft
-from specee_compile.draft.eagle import CONFIG_NAME, WEIGHTS_NAME
+from specee_compile.draft.eagle import CONFIG_NAME, WEIGHTS_NAME, tree_shapes_from_config
 
 SHIPPED = ROOT / "specee_compile" / "shipped" / "smollm2-135m"
 MAX_DRAFT_BYTES = 20 * 1000 * 1000
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         return 2
     draft = EagleDraft.load(args.draft, loaded.model)
     if not draft.tree_shapes:  # the shapes measured with the previous head stand until `tune-tree` re-measures
-        draft.tree_shapes = EagleDraft.load(target, loaded.model).tree_shapes
+        old_shapes = old.get("draft", {}).get("config", {}).get("tree_shapes")  # (the verified manifest's copy)
+        draft.tree_shapes = tree_shapes_from_config(old_shapes, str(target))
     new_cfg = json.loads((Path(args.draft) / CONFIG_NAME).read_text())
     train = new_cfg.get("train", {})
 
