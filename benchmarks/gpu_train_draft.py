@@ -152,6 +152,7 @@ def cmd_run(args) -> int:
         batch_size=args.batch_size, time_budget_s=args.train_budget, unroll=args.unroll, exit_mix=args.exit_mix,
         lr=args.lr, aux_layers=aux, gen_batch_size=args.gen_batch_size, collect_batch_size=args.collect_batch_size,
         steps=args.steps, seed=args.seed, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+        init=shipped_dir if args.init == "baseline" else args.init,
     )
     train_wall = time.time() - t_train
     rep = cfg["train"]
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--exit-mix", type=float, default=0.3)
     p.add_argument("--aux-layers", default="14,18,20,24", help="exit layers for exit-layer mixing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue training this draft directory ('baseline': the --baseline head) instead "
+                   "of a fresh head (train-draft --init)")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="warn instead of failing when the "
                    "packed data's tokenizer fingerprint differs (same ids, e.g. another transformers version)")
     p.add_argument("--eval-prompts", type=int, default=80)

@@ -259,7 +259,7 @@ def cmd_train_draft(args) -> int:
                               conversations=args.conversations, batch_size=args.batch_size,
                               time_budget_s=args.time_budget or None, aux_layers=aux, data_file=args.data,
                               self_generated=args.self_generated, gen_tokens=args.gen_tokens,
-                              unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr)
+                              unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr, init=args.init)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
     return 0
 
@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--aux-layers", help="exit layers recorded for exit-layer mixing, e.g. 12,16,20,24 "
                    "(default every 2nd from L/3; fewer = less host memory on large runs)")
+    p.add_argument("--init", help="a draft directory (an earlier train-draft's -o, or artifacts with a draft) to "
+                   "continue training from: its weights, layers and vocabulary instead of a fresh head")
     p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
                    "draft.safetensors and draft_config.json are written)")
     p.set_defaults(fn=cmd_train_draft)

@@ -225,6 +225,7 @@ def test_command_budget_covers_generation_collection_training(tmp_path, model, t
     (["--conversations", "0"], "--conversations"),
     (["--data", "no/such/file.safetensors"], "--data"),
     (["--aux-layers", "3,x"], "--aux-layers"),
+    (["--init", "no/such/draft"], "--init"),
 ])
 def test_cli_bad_training_flags(tmp_path, capsys, monkeypatch, argv, needle):
     from specee_compile import models
@@ -237,3 +238,95 @@ def test_cli_bad_training_flags(tmp_path, capsys, monkeypatch, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("specee-compile: error: "), err
     assert needle in err[0], err
+
+
+def _params(d):
+    return {k: v.detach().float().cpu() for k, v in d.named_parameters()}
+
+
+def test_warm_start_continues_from_the_head(tmp_path, model, tok):
+    """--init: the new head starts as the given one (weights, layers, vocabulary), not from the identity start, and
+    the report says so; on the same data a warm start's first losses are the head's last ones, not a fresh head's."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    texts = [("abcabd " * 6)[i % 5 :] + "xyz " * 3 for i in range(24)]
+    common = {"seq_len": 48, "progress": False, "batch_size": 6, "seed": 0, "aux_layers": [1], "time_budget_s": None}
+    data = collect_teacher_data(model, tok, texts, seq_len=48, aux_layers=[1], progress=False)
+    base, base_rep = train_draft(model, tok, texts, steps=60, lr=3e-3, vocab_size_limit=64, data=data, **common)
+    base.save(tmp_path / "base")
+
+    # lr ~ 0: the weights come back as they went in (fp16 on disk), the vocabulary is the head's, not the limit's
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint="tiny")
+    data_file = tmp_path / "d.safetensors"
+    pack_training_data(tok, [["go on:", t] for t in texts], data_file, seq_len=48, progress=False)
+    cfg = train_draft_command("tiny", tmp_path / "warm", loaded=loaded, data_file=data_file, conversations=24,
+                              steps=2, lr=1e-8, seq_len=48, batch_size=6, time_budget_s=None, aux_layers=[1],
+                              progress=False, vocab_size_limit=16, init=tmp_path / "base")
+    assert cfg["train"]["warm_start"] is True and cfg["train"]["init"] == str(tmp_path / "base")
+    assert cfg["train"]["vocab_size_limit"] is None
+    warm = EagleDraft.load(tmp_path / "warm", model)
+    assert torch.equal(warm.vocab_ids.cpu(), base.vocab_ids.cpu()) and warm.vocab_ids.numel() == 64
+    want, got = _params(EagleDraft.load(tmp_path / "base", model)), _params(warm)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-3, rtol=1e-3, msg=k)
+
+    # trained on: a warm start begins where the head is (its first losses are the trained head's, far under a
+    # fresh head's) and the head then moves
+    _fresh, fresh_rep = train_draft(model, tok, texts, steps=4, lr=3e-3, vocab_size_limit=64, data=data, **common)
+    cont, cont_rep = train_draft(model, tok, texts, steps=4, lr=3e-3, data=data, init=base, **common)
+    assert cont_rep["warm_start"] and not fresh_rep["warm_start"]
+    losses = (base_rep["final_loss"], cont_rep["first_loss"], fresh_rep["first_loss"])
+    assert fresh_rep["first_loss"] - base_rep["final_loss"] > 0.2, losses  # the base head did learn
+    assert abs(cont_rep["first_loss"] - base_rep["final_loss"]) < 0.25 * (
+        fresh_rep["first_loss"] - base_rep["final_loss"]), losses
+    assert any(not torch.equal(a, b) for a, b in zip(_params(cont).values(), _params(base).values()))
+
+
+def test_warm_start_keeps_the_heads_layers_and_refuses_another_model(model, tok):
+    texts = [("abcabd " * 6)[i % 5 :] for i in range(12)]
+    two = EagleDraft(model, torch.arange(40), num_layers=2)
+    d, rep = train_draft(model, tok, texts, steps=2, seq_len=32, progress=False, batch_size=4, aux_layers=[1],
+                         time_budget_s=None, init=two)
+    assert len(d.layers) == 2 and d.vocab_ids.numel() == 40 and rep["num_vocab_ids"] == 40
+    other = make_tiny_llama(hidden_size=48)
+    with pytest.raises(SpecEEError, match="another model"):
+        train_draft(model, tok, texts, steps=2, seq_len=32, progress=False, batch_size=4, aux_layers=[1],
+                    time_budget_s=None, init=EagleDraft(other, torch.arange(40)))
+
+
+def test_warm_start_verifies_an_artifact_manifest(tmp_path, model, tok):
+    from specee_compile.artifacts import write_manifest
+    from specee_compile.errors import ArtifactError
+
+    arts = tmp_path / "arts"
+    EagleDraft(model, torch.arange(40)).save(arts)
+    write_manifest(arts, model="tiny", fingerprint="tiny", info={})
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint="tiny")
+    kw = {"loaded": loaded, "conversations": 4, "steps": 1, "seq_len": 32, "batch_size": 2, "time_budget_s": None,
+          "progress": False, "aux_layers": [1], "init": arts}
+    data_file = tmp_path / "d.safetensors"
+    pack_training_data(tok, [["say it:", "abcabd abcabd xyz xyz"]] * 6, data_file, seq_len=32, progress=False)
+    cfg = train_draft_command("tiny", tmp_path / "ok", data_file=data_file, **kw)
+    assert cfg["train"]["warm_start"]
+    raw = bytearray((arts / "draft.safetensors").read_bytes())
+    raw[-1] ^= 1  # one bit of a weight: the manifest's digest no longer matches
+    (arts / "draft.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="damaged"):
+        train_draft_command("tiny", tmp_path / "bad", data_file=data_file, **kw)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_init_that_is_also_the_output_is_refused(tmp_path, capsys, monkeypatch, model):
+    from specee_compile import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --init was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    head = tmp_path / "head"
+    EagleDraft(model, torch.arange(40)).save(head)
+    before = (head / "draft.safetensors").read_bytes()
+    rc = main(["train-draft", "smollm2-135m", "-o", str(head), "--init", str(head)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--init" in err[0] and "overwrite" in err[0], err
+    assert (head / "draft.safetensors").read_bytes() == before

@@ -608,6 +608,7 @@ def train_draft(
     amp: bool | None = None,
     deadline: float | None = None,
     reserve_s: float = 15.0,
+    init: EagleDraft | None = None,
 ) -> tuple[EagleDraft, dict[str, Any]]:
     """Self-distil an EAGLE-1 draft from ``model`` (frozen) on ``texts`` (strings, conversations or
     token-id lists). Returns (draft bound to ``model``, report). ``data`` reuses a
@@ -622,7 +623,11 @@ def train_draft(
     data is kept on ``store_device`` (default: the training device), the base model collects on its
     own device in batches of ``collect_batch_size`` (default 64 on CUDA, 1 on the CPU), and the
     forward/backward runs under bf16 autocast (``amp``, default on for CUDA) with fp32 weights.
-    ``unroll`` > 1: training-time test over that many draft steps (module doc)."""
+    ``unroll`` > 1: training-time test over that many draft steps (module doc).
+
+    ``init``: a trained draft of this model to continue from (warm start): its weights, layer count and
+    vocabulary (``vocab_size_limit`` and the data's token counts are then not used) in place of the
+    identity start."""
     t0 = time.time()
     deadline = _deadline(time_budget_s, deadline, t0)
     if not isinstance(unroll, int) or isinstance(unroll, bool) or not 1 <= unroll <= 8:
@@ -660,18 +665,31 @@ def train_draft(
             if text:
                 extra.update(tokenizer(text, add_special_tokens=False)["input_ids"])
     always = [t for t in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)] if t is not None]
-    vocab_ids = choose_vocab(data, vocab_size_limit, head_w.shape[0], extra, always)
+    if init is not None:  # warm start: the head's own vocabulary, so its head rows keep their meaning
+        if init.vocab_size != head_w.shape[0] or init.hidden_size != _cfg.hidden_size:
+            raise SpecEEError(f"the draft to continue from was made for another model (vocabulary {init.vocab_size}, "
+                              f"width {init.hidden_size}; this model: {head_w.shape[0]}, {_cfg.hidden_size})")
+        vocab_ids = init.vocab_ids.detach().cpu()
+    else:
+        vocab_ids = choose_vocab(data, vocab_size_limit, head_w.shape[0], extra, always)
     data_dev = data["final"].device
     vocab_map = torch.full((head_w.shape[0],), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     vocab_map = vocab_map.to(data_dev)
 
-    draft = EagleDraft(hf, vocab_ids)
+    shape = {} if init is None else {"num_layers": len(init.layers), "input_norm": init.input_norm,
+                                     "fc_bias": init.fc.bias is not None}
+    draft = EagleDraft(hf, vocab_ids, **shape)
     draft.float()  # train in fp32 whatever the base dtype (embed/head buffers are copies then)
     draft.embed_weight = draft.embed_weight.float().to(dev)
     draft.head_rows = draft.head_rows.float().to(dev)
     draft.to(dev)
-    _init_draft(draft, seed)
+    if init is None:
+        _init_draft(draft, seed)
+    else:
+        with torch.no_grad():
+            for name, p in draft.named_parameters():
+                p.copy_(init.get_parameter(name).detach().to(p.device, p.dtype))
     draft.train()
 
     tr_idx, val_idx = _split(int(data["ids"].shape[0]), val_frac, seed)
@@ -756,8 +774,9 @@ def train_draft(
         "unroll_decay": unroll_decay,
         "amp_bf16": amp,
         "aux_layers": list(data["aux_layers"]),
-        "vocab_size_limit": vocab_size_limit,
+        "vocab_size_limit": None if init is not None else vocab_size_limit,
         "num_vocab_ids": len(vocab_ids),
+        "warm_start": init is not None,
         "collect_seconds": round(t_collect, 1),
         "train_seconds": round(t_train, 1),
         "steps_per_second": round(len(curve) / max(t_train, 1e-9), 2),
@@ -966,6 +985,7 @@ def train_draft_command(
     loaded=None,
     allow_tokenizer_mismatch: bool = False,
     tf32: bool = True,
+    init: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``specee-compile train-draft MODEL``: load MODEL, self-distil a draft on ShareGPT first turns
     (+ replies), write ``out_dir``/draft.safetensors + draft_config.json; return the config dict
@@ -987,7 +1007,9 @@ def train_draft_command(
     CUDA the teacher's fp32 matmuls (generation, collection) may use TF32 tensor cores (restored after).
     ``aux_layers``: exit layers whose features are recorded for exit-layer mixing (default: every 2nd
     from L/3; fewer layers = less memory for large runs). ``loaded``: an already loaded model (then
-    ``model_name`` only names it in the config). ``allow_tokenizer_mismatch``: see ``load_training_data``."""
+    ``model_name`` only names it in the config). ``allow_tokenizer_mismatch``: see ``load_training_data``.
+    ``init`` (``--init``): a draft directory (train-draft's output, or an artifact directory with a draft,
+    whose manifest is verified first) to continue training from; see ``train_draft``."""
     from ..data import sharegpt_conversations
     from ..models import load_model
 
@@ -1007,6 +1029,8 @@ def train_draft_command(
         raise SpecEEError("nothing to train on: --conversations and --self-generated are both 0")
     if data_file is not None and not Path(data_file).is_file():
         raise SpecEEError(f"--data {data_file}: no such file")
+    if init is not None:
+        _check_init_dir(init, out_dir)
     if device is None and settings is not None:
         device = getattr(settings, "device", None)
     if device is not None and torch.device(device).type == "cuda":
@@ -1020,6 +1044,7 @@ def train_draft_command(
         else:  # fp32 on the training device; the trained draft is cast to the runtime dtype on load
             loaded = load_model(model_name, dtype=torch.float32, device=device or "cpu")
     tok = loaded.tokenizer
+    init_draft = _load_init(init, loaded.model) if init is not None else None
     if data_file is not None:
         texts, prompts, meta = load_training_data(data_file, tok, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
         gen_items = prompts[:self_generated]  # the packed prompts and texts are of the same conversations
@@ -1045,8 +1070,8 @@ def train_draft_command(
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source,
-                                gen_items, train_convs, vocab_convs, steps=steps, lr=lr, seq_len=seq_len,
-                                vocab_size_limit=vocab_size_limit, batch_size=batch_size, progress=progress,
+                                gen_items, train_convs, vocab_convs, (init, init_draft), steps=steps, lr=lr,
+                                seq_len=seq_len, vocab_size_limit=vocab_size_limit, batch_size=batch_size, progress=progress,
                                 seed=seed, time_budget_s=time_budget_s, gen_tokens=gen_tokens,
                                 aux_layers=aux_layers, unroll=unroll, exit_mix=exit_mix,
                                 gen_batch_size=gen_batch_size, collect_batch_size=collect_batch_size,
@@ -1055,8 +1080,34 @@ def train_draft_command(
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
+def _check_init_dir(init, out_dir) -> None:
+    """--init names a directory holding draft.safetensors, other than -o (one clear line otherwise, before the
+    model loads)."""
+    d = Path(init)
+    if not (d / WEIGHTS_NAME).is_file():
+        raise SpecEEError(f"--init {init}: no {WEIGHTS_NAME} there; expected a draft directory (the -o of an earlier "
+                          "train-draft, or artifacts that hold a draft)")
+    if Path(out_dir).resolve() == d.resolve():
+        raise SpecEEError(f"--init {init} is also -o: the new head would overwrite the one it starts from; "
+                          "pick another -o")
+
+
+def _load_init(init, model) -> EagleDraft:
+    """The draft to continue from, fp32 on the model: an artifact directory's manifest is verified first."""
+    from ..artifacts import MANIFEST, read_manifest
+
+    d = Path(init)
+    if (d / MANIFEST).is_file():
+        files = read_manifest(d, verify=True)["files"]
+        if WEIGHTS_NAME not in files:
+            raise SpecEEError(f"--init {init}: its manifest does not list {WEIGHTS_NAME}; re-create the artifacts")
+    draft = EagleDraft.load(d, model)
+    draft.float()
+    return draft
+
+
 def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source, gen_items,
-                     train_convs, vocab_convs, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
+                     train_convs, vocab_convs, init, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
                      time_budget_s, gen_tokens, aux_layers, unroll, exit_mix, gen_batch_size, collect_batch_size,
                      gen_frac, tf32) -> dict[str, Any]:
     generated: list[tuple[list[int], int]] = []
@@ -1078,8 +1129,9 @@ def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, dead
         loaded.model, tok, items, steps=steps, lr=lr, seq_len=seq_len,
         vocab_size_limit=vocab_size_limit, progress=progress, batch_size=batch_size, seed=seed,
         vocab_texts=vocab_convs, time_budget_s=None, deadline=deadline, device=device, aux_layers=aux_layers,
-        unroll=unroll, exit_mix=exit_mix, collect_batch_size=collect_batch_size,
+        unroll=unroll, exit_mix=exit_mix, collect_batch_size=collect_batch_size, init=init[1],
     )
+    report["init"] = None if init[0] is None else str(init[0])
     report["time_budget_s"] = time_budget_s or None
     report["device"] = str(device or "cpu")
     report["load_seconds"] = round(load_s, 1)
