@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
         batch_size=args.batch_size, time_budget_s=args.train_budget, unroll=args.unroll, exit_mix=args.exit_mix,
         lr=args.lr, aux_layers=aux, gen_batch_size=args.gen_batch_size, collect_batch_size=args.collect_batch_size,
         steps=args.steps, seed=args.seed, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-        init=shipped_dir if args.init == "baseline" else args.init,
+        init=shipped_dir if args.init == "baseline" else args.init, draft_layers=args.draft_layers,
     )
     train_wall = time.time() - t_train
     rep = cfg["train"]
@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="continue training this draft directory ('baseline': the --baseline head) instead "
                    "of a fresh head (train-draft --init)")
+    p.add_argument("--draft-layers", type=int, default=None, help="decoder layers of a fresh head (default 1)")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="warn instead of failing when the "
                    "packed data's tokenizer fingerprint differs (same ids, e.g. another transformers version)")
     p.add_argument("--eval-prompts", type=int, default=80)

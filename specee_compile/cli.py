@@ -259,7 +259,8 @@ def cmd_train_draft(args) -> int:
                               conversations=args.conversations, batch_size=args.batch_size,
                               time_budget_s=args.time_budget or None, aux_layers=aux, data_file=args.data,
                               self_generated=args.self_generated, gen_tokens=args.gen_tokens,
-                              unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr, init=args.init)
+                              unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr, init=args.init,
+                              draft_layers=args.draft_layers)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
     return 0
 
@@ -419,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default every 2nd from L/3; fewer = less host memory on large runs)")
     p.add_argument("--init", help="a draft directory (an earlier train-draft's -o, or artifacts with a draft) to "
                    "continue training from: its weights, layers and vocabulary instead of a fresh head")
+    p.add_argument("--draft-layers", type=int, default=None, help="decoder layers of a fresh head, 1-4 (default 1, "
+                   "EAGLE's; each adds ~8 MB at SmolLM2's width and a layer to every draft pass)")
     p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
                    "draft.safetensors and draft_config.json are written)")
     p.set_defaults(fn=cmd_train_draft)

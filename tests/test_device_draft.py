@@ -92,3 +92,29 @@ def test_device_source_after_rollback(tiny_model, draft):  # noqa: F811
         ref.observe(ids[t], hid[t - 1], 3)
         dev.observe_device(ids[t], hid[t - 1], 3)
         assert dev.propose().tolist() == ref.propose().tolist()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_layer_draft_device_step_equals_eager(tiny_model, compiled):  # noqa: F811
+    """A head with two decoder layers (`train-draft --draft-layers 2`): the device step (eager tensor code, and
+    compiled as on CUDA) runs both layers as the eager source does; its proposals differ from the first layer's
+    alone, so the second layer is really in the chain."""
+    from specee_compile.draft.eagle import EagleDraft
+
+    torch.manual_seed(2)
+    two = EagleDraft(tiny_model, torch.arange(200), num_layers=2)
+    with torch.no_grad():
+        for p in two.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    two.eval()
+    one = EagleDraft(tiny_model, torch.arange(200))
+    one.load_state_dict({k: v for k, v in two.state_dict().items() if not k.startswith("layers.1.")})
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (40,), generator=g).tolist()
+    hid = torch.randn(40, 64, generator=g)
+    want = _steps(EagleSource(two, k=4), ids, hid, 8, 24, device_path=None)
+    dev = DeviceEagleSource(two, k=4, max_len=64, compile=compiled)
+    got = _steps(dev, ids, hid, 8, 24, device_path="ahead")
+    assert getattr(dev, "compile_error", None) is None
+    assert got == want
+    assert want != _steps(EagleSource(one.eval(), k=4), ids, hid, 8, 24, device_path=None)

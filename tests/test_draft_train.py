@@ -226,6 +226,8 @@ def test_command_budget_covers_generation_collection_training(tmp_path, model, t
     (["--data", "no/such/file.safetensors"], "--data"),
     (["--aux-layers", "3,x"], "--aux-layers"),
     (["--init", "no/such/draft"], "--init"),
+    (["--draft-layers", "0"], "--draft-layers"),
+    (["--draft-layers", "5"], "--draft-layers"),
 ])
 def test_cli_bad_training_flags(tmp_path, capsys, monkeypatch, argv, needle):
     from specee_compile import models
@@ -330,3 +332,48 @@ def test_cli_init_that_is_also_the_output_is_refused(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--init" in err[0] and "overwrite" in err[0], err
     assert (head / "draft.safetensors").read_bytes() == before
+
+
+def test_two_layer_head_trains_saves_and_decodes_a_lossless_tree(tmp_path, model, tok):
+    """--draft-layers 2: the head trains with both layers, saves and loads as two, and drives the lossless tree
+    decode (the host step and the fixed program) to dense greedy's tokens; a warm start from it keeps two and
+    refuses another count. (That the device step runs both layers: tests/test_device_draft.py.)"""
+    from test_tree import PROMPT, _fixed_vs_host, dense
+
+    torch.set_num_threads(1)
+    data = tmp_path / "d.safetensors"
+    pack_training_data(tok, [["go on:", ("abcabd " * 6)[i % 5 :]] for i in range(12)], data, seq_len=48,
+                       progress=False)
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint="tiny")
+    kw = {"loaded": loaded, "data_file": data, "conversations": 12, "seq_len": 48, "batch_size": 4,
+          "time_budget_s": None, "progress": False, "aux_layers": [1], "vocab_size_limit": 64}
+    cfg = train_draft_command("tiny", tmp_path / "two", steps=6, draft_layers=2, **kw)
+    assert cfg["train"]["draft_layers"] == 2
+    two = EagleDraft.load(tmp_path / "two", model)
+    assert len(two.layers) == 2
+    assert any(k.startswith("layers.1.") for k in two.state_dict())
+    with pytest.raises(SpecEEError, match="--draft-layers"):
+        train_draft_command("tiny", tmp_path / "x", steps=1, draft_layers=1, init=tmp_path / "two", **kw)
+    cont = train_draft_command("tiny", tmp_path / "cont", steps=1, init=tmp_path / "two", **kw)
+    assert cont["train"]["draft_layers"] == 2
+
+    class Two(EagleDraft):  # the tree tests' fresh head, with two layers whose second one matters
+        def __init__(self, m, vocab_ids=None, **k):
+            super().__init__(m, vocab_ids, **{**k, "num_layers": 2})
+            torch.manual_seed(3)
+            with torch.no_grad():
+                for p in self.layers[1].parameters():
+                    p.add_(torch.randn_like(p) * 0.3)
+
+    import test_tree
+
+    orig = test_tree.EagleDraft
+    test_tree.EagleDraft = Two
+    try:
+        out = _fixed_vs_host(model, n=24, tree_budget=12, tree_depth=4, tree_topk=4)
+    finally:
+        test_tree.EagleDraft = orig
+    (host, hdec), (fixed, fdec) = out["host"], out["fixed"]
+    assert len(fdec.tree.fixed.draft.draft.layers) == 2
+    assert fixed.token_ids == host.token_ids == dense(model, PROMPT, 24).token_ids
+    assert fdec.tree.accepted_log == hdec.tree.accepted_log

@@ -609,6 +609,7 @@ def train_draft(
     deadline: float | None = None,
     reserve_s: float = 15.0,
     init: EagleDraft | None = None,
+    num_layers: int = 1,
 ) -> tuple[EagleDraft, dict[str, Any]]:
     """Self-distil an EAGLE-1 draft from ``model`` (frozen) on ``texts`` (strings, conversations or
     token-id lists). Returns (draft bound to ``model``, report). ``data`` reuses a
@@ -627,7 +628,7 @@ def train_draft(
 
     ``init``: a trained draft of this model to continue from (warm start): its weights, layer count and
     vocabulary (``vocab_size_limit`` and the data's token counts are then not used) in place of the
-    identity start."""
+    identity start. ``num_layers``: decoder layers of a fresh head (EAGLE's is one)."""
     t0 = time.time()
     deadline = _deadline(time_budget_s, deadline, t0)
     if not isinstance(unroll, int) or isinstance(unroll, bool) or not 1 <= unroll <= 8:
@@ -677,8 +678,8 @@ def train_draft(
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     vocab_map = vocab_map.to(data_dev)
 
-    shape = {} if init is None else {"num_layers": len(init.layers), "input_norm": init.input_norm,
-                                     "fc_bias": init.fc.bias is not None}
+    shape = ({"num_layers": num_layers} if init is None else
+             {"num_layers": len(init.layers), "input_norm": init.input_norm, "fc_bias": init.fc.bias is not None})
     draft = EagleDraft(hf, vocab_ids, **shape)
     draft.float()  # train in fp32 whatever the base dtype (embed/head buffers are copies then)
     draft.embed_weight = draft.embed_weight.float().to(dev)
@@ -777,6 +778,7 @@ def train_draft(
         "vocab_size_limit": None if init is not None else vocab_size_limit,
         "num_vocab_ids": len(vocab_ids),
         "warm_start": init is not None,
+        "draft_layers": len(draft.layers),
         "collect_seconds": round(t_collect, 1),
         "train_seconds": round(t_train, 1),
         "steps_per_second": round(len(curve) / max(t_train, 1e-9), 2),
@@ -986,6 +988,7 @@ def train_draft_command(
     allow_tokenizer_mismatch: bool = False,
     tf32: bool = True,
     init: str | os.PathLike | None = None,
+    draft_layers: int | None = None,
 ) -> dict[str, Any]:
     """``specee-compile train-draft MODEL``: load MODEL, self-distil a draft on ShareGPT first turns
     (+ replies), write ``out_dir``/draft.safetensors + draft_config.json; return the config dict
@@ -1009,7 +1012,8 @@ def train_draft_command(
     from L/3; fewer layers = less memory for large runs). ``loaded``: an already loaded model (then
     ``model_name`` only names it in the config). ``allow_tokenizer_mismatch``: see ``load_training_data``.
     ``init`` (``--init``): a draft directory (train-draft's output, or an artifact directory with a draft,
-    whose manifest is verified first) to continue training from; see ``train_draft``."""
+    whose manifest is verified first) to continue training from; see ``train_draft``. ``draft_layers``
+    (``--draft-layers``): decoder layers of a fresh head (default 1; with ``init``, the head's own)."""
     from ..data import sharegpt_conversations
     from ..models import load_model
 
@@ -1023,6 +1027,8 @@ def train_draft_command(
     _check_number("--unroll", unroll, 1, 8)
     _check_number("--exit-mix", exit_mix, 0.0, 1.0, integer=False)
     _check_number("--lr", lr, 1e-8, 1.0, integer=False)
+    if draft_layers is not None:
+        _check_number("--draft-layers", draft_layers, 1, 4)
     if time_budget_s is not None:
         _check_number("--time-budget", time_budget_s, 0.0, integer=False)
     if conversations + self_generated == 0:
@@ -1045,6 +1051,9 @@ def train_draft_command(
             loaded = load_model(model_name, dtype=torch.float32, device=device or "cpu")
     tok = loaded.tokenizer
     init_draft = _load_init(init, loaded.model) if init is not None else None
+    if init_draft is not None and draft_layers is not None and draft_layers != len(init_draft.layers):
+        raise SpecEEError(f"--draft-layers {draft_layers}, but the --init head has {len(init_draft.layers)}: "
+                          "drop --draft-layers to continue that head")
     if data_file is not None:
         texts, prompts, meta = load_training_data(data_file, tok, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
         gen_items = prompts[:self_generated]  # the packed prompts and texts are of the same conversations
@@ -1075,7 +1084,7 @@ def train_draft_command(
                                 seed=seed, time_budget_s=time_budget_s, gen_tokens=gen_tokens,
                                 aux_layers=aux_layers, unroll=unroll, exit_mix=exit_mix,
                                 gen_batch_size=gen_batch_size, collect_batch_size=collect_batch_size,
-                                gen_frac=gen_frac, tf32=on_cuda and tf32)
+                                gen_frac=gen_frac, tf32=on_cuda and tf32, draft_layers=draft_layers)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
@@ -1109,7 +1118,7 @@ def _load_init(init, model) -> EagleDraft:
 def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source, gen_items,
                      train_convs, vocab_convs, init, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
                      time_budget_s, gen_tokens, aux_layers, unroll, exit_mix, gen_batch_size, collect_batch_size,
-                     gen_frac, tf32) -> dict[str, Any]:
+                     gen_frac, tf32, draft_layers) -> dict[str, Any]:
     generated: list[tuple[list[int], int]] = []
     gen_s = 0.0
     if gen_items:
@@ -1130,6 +1139,7 @@ def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, dead
         vocab_size_limit=vocab_size_limit, progress=progress, batch_size=batch_size, seed=seed,
         vocab_texts=vocab_convs, time_budget_s=None, deadline=deadline, device=device, aux_layers=aux_layers,
         unroll=unroll, exit_mix=exit_mix, collect_batch_size=collect_batch_size, init=init[1],
+        num_layers=draft_layers or 1,
     )
     report["init"] = None if init[0] is None else str(init[0])
     report["time_budget_s"] = time_budget_s or None
