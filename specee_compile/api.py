@@ -83,6 +83,9 @@ def load_program(directory, loaded, settings: Settings):
     d = Path(directory)
     manifest = read_manifest(d)
     check_fingerprint(manifest, loaded.fingerprint, d)
+    if manifest.get("kind") == "draft":
+        raise ArtifactError(f"{d} holds a draft head only (train-draft's output), no exit predictors: build "
+                            f"artifacts with it by `specee-compile train MODEL -o DIR --draft-dir {d}`")
     try:
         bank = PredictorBank.load(d / "predictors.safetensors", d / "predictors_config.json")
     except (OSError, ValueError, RuntimeError) as e:  # safetensors header errors etc.

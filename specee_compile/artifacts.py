@@ -561,6 +561,24 @@ def _unlisted_loader_files(d: Path, files: dict) -> list[str]:
             for rel in sorted(top) if rel != MANIFEST and rel not in files and loader_reads(rel)]
 
 
+def verify_listed(directory: str | os.PathLike, rels) -> None:
+    """Where `directory` holds a manifest (any artifact, a train-draft output included): each of `rels` that is
+    there must be listed in it and match it (size, sha256); ArtifactError (one line) otherwise. For a loader that
+    reads a few files of a directory without the whole `read_manifest` check; a directory with no manifest is left
+    to the loader's own checks."""
+    d = Path(directory)
+    mpath = d / MANIFEST
+    if not os.path.lexists(mpath):
+        return
+    files = _check_structure(_load_manifest(mpath), mpath)["files"]
+    present = [r for r in rels if os.path.lexists(d / r)]
+    problems = [f"{r} is present but not listed in the manifest (a loader would read it unchecked)"
+                for r in present if r not in files]
+    problems += _verify_files(d, {r: files[r] for r in present if r in files})
+    if problems:
+        raise ArtifactError(f"artifacts in {d} are damaged: " + "; ".join(problems) + "; re-create them")
+
+
 def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
     """Read and check an artifact directory's manifest. verify: every listed file is a regular file
     inside the directory with the listed size and sha256, every file a loader would read is listed,

@@ -242,14 +242,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_draft(args) -> int:
-    from .api import check_output_directory, train_draft_command
+    from .api import train_draft_command
 
-    check_output_directory(args.output, "-o")  # before the model loads and the training runs
-    out = args.output
-    if (os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "draft_config.json"))
-            and not args.force):
-        raise SpecEEError(f"-o {out} is a non-empty directory that holds no draft; pick a new or empty directory, "
-                          "or pass --force to add draft.safetensors and draft_config.json beside its files")
     t0 = time.time()
     try:
         aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
@@ -260,7 +254,7 @@ def cmd_train_draft(args) -> int:
                               time_budget_s=args.time_budget or None, aux_layers=aux, data_file=args.data,
                               self_generated=args.self_generated, gen_tokens=args.gen_tokens,
                               unroll=args.unroll, exit_mix=args.exit_mix, lr=args.lr, init=args.init,
-                              draft_layers=args.draft_layers)
+                              draft_layers=args.draft_layers, force=args.force)
     print(f"draft written to {args.output} in {time.time() - t0:.0f} s: {cfg}", file=sys.stderr)
     return 0
 
@@ -422,8 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "continue training from: its weights, layers and vocabulary instead of a fresh head")
     p.add_argument("--draft-layers", type=int, default=None, help="decoder layers of a fresh head, 1-4 (default 1, "
                    "EAGLE's; each adds ~8 MB at SmolLM2's width and a layer to every draft pass)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty -o directory (only "
-                   "draft.safetensors and draft_config.json are written)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_train_draft)
 
     p = sub.add_parser("tune-tree", help="time draft-tree shapes with a draft head on this device; write the "

@@ -377,3 +377,88 @@ def test_two_layer_head_trains_saves_and_decodes_a_lossless_tree(tmp_path, model
     assert len(fdec.tree.fixed.draft.draft.layers) == 2
     assert fixed.token_ids == host.token_ids == dense(model, PROMPT, 24).token_ids
     assert fdec.tree.accepted_log == hdec.tree.accepted_log
+
+
+def _tiny_kw(tmp_path, model, tok):
+    data = tmp_path / "d.safetensors"
+    if not data.exists():
+        pack_training_data(tok, [["go on:", ("abcabd " * 6)[i % 5 :]] for i in range(8)], data, seq_len=48,
+                           progress=False)
+    loaded = SimpleNamespace(model=model, tokenizer=tok, fingerprint="tiny")
+    return {"loaded": loaded, "data_file": data, "conversations": 8, "seq_len": 48, "batch_size": 4, "steps": 1,
+            "time_budget_s": None, "progress": False, "aux_layers": [1], "vocab_size_limit": 64}
+
+
+def test_output_is_atomic_with_a_manifest_and_never_overwrites_foreign_files(tmp_path, model, tok):
+    """train-draft's -o lands whole with a manifest of its two files; a re-run replaces its own output; a directory
+    holding other files is refused unless --force, which adds the head beside them and overwrites none of them; a
+    draft file there that specee-compile did not write is never overwritten, not even with --force."""
+    from specee_compile.artifacts import read_manifest
+    from specee_compile.errors import ArtifactError
+
+    kw = _tiny_kw(tmp_path, model, tok)
+    out = tmp_path / "out"
+    train_draft_command("tiny", out, **kw)
+    files = read_manifest(out)["files"]
+    assert set(files) == {"draft.safetensors", "draft_config.json"}
+    first = (out / "draft.safetensors").read_bytes()
+    train_draft_command("tiny", out, seed=1, **kw)  # our own output: replaced
+    assert (out / "draft.safetensors").read_bytes() != first
+    read_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")) == []
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="--force"):
+        train_draft_command("tiny", mine, **kw)
+    train_draft_command("tiny", mine, force=True, **kw)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert EagleDraft.load(mine, model).vocab_ids.numel() == 64
+
+    old = tmp_path / "old"  # a head written without a manifest (before this check, or by hand)
+    EagleDraft(model, torch.arange(40)).save(old)
+    before = (old / "draft.safetensors").read_bytes()
+    for force in (False, True):
+        with pytest.raises(ArtifactError):
+            train_draft_command("tiny", old, force=force, **kw)
+    assert (old / "draft.safetensors").read_bytes() == before and not (old / "manifest.json").exists()
+
+
+def test_a_draft_that_does_not_match_its_manifest_is_refused(tmp_path, model, tok):
+    from specee_compile.errors import ArtifactError
+
+    out = tmp_path / "out"
+    train_draft_command("tiny", out, **_tiny_kw(tmp_path, model, tok))
+    cfg = json.loads((out / "draft_config.json").read_text())
+    cfg["num_vocab_ids"] = 1
+    (out / "draft_config.json").write_text(json.dumps(cfg))  # edited after the manifest was written
+    with pytest.raises(ArtifactError, match="damaged: draft_config.json"):
+        EagleDraft.load(out, model)
+
+
+def test_cli_output_with_foreign_files_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from specee_compile import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before -o was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    rc = main(["train-draft", "smollm2-135m", "-o", str(mine)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--force" in err[0], err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_draft_output_given_as_artifacts_says_what_it_is(tmp_path, model, tok):
+    from specee_compile.api import load_program
+    from specee_compile.config import Settings
+    from specee_compile.errors import ArtifactError
+
+    kw = _tiny_kw(tmp_path, model, tok)
+    train_draft_command("tiny", tmp_path / "out", **kw)
+    with pytest.raises(ArtifactError, match="draft head only .* --draft-dir"):
+        load_program(tmp_path / "out", kw["loaded"], Settings())

@@ -437,15 +437,19 @@ class EagleDraft(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> EagleDraft:
-        """Load our draft from a directory (draft.safetensors + draft_config.json) or the .safetensors file."""
+        """Load our draft from a directory (draft.safetensors + draft_config.json) or the .safetensors file; where
+        the directory has a manifest (artifacts, train-draft's output), both files are checked against it first."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from ..artifacts import verify_listed
 
         p = Path(path)
         weights = p / WEIGHTS_NAME if p.is_dir() else p
         cfg_path = weights.parent / CONFIG_NAME
         if not weights.is_file():
             raise ArtifactError(f"draft weights not found at {weights}; run `specee-compile train-draft MODEL`")
+        verify_listed(weights.parent, [weights.name, CONFIG_NAME])  # where a manifest covers them
         try:
             sd = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:  # corrupt / partial file

@@ -989,6 +989,7 @@ def train_draft_command(
     tf32: bool = True,
     init: str | os.PathLike | None = None,
     draft_layers: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """``specee-compile train-draft MODEL``: load MODEL, self-distil a draft on ShareGPT first turns
     (+ replies), write ``out_dir``/draft.safetensors + draft_config.json; return the config dict
@@ -1011,6 +1012,9 @@ def train_draft_command(
     ``aux_layers``: exit layers whose features are recorded for exit-layer mixing (default: every 2nd
     from L/3; fewer layers = less memory for large runs). ``loaded``: an already loaded model (then
     ``model_name`` only names it in the config). ``allow_tokenizer_mismatch``: see ``load_training_data``.
+    ``out_dir`` is written atomically with a manifest (`artifacts.atomic_directory`): checked before any work,
+    an earlier train-draft output there is replaced, and a directory holding other files is refused unless
+    ``force`` (then the head is added beside them, none of them overwritten).
     ``init`` (``--init``): a draft directory (train-draft's output, or an artifact directory with a draft,
     whose manifest is verified first) to continue training from; see ``train_draft``. ``draft_layers``
     (``--draft-layers``): decoder layers of a fresh head (default 1; with ``init``, the head's own)."""
@@ -1037,6 +1041,9 @@ def train_draft_command(
         raise SpecEEError(f"--data {data_file}: no such file")
     if init is not None:
         _check_init_dir(init, out_dir)
+    from ..artifacts import plan_output
+
+    plan_output(out_dir, force=force, flag="-o")  # before the model loads and the training runs
     if device is None and settings is not None:
         device = getattr(settings, "device", None)
     if device is not None and torch.device(device).type == "cuda":
@@ -1084,7 +1091,7 @@ def train_draft_command(
                                 seed=seed, time_budget_s=time_budget_s, gen_tokens=gen_tokens,
                                 aux_layers=aux_layers, unroll=unroll, exit_mix=exit_mix,
                                 gen_batch_size=gen_batch_size, collect_batch_size=collect_batch_size,
-                                gen_frac=gen_frac, tf32=on_cuda and tf32, draft_layers=draft_layers)
+                                gen_frac=gen_frac, tf32=on_cuda and tf32, draft_layers=draft_layers, force=force)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
@@ -1102,15 +1109,9 @@ def _check_init_dir(init, out_dir) -> None:
 
 
 def _load_init(init, model) -> EagleDraft:
-    """The draft to continue from, fp32 on the model: an artifact directory's manifest is verified first."""
-    from ..artifacts import MANIFEST, read_manifest
-
-    d = Path(init)
-    if (d / MANIFEST).is_file():
-        files = read_manifest(d, verify=True)["files"]
-        if WEIGHTS_NAME not in files:
-            raise SpecEEError(f"--init {init}: its manifest does not list {WEIGHTS_NAME}; re-create the artifacts")
-    draft = EagleDraft.load(d, model)
+    """The draft to continue from, fp32 on the model (`EagleDraft.load` checks its files against the directory's
+    manifest, where it has one)."""
+    draft = EagleDraft.load(Path(init), model)
     draft.float()
     return draft
 
@@ -1118,7 +1119,7 @@ def _load_init(init, model) -> EagleDraft:
 def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source, gen_items,
                      train_convs, vocab_convs, init, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
                      time_budget_s, gen_tokens, aux_layers, unroll, exit_mix, gen_batch_size, collect_batch_size,
-                     gen_frac, tf32, draft_layers) -> dict[str, Any]:
+                     gen_frac, tf32, draft_layers, force) -> dict[str, Any]:
     generated: list[tuple[list[int], int]] = []
     gen_s = 0.0
     if gen_items:
@@ -1157,7 +1158,11 @@ def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, dead
     fp = getattr(loaded, "fingerprint", None)
     if fp is not None:
         extra["base_fingerprint"] = fp if isinstance(fp, (str, int, float, dict, list)) else str(fp)
-    config = draft.save(out_dir, **extra)
+    from ..artifacts import atomic_directory, write_manifest
+
+    with atomic_directory(out_dir, force=force, flag="-o") as tmp:
+        config = draft.save(tmp, **extra)
+        write_manifest(tmp, model=model_name, fingerprint="" if fp is None else str(fp), info={"kind": "draft"})
     return config
 
 
