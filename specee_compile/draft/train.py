@@ -992,7 +992,7 @@ def train_draft_command(
     force: bool = False,
 ) -> dict[str, Any]:
     """``specee-compile train-draft MODEL``: load MODEL, self-distil a draft on ShareGPT first turns
-    (+ replies), write ``out_dir``/draft.safetensors + draft_config.json; return the config dict
+    (+ replies), write ``out_dir``/draft.safetensors + draft_config.json + manifest.json; return the config dict
     (which embeds the training report under "train").
 
     Data: ShareGPT from its PyPI package, or ``data_file`` (``--data``): conversations packed by
@@ -1086,10 +1086,10 @@ def train_draft_command(
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source,
-                                gen_items, train_convs, vocab_convs, (init, init_draft), steps=steps, lr=lr,
-                                seq_len=seq_len, vocab_size_limit=vocab_size_limit, batch_size=batch_size, progress=progress,
-                                seed=seed, time_budget_s=time_budget_s, gen_tokens=gen_tokens,
-                                aux_layers=aux_layers, unroll=unroll, exit_mix=exit_mix,
+                                gen_items, train_convs, vocab_convs, init_path=init, init_draft=init_draft,
+                                steps=steps, lr=lr, seq_len=seq_len, vocab_size_limit=vocab_size_limit,
+                                batch_size=batch_size, progress=progress, seed=seed, time_budget_s=time_budget_s,
+                                gen_tokens=gen_tokens, aux_layers=aux_layers, unroll=unroll, exit_mix=exit_mix,
                                 gen_batch_size=gen_batch_size, collect_batch_size=collect_batch_size,
                                 gen_frac=gen_frac, tf32=on_cuda and tf32, draft_layers=draft_layers, force=force)
     finally:
@@ -1117,9 +1117,9 @@ def _load_init(init, model) -> EagleDraft:
 
 
 def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, deadline, load_s, source, gen_items,
-                     train_convs, vocab_convs, init, *, steps, lr, seq_len, vocab_size_limit, batch_size, progress, seed,
-                     time_budget_s, gen_tokens, aux_layers, unroll, exit_mix, gen_batch_size, collect_batch_size,
-                     gen_frac, tf32, draft_layers, force) -> dict[str, Any]:
+                     train_convs, vocab_convs, *, init_path, init_draft, steps, lr, seq_len, vocab_size_limit,
+                     batch_size, progress, seed, time_budget_s, gen_tokens, aux_layers, unroll, exit_mix,
+                     gen_batch_size, collect_batch_size, gen_frac, tf32, draft_layers, force) -> dict[str, Any]:
     generated: list[tuple[list[int], int]] = []
     gen_s = 0.0
     if gen_items:
@@ -1139,10 +1139,10 @@ def _train_draft_run(loaded, tok, out_dir, model_name, device, on_cuda, t0, dead
         loaded.model, tok, items, steps=steps, lr=lr, seq_len=seq_len,
         vocab_size_limit=vocab_size_limit, progress=progress, batch_size=batch_size, seed=seed,
         vocab_texts=vocab_convs, time_budget_s=None, deadline=deadline, device=device, aux_layers=aux_layers,
-        unroll=unroll, exit_mix=exit_mix, collect_batch_size=collect_batch_size, init=init[1],
+        unroll=unroll, exit_mix=exit_mix, collect_batch_size=collect_batch_size, init=init_draft,
         num_layers=draft_layers or 1,
     )
-    report["init"] = None if init[0] is None else str(init[0])
+    report["init"] = None if init_path is None else str(init_path)
     report["time_budget_s"] = time_budget_s or None
     report["device"] = str(device or "cpu")
     report["load_seconds"] = round(load_s, 1)
