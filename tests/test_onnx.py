@@ -435,3 +435,39 @@ def test_nested_if_branches_do_not_each_keep_a_block(tmp_path):
     block = n * n * 4 / 2**20  # 16 MiB: one level's intermediate
     assert grown < 2 * block, \
         f"peak grew by {grown:.0f} MiB after the first run ({depth} nested levels x {block:.0f} MiB)"
+
+
+def test_onnx_two_layer_draft_matches_torch_draft(tmp_path):
+    """A head of two decoder layers (`train-draft --draft-layers 2`) exports as one draft graph with both layers'
+    caches, and proposes what the torch draft proposes."""
+    from specee_compile.backends.onnx_export import _export_draft
+    from specee_compile.model_step import extract_weights
+
+    model = tiny_model()
+    torch.manual_seed(2)
+    draft = EagleDraft(model, num_layers=2)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.2)
+    spec = extract_weights(model, 128).spec
+    meta = {"graph": "draft", "draft_config": draft.draft_config(), "draft_first_ids": draft.vocab_ids[:K].tolist(),
+            "num_candidates": K, "vocab": V, "dtype": "float32"}
+    files = _export_draft(draft.eval(), spec, 128, K, tmp_path, torch.float32, meta, progress=False)
+    assert files == ["draft.onnx"]
+    one = EagleDraft(model)  # the first layer alone: the second must change the proposals
+    one.load_state_dict({k: v for k, v in draft.state_dict().items() if not k.startswith("layers.1.")})
+    a, b = EagleSource(draft, K), OnnxEagleSource(make_session(tmp_path / "draft.onnx"), K)
+    c = EagleSource(one.eval(), K)
+    ids, hid = [3, 4, 5, 6], torch.randn(4, 64)
+    for src in (a, b, c):
+        src.reset(ids, hid)
+    rng = random.Random(1)
+    differs = 0
+    for step in range(10):
+        want = a.propose().tolist()
+        assert b.propose().tolist() == want, step
+        differs += c.propose().tolist() != want
+        tok, h = rng.randrange(V), torch.randn(64)
+        for src in (a, b, c):
+            src.observe(tok, h, 3)
+    assert differs
