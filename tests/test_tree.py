@@ -486,12 +486,15 @@ def test_inductor_backend_tree_equals_dense(gemm, monkeypatch):
 
 
 # ---------------------------------------------------------------- the fixed tree program (FixedTree)
-def _fixed_vs_host(model, device="cpu", backend="eager", n=40, lookup=False, prompt=PROMPT, **tree):
+def _fixed_vs_host(model, device="cpu", backend="eager", n=40, lookup=False, prompt=PROMPT, layers=1, quant=None,
+                   **tree):
     from specee_compile.draft.tree import DeviceEagleTreeSource
 
-    draft = EagleDraft(model)
+    draft = EagleDraft(model, num_layers=layers)
     _init_draft(draft, 0)
     draft.to(device).eval()
+    if quant:
+        draft.quantize(quant)
     out = {}
     for prog in ("host", "fixed"):
         s = Settings(max_new_tokens=n, speculate="tree", tree_program=prog, device=device, backend=backend, **tree)
@@ -790,6 +793,23 @@ def test_fixed_tree_program_captured_on_cuda_equals_dense(backend, lookup):
     assert dec.tree._fixed_on and dec.tree.fixed.programs
     assert all(type(g).__name__ == "method" for g in dec.tree.fixed.programs.values())  # CUDAGraph.replay
     assert fixed.token_ids == ref.token_ids == host.token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_cuda_two_layer_draft_tree_equals_dense(quant):
+    """A head of two decoder layers (`train-draft --draft-layers 2`) in the captured fixed program on CUDA, its
+    weights as they are and rounded to int8 (the CUDA default for a 16-bit draft): the host step's tokens and
+    accepted lengths, and dense greedy's tokens."""
+    model = make_tiny_llama()
+    ref = dense(model, PROMPT, 40, device="cuda", backend="inductor")
+    out = _fixed_vs_host(model, device="cuda", backend="inductor", layers=2, quant=quant, tree_budget=12,
+                         tree_depth=4, tree_topk=4)
+    (host, hdec), (fixed, dec) = out["host"], out["fixed"]
+    assert len(dec.draft.draft.layers) == 2 and dec.draft.draft.quant == (quant or "none")
+    assert dec.tree._fixed_on and dec.tree.fixed.programs
+    assert fixed.token_ids == ref.token_ids == host.token_ids
+    assert dec.tree.accepted_log == hdec.tree.accepted_log
 
 
 def test_fixed_tree_program_with_compiled_glue_equals_dense():
