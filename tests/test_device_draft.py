@@ -64,16 +64,22 @@ def test_device_step_equals_eager_propose(tiny_model, draft, static, path):  # n
     assert dev.n_extra.item() == len(dev._extra_ids)
 
 
+def _device_vs_eager(d, seed: int, n: int, compiled: bool):
+    """(eager candidates, device candidates "ahead", the inputs) over n steps of random ids and features."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (40,), generator=g).tolist()
+    hid = torch.randn(40, 64, generator=g)
+    want = _steps(EagleSource(d, k=4), ids, hid, 8, n, device_path=None)
+    dev = DeviceEagleSource(d, k=4, max_len=64, compile=compiled)
+    got = _steps(dev, ids, hid, 8, n, device_path="ahead")
+    assert dev.compile_error is None, dev.compile_error
+    return want, got, (ids, hid)
+
+
 def test_compiled_device_step_equals_eager(tiny_model, draft):  # noqa: F811
     """The Inductor-compiled draft step (the CUDA default) gives the eager step's candidates, across
     attention lengths (one compile: S is a dynamic dimension)."""
-    g = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, 256, (40,), generator=g).tolist()
-    hid = torch.randn(40, 64, generator=g)
-    want = _steps(EagleSource(draft, k=4), ids, hid, 8, 30, device_path=None)
-    dev = DeviceEagleSource(draft, k=4, max_len=64, compile=True)
-    got = _steps(dev, ids, hid, 8, 30, device_path="ahead")
-    assert dev.compile_error is None, dev.compile_error
+    want, got, _ = _device_vs_eager(draft, 6, 30, compiled=True)
     assert got == want
 
 
@@ -109,12 +115,6 @@ def test_two_layer_draft_device_step_equals_eager(tiny_model, compiled):  # noqa
     two.eval()
     one = EagleDraft(tiny_model, torch.arange(200))
     one.load_state_dict({k: v for k, v in two.state_dict().items() if not k.startswith("layers.1.")})
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 256, (40,), generator=g).tolist()
-    hid = torch.randn(40, 64, generator=g)
-    want = _steps(EagleSource(two, k=4), ids, hid, 8, 24, device_path=None)
-    dev = DeviceEagleSource(two, k=4, max_len=64, compile=compiled)
-    got = _steps(dev, ids, hid, 8, 24, device_path="ahead")
-    assert getattr(dev, "compile_error", None) is None
+    want, got, (ids, hid) = _device_vs_eager(two, 5, 24, compiled)
     assert got == want
     assert want != _steps(EagleSource(one.eval(), k=4), ids, hid, 8, 24, device_path=None)
