@@ -340,7 +340,6 @@ def test_two_layer_head_trains_saves_and_decodes_a_lossless_tree(tmp_path, model
     refuses another count. (That the device step runs both layers: tests/test_device_draft.py.)"""
     from test_tree import PROMPT, _fixed_vs_host, dense
 
-    torch.set_num_threads(1)
     data = tmp_path / "d.safetensors"
     pack_training_data(tok, [["go on:", ("abcabd " * 6)[i % 5 :]] for i in range(12)], data, seq_len=48,
                        progress=False)
@@ -357,22 +356,7 @@ def test_two_layer_head_trains_saves_and_decodes_a_lossless_tree(tmp_path, model
     cont = train_draft_command("tiny", tmp_path / "cont", steps=1, init=tmp_path / "two", **kw)
     assert cont["train"]["draft_layers"] == 2
 
-    class Two(EagleDraft):  # the tree tests' fresh head, with two layers whose second one matters
-        def __init__(self, m, vocab_ids=None, **k):
-            super().__init__(m, vocab_ids, **{**k, "num_layers": 2})
-            torch.manual_seed(3)
-            with torch.no_grad():
-                for p in self.layers[1].parameters():
-                    p.add_(torch.randn_like(p) * 0.3)
-
-    import test_tree
-
-    orig = test_tree.EagleDraft
-    test_tree.EagleDraft = Two
-    try:
-        out = _fixed_vs_host(model, n=24, tree_budget=12, tree_depth=4, tree_topk=4)
-    finally:
-        test_tree.EagleDraft = orig
+    out = _fixed_vs_host(model, n=24, layers=2, tree_budget=12, tree_depth=4, tree_topk=4)
     (host, hdec), (fixed, fdec) = out["host"], out["fixed"]
     assert len(fdec.tree.fixed.draft.draft.layers) == 2
     assert fixed.token_ids == host.token_ids == dense(model, PROMPT, 24).token_ids
