@@ -162,6 +162,50 @@ def test_bench_smollm2_stage_times_other_tree_shapes(tmp_path, smollm2):
 
 
 @pytest.mark.slow
+def test_bench_smollm2_stage_times_other_draft_heads(tmp_path, smollm2):
+    """--smollm2-tree-heads: a tree row per draft head in the same rounds, on the tree row's shape. The shipped
+    head given again must accept exactly what the tree row accepts; a head without a shape of its own still runs
+    on that shape."""
+    import shutil
+
+    from specee_compile.artifacts import shipped_dir
+
+    again = tmp_path / "again"
+    shutil.copytree(shipped_dir("smollm2-135m"), again)
+    bare = tmp_path / "bare"  # the shipped weights as a train-draft output: no manifest, no tree_shapes
+    bare.mkdir()
+    shutil.copy(again / "draft.safetensors", bare)
+    cfg = json.loads((again / "draft_config.json").read_text())
+    cfg.pop("tree_shapes", None)
+    (bare / "draft_config.json").write_text(json.dumps(cfg))
+    r = _smollm2_tree_stage(tmp_path, ["Give three tips for learning a new language."], 8,
+                            "--smollm2-tree-heads", f"{again},{bare}")
+    assert sorted(r["smollm2_per_turn_tok_s"]) == ["dense", "tree", "tree@again", "tree@bare"]
+    assert r["smollm2_tree_heads"] == {"again": str(again), "bare": str(bare)}
+    for name in ("tree@again", "tree@bare"):
+        row = r[f"smollm2_{name}"]
+        assert row["identical"] == "1/1" and r[f"smollm2_{name}_ratio"] > 0
+        assert row["tree_shape"] == r["smollm2_tree"]["tree_shape"]
+        assert row["accepted_per_step"] == r["smollm2_tree"]["accepted_per_step"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--smollm2-tree-heads", "no/such/dir"], "holds no draft.safetensors"),
+    (["--smollm2-configs", "paper", "--smollm2-tree-heads", "SHIPPED"], "needs the tree row"),
+    (["--skip", "tree", "--smollm2-tree-heads", "SHIPPED"], "--skip tree"),
+])
+def test_bench_refuses_bad_tree_heads_before_work(tmp_path, capsys, flags, needle):
+    from specee_compile.artifacts import shipped_dir
+
+    flags = [str(shipped_dir("smollm2-135m")) if f == "SHIPPED" else f for f in flags]
+    rc = main(["bench", "--tiny", "--device", "cpu", "--smollm2", "smollm2-135m", "--prompts", "p.json", *flags,
+               "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
 def test_bench_smollm2_stage_in_bfloat16(tmp_path, smollm2):
     """--smollm2-dtype: every row of the stage computes in it, dense included, so the lossless tree is checked against
     dense in the same dtype; the record names the dtype, and each prompt where a lossless row parts from dense."""

@@ -711,6 +711,14 @@ def bench_smollm2(args, res: dict, dev) -> None:
     for name, over in configs.items():
         decs[name] = build_decoder(loaded, Settings(**base, **over), segments=shared)
         shared = shared or decs[name].seg
+    heads = getattr(args, "smollm2_tree_heads", None) or {}
+    if heads:  # other draft heads on the tree row's own shape, guard off (a new head may carry no shape of its own)
+        tr = decs["tree"].tree
+        shape = {"tree_budget": tr.budget, "tree_depth": tr.depth, "tree_topk": tr.topk}
+        for name, d in heads.items():
+            over = {**configs["tree"], **shape, "artifacts": d}
+            decs[f"tree@{name}"] = build_decoder(loaded, Settings(**{**base, **over}), segments=shared)
+        R_["smollm2_tree_heads"] = heads
     mode = getattr(args, "pdl_ab", None)
     if mode:  # dense (and the tree) again under SPECEE_PDL=mode, on segments of their own, in the same rounds
         dense_pdl = decs["dense_pdl"] = UnderPdl(mode, lambda: build_decoder(loaded, Settings(**base)))
@@ -804,6 +812,25 @@ def bench_smollm2(args, res: dict, dev) -> None:
         R_["smollm2_lossless_identical"] = stats["lossless"]["identical"] / len(prompts)
     R_["smollm2_exit_programs"] = {n: decs[n].selection for n in ("paper", "lossless", "tree_paper") if n in configs}
     R_["smollm2_prompts"] = len(prompts)
+
+
+def tree_heads(value: str | None, configs: str | None) -> dict[str, str]:
+    """--smollm2-tree-heads as {row name: directory}, each checked before any work (one clear line)."""
+    from ..errors import SpecEEError
+
+    heads: dict[str, str] = {}
+    for d in [x for x in (value or "").split(",") if x]:
+        name = os.path.basename(os.path.normpath(d))
+        if not os.path.isfile(os.path.join(d, "draft.safetensors")):
+            raise SpecEEError(f"--smollm2-tree-heads: {d} holds no draft.safetensors; expected artifact directories "
+                              "or train-draft outputs")
+        if name in heads:
+            raise SpecEEError(f"--smollm2-tree-heads: two directories named {name!r}; their rows would share a name")
+        heads[name] = d
+    if heads and configs and "tree" not in configs.split(","):
+        raise SpecEEError("--smollm2-tree-heads needs the tree row (add tree to --smollm2-configs): the heads run on "
+                          "its shape and are compared in its rounds")
+    return heads
 
 
 def sync(dev):
@@ -994,6 +1021,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="also time the SmolLM2 tree (guard off) with these budget:depth:topk shapes besides the "
                         "default tree (the head's measured shape, else the device's), in the same rounds: rows "
                         "tree_B_D_K")
+    p.add_argument("--smollm2-tree-heads", default=None, metavar="DIR,...",
+                   help="also time the SmolLM2 tree (guard off, the tree row's shape) with the draft head of each "
+                        "directory (artifacts, or a train-draft output), in the same rounds: rows tree@NAME (NAME: "
+                        "the directory's name); the A/B of a new head against the shipped one")
     p.add_argument("--smollm2-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the SmolLM2 stage's compute dtype, every row's (dense included; the weights load in float32, "
                         "as the artifacts' fingerprint was made, and are cast)")
@@ -1043,6 +1074,9 @@ def main(argv=None) -> int:
         args.tree_shape = parse_tree_shape(args.tree_shape, "--tree-shape")
     args.smollm2_tree_shapes = [parse_tree_shape(t, "--smollm2-tree-shapes")
                                 for t in (args.smollm2_tree_shapes or "").split(",") if t]
+    args.smollm2_tree_heads = tree_heads(args.smollm2_tree_heads, args.smollm2_configs)
+    if args.smollm2_tree_heads and "tree" in args.skip:
+        raise SpecEEError("--smollm2-tree-heads needs the tree row, and --skip tree drops it")
     from ..api import check_output_directory
 
     check_output_directory(bench_out_dir(args), "--out")
