@@ -95,7 +95,8 @@ def load_program(directory, loaded, settings: Settings):
         raise ArtifactError(f"predictors in {d} are for {bank.num_layers} layers, the model has {L}")
     program = program_from_bank(bank, manifest, L)
     kind = settings.draft_source or manifest.get("draft", {}).get("source", "eagle")
-    draft_args = {"draft_path": d} if (d / "draft.safetensors").exists() else {}
+    # (read_manifest above verified the draft's files: the loader need not hash them again)
+    draft_args = {"draft_path": d, "manifest_checked": True} if (d / "draft.safetensors").exists() else {}
     if manifest.get("vocab_ids_file") and (d / manifest["vocab_ids_file"]).exists():
         from safetensors.torch import load_file
 

@@ -427,3 +427,25 @@ def test_usage_errors_are_one_line_with_where_the_help_is(capsys, argv, says):
         main(argv)
     err = capsys.readouterr().err
     assert ex.value.code == 2 and says in err and "--help`" in err and len(err.strip().splitlines()) == 1
+
+
+def test_artifact_draft_is_hashed_once_at_start_and_checked(tiny, tmp_path, monkeypatch):
+    """load_program verifies the whole manifest, the draft included, so its draft loader does not hash the draft
+    again (7B drafts are ~0.5 GB); a draft changed after the manifest was written is still refused."""
+    from specee_compile import artifacts
+    from specee_compile.api import load_program
+    from specee_compile.draft import EagleDraft
+
+    _, _, _, loaded = tiny
+    arts = tmp_path / "arts"
+    write_arts(arts, loaded, draft=EagleDraft(loaded.model))
+    hashed = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    _, draft, _, _ = load_program(arts, loaded, Settings(specee=True))
+    assert draft is not None and hashed.count("draft.safetensors") == 1
+    raw = bytearray((arts / "draft.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (arts / "draft.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="draft.safetensors checksum differs"):
+        load_program(arts, loaded, Settings(specee=True))

@@ -9,7 +9,9 @@
 ``artifacts`` (a dict, all keys optional except where said):
 
 * ``draft``: an ``EagleDraft`` instance, or
-* ``draft_path``: directory with draft.safetensors + draft_config.json (or the .safetensors file), or
+* ``draft_path``: directory with draft.safetensors + draft_config.json (or the .safetensors file; with
+  ``manifest_checked`` True the caller has just verified the directory's manifest, so the loader does not hash
+  the draft again), or
 * ``draft_state_dict`` (+ ``draft_config``): tensors as written by ``EagleDraft.save``, or
 * ``eagle_checkpoint``: a public EAGLE-1 head (.safetensors / tensors-only pytorch_model.bin / dir).
   One of these is required for ``eagle``.
@@ -41,7 +43,7 @@ def load_draft_from_artifacts(model, artifacts: dict[str, Any] | None) -> EagleD
     if a.get("draft_state_dict") is not None:
         return EagleDraft.from_state_dict(model, a["draft_state_dict"], a.get("draft_config"))
     if a.get("draft_path") is not None:
-        return EagleDraft.load(a["draft_path"], model)
+        return EagleDraft.load(a["draft_path"], model, manifest_checked=bool(a.get("manifest_checked")))
     if a.get("eagle_checkpoint") is not None:
         return load_eagle_checkpoint(a["eagle_checkpoint"], model, a.get("vocab_ids"))
     return None

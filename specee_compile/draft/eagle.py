@@ -436,9 +436,10 @@ class EagleDraft(nn.Module):
         return draft
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model) -> EagleDraft:
+    def load(cls, path: str | os.PathLike, model, *, manifest_checked: bool = False) -> EagleDraft:
         """Load our draft from a directory (draft.safetensors + draft_config.json) or the .safetensors file; where
-        the directory has a manifest (artifacts, train-draft's output), both files are checked against it first."""
+        the directory has a manifest (artifacts, train-draft's output), both files are checked against it first,
+        unless the caller has just verified that manifest whole (`manifest_checked`: `api.load_program`)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -449,7 +450,8 @@ class EagleDraft(nn.Module):
         cfg_path = weights.parent / CONFIG_NAME
         if not weights.is_file():
             raise ArtifactError(f"draft weights not found at {weights}; run `specee-compile train-draft MODEL`")
-        verify_listed(weights.parent, [weights.name, CONFIG_NAME])  # where a manifest covers them
+        if not manifest_checked:
+            verify_listed(weights.parent, [weights.name, CONFIG_NAME])  # where a manifest covers them
         try:
             sd = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:  # corrupt / partial file

@@ -635,7 +635,7 @@ def train_draft(
         raise SpecEEError(f"unroll must be an integer in [1, 8], got {unroll!r}")
     hf = unwrap_model(model)
     hf.eval()
-    _cfg, _embed_w, head_w, _ = base_parts(hf)
+    cfg, _embed_w, head_w, _ = base_parts(hf)
     torch.manual_seed(seed)
     dev = torch.device(device or "cpu")
     if dev.type == "cuda":
@@ -667,9 +667,9 @@ def train_draft(
                 extra.update(tokenizer(text, add_special_tokens=False)["input_ids"])
     always = [t for t in [tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)] if t is not None]
     if init is not None:  # warm start: the head's own vocabulary, so its head rows keep their meaning
-        if init.vocab_size != head_w.shape[0] or init.hidden_size != _cfg.hidden_size:
+        if init.vocab_size != head_w.shape[0] or init.hidden_size != cfg.hidden_size:
             raise SpecEEError(f"the draft to continue from was made for another model (vocabulary {init.vocab_size}, "
-                              f"width {init.hidden_size}; this model: {head_w.shape[0]}, {_cfg.hidden_size})")
+                              f"width {init.hidden_size}; this model: {head_w.shape[0]}, {cfg.hidden_size})")
         vocab_ids = init.vocab_ids.detach().cpu()
     else:
         vocab_ids = choose_vocab(data, vocab_size_limit, head_w.shape[0], extra, always)
