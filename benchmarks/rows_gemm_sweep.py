@@ -16,6 +16,11 @@ Prints one row per shape (us and GB/s of the weight stream) and writes JSON.
 
     PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --out $OUT/rows_sweep.json
     PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --shape smollm2 --out $OUT/rows_sweep_smollm2.json
+    PYTHONPATH=$PWD python3 benchmarks/rows_gemm_sweep.py --w8 --out $OUT/rows_sweep_w8.json   # the int8 draft's
+
+`--w8` times the 7B draft's 8-row shapes with int8 weights (the CUDA default draft's `--draft-quant auto`), as the
+tree's levels call them (the bare matmul), on the tuner's int8 list, the wider ROW_CONFIGS_W8 / ROW_T_CONFIGS_W8
+included; its GB/s count the int8 bytes.
 """
 
 from __future__ import annotations
@@ -76,29 +81,36 @@ def _us(launch, n: int):
 
 
 def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide: bool, g,
-                dt: torch.dtype = torch.float16) -> dict:
-    """One shape: cuBLAS alone, the eager reference, every rows config, the tuner's pick; prints its table row."""
-    from specee_compile.ops import fused_linear_reference, multi_row_kernel
+                dt: torch.dtype = torch.float16, w8: bool = False) -> dict:
+    """One shape: cuBLAS alone, the eager reference, every rows config, the tuner's pick; prints its table row.
+    w8: int8 weights with per-row scales (the quantized draft's): "mm" stays cuBLAS on the 16-bit weight (the floor
+    at twice the bytes), GB/s counts the int8 bytes, and the configs are the tuner's int8 list."""
+    from specee_compile.ops import fused_linear_reference, multi_row_kernel, quantize_rows
     from specee_compile.plugins import triton_gemv as T
 
     dev = torch.device("cuda")
     kin = 2 * K if pro == "silu_mul" else K
     x = torch.randn(1, rows, kin, device=dev, generator=g, dtype=dt)
     w = torch.randn(N, K, device=dev, generator=g, dtype=dt) * 0.02
+    w16, scale = w, None
+    if w8:
+        w, scale = quantize_rows(w)
     r = torch.randn(1, rows, N, device=dev, generator=g, dtype=dt) if res else None
     nw = torch.ones(K, device=dev, dtype=dt)
     nbytes = w.numel() * w.element_size()
     ws = [w] + [torch.empty_like(w) for _ in range(T.tune_copies(nbytes) - 1)]
     n = max(16, len(ws))
     xs = x if pro != "silu_mul" else x[..., :K].contiguous()
-    e = {"name": name, "N": N, "K": K, "prologue": pro, "residual": res, "rows": rows, "MB": round(nbytes / 1e6, 1)}
-    e["mm_us"] = _us(lambda i: torch.nn.functional.linear(xs, ws[i % len(ws)]), n)
-    e["eager_us"] = _us(lambda i: fused_linear_reference(x, ws[i % len(ws)], r, nw, 1e-5, pro), n)
-    y, a, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro])
-    ref = fused_linear_reference(x, w, r, nw, 1e-5, pro)
+    e = {"name": name, "N": N, "K": K, "prologue": pro, "residual": res, "rows": rows, "MB": round(nbytes / 1e6, 1),
+         "int8": w8}
+    w16s = [w16] + [torch.empty_like(w16) for _ in range(T.tune_copies(w16.numel() * 2) - 1)] if w8 else ws
+    e["mm_us"] = _us(lambda i: torch.nn.functional.linear(xs, w16s[i % len(w16s)]), max(16, len(w16s)))
+    e["eager_us"] = _us(lambda i: fused_linear_reference(x, ws[i % len(ws)], r, nw, 1e-5, pro, scale), n)
+    y, a, kw = T.rows_args(x, w, r, nw, 1e-5, T.PROLOGUES[pro], scale)
+    ref = fused_linear_reference(x, w, r, nw, 1e-5, pro, scale)
     e["configs"] = {}
-    cands = T.row_candidates(dt, T.PROLOGUES[pro], False, K)
-    if dt != torch.float32:  # every config of the kernels, not only the tuner's list
+    cands = T.row_candidates(dt, T.PROLOGUES[pro], w8, K)
+    if dt != torch.float32 and not w8:  # every config of the kernels, not only the tuner's list
         cands = [*T.ROW_CONFIGS, *(dict.fromkeys([*T.ROW_T_CONFIGS, *wide_t_configs()]) if wide else T.ROW_T_CONFIGS),
                  *(T.ROW_K_CONFIGS if K <= T.WHOLE_K_MAX else [])]
     for cfg in cands:
@@ -111,7 +123,7 @@ def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide:
         e["configs"][",".join(map(str, cfg))] = t
     T._TUNE_CACHE.clear()
     with multi_row_kernel():
-        T.triton_fused_linear(x, w, r, nw, 1e-5, pro)
+        T.triton_fused_linear(x, w, r, nw, 1e-5, pro, scale)
     pick = next(v for k, v in T._TUNE_CACHE.items() if k[0] == "rows" and k[2:4] == (N, K))
     e["tuned_pick"] = pick if pick == T.EAGER else ",".join(map(str, pick))
     ok = {c: t for c, t in e["configs"].items() if isinstance(t, float)}
@@ -124,10 +136,10 @@ def sweep_shape(name: str, N: int, K: int, pro: str, res: bool, rows: int, wide:
     e["best_rows"], e["best_turned"], e["best_whole_k"] = bo, bt, bk
     e["turned_vs_mm"] = round(e["mm_us"] / new[bt], 3) if bt and isinstance(e["mm_us"], float) else None
 
-    def gbs(t):
-        return f"{t:.1f} ({nbytes / t / 1e3:.0f})" if isinstance(t, float) else str(t)
+    def gbs(t, b=nbytes):
+        return f"{t:.1f} ({b / t / 1e3:.0f})" if isinstance(t, float) else str(t)
 
-    print(f"| {name} | {rows} | {gbs(e['mm_us'])} | {gbs(e['eager_us'])} | {bo}: {gbs(old.get(bo))} | "
+    print(f"| {name} | {rows} | {gbs(e['mm_us'], w16.numel() * w16.element_size())} | {gbs(e['eager_us'])} | {bo}: {gbs(old.get(bo))} | "
           f"{bt}: {gbs(new.get(bt))} | {bk}: {gbs(whole.get(bk))} | {e['tuned_pick']} | {e['turned_vs_mm']} |",
           flush=True)
     return e
@@ -139,6 +151,8 @@ def main() -> int:
     ap.add_argument("--wide", action="store_true", help="sweep 24 turned configs on the verification's shapes")
     ap.add_argument("--shape", choices=("7b", "smollm2"), default="7b",
                     help="7b: Llama-2-7B widths in fp16; smollm2: SmolLM2-135M's in fp32")
+    ap.add_argument("--w8", action="store_true", help="7b: the draft's 8-row shapes only, with int8 weights (the "
+                    "product's CUDA default draft), every config of the tuner's int8 list")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
     if args.out:  # before any GPU time: a result that cannot be written is found now, not after the sweep
@@ -150,6 +164,10 @@ def main() -> int:
         except SpecEEError as e:
             print(f"rows_gemm_sweep: {e}", file=sys.stderr)
             return 2
+    if args.w8 and args.shape != "7b":
+        print("rows_gemm_sweep: --w8 sweeps the 7B draft's int8 shapes; drop --shape smollm2 (its draft is not int8)",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("rows_gemm_sweep: a CUDA GPU is needed; run it on the device", file=sys.stderr)
         return 2
@@ -160,10 +178,13 @@ def main() -> int:
     print("| shape | rows | mm us (GB/s) | eager us | best rows | best turned | best whole-K | tuned pick | "
           "turned vs mm |")
     print("|---|---|---|---|---|---|---|---|---|")
-    out["shape"], out["dtype"] = args.shape, "float16" if args.shape == "7b" else "float32"
-    for shape in SHAPES if args.shape == "7b" else SMOL_SHAPES:
+    out["shape"], out["dtype"], out["int8"] = args.shape, "float16" if args.shape == "7b" else "float32", args.w8
+    shapes = SHAPES if args.shape == "7b" else SMOL_SHAPES
+    if args.w8:  # as the tree's draft levels call them: the bare matmul (`rows_fused`'s "matmul" op)
+        shapes = [(s[0], s[1], s[2], "none", False, s[5]) for s in shapes if s[0].startswith("draft")]
+    for shape in shapes:
         wide = args.wide and args.shape == "7b" and shape[0].startswith("verify") and shape[0] != "verify head"
-        e = sweep_shape(*shape, wide=wide, g=g, dt=getattr(torch, out["dtype"]))
+        e = sweep_shape(*shape, wide=wide, g=g, dt=getattr(torch, out["dtype"]), w8=args.w8)
         out["shapes"].append(e)
         torch.cuda.empty_cache()
     if args.out:

@@ -178,8 +178,16 @@ def test_rows_tuner_candidates_per_dtype_prologue_and_weights():
     assert not set(T.ROW_T_CONFIGS_F32) & set(T.ROW_T_CONFIGS_F32_DEEP)
     plain16 = T.row_candidates(torch.bfloat16, 0, False)
     assert plain16 == [*T.ROW_CONFIGS_16, *T.ROW_T_CONFIGS] and set(T.ROW_CONFIGS_16) <= set(T.ROW_CONFIGS)
-    assert T.row_candidates(torch.float16, 1, False) == T.row_candidates(torch.float16, 0, True) == [
-        *T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
+    assert T.row_candidates(torch.float16, 1, False) == [*T.ROW_CONFIGS, *T.ROW_T_CONFIGS]
+    # int8 weights: every 16-bit config and the wider int8 ones, whose stages hold the bytes of a 16-bit winner's
+    for pro in (0, 1):
+        assert T.row_candidates(torch.float16, pro, True) == [
+            *T.ROW_CONFIGS, *T.ROW_T_CONFIGS, *T.ROW_CONFIGS_W8, *T.ROW_T_CONFIGS_W8]
+    assert not set(T.ROW_CONFIGS_W8) & set(T.ROW_CONFIGS) and not set(T.ROW_T_CONFIGS_W8) & set(T.ROW_T_CONFIGS)
+    fp16_stage = {c[0] * c[1] * 2 for c in T.ROW_CONFIGS} | {c[1] * c[2] * 2 for c in T.ROW_T_CONFIGS}  # bytes
+    assert all(c[0] * c[1] in fp16_stage and c[0] * c[1] >= 16384 for c in T.ROW_CONFIGS_W8)
+    assert all(c[0] == "t" and len(c) == 6 and c[1] * c[2] in fp16_stage and c[1] * c[2] >= 16384
+               for c in T.ROW_T_CONFIGS_W8)
 
 
 def test_one_row_tuner_times_wider_tiles_for_int8_weights():
@@ -380,6 +388,43 @@ def test_deep_fp32_turned_configs_fit_hopper_shared_memory():
         ptx = c.asm["ptx"]
         assert c.metadata.shared <= 227 * 1024, (bn, bk, sp, ns, c.metadata.shared)
         assert "cp.async" in ptx and ("wgmma" in ptx) == (bn >= 64) and ("mma.sync" in ptx) == (bn < 64)
+
+
+def test_int8_rows_configs_fit_hopper_and_take_its_mma():
+    """Every int8 rows config (ROW_CONFIGS_W8 on the old kernel, ROW_T_CONFIGS_W8 on the turned one), compiled for
+    sm_90 on the CPU as the 7B draft's levels launch it (8 rows in a 16-row block, K 4096, int8 weights, fp16
+    activations, split-K where the config has it): each fits a Hopper program's shared memory (227 KB) and lowers
+    its dot to tensor-core MMAs (warpgroup MMA in the turned kernel) fed by cp.async stages."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from specee_compile.plugins import triton_gemv as T
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    base = {"K": 4096, "XS": 4096, "PRO": 0, "HAS_RES": True, "MP": 16, "W8": True}
+    for _, bn, bk, sp, nwarps, ns in T.ROW_T_CONFIGS_W8:
+        consts = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "PREC": "", "PDL": True, "EARLY_W": True}
+        ptrs = {"x_ptr": "*fp16", "w_ptr": "*i8", "s_ptr": "*fp32", "res_ptr": "*fp16", "nw_ptr": "*fp16",
+                "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+        c = triton.compile(ASTSource(T._rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": nwarps, "num_stages": ns})
+        assert c.metadata.shared <= 227 * 1024, (bn, bk, sp, ns, c.metadata.shared)
+        assert "wgmma" in c.asm["ptx"] and "cp.async" in c.asm["ptx"], (bn, bk, sp)
+    for bn, bk, nwarps, ns in T.ROW_CONFIGS_W8:
+        consts = {**base, "IEEE": False, "BLOCK_N": bn, "BLOCK_K": bk}
+        ptrs = {"x_ptr": "*fp16", "w_ptr": "*i8", "s_ptr": "*fp32", "res_ptr": "*fp16", "nw_ptr": "*fp16",
+                "y_ptr": "*fp16"}
+        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+        c = triton.compile(ASTSource(T._rows_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": nwarps, "num_stages": ns})
+        assert c.metadata.shared <= 227 * 1024, (bn, bk, ns, c.metadata.shared)
+        assert "mma" in c.asm["ptx"] and "cp.async" in c.asm["ptx"], (bn, bk)
 
 
 def test_int8_rows_quantize_round_trip_and_reference():

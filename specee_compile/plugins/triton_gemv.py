@@ -167,6 +167,17 @@ WHOLE_K_MAX = 2048
 # the old kernel's configs that won a 16-bit shape with no prologue on the H200 (session 21's sweep and bench: gate/up);
 # with the turned configs beside them, the others never did, and each costs a compile at the first start
 ROW_CONFIGS_16 = [(64, 128, 4, 3), (32, 256, 4, 3)]
+# int8 weights (the quantized draft's 8-row levels) also try these, as CONFIGS_W8 for the one-row kernel: a 16-bit
+# tile holds half its bytes in int8, so a stage of ROW_CONFIGS / ROW_T_CONFIGS keeps half the bytes in flight. These
+# double BLOCK_K (or BLOCK_N) of the configs that won the 7B draft's int8 shapes on the H100 (session 39's profile:
+# (32, 256, 4, 3) for q/k/v, gate/up and the head, ("t", 64, 128, 4, 4, 4) for fc, o and down), so each stage holds
+# the bytes that the fp16 tile holds.
+ROW_CONFIGS_W8 = [(32, 512, 4, 3), (64, 256, 4, 3)]
+ROW_T_CONFIGS_W8 = [
+    ("t", 64, 256, 4, 4, 4),
+    ("t", 64, 256, 2, 4, 4),
+    ("t", 128, 256, 1, 4, 3),
+]
 MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tiles are the better fit there
 
 TUNED: dict = {}  # (N, K, prologue) -> config string, filled on first use
@@ -606,8 +617,8 @@ EAGER = "eager"  # the rows tuner's pick where cuBLAS (the eager reference) is t
 def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None) -> list:
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
-    every config of both kernels; fp32 the turned kernel's 3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on
-    every fp32 shape the sweeps timed). Where the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's
+    every config of both kernels, int8 also the wider ROW_CONFIGS_W8 and ROW_T_CONFIGS_W8; fp32 the turned kernel's
+    3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on every fp32 shape the sweeps timed). Where the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's
     configs too, and in fp32 the turned kernel's deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
     narrow = k is not None and k <= WHOLE_K_MAX
     whole_k = ROW_K_CONFIGS if narrow else []
@@ -615,6 +626,8 @@ def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None)
         return [*ROW_T_CONFIGS_F32, *(ROW_T_CONFIGS_F32_DEEP if narrow else []), *whole_k]
     if pro == 0 and not w8:
         return [*ROW_CONFIGS_16, *ROW_T_CONFIGS, *whole_k]
+    if w8:
+        return [*ROW_CONFIGS, *ROW_T_CONFIGS, *ROW_CONFIGS_W8, *ROW_T_CONFIGS_W8, *whole_k]
     return [*ROW_CONFIGS, *ROW_T_CONFIGS, *whole_k]
 
 
