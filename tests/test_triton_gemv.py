@@ -338,9 +338,10 @@ def test_turned_rows_kernel_logic_in_triton_interpreter_on_cpu():
     run_in_triton_interpreter(f"CASES = {CASES!r}\n" + _INTERP_ROWS_T)
 
 
-def _rows_t_for_hopper(t: str, consts: dict, num_warps: int, num_stages: int):
-    """`_rows_t_kernel` compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: activations and
-    weights of Triton type t, the other constexprs from consts (skips without triton's NVIDIA backend)."""
+def _rows_t_for_hopper(t: str, consts: dict, num_warps: int, num_stages: int, w: str | None = None):
+    """`_rows_t_kernel` compiled for sm_90 on the CPU with the launch's 16-byte alignment hints: activations of
+    Triton type t, weights of type w (default t), the other constexprs from consts (skips without triton's NVIDIA
+    backend)."""
     triton = pytest.importorskip("triton")
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
@@ -350,7 +351,7 @@ def _rows_t_for_hopper(t: str, consts: dict, num_warps: int, num_stages: int):
 
     if "nvidia" not in backends:
         pytest.skip("this triton has no NVIDIA backend")
-    ptrs = {"x_ptr": t, "w_ptr": t, "s_ptr": "*fp32", "res_ptr": t, "nw_ptr": t, "y_ptr": t, "ws_ptr": "*fp32",
+    ptrs = {"x_ptr": t, "w_ptr": w or t, "s_ptr": "*fp32", "res_ptr": t, "nw_ptr": t, "y_ptr": t, "ws_ptr": "*fp32",
             "cnt_ptr": "*i32"}
     sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
@@ -407,12 +408,7 @@ def test_int8_rows_configs_fit_hopper_and_take_its_mma():
     base = {"K": 4096, "XS": 4096, "PRO": 0, "HAS_RES": True, "MP": 16, "W8": True}
     for _, bn, bk, sp, nwarps, ns in T.ROW_T_CONFIGS_W8:
         consts = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "PREC": "", "PDL": True, "EARLY_W": True}
-        ptrs = {"x_ptr": "*fp16", "w_ptr": "*i8", "s_ptr": "*fp32", "res_ptr": "*fp16", "nw_ptr": "*fp16",
-                "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-        sig = {**ptrs, "M": "i32", "N": "i32", "eps": "fp32", **{k: "constexpr" for k in consts}}
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
-        c = triton.compile(ASTSource(T._rows_t_kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": nwarps, "num_stages": ns})
+        c = _rows_t_for_hopper("*fp16", consts, nwarps, ns, w="*i8")
         assert c.metadata.shared <= 227 * 1024, (bn, bk, sp, ns, c.metadata.shared)
         assert "wgmma" in c.asm["ptx"] and "cp.async" in c.asm["ptx"], (bn, bk, sp)
     for bn, bk, nwarps, ns in T.ROW_CONFIGS_W8:
