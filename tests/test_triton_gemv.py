@@ -518,6 +518,35 @@ _INTERP_TWIN = textwrap.dedent(
 )
 
 
+_INTERP_W8_CONFIGS = textwrap.dedent(
+    """
+    import torch
+    from specee_compile.ops import linear_w8, quantize_rows
+    from specee_compile.plugins import triton_gemv as T
+    torch.manual_seed(0)
+    n, k = 200, 640  # neither divides by a config's feature or K block
+    q, s = quantize_rows(torch.randn(n, k) * 0.1)
+    for cfg in (*T.ROW_CONFIGS_W8, *T.ROW_T_CONFIGS_W8):
+        for rows in (8, 5):
+            x = torch.randn(1, rows, k).half()
+            want = linear_w8(x, q, s)
+            for _ in range(2):  # the split-K scratch is left zeroed for the next call
+                y, args, kw = T.rows_args(x, q, None, None, 0.0, 0, s)
+                T._rows_launch(args, kw, cfg)
+                err = float((y.float() - want.float()).abs().max())
+                assert err <= 2e-3 * float(want.float().abs().max()), (cfg, rows, err)
+    print("INTERP_OK")
+    """
+)
+
+
+def test_int8_rows_configs_compute_the_int8_matmul_in_triton_interpreter():
+    """Every int8 rows config (ROW_CONFIGS_W8, ROW_T_CONFIGS_W8) through the tuner's launch path, as the draft's levels
+    call it (8 rows, no prologue), and with 5 rows, on a shape its blocks do not divide, twice in a row: the int8
+    matmul with per-row scales (`ops.linear_w8`) to fp16 rounding."""
+    run_in_triton_interpreter(_INTERP_W8_CONFIGS)
+
+
 def test_aoti_twin_runs_the_picked_config_in_triton_interpreter():
     """`specee_aoti::fused_linear` (what the C++ runner's CUDA layer package embeds) launches the config the
     Python autotuner picked for its shape where it is whole-K (the same bits as the Python op's kernel)."""
