@@ -615,8 +615,9 @@ def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None)
     """The rows configs the tuner times beside cuBLAS: for 16-bit activations with no prologue (the tree's
     `matmul` op) the turned kernel's and the two old ones that ever won there; with a prologue or int8 weights
     every config of both kernels, int8 also the wider ROW_CONFIGS_W8 and ROW_T_CONFIGS_W8; fp32 the turned kernel's
-    3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on every fp32 shape the sweeps timed). Where the weight's K (given) is at most WHOLE_K_MAX, the whole-K kernel's
-    configs too, and in fp32 the turned kernel's deep-pipeline ones (ROW_T_CONFIGS_F32_DEEP)."""
+    3xTF32 ones (cuBLAS beat the old kernel's IEEE dot on every fp32 shape the sweeps timed). Where the weight's K
+    (given) is at most WHOLE_K_MAX, the whole-K kernel's configs too, and in fp32 the turned kernel's deep-pipeline
+    ones (ROW_T_CONFIGS_F32_DEEP)."""
     narrow = k is not None and k <= WHOLE_K_MAX
     whole_k = ROW_K_CONFIGS if narrow else []
     if dtype not in (torch.float16, torch.bfloat16):
