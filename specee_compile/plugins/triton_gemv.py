@@ -624,9 +624,8 @@ def row_candidates(dtype: torch.dtype, pro: int, w8: bool, k: int | None = None)
         return [*ROW_T_CONFIGS_F32, *(ROW_T_CONFIGS_F32_DEEP if narrow else []), *whole_k]
     if pro == 0 and not w8:
         return [*ROW_CONFIGS_16, *ROW_T_CONFIGS, *whole_k]
-    if w8:
-        return [*ROW_CONFIGS, *ROW_T_CONFIGS, *ROW_CONFIGS_W8, *ROW_T_CONFIGS_W8, *whole_k]
-    return [*ROW_CONFIGS, *ROW_T_CONFIGS, *whole_k]
+    wide_w8 = [*ROW_CONFIGS_W8, *ROW_T_CONFIGS_W8] if w8 else []
+    return [*ROW_CONFIGS, *ROW_T_CONFIGS, *wide_w8, *whole_k]
 
 
 def _rows_linear(x, w, res, norm_w, eps: float, pro: int, rows: int, w_scale=None):
