@@ -192,27 +192,24 @@ def split_qkv(y: torch.Tensor, H: int, Hkv: int, hd: int):
 
 
 # what the fused Triton ops can take over; "matmul": the matmuls the others leave plain, as the op with no prologue
-# (the norms, SiLU and residual adds stay plain ops around it, for a compiler to fuse); "mlp": the layer's half after
-# attention as one `specee::rows_mlp` op (a persistent kernel for a few rows; "matmul"'s ops where it cannot take the
-# weights, e.g. an int8 draft's)
-FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul", "mlp")
+# (the norms, SiLU and residual adds stay plain ops around it, for a compiler to fuse)
+FUSABLE = ("qkv", "o", "gate_up", "down", "attn", "matmul")
 # the CUDA Inductor path's choice (benchmarks/gemv_sweep.py, benchmarks/results: on the H100 the Triton
 # GEMVs match or beat Inductor's coordinate-descent-tuned reductions on every matmul, and the decode
 # attention kernel beats cuDNN's flash kernel plus its two mask kernels)
 CUDA_FUSED = ("qkv", "o", "gate_up", "down", "attn")
 
 
-ROWS_LINEARS = ("plain", "matmul", "fused", "silu", "mlp")
+ROWS_LINEARS = ("plain", "matmul", "fused", "silu")
 # "silu": "matmul", with the down projection's SiLU x up inside the op as its prologue (no SiLU kernel of its own:
 # 30 launches of 1.3 us in a SmolLM2 tree step, session 36's profile), the norms still plain. Measured on the
 # product (H100, session 38, real SmolLM2 at 31:4:8): 0.861x dense against the default's 0.868x, so not the default.
 # (Session 37's ROPE form, rotary + cache write inside the tree attention's launch, measured 0.820x there and was
-# removed: each split's program re-read the rotation's inputs, more than its own keys' bytes.)
+# removed: each split's program re-read the rotation's inputs, more than its own keys' bytes.) (Session 41's "mlp"
+# form, the layer's half after attention as one persistent kernel with grid barriers between its three phases
+# (1d3b1e0), measured 0.739x dense against this form's 0.938x on SmolLM2's shapes (H100) and was removed: under PDL a
+# grid barrier cost ~2.2 us, as much as the launch it replaced, and its phases ran slower than the tuned rows kernels.)
 ROWS_SILU = ("attn", "matmul", "down")
-# "mlp": "matmul", with the layer's half after attention (o-projection residual, RMSNorm, gate/up, SiLU x up, down
-# residual: five launches) as one persistent kernel (`plugins/triton_rows_mlp.py`). Built for the launch-bound
-# SmolLM2 tree (session 41); an A/B form until the product bench measures it.
-ROWS_MLP = ("attn", "matmul", "mlp")
 
 
 def tree_linears() -> str:
@@ -240,14 +237,14 @@ def rows_fused(dtype: torch.dtype) -> tuple[str, ...]:
     which runs SmolLM2's 25-row fp32 matmuls on the FMA units (H200, session 22 profile: 1.70 of the tree step's
     2.64 ms of kernel time). On the real SmolLM2 (H100, session 25, benchmarks/RESULTS.md) the tree went from
     0.739x to 0.800x dense with it, identical to dense greedy on 20/20 MT-Bench turns.
-    SPECEE_TREE_LINEARS=plain|matmul|fused|silu|mlp (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues
-    inside the op; silu: `ROWS_SILU`; mlp: `ROWS_MLP`) overrides the choice, for A/B runs. `dtype` is kept for
-    callers and a future per-dtype choice."""
+    SPECEE_TREE_LINEARS=plain|matmul|fused|silu (plain: cuBLAS as `F.linear`; fused: `CUDA_FUSED`, prologues inside
+    the op; silu: `ROWS_SILU`) overrides the choice, for A/B runs. `dtype` is kept for callers and a future
+    per-dtype choice."""
     del dtype  # every dtype takes the same form today (see above)
     v = tree_linears()
     if v == "plain":
         return ("attn",)
-    return {"fused": CUDA_FUSED, "silu": ROWS_SILU, "mlp": ROWS_MLP}.get(v, ("attn", "matmul"))
+    return {"fused": CUDA_FUSED, "silu": ROWS_SILU}.get(v, ("attn", "matmul"))
 
 
 def _check_fused(fused) -> None:
@@ -273,13 +270,9 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
     """
     H, Hkv, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps
     _check_fused(fused)
-    op = mlp_op = None
+    op = None
     if set(fused) - {"attn"}:
         op = _fused_op(ops, "fused_linear")
-    if "mlp" in fused:
-        if ops != "specee":
-            raise ValueError(f"fused: 'mlp' has no {ops} twin (the C++ runner's packages decode one row)")
-        mlp_op = _fused_op(ops, "rows_mlp")
     fuse = {name: op is not None and name in fused for name in FUSABLE}
 
     def lin(x, w, res=None, norm_w=None, eps_=0.0, pro="none"):  # the fused op; an int8 pair passes its scale
@@ -303,8 +296,6 @@ def make_layer_parts(spec: StepSpec, fused: tuple[str, ...] = (), ops: str = "sp
         return mm(rms_norm(x, ln, eps), w, b)
 
     def out_mlp(h, a, wo, ln2, wgu, wd):
-        if mlp_op is not None and ln2 is not None and not any(isinstance(w, tuple) for w in (wo, wgu, wd)):
-            return mlp_op(a, h, wo, ln2, wgu, wd, eps)
         h = lin(a, wo, h) if fuse["o"] else h + mm(a, wo)
         gu = normed_linear(h, ln2, wgu, None, fuse["gate_up"])
         if fuse["down"]:

@@ -9,10 +9,8 @@ kernels (`plugins/`) are registered by `register_cuda_kernels()`.
 - `specee::tree_attention`: the same for a few rows under an explicit [q, S] mask (a tree's rows).
 - `specee::rope_append`: the rows' rotary embedding, K/V cache writes and validity mark, before it.
 - `specee::topk_rows`: torch.topk(x, k) along the last dim, for the fixed draft tree's few short rows.
-- `specee::rows_mlp`: a layer's half after attention for a few rows (o-projection residual, RMSNorm, gate/up,
-  SiLU x up, down-projection residual), one persistent kernel on CUDA (`plugins/triton_rows_mlp.py`).
-fused_linear, decode_attention, tree_attention, rope_append and rows_mlp appear only where `model_step` is asked for
-them (`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
+fused_linear, decode_attention, tree_attention and rope_append appear only where `model_step` is asked for them
+(`fused=`, the CUDA Inductor path); the ONNX exporter and the eager backend use the plain ops.
 
 The exit point:
 
@@ -153,35 +151,6 @@ def _(x, w, res=None, norm_w=None, eps=0.0, prologue="none", w_scale=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-# -------------------------------------------------------------------------------- rows_mlp
-def rows_mlp_reference(a, h, wo, ln2, wgu, wd, eps: float):
-    """The eager math of `model_step`'s "matmul" form after attention: h1 = h + a @ wo.T; gate|up from
-    RMSNorm(h1); h1 + (SiLU(gate) * up) @ wd.T. a [1, q, H hd]; h [1, q, D]; wgu [2 I, D]; wd [D, I]."""
-    F = torch.nn.functional
-    h1 = h + F.linear(a, wo)
-    g, u = F.linear(rms_norm(h1, ln2, eps), wgu).chunk(2, dim=-1)
-    return h1 + F.linear(F.silu(g) * u, wd)
-
-
-@torch.library.custom_op("specee::rows_mlp", mutates_args=())
-def rows_mlp(
-    a: torch.Tensor,
-    h: torch.Tensor,
-    wo: torch.Tensor,
-    ln2: torch.Tensor,
-    wgu: torch.Tensor,
-    wd: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """`rows_mlp_reference`, one persistent Triton kernel on CUDA for a few rows (`plugins/triton_rows_mlp.py`)."""
-    return rows_mlp_reference(a, h, wo, ln2, wgu, wd, eps)
-
-
-@rows_mlp.register_fake
-def _(a, h, wo, ln2, wgu, wd, eps):
-    return torch.empty_like(h)
-
-
 # -------------------------------------------------------------------------------- decode_attention
 def decode_attention_reference(q, k, v, valid, pos):
     """Attention of q rows over the cache prefix, as `model_step` writes it: row r attends to key j
@@ -288,19 +257,16 @@ def _(x, k):
 
 def register_cuda_kernels() -> bool:
     """Make the Triton kernels the CUDA implementations of the ops (exit_score, fused_linear, decode_attention,
-    tree_attention, rope_append, topk_rows, rows_mlp). Idempotent; False where triton is missing (the ops keep their
-    references)."""
+    tree_attention, rope_append, topk_rows). Idempotent; False where triton is missing (the ops keep their references)."""
     from .plugins import (
         triton_decode_attention,
         triton_exit_score,
         triton_gemv,
         triton_rope_append,
-        triton_rows_mlp,
         triton_topk,
         triton_tree_attention,
     )
 
     registered = [m.register_cuda_impl() for m in (triton_exit_score, triton_gemv, triton_decode_attention,
-                                                    triton_tree_attention, triton_rope_append, triton_topk,
-                                                    triton_rows_mlp)]
+                                                    triton_tree_attention, triton_rope_append, triton_topk)]
     return all(registered)  # every module registers, even after one reports no triton
