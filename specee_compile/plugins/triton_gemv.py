@@ -172,7 +172,8 @@ ROW_CONFIGS_16 = [(64, 128, 4, 3), (32, 256, 4, 3)]
 # double BLOCK_K (or BLOCK_N) of the configs that won the 7B draft's int8 shapes on the H100 (session 39's profile:
 # (32, 256, 4, 3) for q/k/v, gate/up and the head, ("t", 64, 128, 4, 4, 4) for fc, o and down), so each stage holds
 # the bytes that the fp16 tile holds. Each costs a compile per int8 shape at the first start (the picks are kept on
-# disk, plugins/compile_cache.py): four, on the draft's six shapes.
+# disk, plugins/compile_cache.py): four, on the draft's six shapes. Measured in the product (H100, session 41):
+# ("t", 64, 256, 4, 4, 4) won fc and down, the others kept their picks, and the 7B tree rows did not move.
 ROW_CONFIGS_W8 = [(32, 512, 4, 3), (64, 256, 4, 3)]
 ROW_T_CONFIGS_W8 = [("t", 64, 256, 4, 4, 4), ("t", 64, 256, 2, 4, 4)]
 MAX_ROWS = 32  # more rows (prefill) take the eager reference: cuBLAS's own tiles are the better fit there
