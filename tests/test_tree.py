@@ -803,8 +803,10 @@ def test_cuda_two_layer_draft_tree_equals_dense(quant):
     accepted lengths, and dense greedy's tokens."""
     model = make_tiny_llama()
     ref = dense(model, PROMPT, 40, device="cuda", backend="inductor")
+    # the guard off: it times the tiny tree against dense on CUDA and declines it mid-generation (its dense steps
+    # then log no accepted lengths; the first GPU run, session 42, failed on exactly that)
     out = _fixed_vs_host(model, device="cuda", backend="inductor", layers=2, quant=quant, tree_budget=12,
-                         tree_depth=4, tree_topk=4)
+                         tree_depth=4, tree_topk=4, tree_guard=False)
     (host, hdec), (fixed, dec) = out["host"], out["fixed"]
     assert len(dec.draft.draft.layers) == 2 and dec.draft.draft.quant == (quant or "none")
     assert dec.tree._fixed_on and dec.tree.fixed.programs
