@@ -15,8 +15,14 @@ its own weights) captured as one graph and replayed:
   if_pdl_set   `if`, with the handle-setting kernel launched with programmatic stream serialization
   if_nested    each IF inside the previous one's body (one body entered per point, no return to the parent between)
   if_empty     the IF nodes with a 1-kernel body; the layers on the graph's stream (the node's own cost)
+  (the above with alive 1 throughout: no exit taken; (variant - dense) / points is a point's cost)
+  prefix       the first stretch alone (the layers a token that exits at the first point runs), no IF node
+  exit_flat    `if` with alive cleared after the first stretch: the token exits there and every later IF node
+               is evaluated and not taken
+  exit_nested  `if_nested` with the same exit: one IF node is evaluated and not taken, the rest lie inside it
+  ((exit_flat - prefix) / (points - 1) is what a node not taken costs)
 
-Prints us per replay and, per variant, (variant - dense) / points. Alive is 1 throughout (no exit taken).
+Prints us per replay and, per variant, (variant - dense) / points.
 
     PYTHONPATH=. python benchmarks/if_gate_probe.py [--points 17,19,21,22,23,24,25,27,29] [--json F]
 """
@@ -113,11 +119,20 @@ def main(argv=None) -> int:
         ext = exts["pdl_set" if variant == "if_pdl_set" else "base"]
 
         def gate(j):
-            if g is None or j == 0 or variant == "dense":
+            if g is None or j == 0 or variant in ("dense", "prefix"):
                 return contextlib.nullcontext()
             return _if(ext, alive, pool)
 
         h = x0
+        alive.fill_(1)
+        exits = variant.startswith("exit_")
+        if variant == "prefix":
+            for i in stretches()[0]:
+                h = layer(i, h)
+            decide(h)  # as the exit variants do before they clear alive
+            if g is not None:
+                alive.zero_()
+            return h
         if variant == "if_empty":
             for j, st in enumerate(stretches()):
                 with gate(j):
@@ -125,13 +140,15 @@ def main(argv=None) -> int:
                 for i in st:
                     h = layer(i, h)
             return h
-        if variant == "if_nested":
+        if variant in ("if_nested", "exit_nested"):
             with contextlib.ExitStack() as stack:
                 for j, st in enumerate(stretches()):
                     stack.enter_context(gate(j))
                     for i in st:
                         h = layer(i, h)
                     decide(h)
+                    if exits and j == 0 and g is not None:
+                        alive.zero_()
             return h
         for j, st in enumerate(stretches()):
             with gate(j):
@@ -139,11 +156,14 @@ def main(argv=None) -> int:
                     h = layer(i, h)
                 if variant == "if_inside":
                     decide(h)
-            if variant == "if_decide":
+            if variant in ("if_decide", "exit_flat"):
                 decide(h)
+            if exits and j == 0 and g is not None:
+                alive.zero_()
         return h
 
-    variants = ["dense", "if", "if_decide", "if_inside", "if_pdl_set", "if_nested", "if_empty"]
+    variants = ["dense", "if", "if_decide", "if_inside", "if_pdl_set", "if_nested", "if_empty", "prefix", "exit_flat",
+                "exit_nested"]
     for v in variants:  # tune and compile outside any capture
         body(v, None, None)
     torch.cuda.synchronize()
@@ -174,11 +194,14 @@ def main(argv=None) -> int:
     print(f"{'variant':12s} {'us/replay':>10s} {'us/point':>9s}")
     for v in variants:
         print(f"{v:12s} {rows[v]:10.1f} {(rows[v] - dense) / n:9.2f}")
+    not_taken = {v: (rows[v] - rows["prefix"]) / (n - 1 if v == "exit_flat" else 1) for v in ("exit_flat", "exit_nested")}
+    print("a node not taken: " + ", ".join(f"{v} {t:.2f} us" for v, t in not_taken.items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "pdl": pdl.mode(), "points": points,
                        "layers": L, "gemvs": a.gemvs, "width": D, "us_per_replay": rows,
-                       "us_per_point": {v: (rows[v] - dense) / n for v in variants}}, f, indent=1)
+                       "us_per_point": {v: (rows[v] - dense) / n for v in variants},
+                       "us_per_node_not_taken": not_taken}, f, indent=1)
     return 0
 
 

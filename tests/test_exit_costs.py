@@ -40,7 +40,7 @@ def test_each_point_pays_its_share_of_the_gating():
     gated = StepCosts(layer_s=100 * US, fixed_s=100 * US, decision_s=5 * US, gate_s=20 * US)
     assert select_exit_points([2, 5], 8, plain, rates)[0] == [2, 5]
     kept, dropped = select_exit_points([2, 5], 8, gated, rates)
-    assert kept == [2] and "costs 25.0 us" in dropped[5]
+    assert kept == [2] and "costs 19.0 us" in dropped[5]  # 5 us + 20 us x the 70% still alive past point 2
     # layer 2 nets 150 - 25 = 125 us; with its 20 us of gating added back, 145 us against a fixed cost of 140 us
     # (its gating and 120 us of draft): kept; against 150 us: dense
     assert select_exit_points([2], 8, StepCosts(layer_s=100 * US, fixed_s=140 * US, decision_s=5 * US,
@@ -52,6 +52,17 @@ def test_each_point_pays_its_share_of_the_gating():
     again = StepCosts(layer_s=100 * US, fixed_s=144 * US, decision_s=5 * US, gate_s=2 * US)
     wide = StepCosts(layer_s=100 * US, fixed_s=300 * US, decision_s=5 * US, gate_s=20 * US)
     assert select_exit_points([2, 5], 8, wide, rates, remeasure=lambda kept: again)[0] == [2]
+
+
+def test_a_point_pays_gating_only_for_the_tokens_still_alive_there():
+    """The stretches' IF nodes nest (backends/cuda_step.py), so a token that exited at an earlier kept point never
+    evaluates a later point's node: point 5 pays its 20 us of gating on the 40% of tokens that did not leave at
+    point 2, and then saves more than it costs; had point 2 been dropped, every token would pay it."""
+    costs = StepCosts(layer_s=100 * US, fixed_s=100 * US, decision_s=5 * US, gate_s=20 * US)
+    rates = {2: 0.6, 5: 0.07}  # layer 5 saves 0.07 * 2 * 100 = 14 us; costs 5 + 0.4 * 20 = 13 us
+    assert select_exit_points([2, 5], 8, costs, rates)[0] == [2, 5]
+    kept, dropped = select_exit_points([2, 5], 8, costs, {2: 0.0, 5: 0.07})
+    assert kept == [] and "costs 25.0 us" in dropped[5]
 
 
 def test_fixed_cost_above_all_savings_means_dense():

@@ -26,7 +26,7 @@ class KVCache:
     junk: bool = False
 
     @classmethod
-    def allocate(cls, spec, dtype, device) -> "KVCache":
+    def allocate(cls, spec, dtype, device) -> KVCache:
         shape = (spec.num_layers, spec.num_kv_heads, spec.max_len, spec.head_dim)
         return cls(
             k=torch.zeros(shape, dtype=dtype, device=device),
@@ -139,7 +139,10 @@ class Segments:
             return fn
         self.cache.junk = True  # the warm-ups run fn on whatever state reset() leaves
         if getattr(self, "_capture_pool", None) is None:
+            from ..plugins.cuda_graph_if import reserve_nesting
+
             self._capture_pool = torch.cuda.graph_pool_handle()
+            reserve_nesting(self.spec.num_layers + 4, self.branches())  # branches nest up to one per layer (tree_exits)
         for _ in range(2):
             reset()
             fn()

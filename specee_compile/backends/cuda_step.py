@@ -176,6 +176,9 @@ class CudaWholeStep:
                 self.rows = torch.zeros(k, self.D, dtype=seg.dtype, device=self.dev)
                 self.p_prev = torch.zeros(k, dtype=torch.float32, device=self.dev)
                 self.z = torch.zeros(k, dtype=torch.float32, device=self.dev)
+            from ..plugins.cuda_graph_if import reserve_nesting
+
+            reserve_nesting(len(kind[2]) + 4, self.cond)  # the stretches' nested IFs, the check's two, the head's
         # warm-up (compiles, autotunes, allocator) at the last cache slot, outside any graph
         self._set_rec(seg.max_len - 1, None, 0)
         self._reset_ctrl(kind, frozenset(kind[2]) if kind[0] == "exits" else frozenset(), None)
@@ -227,29 +230,33 @@ class CudaWholeStep:
         self.p_prev.zero_()
         P = seg.predictors
         th = dict(zip(gates, ths))
-        # `alive` can only drop at an exit point, so one IF(alive) per stretch of layers between two
-        # exit points gates them all: one IF node per exit point, not one per layer
+        # `alive` can only drop at an exit point, so one IF(alive) per stretch of layers between two exit points
+        # gates them all: one IF node per exit point, not one per layer. Each stretch's IF sits inside the previous
+        # one's body, so a token that exits evaluates one node not taken, not one per later point (each ~8 us on the
+        # H100; an entered one ~10: plugins/cuda_graph_if.py)
         ends = [*gates, L - 1]
         start = 0
-        for j, end in enumerate(ends):
-            with self._if(g, c[ALIVE:ALIVE + 1]) if j > 0 else contextlib.nullcontext():
+        with contextlib.ExitStack() as nest:
+            for j, end in enumerate(ends):
+                if j > 0:
+                    nest.enter_context(self._if(g, c[ALIVE:ALIVE + 1]))
                 for i in range(start, end + 1):
                     h = seg.layer_direct(i, h, self.pos, S)
                 if end == L - 1:
                     self.hexit.copy_(h)
-            start = end + 1
-            i = end
-            if i not in th:
-                continue
-            args = (h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], seg.spec.eps)
-            kw = {"layer": i, "ctrl": c, "hexit": self.hexit.view(-1), "score": self.score, "z": self.z, "threshold": th[i],
-                      "forced": forced, "forced_off": FORCED, "exit_off": EXIT}
-            if verify:  # the full-head check follows: decision and check inside IF(alive, active)
-                with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
-                    triton_exit_decide(*args, **kw, alive_off=PROPOSED)
-                    self._verify(g, i, h)
-            else:  # the kernel is predicated on (alive, active): no IF node
-                triton_exit_decide(*args, **kw, alive_off=ALIVE, gate_off=ACT0 + i)
+                start = end + 1
+                i = end
+                if i not in th:
+                    continue
+                args = (h, W.norm, self.rows, self.p_prev, P.w1[i], P.b1[i], P.w2[i], P.b2[i], seg.spec.eps)
+                kw = {"layer": i, "ctrl": c, "hexit": self.hexit.view(-1), "score": self.score, "z": self.z,
+                      "threshold": th[i], "forced": forced, "forced_off": FORCED, "exit_off": EXIT}
+                if verify:  # the full-head check follows: decision and check inside IF(alive, active)
+                    with self._if(g, c[ALIVE:ALIVE + 1], c[ACT0 + i:ACT0 + i + 1]):
+                        triton_exit_decide(*args, **kw, alive_off=PROPOSED)
+                        self._verify(g, i, h)
+                else:  # the kernel is predicated on (alive, active): no IF node
+                    triton_exit_decide(*args, **kw, alive_off=ALIVE, gate_off=ACT0 + i)
         with self._if(g, c[NEEDHEAD:NEEDHEAD + 1]):
             _, logits = seg.head_direct(self.hexit)
             self.out[0:1].copy_(torch.argmax(logits[0, -1], dim=-1, keepdim=True))

@@ -8,6 +8,11 @@ on a side stream straight into the IF node's body graph, and the caching allocat
 allocations to the graph's pool. Measured (benchmarks/GPU_NOTES.md, H100): 31 IF nodes cost ~6% of a
 dense 7B step; the skipped layers then cost nothing.
 
+What a node costs (session 42, `benchmarks/if_gate_probe.py`, H100, 7B-wide GEMV layers under PDL): ~10 us
+where its body is entered and ~8 us where it is evaluated and not taken, whatever the body holds; launching
+the handle-setting kernel with PDL changes nothing. So the callers nest their gates (each stretch's IF inside
+the previous one's body): a token that exits evaluates one node not taken, not one per later exit point.
+
     with if_node(graph, flag_a, flag_b, pool=pool):   # body runs when a[0] != 0 and b[0] != 0
         ...
 """
@@ -187,6 +192,13 @@ def cond_ext():
     return _COND_EXT
 
 
+def reserve_nesting(depth: int, backend: str | None) -> None:
+    """Before a capture that nests IF nodes `depth` deep: the extension captures each level's body on a stream of
+    its own, created here (outside any capture). torch's own IF nodes need nothing."""
+    if backend == "ext":
+        cond_ext().init_streams(max(4, int(depth)))
+
+
 def cond_backend() -> str | None:
     """'torch' (CUDAGraph.begin_capture_to_if_node, torch >= 2.12), 'ext' (our extension), or None."""
     if hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
@@ -220,4 +232,4 @@ def if_node(g, a, b=None, backend: str = "ext", pool=None):
         ext.end_if(p0, p1)
 
 
-__all__ = ["cond_backend", "cond_ext", "if_node"]
+__all__ = ["cond_backend", "cond_ext", "if_node", "reserve_nesting"]

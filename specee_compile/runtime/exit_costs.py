@@ -18,7 +18,10 @@ Inputs, per token:  layer_s   one decoder layer
                     decision_s one predictor evaluation at an active point
                     gate_s    one point's share of gating the layers (part of fixed_s: the whole step runs
                               the layers between two points as one conditional body, ~18-21 us a point on
-                              the 7B, H200, benchmarks/GPU_NOTES.md session 21; 0 where not measured)
+                              the 7B, H200, benchmarks/GPU_NOTES.md session 21; 0 where not measured). The
+                              bodies nest (each inside the previous one's), so a token that exited never
+                              reaches a later point's node: a point's gating is paid by the tokens still
+                              alive there, 1 - the exit rates of the kept points before it
                     check_s   the paper's full-head check when an exit is proposed (0 if none)
                     row_s     kv backfill: what one more row adds to a layer pass (the exited row is
                               pushed through the layers it skipped later, with another token's row)
@@ -27,7 +30,8 @@ Inputs, per token:  layer_s   one decoder layer
                               (1 - held-out exit precision); each costs a rollback of ~1 / (1 - exit
                               rate) steps (the exits in a row since the last full-depth step)
     point l saves   rate[l] * (L - 1 - l) * (layer_s - row_s)
-    point l costs   gate_s + evals[l] * decision_s + rate[l] * check_s + rate[l] * miss * step_s / (1 - total rate)
+    point l costs   alive[l] * gate_s + evals[l] * decision_s + rate[l] * check_s
+                    + rate[l] * miss * step_s / (1 - total rate),   alive[l] = 1 - sum(rate[k], kept k < l)
 keep l iff it saves more than it costs; keep none if the kept savings minus costs <= the rest of fixed_s
 (measured again for the kept points: gating fewer points costs less).
 """
@@ -82,20 +86,23 @@ def select_exit_points(layers: list[int], num_layers: int, costs: StepCosts | No
     if not rates:
         return list(layers), {}
     L = num_layers
-    kept, dropped, net = [], {}, 0.0
+    kept, dropped, net, gone = [], {}, 0.0, 0.0
     run = 1.0 / max(0.05, 1.0 - sum(float(rates.get(layer, 0.0)) for layer in layers))  # steps a rollback loses
-    for layer in layers:
+    for layer in sorted(layers):
         r = float(rates.get(layer, 0.0))
         e = 1.0 if evals is None else float(evals.get(layer, 1.0))
         save = r * (L - 1 - layer) * max(0.0, costs.layer_s - costs.row_s)
-        cost = costs.gate_s + e * costs.decision_s + r * costs.check_s + r * miss * costs.step_s * run
+        cost = (max(0.0, 1.0 - gone) * costs.gate_s + e * costs.decision_s + r * costs.check_s
+                + r * miss * costs.step_s * run)
         if save > cost:
             kept.append(layer)
             net += save - cost
+            gone += r
         else:
             dropped[layer] = (f"saves {save * 1e6:.1f} us/{per} (exit rate {r:.3f} x {L - 1 - layer} layers), "
                               f"costs {cost * 1e6:.1f} us/{per}")
-    gross = net + len(kept) * costs.gate_s  # (net paid the kept points' gating, which fixed_s holds again)
+    # (fixed_s holds every kept point's whole gating, timed with no token leaving; net paid only the alive share)
+    gross = net + len(kept) * costs.gate_s
     if kept and remeasure is not None and len(kept) < len(layers):
         costs = remeasure(kept)
     if kept and gross <= costs.fixed_s:

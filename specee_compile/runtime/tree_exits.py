@@ -4,7 +4,7 @@ The host tree step's merged mapping (runtime/tree.py's docstring: each root-to-l
 leaves at the deepest exit of its tokens), with the same decisions, taken inside the captured program. The
 verification is gated like the one-token whole step's (backends/cuda_step.py):
 
-    the layers between two kept exit points   in a branch on `alive`
+    the layers between two kept exit points   in a branch on `alive`, nested in the previous stretch's
     after exit point l                        in a branch on active[l] nested in that one: one batched score of
                                               every row and the predicted path's walk (`_decide`)
     where every row on the path exited        in a branch on `proposed` nested in that: the LM head on the
@@ -107,14 +107,17 @@ class TreeExits:
                                 seg.branch(lambda: self._check_at(last, h, cands), proposed)), self.act[last:last + 1])
             return h
 
-        first = 0
-        for j, last in enumerate([*self.gates, L - 1]):
-            # (the first stretch runs while alive is still set: no branch; None: a host-decided branch that did not
-            # run, and nothing after it runs either)
-            out = stretch(h, first, last) if j == 0 else seg.branch(lambda h=h, a=first, b=last: stretch(h, a, b),
-                                                                    alive)
-            h = h if out is None else out
-            first = last + 1
+        ends = [*self.gates, L - 1]
+
+        def from_stretch(j: int, first: int, h) -> None:
+            """Stretch j, then the rest inside a branch on `alive` (the first stretch runs while alive is still set).
+            Nested, as the one-token step's (backends/cuda_step.py): a path that left evaluates one IF node not
+            taken, not one per later exit point."""
+            h = stretch(h, first, ends[j])
+            if j + 1 < len(ends):
+                seg.branch(lambda: from_stretch(j + 1, ends[j] + 1, h), alive)
+
+        from_stretch(0, 0, h)
         return self.top_b, self.comp_b, self.hrows
 
     def finish(self, valid, p, a, out) -> None:
