@@ -32,8 +32,8 @@ def test_points_that_save_less_than_they_cost_are_dropped():
 
 
 def test_each_point_pays_its_share_of_the_gating():
-    """A point's gating (the layers after it run as one more conditional body) is its cost on every token, beside
-    its decisions: a point that saves more than its decisions but less than both is dropped. The kept points'
+    """A point's gating (the layers after it run as one more conditional body) is its cost on every token still
+    alive there, beside its decisions: a point that saves more than its decisions but less than both is dropped. The kept points'
     gating is paid once: the final check weighs the net against the rest of the fixed cost (the draft)."""
     rates = {2: 0.3, 5: 0.04}  # layer 5 saves 0.04 * 2 * 100 = 8 us
     plain = StepCosts(layer_s=100 * US, fixed_s=100 * US, decision_s=5 * US)

@@ -139,10 +139,7 @@ class Segments:
             return fn
         self.cache.junk = True  # the warm-ups run fn on whatever state reset() leaves
         if getattr(self, "_capture_pool", None) is None:
-            from ..plugins.cuda_graph_if import reserve_nesting
-
             self._capture_pool = torch.cuda.graph_pool_handle()
-            reserve_nesting(self.spec.num_layers + 4, self.branches())  # branches nest up to one per layer (tree_exits)
         for _ in range(2):
             reset()
             fn()
@@ -166,9 +163,10 @@ class Segments:
         if self.device.type != "cuda":
             return "host"
         if not hasattr(self, "_cond"):
-            from ..plugins.cuda_graph_if import cond_backend
+            from ..plugins.cuda_graph_if import cond_backend, reserve_nesting
 
             self._cond = cond_backend()
+            reserve_nesting(self.spec.num_layers + 4, self._cond)  # branches nest up to one per layer (tree_exits)
         return self._cond
 
     def branch(self, fn, a: torch.Tensor, b: torch.Tensor | None = None):
