@@ -1,7 +1,7 @@
 """What does gating a stretch of layers with a CUDA-graph IF node cost, and which part of it? ([engine], GPU)
 
-The 7B exit program pays ~15-17 us per kept exit point on a token that does not exit (`step_costs.gate_us`,
-GPU_NOTES sessions 21 and 42): with 9 points that is most of what `product_specee232_ratio` misses 1.28 by. A
+The 7B exit program paid ~15-17 us per kept exit point on a token that does not exit (`step_costs.gate_us`,
+GPU_NOTES sessions 21 and 42), ~150 us per token over 9 points, where `product_specee232_ratio` misses 1.28 by ~120. A
 point's gating is three things in a row on the graph's stream: the 1-thread kernel that sets the IF node's handle
 from the `alive` flag (launched plainly), the conditional node, and its body (the stretch of layers up to the next
 point), which PDL cannot overlap with what precedes or follows it. This probe times them apart, on a chain shaped

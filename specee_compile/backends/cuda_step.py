@@ -232,8 +232,8 @@ class CudaWholeStep:
         th = dict(zip(gates, ths))
         # `alive` can only drop at an exit point, so one IF(alive) per stretch of layers between two exit points
         # gates them all: one IF node per exit point, not one per layer. Each stretch's IF sits inside the previous
-        # one's body, so a token that exits evaluates one node not taken, not one per later point (each ~8 us on the
-        # H100; an entered one ~10: plugins/cuda_graph_if.py)
+        # one's body, so a token that exits evaluates one node not taken, not one per later point (each ~6 us on the
+        # H100, ~8 with its decision kernel; an entered one ~10: plugins/cuda_graph_if.py)
         ends = [*gates, L - 1]
         start = 0
         with contextlib.ExitStack() as nest:

@@ -9,7 +9,7 @@ allocations to the graph's pool. Measured (benchmarks/GPU_NOTES.md, H100): 31 IF
 dense 7B step; the skipped layers then cost nothing.
 
 What a node costs (session 42, `benchmarks/if_gate_probe.py`, H100, 7B-wide GEMV layers under PDL): ~10 us
-where its body is entered and ~8 us where it is evaluated and not taken, whatever the body holds; launching
+where its body is entered and ~6 us where it is evaluated and not taken, whatever the body holds; launching
 the handle-setting kernel with PDL changes nothing. So the callers nest their gates (each stretch's IF inside
 the previous one's body): a token that exits evaluates one node not taken, not one per later exit point.
 
